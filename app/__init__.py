@@ -1,0 +1,1 @@
+"""Streaming gateway for LLM token streams."""

@@ -1,0 +1,159 @@
+"""One exception hierarchy and the one mapping from it to HTTP, SSE and WebSocket.
+
+Routes and the relay raise `GatewayError` subclasses; nothing else builds error responses.
+Before the response starts, the error becomes a plain HTTP answer (`/v1/*` in OpenAI's error
+shape, the rest as `{"detail", "code"}`). After it started, the relay writes the same facts as a
+final event, and WebSockets close with `ws_close_code`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from starlette.responses import JSONResponse
+
+# WebSocket close codes (RFC 6455 §7.4.1 and the IANA registry).
+WS_NORMAL = 1000
+WS_INVALID_PAYLOAD = 1007
+WS_POLICY_VIOLATION = 1008
+WS_MESSAGE_TOO_BIG = 1009
+WS_INTERNAL_ERROR = 1011
+WS_SERVICE_RESTART = 1012
+WS_TRY_AGAIN_LATER = 1013
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status: int = 500
+    code: str = "internal_error"
+    openai_type: str = "server_error"
+    ws_close_code: int = WS_INTERNAL_ERROR
+    retryable: bool = False  # may the request be retried upstream (only before the first token)
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+    # --- encoders: the three wire shapes ---------------------------------------------------------
+    def openai_body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.openai_type, "param": self.param, "code": self.code}}
+
+    def detail_body(self) -> dict[str, object]:
+        return {"detail": self.message, "code": self.code}
+
+    def sse_event(self) -> dict[str, object]:
+        return {"type": "error", "code": self.code, "message": self.message}
+
+    def event_bytes(self) -> bytes:
+        """The seed protocol's final `error` event, framed for SSE."""
+        return b"data: " + json.dumps(self.sse_event()).encode() + b"\n\n"
+
+    def openai_chunk_bytes(self) -> bytes:
+        """A mid-stream OpenAI error (what OpenAI itself sends), followed by the stream terminator."""
+        return b"data: " + json.dumps(self.openai_body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+    @property
+    def ws_reason(self) -> str:
+        # RFC 6455 caps the close reason at 123 bytes of UTF-8.
+        return self.message.encode()[:123].decode(errors="ignore")
+
+
+class InvalidRequestError(GatewayError):
+    """The request body is malformed or fails validation."""
+
+    status, code, openai_type, ws_close_code = 422, "invalid_request", "invalid_request_error", WS_INVALID_PAYLOAD
+
+
+class PayloadTooLargeError(GatewayError):
+    """The request body exceeds MAX_BODY_BYTES."""
+
+    status, code, openai_type, ws_close_code = 413, "payload_too_large", "invalid_request_error", WS_MESSAGE_TOO_BIG
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    """The request body is not JSON."""
+
+    status, code, openai_type, ws_close_code = 415, "unsupported_media_type", "invalid_request_error", WS_INVALID_PAYLOAD
+
+
+class NotFoundError(GatewayError):
+    """No such route or model."""
+
+    status, code, openai_type, ws_close_code = 404, "not_found", "invalid_request_error", WS_POLICY_VIOLATION
+
+
+class MethodNotAllowedError(GatewayError):
+    """The route exists, the method does not."""
+
+    status, code, openai_type, ws_close_code = 405, "method_not_allowed", "invalid_request_error", WS_POLICY_VIOLATION
+
+
+class ServiceUnavailableError(GatewayError):
+    """The gateway cannot take this stream now (limits, draining); retry elsewhere or later."""
+
+    status, code, openai_type, ws_close_code = 503, "unavailable", "server_error", WS_TRY_AGAIN_LATER
+    retryable = True
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed: connect error, 5xx, broken stream."""
+
+    status, code, openai_type, ws_close_code = 502, "upstream_error", "server_error", WS_INTERNAL_ERROR
+    retryable = True
+
+    def __init__(self, message: str, *, upstream_status: int | None = None, retry_after_seconds: float | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.upstream_status = upstream_status
+        self.retry_after_seconds = retry_after_seconds
+
+
+class UpstreamRateLimitedError(UpstreamError):
+    """The upstream answered 429."""
+
+    status, code = 429, "upstream_rate_limited"
+
+
+class UpstreamRejectedError(UpstreamError):
+    """The upstream refused the request with a 4xx other than 429: the client's fault, never retried."""
+
+    code, openai_type, ws_close_code = "upstream_rejected", "invalid_request_error", WS_POLICY_VIOLATION
+    retryable = False
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message, upstream_status=upstream_status)
+        self.status = upstream_status if 400 <= upstream_status < 500 else 400
+
+
+class StreamTimeoutError(GatewayError):
+    """A stream deadline passed (connect, first token, inter-token, total)."""
+
+    status, code, openai_type, ws_close_code = 504, "timeout", "server_error", WS_INTERNAL_ERROR
+
+    def __init__(self, deadline: str, seconds: float) -> None:
+        super().__init__(f"{deadline} deadline of {seconds:g}s exceeded")
+        self.deadline = deadline
+
+
+class InternalError(GatewayError):
+    """An unexpected failure inside the gateway (logged with the request id)."""
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_response(error: GatewayError, *, openai_shape: bool) -> JSONResponse:
+    """The plain HTTP answer for an error raised before a stream started."""
+    body = error.openai_body() if openai_shape else error.detail_body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers or None)

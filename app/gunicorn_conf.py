@@ -1,0 +1,52 @@
+"""Gunicorn configuration (`gunicorn -c app/gunicorn_conf.py`): bind, workers, hooks, worker class.
+
+Read by the gunicorn master; every value comes from `Settings`, so the env vars documented in the
+README are the only knobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn_worker import UvicornWorker
+
+from app.settings import Settings
+
+_settings = Settings()
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GatewayWorker(UvicornWorker):
+    """uvloop + httptools, and a graceful-shutdown bound uvicorn-worker does not pass through."""
+
+    CONFIG_KWARGS: dict[str, Any] = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "timeout_graceful_shutdown": _settings.total_timeout_seconds,
+        "server_header": False,
+    }
+
+
+bind = [_bind_address(_settings.host, _settings.port)]
+workers = _settings.web_concurrency
+worker_class = "app.gunicorn_conf.GatewayWorker"
+keepalive = int(_settings.keepalive_seconds)
+graceful_timeout = int(_settings.total_timeout_seconds + 5)
+loglevel = _settings.log_level
+accesslog = None  # each stream logs one line when it ends; per-request access lines add nothing
+errorlog = "-"
+proc_name = "streaming-gateway"
+# gunicorn 27's control socket lives at one fixed path per user: several instances on one host
+# (tests, the rollout rehearsal) would fight over it, and a read-only root filesystem refuses it.
+control_socket_disable = True
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker exited (crash, restart, shutdown): its live gauges must stop counting."""
+    from app.observability.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)

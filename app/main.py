@@ -1,0 +1,78 @@
+"""`create_app(settings)`: middleware, routers, error handlers, lifespan. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from app.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    error_response,
+    is_openai_path,
+)
+from app.lifecycle import build_state, lifespan
+from app.middleware.body_limit import BodyLimitMiddleware
+from app.routes import chat_completions, health, metrics, stream, websocket
+from app.settings import Settings
+
+logger = logging.getLogger("app")
+
+
+def _respond(request: Request, error: GatewayError) -> JSONResponse:
+    return error_response(error, openai_shape=is_openai_path(request.url.path))
+
+
+async def _on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return _respond(request, exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _respond(request, InvalidRequestError("; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid"))
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = NotFoundError(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = GatewayError(str(exc.detail))
+        error.status = exc.status_code
+    return _respond(request, error)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", extra={"path": request.url.path})
+    return _respond(request, InternalError("the gateway failed to handle this request"))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="Streaming Gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: _on_gateway_error,
+            RequestValidationError: _on_validation_error,
+            StarletteHTTPException: _on_http_exception,
+            Exception: _on_unexpected,
+        },
+    )
+    app.state.gateway = build_state(settings)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    for module in (stream, chat_completions, websocket, health, metrics):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,66 @@
+"""Every Prometheus metric, defined once (names, types, labels and buckets from the seed).
+
+Under gunicorn the entrypoint sets PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported,
+so values live in per-process mmap files and `/metrics` aggregates them on each scrape. Gauges
+therefore declare how workers combine (`livesum`: only live workers count).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
+
+ACTIVE_CONNECTIONS = Gauge(
+    "streaming_active_connections", "Streams being relayed right now.", ["endpoint"], multiprocess_mode="livesum"
+)
+CONNECTIONS_TOTAL = Counter(
+    "streaming_connections_total", "Streams by final status (success/rejected/error).", ["endpoint", "status"]
+)
+TTFT_SECONDS = Histogram(
+    "streaming_ttft_seconds", "Time from request to first token sent.", ["endpoint", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+)
+GENERATION_DURATION_SECONDS = Histogram(
+    "streaming_generation_duration_seconds", "Time from first to last token.", ["endpoint", "model"],
+    buckets=(1.0, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+REQUEST_DURATION_SECONDS = Histogram(
+    "streaming_request_duration_seconds", "Whole stream duration.", ["endpoint"],
+    buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+TOKENS_TOTAL = Counter("streaming_tokens_total", "Tokens relayed to clients.", ["endpoint", "model"])
+TOKENS_PER_SECOND = Histogram(
+    "streaming_tokens_per_second", "Per-stream generation speed.", ["model"],
+    buckets=(5.0, 10.0, 20.0, 50.0, 100.0, 200.0),
+)
+ERRORS_TOTAL = Counter("streaming_errors_total", "Streams that ended in an error, by type.", ["endpoint", "error_type"])
+CIRCUIT_BREAKER_STATE = Gauge(
+    "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["service"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The exposition text for this instance: all workers when in multiprocess mode."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()  # fresh per scrape, as the multiprocess docs require
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        _multiprocess.mark_process_dead(pid)

@@ -1,0 +1,53 @@
+"""Turns a finished `StreamSession` into metrics and one log line. Called twice per stream, never per token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.errors import GatewayError
+from app.observability import metrics as m
+from app.streaming.session import Outcome, Phase, StreamSession
+
+logger = logging.getLogger("app.access")
+
+
+class StreamRecorder:
+    """The `StreamObserver` every relay reports to."""
+
+    def __init__(self, *, model_names: tuple[str, ...]) -> None:
+        self._models = frozenset(model_names)
+
+    def model_label(self, model: str) -> str:
+        return model if model in self._models else m.OTHER_MODEL
+
+    def started(self, session: StreamSession) -> None:
+        m.ACTIVE_CONNECTIONS.labels(session.endpoint).inc()
+
+    def finished(self, session: StreamSession, error: GatewayError | None) -> None:
+        endpoint, model = session.endpoint, self.model_label(session.model)
+        if session.phase is not Phase.OPENING:  # it was counted as active
+            m.ACTIVE_CONNECTIONS.labels(endpoint).dec()
+        end = asyncio.get_running_loop().time()
+        status = "success" if session.outcome in (Outcome.DONE, Outcome.CLIENT_GONE) else "error"
+        m.CONNECTIONS_TOTAL.labels(endpoint, status).inc()
+        m.REQUEST_DURATION_SECONDS.labels(endpoint).observe(end - session.started_at)
+        if session.first_token_at:
+            m.TTFT_SECONDS.labels(endpoint, model).observe(session.first_token_at - session.started_at)
+            generation = session.last_token_at - session.first_token_at
+            m.GENERATION_DURATION_SECONDS.labels(endpoint, model).observe(generation)
+            m.TOKENS_TOTAL.labels(endpoint, model).inc(session.tokens)
+            if generation > 0 and session.tokens > 1:
+                m.TOKENS_PER_SECOND.labels(model).observe((session.tokens - 1) / generation)
+        if error is not None:
+            m.ERRORS_TOTAL.labels(endpoint, error.code).inc()
+        logger.info(
+            "stream finished",
+            extra={
+                "stream_id": session.id, "endpoint": endpoint, "model": session.model, "client": session.client,
+                "outcome": str(session.outcome), "tokens": session.tokens,
+                "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
+                "duration_s": round(end - session.started_at, 4),
+                "error_code": error.code if error else None,
+            },
+        )

@@ -1,0 +1,1 @@
+"""Thin routes: parse, admit, hand off to `app.streaming`."""

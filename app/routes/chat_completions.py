@@ -1,0 +1,106 @@
+"""`POST /v1/chat/completions` and `GET /v1/models`: the OpenAI-compatible surface."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from app.errors import error_response
+from app.routes.deps import (
+    ASGIResponse,
+    StateDep,
+    check_max_tokens,
+    check_prompt_size,
+    client_address,
+    new_stream_id,
+    read_json,
+)
+from app.streaming.relay import CompletionResponse, SSEStreamResponse
+from app.streaming.session import StreamSession
+from app.streaming.sse import ChatChunkEncoder
+from app.upstream.base import ChatRequest, Usage
+from app.upstream.schemas import ChatCompletionRequest
+
+router = APIRouter(prefix="/v1")
+ENDPOINT = "/v1/chat/completions"
+
+
+def _openai_error(exc: Exception) -> ASGIResponse:
+    return error_response(exc, openai_shape=True)  # type: ignore[arg-type, return-value]
+
+
+@router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)")
+async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
+    body = await read_json(request, ChatCompletionRequest)
+    settings = state.settings
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        field, limit = "max_completion_tokens", min(body.max_tokens, body.max_completion_tokens)
+    elif body.max_completion_tokens is not None:
+        field, limit = "max_completion_tokens", body.max_completion_tokens
+    else:
+        field, limit = "max_tokens", body.max_tokens
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    chat = ChatRequest(
+        model=body.model,
+        messages=messages,
+        max_tokens=check_max_tokens(limit, settings, field=field),
+        options=body.passthrough_options(),
+    )
+    check_prompt_size(len(chat.prompt_text), settings)
+    stream_id = new_stream_id()
+    session = StreamSession(
+        stream_id=stream_id, endpoint=ENDPOINT, model=chat.model, client=client_address(request), now=state.clock()
+    )
+    completion_id = f"chatcmpl-{stream_id}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        encoder = ChatChunkEncoder(
+            completion_id=completion_id, model=chat.model, created=created, include_usage=include_usage
+        )
+        return ASGIResponse(
+            SSEStreamResponse(
+                session=session, request=chat, upstream=state.upstream, encoder=encoder,
+                registry=state.registry, observer=state.recorder, max_batch=settings.stream_buffer_size,
+                error_response=_openai_error, extra_headers=[(b"x-stream-id", stream_id.encode())],
+            )
+        )
+
+    def render(text: str, finish_reason: str | None, usage: Usage | None, tokens: int) -> dict[str, object]:
+        usage = usage or Usage(len(chat.prompt_text.split()), tokens)
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": chat.model,
+            "system_fingerprint": None,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason or "stop",
+            }],
+            "usage": usage.as_dict(),
+        }
+
+    return ASGIResponse(
+        CompletionResponse(
+            session=session, request=chat, upstream=state.upstream, registry=state.registry,
+            observer=state.recorder, max_batch=settings.stream_buffer_size, error_response=_openai_error,
+            render=render,
+        )
+    )
+
+
+@router.get("/models", summary="Models this gateway serves")
+async def list_models(state: StateDep) -> dict[str, object]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": state.upstream.name}
+            for name in state.settings.model_names
+        ],
+    }
+
+

@@ -1,0 +1,108 @@
+"""Shared route dependencies and request parsing (one place that turns bad input into a readable 4xx)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import InvalidRequestError, UnsupportedMediaTypeError
+from app.lifecycle import GatewayState
+from app.settings import Settings
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# Stream ids: a per-process random prefix plus a counter; unique across workers, cheap to make.
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_stream_id() -> str:
+    return f"{_ID_PREFIX}{os.getpid():x}{next(_ID_COUNTER):x}"
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    return get_state(request).settings
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """`messages.0.role: Input should be 'system', 'user', ...; max_tokens: ...` - one readable line."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts[:10]) + ("; ..." if len(parts) > 10 else "")
+
+
+def parse_json_model(raw: bytes | str, model: type[ModelT]) -> ModelT:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0] if exc.error_count() else {}
+        if first.get("type") == "json_invalid":
+            raise InvalidRequestError(f"request body is not valid JSON: {first.get('msg', '')}") from None
+        if first.get("type") == "model_type" and not first.get("loc"):
+            raise InvalidRequestError("request body must be a JSON object") from None
+        raise InvalidRequestError(describe_validation_error(exc), param=str(first.get("loc", [""])[0])) from None
+
+
+async def read_json(request: Request, model: type[ModelT]) -> ModelT:
+    """Read (size-capped by BodyLimitMiddleware) and validate a JSON body."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/json, got {content_type or 'nothing'!r}"
+        )
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequestError("request body is empty; expected a JSON object")
+    return parse_json_model(body, model)
+
+
+def check_max_tokens(value: int | None, settings: Settings, *, field: str = "max_tokens") -> int:
+    if value is None:
+        return settings.default_max_tokens
+    if value > settings.max_tokens_limit:
+        raise InvalidRequestError(
+            f"{field} is {value}, above this gateway's limit of {settings.max_tokens_limit}", param=field
+        )
+    return value
+
+
+def check_prompt_size(chars: int, settings: Settings) -> None:
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequestError(
+            f"prompt is {chars} characters, above this gateway's limit of {settings.max_prompt_chars}"
+        )
+
+
+class ASGIResponse(Response):
+    """Lets a route hand FastAPI a pure-ASGI app as its response (FastAPI passes Responses through)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self.background: BackgroundTask | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)

@@ -1,0 +1,53 @@
+"""`POST /stream`: the seed's SSE protocol."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.errors import error_response
+from app.routes.deps import (
+    ASGIResponse,
+    StateDep,
+    check_max_tokens,
+    check_prompt_size,
+    client_address,
+    new_stream_id,
+    read_json,
+)
+from app.streaming.relay import SSEStreamResponse
+from app.streaming.session import StreamSession
+from app.streaming.sse import SeedEncoder
+from app.upstream.base import ChatRequest
+from app.upstream.schemas import StreamRequest
+
+router = APIRouter()
+ENDPOINT = "/stream"
+_SEED_ENCODER = SeedEncoder()
+
+
+def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
+    check_prompt_size(len(body.prompt), state.settings)
+    return ChatRequest(
+        model=body.model,
+        messages=[{"role": "user", "content": body.prompt}],
+        max_tokens=check_max_tokens(body.max_tokens, state.settings),
+    )
+
+
+@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
+async def stream(request: Request, state: StateDep) -> ASGIResponse:
+    body = await read_json(request, StreamRequest)
+    chat = seed_chat_request(body, state)
+    stream_id = new_stream_id()
+    session = StreamSession(
+        stream_id=stream_id, endpoint=ENDPOINT, model=chat.model, client=client_address(request),
+        now=state.clock(),
+    )
+    return ASGIResponse(
+        SSEStreamResponse(
+            session=session, request=chat, upstream=state.upstream, encoder=_SEED_ENCODER,
+            registry=state.registry, observer=state.recorder, max_batch=state.settings.stream_buffer_size,
+            error_response=lambda exc: error_response(exc, openai_shape=False),
+            extra_headers=[(b"x-stream-id", stream_id.encode())],
+        )
+    )

@@ -1,0 +1,98 @@
+"""The gateway's one settings class: every knob is a plain environment variable with a documented default."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All configuration, read from the environment (names are the field names, upper-cased)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- server -----------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address gunicorn binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port gunicorn binds to.")
+    web_concurrency: int = Field(2, ge=1, le=64, description="Number of gunicorn worker processes (uvicorn workers).")
+    log_level: str = Field("info", description="Log level of the gateway and its servers (debug, info, warning, error).")
+    keepalive_seconds: int = Field(
+        75, gt=0, description="Idle HTTP keep-alive timeout; keep it above the load balancer's idle timeout."
+    )
+
+    # --- upstream ---------------------------------------------------------------------------------
+    upstream_url: str | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:9000/v1). Unset: built-in mock.",
+    )
+    upstream_api_key: SecretStr | None = Field(None, description="Bearer token sent to the upstream, if any.")
+    upstream_model: str | None = Field(
+        None, description="Model name sent upstream; unset: the client's model is passed through."
+    )
+    upstream_connect_timeout_seconds: float = Field(10.0, gt=0, description="Upstream TCP/TLS connect timeout.")
+    upstream_max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Upstream connection pool size per worker; unset: sized for MAX_CONNECTIONS (never httpx's 100).",
+    )
+    mock_tokens_per_second: float = Field(
+        50.0, ge=0, description="Built-in mock: token pace after the first token (0 = as fast as possible)."
+    )
+    mock_first_token_ms: float = Field(50.0, ge=0, description="Built-in mock: delay before the first token.")
+    models: str = Field(
+        "gpt-4o-mini,gpt-4o",
+        description="Comma-separated model names listed by /v1/models and accepted as metric label values.",
+    )
+
+    # --- requests ---------------------------------------------------------------------------------
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body; larger gets 413.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Longest accepted prompt (all messages), in characters.")
+    max_tokens_limit: int = Field(
+        32_768, ge=1, description="Largest max_tokens a client may ask for; larger gets 422."
+    )
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when the client sends none.")
+
+    # --- connections ------------------------------------------------------------------------------
+    max_connections: int = Field(500, ge=1, description="Concurrent streams the instance carries (all workers).")
+
+    # --- deadlines -----------------------------------------------------------------------------
+    first_token_timeout_seconds: float = Field(30.0, gt=0, description="Deadline from request to the first token.")
+    inter_token_timeout_seconds: float = Field(
+        15.0, gt=0, description="Longest silence between two upstream tokens (a stalled upstream trips it)."
+    )
+    total_timeout_seconds: float = Field(120.0, gt=0, description="Deadline for a whole stream.")
+    slow_client_timeout_seconds: float = Field(
+        5.0, gt=0, description="A client that accepts no bytes for this long is cut (code backpressure)."
+    )
+    deadline_check_interval_seconds: float = Field(
+        0.25, gt=0, le=5, description="How often each worker checks stream deadlines and pings (their resolution)."
+    )
+
+    # --- relay ------------------------------------------------------------------------------------
+    stream_buffer_size: int = Field(
+        100, ge=1, description="Events buffered per stream between upstream and a slow client."
+    )
+    flush_max_bytes: int = Field(
+        16_384, ge=1, description="Coalescing: flush pending events to the socket once this many bytes wait."
+    )
+    sse_ping_interval_seconds: float = Field(
+        15.0, gt=0, description="Interval of `: ping` comments on idle SSE streams (keeps proxies from timing out)."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
+        if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
+        return self
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    @property
+    def upstream_pool_size(self) -> int:
+        return self.upstream_max_connections or self.max_connections

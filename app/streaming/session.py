@@ -1,0 +1,152 @@
+"""One object owns a stream's life; one per-worker registry watches every stream's clock.
+
+`StreamSession` holds the facts (id, endpoint, model, timings, tokens, outcome) that metrics,
+logs and traces all read. `StreamRegistry` runs one watchdog task per worker that checks every
+stream's deadlines and idle pings a few times a second, instead of arming a timer around each
+token wait: the per-token path only stores a timestamp. A stalled upstream therefore trips the
+inter-token deadline even though no token ever arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+
+from app.errors import GatewayError, StreamTimeoutError
+
+logger = logging.getLogger("app.streaming")
+
+
+class BackpressureError(GatewayError):
+    """The client stopped reading: its stream is cut so it cannot pin memory or an upstream slot."""
+
+    status, code, openai_type = 503, "backpressure", "server_error"
+
+
+class Phase(enum.IntEnum):
+    OPENING = 0  # waiting for the upstream to accept
+    RELAYING = 1  # tokens flow; cancellation here is how a stream gets cut
+    FINISHING = 2  # writing the final event; no more cuts
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    BACKPRESSURE = "backpressure"
+    CLIENT_GONE = "client_gone"
+    SHUTDOWN = "shutdown"
+
+
+class StreamSession:
+    """The life of one stream, from admission to the last byte."""
+
+    __slots__ = (
+        "id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at", "last_write_at",
+        "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
+    )
+
+    def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float) -> None:
+        self.id = stream_id
+        self.endpoint = endpoint
+        self.model = model
+        self.client = client
+        self.started_at = now
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self.last_write_at = now
+        self.writing_since = 0.0  # non-zero while a write to the client is pending
+        self.tokens = 0
+        self.phase = Phase.OPENING
+        self.outcome: Outcome | None = None
+        self.cut_error: GatewayError | None = None
+        self.client_gone = False
+        self.task: asyncio.Task[object] | None = None
+        self.ping: Callable[[], Awaitable[None]] | None = None  # set by relays that can ping
+
+    def cut(self, error: GatewayError) -> None:
+        """End the stream from outside its task (deadline, slow client, drain); the first reason wins."""
+        if self.phase is not Phase.RELAYING or self.outcome is not None or self.cut_error or self.client_gone:
+            return
+        self.cut_error = error
+        if self.task is not None:
+            self.task.cancel()
+
+    def client_disconnected(self) -> None:
+        self.client_gone = True
+        if self.phase is Phase.RELAYING and self.outcome is None and self.task is not None:
+            self.task.cancel()
+
+
+class StreamRegistry:
+    """The streams of this worker, and the watchdog that enforces their deadlines."""
+
+    def __init__(
+        self,
+        *,
+        first_token_s: float,
+        inter_token_s: float,
+        total_s: float,
+        slow_client_s: float,
+        ping_interval_s: float,
+        check_interval_s: float,
+    ) -> None:
+        self.streams: set[StreamSession] = set()
+        self._first_token_s = first_token_s
+        self._inter_token_s = inter_token_s
+        self._total_s = total_s
+        self._slow_client_s = slow_client_s
+        self._ping_interval_s = ping_interval_s
+        self._check_interval_s = check_interval_s
+        self._watchdog: asyncio.Task[None] | None = None
+        self._pings: set[asyncio.Task[None]] = set()
+
+    def add(self, session: StreamSession) -> None:
+        self.streams.add(session)
+
+    def discard(self, session: StreamSession) -> None:
+        self.streams.discard(session)
+
+    def check(self, now: float) -> None:
+        """One watchdog pass: cut streams past a deadline, ping idle ones."""
+        for s in list(self.streams):
+            if s.phase is not Phase.RELAYING or s.outcome is not None:
+                continue
+            if s.writing_since and now - s.writing_since > self._slow_client_s:
+                s.cut(BackpressureError(f"client read nothing for {self._slow_client_s:g}s"))
+            elif now - s.started_at > self._total_s:
+                s.cut(StreamTimeoutError("total", self._total_s))
+            elif not s.first_token_at:
+                if now - s.started_at > self._first_token_s:
+                    s.cut(StreamTimeoutError("first token", self._first_token_s))
+            elif not s.writing_since and now - s.last_token_at > self._inter_token_s:
+                s.cut(StreamTimeoutError("inter-token", self._inter_token_s))
+            if (
+                s.ping is not None and s.outcome is None and not s.writing_since
+                and now - s.last_write_at >= self._ping_interval_s
+            ):
+                s.last_write_at = now
+                task = asyncio.get_running_loop().create_task(s.ping())
+                self._pings.add(task)
+                task.add_done_callback(self._pings.discard)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            try:
+                self.check(loop.time())
+            except Exception:  # pragma: no cover - a watchdog bug must not stop deadline enforcement
+                logger.exception("stream watchdog pass failed")
+
+    def start(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._run(), name="stream-watchdog")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None

@@ -1,0 +1,97 @@
+"""SSE framing for the two HTTP stream protocols, built from constant byte pieces.
+
+Per token we JSON-escape the text (the C escaper json.dumps itself uses) and splice it between
+constant pieces; a whole batch becomes one `bytes` with one join. `/stream` frames are byte-for-byte
+what the seed emits (`json.dumps` default separators, ASCII escaping).
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+
+from app.errors import GatewayError, ServiceUnavailableError
+from app.upstream.base import Usage
+
+escape = encode_basestring_ascii  # str -> JSON string literal, identical to json.dumps(str)
+
+PING = b": ping\n\n"
+DONE_SENTINEL = b"data: [DONE]\n\n"
+SEED_STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
+SEED_TOKEN_HEAD = 'data: {"type": "token", "content": '
+SEED_TOKEN_TAIL = "}\n\n"
+SEED_SHUTDOWN = b'data: {"type": "server_shutdown"}\n\n'
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SeedEncoder:
+    """`POST /stream` events: status, token..., done | error | server_shutdown."""
+
+    __slots__ = ()
+
+    def opening(self) -> bytes:
+        return SEED_STATUS
+
+    def tokens(self, batch: list[str]) -> bytes:
+        head, tail = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL
+        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
+
+    def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
+        return f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode()
+
+    def error(self, error: GatewayError) -> bytes:
+        return error.event_bytes()
+
+    def shutdown(self) -> bytes:
+        return SEED_SHUTDOWN
+
+
+class ChatChunkEncoder:
+    """`POST /v1/chat/completions` with `stream: true`: `chat.completion.chunk` objects, then `[DONE]`."""
+
+    __slots__ = ("_head", "_created", "_id", "_model", "_include_usage")
+
+    def __init__(self, *, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self._id, self._model, self._created = completion_id, model, created
+        self._include_usage = include_usage
+        usage = ',"usage":null' if include_usage else ""
+        self._head = (
+            f'data: {{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{escape(model)},"system_fingerprint":null{usage},"choices":[{{"index":0,"delta":{{"content":'
+        )
+
+    def _chunk(self, delta: str, finish_reason: str | None) -> str:
+        reason = escape(finish_reason) if finish_reason else "null"
+        return (
+            f'data: {{"id":"{self._id}","object":"chat.completion.chunk","created":{self._created},'
+            f'"model":{escape(self._model)},"system_fingerprint":null,'
+            f'"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{reason}}}]}}\n\n'
+        )
+
+    def opening(self) -> bytes:
+        return self._chunk('{"role":"assistant","content":""}', None).encode()
+
+    def tokens(self, batch: list[str]) -> bytes:
+        head = self._head
+        return "".join([f'{head}{escape(text)}}},"logprobs":null,"finish_reason":null}}]}}\n\n' for text in batch]).encode()
+
+    def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
+        out = self._chunk("{}", finish_reason or "stop")
+        if self._include_usage:
+            usage_obj = json.dumps((usage or Usage(0, tokens)).as_dict(), separators=(",", ":"))
+            out += (
+                f'data: {{"id":"{self._id}","object":"chat.completion.chunk","created":{self._created},'
+                f'"model":{escape(self._model)},"system_fingerprint":null,"choices":[],"usage":{usage_obj}}}\n\n'
+            )
+        return out.encode() + DONE_SENTINEL
+
+    def error(self, error: GatewayError) -> bytes:
+        return error.openai_chunk_bytes()
+
+    def shutdown(self) -> bytes:
+        return ServiceUnavailableError("server is shutting down; retry the request").openai_chunk_bytes()

@@ -1,0 +1,1 @@
+"""Upstream model servers behind one small interface (`base.Upstream`)."""

@@ -1,0 +1,71 @@
+"""The interface every upstream implements, and the normalized request all protocols map to.
+
+An upstream turns a `ChatRequest` into an `UpstreamStream`: an async iterator of *batches* of
+text deltas. A batch holds every delta that was already waiting when the relay asked (one network
+read, or every mock token that is due), so the relay writes it to the client in one go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """What the client asked for, independent of the protocol it used."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    # OpenAI sampling options passed through verbatim to an OpenAI-compatible upstream.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_text(self) -> str:
+        return "\n".join(_content_text(m.get("content")) for m in self.messages)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class UpstreamStream(Protocol):
+    """One open generation. Iterate for batches of text deltas; always `aclose()` it."""
+
+    finish_reason: str | None  # "stop" | "length" once the stream ended normally
+    usage: Usage | None  # reported by the upstream, when it reports it
+
+    def __aiter__(self) -> AsyncIterator[list[str]]: ...
+
+    async def __anext__(self) -> list[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """A model server. `open` raises `GatewayError`s (connect failure, refusal) before any token."""
+
+    name: str  # bounded label value for metrics ("mock" or the upstream host)
+
+    async def open(self, request: ChatRequest, *, max_batch: int) -> UpstreamStream: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,183 @@
+"""OpenAI-compatible upstream: one pooled httpx client per worker, errors translated at the edge."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from app.errors import (
+    StreamTimeoutError,
+    UpstreamError,
+    UpstreamRateLimitedError,
+    UpstreamRejectedError,
+)
+from app.upstream.base import ChatRequest, Usage
+from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
+
+MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date; treated as "no hint"
+
+
+async def _error_message(response: httpx.Response) -> str:
+    raw = b""
+    async for piece in response.aiter_raw():
+        raw += piece
+        if len(raw) >= MAX_ERROR_BODY_BYTES:
+            break
+    try:
+        body = json.loads(raw)
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+    except ValueError:
+        message = None
+    return str(message or raw[:500].decode(errors="replace") or response.reason_phrase)
+
+
+class OpenAIStream:
+    """A streaming `/chat/completions` response, yielding batches of content deltas."""
+
+    __slots__ = ("_response", "_chunks", "_decoder", "_done", "_saw_done", "finish_reason", "usage")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._chunks = response.aiter_raw()
+        self._decoder = SSEDecoder()
+        self._done = False
+        self._saw_done = False  # the upstream sent its `[DONE]` terminator
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def __aiter__(self) -> OpenAIStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        while not self._done:
+            try:
+                piece = await self._chunks.__anext__()
+                payloads = self._decoder.feed(piece)
+            except StopAsyncIteration:
+                payloads = self._decoder.close()
+                self._done = True
+            except (httpx.TransportError, SSEDecodeError) as exc:
+                raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+            batch = self._parse(payloads)
+            if batch:
+                return batch
+        if self.finish_reason is None and not self._saw_done:
+            raise UpstreamError("upstream closed the stream before it finished")
+        raise StopAsyncIteration
+
+    def _parse(self, payloads: list[str]) -> list[str]:
+        batch: list[str] = []
+        for payload in payloads:
+            if payload == "[DONE]":
+                self._done = self._saw_done = True
+                break
+            try:
+                chunk = json.loads(payload)
+            except ValueError as exc:
+                raise UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}") from exc
+            if not isinstance(chunk, dict):
+                raise UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}")
+            if "error" in chunk:
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                raise UpstreamError(f"upstream error mid-stream: {message}")
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                self.usage = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    batch.append(content)
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+        return batch
+
+    async def aclose(self) -> None:
+        # Closing an unfinished response closes its connection: the upstream sees the
+        # disconnect and stops generating (vLLM aborts the request on it).
+        await self._response.aclose()
+
+
+class OpenAIUpstream:
+    """Any server speaking OpenAI's streaming `/chat/completions` (vLLM, TGI, llama.cpp, OpenAI)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        model_override: str | None,
+        connect_timeout_s: float,
+        pool_size: int,
+        request_usage: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = httpx.URL(base_url).host or "upstream"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._model_override = model_override
+        self._request_usage = request_usage
+        self._connect_timeout_s = connect_timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            # read=None: token gaps are policed by the stream deadlines, not by httpx.
+            timeout=httpx.Timeout(connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s),
+            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+            transport=transport,
+        )
+
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = dict(request.options)
+        body.update(
+            model=self._model_override or request.model,
+            messages=request.messages,
+            max_tokens=request.max_tokens,
+            stream=True,
+        )
+        if self._request_usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def open(self, request: ChatRequest, *, max_batch: int) -> OpenAIStream:
+        http_request = self._client.build_request("POST", "chat/completions", json=self._body(request))
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(f"cannot reach upstream: {exc!r}") from exc
+        if response.status_code == 200:
+            return OpenAIStream(response)
+        try:
+            message = await _error_message(response)
+        except httpx.TransportError:
+            message = response.reason_phrase
+        finally:
+            await response.aclose()
+        status = response.status_code
+        if status == 429:
+            raise UpstreamRateLimitedError(
+                f"upstream rate limited: {message}", upstream_status=429,
+                retry_after_seconds=_retry_after_seconds(response),
+            )
+        if 400 <= status < 500:
+            raise UpstreamRejectedError(f"upstream refused the request ({status}): {message}", upstream_status=status)
+        raise UpstreamError(
+            f"upstream failed ({status}): {message}", upstream_status=status,
+            retry_after_seconds=_retry_after_seconds(response),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,96 @@
+"""The built-in mock model server: deterministic text, exact token counts, realistic pacing.
+
+Token `i` of a prompt is a pure function of (prompt, i), so every worker and every replica
+produces the same text for the same prompt, and a stream can be continued from any position.
+Pacing is by schedule, not by sleeping a fixed gap per token: token `i` is due at
+`start + first_token + i / tokens_per_second`, and every token already due is returned in one
+batch. A loaded event loop therefore catches up instead of drifting, and writes are coalesced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from app.upstream.base import ChatRequest, Usage
+
+# Mixed ASCII and multi-byte words, so clients and tests meet 2-, 3- and 4-byte UTF-8.
+VOCABULARY = (
+    "the", "stream", "of", "tokens", "flows", "through", "a", "gateway", "that", "never", "drops", "one",
+    "while", "clients", "read", "at", "their", "own", "pace", "and", "servers", "roll", "over", "café",
+    "naïve", "über", "日本語", "模型", "🚀", "données", "réseau", "latency", "budget", "is", "kept", "in", "check",
+)
+UNPACED_BATCH = 64  # tokens per batch when pacing is off (MOCK_TOKENS_PER_SECOND=0)
+
+
+def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
+    """Tokens `start..stop-1` of the mock's answer to `prompt` (each a word plus a space)."""
+    intro = f"This is a streaming response for: {prompt[:40]}".split()
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+    n_vocab = len(VOCABULARY)
+    out = []
+    for i in range(start, stop):
+        word = intro[i] if i < len(intro) else VOCABULARY[(seed + i * 7) % n_vocab]
+        out.append(word + " ")
+    return out
+
+
+class MockStream:
+    __slots__ = ("_prompt", "_total", "_next", "_first_at", "_gap", "_max_batch", "finish_reason", "usage", "_loop")
+
+    def __init__(self, request: ChatRequest, *, tokens_per_second: float, first_token_s: float, max_batch: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._prompt = request.prompt_text
+        self._total = request.max_tokens
+        self._next = 0
+        self._first_at = self._loop.time() + first_token_s
+        self._gap = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
+        self._max_batch = max_batch
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def __aiter__(self) -> MockStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        start = self._next
+        if start >= self._total:
+            self.finish_reason = "length"
+            self.usage = Usage(len(self._prompt.split()), self._total)
+            raise StopAsyncIteration
+        if self._gap:
+            due = self._first_at + start * self._gap
+            now = self._loop.time()
+            if due > now:
+                await asyncio.sleep(due - now)
+                now = self._loop.time()
+            count = int((now - self._first_at) / self._gap) + 1 - start
+        else:
+            now = self._loop.time()
+            if start == 0 and self._first_at > now:
+                await asyncio.sleep(self._first_at - now)
+            else:
+                await asyncio.sleep(0)  # stay cooperative when unpaced
+            count = UNPACED_BATCH
+        stop = min(self._total, start + max(1, min(count, self._max_batch)))
+        self._next = stop
+        return mock_tokens(self._prompt, start, stop)
+
+    async def aclose(self) -> None:
+        self._next = self._total
+
+
+class MockUpstream:
+    """The default upstream (UPSTREAM_URL unset)."""
+
+    name = "mock"
+
+    def __init__(self, *, tokens_per_second: float, first_token_ms: float) -> None:
+        self._tps = tokens_per_second
+        self._first_s = first_token_ms / 1000.0
+
+    async def open(self, request: ChatRequest, *, max_batch: int) -> MockStream:
+        return MockStream(request, tokens_per_second=self._tps, first_token_s=self._first_s, max_batch=max_batch)
+
+    async def aclose(self) -> None:
+        return None
