@@ -1,0 +1,187 @@
+"""An OpenAI-compatible fake model server with fault injection, for tests and benchmarks.
+
+Run: `python -m loadtest.fake_openai --port 9000 [--tokens-per-second 20 --first-token-ms 50]`.
+It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to misbehave:
+
+    POST /_script   {"faults": [{...}, ...]}   each later request takes the next fault (FIFO);
+                                                 with the queue empty, requests behave normally
+    GET  /_stats                                 requests, completed, disconnects, bodies seen
+    POST /_reset                                 clear script and stats
+
+A fault is a dict of any of: status (HTTP error with an OpenAI error body), retry_after,
+tokens (exact token strings), split_bytes (write the response in pieces of this many bytes),
+crlf, role_chunk, empty_deltas, usage, stall_after (stop sending after N tokens and hang),
+reset_after (drop the connection after N tokens), error_after (an error chunk after N tokens),
+no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import deque
+from typing import Any
+
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+
+def default_tokens(n: int) -> list[str]:
+    return [f"tok{i} " for i in range(n)]
+
+
+class FakeOpenAI:
+    def __init__(self, *, tokens_per_second: float = 0.0, first_token_ms: float = 0.0) -> None:
+        self.tokens_per_second = tokens_per_second
+        self.first_token_ms = first_token_ms
+        self.script: deque[dict[str, Any]] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.script.clear()
+        self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnects": 0, "active": 0, "bodies": []}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path, method = scope["path"], scope["method"]
+        if path == "/_script" and method == "POST":
+            self.script.extend(json.loads(body)["faults"])
+            return await _json(send, 200, {"queued": len(self.script)})
+        if path == "/_stats":
+            return await _json(send, 200, self.stats)
+        if path == "/_reset":
+            self.reset()
+            return await _json(send, 200, {"ok": True})
+        if path == "/v1/models":
+            return await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        if path != "/v1/chat/completions" or method != "POST":
+            return await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+        request = json.loads(body)
+        self.stats["requests"] += 1
+        if len(self.stats["bodies"]) < 50:
+            self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization")})
+        fault = self.script.popleft() if self.script else {}
+        if "status" in fault:
+            headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
+            message = fault.get("message", f"injected status {fault['status']}")
+            return await _json(send, fault["status"], {"error": {"message": message, "type": "fake"}}, headers)
+        self.stats["active"] += 1
+        generation = asyncio.ensure_future(self._generate(request, fault, send))
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({generation, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if disconnect in done and not generation.done():
+                self.stats["disconnects"] += 1
+                generation.cancel()
+            elif generation.done() and generation.result():
+                self.stats["completed"] += 1
+        finally:
+            self.stats["active"] -= 1
+            disconnect.cancel()
+            await asyncio.gather(generation, disconnect, return_exceptions=True)
+
+    async def _generate(self, request: dict[str, Any], fault: dict[str, Any], send: Send) -> bool:
+        n = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)
+        tokens: list[str] = fault.get("tokens") or default_tokens(n)
+        tokens = tokens[:n]
+        finish = "length" if len(tokens) >= n and "tokens" not in fault else "stop"
+        tps = float(fault.get("tokens_per_second", self.tokens_per_second))
+        first_ms = float(fault.get("first_token_ms", self.first_token_ms))
+        eol = b"\r\n" if fault.get("crlf") else b"\n"
+        split = int(fault.get("split_bytes", 0))
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": request.get("model", "fake")}
+
+        async def emit(payload: bytes) -> None:
+            data = b"data: " + payload + eol + eol
+            if split:
+                for i in range(0, len(data), split):
+                    await send({"type": "http.response.body", "body": data[i:i + split], "more_body": True})
+                    await asyncio.sleep(0)
+            else:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return json.dumps(obj, ensure_ascii=False).encode()
+
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        if fault.get("role_chunk", True):
+            await emit(chunk({"role": "assistant", "content": ""}))
+        await asyncio.sleep(first_ms / 1000)
+        start = time.monotonic()
+        for i, token in enumerate(tokens):
+            if fault.get("stall_after") == i:
+                await asyncio.sleep(3600)
+            if fault.get("reset_after") == i:
+                raise ConnectionResetError("injected reset")  # uvicorn drops the connection
+            if fault.get("error_after") == i:
+                await emit(json.dumps({"error": {"message": "injected mid-stream error"}}).encode())
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return True
+            if tps > 0:
+                delay = start + i / tps - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if fault.get("empty_deltas"):
+                await emit(chunk({"content": ""}))
+            await emit(chunk({"content": token}))
+        if not fault.get("no_done"):
+            await emit(chunk({}, finish))
+            if fault.get("usage", (request.get("stream_options") or {}).get("include_usage")):
+                usage = {"prompt_tokens": 7, "completion_tokens": len(tokens), "total_tokens": 7 + len(tokens)}
+                await emit(json.dumps({**base, "choices": [], "usage": usage}).encode())
+            await emit(b"[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode())
+    return None
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *extra]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--tokens-per-second", type=float, default=0.0)
+    parser.add_argument("--first-token-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    app = FakeOpenAI(tokens_per_second=args.tokens_per_second, first_token_ms=args.first_token_ms)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", loop="uvloop", http="httptools",
+                lifespan="on", backlog=4096)
+
+
+if __name__ == "__main__":
+    main()
