@@ -177,10 +177,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--tokens-per-second", type=float, default=0.0)
     parser.add_argument("--first-token-ms", type=float, default=0.0)
+    parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket")
     args = parser.parse_args()
     app = FakeOpenAI(tokens_per_second=args.tokens_per_second, first_token_ms=args.first_token_ms)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", loop="uvloop", http="httptools",
-                lifespan="on", backlog=4096)
+    uvicorn.run(app, host=args.host, port=args.port, fd=args.fd, log_level="warning", loop="uvloop",
+                http="httptools", lifespan="on", backlog=4096)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Shared fixtures: the real gateway (`python -m app`: gunicorn + uvicorn workers) and the fake upstream.
+
+Each server gets a listening socket the test binds itself on 127.0.0.1:0 and hands over, so
+there is no guessed port: gunicorn takes it through systemd socket activation (LISTEN_FDS), the
+path it uses in production with socket-activated units; the fake upstream takes it with --fd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
+START_TIMEOUT_S = 30.0  # guard only: how long a server may take to answer before the test fails
+
+
+def _listening_socket(*, inheritable: bool = False) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.set_inheritable(inheritable)
+    return sock
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}{path}")
+        try:
+            if httpx.get(url + path, timeout=1.0).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # polling interval, not an assertion
+    raise RuntimeError(f"{url}{path} did not answer within {START_TIMEOUT_S}s")
+
+
+@dataclass
+class Gateway:
+    url: str
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class GatewayFactory(Protocol):
+    def __call__(self, **env: Any) -> Gateway: ...
+
+
+def _start_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
+    sock = _listening_socket()
+    port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_"))}
+    env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
+    env.update({k.upper(): str(v) for k, v in env_overrides.items()})
+    fd = sock.fileno()
+
+    def hand_over_socket() -> None:  # runs in the child between fork and exec
+        os.dup2(fd, SD_LISTEN_FDS_START)
+        os.environ.update(env)
+        os.environ["LISTEN_FDS"] = "1"
+        os.environ["LISTEN_PID"] = str(os.getpid())
+
+    log = log_path.open("wb")
+    proc = subprocess.Popen(  # noqa: PLW1509 - preexec_fn is how the socket lands on fd 3
+        [sys.executable, "-m", "app"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=hand_over_socket, close_fds=False, env=None,  # fd 3 must survive; CLOEXEC fds still close
+    )
+    sock.close()
+    log.close()
+    gateway = Gateway(url=f"http://127.0.0.1:{port}", proc=proc, env=env, log_path=log_path)
+    try:
+        _wait_until_up(gateway.url, proc, "/health")
+    except RuntimeError:
+        gateway.stop(signal.SIGKILL)
+        raise RuntimeError(gateway.log()) from None
+    return gateway
+
+
+@pytest.fixture
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Factory: start the real gateway with extra env vars; every one started is stopped after the test."""
+    started: list[Gateway] = []
+
+    def factory(**env: Any) -> Gateway:
+        log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+        gateway = _start_gateway(env, log_path)
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def mock_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One gateway on the built-in mock, shared by a module's read-only tests (fast pace keeps tests short)."""
+    gateway = _start_gateway(
+        {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
+    yield gateway
+    gateway.stop()
+
+
+@dataclass
+class FakeUpstream:
+    url: str  # the OpenAI base URL, ending in /v1
+    proc: subprocess.Popen[bytes]
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=10)
+
+    def script(self, *faults: dict[str, Any]) -> None:
+        self.client.post("/_script", json={"faults": list(faults)}).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.client.get("/_stats").json()
+        return stats
+
+    def reset(self) -> None:
+        self.client.post("/_reset").raise_for_status()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        stats = self.stats()
+        while not predicate(stats) and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling interval, not an assertion
+            stats = self.stats()
+        return stats
+
+
+@pytest.fixture(scope="module")
+def fake_upstream_server() -> Iterator[FakeUpstream]:
+    sock = _listening_socket(inheritable=True)
+    port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.fake_openai", "--fd", str(sock.fileno()), "--tokens-per-second", "200"],
+        cwd=ROOT, pass_fds=(sock.fileno(),),
+    )
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    _wait_until_up(url, proc, "/_stats")
+    fake = FakeUpstream(url=url + "/v1", proc=proc)
+    yield fake
+    fake.client.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_upstream(fake_upstream_server: FakeUpstream) -> FakeUpstream:
+    """The module's fake upstream, with its script and stats cleared for this test."""
+    fake_upstream_server.reset()
+    return fake_upstream_server
+
+
+@pytest.fixture(scope="module")
+def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway relaying from the module's fake upstream."""
+    gateway = _start_gateway(
+        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret"},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
+    yield gateway
+    gateway.stop()
+
+
+def sse_data(body: str) -> list[str]:
+    """The `data:` payloads of an SSE body, the way a client that reads only data lines sees them."""
+    return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
