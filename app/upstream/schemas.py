@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 MODEL_NAME_MAX = 256
 
@@ -20,6 +20,13 @@ class StreamRequest(BaseModel):
     prompt: StrictStr = Field(min_length=1)
     model: StrictStr = Field("gpt-4o-mini", min_length=1, max_length=MODEL_NAME_MAX)
     max_tokens: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return value
 
 
 class TextPart(BaseModel):
