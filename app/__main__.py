@@ -19,7 +19,8 @@ def prepare_multiproc_dir() -> str:
     An explicit PROMETHEUS_MULTIPROC_DIR (the image sets one on an emptyDir) is wiped, because an
     emptyDir survives container restarts and stale files would count dead processes.
     """
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(Path(tempfile.gettempdir()) / f"gateway-metrics-{os.getpid()}")
+    default = Path(tempfile.gettempdir()) / f"gateway-metrics-{os.getpid()}"
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(default)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     return path

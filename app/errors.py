@@ -83,7 +83,8 @@ class PayloadTooLargeError(GatewayError):
 class UnsupportedMediaTypeError(GatewayError):
     """The request body is not JSON."""
 
-    status, code, openai_type, ws_close_code = 415, "unsupported_media_type", "invalid_request_error", WS_INVALID_PAYLOAD
+    status, code, openai_type = 415, "unsupported_media_type", "invalid_request_error"
+    ws_close_code = WS_INVALID_PAYLOAD
 
 
 class NotFoundError(GatewayError):

@@ -19,7 +19,7 @@ def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class GatewayWorker(UvicornWorker):
+class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     """uvloop + httptools, and a graceful-shutdown bound uvicorn-worker does not pass through."""
 
     CONFIG_KWARGS: dict[str, Any] = {

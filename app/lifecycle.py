@@ -37,7 +37,9 @@ class GatewayState:
 
 def build_upstream(settings: Settings) -> Upstream:
     if settings.upstream_url is None:
-        return MockUpstream(tokens_per_second=settings.mock_tokens_per_second, first_token_ms=settings.mock_first_token_ms)
+        return MockUpstream(
+            tokens_per_second=settings.mock_tokens_per_second, first_token_ms=settings.mock_first_token_ms
+        )
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     return OpenAIUpstream(
         settings.upstream_url,

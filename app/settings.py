@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address gunicorn binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port gunicorn binds to.")
     web_concurrency: int = Field(2, ge=1, le=64, description="Number of gunicorn worker processes (uvicorn workers).")
-    log_level: str = Field("info", description="Log level of the gateway and its servers (debug, info, warning, error).")
+    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
     keepalive_seconds: int = Field(
         75, gt=0, description="Idle HTTP keep-alive timeout; keep it above the load balancer's idle timeout."
     )

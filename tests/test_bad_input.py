@@ -35,9 +35,12 @@ def _active_streams(gateway: Gateway) -> float:
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
+JSON_HEADERS = {"content-type": "application/json"}
+
+
 @pytest.mark.parametrize(("case", "body", "status", "message"), BAD_STREAM_BODIES, ids=[c[0] for c in BAD_STREAM_BODIES])
 def test_stream_rejects_bad_body(mock_gateway: Gateway, case: str, body: bytes, status: int, message: str) -> None:
-    r = httpx.post(mock_gateway.url + "/stream", content=body, headers={"content-type": "application/json"}, timeout=5)
+    r = httpx.post(mock_gateway.url + "/stream", content=body, headers=JSON_HEADERS, timeout=5)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
     payload = r.json()
@@ -144,7 +147,7 @@ def test_garbage_http_does_not_break_the_server(mock_gateway: Gateway) -> None:
 
 def test_bad_input_leaks_no_stream(mock_gateway: Gateway) -> None:
     for _, body, _, _ in BAD_STREAM_BODIES:
-        httpx.post(mock_gateway.url + "/stream", content=body, headers={"content-type": "application/json"}, timeout=5)
+        httpx.post(mock_gateway.url + "/stream", content=body, headers=JSON_HEADERS, timeout=5)
     assert _active_streams(mock_gateway) == 0
     # and the gateway still streams
     r = httpx.post(mock_gateway.url + "/stream", json={"prompt": "after", "max_tokens": 3}, timeout=5)

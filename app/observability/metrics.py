@@ -55,7 +55,7 @@ def render_metrics() -> tuple[bytes, str]:
     """The exposition text for this instance: all workers when in multiprocess mode."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()  # fresh per scrape, as the multiprocess docs require
-        _multiprocess.MultiProcessCollector(registry)
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
 
@@ -63,4 +63,4 @@ def render_metrics() -> tuple[bytes, str]:
 def mark_worker_dead(pid: int) -> None:
     """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        _multiprocess.mark_process_dead(pid)
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -34,6 +34,7 @@ def _openai_error(exc: Exception) -> ASGIResponse:
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     body = await read_json(request, ChatCompletionRequest)
     settings = state.settings
+    limit: int | None
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         field, limit = "max_completion_tokens", min(body.max_tokens, body.max_completion_tokens)
     elif body.max_completion_tokens is not None:

@@ -58,12 +58,13 @@ def parse_json_model(raw: bytes | str, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0] if exc.error_count() else {}
-        if first.get("type") == "json_invalid":
-            raise InvalidRequestError(f"request body is not valid JSON: {first.get('msg', '')}") from None
-        if first.get("type") == "model_type" and not first.get("loc"):
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequestError(f"request body is not valid JSON: {first['msg']}") from None
+        if first["type"] == "model_type" and not first["loc"]:
             raise InvalidRequestError("request body must be a JSON object") from None
-        raise InvalidRequestError(describe_validation_error(exc), param=str(first.get("loc", [""])[0])) from None
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise InvalidRequestError(describe_validation_error(exc), param=param) from None
 
 
 async def read_json(request: Request, model: type[ModelT]) -> ModelT:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from app.errors import GatewayError, StreamTimeoutError
 
@@ -64,7 +65,7 @@ class StreamSession:
         self.cut_error: GatewayError | None = None
         self.client_gone = False
         self.task: asyncio.Task[object] | None = None
-        self.ping: Callable[[], Awaitable[None]] | None = None  # set by relays that can ping
+        self.ping: Callable[[], Coroutine[Any, Any, None]] | None = None  # set by relays that can ping
 
     def cut(self, error: GatewayError) -> None:
         """End the stream from outside its task (deadline, slow client, drain); the first reason wins."""

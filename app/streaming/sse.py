@@ -8,7 +8,7 @@ what the seed emits (`json.dumps` default separators, ASCII escaping).
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii
 
 from app.errors import GatewayError, ServiceUnavailableError
 from app.upstream.base import Usage
@@ -78,7 +78,8 @@ class ChatChunkEncoder:
 
     def tokens(self, batch: list[str]) -> bytes:
         head = self._head
-        return "".join([f'{head}{escape(text)}}},"logprobs":null,"finish_reason":null}}]}}\n\n' for text in batch]).encode()
+        tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
+        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
         out = self._chunk("{}", finish_reason or "stop")

@@ -133,7 +133,9 @@ class OpenAIUpstream:
             base_url=base_url.rstrip("/") + "/",
             headers=headers,
             # read=None: token gaps are policed by the stream deadlines, not by httpx.
-            timeout=httpx.Timeout(connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s),
+            timeout=httpx.Timeout(
+                connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s
+            ),
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
             transport=transport,
         )
