@@ -19,7 +19,7 @@ BAD_STREAM_BODIES: list[tuple[str, bytes, int, str]] = [
     ("empty prompt", b'{"prompt": ""}', 422, "prompt"),
     ("blank prompt", b'{"prompt": "   \\n"}', 422, "non-whitespace"),
     ("prompt wrong type", b'{"prompt": 5}', 422, "prompt: Input should be a valid string"),
-    ("max_tokens as string", b'{"prompt": "x", "max_tokens": "10"}', 422, "max_tokens: Input should be a valid integer"),
+    ("max_tokens as string", b'{"prompt": "x", "max_tokens": "10"}', 422, "max_tokens: Input should be a valid int"),
     ("max_tokens bool", b'{"prompt": "x", "max_tokens": true}', 422, "max_tokens"),
     ("max_tokens zero", b'{"prompt": "x", "max_tokens": 0}', 422, "greater than or equal to 1"),
     ("max_tokens negative", b'{"prompt": "x", "max_tokens": -3}', 422, "greater than or equal to 1"),
@@ -36,9 +36,10 @@ def _active_streams(gateway: Gateway) -> float:
 
 
 JSON_HEADERS = {"content-type": "application/json"}
+STREAM_IDS = [c[0] for c in BAD_STREAM_BODIES]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "message"), BAD_STREAM_BODIES, ids=[c[0] for c in BAD_STREAM_BODIES])
+@pytest.mark.parametrize(("case", "body", "status", "message"), BAD_STREAM_BODIES, ids=STREAM_IDS)
 def test_stream_rejects_bad_body(mock_gateway: Gateway, case: str, body: bytes, status: int, message: str) -> None:
     r = httpx.post(mock_gateway.url + "/stream", content=body, headers=JSON_HEADERS, timeout=5)
     assert r.status_code == status, r.text
