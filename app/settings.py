@@ -72,10 +72,7 @@ class Settings(BaseSettings):
 
     # --- relay ------------------------------------------------------------------------------------
     stream_buffer_size: int = Field(
-        100, ge=1, description="Events buffered per stream between upstream and a slow client."
-    )
-    flush_max_bytes: int = Field(
-        16_384, ge=1, description="Coalescing: flush pending events to the socket once this many bytes wait."
+        100, ge=1, description="Per-stream buffer: most upstream events read ahead of the client (one write)."
     )
     sse_ping_interval_seconds: float = Field(
         15.0, gt=0, description="Interval of `: ping` comments on idle SSE streams (keeps proxies from timing out)."
@@ -96,3 +93,17 @@ class Settings(BaseSettings):
     @property
     def upstream_pool_size(self) -> int:
         return self.upstream_max_connections or self.max_connections
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the model (a test fails on drift)."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
