@@ -146,6 +146,19 @@ class StreamTimeoutError(GatewayError):
         self.deadline = deadline
 
 
+class BackpressureError(GatewayError):
+    """The client stopped reading: its stream is cut so it cannot pin memory or an upstream slot."""
+
+    status, code, openai_type, ws_close_code = 503, "backpressure", "server_error", WS_POLICY_VIOLATION
+
+
+class ShutdownError(GatewayError):
+    """The instance is draining and the stream outlived the drain timeout: reconnect elsewhere."""
+
+    status, code, openai_type, ws_close_code = 503, "server_shutdown", "server_error", WS_SERVICE_RESTART
+    retryable = True
+
+
 class InternalError(GatewayError):
     """An unexpected failure inside the gateway (logged with the request id)."""
 

@@ -7,7 +7,7 @@ import logging
 
 from app.errors import GatewayError
 from app.observability import metrics as m
-from app.streaming.session import Outcome, Phase, StreamSession
+from app.streaming.session import Outcome, StreamSession
 
 logger = logging.getLogger("app.access")
 
@@ -26,8 +26,7 @@ class StreamRecorder:
 
     def finished(self, session: StreamSession, error: GatewayError | None) -> None:
         endpoint, model = session.endpoint, self.model_label(session.model)
-        if session.phase is not Phase.OPENING:  # it was counted as active
-            m.ACTIVE_CONNECTIONS.labels(endpoint).dec()
+        m.ACTIVE_CONNECTIONS.labels(endpoint).dec()
         end = asyncio.get_running_loop().time()
         status = "success" if session.outcome in (Outcome.DONE, Outcome.CLIENT_GONE) else "error"
         m.CONNECTIONS_TOTAL.labels(endpoint, status).inc()

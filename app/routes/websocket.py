@@ -1,7 +1,8 @@
 """`WebSocket /ws`: send the `/stream` request JSON, receive the same events as text frames.
 
 Refusals and errors are an `error` event followed by a close with the mapped code; a finished
-stream is `done` followed by a normal close (1000).
+stream is `done` followed by a normal close (1000); a stream ended by the drain gets
+`server_shutdown` and close 1012 (service restart), so the client reconnects elsewhere.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import json
 
 from fastapi import APIRouter, WebSocket
 
-from app.errors import WS_NORMAL, WS_SERVICE_RESTART, GatewayError, InvalidRequestError, PayloadTooLargeError
+from app.errors import WS_NORMAL, GatewayError, InvalidRequestError, PayloadTooLargeError
+from app.lifecycle import GatewayState
 from app.routes.deps import new_stream_id, parse_json_model
 from app.routes.stream import seed_chat_request
-from app.streaming.relay import run_relay, watch_disconnect
+from app.streaming.relay import ClientGoneError, StreamRun
 from app.streaming.session import Outcome, StreamSession
 from app.streaming.sse import escape
 from app.upstream.schemas import StreamRequest
@@ -25,14 +27,15 @@ SHUTDOWN_TEXT = json.dumps({"type": "server_shutdown"})
 TOKEN_HEAD = '{"type": "token", "content": '
 
 
-async def _refuse(websocket: WebSocket, error: GatewayError) -> None:
-    await websocket.send_text(json.dumps(error.sse_event()))
+async def _end_with_error(websocket: WebSocket, error: GatewayError) -> None:
+    text = SHUTDOWN_TEXT if error.code == "server_shutdown" else json.dumps(error.sse_event())
+    await websocket.send_text(text)
     await websocket.close(code=error.ws_close_code, reason=error.ws_reason)
 
 
 @router.websocket("/ws")
 async def ws_stream(websocket: WebSocket) -> None:
-    state = websocket.app.state.gateway
+    state: GatewayState = websocket.app.state.gateway
     settings = state.settings
     await websocket.accept()
     message = await websocket.receive()
@@ -44,25 +47,15 @@ async def ws_stream(websocket: WebSocket) -> None:
             raise InvalidRequestError("expected one text message with the /stream request JSON")
         if len(raw) > settings.max_body_bytes:
             raise PayloadTooLargeError(f"request message is larger than {settings.max_body_bytes} bytes")
-        body = parse_json_model(raw, StreamRequest)
-        chat = seed_chat_request(body, state)
+        chat = seed_chat_request(parse_json_model(raw, StreamRequest), state)
     except GatewayError as exc:
-        await _refuse(websocket, exc)
+        await _end_with_error(websocket, exc)
         return
 
     client = websocket.client.host if websocket.client else "unknown"
     session = StreamSession(stream_id=new_stream_id(), endpoint=ENDPOINT, model=chat.model, client=client,
                             now=state.clock())
-    try:
-        stream = await state.upstream.open(chat, max_batch=settings.stream_buffer_size)
-    except GatewayError as exc:
-        session.outcome = Outcome.ERROR
-        state.recorder.finished(session, exc)
-        await _refuse(websocket, exc)
-        return
-
     send_text = websocket.send_text
-    listener = watch_disconnect(websocket.receive, session, "websocket.disconnect")
 
     async def opening() -> None:
         await send_text(STATUS_TEXT)
@@ -75,20 +68,21 @@ async def ws_stream(websocket: WebSocket) -> None:
             session.client_gone = True
             raise
 
-    try:
-        outcome, error = await run_relay(
-            session, stream, write, registry=state.registry, observer=state.recorder, opening=opening
-        )
+    async with StreamRun(session, registry=state.registry, observer=state.recorder, receive=websocket.receive,
+                         disconnect_type="websocket.disconnect") as run:
+        try:
+            await run.open(state.upstream, chat, max_batch=settings.stream_buffer_size)
+        except ClientGoneError:
+            return
+        except GatewayError as exc:
+            run.report(Outcome.ERROR, exc)
+            await _end_with_error(websocket, exc)
+            return
+        outcome, error = await run.relay(write, opening)
         if outcome is Outcome.CLIENT_GONE:
             return
-        if outcome is Outcome.DONE:
-            await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
-            await websocket.close(code=WS_NORMAL)
-        elif outcome is Outcome.SHUTDOWN:
-            await send_text(SHUTDOWN_TEXT)
-            await websocket.close(code=WS_SERVICE_RESTART, reason="server restarting")
-        elif error is not None:
-            await _refuse(websocket, error)
-    finally:
-        listener.cancel()
-        await stream.aclose()
+        if error is not None:
+            await _end_with_error(websocket, error)
+            return
+        await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
+        await websocket.close(code=WS_NORMAL)

@@ -2,16 +2,16 @@
 
 One stream is one task (the ASGI request task) plus a disconnect listener:
 
-    open upstream ─► headers + opening event ─► pump: batch ─► one write ─► ... ─► final event
-      │ GatewayError before headers:                    ▲ cut from outside (watchdog deadline, slow
-      ▼ plain HTTP error, nothing taken                 │ client, drain, client gone): task.cancel()
-                                                         with the reason stored on the session
+    admit ─► open upstream ─► headers + opening event ─► pump: batch ─► one write ─► ... ─► final event
+               │ error or cut before headers:                  ▲ cut from outside (watchdog deadline, slow
+               ▼ plain HTTP error                              │ client, drain, client gone): task.cancel()
+                                                                 with the reason stored on the session
 
 The pump takes every event already waiting upstream (at most STREAM_BUFFER_SIZE) as one batch and
 writes it with one `send`. While a write waits on a slow client the upstream is not read, so what
 a stream holds is bounded by one batch plus socket buffers, and the watchdog cuts a client that
-accepts nothing for SLOW_CLIENT_TIMEOUT_SECONDS. Every exit path goes through `run_relay`'s
-`finally`, so the registry entry, the active gauge and the upstream are released exactly once.
+accepts nothing for SLOW_CLIENT_TIMEOUT_SECONDS. `StreamRun` is entered once per stream and its
+exit releases the registry entry, the active gauge and the upstream exactly once, on every path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
@@ -33,6 +34,9 @@ logger = logging.getLogger("app.streaming")
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only if its socket takes it now
+OUTCOME_BY_CODE = {
+    "timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE, "server_shutdown": Outcome.SHUTDOWN,
+}
 
 
 class Encoder(Protocol):
@@ -40,14 +44,17 @@ class Encoder(Protocol):
     def tokens(self, batch: list[str]) -> bytes: ...
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes: ...
     def error(self, error: GatewayError) -> bytes: ...
-    def shutdown(self) -> bytes: ...
 
 
 class StreamObserver(Protocol):
-    """Told once when a stream starts relaying and once when it ends (metrics, logs)."""
+    """Told once when a stream is admitted and once when it ends (metrics, logs)."""
 
     def started(self, session: StreamSession) -> None: ...
     def finished(self, session: StreamSession, error: GatewayError | None) -> None: ...
+
+
+class ClientGoneError(Exception):
+    """The client left before the upstream answered: there is no one to answer."""
 
 
 async def pump(session: StreamSession, stream: UpstreamStream, write: Callable[[list[str]], Awaitable[None]],
@@ -65,8 +72,101 @@ async def pump(session: StreamSession, stream: UpstreamStream, write: Callable[[
         session.last_write_at = now
 
 
-def end_reason(session: StreamSession, exc: BaseException | None) -> tuple[Outcome, GatewayError | None]:
-    """Classify how a relay ended; `exc` is what escaped the pump (None: the upstream finished)."""
+class StreamRun:
+    """One stream's stay in the worker: registry entry, disconnect listener, cut handling, release."""
+
+    def __init__(self, session: StreamSession, *, registry: StreamRegistry, observer: StreamObserver,
+                 receive: Receive, disconnect_type: str) -> None:
+        self.session = session
+        self.registry = registry
+        self.observer = observer
+        self._receive = receive
+        self._disconnect_type = disconnect_type
+        self._listener: asyncio.Task[None] | None = None
+        self._stream: UpstreamStream | None = None
+        self._reported = False
+
+    async def __aenter__(self) -> StreamRun:
+        session = self.session
+        session.task = asyncio.current_task()
+        self.registry.add(session)
+        self.observer.started(session)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        return self
+
+    async def _listen(self) -> None:
+        receive, disconnect_type = self._receive, self._disconnect_type
+        while (await receive())["type"] != disconnect_type:
+            pass
+        self.session.client_disconnected()
+
+    def _absorb_cut(self) -> bool:
+        """After a CancelledError: True if it was our own cut (now absorbed), False if it must propagate."""
+        task = self.session.task
+        return self.session.cut and task is not None and task.uncancel() == 0
+
+    async def open(self, upstream: Upstream, request: ChatRequest, *, max_batch: int) -> UpstreamStream:
+        """Open the upstream; a cut while waiting raises the cut's reason (or ClientGoneError)."""
+        session = self.session
+        try:
+            if session.cut_error is not None:  # admitted after the drain deadline
+                raise session.cut_error
+            self._stream = await upstream.open(request, max_batch=max_batch)
+        except asyncio.CancelledError:
+            if not self._absorb_cut():
+                raise
+            if session.client_gone:
+                self.report(Outcome.CLIENT_GONE, None)
+                raise ClientGoneError from None
+            assert session.cut_error is not None
+            raise session.cut_error from None
+        return self._stream
+
+    async def relay(self, write: Callable[[list[str]], Awaitable[None]],
+                    opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
+        """Relay the opened stream until it ends; return how it ended (the caller writes the final event)."""
+        session, stream = self.session, self._stream
+        assert stream is not None
+        exc: Exception | None = None
+        session.phase = Phase.RELAYING
+        try:
+            if session.cut_error is None:
+                if opening is not None:
+                    await opening()
+                await pump(session, stream, write, asyncio.get_running_loop().time)
+        except asyncio.CancelledError:
+            if not self._absorb_cut():
+                raise
+        except Exception as e:  # a GatewayError from upstream, or a bug: the stream ends with an error event
+            exc = e
+            if not isinstance(e, GatewayError) and not session.client_gone:
+                logger.exception("relay failed", extra={"stream_id": session.id})
+        session.phase = Phase.FINISHING
+        session.ping = None
+        outcome, error = _end_reason(session, exc)
+        self.report(outcome, error)
+        return outcome, error
+
+    def report(self, outcome: Outcome, error: GatewayError | None) -> None:
+        if not self._reported:
+            self._reported = True
+            self.session.outcome = outcome
+            self.observer.finished(self.session, error)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.session.phase = Phase.FINISHING
+        if not self._reported:  # cancelled by the server itself, or an error before relaying
+            error = exc if isinstance(exc, GatewayError) else None
+            self.report(Outcome.ERROR if error else Outcome.SHUTDOWN, error)
+        self.registry.discard(self.session)
+        if self._listener is not None:
+            self._listener.cancel()
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+def _end_reason(session: StreamSession, exc: Exception | None) -> tuple[Outcome, GatewayError | None]:
     if session.client_gone:
         return Outcome.CLIENT_GONE, None
     error = session.cut_error
@@ -76,64 +176,11 @@ def end_reason(session: StreamSession, exc: BaseException | None) -> tuple[Outco
         error = InternalError("the gateway failed while relaying this stream")
     if error is None:
         return Outcome.DONE, None
-    return {"timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE,
-            "server_shutdown": Outcome.SHUTDOWN}.get(error.code, Outcome.ERROR), error
-
-
-def watch_disconnect(receive: Receive, session: StreamSession, disconnect_type: str) -> asyncio.Task[None]:
-    async def listen() -> None:
-        while (await receive())["type"] != disconnect_type:
-            pass
-        session.client_disconnected()
-
-    return asyncio.get_running_loop().create_task(listen())
-
-
-async def run_relay(
-    session: StreamSession,
-    stream: UpstreamStream,
-    write: Callable[[list[str]], Awaitable[None]],
-    *,
-    registry: StreamRegistry,
-    observer: StreamObserver,
-    opening: Callable[[], Awaitable[None]] | None = None,
-) -> tuple[Outcome, GatewayError | None]:
-    """Run one stream's relay phase in the current task; return how it ended.
-
-    Cuts (session.cut / client_disconnected) arrive as cancellation and are absorbed here;
-    a cancellation from anyone else (the server tearing down) propagates after cleanup.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    session.task = task
-    exc: BaseException | None = None
-    registry.add(session)
-    observer.started(session)
-    session.phase = Phase.RELAYING
-    try:
-        if opening is not None:
-            await opening()
-        await pump(session, stream, write, asyncio.get_running_loop().time)
-    except asyncio.CancelledError:
-        if not (session.client_gone or session.cut_error) or task.uncancel() > 0:
-            session.outcome = Outcome.SHUTDOWN
-            observer.finished(session, None)
-            raise
-    except Exception as e:  # a GatewayError from upstream, or a bug: the stream ends with an error event
-        exc = e
-        if not isinstance(e, GatewayError) and not session.client_gone:
-            logger.exception("relay failed", extra={"stream_id": session.id})
-    finally:
-        session.phase = Phase.FINISHING
-        session.ping = None
-        registry.discard(session)
-    session.outcome, error = end_reason(session, exc)
-    observer.finished(session, error)
-    return session.outcome, error
+    return OUTCOME_BY_CODE.get(error.code, Outcome.ERROR), error
 
 
 class SSEStreamResponse:
-    """A pure-ASGI streaming response that owns its stream from upstream open to release."""
+    """A pure-ASGI streaming response that owns its stream from admission to release."""
 
     def __init__(
         self,
@@ -160,15 +207,17 @@ class SSEStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session, encoder = self.session, self.encoder
-        try:
-            stream = await self.upstream.open(self.request, max_batch=self.max_batch)
-        except GatewayError as exc:
-            session.outcome = Outcome.ERROR
-            self.observer.finished(session, exc)
-            await self.error_response(exc)(scope, receive, send)
-            return
-        listener = watch_disconnect(receive, session, "http.disconnect")
-        try:
+        async with StreamRun(session, registry=self.registry, observer=self.observer, receive=receive,
+                             disconnect_type="http.disconnect") as run:
+            try:
+                stream = await run.open(self.upstream, self.request, max_batch=self.max_batch)
+            except ClientGoneError:
+                return
+            except GatewayError as exc:
+                run.report(Outcome.ERROR, exc)
+                await self.error_response(exc)(scope, receive, send)
+                return
+
             async def opening() -> None:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 await send({"type": "http.response.body", "body": encoder.opening(), "more_body": True})
@@ -180,30 +229,22 @@ class SSEStreamResponse:
             async def ping() -> None:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
 
-            outcome, error = await run_relay(
-                session, stream, write, registry=self.registry, observer=self.observer, opening=opening
-            )
+            outcome, error = await run.relay(write, opening)
             if outcome is Outcome.CLIENT_GONE:
                 return
-            if outcome is Outcome.DONE:
+            if error is None:
                 final = encoder.done(session.tokens, stream.finish_reason, stream.usage)
-            elif outcome is Outcome.SHUTDOWN:
-                final = encoder.shutdown()
             else:
-                assert error is not None
                 final = encoder.error(error)
             last = {"type": "http.response.body", "body": final, "more_body": False}
-            if outcome is Outcome.BACKPRESSURE:
-                try:
-                    async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
-                        await send(last)
-                except TimeoutError:
-                    pass
-            else:
+            if outcome is not Outcome.BACKPRESSURE:
                 await send(last)
-        finally:
-            listener.cancel()
-            await stream.aclose()
+                return
+            try:
+                async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
+                    await send(last)
+            except TimeoutError:
+                pass
 
 
 class CompletionResponse:
@@ -232,21 +273,22 @@ class CompletionResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self.session
-        try:
-            stream = await self.upstream.open(self.request, max_batch=self.max_batch)
-        except GatewayError as exc:
-            session.outcome = Outcome.ERROR
-            self.observer.finished(session, exc)
-            await self.error_response(exc)(scope, receive, send)
-            return
-        listener = watch_disconnect(receive, session, "http.disconnect")
         parts: list[str] = []
 
         async def collect(batch: list[str]) -> None:
             parts.extend(batch)
 
-        try:
-            outcome, error = await run_relay(session, stream, collect, registry=self.registry, observer=self.observer)
+        async with StreamRun(session, registry=self.registry, observer=self.observer, receive=receive,
+                             disconnect_type="http.disconnect") as run:
+            try:
+                stream = await run.open(self.upstream, self.request, max_batch=self.max_batch)
+            except ClientGoneError:
+                return
+            except GatewayError as exc:
+                run.report(Outcome.ERROR, exc)
+                await self.error_response(exc)(scope, receive, send)
+                return
+            outcome, error = await run.relay(collect)
             if outcome is Outcome.CLIENT_GONE:
                 return
             if error is not None:
@@ -260,6 +302,3 @@ class CompletionResponse:
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
-        finally:
-            listener.cancel()
-            await stream.aclose()

@@ -1,10 +1,10 @@
 """One object owns a stream's life; one per-worker registry watches every stream's clock.
 
 `StreamSession` holds the facts (id, endpoint, model, timings, tokens, outcome) that metrics,
-logs and traces all read. `StreamRegistry` runs one watchdog task per worker that checks every
-stream's deadlines and idle pings a few times a second, instead of arming a timer around each
-token wait: the per-token path only stores a timestamp. A stalled upstream therefore trips the
-inter-token deadline even though no token ever arrives.
+logs and traces all read. `StreamRegistry` holds every stream of the worker from admission to
+release, and runs one watchdog task that checks deadlines and idle pings a few times a second
+instead of arming a timer around each token wait: the per-token path only stores a timestamp.
+A stalled upstream therefore trips the inter-token deadline even though no token ever arrives.
 """
 
 from __future__ import annotations
@@ -15,20 +15,14 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from app.errors import GatewayError, StreamTimeoutError
+from app.errors import BackpressureError, GatewayError, StreamTimeoutError
 
 logger = logging.getLogger("app.streaming")
 
 
-class BackpressureError(GatewayError):
-    """The client stopped reading: its stream is cut so it cannot pin memory or an upstream slot."""
-
-    status, code, openai_type = 503, "backpressure", "server_error"
-
-
 class Phase(enum.IntEnum):
-    OPENING = 0  # waiting for the upstream to accept
-    RELAYING = 1  # tokens flow; cancellation here is how a stream gets cut
+    OPENING = 0  # waiting for the upstream to accept; a cut here becomes a plain HTTP error
+    RELAYING = 1  # tokens flow; a cut here becomes the stream's final event
     FINISHING = 2  # writing the final event; no more cuts
 
 
@@ -64,20 +58,28 @@ class StreamSession:
         self.outcome: Outcome | None = None
         self.cut_error: GatewayError | None = None
         self.client_gone = False
-        self.task: asyncio.Task[object] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.ping: Callable[[], Coroutine[Any, Any, None]] | None = None  # set by relays that can ping
 
-    def cut(self, error: GatewayError) -> None:
+    @property
+    def cut(self) -> bool:
+        """Was this stream ended from outside its task (a reason is on the session)?"""
+        return self.client_gone or self.cut_error is not None
+
+    def cut_with(self, error: GatewayError) -> None:
         """End the stream from outside its task (deadline, slow client, drain); the first reason wins."""
-        if self.phase is not Phase.RELAYING or self.outcome is not None or self.cut_error or self.client_gone:
+        if self.phase is Phase.FINISHING or self.cut:
             return
         self.cut_error = error
         if self.task is not None:
             self.task.cancel()
 
     def client_disconnected(self) -> None:
+        if self.phase is Phase.FINISHING or self.cut:
+            self.client_gone = True
+            return
         self.client_gone = True
-        if self.phase is Phase.RELAYING and self.outcome is None and self.task is not None:
+        if self.task is not None:
             self.task.cancel()
 
 
@@ -95,6 +97,7 @@ class StreamRegistry:
         check_interval_s: float,
     ) -> None:
         self.streams: set[StreamSession] = set()
+        self.closing_error: GatewayError | None = None  # set by the drain: streams admitted late are cut at once
         self._first_token_s = first_token_s
         self._inter_token_s = inter_token_s
         self._total_s = total_s
@@ -103,31 +106,49 @@ class StreamRegistry:
         self._check_interval_s = check_interval_s
         self._watchdog: asyncio.Task[None] | None = None
         self._pings: set[asyncio.Task[None]] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
 
     def add(self, session: StreamSession) -> None:
         self.streams.add(session)
+        self._empty.clear()
+        if self.closing_error is not None:
+            session.cut_error = self.closing_error
 
     def discard(self, session: StreamSession) -> None:
         self.streams.discard(session)
+        if not self.streams:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    def cut_all(self, error: GatewayError) -> int:
+        """Cut every stream (the drain deadline); later arrivals are cut on `add`. Returns how many."""
+        self.closing_error = error
+        cut = 0
+        for session in list(self.streams):
+            if not session.cut and session.phase is not Phase.FINISHING:
+                session.cut_with(error)
+                cut += 1
+        return cut
 
     def check(self, now: float) -> None:
         """One watchdog pass: cut streams past a deadline, ping idle ones."""
         for s in list(self.streams):
-            if s.phase is not Phase.RELAYING or s.outcome is not None:
+            if s.phase is Phase.FINISHING or s.cut:
                 continue
             if s.writing_since and now - s.writing_since > self._slow_client_s:
-                s.cut(BackpressureError(f"client read nothing for {self._slow_client_s:g}s"))
+                s.cut_with(BackpressureError(f"client read nothing for {self._slow_client_s:g}s"))
             elif now - s.started_at > self._total_s:
-                s.cut(StreamTimeoutError("total", self._total_s))
+                s.cut_with(StreamTimeoutError("total", self._total_s))
             elif not s.first_token_at:
                 if now - s.started_at > self._first_token_s:
-                    s.cut(StreamTimeoutError("first token", self._first_token_s))
+                    s.cut_with(StreamTimeoutError("first token", self._first_token_s))
             elif not s.writing_since and now - s.last_token_at > self._inter_token_s:
-                s.cut(StreamTimeoutError("inter-token", self._inter_token_s))
-            if (
-                s.ping is not None and s.outcome is None and not s.writing_since
-                and now - s.last_write_at >= self._ping_interval_s
-            ):
+                s.cut_with(StreamTimeoutError("inter-token", self._inter_token_s))
+            idle = not s.writing_since and now - s.last_write_at >= self._ping_interval_s
+            if idle and s.ping is not None and not s.cut:
                 s.last_write_at = now
                 task = asyncio.get_running_loop().create_task(s.ping())
                 self._pings.add(task)
@@ -149,5 +170,5 @@ class StreamRegistry:
     async def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
+            await asyncio.gather(self._watchdog, *self._pings, return_exceptions=True)
             self._watchdog = None

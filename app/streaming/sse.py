@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring_ascii
 
-from app.errors import GatewayError, ServiceUnavailableError
+from app.errors import GatewayError
 from app.upstream.base import Usage
 
 escape = encode_basestring_ascii  # str -> JSON string literal, identical to json.dumps(str)
@@ -45,10 +45,7 @@ class SeedEncoder:
         return f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode()
 
     def error(self, error: GatewayError) -> bytes:
-        return error.event_bytes()
-
-    def shutdown(self) -> bytes:
-        return SEED_SHUTDOWN
+        return SEED_SHUTDOWN if error.code == "server_shutdown" else error.event_bytes()
 
 
 class ChatChunkEncoder:
@@ -93,6 +90,3 @@ class ChatChunkEncoder:
 
     def error(self, error: GatewayError) -> bytes:
         return error.openai_chunk_bytes()
-
-    def shutdown(self) -> bytes:
-        return ServiceUnavailableError("server is shutting down; retry the request").openai_chunk_bytes()
