@@ -106,6 +106,18 @@ class ServiceUnavailableError(GatewayError):
     retryable = True
 
 
+class DrainingError(ServiceUnavailableError):
+    """This instance is shutting down and takes no new streams; retry (another instance will answer)."""
+
+    code, ws_close_code = "draining", WS_SERVICE_RESTART
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this instance is shutting down; retry the request",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+
+
 class UpstreamError(GatewayError):
     """The upstream failed: connect error, 5xx, broken stream."""
 

@@ -26,7 +26,9 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
         "loop": "uvloop",
         "http": "httptools",
         "lifespan": "on",
-        "timeout_graceful_shutdown": _settings.total_timeout_seconds,
+        # The app drains before uvicorn starts its own shutdown (app/lifecycle.py Drain), so by then
+        # only final writes remain; this bound is what uvicorn waits before cancelling tasks.
+        "timeout_graceful_shutdown": _settings.drain_close_grace_seconds,
         "server_header": False,
     }
 
@@ -35,7 +37,7 @@ bind = [_bind_address(_settings.host, _settings.port)]
 workers = _settings.web_concurrency
 worker_class = "app.gunicorn_conf.GatewayWorker"
 keepalive = int(_settings.keepalive_seconds)
-graceful_timeout = int(_settings.total_timeout_seconds + 5)
+graceful_timeout = _settings.graceful_timeout_seconds
 loglevel = _settings.log_level
 accesslog = None  # each stream logs one line when it ends; per-request access lines add nothing
 errorlog = "-"

@@ -1,15 +1,30 @@
-"""Per-worker state and its lifespan: the upstream client pool and the stream registry."""
+"""Per-worker state and its lifespan: the upstream client pool, the stream registry, and the drain.
+
+Drain timeline of one worker (gunicorn forwards the pod's SIGTERM to every worker):
+
+    SIGTERM ─► draining: /ready 503, new streams 503 + Retry-After + Connection: close
+       │       (the listening socket stays open, so late requests get an answer, not a refusal)
+       ├─ streams in flight run on ... all done ─────────────────────────┐
+       └─ DRAIN_TIMEOUT_SECONDS passed: the rest are cut with            │
+          server_shutdown (SSE event / OpenAI error chunk / WS 1012) ────┤
+                                                                         ▼
+          uvicorn's own exit handler runs: close sockets, lifespan shutdown, exit
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 
+from app.errors import ShutdownError
 from app.observability.recorder import StreamRecorder
 from app.settings import Settings
 from app.streaming.session import StreamRegistry
@@ -20,6 +35,60 @@ from app.upstream.mock import MockUpstream
 logger = logging.getLogger("app.lifecycle")
 
 
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+class Drain:
+    """Owns the worker's shutdown: starts at SIGTERM, ends by handing the signal to uvicorn."""
+
+    def __init__(self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float) -> None:
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self.close_grace_s = close_grace_s
+        self.draining = False
+        self._task: asyncio.Task[None] | None = None
+
+    def install(self) -> None:
+        """Chain onto the SIGTERM handler uvicorn installed for this serve (called from lifespan startup)."""
+        server_handler = signal.getsignal(signal.SIGTERM)
+        if not callable(server_handler):  # not under uvicorn's signal capture (e.g. an in-process test server)
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(sig: int, frame: FrameType | None) -> None:
+            if self.draining:  # a second SIGTERM: stop waiting
+                server_handler(sig, frame)
+                return
+            self.draining = True  # readiness flips before the loop even wakes
+            loop.call_soon_threadsafe(self.start, lambda: server_handler(sig, frame))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def start(self, then: Callable[[], object]) -> None:
+        self.draining = True
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(then), name="drain")
+
+    async def _run(self, then: Callable[[], object]) -> None:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        in_flight = len(self.registry.streams)
+        logger.info("drain started", extra={"streams": in_flight, "drain_timeout_s": self.timeout_s})
+        cut = 0
+        try:
+            await asyncio.wait_for(self.registry.wait_empty(), self.timeout_s)
+        except TimeoutError:
+            cut = self.registry.cut_all(ShutdownError("this instance is shutting down; reconnect to continue"))
+            try:
+                await asyncio.wait_for(self.registry.wait_empty(), self.close_grace_s)
+            except TimeoutError:
+                logger.warning("drain: streams still open after the close grace", extra={
+                    "streams": len(self.registry.streams)})
+        logger.info("drain finished", extra={
+            "streams": in_flight, "cut": cut, "drain_seconds": round(loop.time() - began, 3)})
+        then()
+
+
 @dataclass
 class GatewayState:
     """Everything a worker shares between requests; held by `app.state.gateway`, never a global."""
@@ -28,6 +97,7 @@ class GatewayState:
     upstream: Upstream
     registry: StreamRegistry
     recorder: StreamRecorder
+    drain: Drain
 
     @staticmethod
     def clock() -> float:
@@ -51,18 +121,21 @@ def build_upstream(settings: Settings) -> Upstream:
 
 
 def build_state(settings: Settings) -> GatewayState:
+    registry = StreamRegistry(
+        first_token_s=settings.first_token_timeout_seconds,
+        inter_token_s=settings.inter_token_timeout_seconds,
+        total_s=settings.total_timeout_seconds,
+        slow_client_s=settings.slow_client_timeout_seconds,
+        ping_interval_s=settings.sse_ping_interval_seconds,
+        check_interval_s=settings.deadline_check_interval_seconds,
+    )
     return GatewayState(
         settings=settings,
         upstream=build_upstream(settings),
-        registry=StreamRegistry(
-            first_token_s=settings.first_token_timeout_seconds,
-            inter_token_s=settings.inter_token_timeout_seconds,
-            total_s=settings.total_timeout_seconds,
-            slow_client_s=settings.slow_client_timeout_seconds,
-            ping_interval_s=settings.sse_ping_interval_seconds,
-            check_interval_s=settings.deadline_check_interval_seconds,
-        ),
+        registry=registry,
         recorder=StreamRecorder(model_names=settings.model_names),
+        drain=Drain(registry, timeout_s=settings.drain_timeout_seconds,
+                    close_grace_s=settings.drain_close_grace_seconds),
     )
 
 
@@ -70,6 +143,7 @@ def build_state(settings: Settings) -> GatewayState:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: GatewayState = app.state.gateway
     state.registry.start()
+    state.drain.install()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield

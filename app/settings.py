@@ -70,6 +70,14 @@ class Settings(BaseSettings):
         0.25, gt=0, le=5, description="How often each worker checks stream deadlines and pings (their resolution)."
     )
 
+    # --- lifecycle -----------------------------------------------------------------------------
+    drain_timeout_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long streams in flight may run on before they get server_shutdown."
+    )
+    drain_close_grace_seconds: float = Field(
+        5.0, gt=0, description="After the drain deadline, how long cut streams get to write their final event."
+    )
+
     # --- relay ------------------------------------------------------------------------------------
     stream_buffer_size: int = Field(
         100, ge=1, description="Per-stream buffer: most upstream events read ahead of the client (one write)."
@@ -85,6 +93,12 @@ class Settings(BaseSettings):
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
         return self
+
+    @property
+    def graceful_timeout_seconds(self) -> int:
+        """gunicorn's graceful_timeout: the drain plus its close grace plus a margin, so no layer kills a
+        stream the drain still waits for (nesting: drain < uvicorn shutdown < gunicorn graceful_timeout)."""
+        return int(self.drain_timeout_seconds + 2 * self.drain_close_grace_seconds + 1)
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from app.errors import error_response
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
+    admit,
     check_max_tokens,
     check_prompt_size,
     client_address,
@@ -32,6 +33,7 @@ def _openai_error(exc: Exception) -> ASGIResponse:
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)")
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
+    admit(state)
     body = await read_json(request, ChatCompletionRequest)
     settings = state.settings
     limit: int | None

@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import InvalidRequestError, UnsupportedMediaTypeError
+from app.errors import DrainingError, InvalidRequestError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
 
@@ -39,6 +39,12 @@ def get_settings(request: Request) -> Settings:
 
 StateDep = Annotated[GatewayState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def admit(state: GatewayState) -> None:
+    """Admission, cheapest refusal first; raises before the stream takes anything."""
+    if state.drain.draining:
+        raise DrainingError()
 
 
 def client_address(request: Request) -> str:

@@ -17,4 +17,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", summary="Readiness: this instance takes new streams")
 async def ready(state: StateDep) -> JSONResponse:
-    return JSONResponse({"status": "ready", "active_streams": len(state.registry.streams)})
+    streams = len(state.registry.streams)
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "active_streams": streams}, status_code=503)
+    return JSONResponse({"status": "ready", "active_streams": streams})

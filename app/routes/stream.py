@@ -8,6 +8,7 @@ from app.errors import error_response
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
+    admit,
     check_max_tokens,
     check_prompt_size,
     client_address,
@@ -36,6 +37,7 @@ def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
 
 @router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
+    admit(state)
     body = await read_json(request, StreamRequest)
     chat = seed_chat_request(body, state)
     stream_id = new_stream_id()

@@ -13,7 +13,7 @@ from fastapi import APIRouter, WebSocket
 
 from app.errors import WS_NORMAL, GatewayError, InvalidRequestError, PayloadTooLargeError
 from app.lifecycle import GatewayState
-from app.routes.deps import new_stream_id, parse_json_model
+from app.routes.deps import admit, new_stream_id, parse_json_model
 from app.routes.stream import seed_chat_request
 from app.streaming.relay import ClientGoneError, StreamRun
 from app.streaming.session import Outcome, StreamSession
@@ -43,6 +43,7 @@ async def ws_stream(websocket: WebSocket) -> None:
         return
     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
     try:
+        admit(state)
         if raw is None:
             raise InvalidRequestError("expected one text message with the /stream request JSON")
         if len(raw) > settings.max_body_bytes:

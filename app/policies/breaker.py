@@ -1,0 +1,330 @@
+"""Circuit breaker per upstream: pure transitions over a snapshot, stored in a pluggable cell.
+
+States (the `streaming_circuit_breaker_state` gauge value): 0 closed, 1 open, 2 half-open.
+
+- Closed: every request gets a permit. `failure_threshold` failures within `window_seconds`
+  (a sliding window of failure times) open the breaker.
+- Open: no permits; `retry_after_seconds()` says when it half-opens (`open_seconds` later).
+- Half-open: exactly one probe permit at a time. `success_threshold` consecutive probe
+  successes close the breaker; a probe failure re-opens it.
+
+Reporting contract. `allow()` returns a `Permit`, settled exactly once by `record_success()`,
+`record_failure()` or `release()` (no verdict, e.g. the client left before the upstream
+answered); later calls are no-ops. Report success when the upstream has proven itself (first
+token); a failure after that (stream breaks mid-way) is reported with
+`breaker.record_failure()` without a permit, and counts while the breaker is closed.
+
+A permit dropped without any report counts as nothing, except a half-open probe: the breaker
+cannot know it was dropped, so a probe still unsettled `probe_timeout_seconds` after it was
+granted counts as a failure (the upstream did not answer in time) and re-opens the breaker.
+Otherwise one lost probe would keep the breaker half-open and refusing everyone forever.
+
+Permits carry the epoch they were granted in; every transition and every probe grant starts a
+new epoch, so a late report from before a transition (a closed-state request failing after the
+breaker already opened, a probe that timed out) changes nothing.
+
+Transitions are pure functions of (config, snapshot, event, now) in the style of tenacity's
+strategies; `CircuitBreaker` applies them to a `BreakerCell` atomically. `MemoryBreakerCell` keeps
+the snapshot in this process; `SharedBreakerCell` keeps it in shared memory so every gunicorn
+worker of the instance sees one breaker (create it in the master, before fork).
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+from app.policies._shm import SharedRegion
+from app.policies.clock import MONOTONIC, Clock
+
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_WINDOW_SECONDS = 60.0
+DEFAULT_OPEN_SECONDS = 30.0
+DEFAULT_SUCCESS_THRESHOLD = 2
+DEFAULT_PROBE_TIMEOUT_SECONDS = 30.0  # a probe settles at its first token: the first-token deadline
+# Half-open with the probe in flight: the answer is one probe away, so refused clients are told to
+# come back soon rather than after a whole open period.
+PROBE_BUSY_RETRY_AFTER_SECONDS = 1.0
+
+_T = TypeVar("_T")
+
+
+class BreakerState(enum.IntEnum):
+    """Gauge values of `streaming_circuit_breaker_state`."""
+
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RELEASE = "release"  # settled without a verdict
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
+    window_seconds: float = DEFAULT_WINDOW_SECONDS
+    open_seconds: float = DEFAULT_OPEN_SECONDS
+    success_threshold: int = DEFAULT_SUCCESS_THRESHOLD
+    probe_timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.success_threshold < 1:
+            raise ValueError("failure_threshold and success_threshold must be at least 1")
+        if min(self.window_seconds, self.open_seconds, self.probe_timeout_seconds) <= 0:
+            raise ValueError("window_seconds, open_seconds and probe_timeout_seconds must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """Everything a breaker remembers; what a cell stores."""
+
+    state: BreakerState = BreakerState.CLOSED
+    epoch: int = 0
+    failures: tuple[float, ...] = ()  # closed: recent failure times, oldest first, at most failure_threshold
+    opened_at: float = 0.0
+    probe_in_flight: bool = False
+    probe_started_at: float = 0.0
+    successes: int = 0  # half-open: consecutive probe successes
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    epoch: int
+    probe: bool
+
+
+# --- pure transitions ---------------------------------------------------------------------------
+
+def _open(s: BreakerSnapshot, at: float) -> BreakerSnapshot:
+    return BreakerSnapshot(BreakerState.OPEN, s.epoch + 1, opened_at=at)
+
+
+def advance(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
+    """Transitions that happen by time alone: open -> half-open, and an overdue probe -> open."""
+    while True:
+        if s.state is BreakerState.OPEN and now >= s.opened_at + cfg.open_seconds:
+            s = BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at)
+        elif s.state is BreakerState.HALF_OPEN and s.probe_in_flight and \
+                now >= s.probe_started_at + cfg.probe_timeout_seconds:
+            s = _open(s, s.probe_started_at + cfg.probe_timeout_seconds)
+        else:
+            return s
+
+
+def on_allow(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> tuple[BreakerSnapshot, Grant | None]:
+    """A request asks to go upstream."""
+    s = advance(cfg, s, now)
+    if s.state is BreakerState.CLOSED:
+        return s, Grant(s.epoch, probe=False)
+    if s.state is BreakerState.HALF_OPEN and not s.probe_in_flight:
+        s = replace(s, epoch=s.epoch + 1, probe_in_flight=True, probe_started_at=now)
+        return s, Grant(s.epoch, probe=True)
+    return s, None
+
+
+def _closed_failure(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
+    horizon = now - cfg.window_seconds
+    failures = tuple(t for t in s.failures if t > horizon) + (now,)
+    if len(failures) >= cfg.failure_threshold:
+        return _open(s, now)
+    return replace(s, failures=failures)
+
+
+def on_outcome(cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant | None,
+               outcome: Outcome) -> BreakerSnapshot:
+    """A permit settles (`grant`), or a failure is seen outside any permit (`grant` None)."""
+    s = advance(cfg, s, now)
+    if grant is None:
+        if outcome is Outcome.FAILURE and s.state is BreakerState.CLOSED:
+            return _closed_failure(cfg, s, now)
+        return s
+    if grant.epoch != s.epoch:
+        return s  # stale: the breaker moved on since this permit was granted
+    if s.state is BreakerState.CLOSED:
+        return _closed_failure(cfg, s, now) if outcome is Outcome.FAILURE else s
+    if s.state is BreakerState.HALF_OPEN and grant.probe:
+        if outcome is Outcome.FAILURE:
+            return _open(s, now)
+        if outcome is Outcome.RELEASE:
+            return replace(s, probe_in_flight=False)
+        if s.successes + 1 >= cfg.success_threshold:
+            return BreakerSnapshot(BreakerState.CLOSED, s.epoch + 1)
+        return replace(s, probe_in_flight=False, successes=s.successes + 1)
+    return s  # pragma: no cover - an open breaker's epoch never matches a live permit
+
+
+def retry_after(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> float:
+    """Seconds until a request could get a permit (0 when one would be granted now)."""
+    s = advance(cfg, s, now)
+    if s.state is BreakerState.OPEN:
+        return max(0.0, s.opened_at + cfg.open_seconds - now)
+    if s.state is BreakerState.HALF_OPEN and s.probe_in_flight:
+        return min(PROBE_BUSY_RETRY_AFTER_SECONDS, s.probe_started_at + cfg.probe_timeout_seconds - now)
+    return 0.0
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+class BreakerCell(Protocol):
+    """Where a breaker's snapshot lives. `update` must be atomic with respect to every other user."""
+
+    def load(self) -> BreakerSnapshot:
+        """The stored snapshot."""
+        ...
+
+    def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
+        """Replace the snapshot with `change(snapshot)[0]` atomically; return `change(snapshot)[1]`."""
+        ...
+
+
+class MemoryBreakerCell:
+    """The snapshot in this process."""
+
+    def __init__(self) -> None:
+        self._snapshot = BreakerSnapshot()
+        self._lock = threading.Lock()
+
+    def load(self) -> BreakerSnapshot:
+        return self._snapshot
+
+    def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
+        with self._lock:
+            self._snapshot, result = change(self._snapshot)
+            return result
+
+
+_CELL_HEADER = struct.Struct("<QQdQdQQ")  # state, epoch, opened_at, probe flag, probe start, successes, n failures
+
+
+class SharedBreakerCell:
+    """The snapshot in shared memory, for every worker forked after construction.
+
+    Holds up to `failure_capacity` failure times: at least the breaker's `failure_threshold`.
+    """
+
+    def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD) -> None:
+        if failure_capacity < 1:
+            raise ValueError("failure_capacity must be at least 1")
+        self.failure_capacity = failure_capacity
+        self._failures = struct.Struct(f"<{failure_capacity}d")
+        self._region = SharedRegion(_CELL_HEADER.size + self._failures.size)
+
+    def close(self) -> None:
+        self._region.close()
+
+    def _read(self, buf: mmap.mmap) -> BreakerSnapshot:
+        state, epoch, opened_at, probe, probe_at, successes, count = _CELL_HEADER.unpack_from(buf, 0)
+        failures = self._failures.unpack_from(buf, _CELL_HEADER.size)
+        return BreakerSnapshot(BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe),
+                               probe_at, successes)
+
+    def load(self) -> BreakerSnapshot:
+        with self._region as buf:
+            return self._read(buf)
+
+    def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
+        with self._region as buf:
+            new, result = change(self._read(buf))
+            failures = new.failures[-self.failure_capacity:]
+            _CELL_HEADER.pack_into(buf, 0, new.state, new.epoch, new.opened_at, new.probe_in_flight,
+                                   new.probe_started_at, new.successes, len(failures))
+            self._failures.pack_into(buf, _CELL_HEADER.size,
+                                     *failures, *([0.0] * (self.failure_capacity - len(failures))))
+            return result
+
+
+# --- the policy -----------------------------------------------------------------------------------
+
+class Permit:
+    """Leave to call the upstream once; settle it exactly once (first report wins)."""
+
+    __slots__ = ("grant", "_breaker", "_pending")
+
+    def __init__(self, breaker: CircuitBreaker, grant: Grant) -> None:
+        self.grant = grant
+        self._breaker = breaker
+        self._pending = [True]  # list.pop is atomic: one of concurrent reports wins
+
+    @property
+    def probe(self) -> bool:
+        """True when this permit is the half-open probe."""
+        return self.grant.probe
+
+    @property
+    def settled(self) -> bool:
+        return not self._pending
+
+    def _settle(self, outcome: Outcome) -> bool:
+        try:
+            self._pending.pop()
+        except IndexError:
+            return False
+        self._breaker._report(self.grant, outcome)
+        return True
+
+    def record_success(self) -> bool:
+        """The upstream answered (first token). True if this call settled the permit."""
+        return self._settle(Outcome.SUCCESS)
+
+    def record_failure(self) -> bool:
+        """The upstream failed (connect error, 5xx, no first token in time)."""
+        return self._settle(Outcome.FAILURE)
+
+    def release(self) -> bool:
+        """Settle without a verdict (the client left first); frees the half-open probe slot."""
+        return self._settle(Outcome.RELEASE)
+
+
+class CircuitBreaker:
+    """One upstream's breaker: `allow()` before calling it, then settle the permit."""
+
+    def __init__(self, name: str, config: BreakerConfig | None = None, *, cell: BreakerCell | None = None,
+                 clock: Clock = MONOTONIC) -> None:
+        self.name = name
+        self.config = config or BreakerConfig()
+        if isinstance(cell, SharedBreakerCell) and cell.failure_capacity < self.config.failure_threshold:
+            raise ValueError("the shared cell holds fewer failure times than failure_threshold")
+        self._cell: BreakerCell = cell if cell is not None else MemoryBreakerCell()
+        self._clock = clock
+
+    def allow(self) -> Permit | None:
+        """A permit to call the upstream, or None: open, or half-open with the probe out."""
+        cfg, now = self.config, self._clock()
+        grant = self._cell.update(lambda s: on_allow(cfg, s, now))
+        return None if grant is None else Permit(self, grant)
+
+    def _report(self, grant: Grant | None, outcome: Outcome) -> None:
+        cfg, now = self.config, self._clock()
+        self._cell.update(lambda s: (on_outcome(cfg, s, now, grant, outcome), None))
+
+    def record_success(self, permit: Permit) -> bool:
+        return permit.record_success()
+
+    def record_failure(self, permit: Permit | None = None) -> bool:
+        """Settle `permit` as failed; without a permit, count a failure seen after the permit was
+        settled (an upstream stream breaking mid-way). The latter counts only while closed."""
+        if permit is not None:
+            return permit.record_failure()
+        self._report(None, Outcome.FAILURE)
+        return True
+
+    def snapshot(self) -> BreakerSnapshot:
+        return advance(self.config, self._cell.load(), self._clock())
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state; `int(state)` is the gauge value (0 closed, 1 open, 2 half-open)."""
+        return self.snapshot().state
+
+    def retry_after_seconds(self) -> float:
+        """For `Retry-After` on a refusal: 0 when `allow()` would grant a permit now."""
+        return retry_after(self.config, self._cell.load(), self._clock())
