@@ -12,7 +12,8 @@ A fault is a dict of any of: status (HTTP error with an OpenAI error body), retr
 tokens (exact token strings), split_bytes (write the response in pieces of this many bytes),
 crlf, role_chunk, empty_deltas, usage, stall_after (stop sending after N tokens and hang),
 reset_after (drop the connection after N tokens), error_after (an error chunk after N tokens),
-no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second.
+no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second,
+headers_delay_ms (hold the response headers back, like a server queueing the request).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class FakeOpenAI:
             obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
             return json.dumps(obj, ensure_ascii=False).encode()
 
+        await asyncio.sleep(float(fault.get("headers_delay_ms", 0)) / 1000)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         if fault.get("role_chunk", True):

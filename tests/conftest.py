@@ -85,7 +85,7 @@ class GatewayFactory(Protocol):
     def __call__(self, **env: Any) -> Gateway: ...
 
 
-def _start_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
+def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     sock = _listening_socket()
     port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_"))}
@@ -122,7 +122,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
 
     def factory(**env: Any) -> Gateway:
         log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-        gateway = _start_gateway(env, log_path)
+        gateway = launch_gateway(env, log_path)
         started.append(gateway)
         return gateway
 
@@ -134,7 +134,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
 @pytest.fixture(scope="module")
 def mock_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway on the built-in mock, shared by a module's read-only tests (fast pace keeps tests short)."""
-    gateway = _start_gateway(
+    gateway = launch_gateway(
         {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5},
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
@@ -198,7 +198,7 @@ def fake_upstream(fake_upstream_server: FakeUpstream) -> FakeUpstream:
 @pytest.fixture(scope="module")
 def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway relaying from the module's fake upstream."""
-    gateway = _start_gateway(
+    gateway = launch_gateway(
         {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret"},
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
