@@ -10,6 +10,7 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
+from app.observability.logging import logging_config
 from app.settings import Settings
 
 _settings = Settings()
@@ -39,8 +40,8 @@ worker_class = "app.gunicorn_conf.GatewayWorker"
 keepalive = int(_settings.keepalive_seconds)
 graceful_timeout = _settings.graceful_timeout_seconds
 loglevel = _settings.log_level
+logconfig_dict = logging_config(_settings.log_level, _settings.log_format)
 accesslog = None  # each stream logs one line when it ends; per-request access lines add nothing
-errorlog = "-"
 proc_name = "streaming-gateway"
 # gunicorn 27's control socket lives at one fixed path per user: several instances on one host
 # (tests, the rollout rehearsal) would fight over it, and a read-only root filesystem refuses it.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +17,8 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address gunicorn binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port gunicorn binds to.")
     web_concurrency: int = Field(2, ge=1, le=64, description="Number of gunicorn worker processes (uvicorn workers).")
-    log_level: str = Field("info", description="Log level (debug, info, warning, error).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="Log line format: one JSON object, or plain text.")
     keepalive_seconds: int = Field(
         75, gt=0, description="Idle HTTP keep-alive timeout; keep it above the load balancer's idle timeout."
     )

@@ -43,7 +43,8 @@ class StreamRecorder:
         logger.info(
             "stream finished",
             extra={
-                "stream_id": session.id, "endpoint": endpoint, "model": session.model, "client": session.client,
+                "stream_id": session.id, "request_id": session.request_id, "endpoint": endpoint,
+                "model": session.model, "client": session.client,
                 "outcome": str(session.outcome), "tokens": session.tokens,
                 "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
                 "duration_s": round(end - session.started_at, 4),

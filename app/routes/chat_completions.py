@@ -13,12 +13,10 @@ from app.routes.deps import (
     admit,
     check_max_tokens,
     check_prompt_size,
-    client_address,
-    new_stream_id,
+    new_session,
     read_json,
 )
 from app.streaming.relay import CompletionResponse, SSEStreamResponse
-from app.streaming.session import StreamSession
 from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
 from app.upstream.schemas import ChatCompletionRequest
@@ -51,11 +49,8 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         options=body.passthrough_options(),
     )
     check_prompt_size(len(chat.prompt_text), settings)
-    stream_id = new_stream_id()
-    session = StreamSession(
-        stream_id=stream_id, endpoint=ENDPOINT, model=chat.model, client=client_address(request), now=state.clock()
-    )
-    completion_id = f"chatcmpl-{stream_id}"
+    session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
+    completion_id = f"chatcmpl-{session.id}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -66,7 +61,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
             SSEStreamResponse(
                 session=session, request=chat, upstream=state.upstream, encoder=encoder,
                 registry=state.registry, observer=state.recorder, max_batch=settings.stream_buffer_size,
-                error_response=_openai_error, extra_headers=[(b"x-stream-id", stream_id.encode())],
+                error_response=_openai_error, extra_headers=[(b"x-stream-id", session.id.encode())],
             )
         )
 

@@ -10,12 +10,14 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import DrainingError, InvalidRequestError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
+from app.streaming.session import StreamSession
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -47,8 +49,16 @@ def admit(state: GatewayState) -> None:
         raise DrainingError()
 
 
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def new_session(connection: HTTPConnection, state: GatewayState, *, endpoint: str, model: str) -> StreamSession:
+    """The session that will own this stream (ids, client, start time) - one place for all protocols."""
+    return StreamSession(
+        stream_id=new_stream_id(),
+        request_id=connection.scope.get("state", {}).get("request_id", ""),
+        endpoint=endpoint,
+        model=model,
+        client=connection.client.host if connection.client else "unknown",
+        now=state.clock(),
+    )
 
 
 def describe_validation_error(exc: ValidationError) -> str:

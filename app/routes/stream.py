@@ -11,12 +11,10 @@ from app.routes.deps import (
     admit,
     check_max_tokens,
     check_prompt_size,
-    client_address,
-    new_stream_id,
+    new_session,
     read_json,
 )
 from app.streaming.relay import SSEStreamResponse
-from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
 from app.upstream.schemas import StreamRequest
@@ -40,16 +38,12 @@ async def stream(request: Request, state: StateDep) -> ASGIResponse:
     admit(state)
     body = await read_json(request, StreamRequest)
     chat = seed_chat_request(body, state)
-    stream_id = new_stream_id()
-    session = StreamSession(
-        stream_id=stream_id, endpoint=ENDPOINT, model=chat.model, client=client_address(request),
-        now=state.clock(),
-    )
+    session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     return ASGIResponse(
         SSEStreamResponse(
             session=session, request=chat, upstream=state.upstream, encoder=_SEED_ENCODER,
             registry=state.registry, observer=state.recorder, max_batch=state.settings.stream_buffer_size,
             error_response=lambda exc: error_response(exc, openai_shape=False),
-            extra_headers=[(b"x-stream-id", stream_id.encode())],
+            extra_headers=[(b"x-stream-id", session.id.encode())],
         )
     )

@@ -13,10 +13,10 @@ from fastapi import APIRouter, WebSocket
 
 from app.errors import WS_NORMAL, GatewayError, InvalidRequestError, PayloadTooLargeError
 from app.lifecycle import GatewayState
-from app.routes.deps import admit, new_stream_id, parse_json_model
+from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import seed_chat_request
 from app.streaming.relay import ClientGoneError, StreamRun
-from app.streaming.session import Outcome, StreamSession
+from app.streaming.session import Outcome
 from app.streaming.sse import escape
 from app.upstream.schemas import StreamRequest
 
@@ -53,9 +53,7 @@ async def ws_stream(websocket: WebSocket) -> None:
         await _end_with_error(websocket, exc)
         return
 
-    client = websocket.client.host if websocket.client else "unknown"
-    session = StreamSession(stream_id=new_stream_id(), endpoint=ENDPOINT, model=chat.model, client=client,
-                            now=state.clock())
+    session = new_session(websocket, state, endpoint=ENDPOINT, model=chat.model)
     send_text = websocket.send_text
 
     async def opening() -> None:

@@ -39,12 +39,14 @@ class StreamSession:
     """The life of one stream, from admission to the last byte."""
 
     __slots__ = (
-        "id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at", "last_write_at",
-        "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
+        "id", "request_id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at",
+        "last_write_at", "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
     )
 
-    def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float) -> None:
+    def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float,
+                 request_id: str = "") -> None:
         self.id = stream_id
+        self.request_id = request_id
         self.endpoint = endpoint
         self.model = model
         self.client = client
