@@ -43,10 +43,17 @@ async def _error_message(response: httpx.Response) -> str:
     return str(message or raw[:500].decode(errors="replace") or response.reason_phrase)
 
 
+def _usage(usage: dict[str, Any]) -> Usage | None:
+    try:
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError):
+        return None  # a malformed usage report is dropped, not fatal: the gateway counts tokens itself
+
+
 class OpenAIStream:
     """A streaming `/chat/completions` response, yielding batches of content deltas."""
 
-    __slots__ = ("_response", "_chunks", "_decoder", "_done", "_saw_done", "finish_reason", "usage")
+    __slots__ = ("_response", "_chunks", "_decoder", "_done", "_saw_done", "_failure", "finish_reason", "usage")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -54,6 +61,8 @@ class OpenAIStream:
         self._decoder = SSEDecoder()
         self._done = False
         self._saw_done = False  # the upstream sent its `[DONE]` terminator
+        # An error found after some tokens of the same read: those tokens go out first, then this.
+        self._failure: UpstreamError | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
 
@@ -62,6 +71,8 @@ class OpenAIStream:
 
     async def __anext__(self) -> list[str]:
         while not self._done:
+            if self._failure is not None:
+                raise self._failure
             try:
                 piece = await self._chunks.__anext__()
                 payloads = self._decoder.feed(piece)
@@ -73,11 +84,14 @@ class OpenAIStream:
             batch = self._parse(payloads)
             if batch:
                 return batch
+        if self._failure is not None:
+            raise self._failure
         if self.finish_reason is None and not self._saw_done:
             raise UpstreamError("upstream closed the stream before it finished")
         raise StopAsyncIteration
 
     def _parse(self, payloads: list[str]) -> list[str]:
+        """Content deltas of these events; stops at `[DONE]` or at a failure (kept for the next call)."""
         batch: list[str] = []
         for payload in payloads:
             if payload == "[DONE]":
@@ -85,17 +99,19 @@ class OpenAIStream:
                 break
             try:
                 chunk = json.loads(payload)
-            except ValueError as exc:
-                raise UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}") from exc
+            except ValueError:
+                chunk = None
             if not isinstance(chunk, dict):
-                raise UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}")
+                self._failure = UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}")
+                break
             if "error" in chunk:
                 error = chunk["error"]
                 message = error.get("message") if isinstance(error, dict) else error
-                raise UpstreamError(f"upstream error mid-stream: {message}")
+                self._failure = UpstreamError(f"upstream error mid-stream: {message}")
+                break
             usage = chunk.get("usage")
             if isinstance(usage, dict):
-                self.usage = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                self.usage = _usage(usage)
             for choice in chunk.get("choices") or ():
                 content = (choice.get("delta") or {}).get("content")
                 if content:
@@ -170,9 +186,10 @@ class OpenAIUpstream:
             await response.aclose()
         status = response.status_code
         if status == 429:
+            retry_after = _retry_after_seconds(response)
             raise UpstreamRateLimitedError(
-                f"upstream rate limited: {message}", upstream_status=429,
-                retry_after_seconds=_retry_after_seconds(response),
+                f"upstream rate limited: {message}", upstream_status=429, retry_after_seconds=retry_after,
+                headers={"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None,
             )
         if 400 <= status < 500:
             raise UpstreamRejectedError(f"upstream refused the request ({status}): {message}", upstream_status=status)

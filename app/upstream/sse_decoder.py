@@ -8,6 +8,7 @@ decode only complete lines, so none of those splits can corrupt text.
 from __future__ import annotations
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # an upstream line longer than this is a broken upstream, not a token
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class SSEDecodeError(ValueError):
@@ -17,14 +18,21 @@ class SSEDecodeError(ValueError):
 class SSEDecoder:
     """Feed bytes, get the `data` payloads of every event completed by them."""
 
-    __slots__ = ("_tail", "_data", "_skip_lf")
+    __slots__ = ("_tail", "_data", "_skip_lf", "_started")
 
     def __init__(self) -> None:
         self._tail = b""
         self._data: list[str] = []
         self._skip_lf = False  # the previous piece ended in CR: a leading LF is its other half
+        self._started = False
 
     def feed(self, piece: bytes) -> list[str]:
+        if not piece:
+            return []
+        if not self._started:
+            self._started = True
+            if piece.startswith(UTF8_BOM):  # the spec lets a stream begin with one
+                piece = piece[len(UTF8_BOM):]
         if self._skip_lf and piece[:1] == b"\n":
             piece = piece[1:]
         self._skip_lf = piece[-1:] == b"\r"
@@ -47,6 +55,8 @@ class SSEDecoder:
                 if value[:1] == b" ":
                     value = value[1:]
                 self._data.append(value.decode("utf-8", errors="replace"))
+            elif line == b"data":  # a field name alone means an empty value
+                self._data.append("")
             # comments (":"), event, id and retry fields carry nothing the relay needs
         return events
 
