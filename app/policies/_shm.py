@@ -1,9 +1,18 @@
 """Shared memory for policies that must agree across the gunicorn workers of one instance.
 
-A `SharedRegion` is a fixed-size anonymous `MAP_SHARED` mapping plus a cross-process lock. Create
-it in the gunicorn master *before* the workers fork: children inherit both the pages and the lock
-descriptor, so every worker reads and writes the same bytes. It cannot be pickled, so it does not
-work with the `spawn` start method, only with `fork` (which is what gunicorn does).
+A `SharedRegion` is a fixed-size `MAP_SHARED` mapping of a nameless memory file (`memfd`: no path,
+no writable filesystem needed, gone when the last process closes it) plus a cross-process lock on
+that same descriptor. Two ways to reach it from the workers:
+
+- inheritance: create it in the gunicorn master before the workers fork; each worker inherits the
+  mapping and the descriptor (the policy objects then simply work in the children);
+- by descriptor: a process that received the descriptor (fork, or exec with an inheritable fd)
+  calls `SharedRegion.attach(fd, kind)`, which maps the same pages. This lets an app factory that
+  runs in the worker find the master's tables from an environment variable.
+
+The region starts with a 64-byte header: a magic, the policy kind, the key-hashing secret and up
+to four layout parameters, so `attach` can rebuild the layout and refuse a descriptor of another
+kind. The policy's own data starts at `DATA_OFFSET`.
 
 Why an fcntl (POSIX record) lock rather than `multiprocessing.Lock`: gunicorn SIGKILLs a worker
 that misses its heartbeat. A semaphore held by a killed process stays held forever and wedges
@@ -23,6 +32,7 @@ import hashlib
 import mmap
 import os
 import secrets
+import struct
 import tempfile
 import threading
 from types import TracebackType
@@ -31,36 +41,68 @@ from typing import NoReturn
 # Slots are grouped in windows of this many for open addressing: a key lives somewhere in the
 # window that starts at its hash, so a lookup is one struct read of the whole window.
 DEFAULT_PROBE = 8
+_MAGIC = b"GWPOLv1\0"
+_HEADER = struct.Struct("<8s8s16s4Q")  # magic, kind, hash key, layout parameters
+DATA_OFFSET = 64
 
 
-def _lock_descriptor() -> int:
-    # memfd needs no writable filesystem (the chart runs with a read-only root filesystem).
+def _memory_file(size: int) -> int:
     if hasattr(os, "memfd_create"):
-        return os.memfd_create("gateway-policy-lock", os.MFD_CLOEXEC)
-    fd, path = tempfile.mkstemp(prefix="gateway-policy-lock-")  # pragma: no cover - non-Linux fallback
-    os.unlink(path)  # pragma: no cover - non-Linux fallback
-    return fd  # pragma: no cover - non-Linux fallback
+        fd = os.memfd_create("gateway-policy", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - non-Linux fallback: an unlinked temporary file
+        fd, path = tempfile.mkstemp(prefix="gateway-policy-")
+        os.unlink(path)
+    os.ftruncate(fd, size)  # zero-filled
+    return fd
 
 
 class SharedRegion:
-    """`size` zeroed bytes shared with every process forked after construction, and their lock."""
+    """Shared bytes of one policy kind, and their cross-process lock. Build with `create` or `attach`."""
 
-    def __init__(self, size: int) -> None:
-        if size <= 0:
-            raise ValueError("size must be positive")
-        self.size = size
-        self.buf = mmap.mmap(-1, size)  # anonymous + MAP_SHARED (the default flags on Unix)
-        self._fd = _lock_descriptor()
+    def __init__(self, fd: int, *, _token: object = None) -> None:
+        if _token is not _PRIVATE:
+            raise TypeError("use SharedRegion.create() or SharedRegion.attach()")
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.buf = mmap.mmap(fd, self.size)  # MAP_SHARED, read-write
         self._thread_lock = threading.Lock()
-        # Keyed hashing: stable across the forked workers (they inherit the key), but clients
-        # cannot choose keys that collide into one probe window and evict each other.
-        self._hash_key = secrets.token_bytes(16)
         self.closed = False
+        magic, kind, hash_key, *params = _HEADER.unpack_from(self.buf, 0)
+        self.kind: bytes = kind
+        self.params: tuple[int, ...] = tuple(params)
+        self._hash_key: bytes = hash_key
+        self._magic_ok = magic == _MAGIC
+
+    @classmethod
+    def create(cls, kind: bytes, params: tuple[int, ...], data_size: int) -> SharedRegion:
+        """A new zeroed region of `data_size` bytes after the header."""
+        if data_size <= 0 or len(params) > 4 or len(kind) > 8:
+            raise ValueError("bad region shape")
+        fd = _memory_file(DATA_OFFSET + data_size)
+        with mmap.mmap(fd, DATA_OFFSET) as head:
+            # Keyed hashing: stable in every process that maps the region, but clients cannot
+            # choose keys that collide into one probe window and evict each other.
+            _HEADER.pack_into(head, 0, _MAGIC, kind, secrets.token_bytes(16), *params, *([0] * (4 - len(params))))
+        return cls(fd, _token=_PRIVATE)
+
+    @classmethod
+    def attach(cls, fd: int, kind: bytes) -> SharedRegion:
+        """Map the region behind descriptor `fd` (inherited from the process that created it).
+
+        The descriptor is duplicated, so closing the region leaves `fd` itself open.
+        """
+        region = cls(os.dup(fd), _token=_PRIVATE)
+        if not region._magic_ok or region.kind != kind.ljust(8, b"\0"):
+            region.close()
+            raise ValueError(f"descriptor {fd} is not a shared {kind.decode()} region")
+        return region
 
     def __enter__(self) -> mmap.mmap:
+        if self.closed:
+            raise ValueError("shared region closed")
         self._thread_lock.acquire()
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
             raise
@@ -69,24 +111,27 @@ class SharedRegion:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
 
     def key_hash(self, key: str) -> int:
-        """A non-zero 64-bit hash of `key`, identical in every process that shares this region."""
+        """A non-zero 64-bit hash of `key`, identical in every process that maps this region."""
         digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=self._hash_key).digest()
         return int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
 
     def close(self) -> None:
-        """Unmap and drop the lock descriptor in this process (other processes keep theirs)."""
+        """Unmap and close the descriptor in this process (other processes keep theirs)."""
         if not self.closed:
             self.closed = True
             self.buf.close()
-            os.close(self._fd)
+            os.close(self.fd)
 
     def __reduce__(self) -> NoReturn:
-        raise TypeError("a SharedRegion is inherited through fork(); it cannot be pickled or spawned")
+        raise TypeError("a SharedRegion reaches other processes through fork or its descriptor, not pickling")
+
+
+_PRIVATE = object()
 
 
 def window_start(key_hash: int, slots: int) -> int:

@@ -26,7 +26,8 @@ breaker already opened, a probe that timed out) changes nothing.
 Transitions are pure functions of (config, snapshot, event, now) in the style of tenacity's
 strategies; `CircuitBreaker` applies them to a `BreakerCell` atomically. `MemoryBreakerCell` keeps
 the snapshot in this process; `SharedBreakerCell` keeps it in shared memory so every gunicorn
-worker of the instance sees one breaker (create it in the master, before fork).
+worker of the instance sees one breaker (create it in the master, before fork; workers use it as
+inherited or re-open it with `SharedBreakerCell.attach(fd)`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from app.policies._shm import SharedRegion
+from app.policies._shm import DATA_OFFSET, SharedRegion
 from app.policies.clock import MONOTONIC, Clock
 
 DEFAULT_FAILURE_THRESHOLD = 5
@@ -202,6 +203,7 @@ class MemoryBreakerCell:
             return result
 
 
+_CELL_KIND = b"breaker"
 _CELL_HEADER = struct.Struct("<QQdQdQQ")  # state, epoch, opened_at, probe flag, probe start, successes, n failures
 
 
@@ -214,16 +216,32 @@ class SharedBreakerCell:
     def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD) -> None:
         if failure_capacity < 1:
             raise ValueError("failure_capacity must be at least 1")
-        self.failure_capacity = failure_capacity
-        self._failures = struct.Struct(f"<{failure_capacity}d")
-        self._region = SharedRegion(_CELL_HEADER.size + self._failures.size)
+        size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d")
+        self._bind(SharedRegion.create(_CELL_KIND, (failure_capacity,), size))
+
+    @classmethod
+    def attach(cls, fd: int) -> SharedBreakerCell:
+        """The cell whose region is behind descriptor `fd` (its `fd` in the creating process)."""
+        cell = cls.__new__(cls)
+        cell._bind(SharedRegion.attach(fd, _CELL_KIND))
+        return cell
+
+    def _bind(self, region: SharedRegion) -> None:
+        self._region = region
+        self.failure_capacity = region.params[0]
+        self._failures = struct.Struct(f"<{self.failure_capacity}d")
+
+    @property
+    def fd(self) -> int:
+        """The region's descriptor, for `attach` in a process that inherits it."""
+        return self._region.fd
 
     def close(self) -> None:
         self._region.close()
 
     def _read(self, buf: mmap.mmap) -> BreakerSnapshot:
-        state, epoch, opened_at, probe, probe_at, successes, count = _CELL_HEADER.unpack_from(buf, 0)
-        failures = self._failures.unpack_from(buf, _CELL_HEADER.size)
+        state, epoch, opened_at, probe, probe_at, successes, count = _CELL_HEADER.unpack_from(buf, DATA_OFFSET)
+        failures = self._failures.unpack_from(buf, DATA_OFFSET + _CELL_HEADER.size)
         return BreakerSnapshot(BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe),
                                probe_at, successes)
 
@@ -235,9 +253,9 @@ class SharedBreakerCell:
         with self._region as buf:
             new, result = change(self._read(buf))
             failures = new.failures[-self.failure_capacity:]
-            _CELL_HEADER.pack_into(buf, 0, new.state, new.epoch, new.opened_at, new.probe_in_flight,
+            _CELL_HEADER.pack_into(buf, DATA_OFFSET, new.state, new.epoch, new.opened_at, new.probe_in_flight,
                                    new.probe_started_at, new.successes, len(failures))
-            self._failures.pack_into(buf, _CELL_HEADER.size,
+            self._failures.pack_into(buf, DATA_OFFSET + _CELL_HEADER.size,
                                      *failures, *([0.0] * (self.failure_capacity - len(failures))))
             return result
 

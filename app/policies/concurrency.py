@@ -6,7 +6,8 @@ on every exit path, and only the first call frees the slot. Two implementations 
 - `MemoryConnectionLimiter`: one process (single worker, tests).
 - `SharedConnectionLimiter`: every gunicorn worker of the instance counts against one table in
   shared memory, so the caps hold per instance rather than per worker. Create it in the gunicorn
-  master before fork. A worker that dies (SIGKILL, crash) cannot release its leases: each lease
+  master before fork; the workers inherit it, or re-open it by descriptor with
+  `SharedConnectionLimiter.attach(fd)`. A worker that dies (SIGKILL, crash) cannot release its leases: each lease
   records its owner's pid, and the master calls `reclaim(worker.pid)` from gunicorn's
   `child_exit` hook.
 """
@@ -20,7 +21,7 @@ from functools import partial
 from types import TracebackType
 from typing import Protocol
 
-from app.policies._shm import SharedRegion, window_start
+from app.policies._shm import DATA_OFFSET, SharedRegion, window_start
 
 DEFAULT_MAX_CONNECTIONS = 500
 DEFAULT_MAX_PER_CLIENT = 10
@@ -118,6 +119,7 @@ class MemoryConnectionLimiter:
         return 0  # leases never outlive the one process that holds them all
 
 
+_KIND = b"conns"
 _HEADER = struct.Struct("<q")  # number of free lease entries (top of the free stack)
 _HEADER_BYTES = 64
 _LEASE = struct.Struct("<qQQ")  # owner pid (0 = free), client hash, generation
@@ -126,7 +128,8 @@ _CLIENT = struct.Struct("<Qq")  # client hash (0 = empty), slots held
 
 
 class SharedConnectionLimiter:
-    """Slot accounting shared by every worker forked after construction.
+    """Slot accounting shared by every worker of the instance (inherited through fork, or re-opened
+    with `attach(fd)`); the master reclaims a dead worker's slots with `reclaim(pid)`.
 
     Layout: a lease table of `max_total` entries (owner pid, client hash, generation) is the
     truth; a stack of free lease indices makes acquiring O(1); a client table (hash -> count)
@@ -136,19 +139,35 @@ class SharedConnectionLimiter:
 
     def __init__(self, max_total: int = DEFAULT_MAX_CONNECTIONS, max_per_client: int = DEFAULT_MAX_PER_CLIENT) -> None:
         _check_caps(max_total, max_per_client)
+        self._region = SharedRegion.create(_KIND, (max_total, max_per_client), self._layout(max_total, max_per_client))
+        buf = self._region.buf
+        for index in range(max_total):
+            _FREE.pack_into(buf, self._free_at + index * _FREE.size, index)
+        _HEADER.pack_into(buf, DATA_OFFSET, max_total)
+
+    @classmethod
+    def attach(cls, fd: int) -> SharedConnectionLimiter:
+        """The limiter whose region is behind descriptor `fd` (its `fd` in the creating process)."""
+        limiter = cls.__new__(cls)
+        region = SharedRegion.attach(fd, _KIND)
+        limiter._layout(*region.params[:2])
+        limiter._region = region
+        return limiter
+
+    def _layout(self, max_total: int, max_per_client: int) -> int:
         self.max_total = max_total
         self.max_per_client = max_per_client
         self._client_slots = max(64, 1 << (4 * max_total - 1).bit_length())
         self._client_window = struct.Struct("<" + "Qq" * CLIENT_PROBE)
-        self._leases_at = _HEADER_BYTES
+        self._leases_at = DATA_OFFSET + _HEADER_BYTES
         self._free_at = self._leases_at + max_total * _LEASE.size
         self._clients_at = self._free_at + max_total * _FREE.size
-        size = self._clients_at + (self._client_slots + CLIENT_PROBE - 1) * _CLIENT.size
-        self._region = SharedRegion(size)
-        buf = self._region.buf
-        for index in range(max_total):
-            _FREE.pack_into(buf, self._free_at + index * _FREE.size, index)
-        _HEADER.pack_into(buf, 0, max_total)
+        return self._clients_at - DATA_OFFSET + (self._client_slots + CLIENT_PROBE - 1) * _CLIENT.size
+
+    @property
+    def fd(self) -> int:
+        """The region's descriptor, for `attach` in a process that inherits it."""
+        return self._region.fd
 
     def close(self) -> None:
         self._region.close()
@@ -161,7 +180,7 @@ class SharedConnectionLimiter:
         pid = os.getpid()
         base = self._client_base(h)
         with self._region as buf:
-            (free,) = _HEADER.unpack_from(buf, 0)
+            (free,) = _HEADER.unpack_from(buf, DATA_OFFSET)
             if free == 0:
                 return None
             window = self._client_window.unpack_from(buf, base)
@@ -186,7 +205,7 @@ class SharedConnectionLimiter:
             generation = _LEASE.unpack_from(buf, lease_at)[2] + 1
             _LEASE.pack_into(buf, lease_at, pid, h, generation)
             _CLIENT.pack_into(buf, base + slot * _CLIENT.size, h, count + 1)
-            _HEADER.pack_into(buf, 0, free)
+            _HEADER.pack_into(buf, DATA_OFFSET, free)
         return Lease(client, partial(self._release, index, generation))
 
     def _release(self, index: int, generation: int) -> None:
@@ -196,9 +215,9 @@ class SharedConnectionLimiter:
             if pid == 0 or current != generation:
                 return  # reclaimed (and maybe handed out again) since this lease was granted
             _LEASE.pack_into(buf, lease_at, 0, 0, current)
-            (free,) = _HEADER.unpack_from(buf, 0)
+            (free,) = _HEADER.unpack_from(buf, DATA_OFFSET)
             _FREE.pack_into(buf, self._free_at + free * _FREE.size, index)
-            _HEADER.pack_into(buf, 0, free + 1)
+            _HEADER.pack_into(buf, DATA_OFFSET, free + 1)
             base = self._client_base(h)
             window = self._client_window.unpack_from(buf, base)
             for i in range(CLIENT_PROBE):
@@ -210,7 +229,7 @@ class SharedConnectionLimiter:
     def active(self, client: str | None = None) -> int:
         if client is None:
             with self._region as buf:
-                return self.max_total - int(_HEADER.unpack_from(buf, 0)[0])
+                return self.max_total - int(_HEADER.unpack_from(buf, DATA_OFFSET)[0])
         h = self._region.key_hash(client)
         base = self._client_base(h)
         with self._region as buf:
@@ -239,7 +258,7 @@ class SharedConnectionLimiter:
                     free += 1
                 else:
                     holders[h] = holders.get(h, 0) + 1
-            _HEADER.pack_into(buf, 0, free)
+            _HEADER.pack_into(buf, DATA_OFFSET, free)
             buf[self._clients_at:] = bytes(len(buf) - self._clients_at)
             for h, count in holders.items():
                 base = self._client_base(h)

@@ -15,7 +15,8 @@ Storages:
 - `memory://` (`MemoryStorage`): one process. Under gunicorn with W workers each worker has its own
   buckets, so a client gets W bursts: use it for single-worker runs and tests.
 - `shared-memory://?slots=N` (`SharedMemoryStorage`): one table in shared memory for all the
-  workers of one instance; create it in the gunicorn master before the workers fork.
+  workers of one instance; create it in the gunicorn master before the workers fork (the workers
+  inherit it, or re-open it by descriptor with `SharedMemoryStorage.attach(fd)`).
 - `redis://...`: several replicas; not implemented yet.
 """
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from app.policies._shm import DEFAULT_PROBE, SharedRegion, window_start
+from app.policies._shm import DATA_OFFSET, DEFAULT_PROBE, SharedRegion, window_start
 from app.policies.clock import MONOTONIC, Clock
 
 DEFAULT_REQUESTS_PER_MINUTE = 20
@@ -186,6 +187,7 @@ class MemoryStorage:
         return True
 
 
+_SHARED_KIND = b"ratelim"
 _SHARED_HEADER = struct.Struct("<Q")  # evictions, shared by all workers
 _SHARED_HEADER_BYTES = 64  # the table starts on its own cache line
 _SLOT = struct.Struct("<Qddd")  # key hash (0 = empty), tokens, last refill, full again at
@@ -195,38 +197,54 @@ _SHM_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, BufferError
 class SharedMemoryStorage:
     """Token buckets in a fixed table shared by every worker process of one instance.
 
-    Construct it in the gunicorn master before the workers fork (see `app/policies/_shm.py`);
-    each worker then limits against the same buckets, so a client gets one burst per instance,
-    not one per worker. Keys are hashed (keyed blake2b, stable across the workers) into windows
-    of `probe` slots. A slot whose bucket is full again counts as free (lazy sweep); with no free
-    slot in the window, the bucket closest to full is evicted (`evictions`). Each call holds the
-    cross-process lock for one window read and one slot write, never across an await.
+    Construct it in the gunicorn master before the workers fork, then use it in the workers as
+    inherited, or re-open it there with `SharedMemoryStorage.attach(storage.fd)` (see
+    `app/policies/_shm.py`). Every worker limits against the same buckets, so a client gets one
+    burst per instance, not one per worker. Keys are hashed (keyed blake2b, stable across the
+    workers) into windows of `probe` slots. A slot whose bucket is full again counts as free
+    (lazy sweep); with no free slot in the window, the bucket closest to full is evicted
+    (`evictions`). Each call holds the cross-process lock for one window read and one slot
+    write, never across an await.
     """
 
     def __init__(self, slots: int = DEFAULT_SHARED_SLOTS, *, probe: int = DEFAULT_PROBE) -> None:
         if slots < 1 or probe < 1:
             raise ValueError("slots and probe must be at least 1")
-        self.slots = slots
-        self._probe = min(probe, slots)
+        size = _SHARED_HEADER_BYTES + (slots + probe - 1) * _SLOT.size
+        self._bind(SharedRegion.create(_SHARED_KIND, (slots, probe), size))
+
+    @classmethod
+    def attach(cls, fd: int) -> SharedMemoryStorage:
+        """The storage whose region is behind descriptor `fd` (its `fd` in the creating process)."""
+        storage = cls.__new__(cls)
+        storage._bind(SharedRegion.attach(fd, _SHARED_KIND))
+        return storage
+
+    def _bind(self, region: SharedRegion) -> None:
+        self._region = region
+        self.slots, self._probe = region.params[0], region.params[1]
         self._window = struct.Struct("<" + "Qddd" * self._probe)
-        self._region = SharedRegion(_SHARED_HEADER_BYTES + (slots + self._probe - 1) * _SLOT.size)
+        self._table_at = DATA_OFFSET + _SHARED_HEADER_BYTES
+
+    @property
+    def fd(self) -> int:
+        """The region's descriptor, for `attach` in a process that inherits it."""
+        return self._region.fd
 
     @property
     def evictions(self) -> int:
         """Buckets dropped before they were full again, by any worker."""
         with _wrap_errors("shared-memory", _SHM_ERRORS), self._region as buf:
-            return int(_SHARED_HEADER.unpack_from(buf, 0)[0])
+            return int(_SHARED_HEADER.unpack_from(buf, DATA_OFFSET)[0])
 
     def close(self) -> None:
         """Unmap in this process; later calls raise `StorageError`."""
         self._region.close()
 
     def _offset(self, key_hash: int) -> int:
-        return _SHARED_HEADER_BYTES + window_start(key_hash, self.slots) * _SLOT.size
+        return self._table_at + window_start(key_hash, self.slots) * _SLOT.size
 
     def _decide(self, key: str, capacity: int, rate: float, cost: float, now: float, consume: bool) -> Acquisition:
-        if self._region.closed:
-            raise ValueError("storage closed")
         h = self._region.key_hash(key)
         base = self._offset(h)
         with self._region as buf:
@@ -253,8 +271,8 @@ class SharedMemoryStorage:
                 return result
             if index < 0:
                 index = victim
-                (evicted,) = _SHARED_HEADER.unpack_from(buf, 0)
-                _SHARED_HEADER.pack_into(buf, 0, evicted + 1)
+                (evicted,) = _SHARED_HEADER.unpack_from(buf, DATA_OFFSET)
+                _SHARED_HEADER.pack_into(buf, DATA_OFFSET, evicted + 1)
             _SLOT.pack_into(buf, base + index * _SLOT.size, h, tokens, last, full_at(tokens, last, capacity, rate))
             return result
 
@@ -270,11 +288,9 @@ class SharedMemoryStorage:
 
     async def clear(self, key: str | None = None) -> None:
         with _wrap_errors("shared-memory", _SHM_ERRORS):
-            if self._region.closed:
-                raise ValueError("storage closed")
             if key is None:
                 with self._region as buf:
-                    buf[_SHARED_HEADER_BYTES:] = bytes(len(buf) - _SHARED_HEADER_BYTES)
+                    buf[self._table_at:] = bytes(len(buf) - self._table_at)
                 return
             h = self._region.key_hash(key)
             base = self._offset(h)
