@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
 
 from app.errors import ShutdownError
 from app.observability.recorder import StreamRecorder
@@ -31,6 +32,7 @@ from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import OpenAIUpstream
 from app.upstream.mock import MockUpstream
+from app.upstream.traced import TracedUpstream
 
 logger = logging.getLogger("app.lifecycle")
 
@@ -98,6 +100,7 @@ class GatewayState:
     registry: StreamRegistry
     recorder: StreamRecorder
     drain: Drain
+    tracer_provider: TracerProvider | None = None
 
     @staticmethod
     def clock() -> float:
@@ -120,7 +123,7 @@ def build_upstream(settings: Settings) -> Upstream:
     )
 
 
-def build_state(settings: Settings) -> GatewayState:
+def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> GatewayState:
     registry = StreamRegistry(
         first_token_s=settings.first_token_timeout_seconds,
         inter_token_s=settings.inter_token_timeout_seconds,
@@ -129,9 +132,14 @@ def build_state(settings: Settings) -> GatewayState:
         ping_interval_s=settings.sse_ping_interval_seconds,
         check_interval_s=settings.deadline_check_interval_seconds,
     )
+    upstream = build_upstream(settings)
+    if tracer_provider is not None:
+        provider_name = "mock" if settings.upstream_url is None else "openai"
+        upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
     return GatewayState(
         settings=settings,
-        upstream=build_upstream(settings),
+        upstream=upstream,
+        tracer_provider=tracer_provider,
         registry=registry,
         recorder=StreamRecorder(model_names=settings.model_names),
         drain=Drain(registry, timeout_s=settings.drain_timeout_seconds,
@@ -150,3 +158,5 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await state.registry.stop()
         await state.upstream.aclose()
+        if state.tracer_provider is not None:
+            state.tracer_provider.shutdown()  # flush spans still in the batch queue

@@ -21,6 +21,7 @@ from app.errors import (
 from app.lifecycle import build_state, lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import RequestIdMiddleware
+from app.observability.tracing import setup_tracing
 from app.routes import chat_completions, health, metrics, stream, websocket
 from app.settings import Settings
 
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Exception: _on_unexpected,
         },
     )
-    app.state.gateway = build_state(settings)
+    app.state.gateway = build_state(settings, tracer_provider=setup_tracing(app))
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every answer carries the id
     for module in (stream, chat_completions, websocket, health, metrics):

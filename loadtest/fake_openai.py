@@ -74,7 +74,8 @@ class FakeOpenAI:
         request = json.loads(body)
         self.stats["requests"] += 1
         if len(self.stats["bodies"]) < 50:
-            self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization")})
+            self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization"),
+                                         "traceparent": _header(scope, b"traceparent")})
         fault = self.script.popleft() if self.script else {}
         if "status" in fault:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}

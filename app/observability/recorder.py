@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from app.errors import GatewayError
 from app.observability import metrics as m
 from app.streaming.session import Outcome, StreamSession
@@ -40,6 +43,11 @@ class StreamRecorder:
                 m.TOKENS_PER_SECOND.labels(model).observe((session.tokens - 1) / generation)
         if error is not None:
             m.ERRORS_TOTAL.labels(endpoint, error.code).inc()
+        span = trace.get_current_span()  # the request's server span when tracing is on, else a no-op
+        trace_id = None
+        if span.is_recording():
+            _annotate_server_span(span, session, error)
+            trace_id = format(span.get_span_context().trace_id, "032x")
         logger.info(
             "stream finished",
             extra={
@@ -48,6 +56,19 @@ class StreamRecorder:
                 "outcome": str(session.outcome), "tokens": session.tokens,
                 "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
                 "duration_s": round(end - session.started_at, 4),
-                "error_code": error.code if error else None,
+                "error_code": error.code if error else None, "trace_id": trace_id,
             },
         )
+
+
+def _annotate_server_span(span: trace.Span, session: StreamSession, error: GatewayError | None) -> None:
+    span.set_attribute("gen_ai.operation.name", "chat")
+    span.set_attribute("gen_ai.request.model", session.model)
+    span.set_attribute("gen_ai.usage.output_tokens", session.tokens)
+    span.set_attribute("gateway.stream.id", session.id)
+    span.set_attribute("gateway.stream.outcome", str(session.outcome))
+    if session.first_token_at:
+        span.set_attribute("gen_ai.response.time_to_first_chunk", session.first_token_at - session.started_at)
+    if error is not None:
+        span.set_attribute("error.type", error.code)
+        span.set_status(Status(StatusCode.ERROR, error.message))

@@ -7,7 +7,7 @@ read, or every mock token that is due), so the relay writes it to the client in 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,8 +51,15 @@ class Usage:
 class UpstreamStream(Protocol):
     """One open generation. Iterate for batches of text deltas; always `aclose()` it."""
 
-    finish_reason: str | None  # "stop" | "length" once the stream ended normally
-    usage: Usage | None  # reported by the upstream, when it reports it
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" | "length" once the stream ended normally."""
+        ...
+
+    @property
+    def usage(self) -> Usage | None:
+        """Token counts, when the upstream reports them."""
+        ...
 
     def __aiter__(self) -> AsyncIterator[list[str]]: ...
 
@@ -66,6 +73,10 @@ class Upstream(Protocol):
 
     name: str  # bounded label value for metrics ("mock" or the upstream host)
 
-    async def open(self, request: ChatRequest, *, max_batch: int) -> UpstreamStream: ...
+    async def open(
+        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
+    ) -> UpstreamStream:
+        """Start a generation; `headers` (trace context) go on the upstream request where there is one."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -168,8 +169,12 @@ class OpenAIUpstream:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def open(self, request: ChatRequest, *, max_batch: int) -> OpenAIStream:
-        http_request = self._client.build_request("POST", "chat/completions", json=self._body(request))
+    async def open(
+        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
+    ) -> OpenAIStream:
+        http_request = self._client.build_request(
+            "POST", "chat/completions", json=self._body(request), headers=headers
+        )
         try:
             response = await self._client.send(http_request, stream=True)
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Mapping
 
 from app.upstream.base import ChatRequest, Usage
 
@@ -89,7 +90,9 @@ class MockUpstream:
         self._tps = tokens_per_second
         self._first_s = first_token_ms / 1000.0
 
-    async def open(self, request: ChatRequest, *, max_batch: int) -> MockStream:
+    async def open(
+        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
+    ) -> MockStream:
         return MockStream(request, tokens_per_second=self._tps, first_token_s=self._first_s, max_batch=max_batch)
 
     async def aclose(self) -> None:

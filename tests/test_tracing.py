@@ -1,0 +1,104 @@
+"""Traces through a real OTLP/HTTP exporter into a receiver on loopback: spans per stream, never per token."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.conftest import FakeUpstream, GatewayFactory
+
+
+class OTLPReceiver:
+    """Collects spans POSTed to /v1/traces (protobuf), as an OpenTelemetry collector would."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            receiver.spans.append({
+                                "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
+                                "service": service.get("service.name"),
+                                "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            })
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+def otlp() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+def test_one_server_and_one_upstream_span_per_stream(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, otlp: OTLPReceiver
+) -> None:
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, OTEL_BSP_SCHEDULE_DELAY=50,
+        OTEL_SERVICE_NAME="gw-under-test", WEB_CONCURRENCY=1, LOG_LEVEL="info",
+    )
+    r = httpx.post(gateway.url + "/stream", json={"prompt": "trace me", "max_tokens": 25}, timeout=10)
+    assert r.text.rstrip().endswith('"tokens": 25}')
+    httpx.get(gateway.url + "/health", timeout=5)  # excluded from tracing
+    traceparent = fake_upstream.stats()["bodies"][-1]["traceparent"]
+    assert gateway.stop() == 0  # workers flush their span queues on the way out
+    spans = otlp.spans
+    assert len(spans) == 2, [s["name"] for s in spans]  # 25 tokens, still two spans
+    server = next(s for s in spans if s["kind"] == 2)  # SPAN_KIND_SERVER
+    client = next(s for s in spans if s["kind"] == 3)  # SPAN_KIND_CLIENT
+    assert server["name"] == "POST /stream"
+    assert server["service"] == "gw-under-test"
+    assert server["attributes"]["gen_ai.usage.output_tokens"] == 25
+    assert server["attributes"]["gen_ai.request.model"] == "gpt-4o-mini"
+    assert server["attributes"]["gen_ai.response.time_to_first_chunk"] > 0
+    assert client["name"] == "chat gpt-4o-mini"
+    assert client["parent"] == server["span_id"]
+    assert client["trace_id"] == server["trace_id"]
+    assert client["attributes"]["gen_ai.usage.output_tokens"] == 25
+    assert client["attributes"]["gen_ai.response.finish_reasons"] == ["length"]
+    # the trace continues at the upstream: it received our client span as its parent (sampled flag set)
+    version, trace_id, parent_id, flags = traceparent.split("-")
+    assert (version, trace_id, parent_id) == ("00", client["trace_id"], client["span_id"])
+    assert int(flags, 16) & 1
+    # and the stream's log line names the trace
+    assert f'"trace_id": "{server["trace_id"]}"' in gateway.log()
+
+
+def test_tracing_is_off_without_an_exporter(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
+    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, WEB_CONCURRENCY=1, LOG_LEVEL="info")
+    httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+    assert fake_upstream.stats()["bodies"][-1]["traceparent"] is None
+    assert '"trace_id": null' in gateway.log()
