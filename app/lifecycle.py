@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 
 from app.errors import ShutdownError
+from app.observability.metrics import DRAIN_CUT_STREAMS_TOTAL, DRAIN_DURATION_SECONDS
 from app.observability.recorder import StreamRecorder
 from app.settings import Settings
 from app.streaming.session import StreamRegistry
@@ -86,8 +87,10 @@ class Drain:
             except TimeoutError:
                 logger.warning("drain: streams still open after the close grace", extra={
                     "streams": len(self.registry.streams)})
-        logger.info("drain finished", extra={
-            "streams": in_flight, "cut": cut, "drain_seconds": round(loop.time() - began, 3)})
+        duration = loop.time() - began
+        DRAIN_DURATION_SECONDS.observe(duration)
+        DRAIN_CUT_STREAMS_TOTAL.inc(cut)
+        logger.info("drain finished", extra={"streams": in_flight, "cut": cut, "drain_seconds": round(duration, 3)})
         then()
 
 

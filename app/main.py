@@ -21,6 +21,7 @@ from app.errors import (
 from app.lifecycle import build_state, lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import RequestIdMiddleware
+from app.observability.metrics import count_rejection
 from app.observability.tracing import setup_tracing
 from app.routes import chat_completions, health, metrics, stream, websocket
 from app.settings import Settings
@@ -29,6 +30,7 @@ logger = logging.getLogger("app")
 
 
 def _respond(request: Request, error: GatewayError) -> JSONResponse:
+    count_rejection(request.url.path, error.code)
     return error_response(error, openai_shape=is_openai_path(request.url.path))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLargeError, error_response, is_openai_path
+from app.observability.metrics import count_rejection
 
 
 class BodyLimitMiddleware:
@@ -26,6 +27,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
+                    count_rejection(scope["path"], too_large.code)
                     await error_response(too_large, openai_shape=is_openai_path(scope["path"]))(scope, receive, send)
                     return
                 break

@@ -20,6 +20,14 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
+STREAM_ENDPOINTS = frozenset({"/stream", "/v1/chat/completions", "/ws"})  # the only endpoint label values
+
+
+def count_rejection(endpoint: str, reason: str) -> None:
+    """A request refused before its stream started (bad input, draining, limits)."""
+    if endpoint in STREAM_ENDPOINTS:
+        CONNECTIONS_TOTAL.labels(endpoint, "rejected").inc()
+        REJECTIONS_TOTAL.labels(endpoint, reason).inc()
 
 ACTIVE_CONNECTIONS = Gauge(
     "streaming_active_connections", "Streams being relayed right now.", ["endpoint"], multiprocess_mode="livesum"
@@ -45,6 +53,32 @@ TOKENS_PER_SECOND = Histogram(
     buckets=(5.0, 10.0, 20.0, 50.0, 100.0, 200.0),
 )
 ERRORS_TOTAL = Counter("streaming_errors_total", "Streams that ended in an error, by type.", ["endpoint", "error_type"])
+STREAM_OUTCOMES_TOTAL = Counter(
+    "streaming_stream_outcomes_total",
+    "Streams by how they ended: done, error, timeout, backpressure, client_gone, shutdown.",
+    ["endpoint", "outcome"],
+)
+REJECTIONS_TOTAL = Counter(
+    "streaming_rejections_total", "Requests refused before a stream started, by reason (the error code).",
+    ["endpoint", "reason"],
+)
+INTER_TOKEN_SECONDS = Histogram(
+    "streaming_inter_token_seconds", "Mean gap between tokens, one observation per stream.", ["endpoint", "model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+UPSTREAM_RETRIES_TOTAL = Counter(
+    "streaming_upstream_retries_total", "Upstream attempts retried before the first token, by cause.", ["reason"]
+)
+CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(
+    "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["service", "state"]
+)
+DRAIN_DURATION_SECONDS = Histogram(
+    "streaming_drain_duration_seconds", "Time from SIGTERM to the worker's last stream ending.",
+    buckets=(0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+DRAIN_CUT_STREAMS_TOTAL = Counter(
+    "streaming_drain_cut_streams_total", "Streams still running at the drain deadline, ended with server_shutdown."
+)
 CIRCUIT_BREAKER_STATE = Gauge(
     "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["service"],
     multiprocess_mode="mostrecent",

@@ -34,6 +34,7 @@ class StreamRecorder:
         status = "success" if session.outcome in (Outcome.DONE, Outcome.CLIENT_GONE) else "error"
         m.CONNECTIONS_TOTAL.labels(endpoint, status).inc()
         m.REQUEST_DURATION_SECONDS.labels(endpoint).observe(end - session.started_at)
+        m.STREAM_OUTCOMES_TOTAL.labels(endpoint, str(session.outcome)).inc()
         if session.first_token_at:
             m.TTFT_SECONDS.labels(endpoint, model).observe(session.first_token_at - session.started_at)
             generation = session.last_token_at - session.first_token_at
@@ -41,6 +42,7 @@ class StreamRecorder:
             m.TOKENS_TOTAL.labels(endpoint, model).inc(session.tokens)
             if generation > 0 and session.tokens > 1:
                 m.TOKENS_PER_SECOND.labels(model).observe((session.tokens - 1) / generation)
+                m.INTER_TOKEN_SECONDS.labels(endpoint, model).observe(generation / (session.tokens - 1))
         if error is not None:
             m.ERRORS_TOTAL.labels(endpoint, error.code).inc()
         span = trace.get_current_span()  # the request's server span when tracing is on, else a no-op

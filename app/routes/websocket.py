@@ -13,6 +13,7 @@ from fastapi import APIRouter, WebSocket
 
 from app.errors import WS_NORMAL, GatewayError, InvalidRequestError, PayloadTooLargeError
 from app.lifecycle import GatewayState
+from app.observability.metrics import count_rejection
 from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import seed_chat_request
 from app.streaming.relay import ClientGoneError, StreamRun
@@ -50,6 +51,7 @@ async def ws_stream(websocket: WebSocket) -> None:
             raise PayloadTooLargeError(f"request message is larger than {settings.max_body_bytes} bytes")
         chat = seed_chat_request(parse_json_model(raw, StreamRequest), state)
     except GatewayError as exc:
+        count_rejection(ENDPOINT, exc.code)
         await _end_with_error(websocket, exc)
         return
 
