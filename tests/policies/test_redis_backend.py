@@ -1,0 +1,612 @@
+"""Redis backends against a real `redis-server` on a loopback port (the fixture fails, never skips,
+when the binary is missing). Each test drives its own event loop with `asyncio.run` and closes
+every client it opens; refill and retry timing is checked with written bucket states and a fake
+clock, never with sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from policy_fakes import FakeClock
+from redis.asyncio import Redis
+
+from app.policies.ratelimit import Acquisition, MemoryStorage, RateLimit, RateLimiter, Storage, StorageError
+from app.policies.redis_backend import (
+    DEFAULT_RATE_LIMIT_PREFIX,
+    DEFAULT_SLOTS_PREFIX,
+    LOCAL_ONLY,
+    ClientSlots,
+    LazyRedis,
+    RedisClientSlots,
+    RedisStorage,
+    ResilientClientSlots,
+    ResilientStorage,
+    redis_from_url,
+)
+
+T = TypeVar("T")
+START_TIMEOUT_S = 10.0  # guard only: how long redis-server may take to answer PING
+FAST_S = 2.0  # guard only: "fails fast" means well under this (the client timeout is 0.2 s)
+CLIENT_TIMEOUT_S = 0.2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1:`port`, without persistence; can be stopped and restarted."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers_ping(self.port):
+            if self.proc.poll() is not None:
+                proc, self.proc = self.proc, None
+                output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                pytest.fail(f"redis-server exited with {proc.returncode}: {output}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"redis-server did not answer PING on port {self.port} within {START_TIMEOUT_S} s")
+            time.sleep(0.01)  # poll interval, not an assertion
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); these tests never skip")
+    server = RedisServer(binary, tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@asynccontextmanager
+async def _client(url: str, timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[Redis]:
+    client = redis_from_url(url, socket_timeout=timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _redis_now_us(client: Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+async def _timed(call: Awaitable[T]) -> tuple[T, float]:
+    start = time.monotonic()
+    result = await call
+    return result, time.monotonic() - start
+
+
+# --- RedisStorage ---------------------------------------------------------------------------------
+
+
+def test_exact_burst_across_two_replicas(redis_server: RedisServer) -> None:
+    async def scenario() -> list[bool]:
+        async with _client(redis_server.url) as a, _client(redis_server.url) as b:
+            replicas: list[Storage] = [RedisStorage(a), RedisStorage(b)]
+            calls = [replicas[i % 2].acquire("client", 5, 0.001, 1, now=0.0) for i in range(40)]
+            return [result.allowed for result in await asyncio.gather(*calls)]
+
+    allowed = asyncio.run(scenario())
+    assert allowed.count(True) == 5
+
+
+def test_refused_retry_after_is_within_one_token_time(redis_server: RedisServer) -> None:
+    async def scenario() -> tuple[Acquisition, Acquisition, Acquisition]:
+        async with _client(redis_server.url) as client:
+            storage = RedisStorage(client)
+            first = await storage.acquire("k", 1, 2.0, 1, now=0.0)
+            refused = await storage.acquire("k", 1, 2.0, 1, now=0.0)
+            peeked = await storage.peek("k", 1, 2.0, 1, now=0.0)
+            return first, refused, peeked
+
+    first, refused, peeked = asyncio.run(scenario())
+    assert first == Acquisition(True, 0.0, 0.0)
+    assert not refused.allowed and 0 < refused.retry_after_seconds <= 0.5
+    assert 0 <= refused.remaining < 1
+    assert not peeked.allowed and 0 < peeked.retry_after_seconds <= refused.retry_after_seconds
+
+
+def test_refill_math_on_a_bucket_written_in_the_past(redis_server: RedisServer) -> None:
+    """A bucket emptied 1.5 s ago (by Redis TIME) at 1 token/s has 1.5 tokens: one hit passes
+    with ~0.5 left, the next is refused with ~0.5 s to wait."""
+
+    async def scenario() -> tuple[Acquisition, Acquisition]:
+        async with _client(redis_server.url) as client:
+            key = DEFAULT_RATE_LIMIT_PREFIX + "k"
+            await client.hset(key, mapping={"tokens": "0", "ts": str(await _redis_now_us(client) - 1_500_000)})
+            storage = RedisStorage(client)
+            return await storage.acquire("k", 5, 1.0, 1, now=0.0), await storage.acquire("k", 5, 1.0, 1, now=0.0)
+
+    allowed, refused = asyncio.run(scenario())
+    assert allowed.allowed and allowed.remaining == pytest.approx(0.5, abs=0.1)
+    assert not refused.allowed and refused.retry_after_seconds == pytest.approx(0.5, abs=0.1)
+    assert 0 < refused.retry_after_seconds <= 1.0
+
+
+def test_a_bucket_stamped_in_the_future_mints_nothing(redis_server: RedisServer) -> None:
+    """After a failover to a server whose clock is behind, the stored time is ahead of TIME: no
+    tokens appear, and the wait includes the gap (as `ratelimit.take` does)."""
+
+    async def scenario() -> Acquisition:
+        async with _client(redis_server.url) as client:
+            key = DEFAULT_RATE_LIMIT_PREFIX + "k"
+            await client.hset(key, mapping={"tokens": "0", "ts": str(await _redis_now_us(client) + 2_000_000)})
+            return await RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0)
+
+    refused = asyncio.run(scenario())
+    assert not refused.allowed and refused.remaining == 0
+    assert refused.retry_after_seconds == pytest.approx(3.0, abs=0.1)
+
+
+def test_keys_expire_when_the_bucket_would_be_full(redis_server: RedisServer) -> None:
+    async def scenario() -> tuple[int, int, int]:
+        async with _client(redis_server.url) as client:
+            storage = RedisStorage(client, prefix="test:rl:")
+            await storage.acquire("one", 5, 1.0, 1, now=0.0)  # 4 left: full again in 1 s
+            for _ in range(5):
+                await storage.acquire("all", 5, 1.0, 1, now=0.0)  # empty: full again in 5 s
+            await storage.peek("untouched", 5, 1.0, 1, now=0.0)
+            return (await client.pttl("test:rl:one"), await client.pttl("test:rl:all"),
+                    await client.exists("test:rl:untouched"))
+
+    one, everything, untouched = asyncio.run(scenario())
+    assert 0 < one <= 1000
+    assert 4000 < everything <= 5000  # window = capacity / rate
+    assert untouched == 0  # peek writes nothing
+
+
+def test_peek_does_not_spend_and_clear_forgets(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            storage = RedisStorage(client, prefix="t[1]*:")  # glob characters in the prefix are literal
+            await client.set("t[1]*-outside", "stays")
+            await client.set("t1x:other", "stays")
+            for _ in range(3):
+                assert (await storage.peek("a", 1, 0.001, 1, now=0.0)).allowed
+            assert (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
+            assert not (await storage.peek("a", 1, 0.001, 1, now=0.0)).allowed
+            await storage.clear("a")
+            assert (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
+            for key in ("b", "c"):
+                assert (await storage.acquire(key, 1, 0.001, 1, now=0.0)).allowed
+            await storage.clear()
+            for key in ("a", "b", "c"):
+                assert (await storage.acquire(key, 1, 0.001, 1, now=0.0)).allowed
+            assert await client.get("t[1]*-outside") == b"stays"
+            assert await client.get("t1x:other") == b"stays"
+
+    asyncio.run(scenario())
+
+
+def test_script_cache_loss_is_survived(redis_server: RedisServer) -> None:
+    """After a restart or failover the server has no scripts: EVALSHA gets NOSCRIPT and the
+    script is loaded again."""
+
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            storage, slots = RedisStorage(client), RedisClientSlots(client)
+            assert (await storage.acquire("k", 5, 1.0, 1, now=0.0)).allowed
+            assert await slots.try_acquire("c", 10) is not None
+            await client.script_flush()
+            assert (await storage.acquire("k", 5, 1.0, 1, now=0.0)).remaining == pytest.approx(3.0, abs=0.1)
+            assert await slots.try_acquire("c", 10) is not None and await slots.active("c") == 2
+
+    asyncio.run(scenario())
+
+
+def test_with_the_rate_limiter(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            limiter = RateLimiter(RedisStorage(client), RateLimit(capacity=2, refill_per_second=0.01),
+                                  fail_open=False, clock=FakeClock())
+            assert [(await limiter.hit("c")).allowed for _ in range(3)] == [True, True, False]
+            refused = await limiter.test("c")
+            assert not refused.degraded and 0 < refused.retry_after_seconds <= 100
+            assert refused.headers()["Retry-After"] == "100"  # one token per 100 s, rounded up
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_fails_fast() -> None:
+    async def scenario() -> None:
+        async with _client(f"redis://127.0.0.1:{_free_port()}/0") as client:  # nothing listens there
+            storage, slots = RedisStorage(client), RedisClientSlots(client)
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: storage.peek("k", 5, 1.0, 1, now=0.0),
+                storage.clear, lambda: slots.try_acquire("c", 10), lambda: slots.release("c", "x"),
+                lambda: slots.active("c"),
+            ]
+            for call in calls:
+                with pytest.raises(StorageError, match="redis"):
+                    await asyncio.wait_for(call(), FAST_S)
+            ok, elapsed = await _timed(storage.check())
+            assert ok is False and elapsed < FAST_S
+
+    asyncio.run(scenario())
+
+
+def test_a_redis_that_never_answers_times_out_fast() -> None:
+    """A listener that accepts but never replies (hung server, black hole behind a proxy): the
+    read timeout, not the kernel, ends the wait."""
+
+    async def scenario(port: int) -> None:
+        async with _client(f"redis://127.0.0.1:{port}/0", timeout=0.1) as client:
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0), FAST_S)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # the kernel completes handshakes; nobody ever reads
+        asyncio.run(scenario(mute.getsockname()[1]))
+
+
+def test_lazy_redis_is_made_in_the_running_loop_and_closed(redis_server: RedisServer) -> None:
+    lazy = LazyRedis(redis_server.url, socket_timeout=CLIENT_TIMEOUT_S)
+    storage = RedisStorage(lazy)
+
+    async def scenario() -> None:
+        assert await storage.check()
+        assert lazy.client() is lazy.client()
+        await lazy.aclose()
+
+    asyncio.run(scenario())
+    asyncio.run(scenario())  # closed, so the next loop gets a new client
+
+    with asyncio.Runner() as first_loop:
+        first_loop.run(storage.check())
+        with pytest.raises(RuntimeError, match="second event loop"):
+            asyncio.run(storage.check())
+        first_loop.run(lazy.aclose())
+    with pytest.raises(RuntimeError):
+        redis_from_url(redis_server.url)  # no running loop
+    with pytest.raises(ValueError):
+        LazyRedis(redis_server.url, socket_timeout=0)
+
+
+# --- RedisClientSlots -----------------------------------------------------------------------------
+
+
+def test_exactly_ten_streams_per_client_across_two_replicas(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        async with _client(redis_server.url) as a, _client(redis_server.url) as b:
+            replicas: list[ClientSlots] = [RedisClientSlots(a), RedisClientSlots(b)]
+            leases = await asyncio.gather(*(replicas[i % 2].try_acquire("c", 10) for i in range(30)))
+            held = [lease for lease in leases if lease is not None]
+            assert len(held) == 10 and len(set(held)) == 10
+            assert await replicas[0].active("c") == 10 and await replicas[1].active("c") == 10
+            assert await replicas[1].try_acquire("someone-else", 10) is not None
+            assert await replicas[0].active("nobody") == 0
+
+            assert await replicas[1].release("c", held[0]) is True  # released on the other replica
+            assert await replicas[0].release("c", held[0]) is False  # idempotent
+            assert await replicas[0].active("c") == 9
+            assert await replicas[0].try_acquire("c", 10) is not None
+            assert await replicas[1].try_acquire("c", 10) is None
+
+            for lease in held[1:]:
+                await replicas[0].release("c", lease)
+            assert await replicas[0].active("c") == 1
+            pttl = await a.pttl(DEFAULT_SLOTS_PREFIX + "c")
+            assert 0 < pttl <= 300_000  # the key goes with its last lease
+
+    asyncio.run(scenario())
+
+
+def test_expired_leases_are_reclaimed(redis_server: RedisServer) -> None:
+    """A replica that crashed never releases: its leases lapse after the lease TTL."""
+
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            slots = RedisClientSlots(client)
+            assert all([await slots.try_acquire("c", 3, lease_ttl_seconds=0.2) for _ in range(3)])
+            assert await slots.try_acquire("c", 3, lease_ttl_seconds=0.2) is None
+            assert 0 < await client.pttl(DEFAULT_SLOTS_PREFIX + "c") <= 200
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while await slots.active("c"):
+                assert time.monotonic() < deadline, "leases never expired"
+                await asyncio.sleep(0.02)  # poll interval, not an assertion
+            assert all([await slots.try_acquire("c", 3) for _ in range(3)])
+
+    asyncio.run(scenario())
+
+
+def test_slot_arguments_are_checked(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            slots = RedisClientSlots(client)
+            with pytest.raises(ValueError):
+                await slots.try_acquire("c", 0)
+            with pytest.raises(ValueError):
+                await slots.try_acquire("c", 1, lease_ttl_seconds=0)
+
+    asyncio.run(scenario())
+
+
+# --- resilience -----------------------------------------------------------------------------------
+
+
+class CountingStorage:
+    """Counts the calls that reach the wrapped storage."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
+                      now: float) -> Acquisition:
+        self.calls += 1
+        return await self.inner.acquire(key, capacity, refill_per_second, cost, now)
+
+    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
+                   now: float) -> Acquisition:
+        self.calls += 1
+        return await self.inner.peek(key, capacity, refill_per_second, cost, now)
+
+    async def clear(self, key: str | None = None) -> None:
+        self.calls += 1
+        await self.inner.clear(key)
+
+    async def check(self) -> bool:
+        self.calls += 1
+        return await self.inner.check()
+
+
+def test_resilient_storage_fails_over_and_back(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    changes: list[bool] = []
+
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            primary = CountingStorage(RedisStorage(client))
+            fallback = MemoryStorage()
+            storage: Storage = ResilientStorage(primary, fallback, retry_after_seconds=1.0, clock=clock,
+                                                on_state_change=changes.append)
+            assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).remaining == pytest.approx(4.0, abs=0.01)
+            assert await client.exists(DEFAULT_RATE_LIMIT_PREFIX + "k") == 1 and len(fallback) == 0
+
+            redis_server.stop()
+            results = []
+            for _ in range(20):
+                result, elapsed = await _timed(storage.acquire("k", 5, 0.001, 1, now=clock()))
+                assert elapsed < FAST_S
+                results.append(result.allowed)
+            assert results == [True] * 5 + [False] * 15  # the fallback's own bucket of 5
+            assert changes == [False]
+            assert primary.calls == 2  # the one that failed; no retries within the interval
+            assert await storage.check()  # the fallback answers: not "unready"
+            assert not (await storage.peek("k", 5, 0.001, 1, now=clock())).allowed
+
+            clock.advance(1.0)
+            assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).allowed is False  # probe fails
+            assert primary.calls == 3 and changes == [False]
+            await asyncio.gather(*(storage.acquire("k", 5, 0.001, 1, now=clock()) for _ in range(10)))
+            assert primary.calls == 3  # one probe per interval, however many callers
+
+            redis_server.start()
+            clock.advance(0.5)
+            await storage.acquire("k", 5, 0.001, 1, now=clock())
+            assert primary.calls == 3 and changes == [False]  # interval not over yet
+            clock.advance(0.5)
+            recovered = await storage.acquire("k", 5, 0.001, 1, now=clock())
+            assert recovered.allowed and recovered.remaining == pytest.approx(4.0, abs=0.01)  # fresh server
+            assert changes == [False, True]
+            assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).allowed
+            assert primary.calls == 5 and changes == [False, True]
+            await storage.clear()
+            assert await client.exists(DEFAULT_RATE_LIMIT_PREFIX + "k") == 0 and len(fallback) == 0
+
+    asyncio.run(scenario())
+
+
+def test_resilient_storage_with_redis_never_up() -> None:
+    clock = FakeClock()
+    changes: list[bool] = []
+
+    async def scenario() -> None:
+        async with _client(f"redis://127.0.0.1:{_free_port()}/0") as client:
+            storage = ResilientStorage(RedisStorage(client), MemoryStorage(), clock=clock,
+                                       on_state_change=changes.append)
+            limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.01), fail_open=False,
+                                  clock=clock)
+            first, second = await limiter.hit("c"), await limiter.hit("c")
+            assert first.allowed and not first.degraded  # answered by the local limit, not by fail-open
+            assert not second.allowed
+            assert await storage.check() and not storage.using_primary
+            await storage.clear()  # primary skipped within the interval; no error
+            clock.advance(1.0)
+            await storage.clear()  # primary tried and failed; still no error
+            assert changes == [False]
+
+    asyncio.run(scenario())
+
+
+def test_stale_outcomes_do_not_flap_the_state() -> None:
+    """A call that started before a transition reports the past: it must not undo the transition."""
+    clock = FakeClock()
+    changes: list[bool] = []
+
+    class Gated:
+        """A primary whose calls wait for the test to fail or succeed them."""
+
+        def __init__(self) -> None:
+            self.pending: list[asyncio.Future[bool]] = []
+
+        async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
+                          now: float) -> Acquisition:
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self.pending.append(future)
+            if not await future:
+                raise StorageError("down")
+            return Acquisition(True, 99.0, 0.0)
+
+        async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
+                       now: float) -> Acquisition:
+            raise NotImplementedError
+
+        async def clear(self, key: str | None = None) -> None:
+            raise NotImplementedError
+
+        async def check(self) -> bool:
+            raise NotImplementedError
+
+    async def started(primary: Gated, count: int) -> list[asyncio.Future[bool]]:
+        while len(primary.pending) < count:
+            await asyncio.sleep(0)  # let the callers reach the primary
+        return primary.pending
+
+    async def scenario() -> None:
+        primary = Gated()
+        storage = ResilientStorage(primary, MemoryStorage(), clock=clock, on_state_change=changes.append)
+
+        def hit() -> asyncio.Task[float]:
+            async def call() -> float:
+                return (await storage.acquire("k", 5, 0.001, 1, now=clock())).remaining
+            return asyncio.ensure_future(call())
+
+        # Up: two calls in flight. The later-finishing one succeeds after the other failed.
+        first, slow = hit(), hit()
+        pending = await started(primary, 2)
+        pending[0].set_result(False)
+        assert await first == 4.0 and changes == [False]  # answered by the fallback
+        pending[1].set_result(True)
+        assert await slow == 99.0 and changes == [False]  # a stale success does not recover it
+
+        # Down: a slow probe, then (one interval later) a second probe that succeeds first.
+        clock.advance(1.0)
+        slow_probe = hit()
+        await started(primary, 3)
+        assert await hit() == pytest.approx(3.0, abs=0.01)  # within the interval of the pending probe: fallback
+        clock.advance(1.0)
+        probe = hit()
+        pending = await started(primary, 4)
+        pending[3].set_result(True)
+        assert await probe == 99.0 and changes == [False, True]
+        pending[2].set_result(False)
+        assert await slow_probe == pytest.approx(2.0, abs=0.01)  # answered by the fallback
+        assert changes == [False, True]  # a stale failure does not bring it down
+        assert storage.using_primary
+
+    asyncio.run(scenario())
+
+
+def test_resilient_slots_go_local_only_and_back(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    changes: list[bool] = []
+
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            slots: ClientSlots = ResilientClientSlots(RedisClientSlots(client), clock=clock,
+                                                      on_state_change=changes.append)
+            lease = await slots.try_acquire("c", 1)
+            assert lease is not None and lease != LOCAL_ONLY
+            assert await slots.try_acquire("c", 1) is None  # the shared cap still refuses
+            assert await slots.active("c") == 1
+
+            redis_server.stop()
+            for _ in range(5):
+                got, elapsed = await _timed(slots.try_acquire("c", 1))
+                assert got == LOCAL_ONLY and elapsed < FAST_S
+            assert await slots.release("c", LOCAL_ONLY) is False  # no-op
+            assert await slots.release("c", lease) is False  # cannot reach Redis: lapses by TTL
+            with pytest.raises(StorageError):
+                await slots.active("c")
+            assert changes == [False]
+
+            redis_server.start()
+            assert await slots.try_acquire("c", 1) == LOCAL_ONLY  # within the retry interval
+            clock.advance(1.0)
+            fresh = await slots.try_acquire("c", 1)
+            assert fresh is not None and fresh != LOCAL_ONLY
+            assert changes == [False, True]
+            assert await slots.active("c") == 1
+            assert await slots.release("c", fresh) is True and await slots.release("c", fresh) is False
+
+    asyncio.run(scenario())
+
+
+def test_resilient_slots_failing_mid_call_then_active_recovers(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    changes: list[bool] = []
+
+    async def scenario() -> None:
+        async with _client(redis_server.url) as client:
+            slots = ResilientClientSlots(RedisClientSlots(client), clock=clock, on_state_change=changes.append)
+            lease = await slots.try_acquire("c", 2)
+            assert lease is not None
+            redis_server.stop()
+            assert await slots.release("c", lease) is False  # the failing call itself marks it down
+            assert changes == [False] and not slots.using_primary
+            redis_server.start()
+            clock.advance(1.0)
+            assert await slots.active("c") == 0  # fresh server; the probe is a read
+            assert changes == [False, True] and slots.using_primary
+            redis_server.stop()
+            with pytest.raises(StorageError):
+                await slots.active("c")
+            assert changes == [False, True, False]
+
+    asyncio.run(scenario())
+
+
+def test_retry_interval_is_checked() -> None:
+    with pytest.raises(ValueError):
+        ResilientStorage(MemoryStorage(), MemoryStorage(), retry_after_seconds=0)
+    with pytest.raises(ValueError):
+        ResilientClientSlots(RedisClientSlots(LazyRedis("redis://127.0.0.1:1")), retry_after_seconds=float("inf"))
+    with pytest.raises(ValueError):
+        RedisStorage(LazyRedis("redis://127.0.0.1:1"), prefix="")  # clear() would empty the whole database
+
