@@ -9,6 +9,7 @@ final event, and WebSockets close with `ws_close_code`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
@@ -106,6 +107,67 @@ class ServiceUnavailableError(GatewayError):
     retryable = True
 
 
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+class UnauthorizedError(GatewayError):
+    """No API key was presented, and this gateway requires one."""
+
+    status, code, openai_type, ws_close_code = 401, "missing_api_key", "invalid_request_error", WS_POLICY_VIOLATION
+
+    def __init__(self) -> None:
+        super().__init__(
+            "an API key is required: send 'Authorization: Bearer <key>' (or 'X-API-Key: <key>')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+class ForbiddenError(GatewayError):
+    """The API key presented is not one this gateway accepts."""
+
+    status, code, openai_type, ws_close_code = 403, "invalid_api_key", "invalid_request_error", WS_POLICY_VIOLATION
+
+    def __init__(self) -> None:
+        super().__init__("the API key presented is not valid for this gateway")
+
+
+class RateLimitedError(GatewayError):
+    """The client spent its request budget (token bucket)."""
+
+    status, code, openai_type, ws_close_code = 429, "rate_limited", "rate_limit_error", WS_TRY_AGAIN_LATER
+    retryable = True
+
+    def __init__(self, retry_after_seconds: float, headers: Mapping[str, str]) -> None:
+        super().__init__(
+            f"rate limit exceeded; retry after {_retry_after(retry_after_seconds)}s",
+            headers={**headers, "Retry-After": _retry_after(retry_after_seconds)},
+        )
+
+
+class CircuitOpenError(GatewayError):
+    """The upstream failed repeatedly; the breaker refuses calls until it has recovered."""
+
+    status, code, openai_type, ws_close_code = 503, "circuit_open", "server_error", WS_TRY_AGAIN_LATER
+    retryable = True
+
+    def __init__(self, service: str, retry_after_seconds: float) -> None:
+        super().__init__(
+            f"upstream {service} is unavailable (circuit open); retry after {_retry_after(retry_after_seconds)}s",
+            headers={"Retry-After": _retry_after(retry_after_seconds)},
+        )
+
+
+class ConnectionLimitError(ServiceUnavailableError):
+    """No connection slot: the instance (code connection_limit) or this client (client_connection_limit) is full."""
+
+    ws_close_code = WS_TRY_AGAIN_LATER
+
+    def __init__(self, message: str, *, per_client: bool) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+        self.code = "client_connection_limit" if per_client else "connection_limit"
+
+
 class DrainingError(ServiceUnavailableError):
     """This instance is shutting down and takes no new streams; retry (another instance will answer)."""
 
@@ -125,10 +187,13 @@ class UpstreamError(GatewayError):
     retryable = True
 
     def __init__(self, message: str, *, upstream_status: int | None = None, retry_after_seconds: float | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, kind: str = "status") -> None:
         super().__init__(message, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after_seconds = retry_after_seconds
+        # "connect" (never reached it), "broken" (connection lost or stream cut short), "status" (an
+        # HTTP error status), "malformed" (not OpenAI's wire format), "error_event" (it sent an error)
+        self.kind = kind
 
 
 class UpstreamRateLimitedError(UpstreamError):

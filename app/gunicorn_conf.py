@@ -10,6 +10,7 @@ from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
+from app.instance import SharedTables, create_shared
 from app.observability.logging import logging_config
 from app.settings import Settings
 
@@ -26,6 +27,9 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "uvloop",
         "http": "httptools",
+        # Client addresses come from app/admission.py, which believes forwarded headers only from
+        # TRUSTED_PROXIES; uvicorn's own rewrite would trust 127.0.0.1 (gunicorn's default).
+        "proxy_headers": False,
         "lifespan": "on",
         # The app drains before uvicorn starts its own shutdown (app/lifecycle.py Drain), so by then
         # only final writes remain; this bound is what uvicorn waits before cancelling tasks.
@@ -48,8 +52,20 @@ proc_name = "streaming-gateway"
 control_socket_disable = True
 
 
+_shared: list[SharedTables] = []  # the master's handles on the instance-wide tables
+
+
+def on_starting(server: Any) -> None:
+    """In the master, before any fork: the tables every worker counts against (app/instance.py)."""
+    _shared.append(create_shared(_settings))
+
+
 def child_exit(server: Any, worker: Any) -> None:
-    """A worker exited (crash, restart, shutdown): its live gauges must stop counting."""
+    """A worker exited (crash, restart, shutdown): its slots and live gauges must stop counting."""
     from app.observability.metrics import mark_worker_dead
 
+    for tables in _shared:
+        reclaimed = tables.slots.reclaim(worker.pid)
+        if reclaimed:
+            server.log.warning("reclaimed %d connection slots of dead worker %d", reclaimed, worker.pid)
     mark_worker_dead(worker.pid)

@@ -25,13 +25,20 @@ from typing import Any
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 
+from app.admission import Admission, KeyRing, parse_networks
 from app.errors import ShutdownError
+from app.instance import instance_state
 from app.observability.metrics import DRAIN_CUT_STREAMS_TOTAL, DRAIN_DURATION_SECONDS
 from app.observability.recorder import StreamRecorder
+from app.policies.breaker import BreakerConfig, CircuitBreaker
+from app.policies.ratelimit import RateLimit, RateLimiter
+from app.policies.retry import RetryPolicy
 from app.settings import Settings
+from app.streaming.relay import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import OpenAIUpstream
+from app.upstream.guard import GuardedUpstream
 from app.upstream.mock import MockUpstream
 from app.upstream.traced import TracedUpstream
 
@@ -103,6 +110,9 @@ class GatewayState:
     registry: StreamRegistry
     recorder: StreamRecorder
     drain: Drain
+    breaker: CircuitBreaker
+    admission: Admission
+    relay: Relay
     tracer_provider: TracerProvider | None = None
 
     @staticmethod
@@ -127,6 +137,7 @@ def build_upstream(settings: Settings) -> Upstream:
 
 
 def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> GatewayState:
+    shared = instance_state(settings)
     registry = StreamRegistry(
         first_token_s=settings.first_token_timeout_seconds,
         inter_token_s=settings.inter_token_timeout_seconds,
@@ -136,17 +147,51 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         check_interval_s=settings.deadline_check_interval_seconds,
     )
     upstream = build_upstream(settings)
-    if tracer_provider is not None:
+    if tracer_provider is not None:  # a client span per attempt, inside the guard
         provider_name = "mock" if settings.upstream_url is None else "openai"
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
+    breaker = CircuitBreaker(
+        upstream.name,
+        BreakerConfig(
+            failure_threshold=settings.circuit_failure_threshold,
+            window_seconds=settings.circuit_window_seconds,
+            open_seconds=settings.circuit_open_seconds,
+            success_threshold=settings.circuit_success_threshold,
+        ),
+        cell=shared.breaker_cell,
+    )
+    upstream = GuardedUpstream(
+        upstream, breaker,
+        RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds),
+    )
+    drain = Drain(registry, timeout_s=settings.drain_timeout_seconds, close_grace_s=settings.drain_close_grace_seconds)
+    rate_limiter = None
+    if settings.rate_limit_per_minute > 0:
+        rate_limiter = RateLimiter(
+            shared.rate_storage,
+            RateLimit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst),
+            fail_open=True,
+        )
+    api_keys = settings.api_keys.get_secret_value().split(",") if settings.api_keys else []
+    admission = Admission(
+        draining=lambda: drain.draining,
+        keys=KeyRing(key.strip() for key in api_keys),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+        rate_limiter=rate_limiter,
+        breaker=breaker,
+        slots=shared.slots,
+    )
+    recorder = StreamRecorder(model_names=settings.model_names)
     return GatewayState(
         settings=settings,
         upstream=upstream,
-        tracer_provider=tracer_provider,
         registry=registry,
-        recorder=StreamRecorder(model_names=settings.model_names),
-        drain=Drain(registry, timeout_s=settings.drain_timeout_seconds,
-                    close_grace_s=settings.drain_close_grace_seconds),
+        recorder=recorder,
+        drain=drain,
+        breaker=breaker,
+        admission=admission,
+        relay=Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size),
+        tracer_provider=tracer_provider,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Literal, Self, get_args, get_origin
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,8 +55,41 @@ class Settings(BaseSettings):
     )
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when the client sends none.")
 
-    # --- connections ------------------------------------------------------------------------------
+    # --- admission --------------------------------------------------------------------------------
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated client API keys; set: every stream needs one (401 none, 403 wrong)."
+    )
+    trusted_proxies: str = Field(
+        "", description="Comma-separated CIDRs whose X-Forwarded-For / Forwarded headers are believed (empty: none)."
+    )
+    rate_limit_per_minute: float = Field(
+        20.0, ge=0, description="Token-bucket refill per client, requests per minute (0 disables rate limiting)."
+    )
+    rate_limit_burst: int = Field(5, ge=1, description="Token-bucket capacity per client: requests in a burst.")
     max_connections: int = Field(500, ge=1, description="Concurrent streams the instance carries (all workers).")
+    max_connections_per_client: int = Field(10, ge=1, description="Concurrent streams per client (all workers).")
+    max_stream_age_seconds: float = Field(
+        300.0, gt=0, description="A connection slot older than this is reclaimed (leak guard; Redis lease TTL)."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="redis:// URL: rate limits and per-client slots hold across replicas. Unreachable: local limits.",
+    )
+    redis_timeout_seconds: float = Field(0.25, gt=0, description="Redis connect/read timeout (admission waits this).")
+
+    # --- upstream protection ----------------------------------------------------------------------
+    circuit_failure_threshold: int = Field(5, ge=1, description="Upstream failures within the window that open it.")
+    circuit_window_seconds: float = Field(60.0, gt=0, description="Sliding window for counting upstream failures.")
+    circuit_open_seconds: float = Field(30.0, gt=0, description="How long the circuit stays open before one probe.")
+    circuit_success_threshold: int = Field(2, ge=1, description="Probe successes in a row that close the circuit.")
+    ready_requires_closed_circuit: bool = Field(
+        False, description="/ready fails while the circuit is open (take the pod out instead of answering 503s)."
+    )
+    upstream_retries: int = Field(
+        2, ge=0, description="Retries before the first token (connect errors, 429, 5xx only; never after a token)."
+    )
+    retry_base_seconds: float = Field(1.0, gt=0, description="Retry backoff base (full jitter: uniform(0, base*2^n)).")
+    retry_max_seconds: float = Field(10.0, gt=0, description="Retry backoff cap (an upstream Retry-After is honoured).")
 
     # --- deadlines -----------------------------------------------------------------------------
     first_token_timeout_seconds: float = Field(30.0, gt=0, description="Deadline from request to the first token.")
@@ -110,15 +143,36 @@ class Settings(BaseSettings):
         return self.upstream_max_connections or self.max_connections
 
 
+README_MARKERS = ("<!-- settings-table:start -->\n", "<!-- settings-table:end -->")
+
+
 def settings_table() -> str:
     """The README's configuration table, generated from the model (a test fails on drift)."""
     rows = ["| Variable | Default | Description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default
         shown = "unset" if default is None else f"`{default}`"
-        rows.append(f"| `{name.upper()}` | {shown} | {field.description or ''} |")
+        description = field.description or ""
+        if get_origin(field.annotation) is Literal:
+            description += " One of: " + ", ".join(f"`{choice}`" for choice in get_args(field.annotation)) + "."
+        rows.append(f"| `{name.upper()}` | {shown} | {description} |")
     return "\n".join(rows)
 
 
+def update_readme(path: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    start, end = README_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}{settings_table()}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    import sys
+
+    if sys.argv[1:2] == ["--update-readme"]:
+        update_readme(sys.argv[2] if len(sys.argv) > 2 else "README.md")
+    else:
+        print(settings_table())

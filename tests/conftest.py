@@ -90,6 +90,8 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_"))}
     env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
+    # Tests of other features send many requests from one address; the protection tests set these back.
+    env.update({"RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "500"})
     env.update({k.upper(): str(v) for k, v in env_overrides.items()})
     fd = sock.fileno()
 
@@ -199,7 +201,11 @@ def fake_upstream(fake_upstream_server: FakeUpstream) -> FakeUpstream:
 def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway relaying from the module's fake upstream."""
     gateway = launch_gateway(
-        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret"},
+        {
+            "UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret",
+            # relay tests inject failures one after another; breaker and retries have their own tests
+            "CIRCUIT_FAILURE_THRESHOLD": 1000, "UPSTREAM_RETRIES": 0,
+        },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
     yield gateway

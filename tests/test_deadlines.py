@@ -26,6 +26,7 @@ def strict_gateway(
             "INTER_TOKEN_TIMEOUT_SECONDS": 1,
             "TOTAL_TIMEOUT_SECONDS": 3,
             "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+            "CIRCUIT_FAILURE_THRESHOLD": 1000,  # every test here is an upstream fault; the breaker is tested apart
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )

@@ -16,4 +16,4 @@ def _section(name: str) -> str:
 
 
 def test_settings_table_is_generated_from_the_model() -> None:
-    assert _section("settings-table") == settings_table(), "run: python -m app.settings, paste into README.md"
+    assert _section("settings-table") == settings_table(), "run: python -m app.settings --update-readme"

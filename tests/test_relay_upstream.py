@@ -307,7 +307,7 @@ def one_write_gateway(start_gateway: GatewayFactory) -> Iterator[tuple[Gateway, 
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{server.server_address[1]}/v1")
+            gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{server.server_address[1]}/v1", UPSTREAM_RETRIES=0)
             yield gateway, handler
         finally:
             server.shutdown()

@@ -15,6 +15,7 @@ from app.routes.deps import (
     check_prompt_size,
     new_session,
     read_json,
+    stream_headers,
 )
 from app.streaming.relay import CompletionResponse, SSEStreamResponse
 from app.streaming.sse import ChatChunkEncoder
@@ -31,7 +32,7 @@ def _openai_error(exc: Exception) -> ASGIResponse:
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)")
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
-    admit(state)
+    ticket = await admit(request, state)
     body = await read_json(request, ChatCompletionRequest)
     settings = state.settings
     limit: int | None
@@ -50,6 +51,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     )
     check_prompt_size(len(chat.prompt_text), settings)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
+    state.admission.take_slot(ticket)  # last: from here the response owns the slot
     completion_id = f"chatcmpl-{session.id}"
     created = int(time.time())
     if body.stream:
@@ -59,9 +61,8 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         )
         return ASGIResponse(
             SSEStreamResponse(
-                session=session, request=chat, upstream=state.upstream, encoder=encoder,
-                registry=state.registry, observer=state.recorder, max_batch=settings.stream_buffer_size,
-                error_response=_openai_error, extra_headers=[(b"x-stream-id", session.id.encode())],
+                relay=state.relay, session=session, request=chat, encoder=encoder, release=ticket.release,
+                error_response=_openai_error, extra_headers=stream_headers(session, ticket),
             )
         )
 
@@ -84,9 +85,8 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
 
     return ASGIResponse(
         CompletionResponse(
-            session=session, request=chat, upstream=state.upstream, registry=state.registry,
-            observer=state.recorder, max_batch=settings.stream_buffer_size, error_response=_openai_error,
-            render=render,
+            relay=state.relay, session=session, request=chat, release=ticket.release,
+            error_response=_openai_error, render=render, extra_headers=stream_headers(session, ticket),
         )
     )
 

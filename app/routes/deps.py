@@ -14,7 +14,8 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import DrainingError, InvalidRequestError, UnsupportedMediaTypeError
+from app.admission import Ticket
+from app.errors import InvalidRequestError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
 from app.streaming.session import StreamSession
@@ -43,10 +44,15 @@ StateDep = Annotated[GatewayState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def admit(state: GatewayState) -> None:
-    """Admission, cheapest refusal first; raises before the stream takes anything."""
-    if state.drain.draining:
-        raise DrainingError()
+async def admit(connection: HTTPConnection, state: GatewayState) -> Ticket:
+    """Admission up to (not including) the connection slot; raises the refusal."""
+    return await state.admission.admit(connection)
+
+
+def stream_headers(session: StreamSession, ticket: Ticket) -> list[tuple[bytes, bytes]]:
+    headers = [(b"x-stream-id", session.id.encode())]
+    headers.extend((name.lower().encode(), value.encode()) for name, value in ticket.headers.items())
+    return headers
 
 
 def new_session(connection: HTTPConnection, state: GatewayState, *, endpoint: str, model: str) -> StreamSession:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.policies.breaker import BreakerState
 from app.routes.deps import StateDep
 
 router = APIRouter()
@@ -20,4 +21,6 @@ async def ready(state: StateDep) -> JSONResponse:
     streams = len(state.registry.streams)
     if state.drain.draining:
         return JSONResponse({"status": "draining", "active_streams": streams}, status_code=503)
+    if state.settings.ready_requires_closed_circuit and state.breaker.state is BreakerState.OPEN:
+        return JSONResponse({"status": "circuit_open", "active_streams": streams}, status_code=503)
     return JSONResponse({"status": "ready", "active_streams": streams})

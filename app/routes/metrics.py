@@ -5,12 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from app.observability.metrics import render_metrics
+from app.observability.metrics import CIRCUIT_BREAKER_STATE, render_metrics
+from app.routes.deps import StateDep
 
 router = APIRouter()
 
 
 @router.get("/metrics", summary="Prometheus metrics (all workers)", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(state: StateDep) -> Response:
+    # The breaker lives in shared memory; whichever worker answers reads its current state.
+    CIRCUIT_BREAKER_STATE.labels(state.breaker.name).set(int(state.breaker.state))
     body, content_type = render_metrics()
     return Response(body, media_type=content_type)

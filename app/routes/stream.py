@@ -13,6 +13,7 @@ from app.routes.deps import (
     check_prompt_size,
     new_session,
     read_json,
+    stream_headers,
 )
 from app.streaming.relay import SSEStreamResponse
 from app.streaming.sse import SeedEncoder
@@ -35,15 +36,14 @@ def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
 
 @router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
-    admit(state)
-    body = await read_json(request, StreamRequest)
-    chat = seed_chat_request(body, state)
+    ticket = await admit(request, state)
+    chat = seed_chat_request(await read_json(request, StreamRequest), state)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
+    state.admission.take_slot(ticket)  # last: from here the response owns the slot
     return ASGIResponse(
         SSEStreamResponse(
-            session=session, request=chat, upstream=state.upstream, encoder=_SEED_ENCODER,
-            registry=state.registry, observer=state.recorder, max_batch=state.settings.stream_buffer_size,
+            relay=state.relay, session=session, request=chat, encoder=_SEED_ENCODER, release=ticket.release,
             error_response=lambda exc: error_response(exc, openai_shape=False),
-            extra_headers=[(b"x-stream-id", session.id.encode())],
+            extra_headers=stream_headers(session, ticket),
         )
     )

@@ -16,7 +16,7 @@ from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
 from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import seed_chat_request
-from app.streaming.relay import ClientGoneError, StreamRun
+from app.streaming.relay import ClientGoneError
 from app.streaming.session import Outcome
 from app.streaming.sse import escape
 from app.upstream.schemas import StreamRequest
@@ -44,12 +44,13 @@ async def ws_stream(websocket: WebSocket) -> None:
         return
     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
     try:
-        admit(state)
+        ticket = await admit(websocket, state)
         if raw is None:
             raise InvalidRequestError("expected one text message with the /stream request JSON")
         if len(raw) > settings.max_body_bytes:
             raise PayloadTooLargeError(f"request message is larger than {settings.max_body_bytes} bytes")
         chat = seed_chat_request(parse_json_model(raw, StreamRequest), state)
+        state.admission.take_slot(ticket)
     except GatewayError as exc:
         count_rejection(ENDPOINT, exc.code)
         await _end_with_error(websocket, exc)
@@ -69,10 +70,10 @@ async def ws_stream(websocket: WebSocket) -> None:
             session.client_gone = True
             raise
 
-    async with StreamRun(session, registry=state.registry, observer=state.recorder, receive=websocket.receive,
-                         disconnect_type="websocket.disconnect") as run:
+    async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect",
+                               release=ticket.release) as run:
         try:
-            await run.open(state.upstream, chat, max_batch=settings.stream_buffer_size)
+            await run.open(chat)
         except ClientGoneError:
             return
         except GatewayError as exc:

@@ -20,12 +20,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from starlette.types import Receive, Scope, Send
 
-from app.errors import GatewayError, InternalError
+from app.errors import GatewayError, InternalError, StreamTimeoutError
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
 from app.streaming.sse import PING, SSE_HEADERS
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
@@ -34,6 +35,7 @@ logger = logging.getLogger("app.streaming")
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only if its socket takes it now
+UPSTREAM_FAULT_DEADLINES = frozenset({"first token", "inter-token"})  # a stall the breaker should count
 OUTCOME_BY_CODE = {
     "timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE, "server_shutdown": Outcome.SHUTDOWN,
 }
@@ -72,14 +74,30 @@ async def pump(session: StreamSession, stream: UpstreamStream, write: Callable[[
         session.last_write_at = now
 
 
+@dataclass(frozen=True)
+class Relay:
+    """What every stream of a worker relays with (built once per worker)."""
+
+    upstream: Upstream
+    registry: StreamRegistry
+    observer: StreamObserver
+    max_batch: int  # STREAM_BUFFER_SIZE: most events per batch
+
+    def run(self, session: StreamSession, *, receive: Receive, disconnect_type: str,
+            release: Callable[[], None] | None = None) -> StreamRun:
+        return StreamRun(session, relay=self, receive=receive, disconnect_type=disconnect_type, release=release)
+
+
 class StreamRun:
     """One stream's stay in the worker: registry entry, disconnect listener, cut handling, release."""
 
-    def __init__(self, session: StreamSession, *, registry: StreamRegistry, observer: StreamObserver,
-                 receive: Receive, disconnect_type: str) -> None:
+    def __init__(self, session: StreamSession, *, relay: Relay, receive: Receive, disconnect_type: str,
+                 release: Callable[[], None] | None = None) -> None:
         self.session = session
-        self.registry = registry
-        self.observer = observer
+        self.deps = relay
+        self.registry = relay.registry
+        self.observer = relay.observer
+        self._release = release  # the admission ticket: connection slot(s)
         self._receive = receive
         self._disconnect_type = disconnect_type
         self._listener: asyncio.Task[None] | None = None
@@ -105,13 +123,13 @@ class StreamRun:
         task = self.session.task
         return self.session.cut and task is not None and task.uncancel() == 0
 
-    async def open(self, upstream: Upstream, request: ChatRequest, *, max_batch: int) -> UpstreamStream:
+    async def open(self, request: ChatRequest) -> UpstreamStream:
         """Open the upstream; a cut while waiting raises the cut's reason (or ClientGoneError)."""
         session = self.session
         try:
             if session.cut_error is not None:  # admitted after the drain deadline
                 raise session.cut_error
-            self._stream = await upstream.open(request, max_batch=max_batch)
+            self._stream = await self.deps.upstream.open(request, max_batch=self.deps.max_batch)
         except asyncio.CancelledError:
             if not self._absorb_cut():
                 raise
@@ -144,6 +162,8 @@ class StreamRun:
         session.phase = Phase.FINISHING
         session.ping = None
         outcome, error = _end_reason(session, exc)
+        if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
+            stream.mark_failed()
         self.report(outcome, error)
         return outcome, error
 
@@ -160,6 +180,8 @@ class StreamRun:
             error = exc if isinstance(exc, GatewayError) else None
             self.report(Outcome.ERROR if error else Outcome.SHUTDOWN, error)
         self.registry.discard(self.session)
+        if self._release is not None:
+            self._release()
         if self._listener is not None:
             self._listener.cancel()
         if self._stream is not None:
@@ -185,32 +207,28 @@ class SSEStreamResponse:
     def __init__(
         self,
         *,
+        relay: Relay,
         session: StreamSession,
         request: ChatRequest,
-        upstream: Upstream,
         encoder: Encoder,
-        registry: StreamRegistry,
-        observer: StreamObserver,
-        max_batch: int,
         error_response: Callable[[GatewayError], ASGIApp],
+        release: Callable[[], None] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        self.relay = relay
         self.session = session
         self.request = request
-        self.upstream = upstream
         self.encoder = encoder
-        self.registry = registry
-        self.observer = observer
-        self.max_batch = max_batch
         self.error_response = error_response
+        self.release = release
         self.headers = SSE_HEADERS + (extra_headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session, encoder = self.session, self.encoder
-        async with StreamRun(session, registry=self.registry, observer=self.observer, receive=receive,
-                             disconnect_type="http.disconnect") as run:
+        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
+                                  release=self.release) as run:
             try:
-                stream = await run.open(self.upstream, self.request, max_batch=self.max_batch)
+                stream = await run.open(self.request)
             except ClientGoneError:
                 return
             except GatewayError as exc:
@@ -253,23 +271,21 @@ class CompletionResponse:
     def __init__(
         self,
         *,
+        relay: Relay,
         session: StreamSession,
         request: ChatRequest,
-        upstream: Upstream,
-        registry: StreamRegistry,
-        observer: StreamObserver,
-        max_batch: int,
         error_response: Callable[[GatewayError], ASGIApp],
         render: Callable[[str, str | None, Usage | None, int], dict[str, object]],
+        release: Callable[[], None] | None = None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        self.relay = relay
         self.session = session
         self.request = request
-        self.upstream = upstream
-        self.registry = registry
-        self.observer = observer
-        self.max_batch = max_batch
         self.error_response = error_response
         self.render = render
+        self.release = release
+        self.extra_headers = extra_headers or []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self.session
@@ -278,10 +294,10 @@ class CompletionResponse:
         async def collect(batch: list[str]) -> None:
             parts.extend(batch)
 
-        async with StreamRun(session, registry=self.registry, observer=self.observer, receive=receive,
-                             disconnect_type="http.disconnect") as run:
+        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
+                                  release=self.release) as run:
             try:
-                stream = await run.open(self.upstream, self.request, max_batch=self.max_batch)
+                stream = await run.open(self.request)
             except ClientGoneError:
                 return
             except GatewayError as exc:
@@ -300,5 +316,5 @@ class CompletionResponse:
             ).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
+                                    (b"content-length", str(len(body)).encode()), *self.extra_headers]})
             await send({"type": "http.response.body", "body": body})

@@ -65,6 +65,10 @@ class UpstreamStream(Protocol):
 
     async def __anext__(self) -> list[str]: ...
 
+    def mark_failed(self) -> None:
+        """The relay cut the stream for the upstream's fault (a deadline): health accounting hook."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -81,14 +81,14 @@ class OpenAIStream:
                 payloads = self._decoder.close()
                 self._done = True
             except (httpx.TransportError, SSEDecodeError) as exc:
-                raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+                raise UpstreamError(f"upstream stream broke: {exc!r}", kind="broken") from exc
             batch = self._parse(payloads)
             if batch:
                 return batch
         if self._failure is not None:
             raise self._failure
         if self.finish_reason is None and not self._saw_done:
-            raise UpstreamError("upstream closed the stream before it finished")
+            raise UpstreamError("upstream closed the stream before it finished", kind="broken")
         raise StopAsyncIteration
 
     def _parse(self, payloads: list[str]) -> list[str]:
@@ -103,12 +103,12 @@ class OpenAIStream:
             except ValueError:
                 chunk = None
             if not isinstance(chunk, dict):
-                self._failure = UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}")
+                self._failure = UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}", kind="malformed")
                 break
             if "error" in chunk:
                 error = chunk["error"]
                 message = error.get("message") if isinstance(error, dict) else error
-                self._failure = UpstreamError(f"upstream error mid-stream: {message}")
+                self._failure = UpstreamError(f"upstream error mid-stream: {message}", kind="error_event")
                 break
             usage = chunk.get("usage")
             if isinstance(usage, dict):
@@ -120,6 +120,9 @@ class OpenAIStream:
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
         return batch
+
+    def mark_failed(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         # Closing an unfinished response closes its connection: the upstream sees the
@@ -180,7 +183,7 @@ class OpenAIUpstream:
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
         except httpx.TransportError as exc:
-            raise UpstreamError(f"cannot reach upstream: {exc!r}") from exc
+            raise UpstreamError(f"cannot reach upstream: {exc!r}", kind="connect") from exc
         if response.status_code == 200:
             return OpenAIStream(response)
         try:

@@ -77,6 +77,9 @@ class MockStream:
         self._next = stop
         return mock_tokens(self._prompt, start, stop)
 
+    def mark_failed(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         self._next = self._total
 

@@ -36,6 +36,10 @@ class TracedStream:
     async def __anext__(self) -> list[str]:
         return await self._inner.__anext__()
 
+    def mark_failed(self) -> None:
+        self._span.set_status(Status(StatusCode.ERROR, "upstream deadline"))
+        self._inner.mark_failed()
+
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()

@@ -1,0 +1,73 @@
+"""State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker.
+
+Limits mean what they say only if all workers count against one table (DESIGN.md §7: per-process
+state multiplies every limit by the worker count). The gunicorn master creates the tables in
+shared memory before it forks (`create_shared`, from the `on_starting` hook) and publishes their
+descriptors in GATEWAY_SHARED_STATE; each worker attaches to them (`instance_state`). Outside
+gunicorn (one process) the same interfaces are served from process memory.
+
+Why shared memory and not Redis for this: it is per instance, costs ~15 µs per check, needs no
+service, and a killed worker's slots are reclaimed by the master (`child_exit`). Redis is the
+optional layer on top for limits that must hold across replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from app.policies.breaker import BreakerCell, MemoryBreakerCell, SharedBreakerCell
+from app.policies.concurrency import ConnectionLimiter, MemoryConnectionLimiter, SharedConnectionLimiter
+from app.policies.ratelimit import MemoryStorage, SharedMemoryStorage, Storage
+from app.settings import Settings
+
+ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD", written by the master
+
+
+@dataclass
+class InstanceState:
+    rate_storage: Storage
+    slots: ConnectionLimiter
+    breaker_cell: BreakerCell
+
+
+@dataclass
+class SharedTables:
+    """The master's handles (it reclaims slots of dead workers through `slots`)."""
+
+    rate_storage: SharedMemoryStorage
+    slots: SharedConnectionLimiter
+    breaker_cell: SharedBreakerCell
+
+    def publish(self) -> None:
+        for table in (self.rate_storage, self.slots, self.breaker_cell):
+            os.set_inheritable(table.fd, True)
+        os.environ[ENV_VAR] = (
+            f"ratelimit={self.rate_storage.fd},slots={self.slots.fd},breaker={self.breaker_cell.fd}"
+        )
+
+
+def create_shared(settings: Settings) -> SharedTables:
+    tables = SharedTables(
+        rate_storage=SharedMemoryStorage(),
+        slots=SharedConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
+        breaker_cell=SharedBreakerCell(failure_capacity=settings.circuit_failure_threshold),
+    )
+    tables.publish()
+    return tables
+
+
+def instance_state(settings: Settings) -> InstanceState:
+    published = os.environ.get(ENV_VAR)
+    if not published:
+        return InstanceState(
+            rate_storage=MemoryStorage(),
+            slots=MemoryConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
+            breaker_cell=MemoryBreakerCell(),
+        )
+    fds = {name: int(fd) for name, fd in (part.split("=") for part in published.split(","))}
+    return InstanceState(
+        rate_storage=SharedMemoryStorage.attach(fds["ratelimit"]),
+        slots=SharedConnectionLimiter.attach(fds["slots"]),
+        breaker_cell=SharedBreakerCell.attach(fds["breaker"]),
+    )

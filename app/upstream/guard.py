@@ -1,0 +1,158 @@
+"""Guards an upstream: the circuit breaker around every attempt, and retries before the first token.
+
+    open ─► breaker.allow()? ─no─► CircuitOpenError (503 + Retry-After)
+              │ permit
+              ▼
+           attempt ─► first batch ─► permit.record_success() ─► relay ... ─► mid-stream failure:
+              │ connect error / 429 / 5xx / broken before any token         breaker.record_failure()
+              ▼
+           permit settled (failure; 429: no verdict) ─► retry? (RetryPolicy: kind, attempt, no token
+           sent yet) ─► backoff with full jitter, honouring Retry-After ─► next attempt
+
+A retry can happen even after the response headers went out, as long as no token did: the
+client only ever saw the opening event. Iteration adds one frame per batch, nothing per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
+from app.observability.metrics import UPSTREAM_RETRIES_TOTAL
+from app.policies.breaker import CircuitBreaker, Permit
+from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
+from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+
+
+def error_kind(error: GatewayError) -> ErrorKind:
+    """How the retry policy sees an upstream failure."""
+    if isinstance(error, StreamTimeoutError):
+        return ErrorKind.CONNECT if error.deadline == "upstream connect" else ErrorKind.TIMEOUT
+    if not isinstance(error, UpstreamError):
+        return ErrorKind.OTHER
+    if error.kind in ("connect", "broken"):  # a reset before any token is as good as never connected
+        return ErrorKind.CONNECT
+    if error.kind == "status" and error.upstream_status is not None:
+        return error_kind_for_status(error.upstream_status)
+    return ErrorKind.OTHER
+
+
+def _settle_failed_attempt(permit: Permit, kind: ErrorKind) -> None:
+    if kind is ErrorKind.RATE_LIMITED:
+        permit.release()  # the upstream is alive and said "slow down": not a health failure
+    elif kind is ErrorKind.CLIENT:
+        permit.record_success()  # it answered sensibly; the request was at fault
+    else:
+        permit.record_failure()
+
+
+class GuardedStream:
+    __slots__ = ("_guard", "_request", "_max_batch", "_headers", "_inner", "_permit", "_attempt", "_started")
+
+    def __init__(self, guard: GuardedUpstream, request: ChatRequest, max_batch: int,
+                 headers: Mapping[str, str] | None, inner: UpstreamStream, permit: Permit, attempt: int) -> None:
+        self._guard = guard
+        self._request = request
+        self._max_batch = max_batch
+        self._headers = headers
+        self._inner = inner
+        self._permit = permit
+        self._attempt = attempt
+        self._started = False  # a batch went to the relay: no more retries
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._inner.finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._inner.usage
+
+    def __aiter__(self) -> GuardedStream:
+        return self
+
+    async def __anext__(self) -> list[str]:
+        while True:
+            try:
+                batch = await self._inner.__anext__()
+            except StopAsyncIteration:
+                self._permit.record_success()  # an empty but clean answer is still a healthy upstream
+                raise
+            except GatewayError as error:
+                if self._started:
+                    self._guard.breaker.record_failure()  # broke mid-stream
+                    raise
+                kind = error_kind(error)
+                _settle_failed_attempt(self._permit, kind)
+                await self._inner.aclose()
+                self._inner, self._permit, self._attempt = await self._guard.retry(
+                    self._request, self._max_batch, self._headers, error, kind, self._attempt
+                )
+                continue
+            if not self._started:
+                self._started = True
+                self._permit.record_success()
+            return batch
+
+    def mark_failed(self) -> None:
+        """The relay cut this stream for the upstream's fault (a stall): count it against the upstream."""
+        if self._started:
+            self._guard.breaker.record_failure()
+        else:
+            self._permit.record_failure()
+
+    async def aclose(self) -> None:
+        self._permit.release()  # no verdict if it was never settled (client left first)
+        await self._inner.aclose()
+
+
+class GuardedUpstream:
+    def __init__(self, inner: Upstream, breaker: CircuitBreaker, policy: RetryPolicy) -> None:
+        self.inner = inner
+        self.breaker = breaker
+        self.policy = policy
+        self.name = inner.name
+
+    def _permit(self) -> Permit:
+        permit = self.breaker.allow()
+        if permit is None:
+            raise CircuitOpenError(self.name, self.breaker.retry_after_seconds())
+        return permit
+
+    async def _attempt(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
+                       attempt: int) -> tuple[UpstreamStream, Permit, int]:
+        while True:
+            permit = self._permit()
+            try:
+                return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
+            except GatewayError as error:
+                kind = error_kind(error)
+                _settle_failed_attempt(permit, kind)
+                if not self.policy.should_retry(attempt, kind, tokens_sent=0):
+                    raise
+                await self._backoff(error, kind, attempt)
+                attempt += 1
+            except BaseException:
+                permit.release()
+                raise
+
+    async def _backoff(self, error: GatewayError, kind: ErrorKind, attempt: int) -> None:
+        UPSTREAM_RETRIES_TOTAL.labels(kind.value).inc()
+        retry_after = error.retry_after_seconds if isinstance(error, UpstreamError) else None
+        await self.policy.wait(attempt, retry_after)
+
+    async def retry(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
+                    error: GatewayError, kind: ErrorKind, attempt: int) -> tuple[UpstreamStream, Permit, int]:
+        """After an attempt failed before its first token: back off and open a new one, or re-raise."""
+        if not self.policy.should_retry(attempt, kind, tokens_sent=0):
+            raise error
+        await self._backoff(error, kind, attempt)
+        return await self._attempt(request, max_batch, headers, attempt + 1)
+
+    async def open(self, request: ChatRequest, *, max_batch: int,
+                   headers: Mapping[str, str] | None = None) -> GuardedStream:
+        inner, permit, attempt = await self._attempt(request, max_batch, headers, 0)
+        return GuardedStream(self, request, max_batch, headers, inner, permit, attempt)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
