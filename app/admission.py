@@ -32,7 +32,8 @@ from app.errors import (
 )
 from app.policies.breaker import BreakerState, CircuitBreaker
 from app.policies.concurrency import ConnectionLimiter, Lease
-from app.policies.ratelimit import RateLimiter
+from app.policies.ratelimit import RateLimiter, StorageError
+from app.policies.redis_backend import LOCAL_ONLY, ClientSlots
 
 logger = logging.getLogger("app.admission")
 
@@ -117,10 +118,18 @@ class Ticket:
     identity: str
     headers: dict[str, str] = field(default_factory=dict)
     lease: Lease | None = None
+    remote: tuple[ClientSlots, str] | None = None  # the cross-replica lease, when Redis holds one
 
-    def release(self) -> None:
+    async def release(self) -> None:
         if self.lease is not None:
             self.lease.release()
+        remote, self.remote = self.remote, None
+        if remote is not None:
+            slots, lease_id = remote
+            try:
+                await slots.release(self.identity, lease_id)
+            except StorageError:
+                pass  # unreachable Redis: the lease expires with MAX_STREAM_AGE_SECONDS
 
 
 class Admission:
@@ -133,6 +142,8 @@ class Admission:
         rate_limiter: RateLimiter | None,
         breaker: CircuitBreaker,
         slots: ConnectionLimiter,
+        remote_slots: ClientSlots | None = None,
+        lease_ttl_s: float = 300.0,
     ) -> None:
         self._draining = draining
         self._keys = keys
@@ -140,6 +151,8 @@ class Admission:
         self._rate_limiter = rate_limiter
         self._breaker = breaker
         self._slots = slots
+        self._remote_slots = remote_slots
+        self._lease_ttl_s = lease_ttl_s
 
     async def admit(self, connection: HTTPConnection) -> Ticket:
         """Every check but the slot; raises the refusal. Nothing is held yet."""
@@ -166,8 +179,10 @@ class Admission:
             return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # the key itself is never kept
         return client_address(connection, self._trusted)
 
-    def take_slot(self, ticket: Ticket) -> None:
-        """The last step: an instance-wide and per-client connection slot, released by the stream's end."""
+    async def take_slot(self, ticket: Ticket) -> None:
+        """The last step: an instance-wide and per-client connection slot, released by the stream's end.
+
+        With Redis, the per-client cap also holds across replicas; Redis down: local caps only."""
         lease = self._slots.try_acquire(ticket.identity)
         if lease is None:
             if self._slots.active() >= self._slots.max_total:
@@ -179,3 +194,18 @@ class Admission:
                 per_client=True,
             )
         ticket.lease = lease
+        if self._remote_slots is None:
+            return
+        limit = self._slots.max_per_client
+        try:
+            lease_id = await self._remote_slots.try_acquire(ticket.identity, limit, self._lease_ttl_s)
+        except BaseException:
+            lease.release()
+            raise
+        if lease_id is None:
+            lease.release()
+            raise ConnectionLimitError(
+                f"this client already has its maximum of {limit} concurrent streams across the fleet", per_client=True
+            )
+        if lease_id != LOCAL_ONLY:
+            ticket.remote = (self._remote_slots, lease_id)

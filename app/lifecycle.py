@@ -28,10 +28,23 @@ from opentelemetry.sdk.trace import TracerProvider
 from app.admission import Admission, KeyRing, parse_networks
 from app.errors import ShutdownError
 from app.instance import instance_state
-from app.observability.metrics import DRAIN_CUT_STREAMS_TOTAL, DRAIN_DURATION_SECONDS
+from app.observability.metrics import (
+    DRAIN_CUT_STREAMS_TOTAL,
+    DRAIN_DURATION_SECONDS,
+    REDIS_FALLBACKS_TOTAL,
+    REDIS_UP,
+)
 from app.observability.recorder import StreamRecorder
 from app.policies.breaker import BreakerConfig, CircuitBreaker
-from app.policies.ratelimit import RateLimit, RateLimiter
+from app.policies.ratelimit import RateLimit, RateLimiter, Storage
+from app.policies.redis_backend import (
+    ClientSlots,
+    LazyRedis,
+    RedisClientSlots,
+    RedisStorage,
+    ResilientClientSlots,
+    ResilientStorage,
+)
 from app.policies.retry import RetryPolicy
 from app.settings import Settings
 from app.streaming.relay import Relay
@@ -114,6 +127,7 @@ class GatewayState:
     admission: Admission
     relay: Relay
     tracer_provider: TracerProvider | None = None
+    redis: LazyRedis | None = None
 
     @staticmethod
     def clock() -> float:
@@ -165,10 +179,18 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds),
     )
     drain = Drain(registry, timeout_s=settings.drain_timeout_seconds, close_grace_s=settings.drain_close_grace_seconds)
+    rate_storage: Storage = shared.rate_storage
+    remote_slots: ClientSlots | None = None
+    redis = LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds) if settings.redis_url else None
+    if redis is not None:
+        rate_storage = ResilientStorage(
+            RedisStorage(redis), shared.rate_storage, on_state_change=_redis_state_reporter("ratelimit")
+        )
+        remote_slots = ResilientClientSlots(RedisClientSlots(redis), on_state_change=_redis_state_reporter("slots"))
     rate_limiter = None
     if settings.rate_limit_per_minute > 0:
         rate_limiter = RateLimiter(
-            shared.rate_storage,
+            rate_storage,
             RateLimit.per_minute(settings.rate_limit_per_minute, settings.rate_limit_burst),
             fail_open=True,
         )
@@ -180,6 +202,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         rate_limiter=rate_limiter,
         breaker=breaker,
         slots=shared.slots,
+        remote_slots=remote_slots,
+        lease_ttl_s=settings.max_stream_age_seconds,
     )
     recorder = StreamRecorder(model_names=settings.model_names)
     return GatewayState(
@@ -192,7 +216,22 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         admission=admission,
         relay=Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size),
         tracer_provider=tracer_provider,
+        redis=redis,
     )
+
+
+def _redis_state_reporter(store: str) -> Callable[[bool], None]:
+    """Redis reachability changes: one log line and the metrics, per transition (not per request)."""
+
+    def report(up: bool) -> None:
+        REDIS_UP.labels(store).set(1 if up else 0)
+        if up:
+            logger.info("redis reachable again: limits shared across replicas", extra={"store": store})
+        else:
+            REDIS_FALLBACKS_TOTAL.labels(store).inc()
+            logger.warning("redis unreachable: falling back to this instance's limits", extra={"store": store})
+
+    return report
 
 
 @asynccontextmanager
@@ -206,5 +245,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await state.registry.stop()
         await state.upstream.aclose()
+        if state.redis is not None:
+            await state.redis.aclose()
         if state.tracer_provider is not None:
             state.tracer_provider.shutdown()  # flush spans still in the batch queue

@@ -79,6 +79,13 @@ DRAIN_DURATION_SECONDS = Histogram(
 DRAIN_CUT_STREAMS_TOTAL = Counter(
     "streaming_drain_cut_streams_total", "Streams still running at the drain deadline, ended with server_shutdown."
 )
+REDIS_UP = Gauge(
+    "streaming_redis_up", "1 while limits are shared through Redis, 0 while falling back to local limits.",
+    ["store"], multiprocess_mode="mostrecent",
+)
+REDIS_FALLBACKS_TOTAL = Counter(
+    "streaming_redis_fallbacks_total", "Times Redis became unreachable and limits fell back to local.", ["store"]
+)
 CIRCUIT_BREAKER_STATE = Gauge(
     "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["service"],
     multiprocess_mode="mostrecent",

@@ -51,7 +51,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     )
     check_prompt_size(len(chat.prompt_text), settings)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
-    state.admission.take_slot(ticket)  # last: from here the response owns the slot
+    await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     completion_id = f"chatcmpl-{session.id}"
     created = int(time.time())
     if body.stream:

@@ -39,7 +39,7 @@ async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     chat = seed_chat_request(await read_json(request, StreamRequest), state)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
-    state.admission.take_slot(ticket)  # last: from here the response owns the slot
+    await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     return ASGIResponse(
         SSEStreamResponse(
             relay=state.relay, session=session, request=chat, encoder=_SEED_ENCODER, release=ticket.release,

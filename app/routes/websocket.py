@@ -50,7 +50,7 @@ async def ws_stream(websocket: WebSocket) -> None:
         if len(raw) > settings.max_body_bytes:
             raise PayloadTooLargeError(f"request message is larger than {settings.max_body_bytes} bytes")
         chat = seed_chat_request(parse_json_model(raw, StreamRequest), state)
-        state.admission.take_slot(ticket)
+        await state.admission.take_slot(ticket)
     except GatewayError as exc:
         count_rejection(ENDPOINT, exc.code)
         await _end_with_error(websocket, exc)

@@ -84,7 +84,7 @@ class Relay:
     max_batch: int  # STREAM_BUFFER_SIZE: most events per batch
 
     def run(self, session: StreamSession, *, receive: Receive, disconnect_type: str,
-            release: Callable[[], None] | None = None) -> StreamRun:
+            release: Callable[[], Awaitable[None]] | None = None) -> StreamRun:
         return StreamRun(session, relay=self, receive=receive, disconnect_type=disconnect_type, release=release)
 
 
@@ -92,7 +92,7 @@ class StreamRun:
     """One stream's stay in the worker: registry entry, disconnect listener, cut handling, release."""
 
     def __init__(self, session: StreamSession, *, relay: Relay, receive: Receive, disconnect_type: str,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], Awaitable[None]] | None = None) -> None:
         self.session = session
         self.deps = relay
         self.registry = relay.registry
@@ -181,7 +181,7 @@ class StreamRun:
             self.report(Outcome.ERROR if error else Outcome.SHUTDOWN, error)
         self.registry.discard(self.session)
         if self._release is not None:
-            self._release()
+            await self._release()
         if self._listener is not None:
             self._listener.cancel()
         if self._stream is not None:
@@ -212,7 +212,7 @@ class SSEStreamResponse:
         request: ChatRequest,
         encoder: Encoder,
         error_response: Callable[[GatewayError], ASGIApp],
-        release: Callable[[], None] | None = None,
+        release: Callable[[], Awaitable[None]] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.relay = relay
@@ -276,7 +276,7 @@ class CompletionResponse:
         request: ChatRequest,
         error_response: Callable[[GatewayError], ASGIApp],
         render: Callable[[str, str | None, Usage | None, int], dict[str, object]],
-        release: Callable[[], None] | None = None,
+        release: Callable[[], Awaitable[None]] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.relay = relay
