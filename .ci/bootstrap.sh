@@ -7,8 +7,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-$ROOT/.venv}"
-# Debian packages the test suite starts for real (redis-server, nginx, prometheus come with later layers).
-APT_PACKAGES="${APT_PACKAGES:-}"
+# Debian packages the test suite starts for real (services are started by the tests, never as daemons).
+APT_PACKAGES="${APT_PACKAGES:-redis-server prometheus nginx}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
