@@ -26,9 +26,20 @@ def prepare_multiproc_dir() -> str:
     return path
 
 
+def prepare_resume_dir(settings: Settings) -> str:
+    """The local resume store's directory: one per instance, shared by its workers, empty at start."""
+    default = Path(tempfile.gettempdir()) / f"gateway-resume-{os.getpid()}"
+    path = settings.resume_dir or str(default)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
 def main() -> None:
-    Settings()  # fail fast, with pydantic's message, before gunicorn forks anything
+    settings = Settings()  # fail fast, with pydantic's message, before gunicorn forks anything
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_multiproc_dir()
+    if settings.resume_enabled and settings.resume_store == "local":
+        os.environ["RESUME_DIR"] = prepare_resume_dir(settings)
     conf = str(Path(__file__).with_name("gunicorn_conf.py"))
     args = [sys.executable, "-m", "gunicorn", "--config", conf, APP_FACTORY]
     os.execv(sys.executable, args)

@@ -236,6 +236,21 @@ class ShutdownError(GatewayError):
     retryable = True
 
 
+class OrphanTimeoutError(GatewayError):
+    """The client left and did not resume in time: the generation was stopped."""
+
+    status, code, openai_type, ws_close_code = 504, "orphan_timeout", "server_error", WS_INTERNAL_ERROR
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no client resumed this stream within {seconds:g}s; its generation was stopped")
+
+
+class NotResumableError(GatewayError):
+    """The stream asked for is unknown, expired, or no longer holds the events asked for."""
+
+    status, code, openai_type, ws_close_code = 404, "not_resumable", "invalid_request_error", WS_POLICY_VIOLATION
+
+
 class InternalError(GatewayError):
     """An unexpected failure inside the gateway (logged with the request id)."""
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ from app.policies.redis_backend import (
     ResilientStorage,
 )
 from app.policies.retry import RetryPolicy
+from app.resume.local import DirectoryBackend
+from app.resume.store import ResumeStore
 from app.settings import Settings
 from app.streaming.relay import Relay
 from app.streaming.session import StreamRegistry
@@ -128,6 +132,7 @@ class GatewayState:
     relay: Relay
     tracer_provider: TracerProvider | None = None
     redis: LazyRedis | None = None
+    resume: ResumeStore | None = None
 
     @staticmethod
     def clock() -> float:
@@ -159,6 +164,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         slow_client_s=settings.slow_client_timeout_seconds,
         ping_interval_s=settings.sse_ping_interval_seconds,
         check_interval_s=settings.deadline_check_interval_seconds,
+        orphan_timeout_s=settings.orphan_timeout_seconds if settings.resume_enabled else 0.0,
+        max_orphans=settings.max_orphaned_streams,
     )
     upstream = build_upstream(settings)
     if tracer_provider is not None:  # a client span per attempt, inside the guard
@@ -206,6 +213,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         lease_ttl_s=settings.max_stream_age_seconds,
     )
     recorder = StreamRecorder(model_names=settings.model_names)
+    resume = build_resume_store(settings) if settings.resume_enabled else None
     return GatewayState(
         settings=settings,
         upstream=upstream,
@@ -217,6 +225,15 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         relay=Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size),
         tracer_provider=tracer_provider,
         redis=redis,
+        resume=resume,
+    )
+
+
+def build_resume_store(settings: Settings) -> ResumeStore:
+    directory = settings.resume_dir or os.path.join(tempfile.gettempdir(), f"gateway-resume-{os.getpid()}")
+    backend = DirectoryBackend(directory, ttl_s=settings.resume_ttl_seconds)
+    return ResumeStore(
+        backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events
     )
 
 
@@ -238,12 +255,16 @@ def _redis_state_reporter(store: str) -> Callable[[bool], None]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: GatewayState = app.state.gateway
     state.registry.start()
+    if state.resume is not None:
+        state.resume.start()
     state.drain.install()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield
     finally:
         await state.registry.stop()
+        if state.resume is not None:
+            await state.resume.stop()
         await state.upstream.aclose()
         if state.redis is not None:
             await state.redis.aclose()

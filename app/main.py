@@ -30,7 +30,8 @@ logger = logging.getLogger("app")
 
 
 def _respond(request: Request, error: GatewayError) -> JSONResponse:
-    count_rejection(request.url.path, error.code)
+    route = request.scope.get("route")
+    count_rejection(getattr(route, "path", request.url.path), error.code)  # the route template, never raw ids
     return error_response(error, openai_shape=is_openai_path(request.url.path))
 
 

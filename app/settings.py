@@ -112,6 +112,31 @@ class Settings(BaseSettings):
         5.0, gt=0, description="After the drain deadline, how long cut streams get to write their final event."
     )
 
+    # --- resumable streams -----------------------------------------------------------------------
+    resume_enabled: bool = Field(
+        True, description="Keep /stream and /ws events so a client can resume with Last-Event-ID."
+    )
+    resume_store: Literal["local", "redis"] = Field(
+        "local",
+        description="Where events are kept: `local` (this instance's RESUME_DIR) or `redis` (any replica; REDIS_URL).",
+    )
+    resume_dir: str | None = Field(
+        None, description="Directory for the local store, shared by the workers; unset: `python -m app` makes one."
+    )
+    resume_ttl_seconds: float = Field(300.0, gt=0, description="How long a finished stream can still be replayed.")
+    resume_max_events: int = Field(
+        20_000, ge=1, description="Events kept per stream; a longer stream stops being resumable."
+    )
+    resume_flush_interval_seconds: float = Field(
+        0.1, gt=0, description="How often buffered events reach the store (and resumed tails poll it)."
+    )
+    orphan_timeout_seconds: float = Field(
+        30.0, ge=0, description="A generation whose client left runs on this long for it to return (0: stop at once)."
+    )
+    max_orphaned_streams: int = Field(
+        100, ge=0, description="Orphaned generations per worker; beyond, a client leaving stops its generation."
+    )
+
     # --- relay ------------------------------------------------------------------------------------
     stream_buffer_size: int = Field(
         100, ge=1, description="Per-stream buffer: most upstream events read ahead of the client (one write)."
@@ -124,6 +149,8 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Self:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
+        if self.resume_enabled and self.resume_store == "redis" and not self.redis_url:
+            raise ValueError("RESUME_STORE=redis needs REDIS_URL")
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
         return self

@@ -92,6 +92,8 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
     # Tests of other features send many requests from one address; the protection tests set these back.
     env.update({"RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "500"})
+    # A client leaving stops its generation at once (the resume tests turn orphaned generations back on).
+    env["ORPHAN_TIMEOUT_SECONDS"] = "0"
     env.update({k.upper(): str(v) for k, v in env_overrides.items()})
     fd = sock.fileno()
 

@@ -20,7 +20,8 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
-STREAM_ENDPOINTS = frozenset({"/stream", "/v1/chat/completions", "/ws"})  # the only endpoint label values
+# The only endpoint label values: route templates, never raw paths with ids in them.
+STREAM_ENDPOINTS = frozenset({"/stream", "/stream/{stream_id}", "/v1/chat/completions", "/ws"})
 
 
 def count_rejection(endpoint: str, reason: str) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
 
-from app.errors import error_response
+from fastapi import APIRouter, Header, Query, Request
+from starlette.responses import JSONResponse
+
+from app.errors import GatewayError, InvalidRequestError, NotResumableError, error_response
+from app.lifecycle import GatewayState
+from app.resume.store import EventLog, StreamMeta, parse_event_id
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
@@ -15,14 +20,25 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.streaming.relay import SSEStreamResponse
+from app.streaming.relay import ReplayResponse, SSEStreamResponse
+from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
 from app.upstream.schemas import StreamRequest
 
 router = APIRouter()
 ENDPOINT = "/stream"
-_SEED_ENCODER = SeedEncoder()
+RESUME_ENDPOINT = "/stream/{stream_id}"
+
+
+def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest) -> EventLog | None:
+    """The stream's resume log (its events outlive the connection), if resumption is on."""
+    if state.resume is None:
+        return None
+    session.resumable = True
+    return state.resume.open(
+        StreamMeta(stream_id=session.id, model=chat.model, messages=chat.messages, max_tokens=chat.max_tokens)
+    )
 
 
 def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
@@ -40,10 +56,48 @@ async def stream(request: Request, state: StateDep) -> ASGIResponse:
     chat = seed_chat_request(await read_json(request, StreamRequest), state)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
+    log = open_log(state, session, chat)
     return ASGIResponse(
         SSEStreamResponse(
-            relay=state.relay, session=session, request=chat, encoder=_SEED_ENCODER, release=ticket.release,
-            error_response=lambda exc: error_response(exc, openai_shape=False),
-            extra_headers=stream_headers(session, ticket),
+            relay=state.relay, session=session, request=chat, encoder=SeedEncoder(session.id if log else None),
+            release=ticket.release, error_response=_detail_error, extra_headers=stream_headers(session, ticket),
+            log=log,
         )
     )
+
+
+def _detail_error(error: GatewayError) -> JSONResponse:
+    return error_response(error, openai_shape=False)
+
+
+@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail")
+async def resume_stream(
+    stream_id: str, request: Request, state: StateDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[str | None, Query(description="Last-Event-ID, for clients that cannot set headers")] = None,
+) -> ASGIResponse:
+    await admit(request, state)  # no slot: the generation holds one wherever it runs
+    if state.resume is None:
+        raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
+    after_seq = resume_position(stream_id, last_event_id or after)
+    session = new_session(request, state, endpoint=RESUME_ENDPOINT, model="resume")
+    frames = state.resume.replay(stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds)
+    return ASGIResponse(
+        ReplayResponse(
+            relay=state.relay, session=session, frames=frames, error_response=_detail_error,
+            not_resumable=lambda: NotResumableError(
+                f"stream {stream_id} cannot be resumed: unknown, expired, or past its replay window"
+            ),
+            extra_headers=[(b"x-stream-id", stream_id.encode())],
+        )
+    )
+
+
+def resume_position(stream_id: str, last_event_id: str | None) -> int:
+    """The seq after which to replay: -1 (everything) without a Last-Event-ID."""
+    if not last_event_id:
+        return -1
+    parsed = parse_event_id(last_event_id)
+    if parsed is None or parsed[0] != stream_id:
+        raise InvalidRequestError(f"Last-Event-ID {last_event_id[:80]!r} is not an event id of stream {stream_id}")
+    return parsed[1]

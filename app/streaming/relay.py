@@ -19,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
-from app.errors import GatewayError, InternalError, StreamTimeoutError
+from app.errors import GatewayError, InternalError, NotResumableError, StreamTimeoutError
+from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
-from app.streaming.sse import PING, SSE_HEADERS
+from app.streaming.sse import PING, SSE_HEADERS, SeedEncoder
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
 
 logger = logging.getLogger("app.streaming")
+T = TypeVar("T")
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only if its socket takes it now
@@ -59,7 +61,7 @@ class ClientGoneError(Exception):
     """The client left before the upstream answered: there is no one to answer."""
 
 
-async def pump(session: StreamSession, stream: UpstreamStream, write: Callable[[list[str]], Awaitable[None]],
+async def pump(session: StreamSession, stream: AsyncIterable[list[T]], write: Callable[[list[T]], Awaitable[None]],
                clock: Callable[[], float]) -> None:
     """Relay every upstream batch to `write`. The only per-token work: a timestamp and a count."""
     async for batch in stream:
@@ -116,7 +118,7 @@ class StreamRun:
         receive, disconnect_type = self._receive, self._disconnect_type
         while (await receive())["type"] != disconnect_type:
             pass
-        self.session.client_disconnected()
+        self.registry.client_left(self.session)
 
     def _absorb_cut(self) -> bool:
         """After a CancelledError: True if it was our own cut (now absorbed), False if it must propagate."""
@@ -143,15 +145,24 @@ class StreamRun:
     async def relay(self, write: Callable[[list[str]], Awaitable[None]],
                     opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
         """Relay the opened stream until it ends; return how it ended (the caller writes the final event)."""
-        session, stream = self.session, self._stream
+        stream = self._stream
         assert stream is not None
+        outcome, error = await self.relay_from(stream, write, opening)
+        if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
+            stream.mark_failed()
+        return outcome, error
+
+    async def relay_from(self, source: AsyncIterable[list[T]], write: Callable[[list[T]], Awaitable[None]],
+                         opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
+        """Relay any source of batches (the upstream, or a resume store's replay) with the same exits."""
+        session = self.session
         exc: Exception | None = None
         session.phase = Phase.RELAYING
         try:
             if session.cut_error is None:
                 if opening is not None:
                     await opening()
-                await pump(session, stream, write, asyncio.get_running_loop().time)
+                await pump(session, source, write, asyncio.get_running_loop().time)
         except asyncio.CancelledError:
             if not self._absorb_cut():
                 raise
@@ -162,8 +173,6 @@ class StreamRun:
         session.phase = Phase.FINISHING
         session.ping = None
         outcome, error = _end_reason(session, exc)
-        if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
-            stream.mark_failed()
         self.report(outcome, error)
         return outcome, error
 
@@ -214,6 +223,7 @@ class SSEStreamResponse:
         error_response: Callable[[GatewayError], ASGIApp],
         release: Callable[[], Awaitable[None]] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self.relay = relay
         self.session = session
@@ -222,9 +232,10 @@ class SSEStreamResponse:
         self.error_response = error_response
         self.release = release
         self.headers = SSE_HEADERS + (extra_headers or [])
+        self.log = log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session, encoder = self.session, self.encoder
+        session, encoder, log = self.session, self.encoder, self.log
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
             try:
@@ -238,16 +249,24 @@ class SSEStreamResponse:
 
             async def opening() -> None:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                await send({"type": "http.response.body", "body": encoder.opening(), "more_body": True})
+                body = encoder.opening()
+                if log is not None:
+                    log.append(body, 1)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 session.ping = ping
 
             async def write(batch: list[str]) -> None:
-                await send({"type": "http.response.body", "body": encoder.tokens(batch), "more_body": True})
+                body = encoder.tokens(batch)
+                if log is not None:
+                    log.append(body, len(batch))  # before the send: a stalled client must not hold it back
+                await send({"type": "http.response.body", "body": body, "more_body": True})
 
             async def ping() -> None:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
 
             outcome, error = await run.relay(write, opening)
+            if log is not None:
+                log.close(_log_final(encoder, session, stream, error))
             if outcome is Outcome.CLIENT_GONE:
                 return
             if error is None:
@@ -263,6 +282,72 @@ class SSEStreamResponse:
                     await send(last)
             except TimeoutError:
                 pass
+
+
+def _log_final(encoder: Encoder, session: StreamSession, stream: UpstreamStream, error: GatewayError | None) -> bytes:
+    """The resume log's last event: what a client resuming this stream will end with."""
+    final: GatewayError | None = error
+    if session.client_gone and error is None:
+        final = NotResumableError("the generation stopped when its client left")
+    elif error is not None and error.code == "server_shutdown":
+        final = NotResumableError("the instance shut down before this stream finished; send the request again")
+    if final is None:
+        return encoder.done(session.tokens, stream.finish_reason, stream.usage)
+    return encoder.error(final)
+
+
+class ReplayResponse:
+    """`GET /stream/{id}`: a resumed stream, replayed from the store, then its live tail."""
+
+    def __init__(self, *, relay: Relay, session: StreamSession, frames: AsyncIterator[list[bytes]],
+                 error_response: Callable[[GatewayError], ASGIApp], not_resumable: Callable[[], GatewayError],
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.relay = relay
+        self.session = session
+        self.frames = frames
+        self.error_response = error_response
+        self.not_resumable = not_resumable
+        self.headers = SSE_HEADERS + (extra_headers or [])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = self.session
+        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect") as run:
+            try:
+                first = await anext(self.frames)
+            except LookupError:
+                refusal = self.not_resumable()
+                run.report(Outcome.ERROR, refusal)
+                await self.error_response(refusal)(scope, receive, send)
+                return
+            except StopAsyncIteration:
+                first = []
+
+            async def opening() -> None:
+                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                await send({"type": "http.response.body", "body": b"".join(first), "more_body": True})
+                session.ping = ping
+
+            async def write(batch: list[bytes]) -> None:
+                await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
+
+            async def ping() -> None:
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+            outcome, error = await run.relay_from(_not_resumable_on_lookup(self.frames, self.not_resumable),
+                                                  write, opening)
+            if outcome is Outcome.CLIENT_GONE:
+                return
+            final = b"" if error is None else SeedEncoder().error(error)
+            await send({"type": "http.response.body", "body": final, "more_body": False})
+
+
+async def _not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
+                                   error: Callable[[], GatewayError]) -> AsyncIterator[list[bytes]]:
+    try:
+        async for batch in frames:
+            yield batch
+    except LookupError:
+        raise error() from None
 
 
 class CompletionResponse:

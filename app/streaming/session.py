@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from app.errors import BackpressureError, GatewayError, StreamTimeoutError
+from app.errors import BackpressureError, GatewayError, OrphanTimeoutError, StreamTimeoutError
 
 logger = logging.getLogger("app.streaming")
 
@@ -41,6 +41,7 @@ class StreamSession:
     __slots__ = (
         "id", "request_id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at",
         "last_write_at", "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
+        "resumable", "orphaned_at",
     )
 
     def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float,
@@ -62,6 +63,8 @@ class StreamSession:
         self.client_gone = False
         self.task: asyncio.Task[Any] | None = None
         self.ping: Callable[[], Coroutine[Any, Any, None]] | None = None  # set by relays that can ping
+        self.resumable = False  # its events go to the resume store: it may outlive its client
+        self.orphaned_at = 0.0  # when its client left while the generation ran on (0: it did not)
 
     @property
     def cut(self) -> bool:
@@ -97,8 +100,13 @@ class StreamRegistry:
         slow_client_s: float,
         ping_interval_s: float,
         check_interval_s: float,
+        orphan_timeout_s: float = 0.0,
+        max_orphans: int = 0,
     ) -> None:
         self.streams: set[StreamSession] = set()
+        self.orphans = 0
+        self._orphan_timeout_s = orphan_timeout_s
+        self._max_orphans = max_orphans
         self.closing_error: GatewayError | None = None  # set by the drain: streams admitted late are cut at once
         self._first_token_s = first_token_s
         self._inter_token_s = inter_token_s
@@ -117,7 +125,21 @@ class StreamRegistry:
         if self.closing_error is not None:
             session.cut_error = self.closing_error
 
+    def client_left(self, session: StreamSession) -> None:
+        """The client went away. A resumable generation runs on (bounded) for it to reconnect."""
+        keep = (
+            session.resumable and session.phase is Phase.RELAYING and not session.cut
+            and self._orphan_timeout_s > 0 and self.orphans < self._max_orphans
+        )
+        if not keep:
+            session.client_disconnected()
+            return
+        self.orphans += 1
+        session.orphaned_at = asyncio.get_running_loop().time()
+
     def discard(self, session: StreamSession) -> None:
+        if session.orphaned_at and session in self.streams:
+            self.orphans -= 1
         self.streams.discard(session)
         if not self.streams:
             self._empty.set()
@@ -140,21 +162,32 @@ class StreamRegistry:
         for s in list(self.streams):
             if s.phase is Phase.FINISHING or s.cut:
                 continue
-            if s.writing_since and now - s.writing_since > self._slow_client_s:
-                s.cut_with(BackpressureError(f"client read nothing for {self._slow_client_s:g}s"))
-            elif now - s.started_at > self._total_s:
-                s.cut_with(StreamTimeoutError("total", self._total_s))
-            elif not s.first_token_at:
-                if now - s.started_at > self._first_token_s:
-                    s.cut_with(StreamTimeoutError("first token", self._first_token_s))
-            elif not s.writing_since and now - s.last_token_at > self._inter_token_s:
-                s.cut_with(StreamTimeoutError("inter-token", self._inter_token_s))
-            idle = not s.writing_since and now - s.last_write_at >= self._ping_interval_s
-            if idle and s.ping is not None and not s.cut:
+            error = self._deadline_passed(s, now)
+            if error is not None:
+                s.cut_with(error)
+            elif (
+                s.ping is not None and not s.writing_since and not s.orphaned_at
+                and now - s.last_write_at >= self._ping_interval_s
+            ):
                 s.last_write_at = now
                 task = asyncio.get_running_loop().create_task(s.ping())
                 self._pings.add(task)
                 task.add_done_callback(self._pings.discard)
+
+    def _deadline_passed(self, s: StreamSession, now: float) -> GatewayError | None:
+        if s.orphaned_at and now - s.orphaned_at > self._orphan_timeout_s:
+            return OrphanTimeoutError(self._orphan_timeout_s)
+        if s.writing_since and not s.orphaned_at and now - s.writing_since > self._slow_client_s:
+            return BackpressureError(f"client read nothing for {self._slow_client_s:g}s")
+        if now - s.started_at > self._total_s:
+            return StreamTimeoutError("total", self._total_s)
+        if not s.first_token_at:
+            if now - s.started_at > self._first_token_s:
+                return StreamTimeoutError("first token", self._first_token_s)
+            return None
+        if not s.writing_since and now - s.last_token_at > self._inter_token_s:
+            return StreamTimeoutError("inter-token", self._inter_token_s)
+        return None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -30,22 +30,39 @@ SSE_HEADERS = [
 
 
 class SeedEncoder:
-    """`POST /stream` events: status, token..., done | error | server_shutdown."""
+    """`POST /stream` events: status, token..., done | error | server_shutdown.
 
-    __slots__ = ()
+    With a stream id every event but `server_shutdown` carries `id: <stream id>-<seq>` (status 0,
+    tokens 1..n, the final event n+1), so a client can resume with `Last-Event-ID`; clients that
+    read only `data:` lines see exactly the seed's bytes. `server_shutdown` belongs to one
+    connection, not to the stream, so it has no id: EventSource keeps the last one it saw.
+    """
+
+    __slots__ = ("_id_prefix", "seq")
+
+    def __init__(self, stream_id: str | None = None) -> None:
+        self._id_prefix = f"id: {stream_id}-" if stream_id else None
+        self.seq = 0  # the seq of the next event
+
+    def _framed(self, data: bytes) -> bytes:
+        seq, self.seq = self.seq, self.seq + 1
+        return data if self._id_prefix is None else f"{self._id_prefix}{seq}\n".encode() + data
 
     def opening(self) -> bytes:
-        return SEED_STATUS
+        return self._framed(SEED_STATUS)
 
     def tokens(self, batch: list[str]) -> bytes:
-        head, tail = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL
-        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
+        head, tail, prefix, seq = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL, self._id_prefix, self.seq
+        self.seq = seq + len(batch)
+        if prefix is None:
+            return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
+        return "".join([f"{prefix}{seq + i}\n{head}{escape(text)}{tail}" for i, text in enumerate(batch)]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
-        return f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode()
+        return self._framed(f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode())
 
     def error(self, error: GatewayError) -> bytes:
-        return SEED_SHUTDOWN if error.code == "server_shutdown" else error.event_bytes()
+        return SEED_SHUTDOWN if error.code == "server_shutdown" else self._framed(error.event_bytes())
 
 
 class ChatChunkEncoder:

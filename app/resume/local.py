@@ -1,0 +1,77 @@
+"""The default resume backend: one append-only file per stream in a directory the instance's
+workers share (RESUME_DIR, prepared by `python -m app`; an emptyDir in Kubernetes).
+
+Any worker can replay a stream another worker produces, within RESUME_TTL_SECONDS. Files live as
+long as the instance's directory: a client can resume on the same instance, not on another one
+(that is what the Redis backend is for). File I/O runs in a thread so a slow disk never stalls
+the event loop; in Kubernetes the chart mounts the directory as a memory-backed emptyDir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+SUFFIX = ".sse"
+
+
+class DirectoryBackend:
+    def __init__(self, directory: str, *, ttl_s: float) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
+        self._fds: dict[str, int] = {}  # streams this worker produces
+
+    def _path(self, stream_id: str) -> Path:
+        return self.directory / f"{stream_id}{SUFFIX}"
+
+    def _write_all(self, chunks: dict[str, bytes]) -> None:
+        for stream_id, payload in chunks.items():
+            fd = self._fds.get(stream_id)
+            if fd is None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                fd = self._fds[stream_id] = os.open(self._path(stream_id), flags, 0o600)
+            os.write(fd, payload)
+
+    async def write(self, chunks: dict[str, bytes]) -> None:
+        await asyncio.to_thread(self._write_all, chunks)
+
+    def _read(self, stream_id: str, offset: int) -> tuple[bytes, int] | None:
+        try:
+            with open(self._path(stream_id), "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, offset + len(data)
+
+    async def read(self, stream_id: str, offset: int) -> tuple[bytes, int] | None:
+        return await asyncio.to_thread(self._read, stream_id, offset)
+
+    async def expire(self, stream_id: str) -> None:
+        fd = self._fds.pop(stream_id, None)
+        if fd is not None:
+            os.close(fd)  # the file stays until the sweep finds it older than the TTL
+
+    def _sweep(self) -> None:
+        cutoff = time.time() - self.ttl_s  # file mtimes are wall-clock
+        for entry in os.scandir(self.directory):
+            try:
+                if entry.name.endswith(SUFFIX) and entry.stat().st_mtime < cutoff:
+                    stream_id = entry.name[: -len(SUFFIX)]
+                    fd = self._fds.pop(stream_id, None)
+                    if fd is not None:
+                        os.close(fd)
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another worker swept it first
+
+    async def sweep(self) -> None:
+        await asyncio.to_thread(self._sweep)
+
+    async def aclose(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
