@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     upstream_model: str | None = Field(
         None, description="Model name sent upstream; unset: the client's model is passed through."
     )
+    upstream_continuation: Literal["none", "vllm"] = Field(
+        "none",
+        description="Can the upstream continue a partial answer (handover)? `vllm`: continue_final_message.",
+    )
     upstream_connect_timeout_seconds: float = Field(10.0, gt=0, description="Upstream TCP/TLS connect timeout.")
     upstream_max_connections: int | None = Field(
         None,

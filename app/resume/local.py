@@ -38,17 +38,18 @@ class DirectoryBackend:
     async def write(self, chunks: dict[str, bytes]) -> None:
         await asyncio.to_thread(self._write_all, chunks)
 
-    def _read(self, stream_id: str, offset: int) -> tuple[bytes, int] | None:
+    def _read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+        offset = int(cursor or 0)  # the cursor is a byte offset into the stream's file
         try:
             with open(self._path(stream_id), "rb") as f:
                 f.seek(offset)
                 data = f.read()
         except FileNotFoundError:
             return None
-        return data, offset + len(data)
+        return data, str(offset + len(data))
 
-    async def read(self, stream_id: str, offset: int) -> tuple[bytes, int] | None:
-        return await asyncio.to_thread(self._read, stream_id, offset)
+    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+        return await asyncio.to_thread(self._read, stream_id, cursor)
 
     async def expire(self, stream_id: str) -> None:
         fd = self._fds.pop(stream_id, None)

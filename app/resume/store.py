@@ -64,8 +64,8 @@ class Backend(Protocol):
         """Append each stream's bytes (one call per flush for all dirty streams)."""
         ...
 
-    async def read(self, stream_id: str, offset: int) -> tuple[bytes, int] | None:
-        """Bytes appended after `offset` and the new offset; None if the stream is unknown or expired."""
+    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+        """Bytes appended after `cursor` ("" = from the start) and the next cursor; None if unknown or expired."""
         ...
 
     async def expire(self, stream_id: str) -> None:
@@ -168,14 +168,13 @@ class ResumeStore:
 
         Raises LookupError if the stream is unknown, expired, or no longer holds `after_seq + 1`.
         """
-        offset = 0
-        found = await self.backend.read(stream_id, 0)
+        found = await self.backend.read(stream_id, "")
         if found is None:
             raise LookupError(stream_id)
         carry = b""
         first = True
         while True:
-            chunk, offset = found
+            chunk, cursor = found
             data = carry + chunk
             cut = data.rfind(b"\n\n") + 2  # only whole frames; the rest waits for the next read
             frames, carry = split_events(data[:cut]), data[cut:]
@@ -189,6 +188,6 @@ class ResumeStore:
             if frames and is_final(frames[-1]):
                 return
             await asyncio.sleep(poll_s)
-            found = await self.backend.read(stream_id, offset)
+            found = await self.backend.read(stream_id, cursor)
             if found is None:
                 raise LookupError(stream_id)

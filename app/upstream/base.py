@@ -21,6 +21,10 @@ class ChatRequest:
     max_tokens: int
     # OpenAI sampling options passed through verbatim to an OpenAI-compatible upstream.
     options: dict[str, Any] = field(default_factory=dict)
+    # A handed-over generation continues after what was already produced (resume/handover.py):
+    # `max_tokens` stays the stream's total; the upstream produces the rest.
+    continuation_text: str = ""
+    continuation_tokens: int = 0
 
     @property
     def prompt_text(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from app.errors import (
+    NotResumableError,
     StreamTimeoutError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -142,12 +143,14 @@ class OpenAIUpstream:
         connect_timeout_s: float,
         pool_size: int,
         request_usage: bool = True,
+        continuation: str = "none",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = httpx.URL(base_url).host or "upstream"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._model_override = model_override
         self._request_usage = request_usage
+        self.continuation = continuation  # "vllm": the server can continue a partial assistant message
         self._connect_timeout_s = connect_timeout_s
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -165,9 +168,15 @@ class OpenAIUpstream:
         body.update(
             model=self._model_override or request.model,
             messages=request.messages,
-            max_tokens=request.max_tokens,
+            max_tokens=request.max_tokens - request.continuation_tokens,
             stream=True,
         )
+        if request.continuation_tokens:
+            if self.continuation != "vllm":
+                raise NotResumableError("the upstream cannot continue a partial answer (UPSTREAM_CONTINUATION=none)")
+            # vLLM's extension: extend the final assistant message instead of starting a new turn.
+            body["messages"] = [*request.messages, {"role": "assistant", "content": request.continuation_text}]
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if self._request_usage:
             body["stream_options"] = {"include_usage": True}
         return body

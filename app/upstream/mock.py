@@ -37,13 +37,17 @@ def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
 
 
 class MockStream:
-    __slots__ = ("_prompt", "_total", "_next", "_first_at", "_gap", "_max_batch", "finish_reason", "usage", "_loop")
+    __slots__ = (
+        "_prompt", "_total", "_next", "_resumed_at", "_first_at", "_gap", "_max_batch", "finish_reason", "usage",
+        "_loop",
+    )
 
     def __init__(self, request: ChatRequest, *, tokens_per_second: float, first_token_s: float, max_batch: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._prompt = request.prompt_text
         self._total = request.max_tokens
-        self._next = 0
+        self._next = request.continuation_tokens  # token i depends only on (prompt, i): continuing is exact
+        self._resumed_at = self._next
         self._first_at = self._loop.time() + first_token_s
         self._gap = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self._max_batch = max_batch
@@ -60,15 +64,15 @@ class MockStream:
             self.usage = Usage(len(self._prompt.split()), self._total)
             raise StopAsyncIteration
         if self._gap:
-            due = self._first_at + start * self._gap
+            due = self._first_at + (start - self._resumed_at) * self._gap
             now = self._loop.time()
             if due > now:
                 await asyncio.sleep(due - now)
                 now = self._loop.time()
-            count = int((now - self._first_at) / self._gap) + 1 - start
+            count = int((now - self._first_at) / self._gap) + 1 - (start - self._resumed_at)
         else:
             now = self._loop.time()
-            if start == 0 and self._first_at > now:
+            if start == self._resumed_at and self._first_at > now:
                 await asyncio.sleep(self._first_at - now)
             else:
                 await asyncio.sleep(0)  # stay cooperative when unpaced
