@@ -85,12 +85,14 @@ async def resume_stream(
     return ASGIResponse(
         ReplayResponse(
             relay=state.relay, session=session, frames=frames, error_response=_detail_error,
-            not_resumable=lambda: NotResumableError(
-                f"stream {stream_id} cannot be resumed: unknown, expired, or past its replay window"
-            ),
+            not_resumable=lambda: not_resumable(stream_id),
             extra_headers=[(b"x-stream-id", stream_id.encode())],
         )
     )
+
+
+def not_resumable(stream_id: str) -> NotResumableError:
+    return NotResumableError(f"stream {stream_id} cannot be resumed: unknown, expired, or past its replay window")
 
 
 def resume_position(stream_id: str, last_event_id: str | None) -> int:

@@ -3,6 +3,10 @@
 Refusals and errors are an `error` event followed by a close with the mapped code; a finished
 stream is `done` followed by a normal close (1000); a stream ended by the drain gets
 `server_shutdown` and close 1012 (service restart), so the client reconnects elsewhere.
+
+Resuming: with resumption on, the status event carries `"stream_id"`. A client that lost its
+connection opens a new one and sends `{"resume": "<stream id>", "received": <events it got>}`
+(or `"last_event_id": "<stream id>-<seq>"`); it gets every later event, then the live tail.
 """
 
 from __future__ import annotations
@@ -10,15 +14,25 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, WebSocket
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from app.errors import WS_NORMAL, GatewayError, InvalidRequestError, PayloadTooLargeError
+from app.admission import Ticket
+from app.errors import (
+    WS_NORMAL,
+    GatewayError,
+    InvalidRequestError,
+    NotResumableError,
+    PayloadTooLargeError,
+)
 from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
+from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, new_session, parse_json_model
-from app.routes.stream import seed_chat_request
-from app.streaming.relay import ClientGoneError
+from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request
+from app.streaming.relay import ClientGoneError, _log_final, not_resumable_on_lookup
 from app.streaming.session import Outcome
-from app.streaming.sse import escape
+from app.streaming.sse import SeedEncoder, escape
+from app.upstream.base import ChatRequest
 from app.upstream.schemas import StreamRequest
 
 router = APIRouter()
@@ -28,16 +42,43 @@ SHUTDOWN_TEXT = json.dumps({"type": "server_shutdown"})
 TOKEN_HEAD = '{"type": "token", "content": '
 
 
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resume: StrictStr = Field(min_length=1, max_length=64, description="The stream id from the status event.")
+    last_event_id: StrictStr | None = None
+    received: StrictInt | None = Field(None, ge=0, description="How many events of the stream the client has.")
+
+    def after_seq(self) -> int:
+        if self.received is not None:
+            return self.received - 1
+        return resume_position(self.resume, self.last_event_id)
+
+
 async def _end_with_error(websocket: WebSocket, error: GatewayError) -> None:
     text = SHUTDOWN_TEXT if error.code == "server_shutdown" else json.dumps(error.sse_event())
     await websocket.send_text(text)
     await websocket.close(code=error.ws_close_code, reason=error.ws_reason)
 
 
+def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeRequest:
+    if raw is None:
+        raise InvalidRequestError("expected one text message with the /stream request JSON")
+    if len(raw) > max_bytes:
+        raise PayloadTooLargeError(f"request message is larger than {max_bytes} bytes")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode()
+        except UnicodeDecodeError:
+            raise InvalidRequestError("request message is not valid UTF-8") from None
+    if '"resume"' in raw:
+        return parse_json_model(raw, ResumeRequest)
+    return parse_json_model(raw, StreamRequest)
+
+
 @router.websocket("/ws")
 async def ws_stream(websocket: WebSocket) -> None:
     state: GatewayState = websocket.app.state.gateway
-    settings = state.settings
     await websocket.accept()
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
@@ -45,35 +86,55 @@ async def ws_stream(websocket: WebSocket) -> None:
     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
     try:
         ticket = await admit(websocket, state)
-        if raw is None:
-            raise InvalidRequestError("expected one text message with the /stream request JSON")
-        if len(raw) > settings.max_body_bytes:
-            raise PayloadTooLargeError(f"request message is larger than {settings.max_body_bytes} bytes")
-        chat = seed_chat_request(parse_json_model(raw, StreamRequest), state)
-        await state.admission.take_slot(ticket)
+        request = _parse(raw, state.settings.max_body_bytes)
+        if isinstance(request, ResumeRequest):
+            if state.resume is None:
+                raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
+            after = request.after_seq()
+        else:
+            chat = seed_chat_request(request, state)
+            await state.admission.take_slot(ticket)
     except GatewayError as exc:
         count_rejection(ENDPOINT, exc.code)
         await _end_with_error(websocket, exc)
         return
+    if isinstance(request, ResumeRequest):
+        await _replay(websocket, state, request.resume, after)
+    else:
+        await _generate(websocket, state, chat, ticket)
 
+
+async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest, ticket: Ticket) -> None:
     session = new_session(websocket, state, endpoint=ENDPOINT, model=chat.model)
+    log: EventLog | None = open_log(state, session, chat)
+    encoder = SeedEncoder(session.id) if log is not None else None
     send_text = websocket.send_text
 
     async def opening() -> None:
-        await send_text(STATUS_TEXT)
+        if log is not None and encoder is not None:
+            log.append(encoder.opening(), 1)
+            status = {"type": "status", "message": "Generating...", "stream_id": session.id}
+            await send_text(json.dumps(status))
+        else:
+            await send_text(STATUS_TEXT)
 
     async def write(batch: list[str]) -> None:
+        if log is not None and encoder is not None:
+            log.append(encoder.tokens(batch), len(batch))
+        if session.orphaned_at:
+            return  # the client left; the generation runs on for it to resume
         try:
             for text in batch:
                 await send_text(f"{TOKEN_HEAD}{escape(text)}}}")
         except OSError:  # uvicorn's ClientDisconnected: the peer is gone before we heard its close
-            session.client_gone = True
-            raise
+            state.registry.client_left(session)
+            if not session.orphaned_at:
+                raise
 
     async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect",
                                release=ticket.release) as run:
         try:
-            await run.open(chat)
+            stream = await run.open(chat)
         except ClientGoneError:
             return
         except GatewayError as exc:
@@ -81,10 +142,41 @@ async def ws_stream(websocket: WebSocket) -> None:
             await _end_with_error(websocket, exc)
             return
         outcome, error = await run.relay(write, opening)
-        if outcome is Outcome.CLIENT_GONE:
+        if log is not None and encoder is not None:
+            log.close(_log_final(encoder, session, stream, error))
+        if outcome is Outcome.CLIENT_GONE or session.orphaned_at:
             return
         if error is not None:
             await _end_with_error(websocket, error)
             return
         await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
         await websocket.close(code=WS_NORMAL)
+
+
+def _event_text(frame: bytes) -> str:
+    """The JSON object of a stored SSE frame (`id: ...` line, `data: {...}` line)."""
+    return frame.split(b"data: ", 1)[1].rstrip(b"\n").decode()
+
+
+async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, after_seq: int) -> None:
+    assert state.resume is not None
+    session = new_session(websocket, state, endpoint=ENDPOINT, model="resume")
+    frames = state.resume.replay(stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds)
+    last: list[bytes] = []
+
+    async def write(batch: list[bytes]) -> None:
+        for frame in batch:
+            await websocket.send_text(_event_text(frame))
+        last[:] = batch[-1:]
+
+    source = not_resumable_on_lookup(frames, lambda: not_resumable(stream_id))
+    async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect") as run:
+        outcome, error = await run.relay_from(source, write)
+        if outcome is Outcome.CLIENT_GONE:
+            return
+        if error is not None:
+            await _end_with_error(websocket, error)
+        elif last and is_final(last[0]) and b'"type": "error"' in last[0]:
+            await websocket.close(code=NotResumableError.ws_close_code, reason="stream ended with an error")
+        else:
+            await websocket.close(code=WS_NORMAL)

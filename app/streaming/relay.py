@@ -333,7 +333,7 @@ class ReplayResponse:
             async def ping() -> None:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
 
-            outcome, error = await run.relay_from(_not_resumable_on_lookup(self.frames, self.not_resumable),
+            outcome, error = await run.relay_from(not_resumable_on_lookup(self.frames, self.not_resumable),
                                                   write, opening)
             if outcome is Outcome.CLIENT_GONE:
                 return
@@ -341,7 +341,7 @@ class ReplayResponse:
             await send({"type": "http.response.body", "body": final, "more_body": False})
 
 
-async def _not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
+async def not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
                                    error: Callable[[], GatewayError]) -> AsyncIterator[list[bytes]]:
     try:
         async for batch in frames:
