@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# The streaming gateway: gunicorn + uvicorn workers, non-root, read-only root filesystem.
+#   docker build -t streaming-gateway:0.1.0 .
+#   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp streaming-gateway:0.1.0
+# Writable paths: only /tmp (an emptyDir in the chart): TMPDIR and the prometheus-client multiprocess
+# directory, which `python -m app` wipes at start (an emptyDir outlives container restarts).
+
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# --- build: the project and its pinned dependencies (pyproject.toml) in a virtualenv -----------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+# Every runtime dependency is pinned with == in pyproject.toml; uvloop and httptools ship wheels.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip check
+
+# --- runtime ------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="streaming-gateway" \
+      org.opencontainers.image.description="A streaming gateway for LLM token streams: SSE, OpenAI-compatible and WebSocket relays with admission, deadlines and drain." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin gateway
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TMPDIR=/tmp \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus-multiproc \
+    HOST=0.0.0.0 \
+    PORT=8000
+
+WORKDIR /srv
+USER 10001:10001
+EXPOSE 8000
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
+
+# Exec form: `python -m app` prepares the metrics directory, then execs gunicorn, which is PID 1 and
+# receives the pod's SIGTERM itself (then each worker drains its streams: app/lifecycle.py).
+ENTRYPOINT ["python", "-m", "app"]
