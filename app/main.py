@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Streaming Gateway",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks re-check the OTel providers on every request; tracing is
+        # configured explicitly in app/observability/tracing.py instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         exception_handlers={
             GatewayError: _on_gateway_error,
             RequestValidationError: _on_validation_error,
