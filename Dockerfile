@@ -5,10 +5,8 @@
 # Writable paths: only /tmp (an emptyDir in the chart): TMPDIR and the prometheus-client multiprocess
 # directory, which `python -m app` wipes at start (an emptyDir outlives container restarts).
 
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
-
 # --- build: the project and its pinned dependencies (pyproject.toml) in a virtualenv -----------------
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -20,12 +18,13 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/pip check
 
 # --- runtime ------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+# the same base as the build stage: the venv's interpreter symlinks point into it
+FROM python:3.11.14-slim-bookworm AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="streaming-gateway" \
       org.opencontainers.image.description="A streaming gateway for LLM token streams: SSE, OpenAI-compatible and WebSocket relays with admission, deadlines and drain." \
       org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
 
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
