@@ -92,6 +92,26 @@ CIRCUIT_BREAKER_STATE = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+RESUMPTIONS_TOTAL = Counter(
+    "streaming_resumptions_total", "Resumed streams whose replay started (the stream was found).", ["endpoint"]
+)
+REPLAYED_EVENTS_TOTAL = Counter(
+    "streaming_replayed_events_total", "Stored events sent to resuming clients before their live tail."
+)
+RESUME_STORE_ERRORS_TOTAL = Counter(
+    "streaming_resume_store_errors_total", "Failed resume store calls (those streams lose resumption)."
+)
+# result: published (a draining instance offered a stream), claimed, completed (a claimer finished it), failed.
+HANDOVERS_TOTAL = Counter(
+    "streaming_handovers_total", "Generations handed over at the drain deadline, by step.", ["result"]
+)
+ORPHANED_STREAMS = Gauge(
+    "streaming_orphaned_streams", "Generations running on after their client left.", multiprocess_mode="livesum"
+)
+CLAIMED_STREAMS = Gauge(
+    "streaming_claimed_streams", "Handed-over generations this instance is finishing.", multiprocess_mode="livesum"
+)
+
 
 def render_metrics() -> tuple[bytes, str]:
     """The exposition text for this instance: all workers when in multiprocess mode."""

@@ -40,9 +40,9 @@ class SeedEncoder:
 
     __slots__ = ("_id_prefix", "seq")
 
-    def __init__(self, stream_id: str | None = None) -> None:
+    def __init__(self, stream_id: str | None = None, *, seq: int = 0) -> None:
         self._id_prefix = f"id: {stream_id}-" if stream_id else None
-        self.seq = 0  # the seq of the next event
+        self.seq = seq  # the seq of the next event (a handed-over stream continues after its last one)
 
     def _framed(self, data: bytes) -> bytes:
         seq, self.seq = self.seq, self.seq + 1
@@ -63,6 +63,11 @@ class SeedEncoder:
 
     def error(self, error: GatewayError) -> bytes:
         return SEED_SHUTDOWN if error.code == "server_shutdown" else self._framed(error.event_bytes())
+
+    @staticmethod
+    def shutdown_resume(event_id: str) -> bytes:
+        """`server_shutdown` for a stream handed to the fleet: reconnect with Last-Event-ID `resume`."""
+        return f'data: {{"type": "server_shutdown", "resume": {escape(event_id)}}}\n\n'.encode()
 
 
 class ChatChunkEncoder:
