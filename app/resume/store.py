@@ -9,21 +9,38 @@ stream's final event.
 Events are the seed `/stream` SSE frames with an `id: <stream id>-<seq>` line: seq 0 is the
 status event, 1..n the tokens, n+1 the final `done`/`error`. `Last-Event-ID: <stream id>-<k>`
 asks for every event after k.
+
+A backend failure never reaches a stream: the flush drops what it could not write, the streams
+concerned stop being resumable (readers get `not_resumable`), and a stream that already had
+events stored gets a final `not_resumable` event once the backend answers again, so nobody tails
+it forever. One warning per worker when the backend starts failing, one line when it is back.
+
+Handover (drain with the Redis store): `EventLog.hand_over` flushes the log and publishes the
+stream to the fleet instead of closing it; another instance appends the rest (resume/handover.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from app.errors import NotResumableError
+from app.observability.metrics import REPLAYED_EVENTS_TOTAL, RESUME_STORE_ERRORS_TOTAL, RESUMPTIONS_TOTAL
+from app.policies.ratelimit import StorageError
 
 logger = logging.getLogger("app.resume")
 
 EVENT_ID = re.compile(r"^([0-9a-z]{1,64})-(\d{1,9})$")  # <stream id>-<seq>, as sent in `id:` lines
 FINAL_TYPES = (b'"type": "done"', b'"type": "error"')
+BACKEND_ERRORS = (StorageError, OSError)  # what a backend may raise; anything else is a bug
+UNKNOWN_GRACE_READS = 3  # an unknown stream is read this many more times, a flush interval apart, before 404
+MAX_TOMBSTONES = 10_000  # streams awaiting their final not_resumable event after a failed flush
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:
@@ -56,6 +73,15 @@ class StreamMeta:
     max_tokens: int
     options: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> StreamMeta:
+        data = json.loads(raw)
+        return cls(stream_id=str(data["stream_id"]), model=str(data["model"]), messages=list(data["messages"]),
+                   max_tokens=int(data["max_tokens"]), options=dict(data.get("options") or {}))
+
 
 class Backend(Protocol):
     """Where flushed events live: a per-instance directory, or Redis Streams for the fleet."""
@@ -79,30 +105,46 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class HandoverSink(Protocol):
+    """Where a draining instance hands its unfinished generations (resume/handover.py)."""
+
+    async def publish(self, meta: StreamMeta) -> bool:
+        """Offer the stream to the fleet; False if that failed (the stream then ends not resumable)."""
+        ...
+
+
 class EventLog:
     """One stream's side of the store, held by its producer. `append` is synchronous and cheap."""
 
-    __slots__ = ("stream_id", "meta", "_store", "_pending", "_events", "_closed", "resumable")
+    __slots__ = ("stream_id", "meta", "_store", "_pending", "_events", "_closed", "resumable", "stored")
 
-    def __init__(self, store: ResumeStore, meta: StreamMeta) -> None:
+    def __init__(self, store: ResumeStore, meta: StreamMeta, *, first_seq: int = 0) -> None:
         self.stream_id = meta.stream_id
         self.meta = meta
         self._store = store
         self._pending: list[bytes] = []
-        self._events = 0
+        self._events = first_seq  # events appended so far: the seq of the next one
         self._closed = False
-        self.resumable = True  # False once the stream outgrew RESUME_MAX_EVENTS
+        self.resumable = True  # False once the stream outgrew RESUME_MAX_EVENTS or a flush of it failed
+        self.stored = False  # some of its events reached the backend
 
     def append(self, payload: bytes, events: int) -> None:
-        if self._closed or not self.resumable:
+        if self._closed:
             return
-        self._events += events
+        self._events += events  # counted even when not resumable: a final not_resumable event comes after all
+        if not self.resumable:
+            return
         if self._events > self._store.max_events:
-            self.resumable = False
+            self._store.broken(self)
             return
         if not self._pending:
             self._store.dirty[self.stream_id] = self
         self._pending.append(payload)
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the last event appended (what a client that saw all of them resumes after)."""
+        return f"{self.stream_id}-{self._events - 1}"
 
     def take(self) -> bytes:
         pending, self._pending = self._pending, []
@@ -114,30 +156,102 @@ class EventLog:
         self._closed = True
         self._store.finished.append(self.stream_id)
 
+    def abandon(self) -> None:
+        """Stop writing without a final event (a claimer that lost its lease: the log is someone else's)."""
+        self._closed = True
+        self._pending = []
+        self._store.dirty.pop(self.stream_id, None)
+
+    def tombstone(self) -> bytes:
+        """The final event of a log whose events were lost: resuming it is impossible."""
+        error = NotResumableError("events of this stream were lost (resume store unavailable or stream too long)")
+        return f"id: {self.stream_id}-{self._events}\n".encode() + error.event_bytes()
+
+    async def hand_over(self) -> bool:
+        """Drain: flush, then publish the stream for another instance to finish; no final event is written.
+
+        False when no handover is possible (no sink, not resumable, the flush or the publish
+        failed): the caller then closes the log with its final event as usual.
+        """
+        store = self._store
+        if store.handover is None or self._closed or not self.resumable:
+            return False
+        await store.flush()
+        if not self.resumable or not await store.handover.publish(self.meta):
+            return False
+        self._closed = True
+        return True
+
 
 class ResumeStore:
     """Buffers every producer's appends and flushes them to the backend on one per-worker tick."""
 
     def __init__(self, backend: Backend, *, flush_interval_s: float, max_events: int,
-                 sweep_every: int = 50) -> None:
+                 sweep_every: int = 50, handover: HandoverSink | None = None,
+                 on_tick: Callable[[], None] | None = None) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.max_events = max_events
+        self.handover = handover  # set with the Redis store when the upstream can continue a generation
         self.dirty: dict[str, EventLog] = {}
         self.finished: list[str] = []
+        self.healthy = True  # the backend's last call succeeded
+        self._tombstones: dict[str, EventLog] = {}
         self._sweep_every = sweep_every
+        self._on_tick = on_tick  # sampled gauges (orphaned streams), once per flush interval
+        self._lock = asyncio.Lock()  # flushes write in order: a stream's chunks never overtake each other
         self._task: asyncio.Task[None] | None = None
 
-    def open(self, meta: StreamMeta) -> EventLog:
-        return EventLog(self, meta)
+    def open(self, meta: StreamMeta, *, first_seq: int = 0) -> EventLog:
+        return EventLog(self, meta, first_seq=first_seq)
+
+    def broken(self, log: EventLog) -> None:
+        """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""
+        log.resumable = False
+        log.take()
+        self.dirty.pop(log.stream_id, None)
+        if log.stored and len(self._tombstones) < MAX_TOMBSTONES:
+            self._tombstones[log.stream_id] = log
 
     async def flush(self) -> None:
-        dirty, self.dirty = self.dirty, {}
-        finished, self.finished = self.finished, []
-        if dirty:
-            await self.backend.write({sid: log.take() for sid, log in dirty.items()})
-        for sid in finished:
-            await self.backend.expire(sid)
+        async with self._lock:
+            dirty, self.dirty = self.dirty, {}
+            finished, self.finished = self.finished, []
+            tombstones, self._tombstones = self._tombstones, {}
+            chunks = {sid: log.take() for sid, log in dirty.items()}
+            for sid, log in tombstones.items():
+                chunks[sid] = chunks.get(sid, b"") + log.tombstone()
+            if chunks:
+                try:
+                    await self.backend.write(chunks)
+                except BACKEND_ERRORS as exc:
+                    self._failed(exc)
+                    for log in dirty.values():
+                        self.broken(log)
+                    for sid, log in tombstones.items():
+                        if len(self._tombstones) < MAX_TOMBSTONES:
+                            self._tombstones.setdefault(sid, log)
+                    return
+                self._succeeded()
+                for log in dirty.values():
+                    log.stored = True
+            try:
+                for sid in finished:
+                    await self.backend.expire(sid)
+            except BACKEND_ERRORS as exc:  # the rest keep the TTL their last write set
+                self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        RESUME_STORE_ERRORS_TOTAL.inc()
+        if self.healthy:
+            self.healthy = False
+            logger.warning("resume store unavailable: streams continue without resumption",
+                           extra={"error": str(exc)})
+
+    def _succeeded(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            logger.info("resume store reachable again: new streams are resumable")
 
     async def _run(self) -> None:
         ticks = 0
@@ -145,6 +259,8 @@ class ResumeStore:
             await asyncio.sleep(self.flush_interval_s)
             ticks += 1
             try:
+                if self._on_tick is not None:
+                    self._on_tick()
                 await self.flush()
                 if ticks % self._sweep_every == 0:
                     await self.backend.sweep()
@@ -163,31 +279,56 @@ class ResumeStore:
         await self.flush()
         await self.backend.aclose()
 
-    async def replay(self, stream_id: str, after_seq: int, *, poll_s: float) -> AsyncIterator[list[bytes]]:
-        """Every frame after `after_seq`, then the live tail, until the final event.
-
-        Raises LookupError if the stream is unknown, expired, or no longer holds `after_seq + 1`.
-        """
-        found = await self.backend.read(stream_id, "")
+    async def _read(self, stream_id: str, cursor: str) -> tuple[bytes, str]:
+        try:
+            found = await self.backend.read(stream_id, cursor)
+        except BACKEND_ERRORS as exc:
+            self._failed(exc)
+            raise LookupError(stream_id) from exc
         if found is None:
             raise LookupError(stream_id)
+        return found
+
+    async def replay(self, stream_id: str, after_seq: int, *, poll_s: float,
+                     endpoint: str = "/stream/{stream_id}") -> AsyncIterator[list[bytes]]:
+        """Every frame after `after_seq`, then the live tail, until the final event.
+
+        Each seq is yielded once, in order (a frame whose seq was already passed is skipped, so a
+        claimer that appends an event twice cannot duplicate it). `endpoint` labels the metrics.
+        Raises LookupError if the stream is unknown, expired, or no longer holds `after_seq + 1`.
+        """
+        for _ in range(UNKNOWN_GRACE_READS):  # its producer may not have flushed yet
+            try:
+                found = await self._read(stream_id, "")
+                break
+            except LookupError:
+                await asyncio.sleep(poll_s)
+        else:
+            found = await self._read(stream_id, "")
         carry = b""
-        first = True
+        first = unchecked = True
         while True:
             chunk, cursor = found
             data = carry + chunk
             cut = data.rfind(b"\n\n") + 2  # only whole frames; the rest waits for the next read
             frames, carry = split_events(data[:cut]), data[cut:]
-            if first and frames:
+            if unchecked and frames:
                 if frame_seq(frames[0], stream_id) > after_seq + 1:
                     raise LookupError(stream_id)  # the events asked for are no longer held
+                unchecked = False
+            out = []
+            for frame in frames:
+                seq = frame_seq(frame, stream_id)
+                if seq > after_seq:
+                    out.append(frame)
+                    after_seq = seq
+            if first:
                 first = False
-            out = [frame for frame in frames if frame_seq(frame, stream_id) > after_seq]
+                RESUMPTIONS_TOTAL.labels(endpoint).inc()
+                REPLAYED_EVENTS_TOTAL.inc(len(out))
             if out:
                 yield out
             if frames and is_final(frames[-1]):
                 return
             await asyncio.sleep(poll_s)
-            found = await self.backend.read(stream_id, cursor)
-            if found is None:
-                raise LookupError(stream_id)
+            found = await self._read(stream_id, cursor)

@@ -265,11 +265,13 @@ class SSEStreamResponse:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
 
             outcome, error = await run.relay(write, opening)
-            if log is not None:
-                log.close(_log_final(encoder, session, stream, error))
+            handed_over = log is not None and await end_log(log, encoder, session, stream, error)
             if outcome is Outcome.CLIENT_GONE:
                 return
-            if error is None:
+            if handed_over:
+                assert log is not None
+                final = SeedEncoder.shutdown_resume(log.last_event_id)
+            elif error is None:
                 final = encoder.done(session.tokens, stream.finish_reason, stream.usage)
             else:
                 final = encoder.error(error)
@@ -284,15 +286,34 @@ class SSEStreamResponse:
                 pass
 
 
-def _log_final(encoder: Encoder, session: StreamSession, stream: UpstreamStream, error: GatewayError | None) -> bytes:
-    """The resume log's last event: what a client resuming this stream will end with."""
+async def end_log(log: EventLog, encoder: Encoder, session: StreamSession, stream: UpstreamStream | None,
+                  error: GatewayError | None, *, tokens_before: int = 0) -> bool:
+    """End a stream's resume log: hand the stream over (drain deadline, Redis store), else write its final event.
+
+    True if it was handed over: the log stays open for the instance that claims it, and the client
+    gets `server_shutdown` with a `resume` id instead of the plain one.
+    """
+    if error is not None and error.code == "server_shutdown" and not session.client_gone and await log.hand_over():
+        return True
+    log.close(_log_final(encoder, session, stream, error, tokens_before))
+    return False
+
+
+def _log_final(encoder: Encoder, session: StreamSession, stream: UpstreamStream | None, error: GatewayError | None,
+               tokens_before: int = 0) -> bytes:
+    """The resume log's last event: what a client resuming this stream will end with.
+
+    `tokens_before`: tokens a handed-over stream had before this instance continued it (`done`
+    reports the stream's total).
+    """
     final: GatewayError | None = error
     if session.client_gone and error is None:
         final = NotResumableError("the generation stopped when its client left")
     elif error is not None and error.code == "server_shutdown":
         final = NotResumableError("the instance shut down before this stream finished; send the request again")
     if final is None:
-        return encoder.done(session.tokens, stream.finish_reason, stream.usage)
+        assert stream is not None
+        return encoder.done(tokens_before + session.tokens, stream.finish_reason, stream.usage)
     return encoder.error(final)
 
 
