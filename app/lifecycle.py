@@ -7,6 +7,8 @@ Drain timeline of one worker (gunicorn forwards the pod's SIGTERM to every worke
        ├─ streams in flight run on ... all done ─────────────────────────┐
        └─ DRAIN_TIMEOUT_SECONDS passed: the rest are cut with            │
           server_shutdown (SSE event / OpenAI error chunk / WS 1012) ────┤
+          (RESUME_STORE=redis: a resumable /stream is handed to the      │
+          fleet instead, and its client gets server_shutdown + resume)   │
                                                                          ▼
           uvicorn's own exit handler runs: close sockets, lifespan shutdown, exit
 """
@@ -18,7 +20,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -33,6 +35,7 @@ from app.instance import instance_state
 from app.observability.metrics import (
     DRAIN_CUT_STREAMS_TOTAL,
     DRAIN_DURATION_SECONDS,
+    ORPHANED_STREAMS,
     REDIS_FALLBACKS_TOTAL,
     REDIS_UP,
 )
@@ -48,8 +51,10 @@ from app.policies.redis_backend import (
     ResilientStorage,
 )
 from app.policies.retry import RetryPolicy
+from app.resume.handover import Claimer, HandoverPublisher
 from app.resume.local import DirectoryBackend
-from app.resume.store import ResumeStore
+from app.resume.redis_streams import RedisStreamsBackend
+from app.resume.store import Backend, ResumeStore
 from app.settings import Settings
 from app.streaming.relay import Relay
 from app.streaming.session import StreamRegistry
@@ -60,6 +65,7 @@ from app.upstream.mock import MockUpstream
 from app.upstream.traced import TracedUpstream
 
 logger = logging.getLogger("app.lifecycle")
+CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's timeout is this plus REDIS_TIMEOUT
 
 
 SignalHandler = Callable[[int, FrameType | None], Any]
@@ -73,6 +79,7 @@ class Drain:
         self.timeout_s = timeout_s
         self.close_grace_s = close_grace_s
         self.draining = False
+        self.on_start: list[Callable[[], Awaitable[None]]] = []  # e.g. stop claiming handed-over streams
         self._task: asyncio.Task[None] | None = None
 
     def install(self) -> None:
@@ -101,6 +108,8 @@ class Drain:
         began = loop.time()
         in_flight = len(self.registry.streams)
         logger.info("drain started", extra={"streams": in_flight, "drain_timeout_s": self.timeout_s})
+        for hook in self.on_start:
+            await hook()
         cut = 0
         try:
             await asyncio.wait_for(self.registry.wait_empty(), self.timeout_s)
@@ -133,6 +142,7 @@ class GatewayState:
     tracer_provider: TracerProvider | None = None
     redis: LazyRedis | None = None
     resume: ResumeStore | None = None
+    claimer: Claimer | None = None
 
     @staticmethod
     def clock() -> float:
@@ -214,7 +224,17 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         lease_ttl_s=settings.max_stream_age_seconds,
     )
     recorder = StreamRecorder(model_names=settings.model_names)
-    resume = build_resume_store(settings) if settings.resume_enabled else None
+    relay = Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size)
+    resume = build_resume_store(settings, redis, registry) if settings.resume_enabled else None
+    claimer = None
+    if resume is not None and resume.handover is not None and settings.max_orphaned_streams > 0:
+        assert settings.redis_url is not None
+        claimer = Claimer(
+            LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds + CLAIM_BLOCK_SECONDS),
+            resume, relay, lease_s=settings.handover_lease_seconds, max_claims=settings.max_orphaned_streams,
+            block_s=CLAIM_BLOCK_SECONDS,
+        )
+        drain.on_start.append(claimer.stop)  # a draining instance never claims
     return GatewayState(
         settings=settings,
         upstream=upstream,
@@ -223,19 +243,47 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         drain=drain,
         breaker=breaker,
         admission=admission,
-        relay=Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size),
+        relay=relay,
         tracer_provider=tracer_provider,
         redis=redis,
         resume=resume,
+        claimer=claimer,
     )
 
 
-def build_resume_store(settings: Settings) -> ResumeStore:
-    directory = settings.resume_dir or os.path.join(tempfile.gettempdir(), f"gateway-resume-{os.getpid()}")
-    backend = DirectoryBackend(directory, ttl_s=settings.resume_ttl_seconds)
+def can_continue(settings: Settings) -> bool:
+    """Can another instance continue a generation (the mock always; OpenAI upstreams that opted in)?"""
+    return settings.upstream_url is None or settings.upstream_continuation != "none"
+
+
+def build_resume_store(settings: Settings, redis: LazyRedis | None = None,
+                       registry: StreamRegistry | None = None) -> ResumeStore:
+    backend: Backend
+    handover = None
+    if settings.resume_store == "redis":
+        assert redis is not None  # Settings refuses RESUME_STORE=redis without REDIS_URL
+        backend = RedisStreamsBackend(redis, ttl_s=settings.resume_ttl_seconds, max_entries=settings.resume_max_events)
+        if can_continue(settings):
+            handover = HandoverPublisher(redis, ttl_s=settings.resume_ttl_seconds)
+    else:
+        directory = settings.resume_dir or os.path.join(tempfile.gettempdir(), f"gateway-resume-{os.getpid()}")
+        backend = DirectoryBackend(directory, ttl_s=settings.resume_ttl_seconds)
     return ResumeStore(
-        backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events
+        backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events,
+        handover=handover, on_tick=_orphan_gauge(registry) if registry is not None else None,
     )
+
+
+def _orphan_gauge(registry: StreamRegistry) -> Callable[[], None]:
+    """Sampled once per flush interval: the registry counts orphans, the gauge follows (on change only)."""
+    last = [-1]
+
+    def sample() -> None:
+        if registry.orphans != last[0]:
+            last[0] = registry.orphans
+            ORPHANED_STREAMS.set(registry.orphans)
+
+    return sample
 
 
 def _redis_state_reporter(store: str) -> Callable[[bool], None]:
@@ -258,11 +306,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.registry.start()
     if state.resume is not None:
         state.resume.start()
+    if state.claimer is not None:
+        state.claimer.start()
     state.drain.install()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield
     finally:
+        if state.claimer is not None:
+            await state.claimer.aclose()  # generations still running are reclaimed elsewhere after the lease
+            await state.claimer.redis.aclose()
         await state.registry.stop()
         if state.resume is not None:
             await state.resume.stop()

@@ -138,7 +138,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="A generation whose client left runs on this long for it to return (0: stop at once)."
     )
     max_orphaned_streams: int = Field(
-        100, ge=0, description="Orphaned generations per worker; beyond, a client leaving stops its generation."
+        100, ge=0,
+        description="Orphaned generations per worker; beyond, a client leaving stops its generation. Also bounds "
+        "the handed-over generations a worker claims at once.",
+    )
+    handover_lease_seconds: float = Field(
+        10.0, gt=0,
+        description="RESUME_STORE=redis: a claimed handed-over stream whose claimer stops renewing for this long "
+        "(crash, SIGKILL) is claimed by another instance.",
     )
 
     # --- relay ------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The fleet-wide resume backend: one Redis Stream per stream, so a client resumes on any replica.
+
+Each flush is one pipeline for every dirty stream of the worker: `XADD <prefix><stream id> MAXLEN ~ n
+* d <bytes>` (one entry per flush, holding whole SSE frames) and `PEXPIRE <key> <ttl>`. The TTL is
+renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last event; Redis deletes
+it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
+exclusive `(<id>` returns what was appended after it.
+
+Every Redis or socket error leaves this class as `StorageError`; the `ResumeStore` turns it into
+"this stream is not resumable" and keeps the stream itself running.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis.exceptions import RedisError
+
+from app.policies.ratelimit import StorageError
+from app.policies.redis_backend import LazyRedis
+
+DEFAULT_PREFIX = "gw:rs:"
+FIELD = b"d"  # the one field of an entry: the frames of one flush
+READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
+
+
+@contextmanager
+def _wrap_errors() -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StorageError(f"redis resume store failed: {exc!r}") from exc
+
+
+class RedisStreamsBackend:
+    """`Backend` over Redis Streams: events survive the instance that produced them."""
+
+    def __init__(self, redis: LazyRedis, *, ttl_s: float, prefix: str = DEFAULT_PREFIX,
+                 max_entries: int | None = None) -> None:
+        if not 0 < ttl_s < math.inf:
+            raise ValueError("ttl_s must be positive and finite")
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl_ms = math.ceil(ttl_s * 1000)
+        # An entry holds at least one event, so RESUME_MAX_EVENTS entries bound any stream the store
+        # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
+        self.max_entries = max_entries
+
+    def key(self, stream_id: str) -> str:
+        return self.prefix + stream_id
+
+    async def write(self, chunks: dict[str, bytes]) -> None:
+        with _wrap_errors():
+            pipe = self.redis.client().pipeline(transaction=False)
+            for stream_id, payload in chunks.items():
+                key = self.key(stream_id)
+                pipe.xadd(key, {FIELD: payload}, maxlen=self.max_entries, approximate=True)
+                pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
+
+    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+        key = self.key(stream_id)
+        with _wrap_errors():
+            pipe = self.redis.client().pipeline(transaction=False)
+            pipe.xrange(key, min=f"({cursor}" if cursor else "-", max="+", count=READ_BATCH)
+            pipe.exists(key)
+            entries, exists = await pipe.execute()
+        if not entries:
+            return (b"", cursor) if exists else None
+        last_id = entries[-1][0]
+        return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()
+
+    async def expire(self, stream_id: str) -> None:
+        with _wrap_errors():
+            await self.redis.client().pexpire(self.key(stream_id), self.ttl_ms)
+
+    async def sweep(self) -> None:
+        return None  # Redis expires the keys itself
+
+    async def aclose(self) -> None:
+        return None  # the LazyRedis belongs to the worker state; lifespan closes it
