@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp
 
 from app.errors import (
     GatewayError,
@@ -21,6 +22,7 @@ from app.errors import (
 from app.lifecycle import build_state, lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import RequestIdMiddleware
+from app.middleware.stream_router import StreamRouterMiddleware
 from app.observability.metrics import count_rejection
 from app.observability.tracing import setup_tracing
 from app.routes import chat_completions, health, metrics, stream, websocket
@@ -63,9 +65,21 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _respond(request, InternalError("the gateway failed to handle this request"))
 
 
+class GatewayApp(FastAPI):
+    """FastAPI with the stream router outside its whole middleware stack (see stream_router.py)."""
+
+    stream_router_max_body_bytes: int | None = None  # set: streams bypass the framework
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if self.stream_router_max_body_bytes is None:
+            return stack
+        return StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(
+    app = GatewayApp(
         title="Streaming Gateway",
         version="0.1.0",
         lifespan=lifespan,
@@ -79,9 +93,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Exception: _on_unexpected,
         },
     )
-    app.state.gateway = build_state(settings, tracer_provider=setup_tracing(app))
+    tracer_provider = setup_tracing(app)
+    app.state.gateway = build_state(settings, tracer_provider=tracer_provider)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every answer carries the id
+    if tracer_provider is None:  # with tracing on, streams go through the instrumented stack
+        app.stream_router_max_body_bytes = settings.max_body_bytes
     for module in (stream, chat_completions, websocket, health, metrics):
         app.include_router(module.router)
     return app

@@ -54,6 +54,8 @@ async def admit(connection: HTTPConnection, state: GatewayState) -> Ticket:
 
 def stream_headers(session: StreamSession, ticket: Ticket) -> list[tuple[bytes, bytes]]:
     headers = [(b"x-stream-id", session.id.encode())]
+    if session.request_id:
+        headers.append((b"x-request-id", session.request_id.encode()))
     headers.extend((name.lower().encode(), value.encode()) for name, value in ticket.headers.items())
     return headers
 
