@@ -1,13 +1,14 @@
 """Regenerate the chart's derived files; `--check` fails (exit 1) when any of them is stale.
 
-- `values.yaml`, the block between the `BEGIN generated` / `END generated` markers under `gateway.env`:
-  one key per gateway setting (app/settings.py), with its default and its description as a helm-docs
-  `# --` comment. Secret settings are not in it: they come from `gateway.existingSecret`.
+- `values.yaml`, the blocks between the `BEGIN generated` / `END generated` markers under `gateway.env`
+  and `gateway.secretKeys`: one key per gateway setting (app/settings.py), with its default (or its
+  Secret key) and its description as a helm-docs `# --` comment. Secret settings are never plain values.
 - `values.schema.json`, `properties.gateway.properties.env` and `.secretKeys`: the settings' types,
   ranges and choices (from pydantic's JSON schema), so `helm install` refuses what the app would refuse.
 - `README.md`, from `README.md.gotmpl`: `{{ template "chart.valuesTable" . }}` becomes the table of every
-  documented value (helm-docs conventions: `# -- text` above a key, `# @default -- text` to describe
-  the default; a documented key's children need no comment of their own).
+  documented value (helm-docs conventions: `# -- text` above a key, `# @default -- text` to describe the
+  default; a documented key's children need no comment of their own), and `<!-- include PATH -->` the
+  file at PATH, e.g. the prometheus-adapter rule.
 
 Run from anywhere: `python chart/hack/generate.py [--check]`.
 """
@@ -260,8 +261,16 @@ def values_table(values_text: str) -> str:
     return "\n".join(rows)
 
 
+_INCLUDE = re.compile(r"^<!-- include (?P<path>[\w./-]+) -->$", re.MULTILINE)
+
+
 def render_readme(template: str, values_text: str) -> str:
-    return template.replace(VALUES_TABLE, values_table(values_text))
+    """The values table, and `<!-- include PATH -->` lines (PATH from the repository root) as YAML blocks."""
+
+    def include(match: re.Match[str]) -> str:
+        return "```yaml\n" + (ROOT / match.group("path")).read_text().rstrip("\n") + "\n```"
+
+    return _INCLUDE.sub(include, template.replace(VALUES_TABLE, values_table(values_text)))
 
 
 # --- main ------------------------------------------------------------------------------------------

@@ -207,8 +207,8 @@ def test_keda_queries_streams_in_flight(helm: Helm) -> None:
 def test_service_monitor_is_selected_by_kube_prometheus_stack(helm: Helm) -> None:
     monitor = find(helm.template(serviceMonitor__enabled=True), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s",
-                                             "scrapeTimeout": "10s"}]
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "honorLabels": True,
+                                             "interval": "15s", "scrapeTimeout": "10s"}]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
