@@ -35,9 +35,11 @@ from app.instance import instance_state
 from app.observability.metrics import (
     DRAIN_CUT_STREAMS_TOTAL,
     DRAIN_DURATION_SECONDS,
+    DRAINING,
     ORPHANED_STREAMS,
     REDIS_FALLBACKS_TOTAL,
     REDIS_UP,
+    precreate_series,
 )
 from app.observability.recorder import StreamRecorder
 from app.policies.breaker import BreakerConfig, CircuitBreaker
@@ -100,6 +102,7 @@ class Drain:
 
     def start(self, then: Callable[[], object]) -> None:
         self.draining = True
+        DRAINING.set(1)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(then), name="drain")
 
@@ -303,6 +306,7 @@ def _redis_state_reporter(store: str) -> Callable[[bool], None]:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: GatewayState = app.state.gateway
+    precreate_series(state.settings.max_connections)
     state.registry.start()
     if state.resume is not None:
         state.resume.start()

@@ -24,6 +24,34 @@ OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
 STREAM_ENDPOINTS = frozenset({"/stream", "/stream/{stream_id}", "/v1/chat/completions", "/ws"})
 
 
+KNOWN_STATUSES = ("success", "rejected", "error")
+KNOWN_REJECTIONS = (
+    "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
+    "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
+)
+KNOWN_ERRORS = (
+    "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",
+    "orphan_timeout", "circuit_open", "internal_error",
+)
+KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown")
+
+
+def precreate_series(max_connections: int) -> None:
+    """Create every bounded label combination at 0, so rate() sees a series' first increment."""
+    MAX_CONNECTIONS.set(max_connections)
+    DRAINING.set(0)
+    for endpoint in STREAM_ENDPOINTS:
+        ACTIVE_CONNECTIONS.labels(endpoint)
+        for status in KNOWN_STATUSES:
+            CONNECTIONS_TOTAL.labels(endpoint, status)
+        for reason in KNOWN_REJECTIONS:
+            REJECTIONS_TOTAL.labels(endpoint, reason)
+        for code in KNOWN_ERRORS:
+            ERRORS_TOTAL.labels(endpoint, code)
+        for outcome in KNOWN_OUTCOMES:
+            STREAM_OUTCOMES_TOTAL.labels(endpoint, outcome)
+
+
 def count_rejection(endpoint: str, reason: str) -> None:
     """A request refused before its stream started (bad input, draining, limits)."""
     if endpoint in STREAM_ENDPOINTS:
@@ -86,6 +114,14 @@ REDIS_UP = Gauge(
 )
 REDIS_FALLBACKS_TOTAL = Counter(
     "streaming_redis_fallbacks_total", "Times Redis became unreachable and limits fell back to local.", ["store"]
+)
+DRAINING = Gauge(
+    "streaming_draining", "1 while the instance drains (set at SIGTERM, so the drain is visible before exit).",
+    multiprocess_mode="livemax",
+)
+MAX_CONNECTIONS = Gauge(
+    "streaming_max_connections", "MAX_CONNECTIONS: the streams one instance carries (for saturation ratios).",
+    multiprocess_mode="max",
 )
 CIRCUIT_BREAKER_STATE = Gauge(
     "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["service"],

@@ -15,11 +15,11 @@ client only ever saw the opening event. Iteration adds one frame per batch, noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
-from app.observability.metrics import UPSTREAM_RETRIES_TOTAL
-from app.policies.breaker import CircuitBreaker, Permit
+from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
+from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
 
@@ -76,14 +76,14 @@ class GuardedStream:
             try:
                 batch = await self._inner.__anext__()
             except StopAsyncIteration:
-                self._permit.record_success()  # an empty but clean answer is still a healthy upstream
+                self._guard.judge(self._permit.record_success)  # an empty but clean answer is still healthy
                 raise
             except GatewayError as error:
                 if self._started:
-                    self._guard.breaker.record_failure()  # broke mid-stream
+                    self._guard.judge(self._guard.breaker.record_failure)  # broke mid-stream
                     raise
                 kind = error_kind(error)
-                _settle_failed_attempt(self._permit, kind)
+                self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind))
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
                     self._request, self._max_batch, self._headers, error, kind, self._attempt
@@ -91,15 +91,18 @@ class GuardedStream:
                 continue
             if not self._started:
                 self._started = True
-                self._permit.record_success()
+                if self._permit.probe:  # only a half-open probe's success can change the state
+                    self._guard.judge(self._permit.record_success)
+                else:
+                    self._permit.record_success()
             return batch
 
     def mark_failed(self) -> None:
         """The relay cut this stream for the upstream's fault (a stall): count it against the upstream."""
         if self._started:
-            self._guard.breaker.record_failure()
+            self._guard.judge(self._guard.breaker.record_failure)
         else:
-            self._permit.record_failure()
+            self._guard.judge(self._permit.record_failure)
 
     async def aclose(self) -> None:
         self._permit.release()  # no verdict if it was never settled (client left first)
@@ -113,8 +116,21 @@ class GuardedUpstream:
         self.policy = policy
         self.name = inner.name
 
+    def judge(self, verdict: Callable[[], object]) -> None:
+        """Report to the breaker, counting a state change this worker caused (the state is shared)."""
+        before = self.breaker.state
+        verdict()
+        after = self.breaker.state
+        if after is not before:
+            CIRCUIT_BREAKER_TRANSITIONS_TOTAL.labels(self.name, after.name.lower()).inc()
+
     def _permit(self) -> Permit:
-        permit = self.breaker.allow()
+        if self.breaker.state is BreakerState.CLOSED:  # the common case: allowing changes nothing
+            permit = self.breaker.allow()
+        else:
+            permits: list[Permit | None] = []
+            self.judge(lambda: permits.append(self.breaker.allow()))  # may move open -> half-open
+            permit = permits[0]
         if permit is None:
             raise CircuitOpenError(self.name, self.breaker.retry_after_seconds())
         return permit
@@ -127,7 +143,7 @@ class GuardedUpstream:
                 return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
             except GatewayError as error:
                 kind = error_kind(error)
-                _settle_failed_attempt(permit, kind)
+                self.judge(lambda: _settle_failed_attempt(permit, kind))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
                 await self._backoff(error, kind, attempt)
