@@ -135,3 +135,18 @@ def test_watcher_fails_when_endpoints_ran_out_or_the_log_is_empty() -> None:
     problems = WATCHER.verdict(observed, WATCHER.parse_job_log(""))
     assert "the Service had no ready endpoint at some point" in problems
     assert "no stream_summary line in the Job's log" in problems
+
+
+def test_watcher_calls_exist_in_the_pinned_kubernetes_client() -> None:
+    from kubernetes import client, config
+
+    source = (ROOT / "k8s" / "watch_rollout.py").read_text()
+    calls = {
+        client.CoreV1Api: ("list_namespaced_pod", "read_namespaced_pod_log"),
+        client.BatchV1Api: ("read_namespaced_job_status",),
+        client.DiscoveryV1Api: ("list_namespaced_endpoint_slice",),
+    }
+    for api, methods in calls.items():
+        for method in methods:
+            assert f".{method}(" in source and callable(getattr(api, method)), method
+    assert callable(config.load_kube_config)
