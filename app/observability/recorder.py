@@ -15,34 +15,57 @@ from app.streaming.session import Outcome, StreamSession
 logger = logging.getLogger("app.access")
 
 
+class _Bound:
+    """The labelled children one (endpoint, model) pair uses, looked up once per worker, not per stream."""
+
+    __slots__ = ("active", "duration", "ttft", "generation", "tokens", "tokens_per_second", "inter_token")
+
+    def __init__(self, endpoint: str, model: str) -> None:
+        self.active = m.ACTIVE_CONNECTIONS.labels(endpoint)
+        self.duration = m.REQUEST_DURATION_SECONDS.labels(endpoint)
+        self.ttft = m.TTFT_SECONDS.labels(endpoint, model)
+        self.generation = m.GENERATION_DURATION_SECONDS.labels(endpoint, model)
+        self.tokens = m.TOKENS_TOTAL.labels(endpoint, model)
+        self.tokens_per_second = m.TOKENS_PER_SECOND.labels(model)
+        self.inter_token = m.INTER_TOKEN_SECONDS.labels(endpoint, model)
+
+
 class StreamRecorder:
     """The `StreamObserver` every relay reports to."""
 
     def __init__(self, *, model_names: tuple[str, ...]) -> None:
         self._models = frozenset(model_names)
+        self._bound: dict[tuple[str, str], _Bound] = {}  # bounded: endpoints x (MODELS + "other")
 
     def model_label(self, model: str) -> str:
         return model if model in self._models else m.OTHER_MODEL
 
+    def _children(self, session: StreamSession) -> _Bound:
+        key = (session.endpoint, self.model_label(session.model))
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = _Bound(*key)
+        return bound
+
     def started(self, session: StreamSession) -> None:
-        m.ACTIVE_CONNECTIONS.labels(session.endpoint).inc()
+        self._children(session).active.inc()
 
     def finished(self, session: StreamSession, error: GatewayError | None) -> None:
-        endpoint, model = session.endpoint, self.model_label(session.model)
-        m.ACTIVE_CONNECTIONS.labels(endpoint).dec()
+        endpoint, bound = session.endpoint, self._children(session)
+        bound.active.dec()
         end = asyncio.get_running_loop().time()
         status = "success" if session.outcome in (Outcome.DONE, Outcome.CLIENT_GONE) else "error"
         m.CONNECTIONS_TOTAL.labels(endpoint, status).inc()
-        m.REQUEST_DURATION_SECONDS.labels(endpoint).observe(end - session.started_at)
+        bound.duration.observe(end - session.started_at)
         m.STREAM_OUTCOMES_TOTAL.labels(endpoint, str(session.outcome)).inc()
         if session.first_token_at:
-            m.TTFT_SECONDS.labels(endpoint, model).observe(session.first_token_at - session.started_at)
+            bound.ttft.observe(session.first_token_at - session.started_at)
             generation = session.last_token_at - session.first_token_at
-            m.GENERATION_DURATION_SECONDS.labels(endpoint, model).observe(generation)
-            m.TOKENS_TOTAL.labels(endpoint, model).inc(session.tokens)
+            bound.generation.observe(generation)
+            bound.tokens.inc(session.tokens)
             if generation > 0 and session.tokens > 1:
-                m.TOKENS_PER_SECOND.labels(model).observe((session.tokens - 1) / generation)
-                m.INTER_TOKEN_SECONDS.labels(endpoint, model).observe(generation / (session.tokens - 1))
+                bound.tokens_per_second.observe((session.tokens - 1) / generation)
+                bound.inter_token.observe(generation / (session.tokens - 1))
         if error is not None:
             m.ERRORS_TOTAL.labels(endpoint, error.code).inc()
         span = trace.get_current_span()  # the request's server span when tracing is on, else a no-op
