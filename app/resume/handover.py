@@ -202,6 +202,13 @@ class Claimer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # leave the group unless entries still wait on this consumer (DELCONSUMER would drop them)
+            with _wrap_errors():
+                client = self.redis.client()
+                if not await client.xpending_range(HANDOVER_STREAM, GROUP, "-", "+", 1, consumername=self.consumer):
+                    await client.xgroup_delconsumer(HANDOVER_STREAM, GROUP, self.consumer)
+        except StorageError:
+            pass  # an empty consumer left behind costs Redis a few bytes
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
