@@ -8,7 +8,9 @@ instance with the Redis store. Waits are polled conditions; timeouts are guards.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import shutil
 import socket
@@ -22,6 +24,12 @@ from typing import Any
 import httpx
 import pytest
 
+from app.policies.ratelimit import StorageError
+from app.policies.redis_backend import LazyRedis
+from app.resume.handover import Progress, parse_log
+from app.resume.redis_streams import RedisStreamsBackend
+from app.resume.store import ResumeStore, StreamMeta
+from app.streaming.sse import SeedEncoder
 from app.upstream.mock import mock_tokens
 from tests.conftest import Gateway, GatewayFactory
 
@@ -288,3 +296,97 @@ def test_redis_down_streams_work_without_resumption(start_gateway: GatewayFactor
     warnings = [json.loads(line) for line in gateway.log().splitlines() if "resume store unavailable" in line]
     pids = [w["pid"] for w in warnings]
     assert warnings and len(pids) == len(set(pids))  # one line per worker per outage, not one per flush
+
+
+# --- the store and its backends, without a gateway ---------------------------------------------
+
+
+class FlakyBackend:
+    """An in-memory `Backend` whose writes fail while `down`."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.data: dict[str, bytes] = {}
+
+    async def write(self, chunks: dict[str, bytes]) -> None:
+        if self.down:
+            raise StorageError("down")
+        for sid, payload in chunks.items():
+            self.data[sid] = self.data.get(sid, b"") + payload
+
+    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+        if self.down:
+            raise StorageError("down")
+        if stream_id not in self.data:
+            return None
+        data = self.data[stream_id][int(cursor or 0):]
+        return data, str(int(cursor or 0) + len(data))
+
+    async def expire(self, stream_id: str) -> None:
+        return None
+
+    async def sweep(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_failing_backend_costs_resumption_not_the_stream(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        backend = FlakyBackend()
+        store = ResumeStore(backend, flush_interval_s=0.01, max_events=100)
+        encoder = SeedEncoder("s1")
+        log = store.open(StreamMeta("s1", "m", [], 10))
+        log.append(encoder.opening(), 1)
+        log.append(encoder.tokens(["a ", "b "]), 2)
+        await store.flush()
+        backend.down = True
+        for _ in range(3):  # one outage, three failed flushes: one warning
+            log.append(encoder.tokens(["c "]), 1)
+            await store.flush()
+        assert not log.resumable
+        with pytest.raises(LookupError):
+            await anext(store.replay("s1", 0, poll_s=0.01))
+        backend.down = False
+        await store.flush()  # back: the stored stream gets its final not_resumable event
+        frames = [frame for batch in [b async for b in store.replay("s1", 0, poll_s=0.01)] for frame in batch]
+        events = list(sse_events(b"".join(frames).decode().splitlines()))
+        assert tokens_of(events) == ["a ", "b "]
+        assert events[-1].data["code"] == "not_resumable" and events[-1].seq == 6  # after every event it had
+
+    caplog.set_level(logging.INFO, logger="app.resume")
+    asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.resume"]
+    assert messages == ["resume store unavailable: streams continue without resumption",
+                        "resume store reachable again: new streams are resumable"]
+
+
+def test_parse_log_keeps_the_first_copy_of_each_seq() -> None:
+    encoder = SeedEncoder("s1")
+    log = encoder.opening() + encoder.tokens(["a ", "b "])
+    again = SeedEncoder("s1", seq=2).tokens(["b ", "c "])  # a claimer that lost its lease wrote seq 2 again
+    assert parse_log(log + again, "s1") == Progress("a b c ", 3, 3, False)
+    assert parse_log(log + SeedEncoder("s1", seq=5).tokens(["x "]), "s1") is None  # seq 3-4 missing
+    assert parse_log(log + SeedEncoder("s1", seq=3).done(2, None, None), "s1") == Progress("a b ", 2, 3, True)
+
+
+def test_redis_streams_backend(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        redis_client = LazyRedis(redis_server.url)
+        backend = RedisStreamsBackend(redis_client, ttl_s=60, prefix="test:", max_entries=100)
+        try:
+            assert await backend.read("s1", "") is None
+            await backend.write({"s1": b"one", "s2": b"x"})
+            await backend.write({"s1": b"two"})
+            data, cursor = await backend.read("s1", "") or (b"", "")
+            assert data == b"onetwo"
+            assert await backend.read("s1", cursor) == (b"", cursor)  # nothing new after the cursor
+            await backend.write({"s1": b"three"})
+            assert (await backend.read("s1", cursor) or (b"", ""))[0] == b"three"
+            ttl = await redis_client.client().pttl("test:s1")
+            assert 0 < ttl <= 60_000
+        finally:
+            await redis_client.aclose()
+
+    asyncio.run(scenario())
