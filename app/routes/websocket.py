@@ -29,7 +29,7 @@ from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request
-from app.streaming.relay import ClientGoneError, _log_final, not_resumable_on_lookup
+from app.streaming.relay import _log_final, not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
 from app.upstream.base import ChatRequest
@@ -133,13 +133,8 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
 
     async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect",
                                release=ticket.release) as run:
-        try:
-            stream = await run.open(chat)
-        except ClientGoneError:
-            return
-        except GatewayError as exc:
-            run.report(Outcome.ERROR, exc)
-            await _end_with_error(websocket, exc)
+        stream = await run.open_or_refuse(chat, lambda exc: _end_with_error(websocket, exc))
+        if stream is None:
             return
         outcome, error = await run.relay(write, opening)
         if log is not None and encoder is not None:

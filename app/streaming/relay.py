@@ -142,6 +142,18 @@ class StreamRun:
             raise session.cut_error from None
         return self._stream
 
+    async def open_or_refuse(self, request: ChatRequest,
+                             refuse: Callable[[GatewayError], Awaitable[None]]) -> UpstreamStream | None:
+        """Open the upstream, or answer the failure with `refuse` (nothing was sent yet) and return None."""
+        try:
+            return await self.open(request)
+        except ClientGoneError:
+            return None
+        except GatewayError as exc:
+            self.report(Outcome.ERROR, exc)
+            await refuse(exc)
+            return None
+
     async def relay(self, write: Callable[[list[str]], Awaitable[None]],
                     opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
         """Relay the opened stream until it ends; return how it ended (the caller writes the final event)."""
@@ -238,13 +250,8 @@ class SSEStreamResponse:
         session, encoder, log = self.session, self.encoder, self.log
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
-            try:
-                stream = await run.open(self.request)
-            except ClientGoneError:
-                return
-            except GatewayError as exc:
-                run.report(Outcome.ERROR, exc)
-                await self.error_response(exc)(scope, receive, send)
+            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
+            if stream is None:
                 return
 
             async def opening() -> None:
@@ -402,13 +409,8 @@ class CompletionResponse:
 
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
-            try:
-                stream = await run.open(self.request)
-            except ClientGoneError:
-                return
-            except GatewayError as exc:
-                run.report(Outcome.ERROR, exc)
-                await self.error_response(exc)(scope, receive, send)
+            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
+            if stream is None:
                 return
             outcome, error = await run.relay(collect)
             if outcome is Outcome.CLIENT_GONE:
