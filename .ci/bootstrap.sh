@@ -33,7 +33,7 @@ stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-${BOOTS
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing the project and its pinned dependencies"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[${BOOTSTRAP_EXTRAS:-test}]"
+  "$VENV/bin/python" -m pip install -q -e "${ROOT}[${BOOTSTRAP_EXTRAS:-test}]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

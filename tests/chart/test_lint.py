@@ -12,11 +12,6 @@ import pytest
 from .conftest import ROOT
 
 BIN = Path(sys.executable).parent
-# .ci/ belongs to the CI setup; two findings there are false positives, excluded by code, not by file:
-CI_FALSE_POSITIVES = {
-    "SC1087": 'pip extras "$ROOT[test]" are not an array index',
-    "SC2209": "`BOOTSTRAP_EXTRAS=test source ...` sets a variable for one command; `test` is a value here",
-}
 
 
 def _tool(name: str) -> str:
@@ -57,8 +52,7 @@ def test_shellcheck_scripts() -> None:
     scripts = _shell_scripts()
     assert any(p.parent.name == "k8s" for p in scripts) and any(p.parent.name == ".ci" for p in scripts)
     for script in scripts:
-        excluded = ["--exclude", ",".join(CI_FALSE_POSITIVES)] if script.parent.name == ".ci" else []
-        done = _run(_tool("shellcheck"), "--severity", "style", "--external-sources", *excluded, str(script))
+        done = _run(_tool("shellcheck"), "--severity", "style", "--external-sources", str(script))
         assert done.returncode == 0, done.stdout
 
 
