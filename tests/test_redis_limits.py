@@ -1,0 +1,291 @@
+"""Limits across replicas: two gateway instances (2 workers each) sharing one real redis-server.
+
+With REDIS_URL set, the rate limit and the per-client stream cap hold for the fleet, not per
+instance. When Redis goes away the gateway keeps serving under the documented policy: fail open to
+each instance's own limits (burst 5 per instance here), with `streaming_redis_up{store} 0`,
+`streaming_redis_fallbacks_total{store}` and one "redis unreachable" warning per worker and store.
+When Redis is back (retried once per second per worker) limits are shared again.
+
+The redis-server fixture fails, never skips, when the binary is missing (tests/conftest.py: a
+skipped test is a missing test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+
+from app.policies.redis_backend import DEFAULT_SLOTS_PREFIX
+from tests.conftest import Gateway, GatewayFactory
+from tests.test_upstream_protection import (
+    WAIT_S,
+    assert_no_streams_left,
+    http_client,
+    only_worker,
+    post_stream,
+    samples,
+    wait_until,
+    worker_pids,
+)
+
+START_TIMEOUT_S = 10.0  # guard only: how long redis-server may take to answer PING
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1:`port` without persistence; stop() and start() keep the port."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers_ping(self.port):
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                pytest.fail(f"redis-server exited with {code} on port {self.port}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"redis-server did not answer PING on port {self.port} within {START_TIMEOUT_S} s")
+            time.sleep(0.01)  # polling interval, not an assertion
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); these tests never skip")
+    server = RedisServer(binary, tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_pair(start_gateway: GatewayFactory, redis: RedisServer, **env: Any) -> tuple[Gateway, Gateway]:
+    """Two instances of the gateway on one Redis, started side by side.
+
+    Redis answers within a generous timeout here: on a loaded test machine a reply can take longer
+    than the production 0.25 s, and a false fallback would change the counts these tests check. A
+    stopped Redis refuses connections at once, so the fallback test does not wait on it."""
+    env = {"REDIS_URL": redis.url, "REDIS_TIMEOUT_SECONDS": 2, **env}
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: start_gateway(**env), range(2))
+    return first, second
+
+
+def fleet_leases(redis: RedisServer, client: str = "127.0.0.1") -> int:
+    """Stream leases the client holds in Redis, over all replicas (read straight from Redis)."""
+    with Redis.from_url(redis.url, socket_timeout=5) as connection:
+        return int(connection.zcard(DEFAULT_SLOTS_PREFIX + client))
+
+
+def gauge(gateway: Gateway, name: str, **labels: str) -> list[float]:
+    return samples(gateway, name, **labels)
+
+
+def redis_log(gateway: Gateway, prefix: str) -> Counter[tuple[int, str]]:
+    """How many log lines starting with `prefix` each (worker pid, store) wrote."""
+    found: Counter[tuple[int, str]] = Counter()
+    for line in gateway.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and str(entry.get("message", "")).startswith(prefix):
+            found[entry["pid"], entry.get("store", "")] += 1
+    return found
+
+
+def recovered(client: httpx.Client, gateway: Gateway, pid: int, headers: dict[str, str]) -> bool:
+    """One request (it makes the worker try Redis again when its interval is up); True once worker `pid`
+    has logged that both its stores reach Redis again."""
+    post_stream(client, gateway, max_tokens=1, **headers)
+    back = redis_log(gateway, "redis reachable again")
+    return back[pid, "ratelimit"] == 1 and back[pid, "slots"] == 1
+
+
+def rate_limit_refusal(response: httpx.Response) -> None:
+    """A 429 from the gateway's own limiter, with Retry-After and the IETF RateLimit headers."""
+    assert response.status_code == 429
+    assert response.json()["code"] == "rate_limited"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["ratelimit-policy"] == '"default";q=5;w=300'
+    assert response.headers["ratelimit"].startswith('"default";r=0;')
+
+
+LIMITS = {"RATE_LIMIT_BURST": 5, "RATE_LIMIT_PER_MINUTE": 1, "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0}
+
+
+def spread(gateways: tuple[Gateway, Gateway], n: int, **headers: str) -> list[httpx.Response]:
+    """`n` requests of one client, alternating between the two instances."""
+    with http_client() as client:
+        return [post_stream(client, gateways[i % 2], max_tokens=2, **headers) for i in range(n)]
+
+
+def test_burst_is_shared_by_two_instances(start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
+    gateways = start_pair(start_gateway, redis_server, **LIMITS)
+    responses = spread(gateways, 12)
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 7  # exactly the burst, fleet-wide
+    admitted_on = [i % 2 for i, r in enumerate(responses) if r.status_code == 200]
+    assert admitted_on == [0, 1, 0, 1, 0]  # the burst was spent on both instances, in request order
+    for response in responses:
+        if response.status_code == 200:
+            assert response.headers["ratelimit-policy"] == '"default";q=5;w=300'
+        else:
+            rate_limit_refusal(response)
+    for gateway in gateways:
+        assert gauge(gateway, "streaming_redis_fallbacks_total") == []  # Redis never failed
+        assert_no_streams_left(gateway)
+
+
+def test_client_stream_cap_is_shared_by_two_instances(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateways = start_pair(
+        start_gateway, redis_server,
+        MAX_CONNECTIONS_PER_CLIENT=3, RATE_LIMIT_PER_MINUTE=0, MOCK_TOKENS_PER_SECOND=1, MOCK_FIRST_TOKEN_MS=0,
+    )
+    body = {"prompt": "hold the line", "max_tokens": 10_000}
+
+    def open_stream(stack: ExitStack, client: httpx.Client, gateway: Gateway) -> httpx.Response:
+        response = stack.enter_context(client.stream("POST", gateway.url + "/stream", json=body))
+        if response.status_code != 200:
+            response.read()
+        return response
+
+    for order in ((0, 1, 0), (1, 1, 0)):  # fill the cap across both, refuse, free it all; then again
+        with http_client() as client, ExitStack() as streams:
+            opened = [open_stream(streams, client, gateways[i]) for i in order]
+            assert [r.status_code for r in opened] == [200, 200, 200]
+            assert fleet_leases(redis_server) == 3
+            for gateway in gateways:  # a 4th, on either instance, is refused although each holds < 3 itself
+                refused = open_stream(streams, client, gateway)
+                assert refused.status_code == 503
+                assert refused.json()["code"] == "client_connection_limit"
+                assert "across the fleet" in refused.json()["detail"]
+                assert refused.headers["retry-after"] == "1"
+        # leaving the block closed the three streams: slots and fleet-wide leases are given back
+        for gateway in gateways:
+            assert_no_streams_left(gateway)
+        assert wait_until(lambda: fleet_leases(redis_server) == 0)
+        assert fleet_leases(redis_server) == 0
+
+
+def test_redis_killed_falls_back_to_instance_limits_and_recovers(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    keys = ["k-shared", "k-down", "k-back", "k-poll-0", "k-poll-1", "k-poll-2", "k-poll-3"]
+    gateways = start_pair(start_gateway, redis_server, **LIMITS, LOG_LEVEL="info", API_KEYS=",".join(keys))
+
+    def bearer(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    # Redis up: one burst for the fleet.
+    statuses = [r.status_code for r in spread(gateways, 12, **bearer("k-shared"))]
+    assert sorted(statuses) == [200] * 5 + [429] * 7
+
+    redis_server.stop()
+
+    # Redis down: every worker of both instances serves (no 5xx), each instance under its own burst of 5.
+    # Worker by worker, so each one finds Redis gone for both stores (rate limit, then stream slot).
+    per_instance: list[list[int]] = []
+    for gateway in gateways:
+        first, second = worker_pids(gateway)
+        codes: list[int] = []
+        for pid, n in ((first, 3), (second, 9)):
+            with only_worker(gateway, pid), http_client() as client:
+                for _ in range(n):
+                    response = post_stream(client, gateway, max_tokens=2, **bearer("k-down"))
+                    codes.append(response.status_code)
+                    assert response.status_code in (200, 429), (response.status_code, response.text)
+                    if response.status_code == 429:
+                        rate_limit_refusal(response)  # the instance's own bucket
+        per_instance.append(codes)
+    for codes in per_instance:
+        assert codes == [200] * 5 + [429] * 7  # 3 on the first worker, 2 on the second: 5 per instance
+    for gateway in gateways:
+        workers = worker_pids(gateway)
+        assert gauge(gateway, "streaming_redis_up", store="ratelimit") == [0]
+        assert gauge(gateway, "streaming_redis_up", store="slots") == [0]
+        assert gauge(gateway, "streaming_redis_fallbacks_total", store="ratelimit") == [2]  # one per worker
+        assert gauge(gateway, "streaming_redis_fallbacks_total", store="slots") == [2]
+        warnings = redis_log(gateway, "redis unreachable")
+        assert warnings == {(pid, store): 1 for pid in workers for store in ("ratelimit", "slots")}
+        assert_no_streams_left(gateway)
+
+    redis_server.start()  # same port, empty
+
+    # Back: each worker tries Redis again once per second; poll every worker until both its stores are back.
+    index = 0
+    for gateway in gateways:
+        for pid in worker_pids(gateway):
+            key = f"k-poll-{index}"  # a worker's own key: its polls spend no one else's tokens
+            index += 1
+            with only_worker(gateway, pid), http_client() as client:
+                assert wait_until(lambda: recovered(client, gateway, pid, bearer(key)), WAIT_S)  # noqa: B023
+    for gateway in gateways:
+        assert gauge(gateway, "streaming_redis_up", store="ratelimit") == [1]
+        assert gauge(gateway, "streaming_redis_up", store="slots") == [1]
+        back = redis_log(gateway, "redis reachable again")
+        assert back == {(pid, store): 1 for pid in worker_pids(gateway) for store in ("ratelimit", "slots")}
+        assert sum(redis_log(gateway, "redis unreachable").values()) == 4  # still one per worker and store
+
+    # Shared again: one burst for the fleet.
+    responses = spread(gateways, 12, **bearer("k-back"))
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 7
+    for response in responses:
+        if response.status_code == 429:
+            rate_limit_refusal(response)
+    for gateway in gateways:
+        assert_no_streams_left(gateway)
