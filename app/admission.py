@@ -30,7 +30,7 @@ from app.errors import (
     RateLimitedError,
     UnauthorizedError,
 )
-from app.policies.breaker import BreakerState, CircuitBreaker
+from app.policies.breaker import CircuitBreaker
 from app.policies.concurrency import ConnectionLimiter, Lease
 from app.policies.ratelimit import RateLimiter, StorageError
 from app.policies.redis_backend import LOCAL_ONLY, ClientSlots
@@ -165,8 +165,9 @@ class Admission:
             ticket.headers = result.headers()
             if not result.allowed:
                 raise RateLimitedError(result.retry_after_seconds, ticket.headers)
-        if self._breaker.state is BreakerState.OPEN:
-            raise CircuitOpenError(self._breaker.name, self._breaker.retry_after_seconds())
+        retry_after = self._breaker.retry_after_seconds()  # > 0 exactly when allow() would refuse:
+        if retry_after > 0:  # open, or half-open with its one probe out
+            raise CircuitOpenError(self._breaker.name, retry_after)
         return ticket
 
     def _identify(self, connection: HTTPConnection) -> str:

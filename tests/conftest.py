@@ -99,6 +99,7 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
 
     def hand_over_socket() -> None:  # runs in the child between fork and exec
         os.dup2(fd, SD_LISTEN_FDS_START)
+        os.set_inheritable(SD_LISTEN_FDS_START, True)  # dup2 onto itself (fd already 3) keeps close-on-exec
         os.environ.update(env)
         os.environ["LISTEN_FDS"] = "1"
         os.environ["LISTEN_PID"] = str(os.getpid())
