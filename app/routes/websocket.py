@@ -29,7 +29,7 @@ from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request
-from app.streaming.relay import _log_final, not_resumable_on_lookup
+from app.streaming.relay import end_log, not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
 from app.upstream.base import ChatRequest
@@ -137,9 +137,14 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         if stream is None:
             return
         outcome, error = await run.relay(write, opening)
+        handed_over = False
         if log is not None and encoder is not None:
-            log.close(_log_final(encoder, session, stream, error))
+            handed_over = await end_log(log, encoder, session, stream, error)
         if outcome is Outcome.CLIENT_GONE or session.orphaned_at:
+            return
+        if handed_over and error is not None and encoder is not None:  # another instance continues it
+            await send_text(json.dumps({"type": "server_shutdown", "resume": f"{session.id}-{encoder.seq - 1}"}))
+            await websocket.close(code=error.ws_close_code, reason="stream handed over; resume it")
             return
         if error is not None:
             await _end_with_error(websocket, error)
@@ -156,7 +161,9 @@ def _event_text(frame: bytes) -> str:
 async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, after_seq: int) -> None:
     assert state.resume is not None
     session = new_session(websocket, state, endpoint=ENDPOINT, model="resume")
-    frames = state.resume.replay(stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds)
+    frames = state.resume.replay(
+        stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds, endpoint=ENDPOINT
+    )
     last: list[bytes] = []
 
     async def write(batch: list[bytes]) -> None:
