@@ -276,6 +276,7 @@ def build_resume_store(settings: Settings, redis: LazyRedis | None = None,
     return ResumeStore(
         backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events,
         handover=handover, on_tick=_orphan_gauge(registry) if registry is not None else None,
+        orphans=(lambda: [s for s in registry.streams if s.orphaned_at]) if registry is not None else None,
     )
 
 

@@ -255,13 +255,14 @@ def test_orphan_timeout_stops_the_generation(start_gateway: GatewayFactory) -> N
     prompt, max_tokens = "left alone", 2000
     with httpx.Client(timeout=GUARD_S) as client:
         stream_id, before = interrupted_stream(client, gateway, prompt, max_tokens, keep=3)
+        # nobody reads it (a reader would keep it alive: tests/test_resume_orphans.py): it is stopped
+        wait_for(lambda: metric_total(gateway, "streaming_active_connections") == 0, "the generation stopped")
         after = resume(client, gateway.url, stream_id, before[-1].id)
     final = after[-1].data
     assert final["type"] == "error" and final["code"] == "orphan_timeout"
     tokens = tokens_of(before + after)
     assert 3 <= len(tokens) < max_tokens
     assert "".join(tokens) == "".join(mock_tokens(prompt, 0, len(tokens)))
-    wait_for(lambda: metric_total(gateway, "streaming_active_connections") == 0, "the generation stopped")
 
 
 def test_redis_down_streams_work_without_resumption(start_gateway: GatewayFactory, redis_server: RedisServer) -> None:

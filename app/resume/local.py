@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 SUFFIX = ".sse"
+READER_SUFFIX = ".reader"  # touched by clients tailing a stream; swept with the stream files
 
 
 class DirectoryBackend:
@@ -25,6 +26,7 @@ class DirectoryBackend:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
         self._fds: dict[str, int] = {}  # streams this worker produces
+        self._reader_ttl_s = 5.0  # replaced by the store's own value on the first mark
 
     def _path(self, stream_id: str) -> Path:
         return self.directory / f"{stream_id}{SUFFIX}"
@@ -58,11 +60,32 @@ class DirectoryBackend:
         if fd is not None:
             os.close(fd)  # the file stays until the sweep finds it older than the TTL
 
+    def _reader_path(self, stream_id: str) -> Path:
+        return self.directory / f"{stream_id}{READER_SUFFIX}"
+
+    async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        # The mark is the file's mtime: fresh for `ttl_s` (checks read it against the same TTL).
+        self._reader_path(stream_id).touch()
+        self._reader_ttl_s = ttl_s
+
+    async def readers_seen(self, stream_ids: list[str]) -> set[str]:
+        fresh_after = time.time() - self._reader_ttl_s
+        seen = set()
+        for stream_id in stream_ids:
+            try:
+                if self._reader_path(stream_id).stat().st_mtime >= fresh_after:
+                    seen.add(stream_id)
+            except FileNotFoundError:
+                pass
+        return seen
+
     def _sweep(self) -> None:
         cutoff = time.time() - self.ttl_s  # file mtimes are wall-clock
         for entry in os.scandir(self.directory):
             try:
-                if entry.name.endswith(SUFFIX) and entry.stat().st_mtime < cutoff:
+                if entry.name.endswith(READER_SUFFIX) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                elif entry.name.endswith(SUFFIX) and entry.stat().st_mtime < cutoff:
                     stream_id = entry.name[: -len(SUFFIX)]
                     fd = self._fds.pop(stream_id, None)
                     if fd is not None:

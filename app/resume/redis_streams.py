@@ -76,6 +76,21 @@ class RedisStreamsBackend:
         with _wrap_errors():
             await self.redis.client().pexpire(self.key(stream_id), self.ttl_ms)
 
+    def reader_key(self, stream_id: str) -> str:
+        return f"{self.prefix}reader:{stream_id}"
+
+    async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        with _wrap_errors():
+            await self.redis.client().set(self.reader_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
+
+    async def readers_seen(self, stream_ids: list[str]) -> set[str]:
+        with _wrap_errors():
+            pipe = self.redis.client().pipeline(transaction=False)
+            for stream_id in stream_ids:
+                pipe.exists(self.reader_key(stream_id))
+            found = await pipe.execute()
+        return {stream_id for stream_id, exists in zip(stream_ids, found, strict=True) if exists}
+
     async def sweep(self) -> None:
         return None  # Redis expires the keys itself
 

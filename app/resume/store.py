@@ -22,6 +22,7 @@ stream to the fleet instead of closing it; another instance appends the rest (re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,18 @@ EVENT_ID = re.compile(r"^([0-9a-z]{1,64})-(\d{1,9})$")  # <stream id>-<seq>, as 
 FINAL_TYPES = (b'"type": "done"', b'"type": "error"')
 BACKEND_ERRORS = (StorageError, OSError)  # what a backend may raise; anything else is a bug
 UNKNOWN_GRACE_READS = 3  # an unknown stream is read this many more times, a flush interval apart, before 404
+READER_CHECK_TICKS = 5  # producers look for readers of their orphaned generations every this many flushes
+
+
+class Orphan(Protocol):
+    """An orphaned generation as the store sees it (a StreamSession whose client left)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def reader_seen(self) -> None:
+        """A client reads this stream again: restart its orphan timeout."""
+        ...
 MAX_TOMBSTONES = 10_000  # streams awaiting their final not_resumable event after a failed flush
 
 
@@ -96,6 +109,14 @@ class Backend(Protocol):
 
     async def expire(self, stream_id: str) -> None:
         """The stream ended: keep it for the TTL, then let it go."""
+        ...
+
+    async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        """A client is reading this stream now (a resumed tail); the mark lasts `ttl_s`."""
+        ...
+
+    async def readers_seen(self, stream_ids: list[str]) -> set[str]:
+        """Which of these streams have a live reader mark (their producers keep generating for them)."""
         ...
 
     async def sweep(self) -> None:
@@ -188,7 +209,8 @@ class ResumeStore:
 
     def __init__(self, backend: Backend, *, flush_interval_s: float, max_events: int,
                  sweep_every: int = 50, handover: HandoverSink | None = None,
-                 on_tick: Callable[[], None] | None = None) -> None:
+                 on_tick: Callable[[], None] | None = None,
+                 orphans: Callable[[], list[Orphan]] | None = None) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.max_events = max_events
@@ -199,6 +221,7 @@ class ResumeStore:
         self._tombstones: dict[str, EventLog] = {}
         self._sweep_every = sweep_every
         self._on_tick = on_tick  # sampled gauges (orphaned streams), once per flush interval
+        self._orphans = orphans  # this worker's orphaned generations, kept alive while a client reads them
         self._lock = asyncio.Lock()  # flushes write in order: a stream's chunks never overtake each other
         self._task: asyncio.Task[None] | None = None
 
@@ -262,10 +285,30 @@ class ResumeStore:
                 if self._on_tick is not None:
                     self._on_tick()
                 await self.flush()
+                if ticks % READER_CHECK_TICKS == 0:
+                    await self._keep_read_orphans_alive()
                 if ticks % self._sweep_every == 0:
                     await self.backend.sweep()
             except Exception:  # pragma: no cover - the store must not take streams down with it
                 logger.exception("resume store flush failed")
+
+    @property
+    def reader_mark_s(self) -> float:
+        """How long a reader's mark lasts: a few checks, so one late poll does not orphan the stream."""
+        return self.flush_interval_s * READER_CHECK_TICKS * 3
+
+    async def _keep_read_orphans_alive(self) -> None:
+        """An orphaned generation whose client came back (on any worker or replica) is not orphaned."""
+        orphans = self._orphans() if self._orphans is not None else []
+        if not orphans:
+            return
+        try:
+            read = await self.backend.readers_seen([orphan.id for orphan in orphans])
+        except BACKEND_ERRORS:
+            return  # no verdict: the orphan timeout stands
+        for orphan in orphans:
+            if orphan.id in read:
+                orphan.reader_seen()
 
     def start(self) -> None:
         if self._task is None:
@@ -331,4 +374,6 @@ class ResumeStore:
             if frames and is_final(frames[-1]):
                 return
             await asyncio.sleep(poll_s)
+            with contextlib.suppress(*BACKEND_ERRORS):  # the mark only extends an orphan's life
+                await self.backend.mark_reader(stream_id, self.reader_mark_s)
             found = await self._read(stream_id, cursor)

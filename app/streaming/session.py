@@ -79,6 +79,11 @@ class StreamSession:
         if self.task is not None:
             self.task.cancel()
 
+    def reader_seen(self) -> None:
+        """Its client reads it again (a resumed tail, maybe on another worker): not orphaned any more."""
+        if self.orphaned_at:
+            self.orphaned_at = asyncio.get_running_loop().time()
+
     def client_disconnected(self) -> None:
         if self.phase is Phase.FINISHING or self.cut:
             self.client_gone = True
