@@ -17,7 +17,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.streaming.relay import CompletionResponse, SSEStreamResponse
+from app.streaming.responses import CompletionResponse, SSEStreamResponse
 from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
 from app.upstream.schemas import ChatCompletionRequest

@@ -38,13 +38,8 @@ async def get_state(request: Request) -> GatewayState:
     return state
 
 
-async def get_settings(request: Request) -> Settings:
-    state: GatewayState = request.app.state.gateway
-    return state.settings
-
 
 StateDep = Annotated[GatewayState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def admit(connection: HTTPConnection, state: GatewayState) -> Ticket:

@@ -20,7 +20,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.streaming.relay import ReplayResponse, SSEStreamResponse
+from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest

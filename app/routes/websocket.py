@@ -29,7 +29,8 @@ from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, new_session, parse_json_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request
-from app.streaming.relay import end_log, not_resumable_on_lookup
+from app.streaming.relay import end_log
+from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
 from app.upstream.base import ChatRequest

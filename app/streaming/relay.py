@@ -1,4 +1,4 @@
-"""The upstream-to-client pump, and the pure-ASGI responses that run it.
+"""The upstream-to-client pump and `StreamRun`, the owner of one stream's stay (responses.py uses them).
 
 One stream is one task (the ASGI request task) plus a disconnect listener:
 
@@ -17,9 +17,8 @@ exit releases the registry entry, the active gauge and the upstream exactly once
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -29,7 +28,6 @@ from starlette.types import Receive, Scope, Send
 from app.errors import GatewayError, InternalError, NotResumableError, StreamTimeoutError
 from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
-from app.streaming.sse import PING, SSE_HEADERS, SeedEncoder
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
 
 logger = logging.getLogger("app.streaming")
@@ -222,77 +220,6 @@ def _end_reason(session: StreamSession, exc: Exception | None) -> tuple[Outcome,
     return OUTCOME_BY_CODE.get(error.code, Outcome.ERROR), error
 
 
-class SSEStreamResponse:
-    """A pure-ASGI streaming response that owns its stream from admission to release."""
-
-    def __init__(
-        self,
-        *,
-        relay: Relay,
-        session: StreamSession,
-        request: ChatRequest,
-        encoder: Encoder,
-        error_response: Callable[[GatewayError], ASGIApp],
-        release: Callable[[], Awaitable[None]] | None = None,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-        log: EventLog | None = None,
-    ) -> None:
-        self.relay = relay
-        self.session = session
-        self.request = request
-        self.encoder = encoder
-        self.error_response = error_response
-        self.release = release
-        self.headers = SSE_HEADERS + (extra_headers or [])
-        self.log = log
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session, encoder, log = self.session, self.encoder, self.log
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
-                                  release=self.release) as run:
-            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
-            if stream is None:
-                return
-
-            async def opening() -> None:
-                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                body = encoder.opening()
-                if log is not None:
-                    log.append(body, 1)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                session.ping = ping
-
-            async def write(batch: list[str]) -> None:
-                body = encoder.tokens(batch)
-                if log is not None:
-                    log.append(body, len(batch))  # before the send: a stalled client must not hold it back
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-            async def ping() -> None:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-
-            outcome, error = await run.relay(write, opening)
-            handed_over = log is not None and await end_log(log, encoder, session, stream, error)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            if handed_over:
-                assert log is not None
-                final = SeedEncoder.shutdown_resume(log.last_event_id)
-            elif error is None:
-                final = encoder.done(session.tokens, stream.finish_reason, stream.usage)
-            else:
-                final = encoder.error(error)
-            last = {"type": "http.response.body", "body": final, "more_body": False}
-            if outcome is not Outcome.BACKPRESSURE:
-                await send(last)
-                return
-            try:
-                async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
-                    await send(last)
-            except TimeoutError:
-                pass
-
-
 async def end_log(log: EventLog, encoder: Encoder, session: StreamSession, stream: UpstreamStream | None,
                   error: GatewayError | None, *, tokens_before: int = 0) -> bool:
     """End a stream's resume log: hand the stream over (drain deadline, Redis store), else write its final event.
@@ -324,105 +251,3 @@ def _log_final(encoder: Encoder, session: StreamSession, stream: UpstreamStream 
     return encoder.error(final)
 
 
-class ReplayResponse:
-    """`GET /stream/{id}`: a resumed stream, replayed from the store, then its live tail."""
-
-    def __init__(self, *, relay: Relay, session: StreamSession, frames: AsyncIterator[list[bytes]],
-                 error_response: Callable[[GatewayError], ASGIApp], not_resumable: Callable[[], GatewayError],
-                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.relay = relay
-        self.session = session
-        self.frames = frames
-        self.error_response = error_response
-        self.not_resumable = not_resumable
-        self.headers = SSE_HEADERS + (extra_headers or [])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = self.session
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect") as run:
-            try:
-                first = await anext(self.frames)
-            except LookupError:
-                refusal = self.not_resumable()
-                run.report(Outcome.ERROR, refusal)
-                await self.error_response(refusal)(scope, receive, send)
-                return
-            except StopAsyncIteration:
-                first = []
-
-            async def opening() -> None:
-                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                await send({"type": "http.response.body", "body": b"".join(first), "more_body": True})
-                session.ping = ping
-
-            async def write(batch: list[bytes]) -> None:
-                await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
-
-            async def ping() -> None:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-
-            outcome, error = await run.relay_from(not_resumable_on_lookup(self.frames, self.not_resumable),
-                                                  write, opening)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            final = b"" if error is None else SeedEncoder().error(error)
-            await send({"type": "http.response.body", "body": final, "more_body": False})
-
-
-async def not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
-                                   error: Callable[[], GatewayError]) -> AsyncIterator[list[bytes]]:
-    try:
-        async for batch in frames:
-            yield batch
-    except LookupError:
-        raise error() from None
-
-
-class CompletionResponse:
-    """Non-streaming `/v1/chat/completions`: the same relay into a list, answered as one JSON body."""
-
-    def __init__(
-        self,
-        *,
-        relay: Relay,
-        session: StreamSession,
-        request: ChatRequest,
-        error_response: Callable[[GatewayError], ASGIApp],
-        render: Callable[[str, str | None, Usage | None, int], dict[str, object]],
-        release: Callable[[], Awaitable[None]] | None = None,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        self.relay = relay
-        self.session = session
-        self.request = request
-        self.error_response = error_response
-        self.render = render
-        self.release = release
-        self.extra_headers = extra_headers or []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = self.session
-        parts: list[str] = []
-
-        async def collect(batch: list[str]) -> None:
-            parts.extend(batch)
-
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
-                                  release=self.release) as run:
-            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
-            if stream is None:
-                return
-            outcome, error = await run.relay(collect)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            if error is not None:
-                await self.error_response(error)(scope, receive, send)
-                return
-            body = json.dumps(
-                self.render("".join(parts), stream.finish_reason, stream.usage, session.tokens),
-                separators=(",", ":"),
-            ).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), *self.extra_headers]})
-            await send({"type": "http.response.body", "body": body})
