@@ -106,6 +106,8 @@ def test_locust_streams_complete_against_the_gateway(start_gateway: GatewayFacto
     summary = run.summary
     assert summary["completed"] > 0 and summary["ok"] is True, summary
     assert (summary["truncated"], summary["errors"], summary["refused"], summary["graceful"]) == (0, 0, 0, 0)
+    # nothing broke, so nothing was resumed; every /stream and /ws text was the mock's (LOCUST_VERIFY_MOCK_TEXT)
+    assert (summary["resumed"], summary["resume_mismatch"], summary["not_resumable"]) == (0, 0, 0)
     assert_consistent(summary)
     for endpoint in ("/stream", "/v1/chat/completions", "/ws"):
         assert summary["by_endpoint"][endpoint]["completed"] > 0, endpoint
@@ -138,7 +140,8 @@ def stub_gateway() -> Any:
 
 
 def test_locust_counts_truncated_graceful_and_refused_streams(stub_gateway: str, tmp_path: Path) -> None:
-    proc = start_locust(stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1)
+    proc = start_locust(stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1,
+                        verify_mock_text=0)  # the stub is not the mock
     run = finish_locust(proc, tmp_path, 3)
 
     assert run.returncode == 1, run.output  # truncations fail the run
@@ -223,6 +226,8 @@ def test_locust_reconnects_after_a_drain_and_counts_no_truncation(
     assert summary["reconnects"] >= users  # ... and its user reconnected
     assert summary["completed"] >= 3  # on B
     assert (summary["truncated"], summary["errors"]) == (0, 0), summary
+    # the local store cannot hand a stream over: a plain server_shutdown is a new request, not a resume
+    assert (summary["resumed"], summary["not_resumable"]) == (0, 0), summary
     # a reconnect that reached A while it drained was refused (503 on HTTP, 1012 before `status` on /ws)
     drained = {"graceful:server_shutdown", "refused:503:draining", "refused:1012:draining"}
     assert set(summary["by_reason"]) <= drained, summary["by_reason"]
