@@ -15,6 +15,7 @@ import json
 
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.websockets import WebSocketDisconnect
 
 from app.admission import Ticket
 from app.errors import (
@@ -127,7 +128,7 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         try:
             for text in batch:
                 await send_text(f"{TOKEN_HEAD}{escape(text)}}}")
-        except OSError:  # uvicorn's ClientDisconnected: the peer is gone before we heard its close
+        except (OSError, WebSocketDisconnect):  # the peer is gone before its close reached the listener
             state.registry.client_left(session)
             if not session.orphaned_at:
                 raise

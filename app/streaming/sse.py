@@ -46,6 +46,14 @@ class SeedEncoder:
 
     def _framed(self, data: bytes) -> bytes:
         seq, self.seq = self.seq, self.seq + 1
+        return self._with_id(seq, data)
+
+    def _final(self, data: bytes) -> bytes:
+        # A stream has one final event, encoded for the client and for the resume log: both copies
+        # carry the same id, so the seq does not move.
+        return self._with_id(self.seq, data)
+
+    def _with_id(self, seq: int, data: bytes) -> bytes:
         return data if self._id_prefix is None else f"{self._id_prefix}{seq}\n".encode() + data
 
     def opening(self) -> bytes:
@@ -59,10 +67,10 @@ class SeedEncoder:
         return "".join([f"{prefix}{seq + i}\n{head}{escape(text)}{tail}" for i, text in enumerate(batch)]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
-        return self._framed(f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode())
+        return self._final(f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode())
 
     def error(self, error: GatewayError) -> bytes:
-        return SEED_SHUTDOWN if error.code == "server_shutdown" else self._framed(error.event_bytes())
+        return SEED_SHUTDOWN if error.code == "server_shutdown" else self._final(error.event_bytes())
 
     @staticmethod
     def shutdown_resume(event_id: str) -> bytes:
