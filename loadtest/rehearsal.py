@@ -91,6 +91,7 @@ ACTIVE = "sum by (instance) (streaming_active_connections)"
 UP = "up"
 CLAIM_MESSAGE = "continuing a handed-over stream"  # app/resume/handover.py: a claimer picked a stream up
 LOCUST_RESUME_KEYS = ("resumed", "resume_mismatch", "not_resumable")  # in the summary of users that resume
+RESUMABLE_ENDPOINTS = ("/stream", "/ws")  # /v1/chat/completions streams end with server_shutdown, not handed over
 
 # guards only: how long a step may take before the rehearsal gives up on it
 START_GUARD_S = 90.0  # an instance's /ready, nginx, Prometheus, redis-server answering
@@ -279,6 +280,7 @@ class Termination:
     drain_s: float = 0.0
     in_flight_at_sigterm: int | None = None
     cut_by_drain: int | None = None  # from the workers' "drain finished" log lines
+    shutdown_by_endpoint: dict[str, int] = field(default_factory=dict)  # from their "stream finished" lines
     exit_code: int | None = None
     replacement_ready_s: float = 0.0
     sigterm_epoch: float = 0.0
@@ -354,6 +356,18 @@ def drain_cuts(log_path: Path) -> int | None:
             with contextlib.suppress(ValueError):
                 cuts.append(int(json.loads(line).get("cut", 0)))
     return sum(cuts) if cuts else None
+
+
+def shutdown_ends(log_path: Path) -> Counter[str]:
+    """Streams that ended with server_shutdown, by endpoint, from the `stream finished` log lines."""
+    ends: Counter[str] = Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"stream finished"' in line and '"shutdown"' in line:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("outcome") == "shutdown":
+                    ends[str(entry.get("endpoint"))] += 1
+    return ends
 
 
 def log_messages(paths: Sequence[Path], message: str) -> int:
@@ -564,7 +578,7 @@ class ResumeStats:
     streams: int = 0  # streams opened (each counted once, however many times it was resumed)
     completed: int = 0  # ended with done, every seq once, the whole text
     shutdowns: int = 0  # server_shutdown events seen
-    shutdowns_with_resume: int = 0
+    shutdowns_with_resume: int = 0  # the generation was handed over (a cut replay connection carries no id)
     resumed: int = 0  # server_shutdowns after which GET /stream/{id} continued the stream (the rest checked at done)
     failures: Counter[str] = field(default_factory=Counter)  # by reason: not_resumable, gap, text_mismatch, ...
     refused: int = 0
@@ -641,6 +655,7 @@ class ResumeClients:
         seqs: list[int] = []  # of status and token events (0, 1..n)
         text: list[str] = []
         final_seq: int | None = None
+        last_id: str | None = None
         counted = False
         shutdowns = 0  # of this stream: each one resumed, once the stream reached done with the whole text
         for _hop in range(self.MAX_HOPS):
@@ -661,6 +676,7 @@ class ResumeClients:
                 stream_id = response.headers.get("x-stream-id", "")
                 terminal: dict[str, Any] | None = None
                 for event_id, event in self._events(response):
+                    last_id = event_id or last_id
                     seq = int(event_id.rsplit("-", 1)[1]) if event_id else None
                     if event.get("type") in ("done", "error", "server_shutdown"):
                         terminal, final_seq = event, seq
@@ -676,10 +692,15 @@ class ResumeClients:
                 self._count(shutdowns=1)
                 shutdowns += 1
                 resume_id = terminal.get("resume")
-                if not resume_id:
+                if resume_id:
+                    self._count(shutdowns_with_resume=1)
+                elif method == "GET" and last_id:
+                    # a resumed connection (a replay) cut by a drain: the generation runs on elsewhere, so the
+                    # client resumes again from the last event it got, as EventSource would
+                    resume_id = last_id
+                else:
                     self._fail("server_shutdown_without_resume_id")
                     return
-                self._count(shutdowns_with_resume=1)
                 request = ("GET", f"/stream/{stream_id}", {"headers": {"Last-Event-ID": str(resume_id)}})
                 continue
             if terminal["type"] == "error":
@@ -873,6 +894,7 @@ class Rehearsal:
         record.exit_code = old.stop(signal.SIGKILL, 1.0)
         self.supervisor.reaped(old)
         record.cut_by_drain = drain_cuts(old.log_path)
+        record.shutdown_by_endpoint = dict(shutdown_ends(old.log_path))
         if record.exit_code != 0:
             self.problems.append(f"{instance.name} exited with {record.exit_code} after SIGTERM")
         log(f"{instance.name}: drained and exited in {record.drain_s:.2f} s (code {record.exit_code}, "
@@ -965,10 +987,12 @@ class Rehearsal:
         if config.mode == "resume":
             gateway_logs = [c.log_path for c in self.supervisor.children if c.name.startswith("gw-")]
             handover = {"cut_by_drains": sum(t.cut_by_drain or 0 for t in self.terminations),
+                        "cut_resumable": sum(t.shutdown_by_endpoint.get(e, 0) for t in self.terminations
+                                             for e in RESUMABLE_ENDPOINTS),
                         "continued_elsewhere": log_messages(gateway_logs, CLAIM_MESSAGE)}
-            checks.append(("every stream a drain cut was handed over and continued by another instance "
-                           f"({handover['continued_elsewhere']} continued, {handover['cut_by_drains']} cut)",
-                           handover["continued_elsewhere"] >= handover["cut_by_drains"]))
+            checks.append(("every /stream and /ws stream a drain cut was handed over and continued by another "
+                           f"instance ({handover['continued_elsewhere']} continued, {handover['cut_resumable']} cut)",
+                           handover["continued_elsewhere"] >= handover["cut_resumable"] > 0))
             if locust_resume is not None:
                 checks.append(("Locust users resumed handed-over streams, every resumed stream whole "
                                f"(resumed {locust_resume.get('resumed', 0)}, resume_mismatch "
@@ -978,8 +1002,8 @@ class Rehearsal:
                                and not locust_resume.get("not_resumable")))
             stats = resume or {}
             failures = sum((stats.get("failures") or {}).values())
-            checks.append(("resuming clients: every server_shutdown carried a resume id and was resumed to done "
-                           "with the whole text, no gap or duplicate "
+            checks.append(("resuming clients: every server_shutdown was resumed to done with the whole text, no "
+                           "gap or duplicate, and no stream failed otherwise "
                            f"({stats.get('resumed', 0)}/{stats.get('shutdowns', 0)} resumed, {failures} failed)",
                            stats.get("shutdowns", 0) > 0 and stats.get("resumed") == stats.get("shutdowns")
                            and failures == 0))
@@ -1193,8 +1217,9 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
                if r["done_id_skips"] else ""),
             "",
             f"Gateway side (their logs): {results['handover']['cut_by_drains']} streams were still running at a "
-            f"drain deadline and handed to the fleet; claimers on other instances continued "
-            f"{results['handover']['continued_elsewhere']} (`{CLAIM_MESSAGE}`).",
+            f"drain deadline; the {results['handover']['cut_resumable']} of them on /stream and /ws were handed to "
+            f"the fleet (the /v1/chat/completions ones end with server_shutdown), and claimers on other instances "
+            f"continued {results['handover']['continued_elsewhere']} (`{CLAIM_MESSAGE}`).",
             "",
         ]
         if results["locust_resume"] is None:
