@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Self:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("DEFAULT_MAX_TOKENS must not exceed MAX_TOKENS_LIMIT")
+        if self.total_timeout_seconds > self.max_stream_age_seconds:
+            raise ValueError(
+                "TOTAL_TIMEOUT_SECONDS must not exceed MAX_STREAM_AGE_SECONDS: a slot lease would expire under a "
+                "stream that is still allowed to run"
+            )
         if self.resume_enabled and self.resume_store == "redis" and not self.redis_url:
             raise ValueError("RESUME_STORE=redis needs REDIS_URL")
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):

@@ -70,13 +70,20 @@ def test_one_server_and_one_upstream_span_per_stream(
         UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, OTEL_BSP_SCHEDULE_DELAY=50,
         OTEL_SERVICE_NAME="gw-under-test", WEB_CONCURRENCY=1, LOG_LEVEL="info",
     )
+    for tokens in (3, 150):  # the span count per stream does not depend on the token count
+        r = httpx.post(gateway.url + "/stream", json={"prompt": "trace me", "max_tokens": tokens}, timeout=10)
+        assert r.text.rstrip().endswith(f'"tokens": {tokens}}}')
     r = httpx.post(gateway.url + "/stream", json={"prompt": "trace me", "max_tokens": 25}, timeout=10)
     assert r.text.rstrip().endswith('"tokens": 25}')
     httpx.get(gateway.url + "/health", timeout=5)  # excluded from tracing
     traceparent = fake_upstream.stats()["bodies"][-1]["traceparent"]
     assert gateway.stop() == 0  # workers flush their span queues on the way out
-    spans = otlp.spans
-    assert len(spans) == 2, [s["name"] for s in spans]  # 25 tokens, still two spans
+    by_trace: dict[str, list[dict[str, Any]]] = {}
+    for span in otlp.spans:
+        by_trace.setdefault(span["trace_id"], []).append(span)
+    assert sorted(len(spans) for spans in by_trace.values()) == [2, 2, 2]  # 3, 150 and 25 tokens alike
+    spans = next(spans for spans in by_trace.values()
+                 if any(s["attributes"].get("gen_ai.usage.output_tokens") == 25 for s in spans))
     server = next(s for s in spans if s["kind"] == 2)  # SPAN_KIND_SERVER
     client = next(s for s in spans if s["kind"] == 3)  # SPAN_KIND_CLIENT
     assert server["name"] == "POST /stream"

@@ -34,6 +34,7 @@ KNOWN_ERRORS = (
     "orphan_timeout", "circuit_open", "internal_error",
 )
 KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown")
+KNOWN_HANDOVER_RESULTS = ("published", "claimed", "completed", "failed")
 
 
 def precreate_series(max_connections: int) -> None:
@@ -50,6 +51,10 @@ def precreate_series(max_connections: int) -> None:
             ERRORS_TOTAL.labels(endpoint, code)
         for outcome in KNOWN_OUTCOMES:
             STREAM_OUTCOMES_TOTAL.labels(endpoint, outcome)
+    for endpoint in ("/stream/{stream_id}", "/ws"):
+        RESUMPTIONS_TOTAL.labels(endpoint)
+    for result in KNOWN_HANDOVER_RESULTS:
+        HANDOVERS_TOTAL.labels(result)
 
 
 def count_rejection(endpoint: str, reason: str) -> None:
