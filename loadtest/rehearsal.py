@@ -1082,7 +1082,7 @@ def render_png(results: dict[str, Any], path: Path) -> None:
                      xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color=colour)
     top.set_ylabel("active streams per instance")
     top.set_ylim(bottom=0)
-    top.legend(loc="lower right", fontsize=8)
+    top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, borderaxespad=0)
     top.grid(alpha=0.3)
     config = results["config"]
     counts = results["summary"]
@@ -1092,18 +1092,22 @@ def render_png(results: dict[str, Any], path: Path) -> None:
         f"server_shutdown {counts['graceful']}, truncated {counts['truncated']}, errors {counts['errors']}",
         fontsize=9)
     highest = 0.0
+    ttft_lines: list[Any] = []
     for item in results["prometheus"]["ttft_p95"]:
         pairs = [(t - t0, v * 1000) for t, v in item["values"] if v == v]  # NaN: no stream started in the window
         if pairs:
             xs, ys = with_gaps(pairs)
-            bottom.plot(xs, ys, color="black", linewidth=1.4, label="TTFT p95, all instances (rate over 10 s)")
+            ttft_lines += bottom.plot(xs, ys, color="black", linewidth=1.4,
+                                      label="TTFT p95,\nall instances\n(rate over 10 s)")
             highest = max(highest, max(p[1] for p in pairs))
     bottom.set_ylabel("TTFT p95 (ms)")
     bottom.set_xlabel("seconds since the load started (shaded: instance out of nginx's upstream; dashed: SIGTERM; "
                       "a line breaks while its instance is not scraped)", fontsize=8)
     bottom.set_ylim(0, max(highest * 1.3, 10.0))
     bottom.grid(alpha=0.3)
-    bottom.legend(loc="upper right", fontsize=8)
+    if ttft_lines:
+        bottom.legend(handles=ttft_lines[:1], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8,
+                      borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
