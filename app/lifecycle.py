@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -81,7 +81,7 @@ class Drain:
         self.timeout_s = timeout_s
         self.close_grace_s = close_grace_s
         self.draining = False
-        self.on_start: list[Callable[[], Awaitable[None]]] = []  # e.g. stop claiming handed-over streams
+        self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []  # e.g. stop claiming handed-over streams
         self._task: asyncio.Task[None] | None = None
 
     def install(self) -> None:
@@ -111,8 +111,8 @@ class Drain:
         began = loop.time()
         in_flight = len(self.registry.streams)
         logger.info("drain started", extra={"streams": in_flight, "drain_timeout_s": self.timeout_s})
-        for hook in self.on_start:
-            await hook()
+        # Hooks run beside the drain, never before it: the deadline counts from SIGTERM whatever they do.
+        hooks: list[asyncio.Task[None]] = [loop.create_task(hook()) for hook in self.on_start]
         cut = 0
         try:
             await asyncio.wait_for(self.registry.wait_empty(), self.timeout_s)
@@ -123,6 +123,8 @@ class Drain:
             except TimeoutError:
                 logger.warning("drain: streams still open after the close grace", extra={
                     "streams": len(self.registry.streams)})
+        if hooks:
+            await asyncio.wait(hooks, timeout=self.close_grace_s)
         duration = loop.time() - began
         DRAIN_DURATION_SECONDS.observe(duration)
         DRAIN_CUT_STREAMS_TOTAL.inc(cut)

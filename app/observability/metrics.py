@@ -71,7 +71,8 @@ CONNECTIONS_TOTAL = Counter(
 )
 TTFT_SECONDS = Histogram(
     "streaming_ttft_seconds", "Time from request to first token sent.", ["endpoint", "model"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+    # The seed's buckets plus 0.075, 0.3 (the p50 SLO) and 0.75, so quantiles between them are not flat.
+    buckets=(0.05, 0.075, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
 )
 GENERATION_DURATION_SECONDS = Histogram(
     "streaming_generation_duration_seconds", "Time from first to last token.", ["endpoint", "model"],

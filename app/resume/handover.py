@@ -183,6 +183,7 @@ class Claimer:
         self._autoclaim_from = "0-0"
         self._healthy = True
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def start(self) -> None:
         if self._task is None:
@@ -190,6 +191,7 @@ class Claimer:
 
     async def stop(self) -> None:
         """Claim nothing more (drain start). Claimed generations run on, as streams of the registry."""
+        self._stopped = True  # at once: an entry read while the cancellation lands is left for others
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -272,7 +274,7 @@ class Claimer:
         return found
 
     def _spawn(self, entry_id: str, sid: str) -> None:
-        if entry_id in self.active:
+        if entry_id in self.active or self._stopped:  # stopped: another instance reclaims it after the lease
             return
         task = asyncio.get_running_loop().create_task(self._claim(entry_id, sid), name=f"handover-{sid}")
         self.active[entry_id] = task
