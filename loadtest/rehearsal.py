@@ -26,9 +26,9 @@ held:
                  server_shutdown (graceful > 0), none ends silently (truncated = 0); Locust users reconnect
     resume       RESUME_STORE=redis on a real redis-server, short drains: a stream still running at the deadline
                  is handed to the fleet and its client gets server_shutdown with a resume id. The Locust users
-                 do not resume yet (they count the graceful end and open a new stream), so the rehearsal runs its
-                 own resuming SSE clients through nginx (--resume-clients, streams twice as long as Locust's, so
-                 most span a drain deadline): each reconnects with Last-Event-ID
+                 resume such streams and check the text; besides them the rehearsal runs its own resuming SSE
+                 clients through nginx (--resume-clients, streams twice as long as Locust's, so most span a
+                 drain deadline): each reconnects with Last-Event-ID
                  via GET /stream/{id} and checks that the events continue without a gap or duplicate and that
                  the text equals the mock's uninterrupted answer. Expectation: every server_shutdown they saw
                  carried a resume id and was resumed to `done` with the whole text.
@@ -1228,11 +1228,8 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
         ]
         if results["locust_resume"] is None:
             lines += [
-                "The Locust users do not resume: after `server_shutdown` they count a graceful end and open a new "
-                "stream (their summary has no `resumed` count). What issue 8 asks of loadtest/locustfile.py: keep "
-                "the `id:` of the last `/stream` event, on `server_shutdown` with `resume` reconnect with "
-                "`GET /stream/{id}` + `Last-Event-ID` (on `/ws`, the `{\"resume\", \"received\"}` message), check "
-                "that the assembled text equals the uninterrupted one, count resumed / failed resumptions.",
+                "This locustfile's users do not resume (their summary has no `resumed` count): after "
+                "`server_shutdown` they count a graceful end and open a new stream.",
                 "",
             ]
     ttft = [v for item in results["prometheus"]["ttft_p95"] for _, v in item["values"] if v == v]
