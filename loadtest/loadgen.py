@@ -12,6 +12,12 @@ Model: `--users` virtual users start at `--rate` per second; each runs streams b
 `--hold-seconds` after the last user started, then in-flight streams run to completion. A stream's
 TTFT runs from opening its connection (the request goes out on connect) to its first token event.
 Tokens count as delivered in time when they arrive within max_tokens / tokens-per-second + slack.
+
+Replay mode (`--replay N`, the gateway's resume path): N streams of max_tokens tokens run concurrently to
+their end (each from its own address; the stream id comes from the `x-stream-id` header), then, after
+`--replay-settle` seconds, each is fetched once more, one after another, with `GET /stream/{id}` and
+`Last-Event-ID: <id>-<--replay-after>`: the time from opening that connection to its `done` event is the
+replay time (`replay_ms`), and replayed events (tokens + done) per replay time give `events_per_s`.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class Config:
     streams_per_client: int
     hold_open: float | None
     ttft_csv: str | None
+    replay: int = 0
+    replay_after: int = 0
+    replay_settle: float = 0.5
 
     @property
     def openai(self) -> bool:
@@ -111,6 +120,7 @@ class StreamProtocol(asyncio.Protocol):
         self.tail_len = max(len(m) for m in (*tokens, *empty, *end, *error)) - 1
         self.transport: asyncio.Transport | None = None
         self.head = b""
+        self.response_head = b""  # status line and headers, kept for the replay mode's x-stream-id
         self.in_body = False
         self.pending = b""  # an incomplete chunk-size line
         self.chunk_left = 0
@@ -122,6 +132,7 @@ class StreamProtocol(asyncio.Protocol):
         self.saw_error = False
         self.outcome: str | None = None
         self.ttft: float | None = None
+        self.t_end: float | None = None  # when the end marker (done / [DONE]) arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport does not subclass it
@@ -136,7 +147,7 @@ class StreamProtocol(asyncio.Protocol):
             if end < 0:
                 return
             head, data = self.head[:end], self.head[end + 4:]
-            self.head = b""
+            self.head, self.response_head = b"", head
             self.in_body = True
             status = head[9:12]
             if status != b"200":
@@ -197,6 +208,8 @@ class StreamProtocol(asyncio.Protocol):
             self.totals.tokens += new
         if not self.saw_end:
             self.saw_end = any(buf.find(m, max(0, old - len(m) + 1)) >= 0 for m in self.end_markers)
+            if self.saw_end:
+                self.t_end = perf_counter()
         if not self.saw_error:
             self.saw_error = any(buf.find(m, max(0, old - len(m) + 1)) >= 0 for m in self.error_markers)
 
@@ -224,17 +237,19 @@ class LoadGen:
         self.request = build_request(cfg)
         self.loop = asyncio.get_running_loop()
         base = int(ipaddress.IPv4Address(cfg.first_ip))
-        self.addresses = [str(ipaddress.IPv4Address(base + i // cfg.streams_per_client)) for i in range(cfg.users)]
+        self.addresses = [str(ipaddress.IPv4Address(base + i // cfg.streams_per_client))
+                          for i in range(max(cfg.users, cfg.replay))]
         self.ramp_s = cfg.users / cfg.rate
         self.open_streams: set[StreamProtocol] = set()
         self.t_begin = perf_counter()
 
-    async def one_stream(self, address: str, *, deadline_s: float | None, hard_s: float | None) -> StreamProtocol:
+    async def one_stream(self, address: str, *, deadline_s: float | None, hard_s: float | None,
+                         request: bytes | None = None) -> StreamProtocol:
         cfg, totals, loop = self.cfg, self.totals, self.loop
         done: asyncio.Future[None] = loop.create_future()
         t0 = loop.time()
         # uvloop's loop.time() is libuv's cached millisecond clock: too coarse for TTFT.
-        proto = StreamProtocol(cfg, totals, self.request, perf_counter(), done)
+        proto = StreamProtocol(cfg, totals, request or self.request, perf_counter(), done)
         totals.streams += 1
         totals.active += 1
         totals.peak_active = max(totals.peak_active, totals.active)
@@ -289,7 +304,9 @@ class LoadGen:
         self.t_begin = perf_counter() + 0.05
         ramp_end = t_start + self.ramp_s
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        if cfg.hold_open is not None:
+        if cfg.replay:
+            result = await self.run_replay()
+        elif cfg.hold_open is not None:
             result = await self.run_hold_open(t_start)
         else:
             stop_at = ramp_end + cfg.hold_seconds
@@ -342,9 +359,55 @@ class LoadGen:
         self.totals.errors.pop("closed by loadgen", None)
         return {"open_at_all_open": opened, "open_at_end": open_at_end}
 
+    async def run_replay(self) -> dict[str, Any]:
+        """Produce `replay` streams concurrently, let them end, then replay each once, sequentially."""
+        cfg = self.cfg
+        hard = HARD_TIMEOUT_FACTOR * cfg.expected_s + 10.0
+        produced = await asyncio.gather(*(
+            self.one_stream(self.addresses[i], deadline_s=None, hard_s=hard) for i in range(cfg.replay)
+        ))
+        ids = [stream_id_of(p.response_head) for p in produced if p.outcome is None]
+        await asyncio.sleep(cfg.replay_settle)
+        times: list[float] = []
+        events: list[int] = []
+        replay_errors: Counter[str] = Counter()
+        for stream_id in ids:
+            if stream_id is None:
+                replay_errors["no x-stream-id header"] += 1
+                continue
+            request = build_replay_request(cfg, stream_id)
+            proto = await self.one_stream(self.addresses[0], deadline_s=None, hard_s=hard, request=request)
+            if proto.outcome is not None or proto.t_end is None:
+                replay_errors[f"replay {proto.outcome or 'no done event'}"] += 1
+                continue
+            times.append(proto.t_end - proto.t0)
+            events.append(proto.tokens + 1)  # the tokens, then done
+        self.totals.errors.update(replay_errors)
+        median_events = sorted(events)[len(events) // 2] if events else 0
+        replay_ms = percentiles(times)
+        p50 = replay_ms["p50"]
+        return {"produced": len(ids), "replays": len(times), "replay_ms": replay_ms,
+                "events_per_replay": median_events, "replay_after": cfg.replay_after,
+                "events_per_s": median_events / (p50 / 1000) if p50 else None}
+
     async def _delayed_stream(self, index: int, start_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - self.loop.time()))
         await self.one_stream(self.addresses[index], deadline_s=None, hard_s=None)
+
+
+def build_replay_request(cfg: Config, stream_id: str) -> bytes:
+    return (
+        f"GET /stream/{stream_id} HTTP/1.1\r\nHost: {cfg.host}:{cfg.port}\r\nAccept: text/event-stream\r\n"
+        f"Last-Event-ID: {stream_id}-{cfg.replay_after}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+def stream_id_of(head: bytes) -> str | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-stream-id":
+            return value.strip().decode()
+    return None
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -385,12 +448,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--ttft-csv", default=None, help="write start_s,ttft_ms per stream here (to see stalls in time)")
     p.add_argument("--hold-open", type=float, default=None,
                    help="open one stream per user, report all_open, keep them open this long, then close")
+    p.add_argument("--replay", type=int, default=0,
+                   help="replay mode: produce this many streams, then time GET /stream/{id} for each")
+    p.add_argument("--replay-after", type=int, default=0, help="replay mode: the seq sent as Last-Event-ID")
+    p.add_argument("--replay-settle", type=float, default=0.5,
+                   help="replay mode: wait this long after the streams ended (the store flushes periodically)")
     a = p.parse_args(argv)
     return Config(
         host=a.host, port=a.port, path=a.path, users=a.users, rate=a.rate, max_tokens=a.max_tokens,
         tokens_per_second=a.tokens_per_second, hold_seconds=a.hold_seconds, slack_seconds=a.slack_seconds,
         first_ip=a.first_ip, streams_per_client=a.streams_per_client, hold_open=a.hold_open,
-        ttft_csv=a.ttft_csv,
+        ttft_csv=a.ttft_csv, replay=a.replay, replay_after=a.replay_after, replay_settle=a.replay_settle,
     )
 
 
