@@ -20,16 +20,15 @@ import pytest
 import redis
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.redis_server import RedisServer, started_redis
 from tests.test_resume import (
     GUARD_S,
     Event,
-    RedisServer,
     SSEParser,
     assert_continues,
     metric_total,
     resume,
     sse_events,
-    started_redis,
     tokens_of,
     wait_for,
 )

@@ -13,10 +13,6 @@ skipped test is a missing test).
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +26,7 @@ from redis import Redis
 
 from app.policies.redis_backend import DEFAULT_SLOTS_PREFIX
 from tests.conftest import Gateway, GatewayFactory
+from tests.redis_server import RedisServer, started_redis
 from tests.test_upstream_protection import (
     WAIT_S,
     assert_no_streams_left,
@@ -41,75 +38,10 @@ from tests.test_upstream_protection import (
     worker_pids,
 )
 
-START_TIMEOUT_S = 10.0  # guard only: how long redis-server may take to answer PING
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A throwaway redis-server on 127.0.0.1:`port` without persistence; stop() and start() keep the port."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self.proc.poll() is not None:
-                code, self.proc = self.proc.returncode, None
-                pytest.fail(f"redis-server exited with {code} on port {self.port}")
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"redis-server did not answer PING on port {self.port} within {START_TIMEOUT_S} s")
-            time.sleep(0.01)  # polling interval, not an assertion
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server); these tests never skip")
-    server = RedisServer(binary, tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    yield from started_redis(tmp_path)
 
 
 def start_pair(start_gateway: GatewayFactory, redis: RedisServer, **env: Any) -> tuple[Gateway, Gateway]:

@@ -12,9 +12,6 @@ import asyncio
 import json
 import logging
 import re
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,65 +29,13 @@ from app.resume.store import ResumeStore, StreamMeta
 from app.streaming.sse import SeedEncoder
 from app.upstream.mock import mock_tokens
 from tests.conftest import Gateway, GatewayFactory
+from tests.redis_server import RedisServer, started_redis
 
 GUARD_S = 30.0  # guard only: how long a polled condition may take before the test fails
 RESUMABLE = {"ORPHAN_TIMEOUT_SECONDS": 30, "DRAIN_TIMEOUT_SECONDS": 1, "MOCK_FIRST_TOKEN_MS": 5}
 
 
 # --- redis-server ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A throwaway redis-server without persistence (as in tests/policies/test_redis_backend.py)."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _answers_ping(self.port), "redis-server answers PING")
-
-    def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-
-
-def started_redis(workdir: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server); these tests never skip")
-    server = RedisServer(binary, workdir)
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from app.upstream import mock
 from loadtest import stream_check as sc
 from tests.conftest import GatewayFactory
 from tests.loadtest.test_locust import assert_consistent, finish_locust, start_locust, wait_metric
-from tests.test_resume import RedisServer, started_redis
+from tests.redis_server import RedisServer, started_redis
 
 PROMPT = "Explain how a streaming gateway relays tokens."  # the locustfile's default prompt
 SID = "3f9a0c21d8e1"
