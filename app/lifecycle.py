@@ -206,8 +206,6 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
     remote_slots: ClientSlots | None = None
     redis = LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds) if settings.redis_url else None
     if redis is not None:
-        for store in ("ratelimit", "slots"):
-            REDIS_UP.labels(store).set(1)  # configured and presumed reachable until a call says otherwise
         rate_storage = ResilientStorage(
             RedisStorage(redis), shared.rate_storage, on_state_change=_redis_state_reporter("ratelimit")
         )
