@@ -448,8 +448,8 @@ class Capacity:
 
     @property
     def hi(self) -> int | None:
-        """Lowest failing level; None when no level failed."""
-        return min((r["users"] for r in self.rows if not r["passed"]), default=None)
+        """Lowest failing level (failures spoiled by others' load do not count); None when no level failed."""
+        return min((r["users"] for r in self.rows if not r["passed"] and not r.get("spoiled")), default=None)
 
     @property
     def lo(self) -> int:
@@ -471,6 +471,7 @@ def search_capacity(server: Server, plan: Plan, *, start: int | None = None, bud
     ladder = sorted(set(plan.levels) | ({start} if start else set()))
 
     def run(users: int) -> bool | None:
+        """True: passed; False: failed; None: not run (budget) or spoiled (the search stops there)."""
         if budget is not None and len(cap.rows) >= budget:
             cap.skipped.append(users)
             return None
@@ -483,8 +484,10 @@ def search_capacity(server: Server, plan: Plan, *, start: int | None = None, bud
             log(f"  -> {summary_line(row)}")
             if not interfered(row, plan, attempt):
                 break
+        # A failure while others still loaded the machine after every retry says nothing about the server.
+        row["spoiled"] = not row["passed"] and row["rest_cores"] > INTERFERENCE_CORES
         cap.rows.append(row)
-        return bool(row["passed"])
+        return None if row["spoiled"] else bool(row["passed"])
 
     if plan.all_levels:
         for users in ladder:
@@ -705,6 +708,8 @@ def result_text(r: dict[str, Any]) -> str:
     if r["restarted"]:
         return "FAIL (a server process exited during the level; see its log)"
     retried = f" (attempt {r['attempts']}: others' load spoiled the earlier)" if r.get("attempts", 1) > 1 else ""
+    if r.get("spoiled"):
+        return f"FAIL, ignored: others used {r['rest_cores']:.2f} cores" + retried
     return ("pass" if r["passed"] else "FAIL") + retried
 
 
