@@ -5,7 +5,8 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
 
     POST /_script   {"faults": [{...}, ...]}   each later request takes the next fault (FIFO);
                                                  with the queue empty, requests behave normally
-    GET  /_stats                                 requests, completed, disconnects, bodies seen
+    GET  /_stats                                 requests, completed, disconnects, connections (distinct
+                                                 client address:port of chat requests), bodies seen
     POST /_reset                                 clear script and stats
 
 A fault is a dict of any of: status (HTTP error with an OpenAI error body), retry_after,
@@ -42,7 +43,9 @@ class FakeOpenAI:
 
     def reset(self) -> None:
         self.script.clear()
-        self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnects": 0, "active": 0, "bodies": []}
+        self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnects": 0, "active": 0, "connections": 0,
+                                      "bodies": []}
+        self._peers: set[tuple[str, int]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -73,6 +76,10 @@ class FakeOpenAI:
             return await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
         request = json.loads(body)
         self.stats["requests"] += 1
+        client = scope.get("client")
+        if client and tuple(client) not in self._peers:
+            self._peers.add(tuple(client))
+            self.stats["connections"] = len(self._peers)
         if len(self.stats["bodies"]) < 50:
             self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization"),
                                          "traceparent": _header(scope, b"traceparent")})

@@ -399,3 +399,28 @@ def test_client_disconnect_while_waiting_for_non_stream_reaches_upstream(
     assert stats["disconnects"] == 1
     assert stats["completed"] == 0
     assert wait_until(lambda: active_streams(relay_gateway) == 0)
+
+
+# --- the upstream pool ------------------------------------------------------------------------------------
+
+
+def test_finished_streams_reuse_upstream_connections(relay_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
+    """A stream that ended with `[DONE]` returns its connection to the worker's pool: no TCP connect per stream."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "pool"}], "max_tokens": 3}
+    for protocol in PROTOCOLS:  # warm: each worker's pool holds a live connection
+        relay(relay_gateway, protocol, max_tokens=3)
+    fake_upstream.reset()
+    with httpx.Client(base_url=relay_gateway.url, timeout=30) as client:
+        for i in range(12):  # one after another: a worker never needs a second connection
+            if i % 3 == 0:
+                assert_finished_ok(relay(relay_gateway, "/stream", max_tokens=3), "/stream", 3)
+            elif i % 3 == 1:
+                assert_finished_ok(relay(relay_gateway, "/v1", max_tokens=3), "/v1", 3)
+            else:
+                response = client.post(V1, json=chat)  # non-streaming answers are relayed from a stream too
+                assert response.status_code == 200, response.text
+    stats = fake_upstream.stats()
+    assert stats["requests"] == 12
+    assert stats["completed"] == 12
+    # one pooled connection per worker (2); before the fix every stream opened its own
+    assert stats["connections"] <= 2, stats["connections"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,11 @@ from app.upstream.base import ChatRequest, Usage
 from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
+# After `[DONE]` a server ends its response at once; we read that end (bounded) so the connection goes
+# back to the pool: httpx closes a connection whose response was not read to the end, and every
+# stream would pay a new TCP connection (and the upstream an accept).
+TAIL_DRAIN_S = 1.0
+TAIL_DRAIN_BYTES = 65536
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:
@@ -55,7 +61,9 @@ def _usage(usage: dict[str, Any]) -> Usage | None:
 class OpenAIStream:
     """A streaming `/chat/completions` response, yielding batches of content deltas."""
 
-    __slots__ = ("_response", "_chunks", "_decoder", "_done", "_saw_done", "_failure", "finish_reason", "usage")
+    __slots__ = (
+        "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "finish_reason", "usage",
+    )
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -63,6 +71,7 @@ class OpenAIStream:
         self._decoder = SSEDecoder()
         self._done = False
         self._saw_done = False  # the upstream sent its `[DONE]` terminator
+        self._ended = False  # the HTTP response was read to its end
         # An error found after some tokens of the same read: those tokens go out first, then this.
         self._failure: UpstreamError | None = None
         self.finish_reason: str | None = None
@@ -80,7 +89,7 @@ class OpenAIStream:
                 payloads = self._decoder.feed(piece)
             except StopAsyncIteration:
                 payloads = self._decoder.close()
-                self._done = True
+                self._done = self._ended = True
             except (httpx.TransportError, SSEDecodeError) as exc:
                 raise UpstreamError(f"upstream stream broke: {exc!r}", kind="broken") from exc
             batch = self._parse(payloads)
@@ -125,9 +134,25 @@ class OpenAIStream:
     def mark_failed(self) -> None:
         return None
 
+    async def _read_tail(self) -> None:
+        """Read what follows `[DONE]` (normally only the end of the chunked body), within bounds."""
+        seen = 0
+        try:
+            async with asyncio.timeout(TAIL_DRAIN_S):
+                async for piece in self._chunks:
+                    seen += len(piece)
+                    if seen > TAIL_DRAIN_BYTES:
+                        return
+                self._ended = True
+        except (TimeoutError, httpx.TransportError):
+            return
+
     async def aclose(self) -> None:
-        # Closing an unfinished response closes its connection: the upstream sees the
+        # A finished answer: read the response's end so its connection is reused. An unfinished one
+        # (client gone, cut, error): closing it closes the connection, and the upstream sees the
         # disconnect and stops generating (vLLM aborts the request on it).
+        if self._saw_done and not self._ended:
+            await self._read_tail()
         await self._response.aclose()
 
 
