@@ -21,30 +21,41 @@ VOCABULARY = (
     "while", "clients", "read", "at", "their", "own", "pace", "and", "servers", "roll", "over", "café",
     "naïve", "über", "日本語", "模型", "🚀", "données", "réseau", "latency", "budget", "is", "kept", "in", "check",
 )
+WORDS = tuple(word + " " for word in VOCABULARY)
+N_WORDS = len(WORDS)
 UNPACED_BATCH = 64  # tokens per batch when pacing is off (MOCK_TOKENS_PER_SECOND=0)
+
+
+class MockAnswer:
+    """The mock's answer to one prompt; the per-prompt work (a hash, the intro) is done once per stream."""
+
+    __slots__ = ("_intro", "_seed")
+
+    def __init__(self, prompt: str) -> None:
+        self._intro = [word + " " for word in f"This is a streaming response for: {prompt[:40]}".split()]
+        self._seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+
+    def tokens(self, start: int, stop: int) -> list[str]:
+        """Tokens `start..stop-1` (each a word plus a space)."""
+        intro, seed = self._intro, self._seed
+        return [intro[i] if i < len(intro) else WORDS[(seed + i * 7) % N_WORDS] for i in range(start, stop)]
 
 
 def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
     """Tokens `start..stop-1` of the mock's answer to `prompt` (each a word plus a space)."""
-    intro = f"This is a streaming response for: {prompt[:40]}".split()
-    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
-    n_vocab = len(VOCABULARY)
-    out = []
-    for i in range(start, stop):
-        word = intro[i] if i < len(intro) else VOCABULARY[(seed + i * 7) % n_vocab]
-        out.append(word + " ")
-    return out
+    return MockAnswer(prompt).tokens(start, stop)
 
 
 class MockStream:
     __slots__ = (
-        "_prompt", "_total", "_next", "_resumed_at", "_first_at", "_gap", "_max_batch", "finish_reason", "usage",
-        "_loop",
+        "_prompt", "_answer", "_total", "_next", "_resumed_at", "_first_at", "_gap", "_max_batch", "finish_reason",
+        "usage", "_loop",
     )
 
     def __init__(self, request: ChatRequest, *, tokens_per_second: float, first_token_s: float, max_batch: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._prompt = request.prompt_text
+        self._answer = MockAnswer(self._prompt)
         self._total = request.max_tokens
         self._next = request.continuation_tokens  # token i depends only on (prompt, i): continuing is exact
         self._resumed_at = self._next
@@ -79,7 +90,7 @@ class MockStream:
             count = UNPACED_BATCH
         stop = min(self._total, start + max(1, min(count, self._max_batch)))
         self._next = stop
-        return mock_tokens(self._prompt, start, stop)
+        return self._answer.tokens(start, stop)
 
     def mark_failed(self) -> None:
         return None
