@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     upstream_max_connections: int | None = Field(
         None,
         ge=1,
-        description="Upstream connection pool size per worker; unset: sized for MAX_CONNECTIONS (never httpx's 100).",
+        description="Upstream connection pool size per worker; unset: sized for MAX_CONNECTIONS (not a library's "
+        "default such as 100).",
     )
     mock_tokens_per_second: float = Field(
         50.0, ge=0, description="Built-in mock: token pace after the first token (0 = as fast as possible)."

@@ -81,6 +81,9 @@ class Gateway:
         return self.proc.returncode
 
 
+PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy"}  # a machine's proxy never sees loopback tests
+
+
 class GatewayFactory(Protocol):
     def __call__(self, **env: Any) -> Gateway: ...
 
@@ -88,7 +91,8 @@ class GatewayFactory(Protocol):
 def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     sock = _listening_socket()
     port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_")) and k.lower() not in PROXY_VARIABLES}
     env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
     # Tests of other features send many requests from one address; the protection tests set these back.
     env.update({"RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "500"})

@@ -424,3 +424,18 @@ def test_finished_streams_reuse_upstream_connections(relay_gateway: Gateway, fak
     assert stats["completed"] == 12
     # one pooled connection per worker (2); before the fix every stream opened its own
     assert stats["connections"] <= 2, stats["connections"]
+
+
+def test_upstream_through_an_http_proxy(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
+    """HTTP_PROXY is honoured (read once at start): the request goes to the proxy, for the upstream's URL."""
+    proxy = fake_upstream.url.removesuffix("/v1")  # the fake answers absolute-form requests like a proxy would
+    gateway = start_gateway(UPSTREAM_URL="http://upstream.invalid/v1", HTTP_PROXY=proxy, UPSTREAM_RETRIES=0)
+    assert_finished_ok(relay(gateway, "/v1", max_tokens=4), "/v1", 4)
+    assert fake_upstream.stats()["requests"] == 1
+    # NO_PROXY exempts the upstream: the gateway then resolves `upstream.invalid` itself, and fails
+    gateway = start_gateway(UPSTREAM_URL="http://upstream.invalid/v1", HTTP_PROXY=proxy, NO_PROXY="upstream.invalid",
+                            UPSTREAM_RETRIES=0)
+    refused = relay(gateway, "/v1", max_tokens=4)
+    assert refused.status == 502, refused.text
+    assert "cannot reach upstream" in error_body(refused, "/v1")["message"]
+    assert fake_upstream.stats()["requests"] == 1

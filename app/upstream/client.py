@@ -1,13 +1,21 @@
-"""OpenAI-compatible upstream: one pooled httpx client per worker, errors translated at the edge."""
+"""OpenAI-compatible upstream: one pooled aiohttp session per worker, errors translated at the edge.
+
+aiohttp, not httpx: relaying is one small read per token, and httpx pays for each one in Python
+(httpcore, h11, anyio cancel scopes) and scans its whole pool per request; aiohttp parses in C
+(llhttp) and keeps idle connections per host. Measured relaying 100 streams of 20 tok/s from the
+fake upstream: ~25x less CPU per token (README, "Performance").
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-import httpx
+import aiohttp
 
 from app.errors import (
     NotResumableError,
@@ -21,14 +29,17 @@ from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
 # After `[DONE]` a server ends its response at once; we read that end (bounded) so the connection goes
-# back to the pool: httpx closes a connection whose response was not read to the end, and every
-# stream would pay a new TCP connection (and the upstream an accept).
+# back to the pool: a connection whose response was not read to the end is closed, and every stream
+# would pay a new TCP connection (and the upstream an accept).
 TAIL_DRAIN_S = 1.0
 TAIL_DRAIN_BYTES = 65536
+# Idle pooled connections are dropped before common servers drop them (uvicorn's keep-alive is 5 s):
+# reusing one the server is closing fails the request, which would count against the upstream.
+KEEPALIVE_S = 4.0
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
+    value = response.headers.get("Retry-After")
     if value is None:
         return None
     try:
@@ -37,9 +48,18 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
         return None  # an HTTP-date; treated as "no hint"
 
 
-async def _error_message(response: httpx.Response) -> str:
+def _proxy_for(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / NO_PROXY name for `url`, read once: aiohttp's `trust_env` reads them,
+    and ~/.netrc in a thread, on every request."""
+    parts = urlsplit(url)
+    if parts.hostname is None or proxy_bypass(parts.hostname):
+        return None
+    return getproxies().get(parts.scheme)
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
     raw = b""
-    async for piece in response.aiter_raw():
+    async for piece in response.content.iter_any():
         raw += piece
         if len(raw) >= MAX_ERROR_BODY_BYTES:
             break
@@ -48,7 +68,7 @@ async def _error_message(response: httpx.Response) -> str:
         message = body.get("error", {}).get("message") if isinstance(body, dict) else None
     except ValueError:
         message = None
-    return str(message or raw[:500].decode(errors="replace") or response.reason_phrase)
+    return str(message or raw[:500].decode(errors="replace") or response.reason or response.status)
 
 
 def _usage(usage: dict[str, Any]) -> Usage | None:
@@ -65,9 +85,9 @@ class OpenAIStream:
         "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "finish_reason", "usage",
     )
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-        self._chunks = response.aiter_raw()
+        self._chunks: AsyncIterator[bytes] = response.content.iter_any()
         self._decoder = SSEDecoder()
         self._done = False
         self._saw_done = False  # the upstream sent its `[DONE]` terminator
@@ -90,7 +110,7 @@ class OpenAIStream:
             except StopAsyncIteration:
                 payloads = self._decoder.close()
                 self._done = self._ended = True
-            except (httpx.TransportError, SSEDecodeError) as exc:
+            except (aiohttp.ClientError, SSEDecodeError) as exc:
                 raise UpstreamError(f"upstream stream broke: {exc!r}", kind="broken") from exc
             batch = self._parse(payloads)
             if batch:
@@ -144,7 +164,7 @@ class OpenAIStream:
                     if seen > TAIL_DRAIN_BYTES:
                         return
                 self._ended = True
-        except (TimeoutError, httpx.TransportError):
+        except (TimeoutError, aiohttp.ClientError):
             return
 
     async def aclose(self) -> None:
@@ -153,7 +173,10 @@ class OpenAIStream:
         # disconnect and stops generating (vLLM aborts the request on it).
         if self._saw_done and not self._ended:
             await self._read_tail()
-        await self._response.aclose()
+        if self._ended:
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class OpenAIUpstream:
@@ -169,24 +192,33 @@ class OpenAIUpstream:
         pool_size: int,
         request_usage: bool = True,
         continuation: str = "none",
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.name = httpx.URL(base_url).host or "upstream"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.name = urlsplit(base_url).hostname or "upstream"
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._model_override = model_override
         self._request_usage = request_usage
         self.continuation = continuation  # "vllm": the server can continue a partial assistant message
         self._connect_timeout_s = connect_timeout_s
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=headers,
-            # read=None: token gaps are policed by the stream deadlines, not by httpx.
-            timeout=httpx.Timeout(
-                connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s
-            ),
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-            transport=transport,
-        )
+        self._pool_size = pool_size
+        self._proxy = _proxy_for(self._url)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The worker's session, made on first use: it belongs to the worker's event loop."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0, keepalive_timeout=KEEPALIVE_S),
+                # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
+                # waiting for a free pooled connection.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
+                ),
+                headers=self._headers,
+            )
+        return self._session
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.options)
@@ -209,24 +241,22 @@ class OpenAIUpstream:
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> OpenAIStream:
-        http_request = self._client.build_request(
-            "POST", "chat/completions", json=self._body(request), headers=headers
-        )
+        data = json.dumps(self._body(request)).encode()
         try:
-            response = await self._client.send(http_request, stream=True)
-        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            response = await self._client().post(self._url, data=data, headers=headers, proxy=self._proxy)
+        except TimeoutError as exc:  # connect, or no pooled connection free in time
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"cannot reach upstream: {exc!r}", kind="connect") from exc
-        if response.status_code == 200:
+        if response.status == 200:
             return OpenAIStream(response)
         try:
             message = await _error_message(response)
-        except httpx.TransportError:
-            message = response.reason_phrase
+        except (aiohttp.ClientError, TimeoutError):
+            message = response.reason or str(response.status)
         finally:
-            await response.aclose()
-        status = response.status_code
+            response.close()
+        status = response.status
         if status == 429:
             retry_after = _retry_after_seconds(response)
             raise UpstreamRateLimitedError(
@@ -241,4 +271,5 @@ class OpenAIUpstream:
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
