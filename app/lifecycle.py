@@ -167,6 +167,7 @@ def build_upstream(settings: Settings) -> Upstream:
         model_override=settings.upstream_model,
         connect_timeout_s=settings.upstream_connect_timeout_seconds,
         pool_size=settings.upstream_pool_size,
+        keepalive_s=settings.upstream_keepalive_seconds,
         continuation=settings.upstream_continuation,
     )
 

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="Upstream connection pool size per worker; unset: sized for MAX_CONNECTIONS (not a library's "
         "default such as 100).",
     )
+    upstream_keepalive_seconds: float = Field(
+        4.0, gt=0,
+        description="How long an idle upstream connection is kept for reuse; keep it below the upstream's own "
+        "keep-alive timeout (uvicorn: 5 s), or a request can meet a connection the server is closing.",
+    )
     mock_tokens_per_second: float = Field(
         50.0, ge=0, description="Built-in mock: token pace after the first token (0 = as fast as possible)."
     )

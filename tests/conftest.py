@@ -81,7 +81,7 @@ class Gateway:
         return self.proc.returncode
 
 
-PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy"}  # a machine's proxy never sees loopback tests
+PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}  # the machine's proxy stays out of tests
 
 
 class GatewayFactory(Protocol):

@@ -422,20 +422,24 @@ def test_finished_streams_reuse_upstream_connections(relay_gateway: Gateway, fak
     stats = fake_upstream.stats()
     assert stats["requests"] == 12
     assert stats["completed"] == 12
-    # one pooled connection per worker (2); before the fix every stream opened its own
-    assert stats["connections"] <= 2, stats["connections"]
+    # One pooled connection per worker (2), plus rarely a second one when the next request reaches a worker
+    # before the previous stream handed its connection back (right after its last event). Before the fix
+    # every stream opened its own (12).
+    assert stats["connections"] <= 4, stats["connections"]
 
 
 def test_upstream_through_an_http_proxy(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
     """HTTP_PROXY is honoured (read once at start): the request goes to the proxy, for the upstream's URL."""
     proxy = fake_upstream.url.removesuffix("/v1")  # the fake answers absolute-form requests like a proxy would
-    gateway = start_gateway(UPSTREAM_URL="http://upstream.invalid/v1", HTTP_PROXY=proxy, UPSTREAM_RETRIES=0)
-    assert_finished_ok(relay(gateway, "/v1", max_tokens=4), "/v1", 4)
-    assert fake_upstream.stats()["requests"] == 1
-    # NO_PROXY exempts the upstream: the gateway then resolves `upstream.invalid` itself, and fails
-    gateway = start_gateway(UPSTREAM_URL="http://upstream.invalid/v1", HTTP_PROXY=proxy, NO_PROXY="upstream.invalid",
-                            UPSTREAM_RETRIES=0)
-    refused = relay(gateway, "/v1", max_tokens=4)
+    with socket.socket() as closed:  # bound, never listening: a direct connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        upstream = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+        gateway = start_gateway(UPSTREAM_URL=upstream, HTTP_PROXY=proxy, UPSTREAM_RETRIES=0)
+        assert_finished_ok(relay(gateway, "/v1", max_tokens=4), "/v1", 4)
+        assert fake_upstream.stats()["requests"] == 1
+        # NO_PROXY exempts the upstream: the gateway connects to it itself, and is refused
+        gateway = start_gateway(UPSTREAM_URL=upstream, HTTP_PROXY=proxy, NO_PROXY="127.0.0.1", UPSTREAM_RETRIES=0)
+        refused = relay(gateway, "/v1", max_tokens=4)
     assert refused.status == 502, refused.text
     assert "cannot reach upstream" in error_body(refused, "/v1")["message"]
     assert fake_upstream.stats()["requests"] == 1

@@ -407,6 +407,34 @@ def test_mid_stream_failures_open_it_and_a_failed_probe_reopens(
     assert_no_streams_left(gateway)
 
 
+def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream
+) -> None:
+    """No response headers before the first-token deadline: as much an upstream failure as a stall mid-stream."""
+    gateway = start_gateway(
+        UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=2, CIRCUIT_OPEN_SECONDS=1,
+        FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+    )
+    fake_upstream.script(*[{"headers_delay_ms": 60_000}] * 3)
+    with http_client() as client:
+        for _ in range(2):
+            assert breaker_state(gateway) == 0
+            response = post_stream(client, gateway)
+            assert response.status_code == 504, response.text  # nothing was sent yet: a plain HTTP answer
+            assert response.json()["code"] == "timeout"
+            assert "first token" in response.json()["detail"]
+        assert breaker_state(gateway) == 1
+        assert_circuit_open_refusal(post_stream(client, gateway))
+        # Half-open: the probe is held the same way; its failure opens the breaker again.
+        assert wait_breaker_state(gateway, 2) == 2
+        assert post_stream(client, gateway).status_code == 504
+        assert breaker_state(gateway) == 1
+        assert_circuit_open_refusal(post_stream(client, gateway))
+    stats = fake_upstream.wait_for(lambda s: s["disconnects"] == 3)
+    assert stats["requests"] == 3 and stats["disconnects"] == 3  # every held request was closed
+    assert_no_streams_left(gateway)
+
+
 def test_half_open_refusal_is_an_admission_rejection(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:

@@ -244,25 +244,31 @@ class ResumeStore:
             chunks = {sid: log.take() for sid, log in dirty.items()}
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
-            if chunks:
-                try:
-                    await self.backend.write(chunks)
-                except BACKEND_ERRORS as exc:
-                    self._failed(exc)
-                    for log in dirty.values():
-                        self.broken(log)
-                    for sid, log in tombstones.items():
-                        if len(self._tombstones) < MAX_TOMBSTONES:
-                            self._tombstones.setdefault(sid, log)
-                    return
-                self._succeeded()
-                for log in dirty.values():
-                    log.stored = True
             try:
-                for sid in finished:
-                    await self.backend.expire(sid)
-            except BACKEND_ERRORS as exc:  # the rest keep the TTL their last write set
-                self._failed(exc)
+                if chunks:
+                    await self._write(chunks, dirty, tombstones)
+            finally:  # even after a failed write: a finished stream's file handle must not outlive it
+                try:
+                    for sid in finished:
+                        await self.backend.expire(sid)
+                except BACKEND_ERRORS as exc:  # the rest keep the TTL their last write set
+                    self._failed(exc)
+
+    async def _write(self, chunks: dict[str, bytes], dirty: dict[str, EventLog],
+                     tombstones: dict[str, EventLog]) -> None:
+        try:
+            await self.backend.write(chunks)
+        except BACKEND_ERRORS as exc:
+            self._failed(exc)
+            for log in dirty.values():
+                self.broken(log)
+            for sid, log in tombstones.items():
+                if len(self._tombstones) < MAX_TOMBSTONES:
+                    self._tombstones.setdefault(sid, log)
+            return
+        self._succeeded()
+        for log in dirty.values():
+            log.stored = True
 
     def _failed(self, exc: BaseException) -> None:
         RESUME_STORE_ERRORS_TOTAL.inc()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable
+from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -29,6 +30,7 @@ from app.errors import GatewayError, InternalError, NotResumableError, StreamTim
 from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.guard import CUT_FOR_UPSTREAM_FAULT
 
 logger = logging.getLogger("app.streaming")
 T = TypeVar("T")
@@ -103,10 +105,13 @@ class StreamRun:
         self._listener: asyncio.Task[None] | None = None
         self._stream: UpstreamStream | None = None
         self._reported = False
+        self._fault_marker: Token[Callable[[], bool]] | None = None
 
     async def __aenter__(self) -> StreamRun:
         session = self.session
         session.task = asyncio.current_task()
+        # the guard asks it when an attempt is cancelled (opening, or a retry before the first token)
+        self._fault_marker = CUT_FOR_UPSTREAM_FAULT.set(self._cut_for_upstream_fault)
         self.registry.add(session)
         self.observer.started(session)
         self._listener = asyncio.get_running_loop().create_task(self._listen())
@@ -139,6 +144,10 @@ class StreamRun:
             assert session.cut_error is not None
             raise session.cut_error from None
         return self._stream
+
+    def _cut_for_upstream_fault(self) -> bool:
+        error = self.session.cut_error
+        return isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES
 
     async def open_or_refuse(self, request: ChatRequest,
                              refuse: Callable[[GatewayError], Awaitable[None]]) -> UpstreamStream | None:
@@ -194,6 +203,8 @@ class StreamRun:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self._fault_marker is not None:
+            CUT_FOR_UPSTREAM_FAULT.reset(self._fault_marker)
         self.session.phase = Phase.FINISHING
         if not self._reported:  # cancelled by the server itself, or an error before relaying
             error = exc if isinstance(exc, GatewayError) else None

@@ -33,9 +33,7 @@ MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quo
 # would pay a new TCP connection (and the upstream an accept).
 TAIL_DRAIN_S = 1.0
 TAIL_DRAIN_BYTES = 65536
-# Idle pooled connections are dropped before common servers drop them (uvicorn's keep-alive is 5 s):
-# reusing one the server is closing fails the request, which would count against the upstream.
-KEEPALIVE_S = 4.0
+PROXY_SCHEMES = ("http://", "https://")  # what aiohttp can speak to a proxy
 
 
 def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
@@ -49,12 +47,16 @@ def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
 
 
 def _proxy_for(url: str) -> str | None:
-    """The proxy HTTP(S)_PROXY / NO_PROXY name for `url`, read once: aiohttp's `trust_env` reads them,
-    and ~/.netrc in a thread, on every request."""
+    """The proxy HTTP(S)_PROXY / ALL_PROXY / NO_PROXY name for `url`, read once: aiohttp's `trust_env`
+    reads them, and ~/.netrc in a thread, on every request."""
     parts = urlsplit(url)
     if parts.hostname is None or proxy_bypass(parts.hostname):
         return None
-    return getproxies().get(parts.scheme)
+    proxies = getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not proxy.startswith(PROXY_SCHEMES):
+        raise ValueError(f"proxy {proxy!r} for the upstream: only http:// and https:// proxies are supported")
+    return proxy
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:
@@ -171,12 +173,14 @@ class OpenAIStream:
         # A finished answer: read the response's end so its connection is reused. An unfinished one
         # (client gone, cut, error): closing it closes the connection, and the upstream sees the
         # disconnect and stops generating (vLLM aborts the request on it).
-        if self._saw_done and not self._ended:
-            await self._read_tail()
-        if self._ended:
-            self._response.release()
-        else:
-            self._response.close()
+        try:
+            if self._saw_done and not self._ended:
+                await self._read_tail()
+        finally:
+            if self._ended:
+                self._response.release()
+            else:
+                self._response.close()
 
 
 class OpenAIUpstream:
@@ -190,12 +194,14 @@ class OpenAIUpstream:
         model_override: str | None,
         connect_timeout_s: float,
         pool_size: int,
+        keepalive_s: float = 4.0,
         request_usage: bool = True,
         continuation: str = "none",
     ) -> None:
         self.name = urlsplit(base_url).hostname or "upstream"
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._headers = {"Content-Type": "application/json"}
+        # identity: a compressed event stream arrives in bursts, as the compressor fills its blocks
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._model_override = model_override
@@ -203,6 +209,7 @@ class OpenAIUpstream:
         self.continuation = continuation  # "vllm": the server can continue a partial assistant message
         self._connect_timeout_s = connect_timeout_s
         self._pool_size = pool_size
+        self._keepalive_s = keepalive_s
         self._proxy = _proxy_for(self._url)
         self._session: aiohttp.ClientSession | None = None
 
@@ -210,13 +217,16 @@ class OpenAIUpstream:
         """The worker's session, made on first use: it belongs to the worker's event loop."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0, keepalive_timeout=KEEPALIVE_S),
+                connector=aiohttp.TCPConnector(
+                    limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
+                ),
                 # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
                 # waiting for a free pooled connection.
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
                 ),
                 headers=self._headers,
+                cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
             )
         return self._session
 
@@ -243,7 +253,10 @@ class OpenAIUpstream:
     ) -> OpenAIStream:
         data = json.dumps(self._body(request)).encode()
         try:
-            response = await self._client().post(self._url, data=data, headers=headers, proxy=self._proxy)
+            # No redirects: a POST would turn into a GET elsewhere; a 3xx is reported as the upstream's failure.
+            response = await self._client().post(
+                self._url, data=data, headers=headers, proxy=self._proxy, allow_redirects=False
+            )
         except TimeoutError as exc:  # connect, or no pooled connection free in time
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
         except aiohttp.ClientError as exc:
@@ -255,7 +268,7 @@ class OpenAIUpstream:
         except (aiohttp.ClientError, TimeoutError):
             message = response.reason or str(response.status)
         finally:
-            response.close()
+            response.release()  # reused if its body was read to the end, closed otherwise
         status = response.status
         if status == 429:
             retry_after = _retry_after_seconds(response)
@@ -269,6 +282,9 @@ class OpenAIUpstream:
             f"upstream failed ({status}): {message}", upstream_status=status,
             retry_after_seconds=_retry_after_seconds(response),
         )
+
+    def record_stall(self) -> None:
+        return None  # health is the guard's business (guard.py)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -15,13 +15,24 @@ client only ever saw the opening event. Iteration adds one frame per batch, noth
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 
 from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
 from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+
+# Set by the relay around `open`: was this task cut for the upstream's fault (a first-token deadline
+# while the upstream still withheld its answer)? Then the attempt in flight is a failure, not a
+# client leaving. A cut during a retry's backoff settles nothing: no attempt is in flight then.
+CUT_FOR_UPSTREAM_FAULT: ContextVar[Callable[[], bool]] = ContextVar("cut_for_upstream_fault")
+
+
+def _not_cut() -> bool:
+    return False
 
 
 def error_kind(error: GatewayError) -> ErrorKind:
@@ -148,6 +159,12 @@ class GuardedUpstream:
                     raise
                 await self._backoff(error, kind, attempt)
                 attempt += 1
+            except asyncio.CancelledError:
+                if CUT_FOR_UPSTREAM_FAULT.get(_not_cut)():
+                    self.judge(permit.record_failure)  # a half-open probe that never answered reopens it
+                else:
+                    permit.release()
+                raise
             except BaseException:
                 permit.release()
                 raise

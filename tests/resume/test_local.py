@@ -80,7 +80,8 @@ def test_files_a_crashed_worker_left_are_swept_by_the_rare_full_scan(tmp_path: P
         await backend.sweep()
         assert orphan.exists()  # no directory scan on every sweep
         clock.now = T0 + TTL_S
-        await backend.sweep()  # once per TTL
+        await backend.sweep()  # once per TTL, in a thread beside the flushes
+        await backend.aclose()  # waits for that scan
         assert not orphan.exists()
         assert recent.exists()  # another worker's live or recent stream
 
