@@ -14,7 +14,9 @@ tokens (exact token strings), split_bytes (write the response in pieces of this 
 crlf, role_chunk, empty_deltas, usage, stall_after (stop sending after N tokens and hang),
 reset_after (drop the connection after N tokens), error_after (an error chunk after N tokens),
 no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second,
-headers_delay_ms (hold the response headers back, like a server queueing the request).
+headers_delay_ms (hold the response headers back, like a server queueing the request),
+tool_calls (a list of {"name", "arguments"}: after the tokens, stream these calls the way OpenAI does,
+the arguments in 4-character pieces, and finish with "tool_calls").
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class FakeOpenAI:
 
     async def _generate(self, request: dict[str, Any], fault: dict[str, Any], send: Send) -> bool:
         n = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)
-        tokens: list[str] = fault.get("tokens") or default_tokens(n)
+        tokens: list[str] = fault["tokens"] if "tokens" in fault else default_tokens(n)
         tokens = tokens[:n]
         finish = "length" if len(tokens) >= n and "tokens" not in fault else "stop"
         tps = float(fault.get("tokens_per_second", self.tokens_per_second))
@@ -151,6 +153,14 @@ class FakeOpenAI:
             if fault.get("empty_deltas"):
                 await emit(chunk({"content": ""}))
             await emit(chunk({"content": token}))
+        for index, call in enumerate(fault.get("tool_calls") or ()):
+            finish = "tool_calls"
+            head = {"index": index, "id": f"call_{index}", "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}}
+            await emit(chunk({"tool_calls": [head]}))
+            arguments = call["arguments"]
+            for i in range(0, len(arguments), 4):
+                await emit(chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 4]}}]}))
         if not fault.get("no_done"):
             await emit(chunk({}, finish))
             if fault.get("usage", (request.get("stream_options") or {}).get("include_usage")):

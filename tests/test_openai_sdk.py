@@ -220,6 +220,50 @@ def test_relay_stream(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) 
     assert sent["stream"] is True
 
 
+TOOLS: list[Any] = [{
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}]
+CALLS = [  # what the fake upstream "decides" to call: arguments stream in 4-character pieces
+    {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+    {"name": "get_time", "arguments": '{"zone": "Europe/Zurich", "format": "24h"}'},
+]
+
+
+def test_relay_tool_calls_stream(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) -> None:
+    """Tool-call deltas reach the client whole; the SDK assembles them as it would from OpenAI."""
+    fake_upstream.script({"tokens": ["Let me check. "], "tool_calls": CALLS})
+    with relay_client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, tools=TOOLS) as stream:
+        chunks = [c for c in stream if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "Let me check. "
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for part in chunk.choices[0].delta.tool_calls or ():
+            call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += part.id or ""
+            assert part.function is not None
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+    assert [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [
+        (f"call_{i}", call["name"], call["arguments"]) for i, call in enumerate(CALLS)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert upstream_request(fake_upstream)["tools"] == TOOLS  # passed through
+
+
+def test_relay_tool_calls_non_stream(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.script({"tokens": [], "tool_calls": CALLS})
+    completion = relay_client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None  # OpenAI's shape for an answer that is only tool calls
+    assert choice.message.tool_calls is not None
+    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        (f"call_{i}", "function", call["name"], call["arguments"]) for i, call in enumerate(CALLS)
+    ]
+
+
 def test_relay_stream_finish_reason_stop(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script({"tokens": ["Hello", ", ", "world", "!"]})
     text, chunks = stream_text(relay_client, max_tokens=50)

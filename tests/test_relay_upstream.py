@@ -443,3 +443,13 @@ def test_upstream_through_an_http_proxy(start_gateway: GatewayFactory, fake_upst
     assert refused.status == 502, refused.text
     assert "cannot reach upstream" in error_body(refused, "/v1")["message"]
     assert fake_upstream.stats()["requests"] == 1
+
+
+def test_seed_protocol_relays_only_the_text_of_a_tool_calling_answer(
+    relay_gateway: Gateway, fake_upstream: FakeUpstream
+) -> None:
+    """/stream has no place for tool calls: its clients get the text, and `done` counts the token events."""
+    fake_upstream.script({"tokens": ["a ", "b "], "tool_calls": [{"name": "f", "arguments": '{"x": 1}'}]})
+    relayed = relay(relay_gateway, "/stream", max_tokens=16)
+    assert relayed.tokens == ["a ", "b "]
+    assert relayed.final == {"type": "done", "tokens": 2}

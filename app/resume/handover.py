@@ -45,7 +45,7 @@ from app.resume.store import BACKEND_ERRORS, Backend, ResumeStore, StreamMeta, f
 from app.streaming.relay import Relay, end_log
 from app.streaming.session import Outcome, StreamSession
 from app.streaming.sse import SeedEncoder
-from app.upstream.base import ChatRequest
+from app.upstream.base import Batch, ChatRequest, batch_texts
 
 logger = logging.getLogger("app.resume")
 
@@ -364,8 +364,8 @@ class Claimer:
                     handed = await end_log(log, encoder, session, None, exc, tokens_before=progress.tokens)
                     return "handed_over" if handed else "failed"
 
-                async def write(batch: list[str]) -> None:
-                    log.append(encoder.tokens(batch), len(batch))
+                async def write(batch: Batch) -> None:
+                    log.append(encoder.tokens(batch), len(batch_texts(batch)))
 
                 outcome, error = await run.relay(write)
                 if lost.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -48,6 +49,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         messages=messages,
         max_tokens=check_max_tokens(limit, settings, field=field),
         options=body.passthrough_options(),
+        full_deltas=True,  # tool calls and refusals reach OpenAI clients whole
     )
     check_prompt_size(len(chat.prompt_text), settings)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
@@ -66,7 +68,8 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
             )
         )
 
-    def render(text: str, finish_reason: str | None, usage: Usage | None, tokens: int) -> dict[str, object]:
+    def render(message: dict[str, Any], finish_reason: str | None, usage: Usage | None,
+               tokens: int) -> dict[str, object]:
         usage = usage or Usage(len(chat.prompt_text.split()), tokens)
         return {
             "id": completion_id,
@@ -76,7 +79,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
             "system_fingerprint": None,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason or "stop",
             }],

@@ -34,7 +34,7 @@ from app.streaming.relay import end_log
 from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
-from app.upstream.base import ChatRequest
+from app.upstream.base import Batch, ChatRequest, batch_texts
 from app.upstream.schemas import StreamRequest
 
 router = APIRouter()
@@ -120,7 +120,8 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         else:
             await send_text(STATUS_TEXT)
 
-    async def write(batch: list[str]) -> None:
+    async def write(batch: Batch) -> None:
+        batch = batch_texts(batch)  # the seed protocol carries text only
         if log is not None and encoder is not None:
             log.append(encoder.tokens(batch), len(batch))
         if session.orphaned_at:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Sized
 from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,11 +29,11 @@ from starlette.types import Receive, Scope, Send
 from app.errors import GatewayError, InternalError, NotResumableError, StreamTimeoutError
 from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
-from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
 from app.upstream.guard import CUT_FOR_UPSTREAM_FAULT
 
 logger = logging.getLogger("app.streaming")
-T = TypeVar("T")
+B = TypeVar("B", bound=Sized)  # a batch: texts, whole deltas, or stored frames
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only if its socket takes it now
@@ -45,7 +45,7 @@ OUTCOME_BY_CODE = {
 
 class Encoder(Protocol):
     def opening(self) -> bytes: ...
-    def tokens(self, batch: list[str]) -> bytes: ...
+    def tokens(self, batch: Batch) -> bytes: ...
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes: ...
     def error(self, error: GatewayError) -> bytes: ...
 
@@ -61,7 +61,7 @@ class ClientGoneError(Exception):
     """The client left before the upstream answered: there is no one to answer."""
 
 
-async def pump(session: StreamSession, stream: AsyncIterable[list[T]], write: Callable[[list[T]], Awaitable[None]],
+async def pump(session: StreamSession, stream: AsyncIterable[B], write: Callable[[B], Awaitable[None]],
                clock: Callable[[], float]) -> None:
     """Relay every upstream batch to `write`. The only per-token work: a timestamp and a count."""
     async for batch in stream:
@@ -161,7 +161,7 @@ class StreamRun:
             await refuse(exc)
             return None
 
-    async def relay(self, write: Callable[[list[str]], Awaitable[None]],
+    async def relay(self, write: Callable[[Batch], Awaitable[None]],
                     opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
         """Relay the opened stream until it ends; return how it ended (the caller writes the final event)."""
         stream = self._stream
@@ -171,7 +171,7 @@ class StreamRun:
             stream.mark_failed()
         return outcome, error
 
-    async def relay_from(self, source: AsyncIterable[list[T]], write: Callable[[list[T]], Awaitable[None]],
+    async def relay_from(self, source: AsyncIterable[B], write: Callable[[B], Awaitable[None]],
                          opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
         """Relay any source of batches (the upstream, or a resume store's replay) with the same exits."""
         session = self.session

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -20,7 +21,7 @@ from app.streaming.relay import (
 )
 from app.streaming.session import Outcome, StreamSession
 from app.streaming.sse import PING, SSE_HEADERS, SeedEncoder
-from app.upstream.base import ChatRequest, Usage
+from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
 
 
 class SSEStreamResponse:
@@ -63,7 +64,7 @@ class SSEStreamResponse:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 session.ping = ping
 
-            async def write(batch: list[str]) -> None:
+            async def write(batch: Batch) -> None:
                 body = encoder.tokens(batch)
                 if log is not None:
                     log.append(body, len(batch))  # before the send: a stalled client must not hold it back
@@ -158,7 +159,7 @@ class CompletionResponse:
         session: StreamSession,
         request: ChatRequest,
         error_response: Callable[[GatewayError], ASGIApp],
-        render: Callable[[str, str | None, Usage | None, int], dict[str, object]],
+        render: Callable[[dict[str, Any], str | None, Usage | None, int], dict[str, object]],
         release: Callable[[], Awaitable[None]] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
@@ -172,10 +173,10 @@ class CompletionResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self.session
-        parts: list[str] = []
+        message = MessageAssembler()
 
-        async def collect(batch: list[str]) -> None:
-            parts.extend(batch)
+        async def collect(batch: Batch) -> None:
+            message.add(batch)
 
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
@@ -189,10 +190,50 @@ class CompletionResponse:
                 await self.error_response(error)(scope, receive, send)
                 return
             body = json.dumps(
-                self.render("".join(parts), stream.finish_reason, stream.usage, session.tokens),
+                self.render(message.message(), stream.finish_reason, stream.usage, session.tokens),
                 separators=(",", ":"),
             ).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode()), *self.extra_headers]})
             await send({"type": "http.response.body", "body": body})
+
+
+class MessageAssembler:
+    """A non-streamed answer's `message` from its deltas: text joined, tool calls merged by index."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._refusal: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, batch: Batch) -> None:
+        if type(batch) is not DeltaBatch:
+            self._texts.extend(batch)  # type: ignore[arg-type]  # a plain batch is its texts
+            return
+        for delta in batch:
+            if text := delta.get("content"):
+                self._texts.append(text)
+            if refusal := delta.get("refusal"):
+                self._refusal.append(refusal)
+            for part in delta.get("tool_calls") or ():
+                self._merge_call(part)
+
+    def _merge_call(self, part: dict[str, Any]) -> None:
+        call = self._calls.setdefault(int(part.get("index", len(self._calls))),
+                                      {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        if part.get("id"):
+            call["id"] = part["id"]
+        if part.get("type"):
+            call["type"] = part["type"]
+        function = part.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+    def message(self) -> dict[str, Any]:
+        text = "".join(self._texts)
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not self._calls else None,
+                                   "refusal": "".join(self._refusal) or None}
+        if self._calls:
+            message["tool_calls"] = [self._calls[index] for index in sorted(self._calls)]
+        return message

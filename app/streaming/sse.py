@@ -11,12 +11,13 @@ import json
 from json.encoder import encode_basestring_ascii
 
 from app.errors import GatewayError
-from app.upstream.base import Usage
+from app.upstream.base import Batch, DeltaBatch, Usage, batch_texts
 
 escape = encode_basestring_ascii  # str -> JSON string literal, identical to json.dumps(str)
 
 PING = b": ping\n\n"
 DONE_SENTINEL = b"data: [DONE]\n\n"
+DELTA_TAIL = ',"logprobs":null,"finish_reason":null}]}\n\n'  # after a whole delta object
 SEED_STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
 SEED_TOKEN_HEAD = 'data: {"type": "token", "content": '
 SEED_TOKEN_TAIL = "}\n\n"
@@ -59,7 +60,8 @@ class SeedEncoder:
     def opening(self) -> bytes:
         return self._framed(SEED_STATUS)
 
-    def tokens(self, batch: list[str]) -> bytes:
+    def tokens(self, batch: Batch) -> bytes:
+        batch = batch_texts(batch)  # the seed protocol carries text only
         head, tail, prefix, seq = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL, self._id_prefix, self.seq
         self.seq = seq + len(batch)
         if prefix is None:
@@ -81,16 +83,17 @@ class SeedEncoder:
 class ChatChunkEncoder:
     """`POST /v1/chat/completions` with `stream: true`: `chat.completion.chunk` objects, then `[DONE]`."""
 
-    __slots__ = ("_head", "_created", "_id", "_model", "_include_usage")
+    __slots__ = ("_head", "_delta_head", "_created", "_id", "_model", "_include_usage")
 
     def __init__(self, *, completion_id: str, model: str, created: int, include_usage: bool) -> None:
         self._id, self._model, self._created = completion_id, model, created
         self._include_usage = include_usage
         usage = ',"usage":null' if include_usage else ""
-        self._head = (
+        self._delta_head = (
             f'data: {{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
-            f'"model":{escape(model)},"system_fingerprint":null{usage},"choices":[{{"index":0,"delta":{{"content":'
+            f'"model":{escape(model)},"system_fingerprint":null{usage},"choices":[{{"index":0,"delta":'
         )
+        self._head = self._delta_head + '{"content":'
 
     def _chunk(self, delta: str, finish_reason: str | None) -> str:
         reason = escape(finish_reason) if finish_reason else "null"
@@ -103,10 +106,16 @@ class ChatChunkEncoder:
     def opening(self) -> bytes:
         return self._chunk('{"role":"assistant","content":""}', None).encode()
 
-    def tokens(self, batch: list[str]) -> bytes:
+    def tokens(self, batch: Batch) -> bytes:
+        if type(batch) is DeltaBatch:  # tool calls, a refusal, ...: relayed whole
+            head = self._delta_head
+            return "".join([
+                f"{head}{json.dumps(delta, separators=(',', ':'), ensure_ascii=False)}{DELTA_TAIL}"
+                for delta in batch
+            ]).encode()
         head = self._head
         tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
-        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
+        return "".join([f"{head}{escape(text)}{tail}" for text in batch_texts(batch)]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
         out = self._chunk("{}", finish_reason or "stop")

@@ -25,6 +25,9 @@ class ChatRequest:
     # `max_tokens` stays the stream's total; the upstream produces the rest.
     continuation_text: str = ""
     continuation_tokens: int = 0
+    # The client speaks OpenAI (/v1): deltas that carry more than text (tool calls, a refusal) reach it
+    # whole, as a `DeltaBatch`. The seed protocol has no place for them: text only.
+    full_deltas: bool = False
 
     @property
     def prompt_text(self) -> str:
@@ -52,6 +55,22 @@ class Usage:
         }
 
 
+class DeltaBatch(list[dict[str, Any]]):
+    """A batch of whole OpenAI `delta` objects (role left out), in order: what an upstream yields instead
+    of a list of texts when a delta carries more than text and the request asked for `full_deltas`.
+    Plain-text batches stay lists of `str`, so the common path pays one type check per batch."""
+
+
+Batch = list[str] | DeltaBatch  # what an upstream yields per read: texts, or whole deltas (see above)
+
+
+def batch_texts(batch: Batch) -> list[str]:
+    """The text of a batch, for consumers that relay text only (the seed protocol, handover)."""
+    if type(batch) is DeltaBatch:
+        return [text for delta in batch if (text := delta.get("content"))]
+    return batch  # type: ignore[return-value]  # a plain batch is its texts
+
+
 class UpstreamStream(Protocol):
     """One open generation. Iterate for batches of text deltas; always `aclose()` it."""
 
@@ -65,9 +84,9 @@ class UpstreamStream(Protocol):
         """Token counts, when the upstream reports them."""
         ...
 
-    def __aiter__(self) -> AsyncIterator[list[str]]: ...
+    def __aiter__(self) -> AsyncIterator[Batch]: ...
 
-    async def __anext__(self) -> list[str]: ...
+    async def __anext__(self) -> Batch: ...
 
     def mark_failed(self) -> None:
         """The relay cut the stream for the upstream's fault (a deadline): health accounting hook."""

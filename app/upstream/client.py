@@ -24,7 +24,7 @@ from app.errors import (
     UpstreamRateLimitedError,
     UpstreamRejectedError,
 )
-from app.upstream.base import ChatRequest, Usage
+from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
 from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
@@ -73,6 +73,11 @@ async def _error_message(response: aiohttp.ClientResponse) -> str:
     return str(message or raw[:500].decode(errors="replace") or response.reason or response.status)
 
 
+def _carries_more_than_text(delta: dict[str, Any]) -> bool:
+    """A delta with a field other than content and role that says something (tool_calls, refusal, ...)."""
+    return any(key not in ("content", "role") and value not in (None, "", []) for key, value in delta.items())
+
+
 def _usage(usage: dict[str, Any]) -> Usage | None:
     try:
         return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
@@ -84,11 +89,13 @@ class OpenAIStream:
     """A streaming `/chat/completions` response, yielding batches of content deltas."""
 
     __slots__ = (
-        "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "finish_reason", "usage",
+        "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "_full_deltas",
+        "finish_reason", "usage",
     )
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, *, full_deltas: bool = False) -> None:
         self._response = response
+        self._full_deltas = full_deltas
         self._chunks: AsyncIterator[bytes] = response.content.iter_any()
         self._decoder = SSEDecoder()
         self._done = False
@@ -102,7 +109,7 @@ class OpenAIStream:
     def __aiter__(self) -> OpenAIStream:
         return self
 
-    async def __anext__(self) -> list[str]:
+    async def __anext__(self) -> Batch:
         while not self._done:
             if self._failure is not None:
                 raise self._failure
@@ -123,9 +130,11 @@ class OpenAIStream:
             raise UpstreamError("upstream closed the stream before it finished", kind="broken")
         raise StopAsyncIteration
 
-    def _parse(self, payloads: list[str]) -> list[str]:
-        """Content deltas of these events; stops at `[DONE]` or at a failure (kept for the next call)."""
-        batch: list[str] = []
+    def _parse(self, payloads: list[str]) -> Batch:
+        """Content deltas of these events (a `DeltaBatch` if one carries more and the client takes whole
+        deltas); stops at `[DONE]` or at a failure (kept for the next call)."""
+        batch: list[Any] = []
+        whole = False
         for payload in payloads:
             if payload == "[DONE]":
                 self._done = self._saw_done = True
@@ -146,11 +155,16 @@ class OpenAIStream:
             if isinstance(usage, dict):
                 self.usage = _usage(usage)
             for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if content:
+                delta = choice.get("delta") or {}
+                if self._full_deltas and _carries_more_than_text(delta):
+                    whole = True
+                    batch.append({k: v for k, v in delta.items() if k != "role" and v is not None})
+                elif content := delta.get("content"):
                     batch.append(content)
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
+        if whole:
+            return DeltaBatch(item if isinstance(item, dict) else {"content": item} for item in batch)
         return batch
 
     def mark_failed(self) -> None:
@@ -262,7 +276,7 @@ class OpenAIUpstream:
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"cannot reach upstream: {exc!r}", kind="connect") from exc
         if response.status == 200:
-            return OpenAIStream(response)
+            return OpenAIStream(response, full_deltas=request.full_deltas)
         try:
             message = await _error_message(response)
         except (aiohttp.ClientError, TimeoutError):

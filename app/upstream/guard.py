@@ -23,7 +23,7 @@ from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, Upstr
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
-from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
 
 # Set by the relay around `open`: was this task cut for the upstream's fault (a first-token deadline
 # while the upstream still withheld its answer)? Then the attempt in flight is a failure, not a
@@ -82,7 +82,7 @@ class GuardedStream:
     def __aiter__(self) -> GuardedStream:
         return self
 
-    async def __anext__(self) -> list[str]:
+    async def __anext__(self) -> Batch:
         while True:
             try:
                 batch = await self._inner.__anext__()

@@ -12,7 +12,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from app.errors import GatewayError
-from app.upstream.base import ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
 
 
 class TracedStream:
@@ -30,10 +30,10 @@ class TracedStream:
     def usage(self) -> Usage | None:
         return self._inner.usage
 
-    def __aiter__(self) -> AsyncIterator[list[str]]:
+    def __aiter__(self) -> AsyncIterator[Batch]:
         return self._inner.__aiter__()
 
-    async def __anext__(self) -> list[str]:
+    async def __anext__(self) -> Batch:
         return await self._inner.__anext__()
 
     def mark_failed(self) -> None:
