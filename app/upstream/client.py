@@ -119,8 +119,11 @@ class OpenAIStream:
             except StopAsyncIteration:
                 payloads = self._decoder.close()
                 self._done = self._ended = True
+            except aiohttp.ClientPayloadError as exc:  # a reset, or a chunked body that never ended
+                raise UpstreamError("upstream stream broke: the connection ended in the middle of the response",
+                                    kind="broken") from exc
             except (aiohttp.ClientError, SSEDecodeError) as exc:
-                raise UpstreamError(f"upstream stream broke: {exc!r}", kind="broken") from exc
+                raise UpstreamError(f"upstream stream broke: {exc}", kind="broken") from exc
             batch = self._parse(payloads)
             if batch:
                 return batch
@@ -274,7 +277,7 @@ class OpenAIUpstream:
         except TimeoutError as exc:  # connect, or no pooled connection free in time
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"cannot reach upstream: {exc!r}", kind="connect") from exc
+            raise UpstreamError(f"cannot reach upstream: {exc}", kind="connect") from exc
         if response.status == 200:
             return OpenAIStream(response, full_deltas=request.full_deltas)
         try:
