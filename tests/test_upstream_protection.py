@@ -412,7 +412,7 @@ def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
 ) -> None:
     """No response headers before the first-token deadline: as much an upstream failure as a stall mid-stream."""
     gateway = start_gateway(
-        UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=2, CIRCUIT_OPEN_SECONDS=1,
+        UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=2, CIRCUIT_OPEN_SECONDS=2,
         FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
     )
     fake_upstream.script(*[{"headers_delay_ms": 60_000}] * 3)
