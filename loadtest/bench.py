@@ -59,6 +59,8 @@ from typing import IO, Any, TypeVar
 
 import psutil
 
+from loadtest.admission_bench import markdown as admission_markdown
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path("loadtest/results/benchmark.md")
 
@@ -945,7 +947,7 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "limit and per-client slots in Redis: three round trips per request, against the benchmark's own "
         "redis-server on the same cores).",
         "",
-        *admission_table(admission),
+        *admission_markdown(admission).splitlines(),
         "",
         f"## 6. Proxy overhead (`/v1/chat/completions`, fake_openai at 20 tok/s, {plan.proxy_users} concurrent "
         f"streams of {plan.proxy_max_tokens} tokens, gateway with protections on)",
@@ -977,17 +979,6 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
     if profiles:
         lines += profile_section(profiles)
     return "\n".join(lines)
-
-
-def admission_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| Backend | Requests | p50 µs | p90 µs | p99 µs | mean µs | CPU µs / request "
-           "| admit p50 µs | take_slot p50 µs | release p50 µs |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['backend']} | {r['requests']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} "
-                   f"| {r['mean_us']:.1f} | {r['cpu_us']:.1f} | {r['admit']['p50_us']:.1f} "
-                   f"| {r['take_slot']['p50_us']:.1f} | {r['release']['p50_us']:.1f} |")
-    return out
 
 
 def display_path(path: Path) -> Path:

@@ -6,9 +6,7 @@ clock, never with sleeps."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -32,82 +30,16 @@ from app.policies.redis_backend import (
     ResilientStorage,
     redis_from_url,
 )
+from tests.redis_server import START_TIMEOUT_S, RedisServer, free_port, started_redis
 
 T = TypeVar("T")
-START_TIMEOUT_S = 10.0  # guard only: how long redis-server may take to answer PING
 FAST_S = 2.0  # guard only: "fails fast" means well under this (the client timeout is 0.2 s)
 CLIENT_TIMEOUT_S = 0.2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A throwaway redis-server on 127.0.0.1:`port`, without persistence; can be stopped and restarted."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self.proc.poll() is not None:
-                proc, self.proc = self.proc, None
-                output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                pytest.fail(f"redis-server exited with {proc.returncode}: {output}")
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"redis-server did not answer PING on port {self.port} within {START_TIMEOUT_S} s")
-            time.sleep(0.01)  # poll interval, not an assertion
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(START_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server); these tests never skip")
-    server = RedisServer(binary, tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    yield from started_redis(tmp_path)
 
 
 @asynccontextmanager
@@ -263,7 +195,7 @@ def test_with_the_rate_limiter(redis_server: RedisServer) -> None:
 
 def test_unreachable_redis_fails_fast() -> None:
     async def scenario() -> None:
-        async with _client(f"redis://127.0.0.1:{_free_port()}/0") as client:  # nothing listens there
+        async with _client(f"redis://127.0.0.1:{free_port()}/0") as client:  # nothing listens there
             storage, slots = RedisStorage(client), RedisClientSlots(client)
             calls: list[Callable[[], Awaitable[object]]] = [
                 lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: storage.peek("k", 5, 1.0, 1, now=0.0),
@@ -457,7 +389,7 @@ def test_resilient_storage_with_redis_never_up() -> None:
     changes: list[bool] = []
 
     async def scenario() -> None:
-        async with _client(f"redis://127.0.0.1:{_free_port()}/0") as client:
+        async with _client(f"redis://127.0.0.1:{free_port()}/0") as client:
             storage = ResilientStorage(RedisStorage(client), MemoryStorage(), clock=clock,
                                        on_state_change=changes.append)
             limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.01), fail_open=False,
