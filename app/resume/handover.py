@@ -365,7 +365,8 @@ class Claimer:
                     return "handed_over" if handed else "failed"
 
                 async def write(batch: Batch) -> None:
-                    log.append(encoder.tokens(batch), len(batch_texts(batch)))
+                    texts = batch_texts(batch)
+                    log.append(encoder.tokens(texts), len(texts))
 
                 outcome, error = await run.relay(write)
                 if lost.is_set():

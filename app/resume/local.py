@@ -36,7 +36,8 @@ class DirectoryBackend:
         self._fds: dict[str, int] = {}  # streams this worker produces
         self._reader_ttl_s = 5.0  # replaced by the store's own value on the first mark
         self._now = wall_clock  # file mtimes are wall-clock
-        self._expiring: deque[tuple[float, Path]] = deque()  # (when it may go, file), in that order
+        # (when it may go, file), mostly in that order; one re-queued behind later ones just goes a little late
+        self._expiring: deque[tuple[float, Path]] = deque()
         self._marked: set[str] = set()  # streams whose reader mark this worker queued
         self._next_full_scan = wall_clock() + ttl_s
         self._full_scan: asyncio.Task[None] | None = None

@@ -208,8 +208,8 @@ class MessageAssembler:
         self._calls: dict[int, dict[str, Any]] = {}
 
     def add(self, batch: Batch) -> None:
-        if type(batch) is not DeltaBatch:
-            self._texts.extend(batch)  # type: ignore[arg-type]  # a plain batch is its texts
+        if not isinstance(batch, DeltaBatch):
+            self._texts.extend(batch)
             return
         for delta in batch:
             if text := delta.get("content"):

@@ -107,7 +107,7 @@ class ChatChunkEncoder:
         return self._chunk('{"role":"assistant","content":""}', None).encode()
 
     def tokens(self, batch: Batch) -> bytes:
-        if type(batch) is DeltaBatch:  # tool calls, a refusal, ...: relayed whole
+        if isinstance(batch, DeltaBatch):  # tool calls, a refusal, ...: relayed whole
             head = self._delta_head
             return "".join([
                 f"{head}{json.dumps(delta, separators=(',', ':'), ensure_ascii=False)}{DELTA_TAIL}"
@@ -115,7 +115,7 @@ class ChatChunkEncoder:
             ]).encode()
         head = self._head
         tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
-        return "".join([f"{head}{escape(text)}{tail}" for text in batch_texts(batch)]).encode()
+        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
         out = self._chunk("{}", finish_reason or "stop")

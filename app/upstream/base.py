@@ -66,9 +66,9 @@ Batch = list[str] | DeltaBatch  # what an upstream yields per read: texts, or wh
 
 def batch_texts(batch: Batch) -> list[str]:
     """The text of a batch, for consumers that relay text only (the seed protocol, handover)."""
-    if type(batch) is DeltaBatch:
+    if isinstance(batch, DeltaBatch):
         return [text for delta in batch if (text := delta.get("content"))]
-    return batch  # type: ignore[return-value]  # a plain batch is its texts
+    return batch
 
 
 class UpstreamStream(Protocol):

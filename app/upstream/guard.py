@@ -25,9 +25,9 @@ from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
 
-# Set by the relay around `open`: was this task cut for the upstream's fault (a first-token deadline
-# while the upstream still withheld its answer)? Then the attempt in flight is a failure, not a
-# client leaving. A cut during a retry's backoff settles nothing: no attempt is in flight then.
+# Set by the relay for a stream's whole run: was this task cut for the upstream's fault (a first-token
+# deadline while the upstream still withheld its answer)? Then the attempt in flight is a failure, not
+# a client leaving. A cut during a retry's backoff settles nothing: no attempt is in flight then.
 CUT_FOR_UPSTREAM_FAULT: ContextVar[Callable[[], bool]] = ContextVar("cut_for_upstream_fault")
 
 
