@@ -36,7 +36,7 @@ def _statuses(gateway: Gateway, count: int, headers: list[dict[str, str]] | None
 def _rejections(gateway: Gateway) -> dict[str, float]:
     text = httpx.get(gateway.url + "/metrics", timeout=5).text
     found: dict[str, float] = {}
-    for reason, value in re.findall(r'^streaming_rejections_total\{endpoint="/stream",reason="(\w+)"\} (\S+)$', text,
+    for reason, value in re.findall(r'^streaming_rejections_total\{reason="(\w+)",route="/stream"\} (\S+)$', text,
                                     re.M):
         found[reason] = found.get(reason, 0) + float(value)
     return {reason: count for reason, count in found.items() if count}  # every known reason exists, at 0

@@ -45,19 +45,19 @@ def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory
         assert broken.text.rstrip().endswith('"code": "upstream_error", "message": "upstream stream broke: '
                                              'the connection ended in the middle of the response"}')
     expected = {
-        'streaming_connections_total{endpoint="/stream",status="success"}': 5.0,
-        'streaming_connections_total{endpoint="/v1/chat/completions",status="success"}': 3.0,
-        'streaming_connections_total{endpoint="/stream",status="rejected"}': 6.0,
-        'streaming_connections_total{endpoint="/stream",status="error"}': 3.0,
-        'streaming_rejections_total{endpoint="/stream",reason="invalid_request"}': 4.0,
-        'streaming_rejections_total{endpoint="/stream",reason="unsupported_media_type"}': 2.0,
-        'streaming_errors_total{endpoint="/stream",error_type="upstream_error"}': 3.0,
-        'streaming_tokens_total{endpoint="/stream",model="gpt-4o-mini"}': 16.0,  # 5 x 3 + 1 before the reset
-        'streaming_tokens_total{endpoint="/v1/chat/completions",model="gpt-4o"}': 12.0,
-        'streaming_stream_outcomes_total{endpoint="/stream",outcome="done"}': 5.0,
-        'streaming_stream_outcomes_total{endpoint="/stream",outcome="error"}': 3.0,
-        'streaming_ttft_seconds_count{endpoint="/stream",model="gpt-4o-mini"}': 6.0,
-        'streaming_active_connections{endpoint="/stream"}': 0.0,
+        'streaming_connections_total{route="/stream",status="success"}': 5.0,
+        'streaming_connections_total{route="/v1/chat/completions",status="success"}': 3.0,
+        'streaming_connections_total{route="/stream",status="rejected"}': 6.0,
+        'streaming_connections_total{route="/stream",status="error"}': 3.0,
+        'streaming_rejections_total{reason="invalid_request",route="/stream"}': 4.0,
+        'streaming_rejections_total{reason="unsupported_media_type",route="/stream"}': 2.0,
+        'streaming_errors_total{error_type="upstream_error",route="/stream"}': 3.0,
+        'streaming_tokens_total{model="gpt-4o-mini",route="/stream"}': 16.0,  # 5 x 3 + 1 before the reset
+        'streaming_tokens_total{model="gpt-4o",route="/v1/chat/completions"}': 12.0,
+        'streaming_stream_outcomes_total{outcome="done",route="/stream"}': 5.0,
+        'streaming_stream_outcomes_total{outcome="error",route="/stream"}': 3.0,
+        'streaming_ttft_seconds_count{model="gpt-4o-mini",route="/stream"}': 6.0,
+        'streaming_active_connections{route="/stream"}': 0.0,
     }
     for _ in range(12):  # fresh connections: the answers come from both workers
         samples = _scrape(gateway)

@@ -175,7 +175,7 @@ def test_resume_on_the_same_instance(start_gateway: GatewayFactory) -> None:
         for _ in range(2):
             assert_continues([], resume(client, gateway.url, stream_id, None), prompt, max_tokens)
         assert_refused(client, gateway, stream_id)
-    assert metric_total(gateway, "streaming_resumptions_total", 'endpoint="/stream/{stream_id}"') == 3
+    assert metric_total(gateway, "streaming_resumptions_total", 'route="/stream/{stream_id}"') == 3
     assert metric_total(gateway, "streaming_replayed_events_total") >= 2 * (max_tokens + 2)
 
 

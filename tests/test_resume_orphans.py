@@ -46,6 +46,6 @@ def test_an_orphan_nobody_reads_is_stopped(start_gateway: GatewayFactory) -> Non
 
 def wait_for_orphan_timeout(url: str) -> None:
     deadline = time.monotonic() + 30
-    pattern = r'^streaming_errors_total\{endpoint="/stream",error_type="orphan_timeout"\} ([1-9]\S*)$'
+    pattern = r'^streaming_errors_total\{error_type="orphan_timeout",route="/stream"\} ([1-9]\S*)$'
     while time.monotonic() < deadline and not re.search(pattern, httpx.get(url + "/metrics").text, re.M):
         time.sleep(0.1)  # polling interval, not an assertion

@@ -70,6 +70,6 @@ def test_finished_streams_are_counted(start_gateway: object) -> None:
     for _ in range(6):
         httpx.post(gateway.url + "/stream", json={"prompt": "count me", "max_tokens": 5}, timeout=10)
     text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    assert 'streaming_connections_total{endpoint="/stream",status="success"} 6.0' in text
-    assert 'streaming_tokens_total{endpoint="/stream",model="gpt-4o-mini"} 30.0' in text
-    assert 'streaming_ttft_seconds_count{endpoint="/stream",model="gpt-4o-mini"} 6.0' in text
+    assert 'streaming_connections_total{route="/stream",status="success"} 6.0' in text
+    assert 'streaming_tokens_total{model="gpt-4o-mini",route="/stream"} 30.0' in text
+    assert 'streaming_ttft_seconds_count{model="gpt-4o-mini",route="/stream"} 6.0' in text

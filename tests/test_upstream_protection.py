@@ -296,11 +296,11 @@ def test_slow_trickle_is_not_a_stall(retry_gateway: Gateway, fake_upstream: Fake
 
 
 def breaker_state(gateway: Gateway) -> float:
-    return metric(gateway, "streaming_circuit_breaker_state", service="127.0.0.1")
+    return metric(gateway, "streaming_circuit_breaker_state", upstream="127.0.0.1")
 
 
 def wait_breaker_state(gateway: Gateway, expected: int) -> float:
-    return wait_metric(gateway, "streaming_circuit_breaker_state", expected, service="127.0.0.1")
+    return wait_metric(gateway, "streaming_circuit_breaker_state", expected, upstream="127.0.0.1")
 
 
 def assert_circuit_open_refusal(response: httpx.Response) -> None:
@@ -330,13 +330,13 @@ def test_breaker_opens_refuses_fast_probes_once_and_closes(
     assert fake_upstream.stats()["requests"] == 3
 
     # Open: every worker refuses at admission, fast, and the upstream sees nothing.
-    refused_before = metric(gateway, "streaming_rejections_total", endpoint="/stream", reason="circuit_open")
+    refused_before = metric(gateway, "streaming_rejections_total", route="/stream", reason="circuit_open")
     for pid in (first, second):
         with only_worker(gateway, pid), http_client() as client:
             for _ in range(2):
                 assert_circuit_open_refusal(post_stream(client, gateway))
     assert fake_upstream.stats()["requests"] == 3
-    refused = metric(gateway, "streaming_rejections_total", endpoint="/stream", reason="circuit_open")
+    refused = metric(gateway, "streaming_rejections_total", route="/stream", reason="circuit_open")
     assert refused - refused_before == 4
 
     # Half-open (the open period passed; the gauge is read at scrape time): exactly one probe at a time.
@@ -463,6 +463,6 @@ def test_half_open_refusal_is_an_admission_rejection(
         thread.join()
     assert probe[0].status_code == 200
     assert fake_upstream.stats()["requests"] == 2
-    assert metric(gateway, "streaming_rejections_total", endpoint="/stream", reason="circuit_open") == 1
-    assert metric(gateway, "streaming_errors_total", endpoint="/stream", error_type="circuit_open") == 0
+    assert metric(gateway, "streaming_rejections_total", route="/stream", reason="circuit_open") == 1
+    assert metric(gateway, "streaming_errors_total", route="/stream", error_type="circuit_open") == 0
     assert_no_streams_left(gateway)

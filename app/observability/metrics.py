@@ -64,48 +64,48 @@ def count_rejection(endpoint: str, reason: str) -> None:
         REJECTIONS_TOTAL.labels(endpoint, reason).inc()
 
 ACTIVE_CONNECTIONS = Gauge(
-    "streaming_active_connections", "Streams being relayed right now.", ["endpoint"], multiprocess_mode="livesum"
+    "streaming_active_connections", "Streams being relayed right now.", ["route"], multiprocess_mode="livesum"
 )
 CONNECTIONS_TOTAL = Counter(
-    "streaming_connections_total", "Streams by final status (success/rejected/error).", ["endpoint", "status"]
+    "streaming_connections_total", "Streams by final status (success/rejected/error).", ["route", "status"]
 )
 TTFT_SECONDS = Histogram(
-    "streaming_ttft_seconds", "Time from request to first token sent.", ["endpoint", "model"],
+    "streaming_ttft_seconds", "Time from request to first token sent.", ["route", "model"],
     # The seed's buckets plus 0.075, 0.3 (the p50 SLO) and 0.75, so quantiles between them are not flat.
     buckets=(0.05, 0.075, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
 )
 GENERATION_DURATION_SECONDS = Histogram(
-    "streaming_generation_duration_seconds", "Time from first to last token.", ["endpoint", "model"],
+    "streaming_generation_duration_seconds", "Time from first to last token.", ["route", "model"],
     buckets=(1.0, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
 REQUEST_DURATION_SECONDS = Histogram(
-    "streaming_request_duration_seconds", "Whole stream duration.", ["endpoint"],
+    "streaming_request_duration_seconds", "Whole stream duration.", ["route"],
     buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
-TOKENS_TOTAL = Counter("streaming_tokens_total", "Tokens relayed to clients.", ["endpoint", "model"])
+TOKENS_TOTAL = Counter("streaming_tokens_total", "Tokens relayed to clients.", ["route", "model"])
 TOKENS_PER_SECOND = Histogram(
     "streaming_tokens_per_second", "Per-stream generation speed.", ["model"],
     buckets=(5.0, 10.0, 20.0, 50.0, 100.0, 200.0),
 )
-ERRORS_TOTAL = Counter("streaming_errors_total", "Streams that ended in an error, by type.", ["endpoint", "error_type"])
+ERRORS_TOTAL = Counter("streaming_errors_total", "Streams that ended in an error, by type.", ["route", "error_type"])
 STREAM_OUTCOMES_TOTAL = Counter(
     "streaming_stream_outcomes_total",
     "Streams by how they ended: done, error, timeout, backpressure, client_gone, shutdown.",
-    ["endpoint", "outcome"],
+    ["route", "outcome"],
 )
 REJECTIONS_TOTAL = Counter(
     "streaming_rejections_total", "Requests refused before a stream started, by reason (the error code).",
-    ["endpoint", "reason"],
+    ["route", "reason"],
 )
 INTER_TOKEN_SECONDS = Histogram(
-    "streaming_inter_token_seconds", "Mean gap between tokens, one observation per stream.", ["endpoint", "model"],
+    "streaming_inter_token_seconds", "Mean gap between tokens, one observation per stream.", ["route", "model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 UPSTREAM_RETRIES_TOTAL = Counter(
     "streaming_upstream_retries_total", "Upstream attempts retried before the first token, by cause.", ["reason"]
 )
 CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(
-    "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["service", "state"]
+    "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["upstream", "state"]
 )
 DRAIN_DURATION_SECONDS = Histogram(
     "streaming_drain_duration_seconds", "Time from SIGTERM to the worker's last stream ending.",
@@ -130,12 +130,12 @@ MAX_CONNECTIONS = Gauge(
     multiprocess_mode="max",
 )
 CIRCUIT_BREAKER_STATE = Gauge(
-    "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["service"],
+    "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["upstream"],
     multiprocess_mode="mostrecent",
 )
 
 RESUMPTIONS_TOTAL = Counter(
-    "streaming_resumptions_total", "Resumed streams whose replay started (the stream was found).", ["endpoint"]
+    "streaming_resumptions_total", "Resumed streams whose replay started (the stream was found).", ["route"]
 )
 REPLAYED_EVENTS_TOTAL = Counter(
     "streaming_replayed_events_total", "Stored events sent to resuming clients before their live tail."

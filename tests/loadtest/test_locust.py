@@ -212,7 +212,7 @@ def test_locust_reconnects_after_a_drain_and_counts_no_truncation(
         second = start_gateway(MOCK_TOKENS_PER_SECOND=1000, MOCK_FIRST_TOKEN_MS=5, WEB_CONCURRENCY=1)
         assert first.stop() == 0, first.log()  # SIGTERM: drained and exited; only B answers from here on
         for endpoint in ("/stream", "/v1/chat/completions", "/ws"):  # users reconnected and finished on B
-            assert wait_metric(second.url, "streaming_stream_outcomes_total", 1, endpoint=endpoint, outcome="done") >= 1
+            assert wait_metric(second.url, "streaming_stream_outcomes_total", 1, route=endpoint, outcome="done") >= 1
         proc.terminate()  # Locust stops its users (aborted), writes the summary and exits
         run = finish_locust(proc, tmp_path, 0)
         assert second.proc.poll() is None
