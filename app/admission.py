@@ -170,6 +170,10 @@ class Admission:
             raise CircuitOpenError(self._breaker.name, retry_after)
         return ticket
 
+    def slots_in_use(self) -> int:
+        """Slots held in the instance's table right now (all workers; the Redis leases are per client)."""
+        return self._slots.active()
+
     def _identify(self, connection: HTTPConnection) -> str:
         if self._keys:
             key = presented_key(connection)

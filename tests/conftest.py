@@ -24,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
 START_TIMEOUT_S = 30.0  # guard only: how long a server may take to answer before the test fails
+# Caps small enough to take whole: gateways whose tests end with tests/slots.py `assert_slots_released`.
+SLOT_CAPS: dict[str, Any] = {"MAX_CONNECTIONS": 6, "MAX_CONNECTIONS_PER_CLIENT": 3}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -144,7 +146,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
 def mock_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway on the built-in mock, shared by a module's read-only tests (fast pace keeps tests short)."""
     gateway = launch_gateway(
-        {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5},
+        {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5, **SLOT_CAPS},
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
     yield gateway
@@ -211,7 +213,7 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
         {
             "UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret",
             # relay tests inject failures one after another; breaker and retries have their own tests
-            "CIRCUIT_FAILURE_THRESHOLD": 1000, "UPSTREAM_RETRIES": 0,
+            "CIRCUIT_FAILURE_THRESHOLD": 1000, "UPSTREAM_RETRIES": 0, **SLOT_CAPS,
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )

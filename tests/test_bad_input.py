@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 from typing import Any
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway
+from tests.slots import assert_slots_released
 
 BAD_STREAM_BODIES: list[tuple[str, bytes, int, str]] = [
     ("malformed json", b'{"prompt": "x"', 422, "not valid JSON"),
@@ -28,11 +28,6 @@ BAD_STREAM_BODIES: list[tuple[str, bytes, int, str]] = [
     ("empty body", b"", 422, "empty"),
     ("invalid utf-8", b'{"prompt": "\xff\xfe"}', 422, "JSON"),
 ]
-
-
-def _active_streams(gateway: Gateway) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -149,7 +144,7 @@ def test_garbage_http_does_not_break_the_server(mock_gateway: Gateway) -> None:
 def test_bad_input_leaks_no_stream(mock_gateway: Gateway) -> None:
     for _, body, _, _ in BAD_STREAM_BODIES:
         httpx.post(mock_gateway.url + "/stream", content=body, headers=JSON_HEADERS, timeout=5)
-    assert _active_streams(mock_gateway) == 0
+    assert_slots_released(mock_gateway)  # none took a slot, none kept one
     # and the gateway still streams
     r = httpx.post(mock_gateway.url + "/stream", json={"prompt": "after", "max_tokens": 3}, timeout=5)
     assert r.text.rstrip().endswith('{"type": "done", "tokens": 3}')

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway, sse_data
-from tests.test_stream_lifecycle import wait_active_streams
+from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway, sse_data
+from tests.slots import assert_slots_released
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,10 @@ def strict_gateway(
             "UPSTREAM_URL": fake_upstream_server.url,
             "FIRST_TOKEN_TIMEOUT_SECONDS": 1,
             "INTER_TOKEN_TIMEOUT_SECONDS": 1,
-            "TOTAL_TIMEOUT_SECONDS": 3,
+            "TOTAL_TIMEOUT_SECONDS": 5,  # also how long the slot check's streams may live: a generous bound
             "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
             "CIRCUIT_FAILURE_THRESHOLD": 1000,  # every test here is an upstream fault; the breaker is tested apart
+            **SLOT_CAPS,
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
@@ -48,7 +49,7 @@ def test_stalled_upstream_trips_inter_token_deadline(strict_gateway: Gateway, fa
     assert events[-1]["message"] == "inter-token deadline of 1s exceeded"
     # the stalled upstream request was closed, and the stream released
     assert fake_upstream.wait_for(lambda s: s["disconnects"] == 1)["disconnects"] == 1
-    assert wait_active_streams(strict_gateway, 0) == 0
+    assert_slots_released(strict_gateway)
 
 
 def test_first_token_deadline(strict_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -57,6 +58,7 @@ def test_first_token_deadline(strict_gateway: Gateway, fake_upstream: FakeUpstre
     assert [e["type"] for e in events] == ["status", "error"]
     assert events[-1]["message"] == "first token deadline of 1s exceeded"
     assert fake_upstream.wait_for(lambda s: s["disconnects"] == 1)["disconnects"] == 1
+    assert_slots_released(strict_gateway)
 
 
 def test_first_token_deadline_while_upstream_withholds_headers(
@@ -71,14 +73,15 @@ def test_first_token_deadline_while_upstream_withholds_headers(
     r = httpx.post(strict_gateway.url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "timeout"
-    assert wait_active_streams(strict_gateway, 0) == 0
+    assert_slots_released(strict_gateway)
 
 
 def test_total_deadline(strict_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script({"tokens_per_second": 5})
     events = _stream(strict_gateway, max_tokens=100)
-    assert events[-1] == {"type": "error", "code": "timeout", "message": "total deadline of 3s exceeded"}
+    assert events[-1] == {"type": "error", "code": "timeout", "message": "total deadline of 5s exceeded"}
     assert 5 <= sum(e["type"] == "token" for e in events) < 100
+    assert_slots_released(strict_gateway)
 
 
 def test_deadline_in_openai_stream_is_an_error_chunk(strict_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -87,6 +90,7 @@ def test_deadline_in_openai_stream_is_an_error_chunk(strict_gateway: Gateway, fa
     data = sse_data(httpx.post(strict_gateway.url + "/v1/chat/completions", json=body, timeout=30).text)
     assert data[-1] == "[DONE]"
     assert json.loads(data[-2])["error"]["code"] == "timeout"
+    assert_slots_released(strict_gateway)
 
 
 def _errors_by_type(gateway: Gateway, error_type: str) -> float:
@@ -96,9 +100,9 @@ def _errors_by_type(gateway: Gateway, error_type: str) -> float:
 
 
 def test_client_that_stops_reading_is_cut(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(
+    gateway = start_gateway(  # the default SLOW_CLIENT_TIMEOUT_SECONDS: the slot check's streams do not read either
         MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=0, MAX_TOKENS_LIMIT=1_000_000,
-        SLOW_CLIENT_TIMEOUT_SECONDS=1, DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
     )
     host, port = gateway.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "flood", "max_tokens": 1_000_000}).encode()
@@ -113,5 +117,5 @@ def test_client_that_stops_reading_is_cut(start_gateway: GatewayFactory) -> None
         while _errors_by_type(gateway, "backpressure") < 1 and time.monotonic() < deadline:
             time.sleep(0.1)  # polling interval, not an assertion
         assert _errors_by_type(gateway, "backpressure") == 1
-        assert wait_active_streams(gateway, 0) == 0
+        assert_slots_released(gateway)
     assert httpx.get(gateway.url + "/health", timeout=5).status_code == 200

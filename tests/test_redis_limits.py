@@ -25,11 +25,11 @@ import pytest
 from redis import Redis
 
 from app.policies.redis_backend import DEFAULT_SLOTS_PREFIX
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory
 from tests.redis_server import RedisServer, started_redis
+from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_released
 from tests.test_upstream_protection import (
     WAIT_S,
-    assert_no_streams_left,
     http_client,
     only_worker,
     post_stream,
@@ -50,7 +50,7 @@ def start_pair(start_gateway: GatewayFactory, redis: RedisServer, **env: Any) ->
     Redis answers within a generous timeout here: on a loaded test machine a reply can take longer
     than the production 0.25 s, and a false fallback would change the counts these tests check. A
     stopped Redis refuses connections at once, so the fallback test does not wait on it."""
-    env = {"REDIS_URL": redis.url, "REDIS_TIMEOUT_SECONDS": 2, **env}
+    env = {"REDIS_URL": redis.url, "REDIS_TIMEOUT_SECONDS": 2, **SLOT_CAPS, **env}
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: start_gateway(**env), range(2))
     return first, second
@@ -96,7 +96,8 @@ def rate_limit_refusal(response: httpx.Response) -> None:
     assert response.headers["ratelimit"].startswith('"default";r=0;')
 
 
-LIMITS = {"RATE_LIMIT_BURST": 5, "RATE_LIMIT_PER_MINUTE": 1, "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0}
+LIMITS = {"RATE_LIMIT_BURST": 5, "RATE_LIMIT_PER_MINUTE": 1, "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0,
+          "MAX_TOKENS_LIMIT": UNPACED_MAX_TOKENS}
 
 
 def spread(gateways: tuple[Gateway, Gateway], n: int, **headers: str) -> list[httpx.Response]:
@@ -118,7 +119,7 @@ def test_burst_is_shared_by_two_instances(start_gateway: GatewayFactory, redis_s
             rate_limit_refusal(response)
     for gateway in gateways:
         assert gauge(gateway, "streaming_redis_fallbacks_total") == []  # Redis never failed
-        assert_no_streams_left(gateway)
+        assert_slots_released(gateway)
 
 
 def test_client_stream_cap_is_shared_by_two_instances(
@@ -149,7 +150,7 @@ def test_client_stream_cap_is_shared_by_two_instances(
                 assert refused.headers["retry-after"] == "1"
         # leaving the block closed the three streams: slots and fleet-wide leases are given back
         for gateway in gateways:
-            assert_no_streams_left(gateway)
+            assert_slots_released(gateway)
         assert wait_until(lambda: fleet_leases(redis_server) == 0)
         assert fleet_leases(redis_server) == 0
 
@@ -158,7 +159,8 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
     start_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
     keys = ["k-shared", "k-down", "k-back", "k-poll-0", "k-poll-1", "k-poll-2", "k-poll-3"]
-    gateways = start_pair(start_gateway, redis_server, **LIMITS, LOG_LEVEL="info", API_KEYS=",".join(keys))
+    gateways = start_pair(start_gateway, redis_server, **LIMITS, LOG_LEVEL="info",
+                          API_KEYS=",".join(keys + SLOT_CHECK_KEYS))
 
     def bearer(key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -194,7 +196,7 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
         assert gauge(gateway, "streaming_redis_fallbacks_total", store="slots") == [2]
         warnings = redis_log(gateway, "redis unreachable")
         assert warnings == {(pid, store): 1 for pid in workers for store in ("ratelimit", "slots")}
-        assert_no_streams_left(gateway)
+        assert_slots_released(gateway)
 
     redis_server.start()  # same port, empty
 
@@ -220,4 +222,4 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
         if response.status_code == 429:
             rate_limit_refusal(response)
     for gateway in gateways:
-        assert_no_streams_left(gateway)
+        assert_slots_released(gateway)

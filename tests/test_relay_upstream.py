@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
+from tests.slots import assert_slots_released
 
 V1 = "/v1/chat/completions"
 PROTOCOLS = ["/stream", "/v1"]
@@ -380,6 +381,7 @@ def test_client_disconnect_mid_stream_reaches_upstream(
     assert stats["completed"] == 0
     assert stats["active"] == 0
     assert wait_until(lambda: active_streams(relay_gateway) == 0)
+    assert_slots_released(relay_gateway)
 
 
 def test_client_disconnect_while_waiting_for_non_stream_reaches_upstream(
@@ -399,6 +401,7 @@ def test_client_disconnect_while_waiting_for_non_stream_reaches_upstream(
     assert stats["disconnects"] == 1
     assert stats["completed"] == 0
     assert wait_until(lambda: active_streams(relay_gateway) == 0)
+    assert_slots_released(relay_gateway)
 
 
 # --- the upstream pool ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 import httpx
 
 from tests.conftest import Gateway, sse_data
+from tests.slots import assert_slots_released
 
 
 def active_streams(gateway: Gateway) -> float:
@@ -63,6 +64,7 @@ def test_client_disconnect_releases_the_stream(mock_gateway: Gateway) -> None:
                         break
                 assert active_streams(mock_gateway) >= 1
     assert wait_active_streams(mock_gateway, 0) == 0
+    assert_slots_released(mock_gateway)
 
 
 def test_finished_streams_are_counted(start_gateway: object) -> None:

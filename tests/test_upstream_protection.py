@@ -4,7 +4,7 @@ Retries happen only before the first token (connect errors, 429, 5xx; never anot
 after a token), deadlines end stalled streams with a `timeout` event, and the circuit breaker is
 one breaker for the whole instance: failures counted on either worker open it, an open breaker
 answers 503 without touching the upstream, half-open lets exactly one probe through, and two
-probe successes close it. After every fault the instance's slot count is back to zero.
+probe successes close it. After every fault no slot is left behind (tests/slots.py).
 
 Which worker serves a request is normally the kernel's choice. Where a test needs it to be a given
 worker, it freezes the other one with SIGSTOP (`only_worker`): the frozen worker cannot accept, so
@@ -29,7 +29,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.slots import assert_slots_released
 from tests.test_relay_upstream import (
     PROTOCOLS,
     assert_ended_with_upstream_error,
@@ -91,11 +92,6 @@ def wait_metric(gateway: Gateway, name: str, expected: float, timeout: float = W
     return value
 
 
-def assert_no_streams_left(gateway: Gateway) -> None:
-    """The instance's slot count (active streams over all workers) is back to zero."""
-    assert wait_metric(gateway, "streaming_active_connections", 0) == 0
-
-
 def worker_pids(gateway: Gateway) -> list[int]:
     """The gateway's gunicorn workers (children of the master), once both are forked."""
     workers: list[int] = []
@@ -146,7 +142,7 @@ def retry_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
             "UPSTREAM_RETRIES": 2, "RETRY_BASE_SECONDS": 0.05, "RETRY_MAX_SECONDS": 0.2,
             "CIRCUIT_FAILURE_THRESHOLD": 1000,  # every test here is an upstream fault; the breaker has its own
             "FIRST_TOKEN_TIMEOUT_SECONDS": 1, "INTER_TOKEN_TIMEOUT_SECONDS": 1,
-            "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+            "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05, **SLOT_CAPS,
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
@@ -171,6 +167,7 @@ def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFact
     gateway = start_gateway(
         UPSTREAM_URL=f"http://127.0.0.1:{closed_port()}/v1",
         UPSTREAM_RETRIES=2, RETRY_BASE_SECONDS=0.05, RETRY_MAX_SECONDS=0.2, CIRCUIT_FAILURE_THRESHOLD=1000,
+        **SLOT_CAPS,
     )
     relayed = relay(gateway, "/stream")
     assert relayed.status == 502
@@ -180,7 +177,7 @@ def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFact
     # 3 attempts = the first + 2 retries; a refused port cannot count them, the gateway's counter can
     assert retries(gateway, "connect") == 2
     assert retries(gateway) == 2
-    assert_no_streams_left(gateway)
+    assert_slots_released(gateway, take_cap=False)  # nothing listens upstream: no stream could hold a slot
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -192,7 +189,7 @@ def test_5xx_once_then_success_is_retried(retry_gateway: Gateway, fake_upstream:
     assert_finished_ok(relayed, protocol, 6)
     assert fake_upstream.stats()["requests"] == 2
     assert retries(retry_gateway, "server") - before == 1
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 def test_5xx_every_time_gives_up_after_two_retries(retry_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -203,7 +200,8 @@ def test_5xx_every_time_gives_up_after_two_retries(retry_gateway: Gateway, fake_
     assert error_body(relayed, "/stream")["code"] == "upstream_error"
     assert fake_upstream.stats()["requests"] == 3  # the first attempt and exactly 2 retries
     assert retries(retry_gateway, "server") - before == 2
-    assert_no_streams_left(retry_gateway)
+    fake_upstream.reset()  # the two faults left unused would refuse the slot check's streams
+    assert_slots_released(retry_gateway)
 
 
 def test_429_with_retry_after_is_retried(retry_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -214,7 +212,7 @@ def test_429_with_retry_after_is_retried(retry_gateway: Gateway, fake_upstream: 
     assert_finished_ok(relayed, "/stream", 5)
     assert fake_upstream.stats()["requests"] == 2
     assert retries(retry_gateway, "rate_limited") - before == 1
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -226,7 +224,8 @@ def test_400_is_never_retried(retry_gateway: Gateway, fake_upstream: FakeUpstrea
     assert error_body(relayed, protocol)["code"] == "upstream_rejected"
     assert fake_upstream.stats()["requests"] == 1
     assert retries(retry_gateway) == before
-    assert_no_streams_left(retry_gateway)
+    fake_upstream.reset()  # the two faults left unused would refuse the slot check's streams
+    assert_slots_released(retry_gateway)
 
 
 @pytest.mark.parametrize("fault", [{"reset_after": 2}, {"error_after": 2}], ids=["reset", "error_chunk"])
@@ -241,7 +240,7 @@ def test_failure_after_the_first_token_is_not_retried(
     assert_ended_with_upstream_error(relayed, protocol)
     assert fake_upstream.stats()["requests"] == 1
     assert retries(retry_gateway) == before
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -255,7 +254,7 @@ def test_reset_before_the_first_token_is_retried_transparently(
     assert_finished_ok(relayed, protocol, 8)
     assert fake_upstream.stats()["requests"] == 2
     assert retries(retry_gateway, "connect") - before == 1
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 def test_stall_before_the_first_token_times_out(retry_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -269,7 +268,7 @@ def test_stall_before_the_first_token_times_out(retry_gateway: Gateway, fake_ups
     assert stats["disconnects"] == 1  # the stalled upstream request was closed
     assert stats["requests"] == 1  # a spent deadline is not retried
     assert retries(retry_gateway) == before
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 def test_stall_mid_stream_times_out(retry_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -280,7 +279,7 @@ def test_stall_mid_stream_times_out(retry_gateway: Gateway, fake_upstream: FakeU
     stats = fake_upstream.wait_for(lambda s: s["disconnects"] == 1)
     assert stats["disconnects"] == 1
     assert stats["requests"] == 1
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 def test_slow_trickle_is_not_a_stall(retry_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
@@ -289,7 +288,7 @@ def test_slow_trickle_is_not_a_stall(retry_gateway: Gateway, fake_upstream: Fake
     assert relayed.tokens == default_tokens(6)
     assert_finished_ok(relayed, "/stream", 6)
     assert fake_upstream.stats()["requests"] == 1
-    assert_no_streams_left(retry_gateway)
+    assert_slots_released(retry_gateway)
 
 
 # --- the circuit breaker ----------------------------------------------------------------------------------
@@ -303,6 +302,19 @@ def wait_breaker_state(gateway: Gateway, expected: int) -> float:
     return wait_metric(gateway, "streaming_circuit_breaker_state", expected, upstream="127.0.0.1")
 
 
+def close_breaker(gateway: Gateway) -> None:
+    """Successful probes (the fake upstream answers again) until the breaker is closed: the slot check
+    that ends a test needs every stream admitted."""
+    assert wait_until(lambda: breaker_state(gateway) != 1)  # the open period passes
+    with http_client() as client:
+        for _ in range(10):  # CIRCUIT_SUCCESS_THRESHOLD probes, one after another
+            if breaker_state(gateway) == 0:
+                break
+            response = post_stream(client, gateway)
+            assert response.status_code == 200 and events(response)[-1]["type"] == "done", response.text
+    assert breaker_state(gateway) == 0
+
+
 def assert_circuit_open_refusal(response: httpx.Response) -> None:
     assert response.status_code == 503
     assert response.json()["code"] == "circuit_open"
@@ -314,7 +326,7 @@ def test_breaker_opens_refuses_fast_probes_once_and_closes(
 ) -> None:
     gateway = start_gateway(
         UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0,
-        CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2, CIRCUIT_SUCCESS_THRESHOLD=2,
+        CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2, CIRCUIT_SUCCESS_THRESHOLD=2, **SLOT_CAPS,
     )
     first, second = worker_pids(gateway)
     assert breaker_state(gateway) == 0
@@ -376,7 +388,7 @@ def test_breaker_opens_refuses_fast_probes_once_and_closes(
             response = post_stream(client, gateway)
             assert response.status_code == 200 and events(response)[-1] == {"type": "done", "tokens": 4}
     assert fake_upstream.stats()["requests"] == 9
-    assert_no_streams_left(gateway)
+    assert_slots_released(gateway)
 
 
 def test_mid_stream_failures_open_it_and_a_failed_probe_reopens(
@@ -384,7 +396,7 @@ def test_mid_stream_failures_open_it_and_a_failed_probe_reopens(
 ) -> None:
     gateway = start_gateway(
         UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2,
-        INTER_TOKEN_TIMEOUT_SECONDS=1, DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        INTER_TOKEN_TIMEOUT_SECONDS=1, DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
     )
     # Streams that broke after their first token: a reset, an error chunk, a stall. Each counts once.
     fake_upstream.script({"reset_after": 2}, {"error_after": 2}, {"stall_after": 2}, {"status": 500})
@@ -404,7 +416,8 @@ def test_mid_stream_failures_open_it_and_a_failed_probe_reopens(
         assert breaker_state(gateway) == 1
         assert_circuit_open_refusal(post_stream(client, gateway))
     assert fake_upstream.stats()["requests"] == 4
-    assert_no_streams_left(gateway)
+    close_breaker(gateway)
+    assert_slots_released(gateway)
 
 
 def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
@@ -413,7 +426,7 @@ def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
     """No response headers before the first-token deadline: as much an upstream failure as a stall mid-stream."""
     gateway = start_gateway(
         UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=2, CIRCUIT_OPEN_SECONDS=2,
-        FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
     )
     fake_upstream.script(*[{"headers_delay_ms": 60_000}] * 3)
     with http_client() as client:
@@ -432,7 +445,8 @@ def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
         assert_circuit_open_refusal(post_stream(client, gateway))
     stats = fake_upstream.wait_for(lambda s: s["disconnects"] == 3)
     assert stats["requests"] == 3 and stats["disconnects"] == 3  # every held request was closed
-    assert_no_streams_left(gateway)
+    close_breaker(gateway)
+    assert_slots_released(gateway)
 
 
 def test_half_open_refusal_is_an_admission_rejection(
@@ -442,6 +456,7 @@ def test_half_open_refusal_is_an_admission_rejection(
     probe out, a half-open breaker refuses like an open one, not as a stream that started and failed."""
     gateway = start_gateway(
         UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=1,
+        **SLOT_CAPS,
     )
     fake_upstream.script({"status": 500}, {"first_token_ms": 1500})
     with http_client() as client:
@@ -465,4 +480,5 @@ def test_half_open_refusal_is_an_admission_rejection(
     assert fake_upstream.stats()["requests"] == 2
     assert metric(gateway, "streaming_rejections_total", route="/stream", reason="circuit_open") == 1
     assert metric(gateway, "streaming_errors_total", route="/stream", error_type="circuit_open") == 0
-    assert_no_streams_left(gateway)
+    close_breaker(gateway)
+    assert_slots_released(gateway)

@@ -10,6 +10,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Gateway
+from tests.slots import assert_slots_released
 
 
 def _ws_url(gateway: Gateway) -> str:
@@ -77,7 +78,8 @@ def test_ws_client_leaving_mid_stream_releases_the_stream(mock_gateway: Gateway)
         ws.send(json.dumps({"prompt": "long", "max_tokens": 5000}))
         for _ in range(5):
             ws.recv(timeout=10)
-    # The gateway's registry empties once it notices the close.
+    # The gateway's registry empties once it notices the close, and the slot is back.
     from tests.test_stream_lifecycle import wait_active_streams
 
     assert wait_active_streams(mock_gateway, 0) == 0
+    assert_slots_released(mock_gateway)

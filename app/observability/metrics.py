@@ -40,6 +40,7 @@ KNOWN_HANDOVER_RESULTS = ("published", "claimed", "completed", "failed")
 def precreate_series(max_connections: int) -> None:
     """Create every bounded label combination at 0, so rate() sees a series' first increment."""
     MAX_CONNECTIONS.set(max_connections)
+    CONNECTION_SLOTS_IN_USE.set(0)
     DRAINING.set(0)
     for endpoint in STREAM_ENDPOINTS:
         ACTIVE_CONNECTIONS.labels(endpoint)
@@ -128,6 +129,14 @@ DRAINING = Gauge(
 MAX_CONNECTIONS = Gauge(
     "streaming_max_connections", "MAX_CONNECTIONS: the streams one instance carries (for saturation ratios).",
     multiprocess_mode="max",
+)
+# Read from the instance's slot table (app/admission.py) by whichever worker answers the scrape, just before
+# it renders: the table is shared, so the most recent reading is the instance's, and a dead worker's stale
+# reading is always older than the scraping worker's.
+CONNECTION_SLOTS_IN_USE = Gauge(
+    "streaming_connection_slots_in_use",
+    "Connection slots held in the instance's slot table (all workers), read at scrape time; 0 when idle.",
+    multiprocess_mode="mostrecent",
 )
 CIRCUIT_BREAKER_STATE = Gauge(
     "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["upstream"],
