@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
@@ -13,8 +13,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import Gateway, GatewayFactory, launch_gateway
-from tests.test_stream_lifecycle import wait_active_streams
+from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory, launch_gateway
+from tests.slots import assert_slots_released
+from tests.workers import only_worker, worker_pids
 
 SHORT = {"prompt": "admission", "max_tokens": 1}
 LONG = {"prompt": "hold the slot", "max_tokens": 5000}
@@ -26,6 +27,7 @@ def _fresh_connections() -> httpx.Client:
 
 
 def _statuses(gateway: Gateway, count: int, headers: list[dict[str, str]] | None = None) -> list[httpx.Response]:
+    """`count` requests, each on a new connection (whichever worker accepts it serves it)."""
     with _fresh_connections() as client:
         return [
             client.post(gateway.url + "/stream", json=SHORT, headers=(headers or [{}] * count)[i])
@@ -43,9 +45,13 @@ def _rejections(gateway: Gateway) -> dict[str, float]:
 
 
 def test_burst_is_exact_for_the_instance(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=5, MOCK_FIRST_TOKEN_MS=0)
-    responses = _statuses(gateway, 12)
-    assert [r.status_code for r in responses].count(200) == 5  # not 5 per worker
+    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=5, MOCK_FIRST_TOKEN_MS=0, **SLOT_CAPS)
+    first, second = worker_pids(gateway)
+    with only_worker(gateway, first):  # 3 of the burst spent on one worker ...
+        responses = _statuses(gateway, 3)
+    with only_worker(gateway, second):  # ... leave 2 on the other: not 5 per worker
+        responses += _statuses(gateway, 9)
+    assert [r.status_code for r in responses] == [200] * 5 + [429] * 7
     refused = [r for r in responses if r.status_code == 429]
     assert len(refused) == 7
     for r in refused:
@@ -56,6 +62,7 @@ def test_burst_is_exact_for_the_instance(start_gateway: GatewayFactory) -> None:
     admitted = next(r for r in responses if r.status_code == 200)
     assert "ratelimit" in admitted.headers
     assert _rejections(gateway) == {"rate_limited": 7.0}
+    assert_slots_released(gateway)
 
 
 def test_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(start_gateway: GatewayFactory) -> None:
@@ -77,27 +84,38 @@ def test_forwarded_for_from_a_trusted_proxy_names_the_client(start_gateway: Gate
 
 
 class HeldStreams:
-    """`count` long streams opened at once; the admitted ones stay open until `close()`."""
+    """Long streams opened `count` at a time; the admitted ones stay open until `close()`."""
 
-    def __init__(self, gateway: Gateway, count: int) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.client = httpx.AsyncClient(base_url=gateway.url, timeout=30,
-                                        limits=httpx.Limits(max_connections=count + 5))
-        self.count = count
+                                        limits=httpx.Limits(max_connections=50, max_keepalive_connections=0))
         self.admitted: list[httpx.Response] = []
         self.refused: list[httpx.Response] = []
+        self._readers: list[AsyncIterator[str]] = []
 
-    async def open(self) -> HeldStreams:
+    async def open(self, count: int) -> list[httpx.Response]:
+        """Open `count` at once; returns their refusals. Each admitted one has sent a token when this returns
+        (past admission and the upstream's start: a worker frozen now holds no shared lock)."""
         async def one() -> httpx.Response:
-            return await self.client.send(self.client.build_request("POST", "/stream", json=LONG), stream=True)
+            response = await self.client.send(self.client.build_request("POST", "/stream", json=LONG), stream=True)
+            if response.status_code == 200:
+                lines = response.aiter_lines()
+                self._readers.append(lines)  # held: a half-read line iterator, once collected, closes its stream
+                async for line in lines:
+                    if '"type": "token"' in line:
+                        break
+            return response
 
-        for response in await asyncio.gather(*(one() for _ in range(self.count))):
+        refused = []
+        for response in await asyncio.gather(*(one() for _ in range(count))):
             if response.status_code == 200:
                 self.admitted.append(response)
             else:
                 await response.aread()
                 await response.aclose()
-                self.refused.append(response)
-        return self
+                refused.append(response)
+        self.refused += refused
+        return refused
 
     async def close(self) -> None:
         for response in self.admitted:
@@ -105,39 +123,42 @@ class HeldStreams:
         await self.client.aclose()
 
 
-def test_per_client_slots_are_exact_for_the_instance(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(MAX_CONNECTIONS_PER_CLIENT=10, MOCK_TOKENS_PER_SECOND=5)
+def held_on_both_workers(gateway: Gateway, first: int, then: int) -> HeldStreams:
+    """`first` streams opened at once on one worker and held, then `then` at once on the other; all closed."""
+    one, other = worker_pids(gateway)
 
-    async def scenario(count: int) -> HeldStreams:
-        held = await HeldStreams(gateway, count).open()
-        await held.close()
+    async def scenario() -> HeldStreams:
+        held = HeldStreams(gateway)
+        try:
+            with only_worker(gateway, one):
+                assert await held.open(first) == []
+            with only_worker(gateway, other):
+                await held.open(then)
+        finally:
+            await held.close()
         return held
 
-    held = asyncio.run(scenario(14))
+    return asyncio.run(scenario())
+
+
+def test_per_client_slots_are_exact_for_the_instance(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(MAX_CONNECTIONS=12, MAX_CONNECTIONS_PER_CLIENT=10, MOCK_TOKENS_PER_SECOND=5)
+    held = held_on_both_workers(gateway, 6, 8)  # a per-worker table would admit all 8 on the second worker
     assert len(held.admitted) == 10
     assert len(held.refused) == 4
     for r in held.refused:
         assert r.status_code == 503
         assert r.json()["code"] == "client_connection_limit"
         assert r.headers["retry-after"] == "1"
-    assert wait_active_streams(gateway, 0) == 0
-    # the slots came back: a full set is admitted again
-    held = asyncio.run(scenario(10))
-    assert (len(held.admitted), len(held.refused)) == (10, 0)
+    assert_slots_released(gateway)  # the slots came back: the whole cap is taken again
 
 
 def test_global_slots(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(MAX_CONNECTIONS=3, MOCK_TOKENS_PER_SECOND=5)
-
-    async def scenario() -> HeldStreams:
-        held = await HeldStreams(gateway, 5).open()
-        await held.close()
-        return held
-
-    held = asyncio.run(scenario())
+    held = held_on_both_workers(gateway, 2, 3)  # a per-worker table would admit all 3 on the second worker
     assert len(held.admitted) == 3
     assert [r.json()["code"] for r in held.refused] == ["connection_limit"] * 2
-    assert wait_active_streams(gateway, 0) == 0
+    assert_slots_released(gateway)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +214,8 @@ def test_api_keys_on_websocket(keyed_gateway: Gateway) -> None:
 
 
 def test_refusals_hold_no_slot(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=2, MAX_CONNECTIONS_PER_CLIENT=1,
-                            MOCK_TOKENS_PER_SECOND=5)
+    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=2, MAX_CONNECTIONS=3,
+                            MAX_CONNECTIONS_PER_CLIENT=1, MOCK_TOKENS_PER_SECOND=5)
     with _fresh_connections() as client:
         with client.stream("POST", gateway.url + "/stream", json=LONG) as held:
             assert held.status_code == 200
@@ -204,4 +225,4 @@ def test_refusals_hold_no_slot(start_gateway: GatewayFactory) -> None:
             assert third.status_code == 429
             bad = client.post(gateway.url + "/stream", content=b"{", headers={"content-type": "application/json"})
             assert bad.status_code == 429  # the rate limit comes before parsing: floods of junk are limited too
-    assert wait_active_streams(gateway, 0) == 0
+    assert_slots_released(gateway)  # each of the three refusals gave back what it held: nothing

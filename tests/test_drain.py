@@ -16,15 +16,23 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import Gateway, GatewayFactory, sse_data
+from tests.slots import assert_slots_released
+from tests.workers import connection_to_each_worker, wait_all_draining
 
 TOKENS = 200  # at 20 tok/s: 10 s streams
 
 
-async def _sse_stream(client: httpx.AsyncClient, i: int) -> list[str]:
+async def _sse_stream(client: httpx.AsyncClient, i: int, relaying: list[int] | None = None) -> list[str]:
+    """The stream's data lines; appends `i` to `relaying` once its first token arrived."""
+    lines: list[str] = []
     async with client.stream("POST", "/stream", json={"prompt": f"drain {i}", "max_tokens": TOKENS}) as r:
         assert r.status_code == 200
-        await r.aread()
-        return sse_data(r.text)
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                if relaying is not None and len(lines) == 2:  # the status event, then the first token
+                    relaying.append(i)
+    return sse_data("\n".join(lines))
 
 
 async def _chat_stream(client: httpx.AsyncClient, i: int) -> list[str]:
@@ -71,14 +79,17 @@ async def _probe_during_drain(gateway: Gateway) -> dict[str, Any]:
 def test_drain_lets_every_stream_finish(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=10, DRAIN_TIMEOUT_SECONDS=30)
 
+    probes = connection_to_each_worker(gateway)  # an idle connection to each worker, to ask it /ready
+
     async def scenario() -> tuple[list[list[str]], dict[str, Any]]:
         limits = httpx.Limits(max_connections=50)
+        relaying: list[int] = []
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=limits) as client:
-            streams = [asyncio.create_task(_sse_stream(client, i)) for i in range(20)]
-            await _wait_streams_open(client, 20)
-            await asyncio.sleep(2)  # the scenario: SIGTERM two seconds into the streams
+            streams = [asyncio.create_task(_sse_stream(client, i, relaying)) for i in range(20)]
+            while len(relaying) < 20:  # the scenario: SIGTERM once every stream is under way (guard: the timeout)
+                await asyncio.sleep(0.05)  # polling interval, not an assertion
             gateway.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)  # let the master forward SIGTERM to the workers
+            await asyncio.to_thread(wait_all_draining, probes)  # the master forwarded it to every worker
             probe = await _probe_during_drain(gateway)
             return list(await asyncio.gather(*streams)), probe
 
@@ -93,6 +104,9 @@ def test_drain_lets_every_stream_finish(start_gateway: GatewayFactory) -> None:
     assert probe["ready"] == 503
     assert probe["health"] == 200
     assert gateway.proc.wait(timeout=30) == 0  # the master exits after the last stream
+    for sock in probes.values():
+        sock.close()
+    assert_slots_released(gateway)
 
 
 def test_drain_deadline_ends_streams_with_server_shutdown(start_gateway: GatewayFactory) -> None:
@@ -120,3 +134,4 @@ def test_drain_deadline_ends_streams_with_server_shutdown(start_gateway: Gateway
         assert events[-1] == {"type": "server_shutdown"}
         assert close_code == 1012
     assert gateway.proc.wait(timeout=30) == 0
+    assert_slots_released(gateway)  # the streams cut at the deadline gave their slots back before exit

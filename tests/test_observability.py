@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -13,7 +14,10 @@ import httpx
 import psutil
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.slots import assert_slots_released, slots_in_use, wait_slots_in_use
+from tests.test_admission import HeldStreams
 from tests.test_stream_lifecycle import wait_active_streams
+from tests.workers import only_worker, worker_pids
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -28,12 +32,15 @@ def _scrape(gateway: Gateway) -> dict[str, float]:
 
 def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, CIRCUIT_FAILURE_THRESHOLD=1000)
+    first, second = worker_pids(gateway)
     chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "m"}], "max_tokens": 4, "stream": True}
-    with httpx.Client(base_url=gateway.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+    # The streams on one worker, the refusals and failures on the other: every total below adds both.
+    with only_worker(gateway, first), httpx.Client(base_url=gateway.url, timeout=10) as client:
         for _ in range(5):
             assert client.post("/stream", json={"prompt": "ok", "max_tokens": 3}).status_code == 200
         for _ in range(3):
             assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    with only_worker(gateway, second), httpx.Client(base_url=gateway.url, timeout=10) as client:
         for _ in range(4):
             assert client.post("/stream", json={"prompt": ""}).status_code == 422
         for _ in range(2):
@@ -58,10 +65,12 @@ def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory
         'streaming_stream_outcomes_total{outcome="error",route="/stream"}': 3.0,
         'streaming_ttft_seconds_count{model="gpt-4o-mini",route="/stream"}': 6.0,
         'streaming_active_connections{route="/stream"}': 0.0,
+        "streaming_connection_slots_in_use": 0.0,
     }
-    for _ in range(12):  # fresh connections: the answers come from both workers
-        samples = _scrape(gateway)
-        assert {name: samples.get(name) for name in expected} == expected
+    for pid in (first, second):  # each worker answers with the instance's totals
+        with only_worker(gateway, pid):
+            samples = _scrape(gateway)
+        assert {name: samples.get(name) for name in expected} == expected, pid
 
 
 def _worker_pids(gateway: Gateway) -> list[int]:
@@ -69,7 +78,7 @@ def _worker_pids(gateway: Gateway) -> list[int]:
 
 
 def test_a_killed_workers_streams_stop_counting(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MAX_CONNECTIONS_PER_CLIENT=8)
+    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MAX_CONNECTIONS=10, MAX_CONNECTIONS_PER_CLIENT=8)
     workers = _worker_pids(gateway)
     assert len(workers) == 2
     alive: dict[int, bool] = {}
@@ -99,17 +108,29 @@ def test_a_killed_workers_streams_stop_counting(start_gateway: GatewayFactory) -
     # The victim's streams break; the master reaps it, drops its gauge and reclaims its slots.
     assert wait_active_streams(gateway, survivors) == survivors
     assert wait_for_clients(alive, survivors) == survivors
-    # its slots were reclaimed: the client may open streams up to its cap again
-    with httpx.Client(timeout=10) as client:
-        for _ in range(8 - survivors):
-            with client.stream("POST", gateway.url + "/stream", json={"prompt": "x", "max_tokens": 1}) as r:
-                assert r.status_code == 200
-                r.read()
+    assert wait_slots_in_use(gateway, survivors) == survivors
+    assert f"reclaimed {held[victim]} connection slots of dead worker {victim}" in gateway.log()
+
+    # Exactly its slots were reclaimed: beside the survivors, the client holds streams up to its cap again,
+    # all at once, and one more is refused.
+    async def replace() -> HeldStreams:
+        replacements = HeldStreams(gateway)
+        try:
+            await replacements.open(8 - survivors + 1)
+            assert slots_in_use(gateway) == 8
+        finally:
+            await replacements.close()
+        return replacements
+
+    replacements = asyncio.run(replace())
+    assert len(replacements.admitted) == 8 - survivors
+    assert [r.json()["code"] for r in replacements.refused] == ["client_connection_limit"]
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
     assert wait_active_streams(gateway, 0) == 0
     assert victim not in _worker_pids(gateway)  # replaced by a fresh worker
+    assert_slots_released(gateway)
 
 
 def _streams_held(pid: int, gateway: Gateway) -> int:

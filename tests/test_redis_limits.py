@@ -1,8 +1,9 @@
 """Limits across replicas: two gateway instances (2 workers each) sharing one real redis-server.
 
 With REDIS_URL set, the rate limit and the per-client stream cap hold for the fleet, not per
-instance. When Redis goes away the gateway keeps serving under the documented policy: fail open to
-each instance's own limits (burst 5 per instance here), with `streaming_redis_up{store} 0`,
+instance. When Redis goes away (killed, or hung: stopped with SIGSTOP, so it accepts connections and never
+answers) the gateway keeps serving under the documented policy: fail open to each instance's own
+limits (burst 5 per instance here), with `streaming_redis_up{store} 0`,
 `streaming_redis_fallbacks_total{store}` and one "redis unreachable" warning per worker and store.
 When Redis is back (retried once per second per worker) limits are shared again.
 
@@ -13,6 +14,8 @@ skipped test is a missing test).
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +34,11 @@ from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_releas
 from tests.test_upstream_protection import (
     WAIT_S,
     http_client,
-    only_worker,
     post_stream,
     samples,
     wait_until,
-    worker_pids,
 )
+from tests.workers import only_worker, worker_pids
 
 
 @pytest.fixture
@@ -169,7 +171,7 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
     statuses = [r.status_code for r in spread(gateways, 12, **bearer("k-shared"))]
     assert sorted(statuses) == [200] * 5 + [429] * 7
 
-    redis_server.stop()
+    redis_server.kill()  # SIGKILL: gone without a word, as in a crash
 
     # Redis down: every worker of both instances serves (no 5xx), each instance under its own burst of 5.
     # Worker by worker, so each one finds Redis gone for both stores (rate limit, then stream slot).
@@ -223,3 +225,50 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
             rate_limit_refusal(response)
     for gateway in gateways:
         assert_slots_released(gateway)
+
+
+def test_redis_hung_falls_back_at_the_production_timeout(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """Redis stopped with SIGSTOP: connections are accepted (the kernel's backlog) and never answered. With the
+    production REDIS_TIMEOUT_SECONDS (0.25) every worker gives up on it, serves under the instance's own limits,
+    and shares limits again once Redis answers."""
+    keys = ["k-hung", *(f"k-poll-{i}" for i in range(2))]
+    gateway = start_gateway(REDIS_URL=redis_server.url, **LIMITS, **SLOT_CAPS, LOG_LEVEL="info",
+                            API_KEYS=",".join(keys + SLOT_CHECK_KEYS))
+    assert "REDIS_TIMEOUT_SECONDS" not in gateway.env  # the default, as shipped
+
+    def bearer(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    assert redis_server.proc is not None
+    hung = redis_server.proc.pid
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        codes: list[int] = []
+        workers = worker_pids(gateway)
+        for pid, n in zip(workers, (3, 9), strict=True):  # every worker meets the hung Redis
+            with only_worker(gateway, pid), http_client() as client:
+                for _ in range(n):
+                    response = post_stream(client, gateway, max_tokens=2, **bearer("k-hung"))
+                    codes.append(response.status_code)
+                    if response.status_code == 429:
+                        rate_limit_refusal(response)  # the instance's own bucket
+        assert codes == [200] * 5 + [429] * 7  # no 5xx, no hang: one burst for the instance
+        for store in ("ratelimit", "slots"):
+            assert gauge(gateway, "streaming_redis_up", store=store) == [0]
+        warned = redis_log(gateway, "redis unreachable")
+        assert {(pid, store) for pid in workers for store in ("ratelimit", "slots")} <= set(warned)
+        assert_slots_released(gateway)  # streams ended while Redis hung gave every slot back
+        back_before = redis_log(gateway, "redis reachable again")
+    finally:
+        os.kill(hung, signal.SIGCONT)
+
+    for i, pid in enumerate(worker_pids(gateway)):  # answering again: each worker shares limits again
+        def back(pid: int = pid, key: str = f"k-poll-{i}") -> bool:
+            with only_worker(gateway, pid), http_client() as client:
+                post_stream(client, gateway, max_tokens=1, **bearer(key))  # the worker tries Redis when due
+            now = redis_log(gateway, "redis reachable again")
+            return all(now[pid, store] > back_before[pid, store] for store in ("ratelimit", "slots"))
+
+        assert wait_until(back, WAIT_S)

@@ -30,6 +30,7 @@ from app.streaming.sse import SeedEncoder
 from app.upstream.mock import mock_tokens
 from tests.conftest import Gateway, GatewayFactory
 from tests.redis_server import RedisServer, started_redis
+from tests.workers import only_worker, worker_pids
 
 GUARD_S = 30.0  # guard only: how long a polled condition may take before the test fails
 RESUMABLE = {"ORPHAN_TIMEOUT_SECONDS": 30, "DRAIN_TIMEOUT_SECONDS": 1, "MOCK_FIRST_TOKEN_MS": 5}
@@ -171,9 +172,11 @@ def test_resume_on_the_same_instance(start_gateway: GatewayFactory) -> None:
         assert before[0].id == f"{stream_id}-0" and before[0].data["type"] == "status"
         after = resume(client, gateway.url, stream_id, before[-1].id)
         assert_continues(before, after, prompt, max_tokens)
-        # a second client replays the whole stream from the start (no Last-Event-ID), from either worker
-        for _ in range(2):
+    # a second client replays the whole stream from the start (no Last-Event-ID), from each worker
+    for pid in worker_pids(gateway):
+        with only_worker(gateway, pid), httpx.Client(timeout=GUARD_S) as client:
             assert_continues([], resume(client, gateway.url, stream_id, None), prompt, max_tokens)
+    with httpx.Client(timeout=GUARD_S) as client:
         assert_refused(client, gateway, stream_id)
     assert metric_total(gateway, "streaming_resumptions_total", 'route="/stream/{stream_id}"') == 3
     assert metric_total(gateway, "streaming_replayed_events_total") >= 2 * (max_tokens + 2)
@@ -187,10 +190,19 @@ def test_resume_on_another_instance(start_gateway: GatewayFactory, redis_server:
         stream_id, before = interrupted_stream(client, a, prompt, max_tokens, keep=10)
         after = resume(client, b.url, stream_id, before[-1].id)
         assert_continues(before, after, prompt, max_tokens)
-        # a tail: resume at once on B while A still generates a second stream
-        stream_id, before = interrupted_stream(client, a, prompt + " 2", max_tokens, keep=3)
-        after = resume(client, b.url, stream_id, before[-1].id)
-        assert_continues(before, after, prompt + " 2", max_tokens)
+        # a tail: resume at once on B while A still generates a second stream (a long one: 5 s at 100 tok/s)
+        long_tokens = 500
+        stream_id, before = interrupted_stream(client, a, prompt + " 2", long_tokens, keep=3)
+        after = []
+        with client.stream("GET", f"{b.url}/stream/{stream_id}", headers={"Last-Event-ID": before[-1].id}) as r:
+            assert r.status_code == 200
+            for event in sse_events(r.iter_lines()):
+                if not after:  # B has started the tail, and A's generation (the client left it) still runs
+                    assert metric_total(a, "streaming_active_connections") == 1
+                    assert event.data["type"] == "token"
+                after.append(event)
+        assert_continues(before, after, prompt + " 2", long_tokens)
+        wait_for(lambda: metric_total(a, "streaming_active_connections") == 0, "A's generation ended")
         assert_refused(client, b, stream_id)
 
 

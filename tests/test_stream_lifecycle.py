@@ -9,6 +9,7 @@ import httpx
 
 from tests.conftest import Gateway, sse_data
 from tests.slots import assert_slots_released
+from tests.workers import only_worker, worker_pids
 
 
 def active_streams(gateway: Gateway) -> float:
@@ -44,11 +45,14 @@ def test_stream_headers(mock_gateway: Gateway) -> None:
 
 def test_mock_is_deterministic_and_exact(mock_gateway: Gateway) -> None:
     texts = set()
-    for _ in range(4):  # several requests land on both workers
-        body = httpx.post(mock_gateway.url + "/stream", json={"prompt": "determinism", "max_tokens": 50}, timeout=10)
-        tokens = [d for d in sse_data(body.text) if '"type": "token"' in d]
-        assert len(tokens) == 50
-        texts.add("".join(tokens))
+    for pid in worker_pids(mock_gateway):  # the same answer from each worker's mock
+        with only_worker(mock_gateway, pid):
+            for _ in range(2):
+                body = httpx.post(mock_gateway.url + "/stream", json={"prompt": "determinism", "max_tokens": 50},
+                                  timeout=10)
+                tokens = [d for d in sse_data(body.text) if '"type": "token"' in d]
+                assert len(tokens) == 50
+                texts.add("".join(tokens))
     assert len(texts) == 1
 
 

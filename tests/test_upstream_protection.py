@@ -7,26 +7,21 @@ answers 503 without touching the upstream, half-open lets exactly one probe thro
 probe successes close it. After every fault no slot is left behind (tests/slots.py).
 
 Which worker serves a request is normally the kernel's choice. Where a test needs it to be a given
-worker, it freezes the other one with SIGSTOP (`only_worker`): the frozen worker cannot accept, so
-every new connection lands on the chosen one. The worker is resumed before the block ends.
+worker, it freezes the other one with SIGSTOP (tests/workers.py `only_worker`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
@@ -39,6 +34,7 @@ from tests.test_relay_upstream import (
     error_body,
     relay,
 )
+from tests.workers import only_worker, worker_pids
 
 WAIT_S = 10.0  # guard only: how long a polled condition may take before the test fails
 POLL_S = 0.02  # polling interval, not an assertion
@@ -90,35 +86,6 @@ def wait_metric(gateway: Gateway, name: str, expected: float, timeout: float = W
         time.sleep(POLL_S)  # polling interval, not an assertion
         value = metric(gateway, name, **labels)
     return value
-
-
-def worker_pids(gateway: Gateway) -> list[int]:
-    """The gateway's gunicorn workers (children of the master), once both are forked."""
-    workers: list[int] = []
-
-    def forked() -> bool:
-        workers[:] = sorted(child.pid for child in psutil.Process(gateway.pid).children())
-        return len(workers) == int(gateway.env["WEB_CONCURRENCY"])
-
-    assert wait_until(forked), workers
-    return workers
-
-
-@contextmanager
-def only_worker(gateway: Gateway, pid: int) -> Iterator[None]:
-    """Every connection opened inside the block is served by worker `pid`: the others are frozen.
-
-    Open connections inside the block and close them before it ends (a frozen worker holds no
-    request, so it holds no lock either)."""
-    others = [worker for worker in worker_pids(gateway) if worker != pid]
-    assert len(others) + 1 == len(worker_pids(gateway))
-    for worker in others:
-        os.kill(worker, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for worker in others:
-            os.kill(worker, signal.SIGCONT)
 
 
 def post_stream(client: httpx.Client, gateway: Gateway, max_tokens: int = 4, **headers: str) -> httpx.Response:

@@ -48,6 +48,7 @@ from tests.dashboards.prometheus import (
     signals,
     variable_query,
 )
+from tests.workers import connection_to_each_worker, wait_all_draining
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "dashboards" / "prometheus-rules.yaml"
@@ -128,36 +129,6 @@ def _worker_pids(gateway: Gateway) -> set[int]:
     return {child.pid for child in psutil.Process(gateway.pid).children()}
 
 
-def _worker_of(workers: set[int], client_port: int) -> int | None:
-    for pid in workers:
-        for conn in psutil.Process(pid).net_connections("tcp"):
-            if conn.raddr and conn.raddr.port == client_port:
-                return pid
-    return None
-
-
-def _connection_to_each_worker(gateway: Gateway) -> dict[int, socket.socket]:
-    """An idle connection accepted by each worker (whichever worker accepts a connection serves it)."""
-    workers = _worker_pids(gateway)
-    address = ("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))
-    chosen: dict[int, socket.socket] = {}
-    for _attempt in range(100):  # each connection goes to either worker: a handful of tries gets both
-        sock = socket.create_connection(address, timeout=10)
-        deadline = time.monotonic() + 5
-        while (owner := _worker_of(workers, sock.getsockname()[1])) is None:
-            assert time.monotonic() < deadline, "no worker accepted the connection"
-            time.sleep(0.01)  # polling interval, not an assertion
-        if owner in chosen:
-            sock.close()
-        else:
-            chosen[owner] = sock
-        if len(chosen) == len(workers):
-            return chosen
-    for sock in chosen.values():
-        sock.close()
-    raise AssertionError("every connection went to the same worker")
-
-
 def _start_slow_stream(sock: socket.socket, fake: FakeUpstream, i: int) -> None:
     """A 10 s stream on this connection; returns once it is relaying."""
     fake.script({"tokens_per_second": 5})
@@ -171,19 +142,20 @@ def _start_slow_stream(sock: socket.socket, fake: FakeUpstream, i: int) -> None:
 
 def _drain_both_workers(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
     """SIGTERM each worker while it relays a stream: the drain deadline cuts them; new requests get 503."""
-    connections = _connection_to_each_worker(gateway)
+    connections = connection_to_each_worker(gateway)
+    probes = connection_to_each_worker(gateway)  # a second, idle connection to each worker, for /ready
     try:
         for i, sock in enumerate(connections.values()):
             _start_slow_stream(sock, fake, i)
         for pid in connections:
             os.kill(pid, signal.SIGTERM)  # what gunicorn forwards on a pod's SIGTERM, one worker at a time here
-        time.sleep(0.3)  # both drains have started (DRAIN_TIMEOUT_SECONDS=1); no worker has exited yet
+        wait_all_draining(probes)  # both drains have started (DRAIN_TIMEOUT_SECONDS=1), so every request is refused
         with httpx.Client(base_url=gateway.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as c:
             codes = Counter(_code(c.post("/stream", json={"prompt": "late", "max_tokens": 1})) for _ in range(6))
         _gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in connections], timeout=15)
         assert not alive, "a worker did not exit after its drain"
     finally:
-        for sock in connections.values():
+        for sock in [*connections.values(), *probes.values()]:
             sock.close()
     deadline = time.monotonic() + 30
     while True:  # gunicorn replaces the workers
