@@ -115,9 +115,11 @@ def test_locust_streams_complete_against_the_gateway(start_gateway: GatewayFacto
         for name in ("TTFT", "inter-token gap", "stream duration"):
             row = run.stat(type_, name)
             assert row is not None and int(row["Request Count"]) > 0 and row["Failure Count"] == "0", (type_, name)
-        # 20 tokens at 100/s: the gap is the mock's pace, not the time to read a buffer of many tokens
-        gap = run.stat(type_, "inter-token gap")
-        assert gap is not None and 5 <= float(gap["Median Response Time"]) <= 50
+        # The gap is measured per token, not per buffer read: the 20 tokens of a stream arrived apart (read in
+        # one buffer, a stream's gap is 0), and a gap is a part of a stream's duration. Orders, not times.
+        gap, duration = run.stat(type_, "inter-token gap"), run.stat(type_, "stream duration")
+        assert gap is not None and duration is not None
+        assert 0 < float(gap["Median Response Time"]) < float(duration["Median Response Time"])
     assert run.failures == []
     assert run.output.count('"type": "stream_summary"') == 1  # the one-line summary on stdout
 

@@ -124,11 +124,14 @@ def assert_common(run: Run) -> dict[str, Any]:
 
     terminations = results["terminations"]
     assert [t["instance"] for t in terminations] == ["gw-0", "gw-1", "gw-2"]
+    reloads = {r["why"]: r for r in results["nginx_reloads"]}
     for t in terminations:
+        # exited by itself after SIGTERM (one the rehearsal had to SIGKILL has no exit code 0, and fails `ok`)
         assert t["exit_code"] == 0, t
         assert t["removed_at"] < t["sigterm_at"] < t["exited_at"] <= t["ready_at"] <= t["added_at"], t
-        assert t["sigterm_at"] - t["removed_at"] >= 0.5  # the preStop wait
-        assert 0 < t["drain_s"] < results["config"]["drain_timeout"] + 2 * results["config"]["close_grace"] + 1, t
+        # the preStop order: nginx had stopped routing to the instance before it got SIGTERM (0.002: rounding)
+        removal = reloads[f"remove {t['instance']}"]
+        assert t["removed_at"] <= removal["at"] + 0.002 and removal["at"] + removal["took_s"] <= t["sigterm_at"] + 0.002
     # nginx: out and back in for each instance, in order
     assert [r["why"] for r in results["nginx_reloads"]] == [
         f"{step} gw-{i}" for i in range(3) for step in ("remove", "add")]
@@ -184,8 +187,9 @@ def test_rolling_restart_under_load_truncates_nothing(tmp_path: Path) -> None:
     results = assert_common(run)
     assert results["summary"]["graceful"] == 0, results["by_reason"]
     for t in results["terminations"]:
-        assert t["cut_by_drain"] == 0, t  # the drain waited for every stream ...
-        assert t["drain_s"] < 10, t  # ... and ended when the last one finished, not at its deadline
+        # the drain waited for every stream and ended when the last one finished: had its deadline come first,
+        # the streams still running would have been cut (app/lifecycle.py Drain)
+        assert t["cut_by_drain"] == 0, t
 
 
 def test_short_drain_ends_cut_streams_with_server_shutdown(tmp_path: Path) -> None:

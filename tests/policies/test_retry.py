@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_fakes import SleepRecorder, run_sync
 
@@ -88,6 +88,7 @@ def test_a_seeded_rng_gives_reproducible_waits() -> None:
     assert waits[0] == waits[1]
 
 
+@settings(deadline=None)  # Hypothesis's 200 ms per example is a time asserted on a shared machine
 @given(
     attempt=st.integers(0, 200),
     base=st.floats(0.001, 5.0),
