@@ -19,7 +19,7 @@ from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
 from tests.test_relay_upstream import V1, default_tokens
 
 PING = ": ping"
-READ_GUARD_S = 8.0  # no byte for this long fails the read: 40 ping intervals, half the default interval
+READ_GUARD_S = 12.0  # no byte for this long fails the read: 60 ping intervals, below the 15 s default
 FAST_PINGS = {"SSE_PING_INTERVAL_SECONDS": 0.2, "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05}
 
 
