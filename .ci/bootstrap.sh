@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh Debian machine (Python 3.11, root): Debian packages the tests use,
-# a virtualenv in .venv, and the project with its pinned dependencies. Safe to re-run: it skips
-# what is already there. Sourced by .ci/serve and .ci/test.
+# a virtualenv in .venv, the project with its pinned dependencies, and the chart tests' tools in
+# .cache/tools (.ci/chart_tools.py), so the tests themselves download nothing. Safe to re-run: it
+# skips what is already there. Sourced by .ci/serve and .ci/test.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +19,11 @@ for pkg in $APT_PACKAGES; do
 done
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   missing+=("python3-venv")
+fi
+# Node runs the chart tests' CRD validators (npm packages). Any Node with npm will do (e.g. NodeSource's,
+# whose nodejs package conflicts with Debian's npm), so the commands are checked, not the packages.
+if [ "${BOOTSTRAP_CHART_TOOLS:-1}" = 1 ] && ! { command -v node && command -v npm; } >/dev/null 2>&1; then
+  missing+=("nodejs" "npm")
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
@@ -38,3 +44,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+if [ "${BOOTSTRAP_CHART_TOOLS:-1}" = 1 ]; then
+  "$VENV/bin/python" "$ROOT/.ci/chart_tools.py"
+fi

@@ -79,7 +79,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(500, ge=1, description="Concurrent streams the instance carries (all workers).")
     max_connections_per_client: int = Field(10, ge=1, description="Concurrent streams per client (all workers).")
     max_stream_age_seconds: float = Field(
-        300.0, gt=0, description="A connection slot older than this is reclaimed (leak guard; Redis lease TTL)."
+        300.0, gt=0,
+        description="With REDIS_URL: lifetime of a stream's per-client slot lease in Redis, so the slots of an "
+        "instance that died are reclaimed after it (on one instance, a slot is freed by its stream's end or its "
+        "worker's exit).",
     )
     redis_url: str | None = Field(
         None,

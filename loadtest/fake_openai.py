@@ -10,6 +10,7 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
     POST /_reset                                 clear script and stats
 
 A fault is a dict of any of: status (HTTP error with an OpenAI error body), retry_after,
+location (with a 3xx status: where the redirect points),
 tokens (exact token strings), split_bytes (write the response in pieces of this many bytes),
 crlf, role_chunk, empty_deltas, usage, stall_after (stop sending after N tokens and hang),
 reset_after (drop the connection after N tokens), error_after (an error chunk after N tokens),
@@ -88,6 +89,8 @@ class FakeOpenAI:
         fault = self.script.popleft() if self.script else {}
         if "status" in fault:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
+            if "location" in fault:  # a redirect (status 3xx) to this URL
+                headers["location"] = fault["location"]
             message = fault.get("message", f"injected status {fault['status']}")
             return await _json(send, fault["status"], {"error": {"message": message, "type": "fake"}}, headers)
         self.stats["active"] += 1

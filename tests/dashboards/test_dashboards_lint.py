@@ -17,8 +17,9 @@ DASHBOARDS = ROOT / "dashboards"
 # The uid is how links, alerts and bookmarks find a dashboard: changing one breaks them all.
 UIDS = {"overview.json": "streaming-gateway-overview", "slo.json": "streaming-gateway-slo"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-# The metrics the panels must cover (every one exported when the dashboards were written, except
-# streaming_circuit_breaker_transitions_total: declared in app/observability/metrics.py, never incremented).
+# The metrics the panels must cover: every one exported when the dashboards were written, except
+# streaming_circuit_breaker_transitions_total (app/upstream/guard.py counts each state change; the panel
+# plots streaming_circuit_breaker_state, which shows the same changes; tests/test_ready.py reads the counter).
 # A metric added later is not required here; add its panel and its name together.
 ON_DASHBOARDS = {
     "streaming_active_connections", "streaming_connections_total", "streaming_stream_outcomes_total",

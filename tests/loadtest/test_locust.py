@@ -28,6 +28,7 @@ from app.upstream.base import Usage
 from loadtest import shapes
 from loadtest import stream_check as sc
 from tests.conftest import ROOT, GatewayFactory
+from tests.ports import refused_port
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 STUB = Path(__file__).resolve().parent / "stub_gateway.py"
@@ -428,14 +429,15 @@ def test_locustfile_shape_is_picked_by_env(tmp_path: Path) -> None:
     """With LOCUST_SHAPE set, Locust runs the shape's stages (and stops itself) instead of -u/-r/-t."""
     env = locust_env(tmp_path / "summary.json", shape="ramp", ramp_users=2, ramp_seconds=0.5,
                      ramp_hold_seconds=0.5, weight_ws=0, weight_chat=0)
-    result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", "http://127.0.0.1:9",
-         "--only-summary"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=GUARD_S,
-    )
+    with refused_port() as port:  # held bound, never listening: every connection is refused
+        result = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
+             f"http://127.0.0.1:{port}", "--only-summary"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=GUARD_S,
+        )
     assert "Shape test updating to 2 users at 4.00 spawn rate" in result.stderr, result.stderr
     assert "Shape test stopping" in result.stderr, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["by_endpoint"]) <= {"/stream"}  # weights 0 leave the other protocols out
-    assert summary["errors"] == summary["started"] - summary["aborted"] > 0  # port 9: nothing listens
+    assert summary["errors"] == summary["started"] - summary["aborted"] > 0  # a refused port
     assert result.returncode == 1  # errors fail the run

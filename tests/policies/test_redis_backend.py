@@ -29,7 +29,8 @@ from app.policies.redis_backend import (
     ResilientStorage,
     redis_from_url,
 )
-from tests.redis_server import START_TIMEOUT_S, RedisServer, free_port, started_redis
+from tests.ports import refused_port
+from tests.redis_server import START_TIMEOUT_S, RedisServer, started_redis
 
 # Guard only, against a hang: a call that should fail at once (refused) or at its read timeout and does not
 # fails the test with TimeoutError instead of hanging it. Generous: how fast is the benchmark's.
@@ -51,6 +52,14 @@ async def _client(url: str, timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[
         yield client
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def _refused_client() -> AsyncIterator[Redis]:
+    """A client of a Redis address nothing listens on (and, held bound for the block, nothing else can take)."""
+    with refused_port() as port:
+        async with _client(f"redis://127.0.0.1:{port}/0") as client:
+            yield client
 
 
 async def _redis_now_us(client: Redis) -> int:
@@ -191,7 +200,7 @@ def test_with_the_rate_limiter(redis_server: RedisServer) -> None:
 
 def test_unreachable_redis_fails_fast() -> None:
     async def scenario() -> None:
-        async with _client(f"redis://127.0.0.1:{free_port()}/0") as client:  # nothing listens there
+        async with _refused_client() as client:
             storage, slots = RedisStorage(client), RedisClientSlots(client)
             calls: list[Callable[[], Awaitable[object]]] = [
                 lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: storage.peek("k", 5, 1.0, 1, now=0.0),
@@ -391,7 +400,7 @@ def test_resilient_storage_with_redis_never_up() -> None:
     changes: list[bool] = []
 
     async def scenario() -> None:
-        async with _client(f"redis://127.0.0.1:{free_port()}/0") as client:
+        async with _refused_client() as client:
             storage = ResilientStorage(RedisStorage(client), MemoryStorage(), clock=clock,
                                        on_state_change=changes.append)
             limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.01), fail_open=False,
