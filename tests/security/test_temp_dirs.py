@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from app.resume.local import DirectoryBackend
+from app.resume.store import ResumeStore, StreamMeta
+from app.streaming.sse import SeedEncoder
 from tests.conftest import GatewayFactory
 
 NOBODY = 65534
@@ -68,24 +70,26 @@ def test_a_configured_directory_of_another_user_is_refused(start_gateway: Gatewa
 
 
 def test_stream_files_are_created_exclusively_and_never_through_a_symlink(tmp_path: Path) -> None:
-    store = tmp_path / "resume"
+    store_dir = tmp_path / "resume"
     victim = tmp_path / "victim"
     victim.write_bytes(b"original\n")
-    backend = DirectoryBackend(str(store), ttl_s=60)
-    sid, existing = "a" * 32, "b" * 32
-    (store / f"{sid}.sse").symlink_to(victim)  # planted where a stream's file will be created
-    (store / f"{existing}.sse").write_bytes(b"left over\n")  # a file that is already there
+    store = ResumeStore(DirectoryBackend(str(store_dir), ttl_s=60), flush_interval_s=0.01, max_events=100)
+    planted, existing, fresh = "a" * 32, "b" * 32, "c" * 32
+    (store_dir / f"{planted}.sse").symlink_to(victim)  # planted where a stream's file will be created
+    (store_dir / f"{existing}.sse").write_bytes(b"left over\n")  # a file that is already there
 
-    async def scenario() -> None:
-        with pytest.raises(OSError):
-            await backend.write({sid: b"data: x\n\n"}, {sid: ""})
-        with pytest.raises(FileExistsError):
-            await backend.write({existing: b"data: y\n\n"}, {existing: ""})
-        with pytest.raises(OSError):  # reads do not follow it either
-            await backend.read(sid, "", "")
-        await backend.aclose()
+    async def scenario() -> list[bool]:
+        logs = []
+        for sid in (fresh, planted, existing):  # one flush each: a failed write fails its whole flush
+            log = store.open(StreamMeta(sid, "m", [], 10))
+            log.append(SeedEncoder(sid).opening(), 1)
+            await store.flush()
+            logs.append(log)
+        await store.stop()
+        return [log.stored for log in logs]
 
-    asyncio.run(scenario())
+    assert asyncio.run(scenario()) == [True, False, False]  # the two lost resumption instead
     assert victim.read_bytes() == b"original\n"
-    assert (store / f"{existing}.sse").read_bytes() == b"left over\n"
-    assert stat.S_IMODE(os.lstat(store).st_mode) == 0o700
+    assert (store_dir / f"{existing}.sse").read_bytes() == b"left over\n"
+    assert stat.S_IMODE(os.lstat(store_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(store_dir / f"{fresh}.sse").st_mode) == 0o600
