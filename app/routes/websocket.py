@@ -9,7 +9,8 @@ connection opens a new one and sends `{"resume": "<stream id>", "received": <eve
 (or `"last_event_id": "<stream id>-<seq>"`); it gets every later event, then the live tail.
 
 Stopping: a connection whose first message is `{"stop": "<stream id>"}` stops that stream's
-generation (its owner only), gets `{"type": "stopped", "stream_id", "final"}` and close 1000.
+generation (its owner only), gets `{"type": "stopped", "stream_id", "final"}` and close 1000. The
+connection that runs a stream may also send that message for its own stream at any time.
 A stream of someone else, or an unknown one, answers as a resume of it would: `not_resumable`, 1008.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from app.admission import Ticket
@@ -152,7 +154,13 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
             if not session.orphaned_at:
                 raise
 
-    async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect",
+    async def receive() -> Message:  # the listener's: a stop of this very stream may arrive mid-stream
+        message = await websocket.receive()
+        if message["type"] == "websocket.receive" and _stops(message.get("text"), session.id):
+            session.stop()
+        return message
+
+    async with state.relay.run(session, receive=receive, disconnect_type="websocket.disconnect",
                                release=ticket.release) as run:
         stream = await run.open_or_refuse(chat, lambda exc: _end_with_error(websocket, exc))
         if stream is None:
@@ -172,6 +180,15 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
             return
         await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
         await websocket.close(code=WS_NORMAL)
+
+
+def _stops(text: str | None, stream_id: str) -> bool:
+    if not text or '"stop"' not in text:
+        return False
+    try:
+        return StopRequest.model_validate_json(text).stop == stream_id
+    except ValidationError:
+        return False
 
 
 def _event_text(frame: bytes) -> str:

@@ -9,6 +9,7 @@ replays up to it, and counts the tokens generated so far. Key B's stop is an unk
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,56 @@ def test_a_stop_reaches_another_replica(start_gateway: GatewayFactory, redis_ser
     n = len(tokens_of(replayed))
     wait_for(lambda: metric_total(a, "streaming_stream_outcomes_total", 'outcome="cancelled"') == 1, "counted")
     assert metric_total(a, "streaming_tokens_total", 'route="/ws"') == n
+
+
+def test_the_websocket_that_runs_a_stream_can_stop_it(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(**TWO_KEYS, **RESUMABLE, MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5)
+    with ws(gateway, KEY_A) as conn:
+        conn.send(json.dumps({"prompt": "stop on the same socket", "max_tokens": 2000}))
+        sid = json.loads(conn.recv(timeout=GUARD_S))["stream_id"]
+        assert json.loads(conn.recv(timeout=GUARD_S))["type"] == "token"
+        conn.send(json.dumps({"stop": UNKNOWN_ID}))  # not this stream's id: ignored
+        conn.send(json.dumps({"stop": sid}))
+        rest, code = ws_rest(conn)
+    assert rest[-1] == CANCELLED and code == 1000
+    assert all(e["type"] == "token" for e in rest[:-1]) and len(rest) < 2000
+    with httpx.stream("GET", f"{gateway.url}/stream/{sid}", headers=auth(KEY_A), timeout=GUARD_S) as resumed:
+        replayed = list(sse_events(resumed.iter_lines()))
+    assert replayed[-1].data == CANCELLED
+
+
+def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
+        start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
+    fleet = {**TWO_KEYS, **RESUMABLE, "RESUME_STORE": "redis", "REDIS_URL": redis_server.url,
+             "MOCK_TOKENS_PER_SECOND": 20, "MOCK_FIRST_TOKEN_MS": 5}
+    a, b = start_gateway(**fleet), start_gateway(**fleet)
+    reader = LiveReader(a, max_tokens=2000)
+    a.proc.send_signal(signal.SIGTERM)  # drain: at its 1 s deadline A hands the stream to the fleet
+    before = reader.join()
+    assert before[-1].data["type"] == "server_shutdown" and before[-1].data["resume"] == before[-2].id
+    sid, last_id = reader.stream_id, str(before[-2].id)
+    wait_for(lambda: metric_total(b, "streaming_handovers_total", 'result="claimed"') == 1, "B claimed it")
+
+    # the claimed stream still belongs to key A: key B is told it does not exist
+    for headers in ({}, {"Last-Event-ID": last_id}):
+        theirs = httpx.get(f"{b.url}/stream/{sid}", headers={**auth(KEY_B), **headers}, timeout=GUARD_S)
+        unknown = httpx.get(f"{b.url}/stream/{UNKNOWN_ID}", timeout=GUARD_S,
+                            headers={**auth(KEY_B), **{k: v.replace(sid, UNKNOWN_ID) for k, v in headers.items()}})
+        assert theirs.status_code == unknown.status_code == 404
+        assert theirs.content.replace(sid.encode(), UNKNOWN_ID.encode()) == unknown.content
+    assert httpx.delete(f"{b.url}/stream/{sid}", headers=auth(KEY_B), timeout=GUARD_S).status_code == 404
+
+    # key A follows it on B, then stops the generation B runs now
+    events: list[Event] = []
+    with httpx.stream("GET", f"{b.url}/stream/{sid}", headers={**auth(KEY_A), "Last-Event-ID": last_id},
+                      timeout=GUARD_S) as r:
+        assert r.status_code == 200
+        for event in sse_events(r.iter_lines()):
+            events.append(event)
+            if len(events) == 3:
+                stop = httpx.delete(f"{b.url}/stream/{sid}", headers=auth(KEY_A), timeout=GUARD_S)
+                assert stop.status_code == 200 and stop.json()["final"] == CANCELLED, stop.text
+    assert events[-1].data == CANCELLED
+    whole = before[:-1] + events
+    assert [e.seq for e in whole] == list(range(len(whole)))  # no gap, no duplicate, across both instances
+    assert len(tokens_of(whole)) < 2000
