@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from app.private_dir import UnsafeDirectoryError, fresh_private
 from app.settings import Settings
 
 APP_FACTORY = "app.main:create_app()"
@@ -16,30 +15,25 @@ APP_FACTORY = "app.main:create_app()"
 def prepare_multiproc_dir() -> str:
     """prometheus_client multiprocess mode needs an empty directory per instance, set before import.
 
-    An explicit PROMETHEUS_MULTIPROC_DIR (the image sets one on an emptyDir) is wiped, because an
-    emptyDir survives container restarts and stale files would count dead processes.
+    An explicit PROMETHEUS_MULTIPROC_DIR (the image sets one on an emptyDir) is checked and emptied,
+    because an emptyDir survives container restarts and stale files would count dead processes.
     """
-    default = Path(tempfile.gettempdir()) / f"gateway-metrics-{os.getpid()}"
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(default)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return fresh_private(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), prefix="gateway-metrics-")
 
 
 def prepare_resume_dir(settings: Settings) -> str:
     """The local resume store's directory: one per instance, shared by its workers, empty at start."""
-    default = Path(tempfile.gettempdir()) / f"gateway-resume-{os.getpid()}"
-    path = settings.resume_dir or str(default)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
+    return fresh_private(settings.resume_dir, prefix="gateway-resume-")
 
 
 def main() -> None:
     settings = Settings()  # fail fast, with pydantic's message, before gunicorn forks anything
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_multiproc_dir()
-    if settings.resume_enabled and settings.resume_store == "local":
-        os.environ["RESUME_DIR"] = prepare_resume_dir(settings)
+    try:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_multiproc_dir()
+        if settings.resume_enabled and settings.resume_store == "local":
+            os.environ["RESUME_DIR"] = prepare_resume_dir(settings)
+    except UnsafeDirectoryError as exc:
+        sys.exit(f"refusing to start: {exc}")
     conf = str(Path(__file__).with_name("gunicorn_conf.py"))
     args = [sys.executable, "-m", "gunicorn", "--config", conf, APP_FACTORY]
     os.execv(sys.executable, args)

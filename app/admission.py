@@ -94,6 +94,11 @@ def presented_key(connection: HTTPConnection) -> str | None:
     return key or None
 
 
+def stream_owner(key: str) -> str:
+    """The owner recorded with a stream: 128 bits of a hash of its API key, never the key."""
+    return hashlib.sha256(b"gateway stream owner\0" + key.encode()).hexdigest()[:32]
+
+
 class KeyRing:
     """Client API keys, compared in constant time (every key is compared, whichever matches)."""
 
@@ -116,6 +121,7 @@ class Ticket:
     """What an admitted stream holds; `release()` gives it back exactly once."""
 
     identity: str
+    owner: str = ""  # what its streams are recorded as belonging to: a hash of its API key, "" without keys
     headers: dict[str, str] = field(default_factory=dict)
     lease: Lease | None = None
     remote: tuple[ClientSlots, str] | None = None  # the cross-replica lease, when Redis holds one
@@ -158,8 +164,8 @@ class Admission:
         """Every check but the slot; raises the refusal. Nothing is held yet."""
         if self._draining():
             raise DrainingError()
-        identity = self._identify(connection)
-        ticket = Ticket(identity=identity)
+        identity, owner = self._identify(connection)
+        ticket = Ticket(identity=identity, owner=owner)
         if self._rate_limiter is not None:
             result = await self._rate_limiter.hit(identity)
             ticket.headers = result.headers()
@@ -174,15 +180,18 @@ class Admission:
         """Slots held in the instance's table right now (all workers; the Redis leases are per client)."""
         return self._slots.active()
 
-    def _identify(self, connection: HTTPConnection) -> str:
+    def _identify(self, connection: HTTPConnection) -> tuple[str, str]:
+        """(client identity for the limits, stream owner)."""
         if self._keys:
             key = presented_key(connection)
             if key is None:
                 raise UnauthorizedError()
             if not self._keys.matches(key):
                 raise ForbiddenError()
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # the key itself is never kept
-        return client_address(connection, self._trusted)
+            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16], stream_owner(key)  # the key is never kept
+        # Without keys a stream's 128-bit id is the capability: never bound to the address, which a
+        # reconnect after a network change does not keep.
+        return client_address(connection, self._trusted), ""
 
     async def take_slot(self, ticket: Ticket) -> None:
         """The last step: an instance-wide and per-client connection slot, released by the stream's end.

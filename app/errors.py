@@ -251,6 +251,24 @@ class NotResumableError(GatewayError):
     status, code, openai_type, ws_close_code = 404, "not_resumable", "invalid_request_error", WS_POLICY_VIOLATION
 
 
+class InvalidStreamIdError(GatewayError):
+    """A stream id that is not in the gateway's format (checked before any store sees it; never echoed)."""
+
+    status, code, openai_type, ws_close_code = 400, "invalid_stream_id", "invalid_request_error", WS_POLICY_VIOLATION
+
+    def __init__(self) -> None:
+        super().__init__("not a stream id: stream ids are 32 lowercase hex characters, as sent in x-stream-id")
+
+
+class StreamCancelledError(GatewayError):
+    """The stream's owner stopped its generation (DELETE /stream/{id} or a WebSocket stop message)."""
+
+    status, code, openai_type, ws_close_code = 409, "cancelled", "invalid_request_error", WS_NORMAL
+
+    def __init__(self) -> None:
+        super().__init__("the stream's owner stopped this generation")
+
+
 class InternalError(GatewayError):
     """An unexpected failure inside the gateway (logged with the request id)."""
 

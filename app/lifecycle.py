@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -272,12 +271,14 @@ def build_resume_store(settings: Settings, redis: LazyRedis | None = None,
         if can_continue(settings):
             handover = HandoverPublisher(redis, ttl_s=settings.resume_ttl_seconds)
     else:
-        directory = settings.resume_dir or os.path.join(tempfile.gettempdir(), f"gateway-resume-{os.getpid()}")
+        # under `python -m app` RESUME_DIR is always set; a lone process (tests) gets a fresh private one
+        directory = settings.resume_dir or tempfile.mkdtemp(prefix="gateway-resume-")
         backend = DirectoryBackend(directory, ttl_s=settings.resume_ttl_seconds)
     return ResumeStore(
         backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events,
         handover=handover, on_tick=_orphan_gauge(registry) if registry is not None else None,
         orphans=(lambda: [s for s in registry.streams if s.orphaned_at]) if registry is not None else None,
+        producers=registry.producers if registry is not None else None, ttl_s=settings.resume_ttl_seconds,
     )
 
 

@@ -134,7 +134,9 @@ class Settings(BaseSettings):
         description="Where events are kept: `local` (this instance's RESUME_DIR) or `redis` (any replica; REDIS_URL).",
     )
     resume_dir: str | None = Field(
-        None, description="Directory for the local store, shared by the workers; unset: `python -m app` makes one."
+        None,
+        description="Directory for the local store, shared by the workers; it must be a directory (not a symlink) "
+        "owned by the gateway's user, or start-up stops. Unset: `python -m app` makes a private one (mkdtemp).",
     )
     resume_ttl_seconds: float = Field(300.0, gt=0, description="How long a finished stream can still be replayed.")
     resume_max_events: int = Field(

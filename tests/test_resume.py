@@ -153,7 +153,7 @@ def interrupted_stream(client: httpx.Client, gateway: Gateway, prompt: str, max_
 
 def assert_refused(client: httpx.Client, gateway: Gateway, stream_id: str) -> None:
     """Unknown streams are 404 not_resumable; an event id of another stream is 422."""
-    r = client.get(f"{gateway.url}/stream/0123456789abcdef")
+    r = client.get(f"{gateway.url}/stream/{'0' * 32}")
     assert r.status_code == 404
     assert r.json()["code"] == "not_resumable"
     r = client.get(f"{gateway.url}/stream/{stream_id}", headers={"Last-Event-ID": "someoneelse-3"})
@@ -266,13 +266,13 @@ class FlakyBackend:
         self.down = False
         self.data: dict[str, bytes] = {}
 
-    async def write(self, chunks: dict[str, bytes]) -> None:
+    async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
         if self.down:
             raise StorageError("down")
         for sid, payload in chunks.items():
             self.data[sid] = self.data.get(sid, b"") + payload
 
-    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+    async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
         if self.down:
             raise StorageError("down")
         if stream_id not in self.data:
@@ -305,10 +305,10 @@ def test_a_failing_backend_costs_resumption_not_the_stream(caplog: pytest.LogCap
             await store.flush()
         assert not log.resumable
         with pytest.raises(LookupError):
-            await anext(store.replay("s1", 0, poll_s=0.01))
+            await anext(store.replay("s1", 0, owner="", poll_s=0.01))
         backend.down = False
         await store.flush()  # back: the stored stream gets its final not_resumable event
-        frames = [frame for batch in [b async for b in store.replay("s1", 0, poll_s=0.01)] for frame in batch]
+        frames = [frame for batch in [b async for b in store.replay("s1", 0, owner="", poll_s=0.01)] for frame in batch]
         events = list(sse_events(b"".join(frames).decode().splitlines()))
         assert tokens_of(events) == ["a ", "b "]
         assert events[-1].data["code"] == "not_resumable" and events[-1].seq == 6  # after every event it had
@@ -334,14 +334,15 @@ def test_redis_streams_backend(redis_server: RedisServer) -> None:
         redis_client = LazyRedis(redis_server.url)
         backend = RedisStreamsBackend(redis_client, ttl_s=60, prefix="test:", max_entries=100)
         try:
-            assert await backend.read("s1", "") is None
-            await backend.write({"s1": b"one", "s2": b"x"})
-            await backend.write({"s1": b"two"})
-            data, cursor = await backend.read("s1", "") or (b"", "")
+            assert await backend.read("s1", "", "") is None
+            await backend.write({"s1": b"one", "s2": b"x"}, {"s1": "owner-a", "s2": ""})
+            await backend.write({"s1": b"two"}, {})
+            data, cursor = await backend.read("s1", "", "owner-a") or (b"", "")
             assert data == b"onetwo"
-            assert await backend.read("s1", cursor) == (b"", cursor)  # nothing new after the cursor
-            await backend.write({"s1": b"three"})
-            assert (await backend.read("s1", cursor) or (b"", ""))[0] == b"three"
+            assert await backend.read("s1", "", "owner-b") is None  # someone else's reads as unknown
+            assert await backend.read("s1", cursor, "owner-a") == (b"", cursor)  # nothing new after the cursor
+            await backend.write({"s1": b"three"}, {})
+            assert (await backend.read("s1", cursor, "owner-a") or (b"", ""))[0] == b"three"
             ttl = await redis_client.client().pttl("test:s1")
             assert 0 < ttl <= 60_000
         finally:

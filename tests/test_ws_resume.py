@@ -13,6 +13,7 @@ from tests.conftest import Gateway, GatewayFactory
 
 PROMPT = "resume over websocket"
 TOKENS = 60
+UNKNOWN = "0" * 32  # a well-formed id of no stream
 
 
 def _ws(gateway: Gateway) -> ClientConnection:
@@ -48,8 +49,8 @@ def test_ws_client_resumes_where_it_left_off(start_gateway: GatewayFactory) -> N
 def test_ws_resume_of_an_unknown_stream(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway()
     with _ws(gateway) as ws:
-        ws.send(json.dumps({"resume": "nosuchstream", "received": 3}))
+        ws.send(json.dumps({"resume": UNKNOWN, "received": 3}))
         events = _rest(ws)
         assert ws.close_code == 1008
     assert events == [{"type": "error", "code": "not_resumable",
-                       "message": "stream nosuchstream cannot be resumed: unknown, expired, or past its replay window"}]
+                       "message": f"stream {UNKNOWN} cannot be resumed: unknown, expired, or past its replay window"}]

@@ -2,7 +2,7 @@
 
 FastAPI's per-request machinery (routing, dependency resolution, exception middleware that wraps
 `send` for every message) cost most of a short stream's CPU when profiled. This middleware sends
-POST /stream, POST /v1/chat/completions, GET /stream/{stream_id} and WebSocket /ws straight to
+POST /stream, POST /v1/chat/completions, GET and DELETE /stream/{stream_id} and WebSocket /ws straight to
 the same handler functions FastAPI lists in its OpenAPI schema, with the same error mapping and
 request ids; everything else goes on to FastAPI. When tracing is on it is not installed, so the
 OpenTelemetry instrumentation sees every request.
@@ -37,6 +37,10 @@ async def _resume(request: Request, state: GatewayState) -> ASGIApp:
     )
 
 
+async def _stop(request: Request, state: GatewayState) -> ASGIApp:
+    return await stream.stop_stream(request.scope["path"][len(RESUME_PREFIX):], request, state)
+
+
 HTTP_ROUTES: dict[tuple[str, str], tuple[str, Handler]] = {
     ("POST", "/stream"): ("/stream", stream.stream),
     ("POST", "/v1/chat/completions"): ("/v1/chat/completions", chat_completions.chat_completions),
@@ -52,8 +56,11 @@ class StreamRouterMiddleware:
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
             route = HTTP_ROUTES.get((method, path))
-            if route is None and method == "GET" and path.startswith(RESUME_PREFIX) and "/" not in path[8:]:
-                route = (stream.RESUME_ENDPOINT, _resume)
+            if route is None and path.startswith(RESUME_PREFIX) and "/" not in path[8:]:
+                if method == "GET":
+                    route = (stream.RESUME_ENDPOINT, _resume)
+                elif method == "DELETE":
+                    route = (stream.RESUME_ENDPOINT, _stop)
             if route is not None:
                 scope["gateway.route"] = route
                 await self._limited(scope, receive, send)

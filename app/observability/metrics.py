@@ -28,12 +28,13 @@ KNOWN_STATUSES = ("success", "rejected", "error")
 KNOWN_REJECTIONS = (
     "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
     "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
+    "invalid_stream_id",
 )
 KNOWN_ERRORS = (
     "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",
     "orphan_timeout", "circuit_open", "internal_error",
 )
-KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown")
+KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown", "cancelled")
 KNOWN_HANDOVER_RESULTS = ("published", "claimed", "completed", "failed")
 
 

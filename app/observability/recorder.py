@@ -13,6 +13,8 @@ from app.observability import metrics as m
 from app.streaming.session import Outcome, StreamSession
 
 logger = logging.getLogger("app.access")
+# ended as its client wanted: finished, left, or stopped by its owner (none of them an error of the gateway)
+SUCCESSFUL = (Outcome.DONE, Outcome.CLIENT_GONE, Outcome.CANCELLED)
 
 
 class _Bound:
@@ -54,7 +56,7 @@ class StreamRecorder:
         endpoint, bound = session.endpoint, self._children(session)
         bound.active.dec()
         end = asyncio.get_running_loop().time()
-        status = "success" if session.outcome in (Outcome.DONE, Outcome.CLIENT_GONE) else "error"
+        status = "success" if session.outcome in SUCCESSFUL else "error"
         m.CONNECTIONS_TOTAL.labels(endpoint, status).inc()
         bound.duration.observe(end - session.started_at)
         m.STREAM_OUTCOMES_TOTAL.labels(endpoint, str(session.outcome)).inc()
@@ -66,24 +68,24 @@ class StreamRecorder:
             if generation > 0 and session.tokens > 1:
                 bound.tokens_per_second.observe((session.tokens - 1) / generation)
                 bound.inter_token.observe(generation / (session.tokens - 1))
-        if error is not None:
+        if error is not None and session.outcome is not Outcome.CANCELLED:
             m.ERRORS_TOTAL.labels(endpoint, error.code).inc()
         span = trace.get_current_span()  # the request's server span when tracing is on, else a no-op
         trace_id = None
         if span.is_recording():
             _annotate_server_span(span, session, error)
             trace_id = format(span.get_span_context().trace_id, "032x")
-        logger.info(
-            "stream finished",
-            extra={
-                "stream_id": session.id, "request_id": session.request_id, "endpoint": endpoint,
-                "model": session.model, "client": session.client,
-                "outcome": str(session.outcome), "tokens": session.tokens,
-                "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
-                "duration_s": round(end - session.started_at, 4),
-                "error_code": error.code if error else None, "trace_id": trace_id,
-            },
-        )
+        extra: dict[str, object] = {
+            "stream_id": session.id, "request_id": session.request_id, "endpoint": endpoint,
+            "model": session.model, "client": session.client,
+            "outcome": str(session.outcome), "tokens": session.tokens,
+            "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
+            "duration_s": round(end - session.started_at, 4),
+            "error_code": error.code if error else None, "trace_id": trace_id,
+        }
+        if session.replays:  # a resumed read: which stream it read (its own id is fresh)
+            extra["replays"] = session.replays
+        logger.info("stream finished", extra=extra)
 
 
 def _annotate_server_span(span: trace.Span, session: StreamSession, error: GatewayError | None) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 from starlette.types import Message
 
-from app.errors import GatewayError
+from app.errors import GatewayError, StreamCancelledError
 from app.observability.metrics import CLAIMED_STREAMS, HANDOVERS_TOTAL
 from app.policies.ratelimit import StorageError
 from app.policies.redis_backend import LazyRedis
@@ -139,14 +139,14 @@ def parse_log(payload: bytes, stream_id: str) -> Progress | None:
     return Progress("".join(parts), len(parts), last, False)
 
 
-async def read_log(backend: Backend, stream_id: str) -> bytes | None:
+async def read_log(backend: Backend, stream_id: str, owner: str) -> bytes | None:
     """A stream's whole log, over as many reads as the backend needs; None if it has none."""
-    found = await backend.read(stream_id, "")
+    found = await backend.read(stream_id, "", owner)
     if found is None:
         return None
     parts, cursor = [found[0]], found[1]
     while True:
-        more = await backend.read(stream_id, cursor)
+        more = await backend.read(stream_id, cursor, owner)
         if more is None or not more[0]:
             return b"".join(parts)
         parts.append(more[0])
@@ -322,13 +322,15 @@ class Claimer:
             await self._ack(entry_id, sid, drop_record=False)
             return "failed"
         meta = StreamMeta.from_json(raw)
-        payload = await read_log(self.store.backend, sid)
+        payload = await read_log(self.store.backend, sid, meta.owner)
         progress = parse_log(payload, sid) if payload is not None else None
         if progress is None or progress.final:
             if payload is not None and progress is None:
                 logger.warning("handed-over stream has a gap; it ends not resumable", extra={"stream_id": sid})
             await self._ack(entry_id, sid, drop_record=True)
             return "completed" if progress is not None else "failed"
+        if await self.store.stop_requested(sid):  # its owner stopped it while no instance ran it
+            return await self._end_stopped(entry_id, meta, progress)
         logger.info("continuing a handed-over stream",
                     extra={"stream_id": sid, "tokens": progress.tokens, "last_seq": progress.last_seq})
         outcome = await self._generate(entry_id, meta, progress)
@@ -336,6 +338,14 @@ class Claimer:
             return "failed"
         await self._ack(entry_id, sid, drop_record=outcome != "handed_over")
         return "" if outcome == "handed_over" else outcome
+
+    async def _end_stopped(self, entry_id: str, meta: StreamMeta, progress: Progress) -> str:
+        first_seq = progress.last_seq + 1
+        log = self.store.open(meta, first_seq=first_seq)
+        log.close(SeedEncoder(meta.stream_id, seq=first_seq).error(StreamCancelledError()))
+        await self.store.flush()
+        await self._ack(entry_id, meta.stream_id, drop_record=True)
+        return "completed"
 
     async def _generate(self, entry_id: str, meta: StreamMeta, progress: Progress) -> str | None:
         """Run the rest of the generation into the stream's log. None if the lease was lost."""
@@ -373,7 +383,8 @@ class Claimer:
                     log.abandon()
                     return None
                 handed = await end_log(log, encoder, session, stream, error, tokens_before=progress.tokens)
-                result = "handed_over" if handed else ("completed" if outcome is Outcome.DONE else "failed")
+                ended = outcome in (Outcome.DONE, Outcome.CANCELLED)
+                result = "handed_over" if handed else ("completed" if ended else "failed")
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)

@@ -6,6 +6,9 @@ renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last even
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
 
+A stream's first entry also holds its owner (field `o`); a read from the start checks it. Stops:
+`SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's bell.
+
 Every Redis or socket error leaves this class as `StorageError`; the `ResumeStore` turns it into
 "this stream is not resumable" and keeps the stream itself running.
 """
@@ -17,12 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from app.policies.ratelimit import StorageError
 from app.policies.redis_backend import LazyRedis
 
 DEFAULT_PREFIX = "gw:rs:"
-FIELD = b"d"  # the one field of an entry: the frames of one flush
+FIELD = b"d"  # the field of an entry that holds the frames of one flush
+OWNER_FIELD = b"o"  # the first entry of a stream: its owner
 READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
 
 
@@ -51,16 +56,20 @@ class RedisStreamsBackend:
     def key(self, stream_id: str) -> str:
         return self.prefix + stream_id
 
-    async def write(self, chunks: dict[str, bytes]) -> None:
+    async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
         with _wrap_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             for stream_id, payload in chunks.items():
                 key = self.key(stream_id)
-                pipe.xadd(key, {FIELD: payload}, maxlen=self.max_entries, approximate=True)
+                owner = created.get(stream_id)
+                entry: dict[FieldT, EncodableT] = {FIELD: payload}
+                if owner is not None:
+                    entry[OWNER_FIELD] = owner.encode()
+                pipe.xadd(key, entry, maxlen=self.max_entries, approximate=True)
                 pipe.pexpire(key, self.ttl_ms)
             await pipe.execute()
 
-    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
+    async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
         key = self.key(stream_id)
         with _wrap_errors():
             pipe = self.redis.client().pipeline(transaction=False)
@@ -69,12 +78,36 @@ class RedisStreamsBackend:
             entries, exists = await pipe.execute()
         if not entries:
             return (b"", cursor) if exists else None
+        if not cursor and entries[0][1].get(OWNER_FIELD) != owner.encode():
+            return None  # someone else's stream reads as an unknown one
         last_id = entries[-1][0]
         return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()
 
     async def expire(self, stream_id: str) -> None:
         with _wrap_errors():
             await self.redis.client().pexpire(self.key(stream_id), self.ttl_ms)
+
+    async def request_stop(self, stream_id: str, ttl_s: float) -> None:
+        with _wrap_errors():
+            pipe = self.redis.client().pipeline(transaction=True)
+            pipe.set(self.stop_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
+            pipe.incr(self.prefix + "stops")  # after the mark: a worker that hears the bell finds it
+            await pipe.execute()
+
+    async def stop_bell(self) -> object:
+        with _wrap_errors():
+            return await self.redis.client().get(self.prefix + "stops")
+
+    def stop_key(self, stream_id: str) -> str:
+        return f"{self.prefix}stop:{stream_id}"
+
+    async def stops_requested(self, stream_ids: list[str]) -> set[str]:
+        with _wrap_errors():
+            pipe = self.redis.client().pipeline(transaction=False)
+            for stream_id in stream_ids:
+                pipe.exists(self.stop_key(stream_id))
+            found = await pipe.execute()
+        return {stream_id for stream_id, exists in zip(stream_ids, found, strict=True) if exists}
 
     def reader_key(self, stream_id: str) -> str:
         return f"{self.prefix}reader:{stream_id}"

@@ -15,6 +15,15 @@ concerned stop being resumable (readers get `not_resumable`), and a stream that 
 events stored gets a final `not_resumable` event once the backend answers again, so nobody tails
 it forever. One warning per worker when the backend starts failing, one line when it is back.
 
+Ownership: every log records its stream's owner (a hash of the API key; "" without keys) when
+it is created, and a read from the start names the owner it expects: a stream of someone else reads
+exactly like an unknown one (LookupError), after the same grace reads.
+
+Stop: `request_stop` leaves a mark for the stream in the backend and rings a bell (one value per
+instance or fleet that changes with every stop). Each worker's flusher reads the bell every tick
+while it produces resumable streams, and only when it changed looks up marks for its own
+generations, which it then cancels. A claimer looks for a mark before it continues a stream.
+
 Handover (drain with the Redis store): `EventLog.hand_over` flushes the log and publishes the
 stream to the fleet instead of closing it; another instance appends the rest (resume/handover.py).
 """
@@ -27,7 +36,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +46,7 @@ from app.policies.ratelimit import StorageError
 
 logger = logging.getLogger("app.resume")
 
-EVENT_ID = re.compile(r"^([0-9a-z]{1,64})-(\d{1,9})$")  # <stream id>-<seq>, as sent in `id:` lines
+EVENT_ID = re.compile(r"^([0-9a-f]{32})-(\d{1,9})$")  # <stream id>-<seq>, as sent in `id:` lines
 FINAL_TYPES = (b'"type": "done"', b'"type": "error"')
 BACKEND_ERRORS = (StorageError, OSError)  # what a backend may raise; anything else is a bug
 UNKNOWN_GRACE_READS = 3  # an unknown stream is read this many more times, a flush interval apart, before 404
@@ -45,7 +54,7 @@ READER_CHECK_TICKS = 5  # producers look for readers of their orphaned generatio
 
 
 class Orphan(Protocol):
-    """An orphaned generation as the store sees it (a StreamSession whose client left)."""
+    """A generation of this worker as the store sees it (a StreamSession writing a resume log)."""
 
     @property
     def id(self) -> str: ...
@@ -53,6 +62,11 @@ class Orphan(Protocol):
     def reader_seen(self) -> None:
         """A client reads this stream again: restart its orphan timeout."""
         ...
+
+    def stop(self) -> None:
+        """Its owner asked to stop it: cancel the generation (final event `cancelled`)."""
+        ...
+
 MAX_TOMBSTONES = 10_000  # streams awaiting their final not_resumable event after a failed flush
 
 
@@ -85,6 +99,7 @@ class StreamMeta:
     messages: list[dict[str, Any]]
     max_tokens: int
     options: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""  # who may read and stop it: a hash of its API key ("" without keys: the id is the capability)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -93,18 +108,37 @@ class StreamMeta:
     def from_json(cls, raw: str | bytes) -> StreamMeta:
         data = json.loads(raw)
         return cls(stream_id=str(data["stream_id"]), model=str(data["model"]), messages=list(data["messages"]),
-                   max_tokens=int(data["max_tokens"]), options=dict(data.get("options") or {}))
+                   max_tokens=int(data["max_tokens"]), options=dict(data.get("options") or {}),
+                   owner=str(data.get("owner") or ""))
 
 
 class Backend(Protocol):
     """Where flushed events live: a per-instance directory, or Redis Streams for the fleet."""
 
-    async def write(self, chunks: dict[str, bytes]) -> None:
-        """Append each stream's bytes (one call per flush for all dirty streams)."""
+    async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
+        """Append each stream's bytes (one call per flush for all dirty streams).
+
+        `created`: the streams whose log this write starts, with their owner (recorded with the log).
+        """
         ...
 
-    async def read(self, stream_id: str, cursor: str) -> tuple[bytes, str] | None:
-        """Bytes appended after `cursor` ("" = from the start) and the next cursor; None if unknown or expired."""
+    async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
+        """Bytes appended after `cursor` ("" = from the start) and the next cursor.
+
+        None if unknown or expired, and, for a read from the start, if `owner` is not the stream's owner.
+        """
+        ...
+
+    async def request_stop(self, stream_id: str, ttl_s: float) -> None:
+        """Mark the stream as stopped by its owner (the mark lasts `ttl_s`), then ring the bell."""
+        ...
+
+    async def stop_bell(self) -> object:
+        """A value that changes whenever a stop is requested (one cheap read: a stat, a GET)."""
+        ...
+
+    async def stops_requested(self, stream_ids: list[str]) -> set[str]:
+        """Which of these streams carry a stop mark."""
         ...
 
     async def expire(self, stream_id: str) -> None:
@@ -137,7 +171,7 @@ class HandoverSink(Protocol):
 class EventLog:
     """One stream's side of the store, held by its producer. `append` is synchronous and cheap."""
 
-    __slots__ = ("stream_id", "meta", "_store", "_pending", "_events", "_closed", "resumable", "stored")
+    __slots__ = ("stream_id", "meta", "_store", "_pending", "_events", "_closed", "resumable", "stored", "created")
 
     def __init__(self, store: ResumeStore, meta: StreamMeta, *, first_seq: int = 0) -> None:
         self.stream_id = meta.stream_id
@@ -148,6 +182,7 @@ class EventLog:
         self._closed = False
         self.resumable = True  # False once the stream outgrew RESUME_MAX_EVENTS or a flush of it failed
         self.stored = False  # some of its events reached the backend
+        self.created = first_seq > 0  # its log exists in the backend (a continued stream's always does)
 
     def append(self, payload: bytes, events: int) -> None:
         if self._closed:
@@ -210,10 +245,12 @@ class ResumeStore:
     def __init__(self, backend: Backend, *, flush_interval_s: float, max_events: int,
                  sweep_every: int = 50, handover: HandoverSink | None = None,
                  on_tick: Callable[[], None] | None = None,
-                 orphans: Callable[[], list[Orphan]] | None = None) -> None:
+                 orphans: Callable[[], list[Orphan]] | None = None,
+                 producers: Callable[[], Sequence[Orphan]] | None = None, ttl_s: float = 300.0) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.max_events = max_events
+        self.ttl_s = ttl_s  # how long a stream's marks (stop) last: as long as its log
         self.handover = handover  # set with the Redis store when the upstream can continue a generation
         self.dirty: dict[str, EventLog] = {}
         self.finished: list[str] = []
@@ -222,6 +259,8 @@ class ResumeStore:
         self._sweep_every = sweep_every
         self._on_tick = on_tick  # sampled gauges (orphaned streams), once per flush interval
         self._orphans = orphans  # this worker's orphaned generations, kept alive while a client reads them
+        self._producers = producers  # this worker's generations writing logs: what a stop can name
+        self._bell: object = None  # the stop bell as last seen
         self._lock = asyncio.Lock()  # flushes write in order: a stream's chunks never overtake each other
         self._task: asyncio.Task[None] | None = None
 
@@ -242,11 +281,14 @@ class ResumeStore:
             finished, self.finished = self.finished, []
             tombstones, self._tombstones = self._tombstones, {}
             chunks = {sid: log.take() for sid, log in dirty.items()}
+            created = {sid: log.meta.owner for sid, log in dirty.items() if not log.created}
+            for sid in created:
+                dirty[sid].created = True  # a failed first write breaks the log: it is never written again
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
             try:
                 if chunks:
-                    await self._write(chunks, dirty, tombstones)
+                    await self._write(chunks, created, dirty, tombstones)
             finally:  # even after a failed write: a finished stream's file handle must not outlive it
                 try:
                     for sid in finished:
@@ -254,10 +296,10 @@ class ResumeStore:
                 except BACKEND_ERRORS as exc:  # the rest keep the TTL their last write set
                     self._failed(exc)
 
-    async def _write(self, chunks: dict[str, bytes], dirty: dict[str, EventLog],
+    async def _write(self, chunks: dict[str, bytes], created: dict[str, str], dirty: dict[str, EventLog],
                      tombstones: dict[str, EventLog]) -> None:
         try:
-            await self.backend.write(chunks)
+            await self.backend.write(chunks, created)
         except BACKEND_ERRORS as exc:
             self._failed(exc)
             for log in dirty.values():
@@ -291,6 +333,7 @@ class ResumeStore:
                 if self._on_tick is not None:
                     self._on_tick()
                 await self.flush()
+                await self._apply_stops()
                 if ticks % READER_CHECK_TICKS == 0:
                     await self._keep_read_orphans_alive()
                 if ticks % self._sweep_every == 0:
@@ -316,6 +359,35 @@ class ResumeStore:
             if orphan.id in read:
                 orphan.reader_seen()
 
+    async def _apply_stops(self) -> None:
+        """Cancel this worker's generations whose owner asked another worker or replica to stop them."""
+        producers = self._producers() if self._producers is not None else []
+        if not producers:
+            return  # the bell is read again once there are; a changed value then triggers one lookup
+        try:
+            bell = await self.backend.stop_bell()
+            if bell == self._bell:
+                return
+            requested = await self.backend.stops_requested([p.id for p in producers])
+        except BACKEND_ERRORS:
+            return  # no verdict now; the bell still differs on the next tick
+        self._bell = bell
+        for producer in producers:
+            if producer.id in requested:
+                producer.stop()
+
+    async def request_stop(self, stream_id: str) -> None:
+        """Ask whichever worker or replica produces `stream_id` to stop it (LookupError if the backend failed)."""
+        try:
+            await self.backend.request_stop(stream_id, self.ttl_s)
+        except BACKEND_ERRORS as exc:
+            self._failed(exc)
+            raise LookupError(stream_id) from exc
+
+    async def stop_requested(self, stream_id: str) -> bool:
+        """Did its owner ask to stop this stream (a claimer asks before it continues one)?"""
+        return stream_id in await self.backend.stops_requested([stream_id])
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="resume-flush")
@@ -328,9 +400,9 @@ class ResumeStore:
         await self.flush()
         await self.backend.aclose()
 
-    async def _read(self, stream_id: str, cursor: str) -> tuple[bytes, str]:
+    async def _read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str]:
         try:
-            found = await self.backend.read(stream_id, cursor)
+            found = await self.backend.read(stream_id, cursor, owner)
         except BACKEND_ERRORS as exc:
             self._failed(exc)
             raise LookupError(stream_id) from exc
@@ -338,22 +410,23 @@ class ResumeStore:
             raise LookupError(stream_id)
         return found
 
-    async def replay(self, stream_id: str, after_seq: int, *, poll_s: float,
-                     endpoint: str = "/stream/{stream_id}") -> AsyncIterator[list[bytes]]:
+    async def replay(self, stream_id: str, after_seq: int, *, owner: str, poll_s: float,
+                     endpoint: str | None = "/stream/{stream_id}") -> AsyncGenerator[list[bytes]]:
         """Every frame after `after_seq`, then the live tail, until the final event.
 
         Each seq is yielded once, in order (a frame whose seq was already passed is skipped, so a
-        claimer that appends an event twice cannot duplicate it). `endpoint` labels the metrics.
-        Raises LookupError if the stream is unknown, expired, or no longer holds `after_seq + 1`.
+        claimer that appends an event twice cannot duplicate it). `endpoint` labels the metrics
+        (None: not a resumption, nothing is counted). Raises LookupError if the stream is unknown,
+        expired, not `owner`'s, or no longer holds `after_seq + 1`.
         """
         for _ in range(UNKNOWN_GRACE_READS):  # its producer may not have flushed yet
             try:
-                found = await self._read(stream_id, "")
+                found = await self._read(stream_id, "", owner)
                 break
             except LookupError:
                 await asyncio.sleep(poll_s)
         else:
-            found = await self._read(stream_id, "")
+            found = await self._read(stream_id, "", owner)
         carry = b""
         first = unchecked = True
         while True:
@@ -371,7 +444,7 @@ class ResumeStore:
                 if seq > after_seq:
                     out.append(frame)
                     after_seq = seq
-            if first:
+            if first and endpoint is not None:
                 first = False
                 RESUMPTIONS_TOTAL.labels(endpoint).inc()
                 REPLAYED_EVENTS_TOTAL.inc(len(out))
@@ -382,4 +455,4 @@ class ResumeStore:
             await asyncio.sleep(poll_s)
             with contextlib.suppress(*BACKEND_ERRORS):  # the mark only extends an orphan's life
                 await self.backend.mark_reader(stream_id, self.reader_mark_s)
-            found = await self._read(stream_id, cursor)
+            found = await self._read(stream_id, cursor, owner)

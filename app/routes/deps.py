@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
@@ -15,20 +12,20 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admission import Ticket
-from app.errors import InvalidRequestError, UnsupportedMediaTypeError
+from app.errors import InvalidRequestError, InvalidStreamIdError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
+from app.streaming.ids import is_stream_id, new_stream_id
 from app.streaming.session import StreamSession
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-# Stream ids: a per-process random prefix plus a counter; unique across workers, cheap to make.
-_ID_PREFIX = secrets.token_hex(4)
-_ID_COUNTER = itertools.count(1)
 
-
-def new_stream_id() -> str:
-    return f"{_ID_PREFIX}{os.getpid():x}{next(_ID_COUNTER):x}"
+def checked_stream_id(value: str) -> str:
+    """A stream id from a client, refused (400, WS 1008) unless it has the format ids are made in."""
+    if not is_stream_id(value):
+        raise InvalidStreamIdError()
+    return value
 
 
 # Dependencies are `async def` on purpose: FastAPI runs a sync dependency in its thread pool,

@@ -1,21 +1,35 @@
-"""`POST /stream`: the seed's SSE protocol."""
+"""`POST /stream`: the seed's SSE protocol; `GET /stream/{id}` resumes a stream, `DELETE` stops it.
+
+Only a stream's owner reads or stops it (the API key's hash; without keys whoever holds the id).
+Anyone else gets exactly the answer an unknown id gets.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import JSONResponse
 
-from app.errors import GatewayError, InvalidRequestError, NotResumableError, error_response
+from app.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotResumableError,
+    ServiceUnavailableError,
+    error_response,
+)
 from app.lifecycle import GatewayState
-from app.resume.store import EventLog, StreamMeta, parse_event_id
+from app.resume.store import EventLog, StreamMeta, is_final, parse_event_id
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
     admit,
     check_max_tokens,
     check_prompt_size,
+    checked_stream_id,
     new_session,
     read_json,
     stream_headers,
@@ -26,19 +40,21 @@ from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
 from app.upstream.schemas import StreamRequest
 
+logger = logging.getLogger("app.access")
 router = APIRouter()
 ENDPOINT = "/stream"
 RESUME_ENDPOINT = "/stream/{stream_id}"
+STOP_CONFIRM_S = 5.0  # how long a stop waits for the stream's final event before answering 202
 
 
-def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest) -> EventLog | None:
+def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, owner: str) -> EventLog | None:
     """The stream's resume log (its events outlive the connection), if resumption is on."""
     if state.resume is None:
         return None
     session.resumable = True
-    return state.resume.open(
-        StreamMeta(stream_id=session.id, model=chat.model, messages=chat.messages, max_tokens=chat.max_tokens)
-    )
+    return state.resume.open(StreamMeta(
+        stream_id=session.id, model=chat.model, messages=chat.messages, max_tokens=chat.max_tokens, owner=owner,
+    ))
 
 
 def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
@@ -56,7 +72,7 @@ async def stream(request: Request, state: StateDep) -> ASGIResponse:
     chat = seed_chat_request(await read_json(request, StreamRequest), state)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
-    log = open_log(state, session, chat)
+    log = open_log(state, session, chat, ticket.owner)
     return ASGIResponse(
         SSEStreamResponse(
             relay=state.relay, session=session, request=chat, encoder=SeedEncoder(session.id if log else None),
@@ -76,12 +92,15 @@ async def resume_stream(
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(description="Last-Event-ID, for clients that cannot set headers")] = None,
 ) -> ASGIResponse:
-    await admit(request, state)  # no slot: the generation holds one wherever it runs
+    ticket = await admit(request, state)  # no slot: the generation holds one wherever it runs
+    checked_stream_id(stream_id)
     if state.resume is None:
         raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
     after_seq = resume_position(stream_id, last_event_id or after)
     session = new_session(request, state, endpoint=RESUME_ENDPOINT, model="resume")
-    frames = state.resume.replay(stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds)
+    session.replays = stream_id
+    frames = state.resume.replay(stream_id, after_seq, owner=ticket.owner,
+                                 poll_s=state.settings.resume_flush_interval_seconds)
     return ASGIResponse(
         ReplayResponse(
             relay=state.relay, session=session, frames=frames, error_response=_detail_error,
@@ -89,6 +108,56 @@ async def resume_stream(
             extra_headers=[(b"x-stream-id", stream_id.encode())],
         )
     )
+
+
+@router.delete(RESUME_ENDPOINT, summary="Stop a stream's generation (its owner only); answers with its final event")
+async def stop_stream(stream_id: str, request: Request, state: StateDep) -> JSONResponse:
+    ticket = await admit(request, state)
+    final = await stop_generation(state, checked_stream_id(stream_id), ticket.owner)
+    return JSONResponse({"stream_id": stream_id, "final": final}, status_code=202 if final is None else 200)
+
+
+async def stop_generation(state: GatewayState, stream_id: str, owner: str) -> dict[str, object] | None:
+    """Stop `owner`'s stream wherever it runs; its final event, or None if that did not arrive in time.
+
+    A stream that already ended is left as it is (its final event is returned). Someone else's
+    stream, or an unknown one, raises the same NotResumableError a resume gets.
+    """
+    if state.resume is None:
+        raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
+    frames = state.resume.replay(stream_id, -1, owner=owner, poll_s=state.settings.resume_flush_interval_seconds,
+                                 endpoint=None)
+    last: bytes | None = None
+    try:
+        try:
+            last = (await anext(frames))[-1]
+        except LookupError:
+            raise not_resumable(stream_id) from None
+        if is_final(last):
+            return _event(last)
+        logger.info("stream stop requested", extra={"stream_id": stream_id})
+        for session in state.registry.producers():  # here: at once; elsewhere: through the store
+            if session.id == stream_id:
+                session.stop()
+        try:
+            await state.resume.request_stop(stream_id)
+        except LookupError:
+            raise ServiceUnavailableError("the resume store is unavailable: the stop could not be delivered") from None
+        try:
+            async with asyncio.timeout(STOP_CONFIRM_S):
+                async for batch in frames:
+                    last = batch[-1]
+        except (TimeoutError, LookupError):
+            return None
+        return _event(last) if is_final(last) else None
+    finally:
+        await frames.aclose()
+
+
+def _event(frame: bytes) -> dict[str, object]:
+    """The JSON object of a stored SSE frame (`id: ...` line, `data: {...}` line)."""
+    event: dict[str, object] = json.loads(frame.split(b"data: ", 1)[1])
+    return event
 
 
 def not_resumable(stream_id: str) -> NotResumableError:

@@ -7,6 +7,11 @@ stream is `done` followed by a normal close (1000); a stream ended by the drain 
 Resuming: with resumption on, the status event carries `"stream_id"`. A client that lost its
 connection opens a new one and sends `{"resume": "<stream id>", "received": <events it got>}`
 (or `"last_event_id": "<stream id>-<seq>"`); it gets every later event, then the live tail.
+
+Stopping: a connection whose first message is `{"stop": "<stream id>"}` stops that stream's
+generation (its owner only), gets `{"type": "stopped", "stream_id", "final"}` and close 1000. The
+connection that runs a stream may also send that message for its own stream at any time.
+A stream of someone else, or an unknown one, answers as a resume of it would: `not_resumable`, 1008.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
 from app.admission import Ticket
@@ -28,8 +34,8 @@ from app.errors import (
 from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
-from app.routes.deps import admit, new_session, parse_json_model
-from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request
+from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model
+from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.streaming.relay import end_log
 from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
@@ -47,7 +53,7 @@ TOKEN_HEAD = '{"type": "token", "content": '
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    resume: StrictStr = Field(min_length=1, max_length=64, description="The stream id from the status event.")
+    resume: StrictStr = Field(description="The stream id from the status event.")
     last_event_id: StrictStr | None = None
     received: StrictInt | None = Field(None, ge=0, description="How many events of the stream the client has.")
 
@@ -57,13 +63,19 @@ class ResumeRequest(BaseModel):
         return resume_position(self.resume, self.last_event_id)
 
 
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stop: StrictStr = Field(description="The id of a stream of this client, whose generation is to stop.")
+
+
 async def _end_with_error(websocket: WebSocket, error: GatewayError) -> None:
     text = SHUTDOWN_TEXT if error.code == "server_shutdown" else json.dumps(error.sse_event())
     await websocket.send_text(text)
     await websocket.close(code=error.ws_close_code, reason=error.ws_reason)
 
 
-def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeRequest:
+def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeRequest | StopRequest:
     if raw is None:
         raise InvalidRequestError("expected one text message with the /stream request JSON")
     if len(raw) > max_bytes:
@@ -75,6 +87,8 @@ def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeReq
             raise InvalidRequestError("request message is not valid UTF-8") from None
     if '"resume"' in raw:
         return parse_json_model(raw, ResumeRequest)
+    if '"stop"' in raw:
+        return parse_json_model(raw, StopRequest)
     return parse_json_model(raw, StreamRequest)
 
 
@@ -89,7 +103,10 @@ async def ws_stream(websocket: WebSocket) -> None:
     try:
         ticket = await admit(websocket, state)
         request = _parse(raw, state.settings.max_body_bytes)
-        if isinstance(request, ResumeRequest):
+        if isinstance(request, StopRequest):
+            final = await stop_generation(state, checked_stream_id(request.stop), ticket.owner)
+        elif isinstance(request, ResumeRequest):
+            checked_stream_id(request.resume)
             if state.resume is None:
                 raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
             after = request.after_seq()
@@ -100,15 +117,18 @@ async def ws_stream(websocket: WebSocket) -> None:
         count_rejection(ENDPOINT, exc.code)
         await _end_with_error(websocket, exc)
         return
-    if isinstance(request, ResumeRequest):
-        await _replay(websocket, state, request.resume, after)
+    if isinstance(request, StopRequest):
+        await websocket.send_text(json.dumps({"type": "stopped", "stream_id": request.stop, "final": final}))
+        await websocket.close(code=WS_NORMAL)
+    elif isinstance(request, ResumeRequest):
+        await _replay(websocket, state, request.resume, after, ticket.owner)
     else:
         await _generate(websocket, state, chat, ticket)
 
 
 async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest, ticket: Ticket) -> None:
     session = new_session(websocket, state, endpoint=ENDPOINT, model=chat.model)
-    log: EventLog | None = open_log(state, session, chat)
+    log: EventLog | None = open_log(state, session, chat, ticket.owner)
     encoder = SeedEncoder(session.id) if log is not None else None
     send_text = websocket.send_text
 
@@ -134,7 +154,13 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
             if not session.orphaned_at:
                 raise
 
-    async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect",
+    async def receive() -> Message:  # the listener's: a stop of this very stream may arrive mid-stream
+        message = await websocket.receive()
+        if message["type"] == "websocket.receive" and _stops(message.get("text"), session.id):
+            session.stop()
+        return message
+
+    async with state.relay.run(session, receive=receive, disconnect_type="websocket.disconnect",
                                release=ticket.release) as run:
         stream = await run.open_or_refuse(chat, lambda exc: _end_with_error(websocket, exc))
         if stream is None:
@@ -156,16 +182,26 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         await websocket.close(code=WS_NORMAL)
 
 
+def _stops(text: str | None, stream_id: str) -> bool:
+    if not text or '"stop"' not in text:
+        return False
+    try:
+        return StopRequest.model_validate_json(text).stop == stream_id
+    except ValidationError:
+        return False
+
+
 def _event_text(frame: bytes) -> str:
     """The JSON object of a stored SSE frame (`id: ...` line, `data: {...}` line)."""
     return frame.split(b"data: ", 1)[1].rstrip(b"\n").decode()
 
 
-async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, after_seq: int) -> None:
+async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, after_seq: int, owner: str) -> None:
     assert state.resume is not None
     session = new_session(websocket, state, endpoint=ENDPOINT, model="resume")
+    session.replays = stream_id
     frames = state.resume.replay(
-        stream_id, after_seq, poll_s=state.settings.resume_flush_interval_seconds, endpoint=ENDPOINT
+        stream_id, after_seq, owner=owner, poll_s=state.settings.resume_flush_interval_seconds, endpoint=ENDPOINT
     )
     last: list[bytes] = []
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from app.errors import BackpressureError, GatewayError, OrphanTimeoutError, StreamTimeoutError
+from app.errors import BackpressureError, GatewayError, OrphanTimeoutError, StreamCancelledError, StreamTimeoutError
 
 logger = logging.getLogger("app.streaming")
 
@@ -33,6 +33,7 @@ class Outcome(enum.StrEnum):
     BACKPRESSURE = "backpressure"
     CLIENT_GONE = "client_gone"
     SHUTDOWN = "shutdown"
+    CANCELLED = "cancelled"  # its owner stopped it (not a disconnect: the final event says so)
 
 
 class StreamSession:
@@ -41,7 +42,7 @@ class StreamSession:
     __slots__ = (
         "id", "request_id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at",
         "last_write_at", "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
-        "resumable", "orphaned_at",
+        "resumable", "orphaned_at", "replays",
     )
 
     def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float,
@@ -65,6 +66,7 @@ class StreamSession:
         self.ping: Callable[[], Coroutine[Any, Any, None]] | None = None  # set by relays that can ping
         self.resumable = False  # its events go to the resume store: it may outlive its client
         self.orphaned_at = 0.0  # when its client left while the generation ran on (0: it did not)
+        self.replays = ""  # a resumed read: the id of the stream it replays (its own id is a fresh one)
 
     @property
     def cut(self) -> bool:
@@ -78,6 +80,10 @@ class StreamSession:
         self.cut_error = error
         if self.task is not None:
             self.task.cancel()
+
+    def stop(self) -> None:
+        """Its owner stopped it: the generation ends now, with a final `cancelled` event."""
+        self.cut_with(StreamCancelledError())
 
     def reader_seen(self) -> None:
         """Its client reads it again (a resumed tail, maybe on another worker): not orphaned any more."""
@@ -141,6 +147,10 @@ class StreamRegistry:
             return
         self.orphans += 1
         session.orphaned_at = asyncio.get_running_loop().time()
+
+    def producers(self) -> list[StreamSession]:
+        """The generations writing a resume log (what a stop request can name)."""
+        return [s for s in self.streams if s.resumable]
 
     def discard(self, session: StreamSession) -> None:
         if session.orphaned_at and session in self.streams:

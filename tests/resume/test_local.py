@@ -29,7 +29,7 @@ def test_finished_streams_go_after_the_ttl_and_live_ones_stay(tmp_path: Path) ->
     backend = DirectoryBackend(str(tmp_path), ttl_s=TTL_S, wall_clock=clock)
 
     async def scenario() -> None:
-        await backend.write({"done1": b"data: 1\n\n", "live1": b"data: 2\n\n"})
+        await backend.write({"done1": b"data: 1\n\n", "live1": b"data: 2\n\n"}, {"done1": "", "live1": ""})
         await backend.expire("done1")
         _age(tmp_path / "done1.sse", T0)
         _age(tmp_path / "live1.sse", T0)
@@ -40,7 +40,7 @@ def test_finished_streams_go_after_the_ttl_and_live_ones_stay(tmp_path: Path) ->
         await backend.sweep()
         assert not (tmp_path / "done1.sse").exists()
         assert (tmp_path / "live1.sse").exists()  # still being written by this worker
-        assert await backend.read("live1", "") == (b"data: 2\n\n", "9")
+        assert await backend.read("live1", "", "") == (b"data: 2\n\n", "16")  # after its owner line
         await backend.aclose()
 
     asyncio.run(scenario())
