@@ -31,7 +31,7 @@ BAD_STREAM_BODIES: list[tuple[str, bytes, int, str]] = [
 
 
 def _active_streams(gateway: Gateway) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
