@@ -72,15 +72,15 @@ class GatewayApp(FastAPI):
     metrics port outside everything (see metrics_port.py)."""
 
     stream_router_max_body_bytes: int | None = None  # set: streams bypass the framework
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # set with the stream router, which would otherwise answer streams on it
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
-        if self.stream_router_max_body_bytes is not None:
-            stack = StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
-        if self.metrics_port is not None:
-            stack = MetricsPortMiddleware(stack, metrics_app=metrics_app, metrics_port=self.metrics_port)
-        return stack
+        if self.stream_router_max_body_bytes is None:
+            return stack
+        stack = StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
+        assert self.metrics_port is not None
+        return MetricsPortMiddleware(stack, metrics_app=metrics_app, metrics_port=self.metrics_port)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -103,11 +103,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     tracer_provider = setup_tracing(app)
     app.state.gateway = build_state(settings, tracer_provider=tracer_provider)
-    app.metrics_port = settings.metrics_port
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every answer carries the id
+    app.add_middleware(RequestIdMiddleware)  # outermost but for the metrics port: every answer carries the id
     if tracer_provider is None:  # with tracing on, streams go through the instrumented stack
         app.stream_router_max_body_bytes = settings.max_body_bytes
+        app.metrics_port = settings.metrics_port
+    else:  # outermost user middleware: the instrumentation expects ServerErrorMiddleware outside everything
+        app.add_middleware(MetricsPortMiddleware, metrics_app=metrics_app, metrics_port=settings.metrics_port)
     for module in (stream, chat_completions, websocket, health):
         app.include_router(module.router)
     return app
