@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
 from tests.security.raw import GUARD_S
+from tests.test_tracing import OTLPReceiver, otlp  # noqa: F401 - the receiver fixture
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 STREAM = {"prompt": "keys", "max_tokens": 2}
@@ -52,15 +53,13 @@ def test_models_need_a_key_and_do_not_name_the_upstream(gateway: Gateway) -> Non
     assert all("127.0.0.1" not in str(m["owned_by"]) for m in models)
 
 
-@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"])
-def test_api_docs_are_off_by_default(gateway: Gateway, path: str) -> None:
-    assert httpx.get(gateway.url + path, timeout=GUARD_S).status_code == 404
-
-
-def test_api_docs_can_be_turned_on(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(DOCS_ENABLED="true")
-    assert httpx.get(gateway.url + "/openapi.json", timeout=GUARD_S).json()["info"]["title"] == "Streaming Gateway"
-    assert httpx.get(gateway.url + "/docs", timeout=GUARD_S).status_code == 200
+def test_api_docs_are_off_unless_turned_on(gateway: Gateway, start_gateway: GatewayFactory) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(gateway.url + path, timeout=GUARD_S).status_code == 404, path
+    documented = start_gateway(DOCS_ENABLED="true")
+    openapi = httpx.get(documented.url + "/openapi.json", timeout=GUARD_S).json()
+    assert openapi["info"]["title"] == "Streaming Gateway"
+    assert httpx.get(documented.url + "/docs", timeout=GUARD_S).status_code == 200
 
 
 def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
@@ -75,3 +74,11 @@ def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
                       timeout=GUARD_S).status_code == 404
     assert httpx.get(gateway.metrics_url + "/v1/models", headers={"X-API-Key": KEY_A},
                      timeout=GUARD_S).status_code == 404
+
+
+def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
+    """Traced, the app runs FastAPI's instrumented stack instead of the stream router: same split."""
+    gateway = start_gateway(WEB_CONCURRENCY=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
+    assert httpx.get(gateway.url + "/metrics", timeout=GUARD_S).status_code == 404
+    assert "streaming_active_connections" in httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S).text
+    assert httpx.post(gateway.metrics_url + "/stream", json={"prompt": "x"}, timeout=GUARD_S).status_code == 404
