@@ -32,12 +32,16 @@ _limits = ReadLimits(
 )
 
 
-def _raise_file_limit(needed: int) -> None:
-    """Client sockets, as many upstream connections, and spare descriptors must fit under RLIMIT_NOFILE."""
+def _raise_file_limit(needed: int) -> int:
+    """Client sockets, as many upstream connections, and spare descriptors must fit under RLIMIT_NOFILE.
+
+    Returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(needed, hard),
-                                                    hard))
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
@@ -60,7 +64,10 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     }
 
     def init_process(self) -> None:
-        _raise_file_limit(2 * _limits.max_sockets + 256)
+        needed = 2 * _limits.max_sockets + 256
+        if _raise_file_limit(needed) < needed:
+            self.log.warning("open-file limit (RLIMIT_NOFILE) is below the %d descriptors MAX_CONNECTIONS=%d needs "
+                             "per worker; raise the hard limit", needed, _settings.max_connections)
         super().init_process()
 
 
