@@ -38,11 +38,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMPDIR=/tmp \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus-multiproc \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    METRICS_PORT=9464
 
 WORKDIR /srv
 USER 10001:10001
-EXPOSE 8000
+# 8000: streams and probes; 9464: GET /metrics only
+EXPOSE 8000 9464
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]

@@ -6,9 +6,13 @@ Order (cheapest refusal first; nothing is held until the last step succeeds):
     RateLimit headers) ─► circuit open (503 + Retry-After) ─► [body parsed by the route] ─►
     connection slot: instance-wide, then per client (503)
 
-Client identity is the API key when one is used, otherwise the peer address. X-Forwarded-For and
-Forwarded are believed only when the peer is in TRUSTED_PROXIES: the client is the rightmost
-address that is not itself a trusted proxy, so a forged header from anyone else changes nothing.
+Client identity is the API key when one is used, otherwise the peer address. Keys come from
+`Authorization: Bearer` or `X-API-Key`; a key in an HTTP URL is refused (401), /ws also takes a
+`bearer.<key>` subprotocol or `?api_key=` because browsers cannot set its headers. The one header
+FORWARDED_HEADER names (X-Forwarded-For or Forwarded; the other is ignored) is believed only when
+the peer is in TRUSTED_PROXIES: the client is the rightmost address that is not itself a trusted
+proxy, so a forged header from anyone else changes nothing; an entry that is not an IP address
+leaves the peer as the identity.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from app.errors import (
     ConnectionLimitError,
     DrainingError,
     ForbiddenError,
+    KeyInUrlError,
     RateLimitedError,
     UnauthorizedError,
 )
+from app.observability.redaction import URL_KEY_PARAMETERS
 from app.policies.breaker import CircuitBreaker
 from app.policies.concurrency import ConnectionLimiter, Lease
 from app.policies.ratelimit import RateLimiter, StorageError
@@ -38,7 +44,6 @@ from app.policies.redis_backend import LOCAL_ONLY, ClientSlots
 logger = logging.getLogger("app.admission")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-MAX_IDENTITY_CHARS = 64  # a forwarded "address" longer than any real one is cut, never stored whole
 
 
 def parse_networks(spec: str) -> tuple[Network, ...]:
@@ -53,45 +58,87 @@ def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def _forwarded_chain(connection: HTTPConnection) -> list[str]:
-    """Addresses the proxies appended, oldest first: X-Forwarded-For, else RFC 7239 Forwarded `for=`."""
+def _valid_ip(text: str) -> str | None:
+    """`text` as a normalised IP address, or None for anything else ("unknown", "_hidden", junk)."""
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        return None
+
+
+def forwarded_chain(connection: HTTPConnection, header: str) -> list[str]:
+    """Addresses the proxies appended to `header`, oldest first (`x-forwarded-for`, or RFC 7239 `forwarded`
+    `for=`); an entry that is not an IP address is kept as an empty string, so it can never become an identity."""
     chain: list[str] = []
-    for value in connection.headers.getlist("x-forwarded-for"):
-        chain.extend(part.strip() for part in value.split(",") if part.strip())
-    if chain:
-        return chain
-    for value in connection.headers.getlist("forwarded"):
+    for value in connection.headers.getlist(header):
         for element in value.split(","):
+            if header == "x-forwarded-for":
+                chain.append(_valid_ip(element) or "")
+                continue
             for pair in element.split(";"):
                 name, _, token = pair.strip().partition("=")
-                if name.lower() == "for" and token:
-                    address = token.strip('"')
+                if name.lower() == "for":
+                    address = token.strip().strip('"')
                     if address.startswith("["):  # [v6]:port
                         address = address[1:].split("]", 1)[0]
                     elif address.count(":") == 1:  # v4:port
                         address = address.split(":", 1)[0]
-                    chain.append(address)
+                    chain.append(_valid_ip(address) or "")
     return chain
 
 
-def client_address(connection: HTTPConnection, trusted: tuple[Network, ...]) -> str:
+def client_address(connection: HTTPConnection, trusted: tuple[Network, ...], header: str = "x-forwarded-for") -> str:
+    """The peer, or (peer in `trusted`) the rightmost address in `header` that is not a trusted proxy.
+
+    Only the configured header is read. An entry that is not an IP address stops the walk and the peer
+    is the identity: a client cannot mint identities by sending junk."""
     peer = connection.client.host if connection.client else "unknown"
     if not trusted or not _is_trusted(peer, trusted):
         return peer
-    chain = _forwarded_chain(connection)
+    chain = forwarded_chain(connection, header)
     for address in reversed(chain):
+        if not address:
+            return peer
         if not _is_trusted(address, trusted):
-            return address[:MAX_IDENTITY_CHARS]
-    return chain[0][:MAX_IDENTITY_CHARS] if chain else peer
+            return address
+    return chain[0] if chain and chain[0] else peer
 
 
-def presented_key(connection: HTTPConnection) -> str | None:
+# A key in an HTTP URL (URL_KEY_PARAMETERS) is refused: 401 says where the key belongs. /ws takes
+# `api_key`, because browsers cannot set headers on a WebSocket; logs and spans redact it.
+WS_QUERY_KEY = "api_key"
+WS_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def header_key(connection: HTTPConnection) -> str | None:
     authorization = connection.headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    key = connection.headers.get("x-api-key") or connection.query_params.get("api_key")
-    return key or None
+    return connection.headers.get("x-api-key") or None
+
+
+def websocket_key(connection: HTTPConnection) -> str | None:
+    """Headers first; then a `bearer.<key>` subprotocol, then `?api_key=` (what a browser can send)."""
+    key = header_key(connection)
+    if key is not None:
+        return key
+    for value in connection.headers.getlist("sec-websocket-protocol"):
+        for offered in value.split(","):
+            offered = offered.strip()
+            if offered.startswith(WS_SUBPROTOCOL_PREFIX) and len(offered) > len(WS_SUBPROTOCOL_PREFIX):
+                return offered[len(WS_SUBPROTOCOL_PREFIX):]
+    return connection.query_params.get(WS_QUERY_KEY) or None
+
+
+def presented_key(connection: HTTPConnection) -> str | None:
+    """The key this request carries where its protocol allows one; a key in an HTTP URL is refused."""
+    if connection.scope["type"] == "websocket":
+        return websocket_key(connection)
+    for name in URL_KEY_PARAMETERS:
+        if name in connection.query_params:
+            raise KeyInUrlError(name)
+    return header_key(connection)
 
 
 def stream_owner(key: str) -> str:
@@ -145,6 +192,7 @@ class Admission:
         draining: Callable[[], bool],
         keys: KeyRing,
         trusted_proxies: tuple[Network, ...],
+        forwarded_header: str = "x-forwarded-for",
         rate_limiter: RateLimiter | None,
         breaker: CircuitBreaker,
         slots: ConnectionLimiter,
@@ -154,6 +202,7 @@ class Admission:
         self._draining = draining
         self._keys = keys
         self._trusted = trusted_proxies
+        self._forwarded_header = forwarded_header
         self._rate_limiter = rate_limiter
         self._breaker = breaker
         self._slots = slots
@@ -180,18 +229,26 @@ class Admission:
         """Slots held in the instance's table right now (all workers; the Redis leases are per client)."""
         return self._slots.active()
 
+    def authenticate(self, connection: HTTPConnection) -> tuple[str, str] | None:
+        """With keys set: (the key's identity, the stream owner), or the refusal (401 none or in the URL,
+        403 wrong). Without keys: None."""
+        if not self._keys:
+            return None
+        key = presented_key(connection)
+        if key is None:
+            raise UnauthorizedError()
+        if not self._keys.matches(key):
+            raise ForbiddenError()
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16], stream_owner(key)  # the key is never kept
+
     def _identify(self, connection: HTTPConnection) -> tuple[str, str]:
         """(client identity for the limits, stream owner)."""
-        if self._keys:
-            key = presented_key(connection)
-            if key is None:
-                raise UnauthorizedError()
-            if not self._keys.matches(key):
-                raise ForbiddenError()
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16], stream_owner(key)  # the key is never kept
+        found = self.authenticate(connection)
+        if found is not None:
+            return found
         # Without keys a stream's 128-bit id is the capability: never bound to the address, which a
         # reconnect after a network change does not keep.
-        return client_address(connection, self._trusted), ""
+        return client_address(connection, self._trusted, self._forwarded_header), ""
 
     async def take_slot(self, ticket: Ticket) -> None:
         """The last step: an instance-wide and per-client connection slot, released by the stream's end.

@@ -123,6 +123,47 @@ class UnauthorizedError(GatewayError):
         )
 
 
+class KeyInUrlError(UnauthorizedError):
+    """An API key came in the URL, where proxies and browsers log it; it belongs in a header."""
+
+    code = "api_key_in_url"
+
+    def __init__(self, parameter: str) -> None:
+        GatewayError.__init__(
+            self,
+            f"API keys are not accepted in the URL (query parameter {parameter!r}): send 'Authorization: Bearer "
+            "<key>' or 'X-API-Key: <key>' (WebSocket: also subprotocol 'bearer.<key>' or '?api_key=')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+class OriginForbiddenError(GatewayError):
+    """A browser page from an origin not in ALLOWED_ORIGINS tried to open a WebSocket."""
+
+    status, code, openai_type, ws_close_code = 403, "origin_not_allowed", "invalid_request_error", WS_POLICY_VIOLATION
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(f"origin {origin[:100]!r} is not allowed to open WebSockets on this gateway")
+
+
+class RequestTimeoutError(GatewayError):
+    """The request (head, body, or a WebSocket's first message) did not arrive within REQUEST_READ_TIMEOUT_SECONDS."""
+
+    status, code, openai_type, ws_close_code = 408, "request_timeout", "invalid_request_error", WS_POLICY_VIOLATION
+
+    def __init__(self, seconds: float, what: str = "the request") -> None:
+        super().__init__(f"{what} did not arrive within {seconds:g}s", headers={"Connection": "close"})
+
+
+class HeadersTooLargeError(GatewayError):
+    """The request head is over MAX_REQUEST_HEAD_BYTES or has more than MAX_REQUEST_HEADERS fields."""
+
+    status, code, openai_type = 431, "headers_too_large", "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class ForbiddenError(GatewayError):
     """The API key presented is not one this gateway accepts."""
 

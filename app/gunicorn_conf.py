@@ -6,12 +6,15 @@ README are the only knobs.
 
 from __future__ import annotations
 
+import functools
+import resource
 from typing import Any
 
 from uvicorn_worker import UvicornWorker
 
 from app.instance import SharedTables, create_shared
 from app.observability.logging import logging_config
+from app.protocol import SOCKET_HEADROOM, BoundedHttpProtocol, ReadLimits
 from app.settings import Settings
 
 _settings = Settings()
@@ -21,12 +24,35 @@ def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_limits = ReadLimits(
+    read_timeout_s=_settings.request_read_timeout_seconds,
+    max_head_bytes=_settings.max_request_head_bytes,
+    max_headers=_settings.max_request_headers,
+    max_sockets=_settings.max_connections + SOCKET_HEADROOM,
+)
+
+
+def _raise_file_limit(needed: int) -> int:
+    """Client sockets, as many upstream connections, and spare descriptors must fit under RLIMIT_NOFILE.
+
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
 class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
-    """uvloop + httptools, and a graceful-shutdown bound uvicorn-worker does not pass through."""
+    """uvloop + the bounded httptools protocol (app/protocol.py), and a graceful-shutdown bound uvicorn-worker
+    does not pass through."""
 
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": functools.partial(BoundedHttpProtocol, limits=_limits),
+        # a larger WebSocket frame is refused (close 1009) from its header, before its payload is read
+        "ws_max_size": _settings.max_body_bytes,
         # Client addresses come from app/admission.py, which believes forwarded headers only from
         # TRUSTED_PROXIES; uvicorn's own rewrite would trust 127.0.0.1 (gunicorn's default).
         "proxy_headers": False,
@@ -37,8 +63,16 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
         "server_header": False,
     }
 
+    def init_process(self) -> None:
+        needed = 2 * _limits.max_sockets + 256
+        if _raise_file_limit(needed) < needed:
+            self.log.warning("open-file limit (RLIMIT_NOFILE) is below the %d descriptors MAX_CONNECTIONS=%d needs "
+                             "per worker; raise the hard limit", needed, _settings.max_connections)
+        super().init_process()
 
-bind = [_bind_address(_settings.host, _settings.port)]
+
+# Ignored under socket activation (LISTEN_FDS): then the second socket handed over must be METRICS_PORT's.
+bind = [_bind_address(_settings.host, _settings.port), _bind_address(_settings.host, _settings.metrics_port)]
 workers = _settings.web_concurrency
 worker_class = "app.gunicorn_conf.GatewayWorker"
 keepalive = int(_settings.keepalive_seconds)

@@ -222,6 +222,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         draining=lambda: drain.draining,
         keys=KeyRing(key.strip() for key in api_keys),
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        forwarded_header=settings.forwarded_header,
         rate_limiter=rate_limiter,
         breaker=breaker,
         slots=shared.slots,

@@ -21,11 +21,13 @@ from app.errors import (
 )
 from app.lifecycle import build_state, lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
+from app.middleware.metrics_port import MetricsPortMiddleware
 from app.middleware.request_id import RequestIdMiddleware
 from app.middleware.stream_router import StreamRouterMiddleware
 from app.observability.metrics import count_rejection
 from app.observability.tracing import setup_tracing
-from app.routes import chat_completions, health, metrics, stream, websocket
+from app.routes import chat_completions, health, stream, websocket
+from app.routes.metrics import metrics_app
 from app.settings import Settings
 
 logger = logging.getLogger("app")
@@ -66,15 +68,19 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 class GatewayApp(FastAPI):
-    """FastAPI with the stream router outside its whole middleware stack (see stream_router.py)."""
+    """FastAPI with the stream router outside its whole middleware stack (see stream_router.py), and the
+    metrics port outside everything (see metrics_port.py)."""
 
     stream_router_max_body_bytes: int | None = None  # set: streams bypass the framework
+    metrics_port: int | None = None  # set with the stream router, which would otherwise answer streams on it
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
         if self.stream_router_max_body_bytes is None:
             return stack
-        return StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
+        stack = StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
+        assert self.metrics_port is not None
+        return MetricsPortMiddleware(stack, metrics_app=metrics_app, metrics_port=self.metrics_port)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Streaming Gateway",
         version="0.1.0",
         lifespan=lifespan,
+        # the API description is for developers; in production it maps the surface for an attacker
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
         # FastAPI's own OpenTelemetry hooks re-check the OTel providers on every request; tracing is
         # configured explicitly in app/observability/tracing.py instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
@@ -96,9 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     tracer_provider = setup_tracing(app)
     app.state.gateway = build_state(settings, tracer_provider=tracer_provider)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every answer carries the id
+    app.add_middleware(RequestIdMiddleware)  # outermost but for the metrics port: every answer carries the id
     if tracer_provider is None:  # with tracing on, streams go through the instrumented stack
         app.stream_router_max_body_bytes = settings.max_body_bytes
-    for module in (stream, chat_completions, websocket, health, metrics):
+        app.metrics_port = settings.metrics_port
+    else:  # outermost user middleware: the instrumentation expects ServerErrorMiddleware outside everything
+        app.add_middleware(MetricsPortMiddleware, metrics_app=metrics_app, metrics_port=settings.metrics_port)
+    for module in (stream, chat_completions, websocket, health):
         app.include_router(module.router)
     return app

@@ -20,8 +20,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format: one JSON object, or plain text.")
     keepalive_seconds: int = Field(
-        75, gt=0, description="Idle HTTP keep-alive timeout; keep it above the load balancer's idle timeout."
+        75, gt=0,
+        description="Idle HTTP keep-alive timeout, also for a new socket that sends nothing; keep it above the load "
+        "balancer's idle timeout.",
     )
+    metrics_port: int = Field(
+        9464, ge=1, le=65535,
+        description="TCP port that serves /metrics (and nothing else); the public PORT does not serve it.",
+    )
+    docs_enabled: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (off: 404).")
 
     # --- upstream ---------------------------------------------------------------------------------
     upstream_url: str | None = Field(
@@ -58,7 +65,19 @@ class Settings(BaseSettings):
     )
 
     # --- requests ---------------------------------------------------------------------------------
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body; larger gets 413.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024,
+        description="Largest accepted request body or WebSocket message; larger gets 413 (WebSocket: close 1009).",
+    )
+    request_read_timeout_seconds: float = Field(
+        10.0, gt=0,
+        description="The request head and body (WebSocket: the first message) must arrive within this, counted "
+        "from the first byte (WebSocket: the upgrade); later gets 408 and close (WebSocket: close 1008).",
+    )
+    max_request_head_bytes: int = Field(
+        65_536, ge=1024, description="Largest request head (request line and headers); larger gets 431 and close."
+    )
+    max_request_headers: int = Field(100, ge=8, description="Most header fields in a request; more gets 431.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Longest accepted prompt (all messages), in characters.")
     max_tokens_limit: int = Field(
         32_768, ge=1, description="Largest max_tokens a client may ask for; larger gets 422."
@@ -67,10 +86,23 @@ class Settings(BaseSettings):
 
     # --- admission --------------------------------------------------------------------------------
     api_keys: SecretStr | None = Field(
-        None, description="Comma-separated client API keys; set: every stream needs one (401 none, 403 wrong)."
+        None,
+        description="Comma-separated client API keys; set: every stream and /v1/models needs one, in "
+        "`Authorization: Bearer` or `X-API-Key` (/ws also: subprotocol `bearer.<key>` or `?api_key=`); 401 none "
+        "or in the URL, 403 wrong.",
     )
     trusted_proxies: str = Field(
-        "", description="Comma-separated CIDRs whose X-Forwarded-For / Forwarded headers are believed (empty: none)."
+        "", description="Comma-separated CIDRs whose FORWARDED_HEADER is believed (empty: none)."
+    )
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for",
+        description="The one header a trusted proxy sets with the client address (the other is ignored); a value "
+        "that is not an IP address falls back to the peer.",
+    )
+    allowed_origins: str = Field(
+        "",
+        description="Comma-separated browser origins (`https://app.example.com`) allowed to open /ws, or `*`; "
+        "a request with any other Origin gets 403. Empty: no browser origin (clients without Origin are unaffected).",
     )
     rate_limit_per_minute: float = Field(
         20.0, ge=0, description="Token-bucket refill per client, requests per minute (0 disables rate limiting)."
@@ -178,6 +210,8 @@ class Settings(BaseSettings):
             )
         if self.resume_enabled and self.resume_store == "redis" and not self.redis_url:
             raise ValueError("RESUME_STORE=redis needs REDIS_URL")
+        if self.metrics_port == self.port:
+            raise ValueError("METRICS_PORT must differ from PORT: /metrics is never served on the public port")
         if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
         return self
@@ -191,6 +225,10 @@ class Settings(BaseSettings):
     @property
     def model_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    @property
+    def origin_list(self) -> tuple[str, ...]:
+        return tuple(origin.strip().rstrip("/").lower() for origin in self.allowed_origins.split(",") if origin.strip())
 
     @property
     def upstream_pool_size(self) -> int:

@@ -297,7 +297,8 @@ def clean_env() -> dict[str, str]:
 def gateway(log_dir: Path, work_dir: Path, name: str, **env: str) -> Server:
     port = free_port()
     # Our own directories, removed at the end, instead of the app's defaults in /tmp.
-    full_env = {**clean_env(), "HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": str(WORKERS),
+    full_env = {**clean_env(), "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(free_port()),
+                "WEB_CONCURRENCY": str(WORKERS),
                 "PROMETHEUS_MULTIPROC_DIR": str(work_dir / f"metrics-{name}"),
                 "RESUME_DIR": str(work_dir / f"resume-{name}"), **GENEROUS_ENV, **env}
     return Server(name, [sys.executable, "-m", "app"], port=port, env=full_env, log_dir=log_dir, workers=WORKERS,

@@ -553,8 +553,9 @@ class WSUser(_StreamUser):
     def _connect(self, url: str, clock: _Clock) -> websocket.WebSocket | _Result:
         for attempt in range(2):
             try:
-                return websocket.create_connection(
+                return websocket.create_connection(  # no Origin: not a browser (ALLOWED_ORIGINS refuses others)
                     url, timeout=NETWORK_TIMEOUT, header=[f"{k}: {v}" for k, v in self.auth.items()],
+                    suppress_origin=True,
                 )
             except websocket.WebSocketBadStatusException as exc:  # refused before the upgrade
                 retry_after = str((exc.resp_headers or {}).get("retry-after") or "1")

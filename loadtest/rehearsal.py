@@ -125,6 +125,14 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _loopback_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
 def wait_until(condition: Callable[[], bool], what: str, guard_s: float, *,
                alive: Callable[[], bool] | None = None, interval: float = POLL_S) -> float:
     """Poll `condition` until it holds; returns the seconds waited. `alive()` false (a process died) fails at once."""
@@ -292,11 +300,10 @@ class Instance:
     def __init__(self, index: int, env: dict[str, str], supervisor: Supervisor, workdir: Path, logdir: Path) -> None:
         self.index = index
         self.name = f"gw-{index}"
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
+        self.sock = _loopback_listener()  # held for the whole run: restarts take it over
+        self.metrics_sock = _loopback_listener()
         self.port = int(self.sock.getsockname()[1])
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_sock.getsockname()[1]}"
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.address}"
         self.env = env
@@ -309,17 +316,21 @@ class Instance:
     def start(self) -> None:
         """`python -m app` on this instance's socket (systemd socket activation: fd 3, LISTEN_FDS, LISTEN_PID)."""
         self.generation += 1
-        fd = self.sock.fileno()
+        fd, metrics_fd = self.sock.fileno(), self.metrics_sock.fileno()
         tag = f"{self.name}.{self.generation}"
-        env = dict(self.env, PORT=str(self.port), LISTEN_FDS="1",
+        env = dict(self.env, PORT=str(self.port), METRICS_PORT=self.metrics_url.rsplit(":", 1)[1], LISTEN_FDS="2",
                    PROMETHEUS_MULTIPROC_DIR=str(self.workdir / f"metrics-{tag}"))
         if env.get("RESUME_STORE", "local") == "local":
             env["RESUME_DIR"] = str(self.workdir / f"resume-{tag}")
-        # the shell moves the socket to fd 3 and sets LISTEN_PID to its own pid, which exec keeps for gunicorn
-        move = "" if fd == SD_LISTEN_FDS_START else f"exec {SD_LISTEN_FDS_START}<&{fd} {fd}<&-; "
+        # the shell moves the public socket to fd 3 and the metrics socket to fd 4, through two spare fds
+        # (copied first, so neither move overwrites the other), and sets LISTEN_PID to its own pid, which
+        # exec keeps for gunicorn
+        spare, spare2 = [n for n in range(5, 10) if n not in (fd, metrics_fd)][:2]
+        move = (f"exec {spare}<&{fd} {spare2}<&{metrics_fd}; "
+                f"exec {SD_LISTEN_FDS_START}<&{spare} {SD_LISTEN_FDS_START + 1}<&{spare2} {spare}<&- {spare2}<&-; ")
         script = f'{move}LISTEN_PID=$$; export LISTEN_PID; exec {shlex.quote(sys.executable)} -m app'
         self.child = self.supervisor.spawn(tag, ["/bin/sh", "-c", script], log_path=self.logdir / f"{tag}.log",
-                                           env=env, cwd=ROOT, pass_fds=(fd,))
+                                           env=env, cwd=ROOT, pass_fds=(fd, metrics_fd))
 
     def ready(self) -> bool:
         try:
@@ -339,13 +350,14 @@ class Instance:
     def in_flight(self) -> int | None:
         """Streams this instance relays right now (its own /metrics, all workers)."""
         try:
-            text = httpx.get(self.url + "/metrics", timeout=2.0).text
+            text = httpx.get(self.metrics_url + "/metrics", timeout=2.0).text
         except httpx.HTTPError:
             return None
         return int(sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M)))
 
     def close(self) -> None:
         self.sock.close()
+        self.metrics_sock.close()
 
 
 def drain_cuts(log_path: Path) -> int | None:
@@ -805,7 +817,7 @@ class Rehearsal:
                           for i in range(config.instances)]
         # Prometheus first: it applies its targets a few seconds after start (discovery reload interval)
         self.prometheus = start_prometheus(
-            [ScrapeTarget(inst.address, {"instance": inst.name}) for inst in self.instances],
+            [ScrapeTarget(inst.metrics_url, {"instance": inst.name}) for inst in self.instances],
             self.workdir / "prometheus", self.supervisor)
         log(f"prometheus at {self.prometheus.url}")
         for instance in self.instances:

@@ -3,6 +3,7 @@
 Each server gets a listening socket the test binds itself on 127.0.0.1:0 and hands over, so
 there is no guessed port: gunicorn takes it through systemd socket activation (LISTEN_FDS), the
 path it uses in production with socket-activated units; the fake upstream takes it with --fd.
+The gateway gets two: its public port and METRICS_PORT (`Gateway.metrics_url`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _listening_socket(*, inheritable: bool = False) -> socket.socket:
+    """A gateway's public socket (tests that share one between two gateways replace this function)."""
+    return _loopback_socket(inheritable=inheritable)
+
+
+def _loopback_socket(*, inheritable: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -64,6 +70,7 @@ class Gateway:
     proc: subprocess.Popen[bytes]
     env: dict[str, str]
     log_path: Path
+    metrics_url: str = ""  # GET {metrics_url}/metrics: the metrics port (the public url does not serve it)
 
     @property
     def pid(self) -> int:
@@ -91,33 +98,42 @@ class GatewayFactory(Protocol):
 
 
 def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
-    sock = _listening_socket()
-    port = sock.getsockname()[1]
+    sock, metrics_sock = _listening_socket(), _loopback_socket()  # each gateway its own metrics port
+    port, metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_")) and k.lower() not in PROXY_VARIABLES}
-    env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "warning"})
+    env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(metrics_port),
+                "LOG_LEVEL": "warning"})
     # Tests of other features send many requests from one address; the protection tests set these back.
     env.update({"RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "500"})
     # A client leaving stops its generation at once (the resume tests turn orphaned generations back on).
     env["ORPHAN_TIMEOUT_SECONDS"] = "0"
     env.update({k.upper(): str(v) for k, v in env_overrides.items()})
-    fd = sock.fileno()
+    fds = (os.dup(sock.fileno()), os.dup(metrics_sock.fileno()))
+    sock.close()
+    metrics_sock.close()
 
-    def hand_over_socket() -> None:  # runs in the child between fork and exec
-        os.dup2(fd, SD_LISTEN_FDS_START)
-        os.set_inheritable(SD_LISTEN_FDS_START, True)  # dup2 onto itself (fd already 3) keeps close-on-exec
+    def hand_over_sockets() -> None:  # runs in the child between fork and exec: public on fd 3, metrics on 4
+        moved = [os.dup(fd) for fd in fds]  # both copied before either is placed: fd 3 may hold the other one
+        for offset, fd in enumerate(moved):
+            os.dup2(fd, SD_LISTEN_FDS_START + offset)
+            os.set_inheritable(SD_LISTEN_FDS_START + offset, True)
         os.environ.update(env)
-        os.environ["LISTEN_FDS"] = "1"
+        os.environ["LISTEN_FDS"] = str(len(moved))
         os.environ["LISTEN_PID"] = str(os.getpid())
 
     log = log_path.open("wb")
-    proc = subprocess.Popen(  # noqa: PLW1509 - preexec_fn is how the socket lands on fd 3
-        [sys.executable, "-m", "app"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=hand_over_socket, close_fds=False, env=None,  # fd 3 must survive; CLOEXEC fds still close
-    )
-    sock.close()
+    try:
+        proc = subprocess.Popen(  # noqa: PLW1509 - preexec_fn is how the sockets land on fds 3 and 4
+            [sys.executable, "-m", "app"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=hand_over_sockets, close_fds=False, env=None,  # fds 3, 4 must survive; CLOEXEC fds close
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
     log.close()
-    gateway = Gateway(url=f"http://127.0.0.1:{port}", proc=proc, env=env, log_path=log_path)
+    gateway = Gateway(url=f"http://127.0.0.1:{port}", proc=proc, env=env, log_path=log_path,
+                      metrics_url=f"http://127.0.0.1:{metrics_port}")
     try:
         _wait_until_up(gateway.url, proc, "/health")
     except RuntimeError:

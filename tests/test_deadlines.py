@@ -94,7 +94,7 @@ def test_deadline_in_openai_stream_is_an_error_chunk(strict_gateway: Gateway, fa
 
 
 def _errors_by_type(gateway: Gateway, error_type: str) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     pattern = rf'^streaming_errors_total\{{error_type="{error_type}",route="/stream"\}} (\S+)$'
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 

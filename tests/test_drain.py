@@ -56,9 +56,9 @@ async def _ws_stream(gateway: Gateway, i: int) -> tuple[list[dict[str, Any]], in
         return events, ws.close_code
 
 
-async def _wait_streams_open(client: httpx.AsyncClient, count: int) -> None:
+async def _wait_streams_open(client: httpx.AsyncClient, gateway: Gateway, count: int) -> None:
     while True:  # guarded by the test timeout
-        streams = sum(float(v) for v in _active_lines((await client.get("/metrics")).text))
+        streams = sum(float(v) for v in _active_lines((await client.get(gateway.metrics_url + "/metrics")).text))
         if streams >= count:
             return
         await asyncio.sleep(0.05)
@@ -117,7 +117,7 @@ def test_drain_deadline_ends_streams_with_server_shutdown(start_gateway: Gateway
             sse = [asyncio.create_task(_sse_stream(client, i)) for i in range(4)]
             chat = [asyncio.create_task(_chat_stream(client, i)) for i in range(4)]
             ws = [asyncio.create_task(_ws_stream(gateway, i)) for i in range(4)]
-            await _wait_streams_open(client, 12)
+            await _wait_streams_open(client, gateway, 12)
             gateway.proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*sse)), list(await asyncio.gather(*chat)), list(await asyncio.gather(*ws))
 

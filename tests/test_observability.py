@@ -27,7 +27,7 @@ def _samples(text: str) -> dict[str, float]:
 
 def _scrape(gateway: Gateway) -> dict[str, float]:
     with httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        return _samples(client.get(gateway.url + "/metrics").text)
+        return _samples(client.get(gateway.metrics_url + "/metrics").text)
 
 
 def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:

@@ -343,7 +343,7 @@ def test_tokens_before_an_error_chunk_in_the_same_read_are_relayed(
 
 
 def active_streams(gateway: Gateway) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 

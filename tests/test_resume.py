@@ -136,7 +136,7 @@ def assert_continues(before: list[Event], after: list[Event], prompt: str, max_t
 
 
 def metric_total(gateway: Gateway, name: str, labels: str = "") -> float:
-    text = httpx.get(gateway.url + "/metrics").text
+    text = httpx.get(gateway.metrics_url + "/metrics").text
     pattern = re.compile(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", re.M)
     return sum(float(value) for found, value in pattern.findall(text) if labels in found)
 

@@ -38,7 +38,7 @@ def test_an_orphan_nobody_reads_is_stopped(start_gateway: GatewayFactory) -> Non
             next(line for line in response.iter_lines() if line.endswith("-2"))
         # nobody comes back in time: the generation is stopped (seen in the metrics), and a late
         # resumer finds the log ended with the reason
-        wait_for_orphan_timeout(gateway.url)
+        wait_for_orphan_timeout(gateway.metrics_url)
         body = client.get(f"/stream/{stream_id}", headers={"Last-Event-ID": f"{stream_id}-2"}).text
     final = json.loads(sse_data(body)[-1])
     assert final["code"] == "orphan_timeout"

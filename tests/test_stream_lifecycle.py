@@ -13,7 +13,7 @@ from tests.workers import only_worker, worker_pids
 
 
 def active_streams(gateway: Gateway) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
@@ -30,7 +30,7 @@ def test_health_ready_metrics(mock_gateway: Gateway) -> None:
     assert httpx.get(mock_gateway.url + "/health", timeout=5).json() == {"status": "ok"}
     ready = httpx.get(mock_gateway.url + "/ready", timeout=5)
     assert ready.status_code == 200
-    metrics = httpx.get(mock_gateway.url + "/metrics", timeout=5)
+    metrics = httpx.get(mock_gateway.metrics_url + "/metrics", timeout=5)
     assert metrics.headers["content-type"].startswith("text/plain")
 
 
@@ -75,7 +75,7 @@ def test_finished_streams_are_counted(start_gateway: object) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=0)  # type: ignore[operator]
     for _ in range(6):
         httpx.post(gateway.url + "/stream", json={"prompt": "count me", "max_tokens": 5}, timeout=10)
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     assert 'streaming_connections_total{route="/stream",status="success"} 6.0' in text
     assert 'streaming_tokens_total{model="gpt-4o-mini",route="/stream"} 30.0' in text
     assert 'streaming_ttft_seconds_count{model="gpt-4o-mini",route="/stream"} 6.0' in text

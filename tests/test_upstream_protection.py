@@ -54,7 +54,7 @@ def http_client(**kwargs: Any) -> httpx.Client:
 def samples(gateway: Gateway, name: str, **labels: str) -> list[float]:
     """Values of metric `name` whose labels include `labels`, from the instance-wide /metrics (all workers)."""
     with http_client() as client:
-        text = client.get(gateway.url + "/metrics").text
+        text = client.get(gateway.metrics_url + "/metrics").text
     found = []
     for match in _SAMPLE.finditer(text):
         if match["name"] == name:

@@ -57,9 +57,8 @@ def test_ws_text_matches_sse_text(mock_gateway: Gateway) -> None:
         ("not json", 1007, "not valid JSON"),
         (json.dumps({"max_tokens": 3}), 1007, "prompt: Field required"),
         (json.dumps({"prompt": "x", "max_tokens": 10**9}), 1007, "above this gateway's limit"),
-        (json.dumps({"prompt": "x" * 1_100_000}), 1009, "larger than"),
     ],
-    ids=["malformed", "missing-prompt", "absurd-max-tokens", "too-large"],
+    ids=["malformed", "missing-prompt", "absurd-max-tokens"],
 )
 def test_ws_bad_request_gets_error_event_and_close_code(
     mock_gateway: Gateway, message: str, code: int, needle: str
@@ -71,6 +70,15 @@ def test_ws_bad_request_gets_error_event_and_close_code(
     assert len(events) == 1
     assert events[0]["type"] == "error"
     assert needle in str(events[0]["message"])
+
+
+def test_ws_message_over_max_body_bytes_is_closed_1009(mock_gateway: Gateway) -> None:
+    """The server's frame limit is MAX_BODY_BYTES: it closes from the frame header, before any event."""
+    with connect(_ws_url(mock_gateway), max_size=None) as ws:
+        ws.send(json.dumps({"prompt": "x" * 1_100_000}))
+        events = _receive_all(ws)
+        assert ws.close_code == 1009
+    assert events == []
 
 
 def test_ws_client_leaving_mid_stream_releases_the_stream(mock_gateway: Gateway) -> None:

@@ -41,7 +41,8 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         if fmt == "json"
         else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
-    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr",
+               "filters": ["redact_keys"]}
     loggers = {
         name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
         for name in ("gunicorn.error", "uvicorn", "uvicorn.error", "app")
@@ -52,6 +53,7 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"redact_keys": {"()": "app.observability.redaction.RedactKeysFilter"}},
         "handlers": {"default": handler},
         "loggers": loggers,
         "root": {"handlers": ["default"], "level": "WARNING"},

@@ -28,7 +28,7 @@ KNOWN_STATUSES = ("success", "rejected", "error")
 KNOWN_REJECTIONS = (
     "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
     "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
-    "invalid_stream_id",
+    "invalid_stream_id", "api_key_in_url", "origin_not_allowed", "request_timeout",
 )
 KNOWN_ERRORS = (
     "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",

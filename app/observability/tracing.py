@@ -20,9 +20,26 @@ from fastapi import FastAPI
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Span
+
+from app.observability.redaction import redact_url_keys
 
 EXCLUDED_URLS = "/health,/ready,/metrics"
 DEFAULT_SERVICE_NAME = "streaming-gateway"
+URL_ATTRIBUTES = ("http.url", "url.full", "http.target", "url.query")  # old and stable semantic conventions
+
+
+def redact_span_url(span: Span, scope: dict[str, Any]) -> None:
+    """server_request_hook: a /ws key in the query string (`?api_key=`) never reaches a span."""
+    if not scope.get("query_string") or not span.is_recording():
+        return
+    attributes = getattr(span, "attributes", None) or {}
+    for name in URL_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str):
+            redacted = redact_url_keys(value) if "?" in value else redact_url_keys("?" + value)[1:]
+            if redacted != value:
+                span.set_attribute(name, redacted)
 
 
 def _exporter_from_env() -> SpanExporter | None:
@@ -50,7 +67,8 @@ def setup_tracing(app: FastAPI) -> TracerProvider | None:
     provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     FastAPIInstrumentor.instrument_app(
-        app, tracer_provider=provider, excluded_urls=EXCLUDED_URLS, exclude_spans=["send", "receive"]
+        app, tracer_provider=provider, excluded_urls=EXCLUDED_URLS, exclude_spans=["send", "receive"],
+        server_request_hook=redact_span_url,
     )
     return provider
 

@@ -94,12 +94,16 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     )
 
 
+OWNED_BY = "streaming-gateway"  # never the upstream's host: clients need not know where models run
+
+
 @router.get("/models", summary="Models this gateway serves")
-async def list_models(state: StateDep) -> dict[str, object]:
+async def list_models(request: Request, state: StateDep) -> dict[str, object]:
+    state.admission.authenticate(request)  # with API_KEYS set, listing models needs a key as streaming does
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": state.upstream.name}
+            {"id": name, "object": "model", "created": 0, "owned_by": OWNED_BY}
             for name in state.settings.model_names
         ],
     }

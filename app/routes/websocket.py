@@ -4,6 +4,11 @@ Refusals and errors are an `error` event followed by a close with the mapped cod
 stream is `done` followed by a normal close (1000); a stream ended by the drain gets
 `server_shutdown` and close 1012 (service restart), so the client reconnects elsewhere.
 
+Before the upgrade: a browser Origin not in ALLOWED_ORIGINS gets 403, and with API_KEYS set the key
+is checked (401/403 as plain HTTP, so a page cannot open a socket it may not use). After it, the
+first message must arrive within REQUEST_READ_TIMEOUT_SECONDS (else `request_timeout`, close 1008);
+a frame larger than MAX_BODY_BYTES is refused by the server from its header (close 1009).
+
 Resuming: with resumption on, the status event carries `"stream_id"`. A client that lost its
 connection opens a new one and sends `{"resume": "<stream id>", "received": <events it got>}`
 (or `"last_event_id": "<stream id>-<seq>"`); it gets every later event, then the live tail.
@@ -16,6 +21,7 @@ A stream of someone else, or an unknown one, answers as a resume of it would: `n
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, WebSocket
@@ -26,10 +32,14 @@ from starlette.websockets import WebSocketDisconnect
 from app.admission import Ticket
 from app.errors import (
     WS_NORMAL,
+    WS_POLICY_VIOLATION,
     GatewayError,
     InvalidRequestError,
     NotResumableError,
+    OriginForbiddenError,
     PayloadTooLargeError,
+    RequestTimeoutError,
+    error_response,
 )
 from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
@@ -92,11 +102,41 @@ def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeReq
     return parse_json_model(raw, StreamRequest)
 
 
+def check_origin(websocket: WebSocket, allowed: tuple[str, ...]) -> None:
+    """Browsers send Origin on every WebSocket; other clients usually send none, and are not affected."""
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed or origin.rstrip("/").lower() in allowed:
+        return
+    raise OriginForbiddenError(origin)
+
+
+async def _refuse_handshake(websocket: WebSocket, error: GatewayError) -> None:
+    count_rejection(ENDPOINT, error.code)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(error, openai_shape=False))
+    else:  # pragma: no cover - uvicorn offers the denial extension; without it the server answers 403
+        await websocket.close(code=WS_POLICY_VIOLATION)
+
+
 @router.websocket("/ws")
 async def ws_stream(websocket: WebSocket) -> None:
     state: GatewayState = websocket.app.state.gateway
+    try:
+        check_origin(websocket, state.settings.origin_list)
+        state.admission.authenticate(websocket)
+    except GatewayError as exc:
+        await _refuse_handshake(websocket, exc)
+        return
     await websocket.accept()
-    message = await websocket.receive()
+    read_timeout = state.settings.request_read_timeout_seconds
+    try:
+        async with asyncio.timeout(read_timeout):
+            message = await websocket.receive()
+    except TimeoutError:
+        error = RequestTimeoutError(read_timeout, "the first message")
+        count_rejection(ENDPOINT, error.code)
+        await _end_with_error(websocket, error)
+        return
     if message["type"] == "websocket.disconnect":
         return
     raw = message.get("text") if message.get("text") is not None else message.get("bytes")

@@ -43,8 +43,10 @@ def test_probes_hit_health_and_ready(helm: Helm) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
     assert container(helm.template(gateway__env__PORT=9000))["ports"][0]["containerPort"] == 9000
+    assert container(helm.template(gateway__env__METRICS_PORT=9100))["ports"][1]["containerPort"] == 9100
 
 
 def test_prestop_sleeps_natively_or_by_exec(helm: Helm) -> None:
@@ -138,7 +140,11 @@ def test_disruption_budget_and_network_policy(helm: Helm) -> None:
     assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     policy = find(docs, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    assert policy["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]  # any peer, the one port
+    assert policy["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]},  # any peer, each port
+                                 {"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    restricted = find(helm.template(networkPolicy__metricsFrom=monitoring), "NetworkPolicy")["spec"]
+    assert restricted["ingress"][1] == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": monitoring}
 
 
 # --- exposure -----------------------------------------------------------------------------------------
@@ -207,9 +213,27 @@ def test_keda_queries_streams_in_flight(helm: Helm) -> None:
 def test_service_monitor_is_selected_by_kube_prometheus_stack(helm: Helm) -> None:
     monitor = find(helm.template(serviceMonitor__enabled=True), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "honorLabels": True,
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": True,
                                              "interval": "15s", "scrapeTimeout": "10s"}]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_metrics_port_is_scraped_and_never_routed(helm: Helm) -> None:
+    """Issue 12: /metrics has a port of its own; the Service carries it for the ServiceMonitor, while the
+    ingress and the HTTPRoute send clients to the `http` port only (the gateway's public port has no /metrics)."""
+    from .test_render import SCENARIOS
+
+    docs = helm.template(ingress__enabled=True, serviceMonitor__enabled=True)
+    ports = {p["name"]: p for p in find(docs, "Service")["spec"]["ports"]}
+    assert ports["metrics"] == {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}
+    assert ports["http"]["port"] == 80 and ports["http"]["targetPort"] == "http"
+    assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+    for path in find(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"]:
+        assert path["backend"]["service"]["port"] == {"name": "http"}
+    routes = [d for d in helm.template(SCENARIOS["gateway-api"]) if d["kind"] == "HTTPRoute"]
+    assert routes
+    for rule in (rule for route in routes for rule in route["spec"]["rules"]):
+        assert [ref["port"] for ref in rule["backendRefs"]] == [ports["http"]["port"]]
 
 
 def _rules(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

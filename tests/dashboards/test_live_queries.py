@@ -204,7 +204,7 @@ def test_every_dashboard_and_rule_query_returns_data(
             MAX_CONNECTIONS=MAX_CONNECTIONS, DRAIN_TIMEOUT_SECONDS=1, DRAIN_CLOSE_GRACE_SECONDS=1,
             REDIS_URL=redis_url, REDIS_TIMEOUT_SECONDS=0.1,
         )
-        prometheus = prometheus_server([ScrapeTarget(gateway.url, TARGET_LABELS)], [RULES])
+        prometheus = prometheus_server([ScrapeTarget(gateway.metrics_url, TARGET_LABELS)], [RULES])
         # Prometheus applies its targets seconds after start; counters must be seen at 0 before the load
         # (as a pod is scraped from its start), or `increase()` finds no rise and the alerts stay silent.
         prometheus.wait_for_scrapes(1)

@@ -209,13 +209,14 @@ def test_locust_reconnects_after_a_drain_and_counts_no_truncation(
         )
         proc = start_locust(first.url, tmp_path, users=users, seconds=60, max_tokens=300,  # -t: a guard only
                             max_reconnects=10, reconnect_delay=0.1, max_retry_after=0.2)
-        assert wait_metric(first.url, "streaming_active_connections", users) >= users
+        assert wait_metric(first.metrics_url, "streaming_active_connections", users) >= users
         # its /health may be answered by A, so B may still be booting while A drains: requests then wait
         # in the shared socket's backlog, which is what socket activation is for
         second = start_gateway(MOCK_TOKENS_PER_SECOND=1000, MOCK_FIRST_TOKEN_MS=5, WEB_CONCURRENCY=1)
         assert first.stop() == 0, first.log()  # SIGTERM: drained and exited; only B answers from here on
         for endpoint in ("/stream", "/v1/chat/completions", "/ws"):  # users reconnected and finished on B
-            assert wait_metric(second.url, "streaming_stream_outcomes_total", 1, route=endpoint, outcome="done") >= 1
+            done = wait_metric(second.metrics_url, "streaming_stream_outcomes_total", 1, route=endpoint, outcome="done")
+            assert done >= 1
         proc.terminate()  # Locust stops its users (aborted), writes the summary and exits
         run = finish_locust(proc, tmp_path, 0)
         assert second.proc.poll() is None

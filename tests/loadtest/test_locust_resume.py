@@ -67,7 +67,7 @@ def test_locust_resumes_dropped_streams_on_the_same_instance(start_gateway: Gate
     resume_requests = run.stat("GET", "/stream/{id}")
     assert resume_requests is not None and resume_requests["Failure Count"] == "0"
     assert run.failures == []
-    assert wait_metric(gateway.url, "streaming_resumptions_total", 1) >= summary["resumed"]
+    assert wait_metric(gateway.metrics_url, "streaming_resumptions_total", 1) >= summary["resumed"]
 
 
 def test_locust_resumes_streams_handed_over_by_a_drained_instance(
@@ -84,7 +84,7 @@ def test_locust_resumes_streams_handed_over_by_a_drained_instance(
         # 300 tokens at 100/s: 3 s streams on A, which outlive its 1 s drain; B continues them at 1000/s
         first = start_gateway(MOCK_TOKENS_PER_SECOND=100, DRAIN_TIMEOUT_SECONDS=1, **fleet)
         proc = start_locust(first.url, tmp_path, users=users, seconds=7, max_tokens=300, **RESUMING)
-        assert wait_metric(first.url, "streaming_active_connections", users) >= users
+        assert wait_metric(first.metrics_url, "streaming_active_connections", users) >= users
         second = start_gateway(MOCK_TOKENS_PER_SECOND=1000, **fleet)
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(timeout=30) == 0, first.log()

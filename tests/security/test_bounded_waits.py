@@ -1,0 +1,130 @@
+"""Issue 12: every wait before admission is bounded, and oversized heads and frames are refused early.
+
+Each test plays one hostile peer on a raw socket against the real gateway (2 workers) with a 1 s read
+deadline and keep-alive, then waits (guard: raw.GUARD_S) for the gateway to answer and hang up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+
+from app.protocol import SOCKET_HEADROOM
+from tests.conftest import Gateway, GatewayFactory, launch_gateway
+from tests.security.raw import (
+    GUARD_S,
+    connect,
+    read_head,
+    read_until_closed,
+    send_until_answered,
+    status_of,
+    ws_close_code,
+    ws_frame_header,
+    ws_handshake,
+)
+
+KEY = "sk-tenant-a"
+MAX_BODY = 1_048_576
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = launch_gateway(
+        {"API_KEYS": f"{KEY},sk-tenant-b", "REQUEST_READ_TIMEOUT_SECONDS": 1, "KEEPALIVE_SECONDS": 1,
+         "MAX_BODY_BYTES": MAX_BODY, "MOCK_TOKENS_PER_SECOND": 0},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
+    yield gateway
+    gateway.stop()
+
+
+def test_a_socket_that_sends_nothing_is_closed(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        assert read_until_closed(sock) == b""
+
+
+def test_half_sent_headers_get_408(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-")
+        response = read_until_closed(sock)
+    assert status_of(response) == 408
+    assert b'"code": "request_timeout"' in response
+
+
+def test_a_partial_body_gets_408(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        response = read_until_closed(sock)
+    assert status_of(response) == 408
+    # the deadline costs a prompt client nothing: a keep-alive connection serves request after request
+    with httpx.Client(base_url=gateway.url, headers={"X-API-Key": KEY}, timeout=GUARD_S) as client:
+        for _ in range(3):
+            served = client.post("/stream", json={"prompt": "in time", "max_tokens": 2})
+            assert served.status_code == 200
+            assert served.text.rstrip().endswith('"tokens": 2}')
+
+
+def test_an_unfinished_chunked_body_gets_408(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\n{\"mod\r\n")
+        response = read_until_closed(sock)
+    assert status_of(response) == 408
+
+
+def test_a_websocket_that_never_sends_its_request_is_closed_1008(gateway: Gateway) -> None:
+    url = gateway.url.replace("http://", "ws://") + "/ws"
+    with ws_connect(url, additional_headers={"X-API-Key": KEY}, open_timeout=GUARD_S) as ws:
+        event = json.loads(ws.recv(timeout=GUARD_S))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=GUARD_S)
+    assert event["code"] == "request_timeout"
+    assert ws.close_code == 1008
+
+
+def test_an_8_mib_header_gets_431(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        head = [b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Big: "]
+        response = send_until_answered(sock, head + [b"a" * 65536] * 128 + [b"\r\n\r\n"])
+    assert status_of(response) == 431
+    assert b'"code": "headers_too_large"' in response
+
+
+def test_20000_headers_get_431(gateway: Gateway) -> None:
+    fields = [b"".join(b"X-H%d: v\r\n" % (i + j) for j in range(500)) for i in range(0, 20_000, 500)]
+    with connect(gateway.url) as sock:
+        response = send_until_answered(sock, [b"GET /health HTTP/1.1\r\nHost: gateway\r\n", *fields, b"\r\n"])
+    assert status_of(response) == 431
+
+
+def test_a_15_mib_websocket_frame_is_refused_from_its_header(gateway: Gateway) -> None:
+    with connect(gateway.url) as sock:
+        sock.sendall(ws_handshake("/ws", {"X-API-Key": KEY}))
+        assert status_of(read_head(sock)) == 101
+        # the header announces 15 MiB; only 64 KiB follow, so a server that waits for the payload never answers
+        sock.sendall(ws_frame_header(15 * 1024 * 1024) + b" " * 65536)
+        data = read_until_closed(sock)
+    assert ws_close_code(data) == 1009
+
+
+def test_idle_sockets_cannot_hold_every_descriptor(start_gateway: GatewayFactory) -> None:
+    """One worker holds MAX_CONNECTIONS + 100 sockets: one more closes the longest-idle one (nginx's reuse of
+    idle keep-alive connections), and a legitimate client is served. Keep-alive (60 s) outlasts the guard, so
+    only the cap can close the first socket (the read deadline is as long)."""
+    gateway = start_gateway(WEB_CONCURRENCY=1, MAX_CONNECTIONS=1, KEEPALIVE_SECONDS=60, REQUEST_READ_TIMEOUT_SECONDS=60)
+    with ExitStack() as stack:
+        first = stack.enter_context(connect(gateway.url))
+        first.sendall(b"GET /hea")  # half a request line: idle as far as the app is concerned
+        assert httpx.get(gateway.url + "/health", timeout=GUARD_S).status_code == 200  # `first` was accepted
+        for _ in range(1 + SOCKET_HEADROOM):
+            stack.enter_context(connect(gateway.url))
+        assert read_until_closed(first) == b""
+        assert httpx.get(gateway.url + "/health", timeout=GUARD_S).status_code == 200
