@@ -8,7 +8,7 @@ import logging
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from app.errors import GatewayError
+from app.errors import GatewayError, UpstreamError
 from app.observability import metrics as m
 from app.streaming.session import Outcome, StreamSession
 
@@ -73,7 +73,9 @@ class StreamRecorder:
         if span.is_recording():
             _annotate_server_span(span, session, error)
             trace_id = format(span.get_span_context().trace_id, "032x")
-        logger.info(
+        logger.log(
+            # an upstream failure is the operator's business: its line stays visible at LOG_LEVEL=warning
+            logging.WARNING if isinstance(error, UpstreamError) else logging.INFO,
             "stream finished",
             extra={
                 "stream_id": session.id, "request_id": session.request_id, "endpoint": endpoint,
@@ -82,6 +84,8 @@ class StreamRecorder:
                 "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
                 "duration_s": round(end - session.started_at, 4),
                 "error_code": error.code if error else None, "trace_id": trace_id,
+                # the upstream's own words about its failure: for the operator, never sent to the client
+                "upstream_detail": error.detail if isinstance(error, UpstreamError) else None,
             },
         )
 

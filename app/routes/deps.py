@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admission import Ticket
-from app.errors import InvalidRequestError, UnsupportedMediaTypeError
+from app.errors import InvalidRequestError, ModelNotFoundError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
 from app.streaming.session import StreamSession
@@ -111,6 +111,12 @@ def check_max_tokens(value: int | None, settings: Settings, *, field: str = "max
             f"{field} is {value}, above this gateway's limit of {settings.max_tokens_limit}", param=field
         )
     return value
+
+
+def check_model(model: str, settings: Settings, *, status: int) -> None:
+    """MODELS bounds what reaches the upstream (empty: any model)."""
+    if settings.model_names and model not in settings.model_names:
+        raise ModelNotFoundError(model, status=status)
 
 
 def check_prompt_size(chars: int, settings: Settings) -> None:
