@@ -247,6 +247,17 @@ class BreakerModel:
         self.probe_at = 0.0
         self.successes = 0
         self.live: set[int] = set()
+        self.charged: list[tuple[float, str]] = []  # counted failures charged to a client, in every state
+
+    def charge(self, now: float, client: str | None) -> bool:
+        """False if `client` is at its cap of 2 per 60 s (the failure then counts as nothing)."""
+        if client is None:
+            return True
+        self.charged = [(t, c) for t, c in self.charged if t > now - 60.0]
+        if sum(c == client for _, c in self.charged) >= 2:
+            return False
+        self.charged.append((now, client))
+        return True
 
     def open(self, at: float) -> None:
         self.mode, self.opened_at, self.failures, self.probe, self.successes = "open", at, [], None, 0
@@ -278,11 +289,13 @@ class BreakerModel:
             return True
         return False
 
-    def settle(self, now: float, ident: int, outcome: str) -> None:
+    def settle(self, now: float, ident: int, outcome: str, client: str | None = None) -> None:
         self.tick(now)
         if ident not in self.live:
             return
         self.live.discard(ident)
+        if outcome == "failure" and not self.charge(now, client):
+            outcome = "release"
         if self.mode == "closed":
             if outcome == "failure":
                 self.closed_failure(now)
@@ -349,11 +362,19 @@ class BreakerMachine(RuleBasedStateMachine):
         self.model.settle(self.clock.now, ident, outcome)
         assert report[outcome]() is False  # exactly once
 
-    @rule(worker=st.integers(0, 1))
-    def failure_without_permit(self, worker: int) -> None:
-        self.workers[worker].record_failure()
+    @rule(entry=consumes(permits), client=st.sampled_from(["a", "b"]))
+    def charged_failure(self, entry: tuple[int, Permit | None], client: str) -> None:
+        ident, permit = entry
+        if permit is None:
+            return
+        assert permit.record_failure(client) is True
+        self.model.settle(self.clock.now, ident, "failure", client)
+
+    @rule(worker=st.integers(0, 1), client=st.sampled_from([None, "a"]))
+    def failure_without_permit(self, worker: int, client: str | None = None) -> None:
+        self.workers[worker].record_failure(client=client)
         self.model.tick(self.clock.now)
-        if self.model.mode == "closed":
+        if self.model.mode == "closed" and self.model.charge(self.clock.now, client):
             self.model.closed_failure(self.clock.now)
 
     @rule(worker=st.integers(0, 1))
@@ -374,6 +395,8 @@ class BreakerMachine(RuleBasedStateMachine):
             snapshot = worker.snapshot()
             assert snapshot.successes == self.model.successes
             assert sum(t > now - 60.0 for t in snapshot.failures) == recent_failures
+            assert sorted(t for t, _ in snapshot.charged if t > now - 60.0) == sorted(
+                t for t, _ in self.model.charged if t > now - 60.0)
 
 
 class SharedBreakerMachine(BreakerMachine):
