@@ -23,6 +23,8 @@ WS_INTERNAL_ERROR = 1011
 WS_SERVICE_RESTART = 1012
 WS_TRY_AGAIN_LATER = 1013
 
+MAX_DETAIL_CHARS = 500  # of an upstream's own error text, kept for the log line
+
 
 class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""
@@ -73,6 +75,41 @@ class InvalidRequestError(GatewayError):
     """The request body is malformed or fails validation."""
 
     status, code, openai_type, ws_close_code = 422, "invalid_request", "invalid_request_error", WS_INVALID_PAYLOAD
+
+
+class UnknownParameterError(GatewayError):
+    """A request field the gateway does not forward (not OpenAI's, not in UPSTREAM_EXTRA_FIELDS)."""
+
+    status, code, openai_type, ws_close_code = 400, "unknown_parameter", "invalid_request_error", WS_INVALID_PAYLOAD
+
+    def __init__(self, param: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"Unknown parameter: {param!r}. This gateway forwards only OpenAI chat completion "
+            "parameters; its operator can allow others with UPSTREAM_EXTRA_FIELDS.",
+            param=param,
+        )
+        if message is not None:
+            self.message = f"{message} ({param})"
+
+
+class ContentNotAllowedError(GatewayError):
+    """A content part this gateway does not accept (images when off, audio, files, unsafe image URLs)."""
+
+    status, code, openai_type, ws_close_code = 400, "content_not_allowed", "invalid_request_error", WS_INVALID_PAYLOAD
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{message} ({param})", param=param)
+
+
+class ModelNotFoundError(GatewayError):
+    """A model outside MODELS: 404 on /v1 (OpenAI's `model_not_found`), 422 on /stream and /ws."""
+
+    code, openai_type, ws_close_code = "model_not_found", "invalid_request_error", WS_INVALID_PAYLOAD
+
+    def __init__(self, model: str, *, status: int) -> None:
+        super().__init__(f"The model {model[:80]!r} does not exist on this gateway; see GET /v1/models",
+                         param="model")
+        self.status = status
 
 
 class PayloadTooLargeError(GatewayError):
@@ -222,19 +259,32 @@ class DrainingError(ServiceUnavailableError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream failed: connect error, 5xx, broken stream."""
+    """The upstream failed: connect error, 5xx, broken or malformed stream, an error it sent.
+
+    The client is told the kind of failure and its request id, never the upstream's own words:
+    those (an error body, a reason, an exception) can carry the model server's paths, hosts or
+    another tenant's input, and go to the stream's log line only (`detail`).
+    """
 
     status, code, openai_type, ws_close_code = 502, "upstream_error", "server_error", WS_INTERNAL_ERROR
     retryable = True
 
     def __init__(self, message: str, *, upstream_status: int | None = None, retry_after_seconds: float | None = None,
-                 headers: Mapping[str, str] | None = None, kind: str = "status") -> None:
+                 headers: Mapping[str, str] | None = None, kind: str = "status", detail: str | None = None) -> None:
         super().__init__(message, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after_seconds = retry_after_seconds
         # "connect" (never reached it), "broken" (connection lost or stream cut short), "status" (an
         # HTTP error status), "malformed" (not OpenAI's wire format), "error_event" (it sent an error)
         self.kind = kind
+        self.detail = detail[:MAX_DETAIL_CHARS] if detail else None
+        self._request_id: str | None = None
+
+    def for_request(self, request_id: str) -> None:
+        """Name the client's request in the message (once), so it can quote it to the operator."""
+        if request_id and self._request_id is None:
+            self._request_id = request_id
+            self.message = f"{self.message} (request id {request_id})"
 
 
 class UpstreamRateLimitedError(UpstreamError):
@@ -249,8 +299,8 @@ class UpstreamRejectedError(UpstreamError):
     code, openai_type, ws_close_code = "upstream_rejected", "invalid_request_error", WS_POLICY_VIOLATION
     retryable = False
 
-    def __init__(self, message: str, *, upstream_status: int) -> None:
-        super().__init__(message, upstream_status=upstream_status)
+    def __init__(self, message: str, *, upstream_status: int, detail: str | None = None) -> None:
+        super().__init__(message, upstream_status=upstream_status, detail=detail)
         self.status = upstream_status if 400 <= upstream_status < 500 else 400
 
 

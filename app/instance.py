@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from app.policies.breaker import BreakerCell, MemoryBreakerCell, SharedBreakerCell
+from app.policies.breaker import BreakerCell, BreakerConfig, MemoryBreakerCell, SharedBreakerCell, charged_capacity
 from app.policies.concurrency import ConnectionLimiter, MemoryConnectionLimiter, SharedConnectionLimiter
 from app.policies.ratelimit import MemoryStorage, SharedMemoryStorage, Storage
 from app.settings import Settings
@@ -47,11 +47,22 @@ class SharedTables:
         )
 
 
+def breaker_config(settings: Settings) -> BreakerConfig:
+    return BreakerConfig(
+        failure_threshold=settings.circuit_failure_threshold,
+        window_seconds=settings.circuit_window_seconds,
+        open_seconds=settings.circuit_open_seconds,
+        success_threshold=settings.circuit_success_threshold,
+        max_failures_per_client=settings.circuit_max_failures_per_client,
+    )
+
+
 def create_shared(settings: Settings) -> SharedTables:
     tables = SharedTables(
         rate_storage=SharedMemoryStorage(),
         slots=SharedConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
-        breaker_cell=SharedBreakerCell(failure_capacity=settings.circuit_failure_threshold),
+        breaker_cell=SharedBreakerCell(failure_capacity=settings.circuit_failure_threshold,
+                                       charged_capacity=charged_capacity(breaker_config(settings))),
     )
     tables.publish()
     return tables

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from app.admission import Admission, KeyRing, parse_networks
 from app.errors import ShutdownError
-from app.instance import instance_state
+from app.instance import breaker_config, instance_state
 from app.observability.metrics import (
     DRAIN_CUT_STREAMS_TOTAL,
     DRAIN_DURATION_SECONDS,
@@ -41,7 +41,7 @@ from app.observability.metrics import (
     precreate_series,
 )
 from app.observability.recorder import StreamRecorder
-from app.policies.breaker import BreakerConfig, CircuitBreaker
+from app.policies.breaker import CircuitBreaker
 from app.policies.ratelimit import RateLimit, RateLimiter, Storage
 from app.policies.redis_backend import (
     ClientSlots,
@@ -189,12 +189,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
     breaker = CircuitBreaker(
         upstream.name,
-        BreakerConfig(
-            failure_threshold=settings.circuit_failure_threshold,
-            window_seconds=settings.circuit_window_seconds,
-            open_seconds=settings.circuit_open_seconds,
-            success_threshold=settings.circuit_success_threshold,
-        ),
+        breaker_config(settings),
         cell=shared.breaker_cell,
     )
     upstream = GuardedUpstream(

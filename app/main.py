@@ -7,7 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from app.errors import (
@@ -24,7 +25,7 @@ from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.metrics_port import MetricsPortMiddleware
 from app.middleware.request_id import RequestIdMiddleware
 from app.middleware.stream_router import StreamRouterMiddleware
-from app.observability.metrics import count_rejection
+from app.observability.metrics import count_client_gone, count_rejection
 from app.observability.tracing import setup_tracing
 from app.routes import chat_completions, health, stream, websocket
 from app.routes.metrics import metrics_app
@@ -60,6 +61,12 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         error = GatewayError(str(exc.detail))
         error.status = exc.status_code
     return _respond(request, error)
+
+
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    route = request.scope.get("route")
+    count_client_gone(getattr(route, "path", request.url.path))
+    return Response(status_code=499)  # never delivered: the client left mid-body (nginx's code for it)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -98,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             GatewayError: _on_gateway_error,
             RequestValidationError: _on_validation_error,
             StarletteHTTPException: _on_http_exception,
+            ClientDisconnect: _on_client_gone,
             Exception: _on_unexpected,
         },
     )

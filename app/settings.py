@@ -61,7 +61,19 @@ class Settings(BaseSettings):
     mock_first_token_ms: float = Field(50.0, ge=0, description="Built-in mock: delay before the first token.")
     models: str = Field(
         "gpt-4o-mini,gpt-4o",
-        description="Comma-separated model names listed by /v1/models and accepted as metric label values.",
+        description="Comma-separated model names clients may ask for (others: 404 `model_not_found` on /v1, 422 on "
+        "/stream and /ws), listed by /v1/models, and the metric label values. Empty: any model, every one "
+        "labelled `other`.",
+    )
+    upstream_extra_fields: str = Field(
+        "",
+        description="Comma-separated request fields beyond OpenAI's that /v1 passes to the upstream (e.g. vLLM's "
+        "`top_k,min_p,repetition_penalty`); any other unknown field gets 400 `unknown_parameter`.",
+    )
+    image_input_enabled: bool = Field(
+        False,
+        description="Accept `image_url` content parts on /v1 (https: URLs to public hosts, or data:image/ URLs) and "
+        "forward them; off: 400 `content_not_allowed`.",
     )
 
     # --- requests ---------------------------------------------------------------------------------
@@ -127,6 +139,11 @@ class Settings(BaseSettings):
     circuit_window_seconds: float = Field(60.0, gt=0, description="Sliding window for counting upstream failures.")
     circuit_open_seconds: float = Field(30.0, gt=0, description="How long the circuit stays open before one probe.")
     circuit_success_threshold: int = Field(2, ge=1, description="Probe successes in a row that close the circuit.")
+    circuit_max_failures_per_client: int = Field(
+        2, ge=1,
+        description="Failures a request's content can cause (upstream 5xx, an error or garbage it sent) that count per "
+        "client identity per window; refused connections, resets and first-token timeouts always count in full.",
+    )
     ready_requires_closed_circuit: bool = Field(
         False, description="/ready fails while the circuit is open (take the pod out instead of answering 503s)."
     )
@@ -229,6 +246,10 @@ class Settings(BaseSettings):
     @property
     def origin_list(self) -> tuple[str, ...]:
         return tuple(origin.strip().rstrip("/").lower() for origin in self.allowed_origins.split(",") if origin.strip())
+
+    @property
+    def upstream_extra_field_names(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.upstream_extra_fields.split(",") if name.strip())
 
     @property
     def upstream_pool_size(self) -> int:

@@ -6,8 +6,13 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
     POST /_script   {"faults": [{...}, ...]}   each later request takes the next fault (FIFO);
                                                  with the queue empty, requests behave normally
     GET  /_stats                                 requests, completed, disconnects, connections (distinct
-                                                 client address:port of chat requests), bodies seen
+                                                 client address:port of chat requests), bodies seen (the
+                                                 first 50 request bodies, as received)
     POST /_reset                                 clear script and stats
+
+A prompt containing `[[fail:NNN]]` (in any message) gets HTTP status NNN whatever the script says,
+with an error body that names a server path: a "poisoned" prompt, for breaker-fairness tests and
+for checking that the upstream's error text never reaches a client.
 
 A fault is a dict of any of: status (HTTP error with an OpenAI error body), retry_after,
 location (with a 3xx status: where the redirect points),
@@ -17,7 +22,9 @@ reset_after (drop the connection after N tokens), error_after (an error chunk af
 no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second,
 headers_delay_ms (hold the response headers back, like a server queueing the request),
 tool_calls (a list of {"name", "arguments"}: after the tokens, stream these calls the way OpenAI does,
-the arguments in 4-character pieces, and finish with "tool_calls").
+the arguments in 4-character pieces, and finish with "tool_calls"), raw (a list of payloads written
+verbatim as `data:` lines after the tokens: strings as they are, anything else JSON-encoded; for
+malformed upstream data).
 """
 
 from __future__ import annotations
@@ -25,12 +32,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from typing import Any
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
+
+FAIL_MARKER = re.compile(r"\[\[fail:(\d{3})\]\]")
+POISONED_MESSAGE = "internal at /srv/model/shard-3/worker.py: poisoned prompt"
+
+
+def marked_status(request: dict[str, Any]) -> int | None:
+    """The status a `[[fail:NNN]]` marker in the request's messages asks for, if any."""
+    match = FAIL_MARKER.search(json.dumps(request.get("messages"), ensure_ascii=False))
+    return int(match[1]) if match else None
 
 
 def default_tokens(n: int) -> list[str]:
@@ -86,6 +103,9 @@ class FakeOpenAI:
         if len(self.stats["bodies"]) < 50:
             self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization"),
                                          "traceparent": _header(scope, b"traceparent")})
+        marked = marked_status(request)
+        if marked is not None:
+            return await _json(send, marked, {"error": {"message": POISONED_MESSAGE, "type": "fake"}})
         fault = self.script.popleft() if self.script else {}
         if "status" in fault:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
@@ -156,6 +176,8 @@ class FakeOpenAI:
             if fault.get("empty_deltas"):
                 await emit(chunk({"content": ""}))
             await emit(chunk({"content": token}))
+        for raw in fault.get("raw") or ():
+            await emit(raw.encode() if isinstance(raw, str) else json.dumps(raw).encode())
         for index, call in enumerate(fault.get("tool_calls") or ()):
             finish = "tool_calls"
             head = {"index": index, "id": f"call_{index}", "type": "function",

@@ -44,18 +44,19 @@ def test_stream_rejects_bad_body(mock_gateway: Gateway, case: str, body: bytes, 
     assert payload["code"] == "invalid_request"
 
 
+M = "gpt-4o-mini"  # a model in the default MODELS
 CHAT_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
-    ("no messages", {"model": "m", "messages": []}, "messages", "at least 1 item"),
+    ("no messages", {"model": M, "messages": []}, "messages", "at least 1 item"),
     ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, "model", "Field required"),
-    ("bad role", {"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "role"),
-    ("stream not bool", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+    ("bad role", {"model": M, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "role"),
+    ("stream not bool", {"model": M, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
      "stream", "valid boolean"),
-    ("max_tokens absurd", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
+    ("max_tokens absurd", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
      "max_tokens", "above this gateway's limit"),
     ("max_completion_tokens absurd",
-     {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9},
+     {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9},
      "max_completion_tokens", "above this gateway's limit"),
-    ("n > 1", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n", "less than or equal to 1"),
+    ("n > 1", {"model": M, "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n", "less than or equal to 1"),
 ]
 
 

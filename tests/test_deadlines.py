@@ -69,7 +69,7 @@ def test_first_token_deadline_while_upstream_withholds_headers(
     r = httpx.post(strict_gateway.url + "/stream", json={"prompt": "x"}, timeout=30)
     assert r.status_code == 504
     assert r.json() == {"detail": "first token deadline of 1s exceeded", "code": "timeout"}
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True}
     r = httpx.post(strict_gateway.url + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "timeout"
@@ -86,7 +86,7 @@ def test_total_deadline(strict_gateway: Gateway, fake_upstream: FakeUpstream) ->
 
 def test_deadline_in_openai_stream_is_an_error_chunk(strict_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script({"stall_after": 2})
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 10}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 10}
     data = sse_data(httpx.post(strict_gateway.url + "/v1/chat/completions", json=body, timeout=30).text)
     assert data[-1] == "[DONE]"
     assert json.loads(data[-2])["error"]["code"] == "timeout"

@@ -49,8 +49,8 @@ def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory
         assert client.post("/stream", json={"prompt": "fail"}).status_code == 502
         assert client.post("/stream", json={"prompt": "fail"}).status_code == 502
         broken = client.post("/stream", json={"prompt": "reset", "max_tokens": 5})
-        assert broken.text.rstrip().endswith('"code": "upstream_error", "message": "upstream stream broke: '
-                                             'the connection ended in the middle of the response"}')
+        assert ('"code": "upstream_error", "message": "the upstream connection broke before the answer ended '
+                '(request id ') in broken.text  # the kind of failure, never the upstream's own words
     expected = {
         'streaming_connections_total{route="/stream",status="success"}': 5.0,
         'streaming_connections_total{route="/v1/chat/completions",status="success"}': 3.0,

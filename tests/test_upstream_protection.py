@@ -140,7 +140,7 @@ def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFact
     assert relayed.status == 502
     error = error_body(relayed, "/stream")
     assert error["code"] == "upstream_error"
-    assert "cannot reach upstream" in error["message"]
+    assert "could not be reached" in error["message"]
     # 3 attempts = the first + 2 retries; a refused port cannot count them, the gateway's counter can
     assert retries(gateway, "connect") == 2
     assert retries(gateway) == 2
@@ -294,6 +294,7 @@ def test_breaker_opens_refuses_fast_probes_once_and_closes(
     gateway = start_gateway(
         UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0,
         CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2, CIRCUIT_SUCCESS_THRESHOLD=2, **SLOT_CAPS,
+        CIRCUIT_MAX_FAILURES_PER_CLIENT=3,  # one test client plays every client here (tests/security: the cap)
     )
     first, second = worker_pids(gateway)
     assert breaker_state(gateway) == 0

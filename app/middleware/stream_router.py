@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -21,7 +21,7 @@ from app.errors import GatewayError, InternalError, error_response, is_openai_pa
 from app.lifecycle import GatewayState
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import request_id_from
-from app.observability.metrics import count_rejection
+from app.observability.metrics import count_client_gone, count_rejection
 from app.routes import chat_completions, stream, websocket
 
 logger = logging.getLogger("app")
@@ -78,6 +78,9 @@ class StreamRouterMiddleware:
         state: GatewayState = scope["app"].state.gateway
         try:
             response = await handler(Request(scope, receive), state)
+        except ClientDisconnect:  # it left mid-body: nobody to answer, nothing went wrong here
+            count_client_gone(endpoint)
+            return
         except Exception as exc:
             if isinstance(exc, GatewayError):
                 error = exc

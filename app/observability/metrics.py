@@ -28,7 +28,8 @@ KNOWN_STATUSES = ("success", "rejected", "error")
 KNOWN_REJECTIONS = (
     "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
     "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
-    "invalid_stream_id", "api_key_in_url", "origin_not_allowed", "request_timeout",
+    "invalid_stream_id", "api_key_in_url", "origin_not_allowed", "request_timeout", "unknown_parameter",
+    "content_not_allowed", "model_not_found",
 )
 KNOWN_ERRORS = (
     "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",
@@ -57,6 +58,13 @@ def precreate_series(max_connections: int) -> None:
         RESUMPTIONS_TOTAL.labels(endpoint)
     for result in KNOWN_HANDOVER_RESULTS:
         HANDOVERS_TOTAL.labels(result)
+
+
+def count_client_gone(endpoint: str) -> None:
+    """A client that left before its request was whole (mid-body): its fault, not the gateway's."""
+    if endpoint in STREAM_ENDPOINTS:
+        CONNECTIONS_TOTAL.labels(endpoint, "success").inc()  # as for a stream whose client left
+        STREAM_OUTCOMES_TOTAL.labels(endpoint, "client_gone").inc()
 
 
 def count_rejection(endpoint: str, reason: str) -> None:

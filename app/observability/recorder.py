@@ -8,7 +8,7 @@ import logging
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from app.errors import GatewayError
+from app.errors import GatewayError, UpstreamError
 from app.observability import metrics as m
 from app.streaming.session import Outcome, StreamSession
 
@@ -82,10 +82,14 @@ class StreamRecorder:
             "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
             "duration_s": round(end - session.started_at, 4),
             "error_code": error.code if error else None, "trace_id": trace_id,
+            # the upstream's own words about its failure: for the operator, never sent to the client
+            "upstream_detail": error.detail if isinstance(error, UpstreamError) else None,
         }
         if session.replays:  # a resumed read: which stream it read (its own id is fresh)
             extra["replays"] = session.replays
-        logger.info("stream finished", extra=extra)
+        # an upstream failure is the operator's business: its line stays visible at LOG_LEVEL=warning
+        logger.log(logging.WARNING if isinstance(error, UpstreamError) else logging.INFO, "stream finished",
+                   extra=extra)
 
 
 def _annotate_server_span(span: trace.Span, session: StreamSession, error: GatewayError | None) -> None:

@@ -19,6 +19,16 @@ cannot know it was dropped, so a probe still unsettled `probe_timeout_seconds` a
 granted counts as a failure (the upstream did not answer in time) and re-opens the breaker.
 Otherwise one lost probe would keep the breaker half-open and refusing everyone forever.
 
+Fairness between clients. A failure a request's *content* can cause (an HTTP 5xx from a model
+server that did answer, an error it sent, data it garbled) is reported with the client it may be
+charged to (`record_failure(client=...)`). Such failures count at most `max_failures_per_client`
+per client within `window_seconds`, in every state: one tenant's poisoned prompts cannot open the
+breaker for everyone, nor keep it open by failing half-open probes (a probe failure over the cap
+only frees the probe slot). Failures no content causes (connection refused, a reset before the
+response, no answer by the first-token deadline) are reported without a client and always count in
+full, so a dead upstream opens the breaker with a single client calling it. The charged failures
+live in the snapshot (`charged`), so the cap holds across the workers sharing a cell.
+
 Permits carry the epoch they were granted in; every transition and every probe grant starts a
 new epoch, so a late report from before a transition (a closed-state request failing after the
 breaker already opened, a probe that timed out) changes nothing.
@@ -33,6 +43,8 @@ inherited or re-open it with `SharedBreakerCell.attach(fd)`).
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
 import mmap
 import struct
 import threading
@@ -48,6 +60,8 @@ DEFAULT_WINDOW_SECONDS = 60.0
 DEFAULT_OPEN_SECONDS = 30.0
 DEFAULT_SUCCESS_THRESHOLD = 2
 DEFAULT_PROBE_TIMEOUT_SECONDS = 30.0  # a probe settles at its first token: the first-token deadline
+DEFAULT_MAX_FAILURES_PER_CLIENT = 2
+MAX_CHARGED_CAPACITY = 1024  # charged failures a shared cell remembers at most (16 bytes each)
 # Half-open with the probe in flight: the answer is one probe away, so refused clients are told to
 # come back soon rather than after a whole open period.
 PROBE_BUSY_RETRY_AFTER_SECONDS = 1.0
@@ -76,10 +90,11 @@ class BreakerConfig:
     open_seconds: float = DEFAULT_OPEN_SECONDS
     success_threshold: int = DEFAULT_SUCCESS_THRESHOLD
     probe_timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS
+    max_failures_per_client: int = DEFAULT_MAX_FAILURES_PER_CLIENT
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.success_threshold < 1:
-            raise ValueError("failure_threshold and success_threshold must be at least 1")
+        if self.failure_threshold < 1 or self.success_threshold < 1 or self.max_failures_per_client < 1:
+            raise ValueError("failure_threshold, success_threshold and max_failures_per_client must be at least 1")
         if min(self.window_seconds, self.open_seconds, self.probe_timeout_seconds) <= 0:
             raise ValueError("window_seconds, open_seconds and probe_timeout_seconds must be positive")
 
@@ -95,6 +110,8 @@ class BreakerSnapshot:
     probe_in_flight: bool = False
     probe_started_at: float = 0.0
     successes: int = 0  # half-open: consecutive probe successes
+    # (time, client hash) of the charged failures that counted, oldest first; kept across transitions
+    charged: tuple[tuple[float, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +123,36 @@ class Grant:
 # --- pure transitions ---------------------------------------------------------------------------
 
 def _open(s: BreakerSnapshot, at: float) -> BreakerSnapshot:
-    return BreakerSnapshot(BreakerState.OPEN, s.epoch + 1, opened_at=at)
+    return BreakerSnapshot(BreakerState.OPEN, s.epoch + 1, opened_at=at, charged=s.charged)
+
+
+def client_hash(client: str) -> int:
+    """A non-zero 64-bit id of a client identity, the same in every process (0: not charged to anyone)."""
+    digest = hashlib.blake2b(client.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def charged_capacity(cfg: BreakerConfig) -> int:
+    """Charged failures that can count within one window: up to `failure_threshold` per closed period,
+    plus a failed probe per open period that fits in the window."""
+    periods = math.ceil(cfg.window_seconds / cfg.open_seconds) + 1
+    return min(MAX_CHARGED_CAPACITY, (cfg.failure_threshold + 1) * periods)
+
+
+def _charge(cfg: BreakerConfig, s: BreakerSnapshot, now: float, client: int) -> BreakerSnapshot | None:
+    """`s` with a failure charged to `client`, or None when the client is at its cap (it does not count)."""
+    horizon = now - cfg.window_seconds
+    charged = tuple(entry for entry in s.charged if entry[0] > horizon)
+    if sum(1 for _, who in charged if who == client) >= cfg.max_failures_per_client:
+        return None
+    return replace(s, charged=(*charged, (now, client)))
 
 
 def advance(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
     """Transitions that happen by time alone: open -> half-open, and an overdue probe -> open."""
     while True:
         if s.state is BreakerState.OPEN and now >= s.opened_at + cfg.open_seconds:
-            s = BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at)
+            s = BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at, charged=s.charged)
         elif s.state is BreakerState.HALF_OPEN and s.probe_in_flight and \
                 now >= s.probe_started_at + cfg.probe_timeout_seconds:
             s = _open(s, s.probe_started_at + cfg.probe_timeout_seconds)
@@ -141,9 +180,19 @@ def _closed_failure(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> Break
 
 
 def on_outcome(cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant | None,
-               outcome: Outcome) -> BreakerSnapshot:
-    """A permit settles (`grant`), or a failure is seen outside any permit (`grant` None)."""
+               outcome: Outcome, client: int = 0) -> BreakerSnapshot:
+    """A permit settles (`grant`), or a failure is seen outside any permit (`grant` None).
+
+    `client`: the hash of the client a failure is charged to (0: not charged, counts in full)."""
     s = advance(cfg, s, now)
+    if outcome is Outcome.FAILURE and client and (grant is None or grant.epoch == s.epoch) and (
+        s.state is BreakerState.CLOSED or (grant is not None and grant.probe)
+    ):
+        charged = _charge(cfg, s, now, client)
+        if charged is None:  # over the client's cap: no verdict
+            outcome = Outcome.RELEASE
+        else:
+            s = charged
     if grant is None:
         if outcome is Outcome.FAILURE and s.state is BreakerState.CLOSED:
             return _closed_failure(cfg, s, now)
@@ -158,7 +207,7 @@ def on_outcome(cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant 
         if outcome is Outcome.RELEASE:
             return replace(s, probe_in_flight=False)
         if s.successes + 1 >= cfg.success_threshold:
-            return BreakerSnapshot(BreakerState.CLOSED, s.epoch + 1)
+            return BreakerSnapshot(BreakerState.CLOSED, s.epoch + 1, charged=s.charged)
         return replace(s, probe_in_flight=False, successes=s.successes + 1)
     return s  # pragma: no cover - an open breaker's epoch never matches a live permit
 
@@ -204,20 +253,26 @@ class MemoryBreakerCell:
 
 
 _CELL_KIND = b"breaker"
-_CELL_HEADER = struct.Struct("<QQdQdQQ")  # state, epoch, opened_at, probe flag, probe start, successes, n failures
+# state, epoch, opened_at, probe flag, probe start, successes, n failures, n charged failures
+_CELL_HEADER = struct.Struct("<QQdQdQQQ")
+_CHARGED_ENTRY = struct.Struct("<dQ")  # time, client hash
 
 
 class SharedBreakerCell:
     """The snapshot in shared memory, for every worker forked after construction.
 
-    Holds up to `failure_capacity` failure times: at least the breaker's `failure_threshold`.
+    Holds up to `failure_capacity` failure times (at least the breaker's `failure_threshold`) and
+    the latest `charged_capacity` charged failures (`charged_capacity(config)` fits every one that
+    can count within a window; if a smaller cell overflows, the oldest are forgotten, which can only
+    let a client count more than its cap, never less).
     """
 
-    def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD) -> None:
-        if failure_capacity < 1:
-            raise ValueError("failure_capacity must be at least 1")
-        size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d")
-        self._bind(SharedRegion.create(_CELL_KIND, (failure_capacity,), size))
+    def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD,
+                 charged_capacity: int = (DEFAULT_FAILURE_THRESHOLD + 1) * 3) -> None:
+        if failure_capacity < 1 or charged_capacity < 1:
+            raise ValueError("failure_capacity and charged_capacity must be at least 1")
+        size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d") + charged_capacity * _CHARGED_ENTRY.size
+        self._bind(SharedRegion.create(_CELL_KIND, (failure_capacity, charged_capacity), size))
 
     @classmethod
     def attach(cls, fd: int) -> SharedBreakerCell:
@@ -228,8 +283,9 @@ class SharedBreakerCell:
 
     def _bind(self, region: SharedRegion) -> None:
         self._region = region
-        self.failure_capacity = region.params[0]
+        self.failure_capacity, self.charged_capacity = region.params[0], region.params[1]
         self._failures = struct.Struct(f"<{self.failure_capacity}d")
+        self._charged_at = DATA_OFFSET + _CELL_HEADER.size + self._failures.size
 
     @property
     def fd(self) -> int:
@@ -240,10 +296,14 @@ class SharedBreakerCell:
         self._region.close()
 
     def _read(self, buf: mmap.mmap) -> BreakerSnapshot:
-        state, epoch, opened_at, probe, probe_at, successes, count = _CELL_HEADER.unpack_from(buf, DATA_OFFSET)
+        state, epoch, opened_at, probe, probe_at, successes, count, n_charged = _CELL_HEADER.unpack_from(
+            buf, DATA_OFFSET
+        )
         failures = self._failures.unpack_from(buf, DATA_OFFSET + _CELL_HEADER.size)
+        charged = tuple(_CHARGED_ENTRY.unpack_from(buf, self._charged_at + i * _CHARGED_ENTRY.size)
+                        for i in range(n_charged))  # usually none: only failures charged to a client
         return BreakerSnapshot(BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe),
-                               probe_at, successes)
+                               probe_at, successes, charged)
 
     def load(self) -> BreakerSnapshot:
         with self._region as buf:
@@ -253,10 +313,13 @@ class SharedBreakerCell:
         with self._region as buf:
             new, result = change(self._read(buf))
             failures = new.failures[-self.failure_capacity:]
+            charged = new.charged[-self.charged_capacity:]
             _CELL_HEADER.pack_into(buf, DATA_OFFSET, new.state, new.epoch, new.opened_at, new.probe_in_flight,
-                                   new.probe_started_at, new.successes, len(failures))
+                                   new.probe_started_at, new.successes, len(failures), len(charged))
             self._failures.pack_into(buf, DATA_OFFSET + _CELL_HEADER.size,
                                      *failures, *([0.0] * (self.failure_capacity - len(failures))))
+            for i, entry in enumerate(charged):
+                _CHARGED_ENTRY.pack_into(buf, self._charged_at + i * _CHARGED_ENTRY.size, *entry)
             return result
 
 
@@ -281,21 +344,22 @@ class Permit:
     def settled(self) -> bool:
         return not self._pending
 
-    def _settle(self, outcome: Outcome) -> bool:
+    def _settle(self, outcome: Outcome, client: str | None = None) -> bool:
         try:
             self._pending.pop()
         except IndexError:
             return False
-        self._breaker._report(self.grant, outcome)
+        self._breaker._report(self.grant, outcome, client)
         return True
 
     def record_success(self) -> bool:
         """The upstream answered (first token). True if this call settled the permit."""
         return self._settle(Outcome.SUCCESS)
 
-    def record_failure(self) -> bool:
-        """The upstream failed (connect error, 5xx, no first token in time)."""
-        return self._settle(Outcome.FAILURE)
+    def record_failure(self, client: str | None = None) -> bool:
+        """The upstream failed (connect error, 5xx, no first token in time). `client`: the identity a
+        failure the request's content can cause is charged to (capped per client); None counts in full."""
+        return self._settle(Outcome.FAILURE, client)
 
     def release(self) -> bool:
         """Settle without a verdict (the client left first); frees the half-open probe slot."""
@@ -311,6 +375,7 @@ class CircuitBreaker:
         self.config = config or BreakerConfig()
         if isinstance(cell, SharedBreakerCell) and cell.failure_capacity < self.config.failure_threshold:
             raise ValueError("the shared cell holds fewer failure times than failure_threshold")
+        self._hashes: dict[str, int] = {}  # client identity -> hash, bounded below
         self._cell: BreakerCell = cell if cell is not None else MemoryBreakerCell()
         self._clock = clock
 
@@ -320,19 +385,30 @@ class CircuitBreaker:
         grant = self._cell.update(lambda s: on_allow(cfg, s, now))
         return None if grant is None else Permit(self, grant)
 
-    def _report(self, grant: Grant | None, outcome: Outcome) -> None:
-        cfg, now = self.config, self._clock()
-        self._cell.update(lambda s: (on_outcome(cfg, s, now, grant, outcome), None))
+    def _client_hash(self, client: str | None) -> int:
+        if client is None:
+            return 0
+        found = self._hashes.get(client)
+        if found is None:
+            if len(self._hashes) >= MAX_CHARGED_CAPACITY:
+                self._hashes.clear()
+            found = self._hashes[client] = client_hash(client)
+        return found
+
+    def _report(self, grant: Grant | None, outcome: Outcome, client: str | None = None) -> None:
+        cfg, now, who = self.config, self._clock(), self._client_hash(client)
+        self._cell.update(lambda s: (on_outcome(cfg, s, now, grant, outcome, who), None))
 
     def record_success(self, permit: Permit) -> bool:
         return permit.record_success()
 
-    def record_failure(self, permit: Permit | None = None) -> bool:
+    def record_failure(self, permit: Permit | None = None, *, client: str | None = None) -> bool:
         """Settle `permit` as failed; without a permit, count a failure seen after the permit was
-        settled (an upstream stream breaking mid-way). The latter counts only while closed."""
+        settled (an upstream stream breaking mid-way). The latter counts only while closed.
+        `client`: see `Permit.record_failure`."""
         if permit is not None:
-            return permit.record_failure()
-        self._report(None, Outcome.FAILURE)
+            return permit.record_failure(client)
+        self._report(None, Outcome.FAILURE, client)
         return True
 
     def snapshot(self) -> BreakerSnapshot:

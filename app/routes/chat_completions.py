@@ -13,6 +13,7 @@ from app.routes.deps import (
     StateDep,
     admit,
     check_max_tokens,
+    check_model,
     check_prompt_size,
     new_session,
     read_json,
@@ -43,15 +44,17 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         field, limit = "max_completion_tokens", body.max_completion_tokens
     else:
         field, limit = "max_tokens", body.max_tokens
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    check_model(body.model, settings, status=404)
+    screened = body.screen(extra_fields=settings.upstream_extra_field_names, images=settings.image_input_enabled)
     chat = ChatRequest(
         model=body.model,
-        messages=messages,
+        messages=screened.messages,
         max_tokens=check_max_tokens(limit, settings, field=field),
-        options=body.passthrough_options(),
+        options=screened.options,
         full_deltas=True,  # tool calls and refusals reach OpenAI clients whole
+        client=ticket.identity,
     )
-    check_prompt_size(len(chat.prompt_text), settings)
+    check_prompt_size(screened.prompt_chars, settings)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     completion_id = f"chatcmpl-{session.id}"

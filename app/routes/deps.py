@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admission import Ticket
-from app.errors import InvalidRequestError, InvalidStreamIdError, UnsupportedMediaTypeError
+from app.errors import InvalidRequestError, InvalidStreamIdError, ModelNotFoundError, UnsupportedMediaTypeError
 from app.lifecycle import GatewayState
 from app.settings import Settings
 from app.streaming.ids import is_stream_id, new_stream_id
@@ -108,6 +108,12 @@ def check_max_tokens(value: int | None, settings: Settings, *, field: str = "max
             f"{field} is {value}, above this gateway's limit of {settings.max_tokens_limit}", param=field
         )
     return value
+
+
+def check_model(model: str, settings: Settings, *, status: int) -> None:
+    """MODELS bounds what reaches the upstream (empty: any model)."""
+    if settings.model_names and model not in settings.model_names:
+        raise ModelNotFoundError(model, status=status)
 
 
 def check_prompt_size(chars: int, settings: Settings) -> None:

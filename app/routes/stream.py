@@ -28,6 +28,7 @@ from app.routes.deps import (
     StateDep,
     admit,
     check_max_tokens,
+    check_model,
     check_prompt_size,
     checked_stream_id,
     new_session,
@@ -57,19 +58,21 @@ def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, own
     ))
 
 
-def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
+def seed_chat_request(body: StreamRequest, state: StateDep, client: str) -> ChatRequest:
+    check_model(body.model, state.settings, status=422)
     check_prompt_size(len(body.prompt), state.settings)
     return ChatRequest(
         model=body.model,
         messages=[{"role": "user", "content": body.prompt}],
         max_tokens=check_max_tokens(body.max_tokens, state.settings),
+        client=client,
     )
 
 
 @router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
-    chat = seed_chat_request(await read_json(request, StreamRequest), state)
+    chat = seed_chat_request(await read_json(request, StreamRequest), state, ticket.identity)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     log = open_log(state, session, chat, ticket.owner)

@@ -151,7 +151,7 @@ async def ws_stream(websocket: WebSocket) -> None:
                 raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
             after = request.after_seq()
         else:
-            chat = seed_chat_request(request, state)
+            chat = seed_chat_request(request, state, ticket.identity)
             await state.admission.take_slot(ticket)
     except GatewayError as exc:
         count_rejection(ENDPOINT, exc.code)

@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
-from app.errors import GatewayError, InternalError, NotResumableError, StreamTimeoutError
+from app.errors import GatewayError, InternalError, NotResumableError, StreamTimeoutError, UpstreamError
 from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
@@ -199,6 +199,8 @@ class StreamRun:
     def report(self, outcome: Outcome, error: GatewayError | None) -> None:
         if not self._reported:
             self._reported = True
+            if isinstance(error, UpstreamError):  # reported before any encoder writes it
+                error.for_request(self.session.request_id)
             self.session.outcome = outcome
             self.observer.finished(self.session, error)
 

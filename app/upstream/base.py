@@ -28,6 +28,9 @@ class ChatRequest:
     # The client speaks OpenAI (/v1): deltas that carry more than text (tool calls, a refusal) reach it
     # whole, as a `DeltaBatch`. The seed protocol has no place for them: text only.
     full_deltas: bool = False
+    # Who asked (the admission identity): failures this request's content can cause are charged to it,
+    # capped per client, so one tenant cannot open the circuit for all (upstream/guard.py). Empty: nobody.
+    client: str = ""
 
     @property
     def prompt_text(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,48 @@ MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quo
 TAIL_DRAIN_S = 1.0
 TAIL_DRAIN_BYTES = 65536
 PROXY_SCHEMES = ("http://", "https://")  # what aiohttp can speak to a proxy
+# What a client is told, by kind of failure; the upstream's own words go to the log (UpstreamError.detail).
+UNREACHABLE = "the upstream could not be reached"
+BROKEN = "the upstream connection broke before the answer ended"
+ENDED_EARLY = "the upstream ended the stream before it finished"
+MALFORMED = "the upstream sent data that is not an OpenAI chat completion stream"
+ERROR_EVENT = "the upstream reported an error during generation"
+RATE_LIMITED = "the upstream is rate limiting requests (HTTP 429)"
+REJECTED = "the upstream refused the request"
+FAILED = "the upstream failed"
+# A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that cannot be encoded again.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _Malformed(Exception):
+    """A chunk that parsed as JSON but is not shaped like OpenAI's."""
+
+
+def _check_whole_delta(delta: dict[str, Any]) -> None:
+    """The parts of a whole delta the gateway reads (tool calls, refusal) have OpenAI's types."""
+    refusal = delta.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise _Malformed("delta.refusal is not a string")
+    calls = delta.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise _Malformed("delta.tool_calls is not a list")
+    for call in calls:
+        if not isinstance(call, dict):
+            raise _Malformed("a tool call is not an object")
+        index = call.get("index")
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+            raise _Malformed("a tool call's index is not a non-negative integer")
+        if any(call.get(key) is not None and not isinstance(call[key], str) for key in ("id", "type")):
+            raise _Malformed("a tool call's id or type is not a string")
+        function = call.get("function")
+        if function is None:
+            continue
+        if not isinstance(function, dict) or any(
+            function.get(key) is not None and not isinstance(function[key], str) for key in ("name", "arguments")
+        ):
+            raise _Malformed("a tool call's function is not {name, arguments} strings")
 
 
 def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
@@ -122,17 +165,18 @@ class OpenAIStream:
                 payloads = self._decoder.close()
                 self._done = self._ended = True
             except aiohttp.ClientPayloadError as exc:  # a reset, or a chunked body that never ended
-                raise UpstreamError("upstream stream broke: the connection ended in the middle of the response",
-                                    kind="broken") from exc
-            except (aiohttp.ClientError, SSEDecodeError) as exc:
-                raise UpstreamError(f"upstream stream broke: {exc}", kind="broken") from exc
+                raise UpstreamError(BROKEN, kind="broken", detail=repr(exc)) from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(BROKEN, kind="broken", detail=repr(exc)) from exc
+            except SSEDecodeError as exc:
+                raise UpstreamError(MALFORMED, kind="malformed", detail=str(exc)) from exc
             batch = self._parse(payloads)
             if batch:
                 return batch
         if self._failure is not None:
             raise self._failure
         if self.finish_reason is None and not self._saw_done:
-            raise UpstreamError("upstream closed the stream before it finished", kind="broken")
+            raise UpstreamError(ENDED_EARLY, kind="broken")
         raise StopAsyncIteration
 
     def _parse(self, payloads: list[str]) -> Batch:
@@ -144,33 +188,64 @@ class OpenAIStream:
             if payload == "[DONE]":
                 self._done = self._saw_done = True
                 break
+            mark = len(batch)
             try:
                 chunk = json.loads(payload)
-            except ValueError:
-                chunk = None
-            if not isinstance(chunk, dict):
-                self._failure = UpstreamError(f"upstream sent a malformed chunk: {payload[:200]!r}", kind="malformed")
+                if not isinstance(chunk, dict):
+                    raise _Malformed("not a JSON object")
+                if "error" in chunk:
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else error
+                    self._failure = UpstreamError(ERROR_EVENT, kind="error_event", detail=str(message))
+                    break
+                if _SURROGATE_ESCAPE.search(payload):  # rare: only then pay for the check
+                    json.dumps(chunk, ensure_ascii=False).encode()  # a lone surrogate cannot be encoded
+                whole |= self._take(chunk, batch)
+            except (ValueError, _Malformed) as exc:  # UnicodeEncodeError is a ValueError
+                del batch[mark:]  # nothing of a malformed chunk is relayed
+                self._failure = UpstreamError(MALFORMED, kind="malformed", detail=f"{exc}: {payload[:200]!r}")
                 break
-            if "error" in chunk:
-                error = chunk["error"]
-                message = error.get("message") if isinstance(error, dict) else error
-                self._failure = UpstreamError(f"upstream error mid-stream: {message}", kind="error_event")
-                break
-            usage = chunk.get("usage")
-            if isinstance(usage, dict):
-                self.usage = _usage(usage)
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if self._full_deltas and _carries_more_than_text(delta):
-                    whole = True
-                    batch.append({k: v for k, v in delta.items() if k != "role" and v is not None})
-                elif content := delta.get("content"):
-                    batch.append(content)
-                if choice.get("finish_reason"):
-                    self.finish_reason = choice["finish_reason"]
         if whole:
             return DeltaBatch(item if isinstance(item, dict) else {"content": item} for item in batch)
         return batch
+
+    def _take(self, chunk: dict[str, Any], batch: list[Any]) -> bool:
+        """Append the chunk's deltas to `batch` (True if one is whole); raise `_Malformed` on a wrong type.
+
+        Types are checked here, at the edge, so nothing downstream (encoders, the message assembler,
+        the resume log) meets a list where text belongs."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = _usage(usage)
+        choices = chunk.get("choices")
+        if not choices:
+            return False
+        if not isinstance(choices, list):
+            raise _Malformed("choices is not a list")
+        whole = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise _Malformed("a choice is not an object")
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise _Malformed("delta is not an object")
+            content = delta.get("content")
+            if content is not None and not isinstance(content, str):
+                raise _Malformed("delta.content is not a string")
+            more = _carries_more_than_text(delta)
+            if more:
+                _check_whole_delta(delta)  # also where only the text is relayed: garbage is garbage
+            if more and self._full_deltas:
+                whole = True
+                batch.append({k: v for k, v in delta.items() if k != "role" and v is not None})
+            elif content:
+                batch.append(content)
+            finish_reason = choice.get("finish_reason")
+            if finish_reason is not None:
+                if not isinstance(finish_reason, str):
+                    raise _Malformed("finish_reason is not a string")
+                self.finish_reason = finish_reason or self.finish_reason
+        return whole
 
     def mark_failed(self) -> None:
         return None
@@ -279,7 +354,7 @@ class OpenAIUpstream:
         except TimeoutError as exc:  # connect, or no pooled connection free in time
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"cannot reach upstream: {exc}", kind="connect") from exc
+            raise UpstreamError(UNREACHABLE, kind="connect", detail=repr(exc)) from exc
         if response.status == 200:
             return OpenAIStream(response, full_deltas=request.full_deltas)
         try:
@@ -292,14 +367,14 @@ class OpenAIUpstream:
         if status == 429:
             retry_after = _retry_after_seconds(response)
             raise UpstreamRateLimitedError(
-                f"upstream rate limited: {message}", upstream_status=429, retry_after_seconds=retry_after,
+                RATE_LIMITED, upstream_status=429, retry_after_seconds=retry_after, detail=message,
                 headers={"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None,
             )
         if 400 <= status < 500:
-            raise UpstreamRejectedError(f"upstream refused the request ({status}): {message}", upstream_status=status)
+            raise UpstreamRejectedError(f"{REJECTED} (HTTP {status})", upstream_status=status, detail=message)
         raise UpstreamError(
-            f"upstream failed ({status}): {message}", upstream_status=status,
-            retry_after_seconds=_retry_after_seconds(response),
+            f"{FAILED} (HTTP {status})", upstream_status=status, retry_after_seconds=_retry_after_seconds(response),
+            detail=message,
         )
 
     async def aclose(self) -> None:

@@ -48,13 +48,24 @@ def error_kind(error: GatewayError) -> ErrorKind:
     return ErrorKind.OTHER
 
 
-def _settle_failed_attempt(permit: Permit, kind: ErrorKind) -> None:
+def charged_client(error: GatewayError, request: ChatRequest) -> str | None:
+    """The client a failure is charged to when the request's content can cause it: an HTTP 5xx from a
+    model server that did answer, an error event, garbled data. None: no content causes it (refused,
+    reset, no answer in time), and it counts in full (policies/breaker.py, "Fairness")."""
+    if not request.client or not isinstance(error, UpstreamError):
+        return None
+    if error.kind in ("malformed", "error_event") or (error.kind == "status" and (error.upstream_status or 0) >= 500):
+        return request.client
+    return None
+
+
+def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) -> None:
     if kind is ErrorKind.RATE_LIMITED:
         permit.release()  # the upstream is alive and said "slow down": not a health failure
     elif kind is ErrorKind.CLIENT:
-        permit.record_success()  # it answered sensibly; the request was at fault
+        permit.record_success()  # it answered sensibly (any 4xx); the request was at fault
     else:
-        permit.record_failure()
+        permit.record_failure(client)
 
 
 class GuardedStream:
@@ -90,11 +101,12 @@ class GuardedStream:
                 self._guard.judge(self._permit.record_success)  # an empty but clean answer is still healthy
                 raise
             except GatewayError as error:
-                if self._started:
-                    self._guard.judge(self._guard.breaker.record_failure)  # broke mid-stream
+                client = charged_client(error, self._request)
+                if self._started:  # broke mid-stream
+                    self._guard.judge(lambda: self._guard.breaker.record_failure(client=client))
                     raise
                 kind = error_kind(error)
-                self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind))
+                self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind, client))
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
                     self._request, self._max_batch, self._headers, error, kind, self._attempt
@@ -153,8 +165,8 @@ class GuardedUpstream:
             try:
                 return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
             except GatewayError as error:
-                kind = error_kind(error)
-                self.judge(lambda: _settle_failed_attempt(permit, kind))
+                kind, client = error_kind(error), charged_client(error, request)
+                self.judge(lambda: _settle_failed_attempt(permit, kind, client))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
                 await self._backoff(error, kind, attempt)

@@ -10,6 +10,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from policy_fakes import FakeClock, run_forked
 
 from app.policies.breaker import (
+    MAX_CHARGED_CAPACITY,
     PROBE_BUSY_RETRY_AFTER_SECONDS,
     BreakerConfig,
     BreakerState,
@@ -17,6 +18,8 @@ from app.policies.breaker import (
     MemoryBreakerCell,
     Permit,
     SharedBreakerCell,
+    charged_capacity,
+    client_hash,
 )
 
 
@@ -244,6 +247,17 @@ class BreakerModel:
         self.probe_at = 0.0
         self.successes = 0
         self.live: set[int] = set()
+        self.charged: list[tuple[float, str]] = []  # counted failures charged to a client, in every state
+
+    def charge(self, now: float, client: str | None) -> bool:
+        """False if `client` is at its cap of 2 per 60 s (the failure then counts as nothing)."""
+        if client is None:
+            return True
+        self.charged = [(t, c) for t, c in self.charged if t > now - 60.0]
+        if sum(c == client for _, c in self.charged) >= 2:
+            return False
+        self.charged.append((now, client))
+        return True
 
     def open(self, at: float) -> None:
         self.mode, self.opened_at, self.failures, self.probe, self.successes = "open", at, [], None, 0
@@ -275,11 +289,13 @@ class BreakerModel:
             return True
         return False
 
-    def settle(self, now: float, ident: int, outcome: str) -> None:
+    def settle(self, now: float, ident: int, outcome: str, client: str | None = None) -> None:
         self.tick(now)
         if ident not in self.live:
             return
         self.live.discard(ident)
+        if outcome == "failure" and not self.charge(now, client):
+            outcome = "release"
         if self.mode == "closed":
             if outcome == "failure":
                 self.closed_failure(now)
@@ -346,11 +362,19 @@ class BreakerMachine(RuleBasedStateMachine):
         self.model.settle(self.clock.now, ident, outcome)
         assert report[outcome]() is False  # exactly once
 
-    @rule(worker=st.integers(0, 1))
-    def failure_without_permit(self, worker: int) -> None:
-        self.workers[worker].record_failure()
+    @rule(entry=consumes(permits), client=st.sampled_from(["a", "b"]))
+    def charged_failure(self, entry: tuple[int, Permit | None], client: str) -> None:
+        ident, permit = entry
+        if permit is None:
+            return
+        assert permit.record_failure(client) is True
+        self.model.settle(self.clock.now, ident, "failure", client)
+
+    @rule(worker=st.integers(0, 1), client=st.sampled_from([None, "a"]))
+    def failure_without_permit(self, worker: int, client: str | None = None) -> None:
+        self.workers[worker].record_failure(client=client)
         self.model.tick(self.clock.now)
-        if self.model.mode == "closed":
+        if self.model.mode == "closed" and self.model.charge(self.clock.now, client):
             self.model.closed_failure(self.clock.now)
 
     @rule(worker=st.integers(0, 1))
@@ -371,6 +395,8 @@ class BreakerMachine(RuleBasedStateMachine):
             snapshot = worker.snapshot()
             assert snapshot.successes == self.model.successes
             assert sum(t > now - 60.0 for t in snapshot.failures) == recent_failures
+            assert sorted(t for t, _ in snapshot.charged if t > now - 60.0) == sorted(
+                t for t, _ in self.model.charged if t > now - 60.0)
 
 
 class SharedBreakerMachine(BreakerMachine):
@@ -402,3 +428,92 @@ def test_a_worker_can_reopen_the_cell_by_descriptor() -> None:
         assert CircuitBreaker("upstream", cell=cell, clock=lambda: 1000.0).state is BreakerState.OPEN
     finally:
         cell.close()
+
+
+# --- fairness: failures a client's content can cause count at most max_failures_per_client per window --------
+
+
+def _charge(b: CircuitBreaker, client: str, times: int) -> None:
+    for _ in range(times):
+        permit = b.allow()
+        assert permit is not None
+        assert permit.record_failure(client) is True
+
+
+def test_one_clients_failures_count_at_most_its_cap(breaker: Fixture) -> None:
+    b, _ = breaker
+    assert b.config.max_failures_per_client == 2
+    _charge(b, "key:poisoner", 50)
+    assert b.state is BreakerState.CLOSED
+    assert len(b.snapshot().failures) == 2
+    b.record_failure(client="key:poisoner")  # mid-stream, permitless: capped the same way
+    assert len(b.snapshot().failures) == 2
+    _fail(b, 3)  # failures no content causes count in full: 2 + 3 = the threshold
+    assert b.state is BreakerState.OPEN
+
+
+def test_many_clients_failing_still_open_it(breaker: Fixture) -> None:
+    b, _ = breaker
+    for client in ("a", "b"):
+        _charge(b, client, 5)
+    assert b.state is BreakerState.CLOSED and len(b.snapshot().failures) == 4
+    _charge(b, "c", 1)
+    assert b.state is BreakerState.OPEN
+
+
+def test_a_clients_cap_renews_with_the_window(breaker: Fixture) -> None:
+    b, clock = breaker
+    _charge(b, "a", 3)
+    assert len(b.snapshot().failures) == 2
+    clock.advance(60.0)  # both charged failures leave the window
+    _charge(b, "a", 3)
+    assert len(b.snapshot().failures) == 2  # the old ones expired, two new ones count
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_capped_client_cannot_keep_it_open_by_failing_probes(breaker: Fixture) -> None:
+    b, clock = breaker
+    _charge(b, "a", 2)
+    _fail(b, 3)
+    assert b.state is BreakerState.OPEN
+    clock.advance(30.0)
+    probe = b.allow()
+    assert probe is not None and probe.probe
+    probe.record_failure("a")  # over its cap: no verdict, the probe slot is free again
+    assert b.state is BreakerState.HALF_OPEN
+    probe = b.allow()
+    assert probe is not None and probe.probe
+    probe.record_failure("b")  # another client's failing probe counts: the upstream may really be failing
+    assert b.state is BreakerState.OPEN
+    clock.advance(30.0)
+    for _ in range(2):
+        probe = b.allow()
+        assert probe is not None
+        probe.record_success()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_the_cap_holds_across_workers() -> None:
+    """Worker processes over one shared cell: a client's charged failures are counted once for the instance."""
+    cell = SharedBreakerCell()
+    try:
+        def poison(_: int) -> int:
+            worker = CircuitBreaker("upstream", cell=cell, clock=lambda: 1000.0)
+            _charge(worker, "key:poisoner", 20)
+            return len(worker.snapshot().failures)
+
+        run_forked(2, poison)
+        here = CircuitBreaker("upstream", cell=cell, clock=lambda: 1000.0)
+        assert here.state is BreakerState.CLOSED
+        assert len(here.snapshot().failures) == 2
+        assert [who for _, who in here.snapshot().charged] == [client_hash("key:poisoner")] * 2
+    finally:
+        cell.close()
+
+
+def test_charged_capacity_fits_a_window() -> None:
+    cfg = BreakerConfig(failure_threshold=5, window_seconds=60.0, open_seconds=30.0)
+    assert charged_capacity(cfg) == 6 * 3
+    assert charged_capacity(BreakerConfig(window_seconds=60.0, open_seconds=0.001)) == MAX_CHARGED_CAPACITY
+    with pytest.raises(ValueError):
+        BreakerConfig(max_failures_per_client=0)

@@ -1,0 +1,84 @@
+"""What of a client's OpenAI chat completion request may reach the upstream.
+
+The model server trusts the gateway, so the gateway forwards only what OpenAI's chat completion API
+defines (the fields of openai-python's `completion_create_params.py` and message param types),
+plus the extensions an operator names in UPSTREAM_EXTRA_FIELDS. Anything else is refused with 400
+`unknown_parameter` naming the field, so a typo or a server-specific knob (vLLM's `best_of`,
+`min_tokens`, `ignore_eos`, `chat_template`, ...) never steers a shared model server silently.
+
+Each OpenAI field is either forwarded or accepted and dropped:
+
+- forwarded: fields that shape the generation itself and that OpenAI-compatible servers implement;
+- dropped: OpenAI platform features that mean nothing to a self-hosted model, or that would let one
+  tenant act on the operator's account or data when the upstream is OpenAI itself: `store` and
+  `metadata` (keep the conversation on the operator's account), `service_tier` (billing),
+  `prompt_cache_key` / `prompt_cache_options` / `prompt_cache_retention` (cache routing shared by
+  every tenant), `safety_identifier` and `user` (end-user ids chosen by the tenant), `moderation`,
+  `web_search_options` (paid tools), `prediction` (billed, unsupported by vLLM), `modalities` and
+  `audio` (the gateway relays text only). Dropping them keeps every SDK request valid.
+
+The gateway itself interprets `model`, `messages`, `stream`, `stream_options`, `max_tokens`,
+`max_completion_tokens` and `n` (schemas.py) and writes its own values of them upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+FORWARDED_FIELDS = frozenset({
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "seed", "stop",
+    "temperature", "top_p", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "reasoning_effort", "verbosity",
+})
+DROPPED_FIELDS = frozenset({
+    "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "safety_identifier", "user", "moderation", "web_search_options", "prediction", "modalities", "audio",
+})
+GATEWAY_FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
+})
+
+# Message fields: forwarded, or dropped (`audio` refers to an earlier audio answer; the gateway relays text).
+MESSAGE_FORWARDED_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "function_call",
+                                      "refusal"})
+MESSAGE_DROPPED_FIELDS = frozenset({"audio"})
+
+# Content parts: text (and an assistant's refusal) always; images when IMAGE_INPUT_ENABLED. Audio and file
+# parts are OpenAI's too, but the gateway does not accept them (their payloads bypass every text limit).
+TEXT_PART_TYPES = frozenset({"text", "refusal"})
+IMAGE_PART_TYPE = "image_url"
+KNOWN_PART_TYPES = frozenset({*TEXT_PART_TYPES, IMAGE_PART_TYPE, "input_audio", "file"})
+PART_DROPPED_FIELDS = frozenset({"prompt_cache_breakpoint"})
+IMAGE_URL_FIELDS = frozenset({"url", "detail"})
+IMAGE_DETAILS = frozenset({"auto", "low", "high", "original"})
+
+
+def image_url_problem(url: str) -> str | None:
+    """Why an image URL may not go to the model server (which would fetch it), or None.
+
+    Only `data:image/...` and `https:` URLs pass, and an https URL must not name a loopback, private,
+    link-local or otherwise non-global address literally (the model server's own network, its cloud
+    metadata service). A host *name* is not resolved here: the model server's egress policy is
+    the only complete guard against names that resolve inside the network.
+    """
+    if url.startswith("data:"):
+        return None if url.startswith("data:image/") else "a data: URL must hold an image (data:image/...)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme != "https":
+        return "only https: and data: image URLs are accepted"
+    if not host:
+        return "the URL has no host"
+    if host == "localhost" or host.endswith((".localhost", ".internal", ".local")):
+        return "the URL names a local host"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not address.is_global:
+        return "the URL names a non-public address"
+    return None
