@@ -40,6 +40,7 @@ BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only
 UPSTREAM_FAULT_DEADLINES = frozenset({"first token", "inter-token"})  # a stall the breaker should count
 OUTCOME_BY_CODE = {
     "timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE, "server_shutdown": Outcome.SHUTDOWN,
+    "memory_pressure": Outcome.BACKPRESSURE,  # a client not reading, cut early because the instance is at its budget
 }
 
 

@@ -34,6 +34,9 @@ MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quo
 TAIL_DRAIN_S = 1.0
 TAIL_DRAIN_BYTES = 65536
 PROXY_SCHEMES = ("http://", "https://")  # what aiohttp can speak to a proxy
+# What aiohttp buffers of a response the relay is not reading (a client that does not read): it stops
+# reading the socket at twice its read buffer (2 x 64 KiB by default). Counted by the memory budget.
+READ_AHEAD_BYTES = 2 * 2**16
 
 
 def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
