@@ -20,6 +20,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
+from app.routes.openapi import EVENT_STREAM, answers, json_body
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
@@ -50,7 +51,8 @@ def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
     )
 
 
-@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
+@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)",
+             openapi_extra=json_body(StreamRequest, EVENT_STREAM))
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     chat = seed_chat_request(await read_json(request, StreamRequest), state)
@@ -70,7 +72,8 @@ def _detail_error(error: GatewayError) -> JSONResponse:
     return error_response(error, openai_shape=False)
 
 
-@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail")
+@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail",
+            openapi_extra=answers(EVENT_STREAM))
 async def resume_stream(
     stream_id: str, request: Request, state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
