@@ -72,7 +72,8 @@ def _forwarded_chain(connection: HTTPConnection) -> list[str]:
                         address = address[1:].split("]", 1)[0]
                     elif address.count(":") == 1:  # v4:port
                         address = address.split(":", 1)[0]
-                    chain.append(address)
+                    if address:  # `for=""`, `for="["`: no address, not an empty identity
+                        chain.append(address)
     return chain
 
 
