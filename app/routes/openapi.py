@@ -29,15 +29,24 @@ def _inline(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
     return node
 
 
-def answers(*media_types: str) -> dict[str, Any]:
+def answers(*media_types: str, links: dict[str, Any] | None = None) -> dict[str, Any]:
     """`openapi_extra` for a route whose 200 answer is one of `media_types` (an event stream, JSON)."""
-    return {"responses": {"200": {"description": "The stream (or the answer)",
-                                  "content": {media_type: {} for media_type in media_types}}}}
+    ok: dict[str, Any] = {"description": "The stream (or the answer)",
+                          "content": {media_type: {} for media_type in media_types}}
+    if links:
+        ok["links"] = links
+    return {"responses": {"200": ok}}
 
 
-def json_body(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
+def json_body(model: type[BaseModel], *media_types: str, links: dict[str, Any] | None = None) -> dict[str, Any]:
     """`openapi_extra` for a route whose JSON body is `model` and whose 200 answer is one of `media_types`."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
     body = {"required": True, "content": {"application/json": {"schema": _inline(schema, defs)}}}
-    return {"requestBody": body, **answers(*media_types)}
+    return {"requestBody": body, **answers(*media_types, links=links)}
+
+
+def resume_link(operation_id: str) -> dict[str, Any]:
+    """An OpenAPI link: a stream's `X-Stream-ID` is the id `operation_id` resumes."""
+    return {"Resume": {"operationId": operation_id, "parameters": {"stream_id": "$response.header.X-Stream-ID"},
+                       "description": "Resume this stream after a lost connection (Last-Event-ID)."}}

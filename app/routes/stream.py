@@ -20,7 +20,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.routes.openapi import EVENT_STREAM, answers, json_body
+from app.routes.openapi import EVENT_STREAM, answers, json_body, resume_link
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
@@ -30,6 +30,7 @@ from app.upstream.schemas import StreamRequest
 router = APIRouter()
 ENDPOINT = "/stream"
 RESUME_ENDPOINT = "/stream/{stream_id}"
+RESUME_OPERATION = "resume_stream"
 
 
 def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest) -> EventLog | None:
@@ -52,7 +53,7 @@ def seed_chat_request(body: StreamRequest, state: StateDep) -> ChatRequest:
 
 
 @router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)",
-             openapi_extra=json_body(StreamRequest, EVENT_STREAM))
+             openapi_extra=json_body(StreamRequest, EVENT_STREAM, links=resume_link(RESUME_OPERATION)))
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     chat = seed_chat_request(await read_json(request, StreamRequest), state)
@@ -73,7 +74,7 @@ def _detail_error(error: GatewayError) -> JSONResponse:
 
 
 @router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail",
-            openapi_extra=answers(EVENT_STREAM))
+            operation_id=RESUME_OPERATION, openapi_extra=answers(EVENT_STREAM))
 async def resume_stream(
     stream_id: str, request: Request, state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
