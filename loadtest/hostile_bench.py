@@ -8,8 +8,8 @@ Run: `python -m loadtest.hostile_bench [--quick] [--sockets 1000] [--output load
    N half-open sockets (half a request head sent, never finished). `loadtest.hostile` holds them from
    other loopback addresses and reopens every socket the server closes, as an attacker would. A level
    passes as in `loadtest.bench` (TTFT p99 within budget, no errors, >= 95 % of tokens in time); a
-   condition's capacity is its highest passing level below its first failing one. The ladder stops when
-   every condition failed a level.
+   condition's capacity is its highest passing level below its first failing one. The ladder stops after
+   a level every condition failed.
 2. RSS against MEMORY_BUDGET_BYTES: a gateway with a small budget and an unpaced mock; clients that read
    the response head and then nothing are opened one after another until admission has refused
    `REFUSALS_TO_STOP` of them with 503 memory_pressure. RSS (master + workers), the gateway's
@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from loadtest import bench
 from loadtest.bench import Capacity, Server, log, ms
 
@@ -49,6 +51,7 @@ TITLES = {"none": "no hostile sockets", "idle": "idle sockets (nothing sent)",
           "partial": "half-open sockets (half a request head)"}
 REFUSALS_TO_STOP = 20
 SLOW_READER_TIMEOUT_S = 10.0
+ACCEPT_SETTLE_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,23 +65,40 @@ class HostilePlan:
 
 FULL = HostilePlan(levels=(250, 500, 750, 1000, 1500, 2000), sockets=1000, budget_bytes=32 * 2**20,
                    max_slow_readers=1500, level=replace(bench.FULL, hold_seconds=20.0))
-QUICK = HostilePlan(levels=(250, 500, 1000), sockets=1000, budget_bytes=8 * 2**20, max_slow_readers=600,
+QUICK = HostilePlan(levels=(100, 250, 500), sockets=1000, budget_bytes=8 * 2**20, max_slow_readers=600,
                     level=replace(bench.FULL, hold_seconds=10.0))
 
 
+def server_fds(server: Server) -> int:
+    total = 0
+    for p in server.processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.num_fds()
+    return total
+
+
 @contextlib.contextmanager
-def hostile_sockets(port: int, mode: str, sockets: int, out: dict[str, Any]) -> Iterator[None]:
-    """`loadtest.hostile` holding `sockets` sockets in `mode` for the duration; its report lands in `out`."""
+def hostile_sockets(gw: Server, mode: str, sockets: int, out: dict[str, Any]) -> Iterator[None]:
+    """`loadtest.hostile` holding `sockets` sockets in `mode` for the duration; its report lands in `out`.
+
+    The level starts once the gateway holds them (its descriptors grew by 95 % of them, or after
+    ACCEPT_SETTLE_S): connected is not yet accepted, and the accept burst is not what is measured."""
     if mode == "none":
         yield
         return
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest.hostile", "--port", str(port), "--sockets",
+    before = server_fds(gw)
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest.hostile", "--port", str(gw.port), "--sockets",
                              str(sockets), "--mode", mode], cwd=bench.ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
         opened = json.loads(proc.stdout.readline() or "{}")
         out["opened"] = opened.get("open", 0)
-        log(f"  {out['opened']} {mode} sockets open")
+        deadline = time.monotonic() + ACCEPT_SETTLE_S
+        while server_fds(gw) - before < 0.95 * out["opened"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out["server_fds_added"] = server_fds(gw) - before
+        log(f"  {out['opened']} {mode} sockets open, the gateway holds {out['server_fds_added']} more descriptors")
+        time.sleep(1.0)
         yield
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -89,15 +109,13 @@ def hostile_sockets(port: int, mode: str, sockets: int, out: dict[str, Any]) -> 
 
 def run_levels(gw: Server, plan: HostilePlan) -> dict[str, Capacity]:
     caps = {condition: Capacity() for condition in CONDITIONS}
-    failed: set[str] = set()
     for users in plan.levels:
-        for condition in CONDITIONS:
-            if condition in failed:
-                continue
+        failed: set[str] = set()
+        for condition in CONDITIONS:  # every condition at every level: TTFTs side by side
             log(f"{users} legitimate streams, {TITLES[condition]}")
             hostile: dict[str, Any] = {}
             time.sleep(1.0)  # the last level's connections close
-            with hostile_sockets(gw.port, condition, plan.sockets, hostile):
+            with hostile_sockets(gw, condition, plan.sockets, hostile):
                 row = bench.measure_level(gw, plan.level, users)
             row["hostile"] = hostile
             row["attempts"] = 1
@@ -205,7 +223,8 @@ def level_table(caps: dict[str, Capacity]) -> list[str]:
     rows = sorted(((r["users"], CONDITIONS.index(c), c, r) for c, cap in caps.items() for r in cap.rows))
     for users, _, condition, r in rows:
         h = r["hostile"]
-        held = "—" if condition == "none" else f"{h.get('opened', 0)} ({h.get('min_open', 'n/a')})"
+        held = "—" if condition == "none" else (
+            f"{h.get('opened', 0)} ({h.get('min_open', 'n/a')}; gateway fds +{h.get('server_fds_added', '?')})")
         closed = "—" if condition == "none" else (
             f"{h.get('closed_by_server', 0)}" + (f" ({', '.join(f'{k}: {v}' for k, v in h['answers'].items())})"
                                                  if h.get("answers") else ""))
@@ -234,7 +253,8 @@ def render(*, plan: HostilePlan, command: str, started: datetime, elapsed_s: flo
         f"after another at every level. A level passes with TTFT p99 <= {bench.TTFT_P99_BUDGET_MS:g} ms, no errors "
         f"and >= {bench.MIN_TOKENS_DELIVERED:.0%} of tokens in time. 'Held open' is how many hostile sockets were "
         "open when the level started, and the fewest at any time during it; 'closed by server' counts the hostile "
-        "sockets the gateway closed (each is reopened at once) and what it answered first.",
+        "sockets the gateway closed (each is reopened at once) and what it answered first; 'gateway fds' is how many "
+        "descriptors the gateway's processes gained once it had accepted them (each level starts after that).",
         "",
         "| Condition | Capacity (streams) | TTFT p50 / p99 ms at the lowest level |",
         "|---|---:|---:|",
@@ -274,7 +294,7 @@ def render(*, plan: HostilePlan, command: str, started: datetime, elapsed_s: flo
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="levels 250, 500, 1000; an 8 MiB budget (about 6 min)")
+    p.add_argument("--quick", action="store_true", help="levels 100, 250, 500; an 8 MiB budget (about 6 min)")
     p.add_argument("--sockets", type=int, help="hostile sockets held open (default 1000)")
     p.add_argument("--levels", help="comma-separated levels of legitimate streams, overriding the plan's")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
