@@ -3,7 +3,8 @@
 Order (cheapest refusal first; nothing is held until the last step succeeds):
 
     draining ─► auth (401 none / 403 wrong) ─► client identity ─► rate limit (429 + Retry-After,
-    RateLimit headers) ─► circuit open (503 + Retry-After) ─► [body parsed by the route] ─►
+    RateLimit headers) ─► circuit open (503 + Retry-After) ─► memory budget (503 memory_pressure)
+    ─► [body parsed by the route] ─►
     connection slot: instance-wide, then per client (503)
 
 Client identity is the API key when one is used, otherwise the peer address. Keys come from
@@ -32,6 +33,7 @@ from app.errors import (
     DrainingError,
     ForbiddenError,
     KeyInUrlError,
+    MemoryPressureError,
     RateLimitedError,
     UnauthorizedError,
 )
@@ -198,8 +200,10 @@ class Admission:
         slots: ConnectionLimiter,
         remote_slots: ClientSlots | None = None,
         lease_ttl_s: float = 300.0,
+        memory_pressure: Callable[[], bool] = lambda: False,
     ) -> None:
         self._draining = draining
+        self._memory_pressure = memory_pressure
         self._keys = keys
         self._trusted = trusted_proxies
         self._forwarded_header = forwarded_header
@@ -223,6 +227,8 @@ class Admission:
         retry_after = self._breaker.retry_after_seconds()  # > 0 exactly when allow() would refuse:
         if retry_after > 0:  # open, or half-open with its one probe out
             raise CircuitOpenError(self._breaker.name, retry_after)
+        if self._memory_pressure():
+            raise MemoryPressureError("this instance holds its memory budget of buffered stream data; retry shortly")
         return ticket
 
     def slots_in_use(self) -> int:

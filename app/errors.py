@@ -320,6 +320,17 @@ class BackpressureError(GatewayError):
     status, code, openai_type, ws_close_code = 503, "backpressure", "server_error", WS_POLICY_VIOLATION
 
 
+class MemoryPressureError(BackpressureError):
+    """The instance holds MEMORY_BUDGET_BYTES of buffered stream data: new streams are refused (503), and the
+    streams whose buffers have been full the longest are cut."""
+
+    code, ws_close_code = "memory_pressure", WS_TRY_AGAIN_LATER
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class ShutdownError(GatewayError):
     """The instance is draining and the stream outlived the drain timeout: reconnect elsewhere."""
 

@@ -102,4 +102,5 @@ def child_exit(server: Any, worker: Any) -> None:
         reclaimed = tables.slots.reclaim(worker.pid)
         if reclaimed:
             server.log.warning("reclaimed %d connection slots of dead worker %d", reclaimed, worker.pid)
+        tables.buffers.reclaim(worker.pid)  # its buffered bytes no longer count against the memory budget
     mark_worker_dead(worker.pid)

@@ -1,4 +1,5 @@
-"""State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker.
+"""State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker, and
+the buffered bytes the memory budget counts.
 
 Limits mean what they say only if all workers count against one table (DESIGN.md §7: per-process
 state multiplies every limit by the worker count). The gunicorn master creates the tables in
@@ -17,11 +18,12 @@ import os
 from dataclasses import dataclass
 
 from app.policies.breaker import BreakerCell, BreakerConfig, MemoryBreakerCell, SharedBreakerCell, charged_capacity
+from app.policies.buffers import BufferTable, MemoryBufferTable, SharedBufferTable
 from app.policies.concurrency import ConnectionLimiter, MemoryConnectionLimiter, SharedConnectionLimiter
 from app.policies.ratelimit import MemoryStorage, SharedMemoryStorage, Storage
 from app.settings import Settings
 
-ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD", written by the master
+ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD,buffers=FD", written by the master
 
 
 @dataclass
@@ -29,6 +31,7 @@ class InstanceState:
     rate_storage: Storage
     slots: ConnectionLimiter
     breaker_cell: BreakerCell
+    buffers: BufferTable  # buffered stream data per worker: the memory budget
 
 
 @dataclass
@@ -38,12 +41,14 @@ class SharedTables:
     rate_storage: SharedMemoryStorage
     slots: SharedConnectionLimiter
     breaker_cell: SharedBreakerCell
+    buffers: SharedBufferTable
 
     def publish(self) -> None:
-        for table in (self.rate_storage, self.slots, self.breaker_cell):
+        for table in (self.rate_storage, self.slots, self.breaker_cell, self.buffers):
             os.set_inheritable(table.fd, True)
         os.environ[ENV_VAR] = (
-            f"ratelimit={self.rate_storage.fd},slots={self.slots.fd},breaker={self.breaker_cell.fd}"
+            f"ratelimit={self.rate_storage.fd},slots={self.slots.fd},breaker={self.breaker_cell.fd},"
+            f"buffers={self.buffers.fd}"
         )
 
 
@@ -63,6 +68,7 @@ def create_shared(settings: Settings) -> SharedTables:
         slots=SharedConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
         breaker_cell=SharedBreakerCell(failure_capacity=settings.circuit_failure_threshold,
                                        charged_capacity=charged_capacity(breaker_config(settings))),
+        buffers=SharedBufferTable(),
     )
     tables.publish()
     return tables
@@ -75,10 +81,12 @@ def instance_state(settings: Settings) -> InstanceState:
             rate_storage=MemoryStorage(),
             slots=MemoryConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
             breaker_cell=MemoryBreakerCell(),
+            buffers=MemoryBufferTable(),
         )
     fds = {name: int(fd) for name, fd in (part.split("=") for part in published.split(","))}
     return InstanceState(
         rate_storage=SharedMemoryStorage.attach(fds["ratelimit"]),
         slots=SharedConnectionLimiter.attach(fds["slots"]),
         breaker_cell=SharedBreakerCell.attach(fds["breaker"]),
+        buffers=SharedBufferTable.attach(fds["buffers"]),
     )

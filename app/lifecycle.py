@@ -57,10 +57,11 @@ from app.resume.local import DirectoryBackend
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import Backend, ResumeStore
 from app.settings import Settings
+from app.streaming.memory import MemoryGuard
 from app.streaming.relay import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
-from app.upstream.client import OpenAIUpstream
+from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
 from app.upstream.guard import GuardedUpstream
 from app.upstream.mock import MockUpstream
 from app.upstream.traced import TracedUpstream
@@ -173,6 +174,10 @@ def build_upstream(settings: Settings) -> Upstream:
 
 def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> GatewayState:
     shared = instance_state(settings)
+    memory = MemoryGuard(
+        budget_bytes=settings.memory_budget_bytes, table=shared.buffers,
+        read_ahead_bytes=0 if settings.upstream_url is None else READ_AHEAD_BYTES,
+    )
     registry = StreamRegistry(
         first_token_s=settings.first_token_timeout_seconds,
         inter_token_s=settings.inter_token_timeout_seconds,
@@ -182,6 +187,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         check_interval_s=settings.deadline_check_interval_seconds,
         orphan_timeout_s=settings.orphan_timeout_seconds if settings.resume_enabled else 0.0,
         max_orphans=settings.max_orphaned_streams,
+        memory=memory.check,
     )
     upstream = build_upstream(settings)
     if tracer_provider is not None:  # a client span per attempt, inside the guard
@@ -223,10 +229,13 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         slots=shared.slots,
         remote_slots=remote_slots,
         lease_ttl_s=settings.max_stream_age_seconds,
+        memory_pressure=lambda: memory.over,
     )
     recorder = StreamRecorder(model_names=settings.model_names)
     relay = Relay(upstream=upstream, registry=registry, observer=recorder, max_batch=settings.stream_buffer_size)
     resume = build_resume_store(settings, redis, registry) if settings.resume_enabled else None
+    if resume is not None:
+        memory.sources.append(lambda: resume.buffered_bytes)
     claimer = None
     if resume is not None and resume.handover is not None and settings.max_orphaned_streams > 0:
         assert settings.redis_url is not None

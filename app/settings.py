@@ -212,6 +212,13 @@ class Settings(BaseSettings):
     stream_buffer_size: int = Field(
         100, ge=1, description="Per-stream buffer: most upstream events read ahead of the client (one write)."
     )
+    memory_budget_bytes: int = Field(
+        524_288_000, ge=65_536,
+        description="Buffered stream data the instance may hold (all workers): bytes relayed streams hold that their "
+        "clients have not taken (a write waiting on a client that does not read, the server's socket buffer "
+        "behind it, upstream data read ahead for it, unsent non-streamed answers, resume events not yet stored). "
+        "At the budget new streams get 503 memory_pressure and the buffers full the longest are cut.",
+    )
     sse_ping_interval_seconds: float = Field(
         15.0, gt=0, description="Interval of `: ping` comments on idle SSE streams (keeps proxies from timing out)."
     )

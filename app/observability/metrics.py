@@ -29,11 +29,11 @@ KNOWN_REJECTIONS = (
     "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
     "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
     "invalid_stream_id", "api_key_in_url", "origin_not_allowed", "request_timeout", "unknown_parameter",
-    "content_not_allowed", "model_not_found",
+    "content_not_allowed", "model_not_found", "memory_pressure",
 )
 KNOWN_ERRORS = (
     "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",
-    "orphan_timeout", "circuit_open", "internal_error",
+    "orphan_timeout", "circuit_open", "internal_error", "memory_pressure",
 )
 KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown", "cancelled")
 KNOWN_HANDOVER_RESULTS = ("published", "claimed", "completed", "failed")
@@ -170,6 +170,15 @@ ORPHANED_STREAMS = Gauge(
 )
 CLAIMED_STREAMS = Gauge(
     "streaming_claimed_streams", "Handed-over generations this instance is finishing.", multiprocess_mode="livesum"
+)
+BUFFERED_BYTES = Gauge(
+    "streaming_buffered_bytes",
+    "Buffered stream data clients have not taken yet (what MEMORY_BUDGET_BYTES limits), sampled per watchdog pass.",
+    multiprocess_mode="livesum",
+)
+MEMORY_BUDGET_BYTES = Gauge(
+    "streaming_memory_budget_bytes", "MEMORY_BUDGET_BYTES: buffered stream data the instance may hold.",
+    multiprocess_mode="max",
 )
 
 

@@ -193,9 +193,11 @@ class EventLog:
         if self._events > self._store.max_events:
             self._store.broken(self)
             return
+        store = self._store
         if not self._pending:
-            self._store.dirty[self.stream_id] = self
+            store.dirty[self.stream_id] = self
         self._pending.append(payload)
+        store.pending_bytes += len(payload)
 
     @property
     def last_event_id(self) -> str:
@@ -204,7 +206,9 @@ class EventLog:
 
     def take(self) -> bytes:
         pending, self._pending = self._pending, []
-        return b"".join(pending)
+        taken = b"".join(pending)
+        self._store.pending_bytes -= len(taken)
+        return taken
 
     def close(self, final: bytes) -> None:
         """The stream's last event; the log is flushed on the next tick and expires after the TTL."""
@@ -215,7 +219,7 @@ class EventLog:
     def abandon(self) -> None:
         """Stop writing without a final event (a claimer that lost its lease: the log is someone else's)."""
         self._closed = True
-        self._pending = []
+        self.take()
         self._store.dirty.pop(self.stream_id, None)
 
     def tombstone(self) -> bytes:
@@ -254,6 +258,8 @@ class ResumeStore:
         self.handover = handover  # set with the Redis store when the upstream can continue a generation
         self.dirty: dict[str, EventLog] = {}
         self.finished: list[str] = []
+        self.pending_bytes = 0  # appended, not yet taken by a flush
+        self.writing_bytes = 0  # taken by the flush under way, not yet written
         self.healthy = True  # the backend's last call succeeded
         self._tombstones: dict[str, EventLog] = {}
         self._sweep_every = sweep_every
@@ -266,6 +272,11 @@ class ResumeStore:
 
     def open(self, meta: StreamMeta, *, first_seq: int = 0) -> EventLog:
         return EventLog(self, meta, first_seq=first_seq)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Events held in memory until the backend has them (counted against MEMORY_BUDGET_BYTES)."""
+        return self.pending_bytes + self.writing_bytes
 
     def broken(self, log: EventLog) -> None:
         """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""
@@ -286,10 +297,12 @@ class ResumeStore:
                 dirty[sid].created = True  # a failed first write breaks the log: it is never written again
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
+            self.writing_bytes = sum(map(len, chunks.values()))
             try:
                 if chunks:
                     await self._write(chunks, created, dirty, tombstones)
             finally:  # even after a failed write: a finished stream's file handle must not outlive it
+                self.writing_bytes = 0
                 try:
                     for sid in finished:
                         await self.backend.expire(sid)

@@ -19,6 +19,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
+from app.routes.openapi import EVENT_STREAM, json_body
 from app.streaming.responses import CompletionResponse, SSEStreamResponse
 from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
@@ -32,7 +33,8 @@ def _openai_error(exc: Exception) -> ASGIResponse:
     return error_response(exc, openai_shape=True)  # type: ignore[arg-type, return-value]
 
 
-@router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)")
+@router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)",
+             openapi_extra=json_body(ChatCompletionRequest, "application/json", EVENT_STREAM))
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     body = await read_json(request, ChatCompletionRequest)

@@ -35,6 +35,7 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
+from app.routes.openapi import EVENT_STREAM, answers, json_body, resume_link
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
@@ -46,6 +47,7 @@ router = APIRouter()
 ENDPOINT = "/stream"
 RESUME_ENDPOINT = "/stream/{stream_id}"
 STOP_CONFIRM_S = 5.0  # how long a stop waits for the stream's final event before answering 202
+RESUME_OPERATION = "resume_stream"
 
 
 def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, owner: str) -> EventLog | None:
@@ -69,7 +71,8 @@ def seed_chat_request(body: StreamRequest, state: StateDep, client: str) -> Chat
     )
 
 
-@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)")
+@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)",
+             openapi_extra=json_body(StreamRequest, EVENT_STREAM, links=resume_link(RESUME_OPERATION)))
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     chat = seed_chat_request(await read_json(request, StreamRequest), state, ticket.identity)
@@ -89,7 +92,8 @@ def _detail_error(error: GatewayError) -> JSONResponse:
     return error_response(error, openai_shape=False)
 
 
-@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail")
+@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail",
+            operation_id=RESUME_OPERATION, openapi_extra=answers(EVENT_STREAM))
 async def resume_stream(
     stream_id: str, request: Request, state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,

@@ -22,6 +22,7 @@ A stream of someone else, or an unknown one, answers as a resume of it would: `n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from fastapi import APIRouter, WebSocket
@@ -46,7 +47,7 @@ from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
-from app.streaming.relay import end_log
+from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
 from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
@@ -184,6 +185,7 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         batch = batch_texts(batch)  # the seed protocol carries text only
         if log is not None and encoder is not None:
             log.append(encoder.tokens(batch), len(batch))
+        session.write_bytes = sum(map(len, batch))  # what a blocked write holds (the memory budget)
         if session.orphaned_at:
             return  # the client left; the generation runs on for it to resume
         try:
@@ -216,6 +218,11 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
             await websocket.close(code=error.ws_close_code, reason="stream handed over; resume it")
             return
         if error is not None:
+            if outcome is Outcome.BACKPRESSURE:  # its client does not read: the final event only if it fits now
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
+                        await _end_with_error(websocket, error)
+                return
             await _end_with_error(websocket, error)
             return
         await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
@@ -246,6 +253,7 @@ async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, aft
     last: list[bytes] = []
 
     async def write(batch: list[bytes]) -> None:
+        session.write_bytes = sum(map(len, batch))
         for frame in batch:
             await websocket.send_text(_event_text(frame))
         last[:] = batch[-1:]

@@ -41,6 +41,7 @@ UPSTREAM_FAULT_DEADLINES = frozenset({"first token", "inter-token"})  # a stall 
 OUTCOME_BY_CODE = {
     "timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE, "server_shutdown": Outcome.SHUTDOWN,
     "cancelled": Outcome.CANCELLED,
+    "memory_pressure": Outcome.BACKPRESSURE,  # a client not reading, cut early because the instance is at its budget
 }
 
 

@@ -68,6 +68,7 @@ class SSEStreamResponse:
                 body = encoder.tokens(batch)
                 if log is not None:
                     log.append(body, len(batch))  # before the send: a stalled client must not hold it back
+                session.write_bytes = len(body)  # what a blocked write holds (the memory budget, memory.py)
                 await send({"type": "http.response.body", "body": body, "more_body": True})
 
             async def ping() -> None:
@@ -127,7 +128,9 @@ class ReplayResponse:
                 session.ping = ping
 
             async def write(batch: list[bytes]) -> None:
-                await send({"type": "http.response.body", "body": b"".join(batch), "more_body": True})
+                body = b"".join(batch)
+                session.write_bytes = len(body)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
 
             async def ping() -> None:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
@@ -176,7 +179,7 @@ class CompletionResponse:
         message = MessageAssembler()
 
         async def collect(batch: Batch) -> None:
-            message.add(batch)
+            session.held_bytes += message.add(batch)  # the answer is held whole until it is sent
 
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
@@ -207,17 +210,24 @@ class MessageAssembler:
         self._refusal: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: Batch) -> int:
+        """Take a batch; returns the characters it added (what the answer holds until it is sent)."""
         if not isinstance(batch, DeltaBatch):
             self._texts.extend(batch)
-            return
+            return sum(map(len, batch))
+        added = 0
         for delta in batch:
             if text := delta.get("content"):
                 self._texts.append(text)
+                added += len(text)
             if refusal := delta.get("refusal"):
                 self._refusal.append(refusal)
+                added += len(refusal)
             for part in delta.get("tool_calls") or ():
+                function = part.get("function") or {}
+                added += len(function.get("name") or "") + len(function.get("arguments") or "")
                 self._merge_call(part)
+        return added
 
     def _merge_call(self, part: dict[str, Any]) -> None:
         call = self._calls.setdefault(int(part.get("index", len(self._calls))),

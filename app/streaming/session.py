@@ -42,7 +42,7 @@ class StreamSession:
     __slots__ = (
         "id", "request_id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at",
         "last_write_at", "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
-        "resumable", "orphaned_at", "replays",
+        "resumable", "orphaned_at", "replays", "write_bytes", "held_bytes",
     )
 
     def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float,
@@ -67,6 +67,8 @@ class StreamSession:
         self.resumable = False  # its events go to the resume store: it may outlive its client
         self.orphaned_at = 0.0  # when its client left while the generation ran on (0: it did not)
         self.replays = ""  # a resumed read: the id of the stream it replays (its own id is a fresh one)
+        self.write_bytes = 0  # size of the latest write to the client (set per batch; memory.py reads it)
+        self.held_bytes = 0  # answer text held until the stream ends (non-streamed completions)
 
     @property
     def cut(self) -> bool:
@@ -113,8 +115,10 @@ class StreamRegistry:
         check_interval_s: float,
         orphan_timeout_s: float = 0.0,
         max_orphans: int = 0,
+        memory: Callable[[set[StreamSession]], None] | None = None,
     ) -> None:
         self.streams: set[StreamSession] = set()
+        self._memory = memory  # the memory budget's pass (streaming/memory.py), after the deadlines
         self.orphans = 0
         self._orphan_timeout_s = orphan_timeout_s
         self._max_orphans = max_orphans
@@ -188,6 +192,8 @@ class StreamRegistry:
                 task = asyncio.get_running_loop().create_task(s.ping())
                 self._pings.add(task)
                 task.add_done_callback(self._pings.discard)
+        if self._memory is not None:
+            self._memory(self.streams)
 
     def _deadline_passed(self, s: StreamSession, now: float) -> GatewayError | None:
         if s.orphaned_at and now - s.orphaned_at > self._orphan_timeout_s:

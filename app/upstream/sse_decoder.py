@@ -29,10 +29,17 @@ class SSEDecoder:
     def feed(self, piece: bytes) -> list[str]:
         if not piece:
             return []
-        if not self._started:
+        if not self._started:  # the spec lets a stream begin with a byte order mark, maybe split across reads
+            piece = self._tail + piece
+            self._tail = b""
+            if len(piece) < len(UTF8_BOM) and UTF8_BOM.startswith(piece):
+                self._tail = piece  # too short to tell yet
+                return []
             self._started = True
-            if piece.startswith(UTF8_BOM):  # the spec lets a stream begin with one
+            if piece.startswith(UTF8_BOM):
                 piece = piece[len(UTF8_BOM):]
+            if not piece:
+                return []
         if self._skip_lf and piece[:1] == b"\n":
             piece = piece[1:]
         self._skip_lf = piece[-1:] == b"\r"

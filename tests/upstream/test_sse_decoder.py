@@ -123,3 +123,28 @@ def test_overlong_line_is_an_error() -> None:
     decoder = SSEDecoder()
     with pytest.raises(SSEDecodeError):
         decoder.feed(b"data: " + b"x" * MAX_LINE_BYTES)
+
+
+# Arbitrary bytes, not only well-formed streams: a broken or hostile upstream sends anything.
+any_bytes = st.binary(max_size=512) | st.lists(
+    st.sampled_from([b"data:", b"data: ", b"data", b"\r", b"\n", b"\r\n", b":", b"\xef\xbb\xbf", b"\xff", b"x"]),
+    max_size=40,
+).map(b"".join)
+
+
+@no_deadline
+@given(st.data())
+def test_arbitrary_bytes_decode_the_same_however_split(data: st.DataObject) -> None:
+    """No exception but the documented SSEDecodeError (never raised under MAX_LINE_BYTES), and the same events
+    whatever the read boundaries, byte order marks included."""
+    raw = data.draw(any_bytes)
+    whole = decode([raw])
+    assert all(isinstance(event, str) for event in whole)
+    assert decode(data.draw(split(raw))) == whole
+    assert decode([raw[i:i + 1] for i in range(len(raw))]) == whole
+
+
+def test_byte_order_mark_split_across_reads_is_still_dropped() -> None:
+    raw = b"\xef\xbb\xbfdata: a\n\n"
+    for cut in range(1, 4):
+        assert decode([raw[:cut], raw[cut:]]) == ["a"], cut

@@ -1,0 +1,85 @@
+"""schemathesis against the real gateway (gunicorn, 2 workers, loopback): no 5xx, no uncaught exception.
+
+The schema comes from the app object (`create_app(settings).openapi()`), so it is the one the gateway
+serves whether or not `/openapi.json` is exposed; the stream routes are in it with the request bodies
+their handlers validate (app/routes/openapi.py). Valid and invalid requests are generated (positive and
+negative modes), a bounded, derandomised number per operation, so every run sends the same requests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import Gateway, launch_gateway
+
+MAX_EXAMPLES = 60  # per operation (valid and invalid): about 30 s here, a minute on a loaded machine
+STATEFUL_EXAMPLES = 25  # sequences of up to 4 calls
+REQUEST_TIMEOUT_S = 30.0  # guard only
+FUZZ_ENV = {
+    # Streams end at once: any generated max_tokens above the limit is a 422, below it a short stream.
+    "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0, "MAX_TOKENS_LIMIT": 64, "DEFAULT_MAX_TOKENS": 16,
+    # An unknown stream id is looked up a few times, a flush interval apart, before its 404.
+    "RESUME_FLUSH_INTERVAL_SECONDS": 0.01,
+}
+STREAM_OPERATIONS = {("POST", "/stream"), ("POST", "/v1/chat/completions"), ("GET", "/stream/{stream_id}")}
+
+schema = schemathesis.openapi.from_dict(create_app(Settings(resume_enabled=False)).openapi())
+schema.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES, deterministic=True,
+    database="none",
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = launch_gateway(FUZZ_ENV, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    yield gateway
+    gateway.stop()
+
+
+def test_stream_routes_are_in_the_schema_with_their_bodies() -> None:
+    operations = {(op.method.upper(), op.path): op for op in (r.ok() for r in schema.get_all_operations())}
+    assert STREAM_OPERATIONS <= set(operations)
+    for method, path in STREAM_OPERATIONS - {("GET", "/stream/{stream_id}")}:
+        body = operations[method, path].definition.raw["requestBody"]["content"]["application/json"]["schema"]
+        assert "prompt" in body["properties"] or "messages" in body["properties"]
+    link = operations["POST", "/stream"].definition.raw["responses"]["200"]["links"]["Resume"]
+    assert operations["GET", "/stream/{stream_id}"].definition.raw["operationId"] == link["operationId"]
+
+
+@schema.parametrize()
+def test_no_server_error(case: schemathesis.Case, fuzzed_gateway: Gateway) -> None:
+    case.call_and_validate(base_url=fuzzed_gateway.url, checks=[not_a_server_error], timeout=REQUEST_TIMEOUT_S)
+    log = fuzzed_gateway.log()
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_no_server_error_resuming_streams_it_opened(fuzzed_gateway: Gateway) -> None:
+    """Stateful: the `Resume` link feeds a real `X-Stream-ID` from POST /stream to GET /stream/{stream_id}, so
+    Last-Event-ID and ?after= are fuzzed against streams that exist."""
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+            return {"base_url": fuzzed_gateway.url, "timeout": REQUEST_TIMEOUT_S}
+
+        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case,
+                              additional_checks: object = None, **kwargs: object) -> None:
+            case.validate_response(response, checks=[not_a_server_error])
+
+    Workflow.run(settings=settings(max_examples=STATEFUL_EXAMPLES, deadline=None, derandomize=True, database=None,
+                                   stateful_step_count=4))
+    metrics = httpx.get(fuzzed_gateway.url + "/metrics", timeout=10).text
+    resumed = re.findall(r'^streaming_resumptions_total\{route="/stream/\{stream_id\}"\} (\S+)$', metrics, re.M)
+    assert float(resumed[0]) > 0  # the link was followed: streams that exist were resumed
+    log = fuzzed_gateway.log()
+    assert "Traceback" not in log, log[-4000:]

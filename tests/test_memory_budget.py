@@ -1,0 +1,121 @@
+"""MEMORY_BUDGET_BYTES against the real gateway (2 workers) and clients that stop reading (raw sockets).
+
+A stream whose client reads nothing fills the kernel's socket buffers, then the server's transport buffer
+up to its 64 KiB high-water mark; from then on its write is blocked and it counts a full buffer
+(app/streaming/memory.py). One-token batches keep each full buffer at 64 KiB and a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+
+from tests.conftest import Gateway, GatewayFactory, sse_data
+from tests.test_stream_lifecycle import wait_active_streams
+
+FULL = 65_536  # a full buffer holds at least the transport's high-water mark
+GUARD_S = 60.0  # guard only: how long a condition may take on a loaded machine
+SLOW_READER_ENV = {
+    "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0, "MAX_TOKENS_LIMIT": 10_000_000, "STREAM_BUFFER_SIZE": 1,
+    "SLOW_CLIENT_TIMEOUT_SECONDS": 100, "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+}
+
+
+def _metric(gateway: Gateway, name: str, labels: str = "") -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    total = 0.0
+    for found, value in re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        if all(part in found for part in labels.split(",") if part):
+            total += float(value)
+    return total
+
+
+def _wait_metric(gateway: Gateway, name: str, reached: float, labels: str = "") -> float:
+    deadline = time.monotonic() + GUARD_S
+    value = _metric(gateway, name, labels)
+    while value < reached and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling interval, not an assertion
+        value = _metric(gateway, name, labels)
+    return value
+
+
+@contextmanager
+def slow_reader(gateway: Gateway) -> Iterator[tuple[socket.socket, str]]:
+    """A /stream client that reads the response head, then nothing: (its socket, the stream id)."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "flood", "max_tokens": 10_000_000}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
+        sock.settimeout(GUARD_S)
+        sock.connect((host, int(port)))
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1024)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        stream_id = re.search(rb"x-stream-id: (\S+)", head, re.I)
+        assert stream_id is not None
+        yield sock, stream_id.group(1).decode()
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gateway: GatewayFactory) -> None:
+    # Resume off: the only buffered data are the full buffers, so the totals below are exact to a few hundred bytes.
+    gateway = start_gateway(**SLOW_READER_ENV, RESUME_ENABLED="false", MEMORY_BUDGET_BYTES=150_000)
+    with ExitStack() as stack:
+        oldest, _ = stack.enter_context(slow_reader(gateway))
+        assert FULL <= _wait_metric(gateway, "streaming_buffered_bytes", FULL) < 150_000
+        second, _ = stack.enter_context(slow_reader(gateway))
+        assert 2 * FULL <= _wait_metric(gateway, "streaming_buffered_bytes", 2 * FULL) < 150_000  # under budget
+        third, _ = stack.enter_context(slow_reader(gateway))
+        # The third full buffer takes the instance over its budget: the oldest full buffer is cut, only it.
+        assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure"') == 1
+        assert b'"type": "done"' not in _read_to_end(oldest)  # its stream ended, unfinished
+        assert wait_active_streams(gateway, 2) == 2
+        # Two full buffers (131 KB) stay above 80 % of the budget: new streams are still refused.
+        refused = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "memory_pressure"
+        assert refused.headers["retry-after"] == "1"
+        assert _metric(gateway, "streaming_rejections_total", 'reason="memory_pressure"') >= 1
+        assert _metric(gateway, "streaming_errors_total", 'error_type="memory_pressure"') == 1
+        second.close()
+        third.close()
+    # Everything is given back: slots, the buffered bytes, admission.
+    assert wait_active_streams(gateway, 0) == 0
+    deadline = time.monotonic() + GUARD_S
+    while _metric(gateway, "streaming_buffered_bytes") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling interval, not an assertion
+    assert _metric(gateway, "streaming_buffered_bytes") == 0
+    done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
+    assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
+    assert "Traceback" not in gateway.log()
+
+
+def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFactory) -> None:
+    # One full buffer is over this budget. Its client reads nothing, so the final event cannot reach it on
+    # that connection; the stream's resume log ends with it, and that is what a reconnecting client reads.
+    gateway = start_gateway(**SLOW_READER_ENV, MEMORY_BUDGET_BYTES=65_536, RESUME_MAX_EVENTS=10_000_000)
+    with slow_reader(gateway) as (sock, stream_id):
+        assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure"') == 1
+        assert b'"type": "done"' not in _read_to_end(sock)
+    assert wait_active_streams(gateway, 0) == 0
+    with httpx.stream("GET", f"{gateway.url}/stream/{stream_id}", timeout=GUARD_S) as replay:
+        assert replay.status_code == 200
+        *tokens, last = sse_data(replay.read().decode())
+    assert json.loads(last)["code"] == "memory_pressure"
+    assert json.loads(last)["type"] == "error"
+    assert tokens and all(json.loads(t)["type"] in ("status", "token") for t in tokens[:3])
