@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from app.observability.multiproc import compact_dead_worker
+
 OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
 # The only endpoint label values: route templates, never raw paths with ids in them.
 STREAM_ENDPOINTS = frozenset({"/stream", "/stream/{stream_id}", "/v1/chat/completions", "/ws"})
@@ -165,6 +167,9 @@ def render_metrics() -> tuple[bytes, str]:
 
 
 def mark_worker_dead(pid: int) -> None:
-    """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting, and fold its other
+    files into the archives so restarts do not add files every scrape reads (app/observability/multiproc.py)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        compact_dead_worker(directory, pid)
