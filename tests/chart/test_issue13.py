@@ -397,3 +397,48 @@ def test_all_features_egress_reaches_otlp_and_redis() -> None:
     ports = {p["port"] for rule in values["networkPolicy"]["egress"] for p in rule.get("ports", [])}
     assert values["otel"]["endpoint"].endswith(":4318") and 4318 in ports
     assert values["gateway"]["redis"]["existingSecret"] and 6379 in ports
+
+
+# --- 10. k8s/e2e.sh, run with every tool it drives replaced by a recorder -----------------------------
+
+RECORDER = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$E2E_LOG"
+if [ "$(basename "$0") $1 $2" = "kind get clusters" ]; then printf '%s\\n' $E2E_EXISTING_CLUSTERS; fi
+exit 0
+"""
+
+
+def _run_e2e(tmp_path: Path, existing: str) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "kind", "kubectl", "helm", "python"):
+        (bin_dir / tool).write_text(RECORDER)
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "E2E_LOG": str(log), "E2E_EXISTING_CLUSTERS": existing,
+           "PYTHON": str(bin_dir / "python"), "RAMP_SECONDS": "0", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(CHART.parent / "k8s" / "e2e.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return log.read_text().splitlines()
+
+
+def test_e2e_never_deletes_a_cluster_it_reused(tmp_path: Path) -> None:
+    calls = _run_e2e(tmp_path, existing="other streaming-gateway")
+    assert not [c for c in calls if c.startswith("kind create")]
+    assert not [c for c in calls if c.startswith("kind delete")], calls
+
+
+def test_e2e_deletes_the_cluster_it_created(tmp_path: Path) -> None:
+    calls = _run_e2e(tmp_path, existing="other")
+    assert [c for c in calls if c.startswith("kind create cluster --name streaming-gateway")]
+    assert calls[-1] == "kind delete cluster --name streaming-gateway"
+
+
+def test_e2e_waits_for_the_job_pod_to_exist_before_its_condition(tmp_path: Path) -> None:
+    calls = _run_e2e(tmp_path, existing="streaming-gateway")
+    waits = [c for c in calls if c.startswith("kubectl") and " wait pod --selector job-name=locust" in c]
+    assert len(waits) == 2, waits
+    assert "--for=create" in waits[0] and "--for=condition=Ready" in waits[1]
+    job = next(i for i, c in enumerate(calls) if "apply --filename k8s/locust-job.yaml" in c)
+    assert job < calls.index(waits[0])
