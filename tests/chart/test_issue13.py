@@ -144,20 +144,27 @@ def _label_set(name: str, labels: dict[str, str]) -> str:
 
 
 def test_each_release_alerts_only_for_itself(helm: Helm, tmp_path: Path) -> None:
-    """promtool `test rules` over both releases' rule files and series: every alert fires once, for its release."""
+    """promtool `test rules` over both releases' rule files and series: every alert fires once, for its release.
+
+    Each rule is marked with the release whose PrometheusRule it came from (`rule_release`, added here), so a
+    rule of one release that fires on, or records from, the other release's series shows as an extra sample.
+    """
     rule_files = []
     for release in RELEASES:
         docs = helm.run("template", release, str(helm.chart), "--namespace", "llm", "--set",
                         "prometheusRule.enabled=true", "--set", f"prometheusRule.runbookBaseUrl={RUNBOOK}")
         rule = find([d for d in yaml.safe_load_all(docs) if d], "PrometheusRule")
         assert [g["name"] for g in rule["spec"]["groups"]] == [f"{release}-streaming-gateway"]
+        for group in rule["spec"]["groups"]:
+            for r in group["rules"]:
+                r["labels"] = {**r.get("labels", {}), "rule_release": release}
         path = tmp_path / f"{release}.rules.yaml"
         path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
         rule_files.append(path.name)
     series, firing = _two_release_inputs()
     alerts = [
         _label_set("ALERTS", {"alertname": alert, "alertstate": "firing", "job": f"{release}-streaming-gateway",
-                              **labels})
+                              "rule_release": release, **labels})
         for alert, release, labels in firing
     ]
     saturation = "namespace_job_pod:streaming_active_connections:saturation"
@@ -172,9 +179,11 @@ def test_each_release_alerts_only_for_itself(helm: Helm, tmp_path: Path) -> None
                  "exp_samples": [{"labels": labels, "value": 1} for labels in alerts]},
                 {"expr": saturation, "eval_time": "25m", "exp_samples": [
                     {"labels": _label_set(saturation, {"namespace": "llm", "job": "staging-streaming-gateway",
-                                                       "pod": "staging-gateway-0"}), "value": 0.9},
+                                                       "pod": "staging-gateway-0", "rule_release": "staging"}),
+                     "value": 0.9},
                     {"labels": _label_set(saturation, {"namespace": "llm", "job": "prod-streaming-gateway",
-                                                       "pod": "prod-gateway-0"}), "value": 0.2},
+                                                       "pod": "prod-gateway-0", "rule_release": "prod"}),
+                     "value": 0.2},
                 ]},
             ],
         }],
