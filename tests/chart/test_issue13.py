@@ -346,10 +346,15 @@ def test_common_labels_reach_every_object_but_no_selector(helm: Helm) -> None:
     assert "team" not in find(docs, "Service")["spec"]["selector"]
 
 
-def test_lifecycle_override_replaces_the_prestop_sleep(helm: Helm) -> None:
+def test_lifecycle_sits_beside_the_prestop_sleep_or_overrides_it(helm: Helm) -> None:
+    sleep = {"preStop": {"sleep": {"seconds": 10}}}
+    assert _gateway(helm.template())["lifecycle"] == sleep
+    post_start = {"postStart": {"exec": {"command": ["/bin/sh", "-c", "warm-up"]}}}
+    assert _gateway(helm.template(lifecycle=post_start))["lifecycle"] == {**post_start, **sleep}
     hook = {"preStop": {"exec": {"command": ["/bin/sh", "-c", "deregister && sleep 10"]}}}
     assert _gateway(helm.template(lifecycle=hook))["lifecycle"] == hook
-    assert _gateway(helm.template())["lifecycle"] == {"preStop": {"sleep": {"seconds": 10}}}
+    old_cluster = _gateway(helm.template(lifecycle=post_start, kube_version="1.29.0"))["lifecycle"]
+    assert old_cluster == {**post_start, "preStop": {"exec": {"command": ["sleep", "10"]}}}
 
 
 # --- 8. /metrics after a drain that cut streams -------------------------------------------------------
