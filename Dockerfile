@@ -5,17 +5,21 @@
 # Writable paths: only /tmp (an emptyDir in the chart): TMPDIR and the prometheus-client multiprocess
 # directory, which `python -m app` wipes at start (an emptyDir outlives container restarts).
 
-# --- build: the project and its pinned dependencies (pyproject.toml) in a virtualenv -----------------
+# --- build: the locked dependencies in a virtualenv, then the app ------------------------------------
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
+# No pip or setuptools in the virtualenv: the base image's pip installs into it (--python), and the
+# runtime image never installs anything.
+RUN python -m venv --without-pip /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY app ./app
-# Every runtime dependency is pinned with == in pyproject.toml; uvloop and httptools ship wheels.
-RUN /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/pip check
+# Dependencies first, in their own layer: a change to app/ does not reinstall them. requirements.lock holds
+# every transitive dependency, pinned and hashed (pip-compile --generate-hashes from pyproject.toml; a test
+# keeps them in sync), so nothing unpinned or altered can be installed.
+COPY requirements.lock ./
+RUN python -m pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes --no-deps \
+        --only-binary :all: -r requirements.lock \
+    && python -m pip --python /opt/venv/bin/python check
 
 # --- runtime ------------------------------------------------------------------------------------------
 # the same base as the build stage: the venv's interpreter symlinks point into it
@@ -31,6 +35,8 @@ RUN groupadd --system --gid 10001 gateway \
        --shell /usr/sbin/nologin gateway
 
 COPY --from=build /opt/venv /opt/venv
+# The app's code last: `python -m app` imports it from the working directory.
+COPY app /srv/app
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -49,6 +55,6 @@ EXPOSE 8000 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
 
-# Exec form: `python -m app` prepares the metrics directory, then execs gunicorn, which is PID 1 and
+# Exec form: `python -m app` (from /srv) prepares the metrics directory, then execs gunicorn, which is PID 1 and
 # receives the pod's SIGTERM itself (then each worker drains its streams: app/lifecycle.py).
 ENTRYPOINT ["python", "-m", "app"]

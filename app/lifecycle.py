@@ -6,9 +6,11 @@ Drain timeline of one worker (gunicorn forwards the pod's SIGTERM to every worke
        │       (the listening socket stays open, so late requests get an answer, not a refusal)
        ├─ streams in flight run on ... all done ─────────────────────────┐
        └─ DRAIN_TIMEOUT_SECONDS passed: the rest are cut with            │
-          server_shutdown (SSE event / OpenAI error chunk / WS 1012) ────┤
+          server_shutdown (SSE event / OpenAI error chunk / WS 1012)     │
           (RESUME_STORE=redis: a resumable /stream is handed to the      │
           fleet instead, and its client gets server_shutdown + resume)   │
+          ─► /metrics served DRAIN_METRICS_LINGER_SECONDS more, so a ────┤
+             scrape sees streaming_drain_cut_streams_total               │
                                                                          ▼
           uvicorn's own exit handler runs: close sockets, lifespan shutdown, exit
 """
@@ -76,10 +78,12 @@ SignalHandler = Callable[[int, FrameType | None], Any]
 class Drain:
     """Owns the worker's shutdown: starts at SIGTERM, ends by handing the signal to uvicorn."""
 
-    def __init__(self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float) -> None:
+    def __init__(self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float,
+                 metrics_linger_s: float = 0.0) -> None:
         self.registry = registry
         self.timeout_s = timeout_s
         self.close_grace_s = close_grace_s
+        self.metrics_linger_s = metrics_linger_s
         self.draining = False
         self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []  # e.g. stop claiming handed-over streams
         self._task: asyncio.Task[None] | None = None
@@ -129,6 +133,10 @@ class Drain:
         DRAIN_DURATION_SECONDS.observe(duration)
         DRAIN_CUT_STREAMS_TOTAL.inc(cut)
         logger.info("drain finished", extra={"streams": in_flight, "cut": cut, "drain_seconds": round(duration, 3)})
+        if cut and self.metrics_linger_s > 0:
+            # A pod that exits now is gone before the next scrape, and the cut is never seen: keep answering
+            # (/metrics; new streams still get 503 draining) for one scrape interval. A second SIGTERM ends it.
+            await asyncio.sleep(self.metrics_linger_s)
         then()
 
 
@@ -202,7 +210,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         upstream, breaker,
         RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds),
     )
-    drain = Drain(registry, timeout_s=settings.drain_timeout_seconds, close_grace_s=settings.drain_close_grace_seconds)
+    drain = Drain(registry, timeout_s=settings.drain_timeout_seconds, close_grace_s=settings.drain_close_grace_seconds,
+                  metrics_linger_s=settings.drain_metrics_linger_seconds)
     rate_storage: Storage = shared.rate_storage
     remote_slots: ClientSlots | None = None
     redis = LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds) if settings.redis_url else None

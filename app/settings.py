@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     drain_close_grace_seconds: float = Field(
         5.0, gt=0, description="After the drain deadline, how long cut streams get to write their final event."
     )
+    drain_metrics_linger_seconds: float = Field(
+        0.0, ge=0,
+        description="After a drain that cut streams, keep serving /metrics this long before exiting, so a scrape "
+        "sees streaming_drain_cut_streams_total (set it to the scrape interval; 0: exit at once).",
+    )
 
     # --- resumable streams -----------------------------------------------------------------------
     resume_enabled: bool = Field(
@@ -242,9 +247,10 @@ class Settings(BaseSettings):
 
     @property
     def graceful_timeout_seconds(self) -> int:
-        """gunicorn's graceful_timeout: the drain plus its close grace plus a margin, so no layer kills a
-        stream the drain still waits for (nesting: drain < uvicorn shutdown < gunicorn graceful_timeout)."""
-        return int(self.drain_timeout_seconds + 2 * self.drain_close_grace_seconds + 1)
+        """gunicorn's graceful_timeout: the drain, the metrics linger, the close grace and a margin, so no layer
+        kills a stream the drain still waits for (nesting: drain < uvicorn shutdown < gunicorn graceful_timeout)."""
+        return int(self.drain_timeout_seconds + self.drain_metrics_linger_seconds
+                   + 2 * self.drain_close_grace_seconds + 1)
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -5,9 +5,10 @@
 # while `kubectl rollout restart` replaces every gateway pod. Fails unless the Job succeeded with zero
 # Locust failures, zero truncated streams and zero errors (k8s/watch_rollout.py reads its log).
 #
-#   bash k8s/e2e.sh                  # KEEP_CLUSTER=1 keeps the cluster afterwards
+#   bash k8s/e2e.sh                  # KEEP_CLUSTER=1 keeps a cluster this run created; one it found is kept
 #
-# Needs: docker, kind, kubectl, helm, and a Python with the `kubernetes` package (pip install -e '.[test]').
+# Needs: docker, kind, kubectl >= 1.31 (`wait --for=create`), helm, and a Python with the `kubernetes`
+# package (pip install -e '.[test]').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,17 +32,22 @@ for tool in docker kind kubectl helm "$PYTHON"; do
 done
 "$PYTHON" -c 'import kubernetes' || { echo "e2e: $PYTHON lacks the kubernetes package" >&2; exit 2; }
 
+created_cluster=0
 cleanup() {
-  if [ "$KEEP_CLUSTER" != 1 ]; then
+  # only a cluster this run created: one that was already there is someone's, and stays
+  if [ "$created_cluster" = 1 ] && [ "$KEEP_CLUSTER" != 1 ]; then
     kind delete cluster --name "$CLUSTER"
   fi
 }
+trap cleanup EXIT
 
 log "kind cluster $CLUSTER"
-if ! kind get clusters | grep -qx "$CLUSTER"; then
+if kind get clusters | grep -qx "$CLUSTER"; then
+  log "reusing the existing cluster $CLUSTER (it is not deleted afterwards)"
+else
+  created_cluster=1
   kind create cluster --name "$CLUSTER" --config kind-config.yaml --wait 180s
 fi
-trap cleanup EXIT
 kubectl config use-context "kind-$CLUSTER"
 
 log "image $IMAGE"
@@ -74,6 +80,9 @@ kubectl --namespace "$NAMESPACE" create configmap locustfile --dry-run=client --
 kubectl --namespace "$NAMESPACE" apply --filename k8s/locust-job.yaml
 "$PYTHON" k8s/watch_rollout.py --namespace "$NAMESPACE" --release "$RELEASE" --job locust &
 watcher=$!
+# the Job controller creates the pod a moment after the Job: waiting on a condition before it exists fails
+# at once ("no matching resources found"), and `set -e` would end the script
+kubectl --namespace "$NAMESPACE" wait pod --selector job-name=locust --for=create --timeout 120s
 kubectl --namespace "$NAMESPACE" wait pod --selector job-name=locust --for=condition=Ready --timeout 180s
 sleep "$RAMP_SECONDS"
 

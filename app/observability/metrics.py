@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from app.observability.multiproc import compact_dead_worker
+
 OTHER_MODEL = "other"  # label value for any model not in the MODELS allow-list
 # The only endpoint label values: route templates, never raw paths with ids in them.
 STREAM_ENDPOINTS = frozenset({"/stream", "/stream/{stream_id}", "/v1/chat/completions", "/ws"})
@@ -90,7 +92,9 @@ GENERATION_DURATION_SECONDS = Histogram(
 )
 REQUEST_DURATION_SECONDS = Histogram(
     "streaming_request_duration_seconds", "Whole stream duration.", ["route"],
-    buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    # The seed's buckets stopped at 60 s, below TOTAL_TIMEOUT_SECONDS (120 s): up to MAX_STREAM_AGE_SECONDS'
+    # default (300 s), the longest a stream may hold its slot, so every stream lands in a finite bucket.
+    buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 TOKENS_TOTAL = Counter("streaming_tokens_total", "Tokens relayed to clients.", ["route", "model"])
 TOKENS_PER_SECOND = Histogram(
@@ -192,6 +196,9 @@ def render_metrics() -> tuple[bytes, str]:
 
 
 def mark_worker_dead(pid: int) -> None:
-    """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    """Gunicorn `child_exit`: drop a dead worker's live gauges so they stop counting, and fold its other
+    files into the archives so restarts do not add files every scrape reads (app/observability/multiproc.py)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        compact_dead_worker(directory, pid)

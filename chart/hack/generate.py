@@ -37,6 +37,9 @@ VALUES_TABLE = '{{ template "chart.valuesTable" . }}'
 # Settings that may carry credentials: read from a Secret, never from a plain value. REDIS_URL is a
 # plain str in Settings, but a redis:// URL carries the password.
 EXTRA_SECRET_FIELDS = frozenset({"redis_url"})
+# Settings the chart derives from its own values (the Deployment sets them), never a `gateway.env` key:
+# setting -> the value it comes from.
+CHART_OWNED_FIELDS = {"drain_metrics_linger_seconds": "drainMetricsLingerSeconds"}
 # pydantic schema keys that mean nothing to Helm's validator (or would leak Python names)
 DROPPED_SCHEMA_KEYS = frozenset({"title", "format", "writeOnly"})
 
@@ -52,7 +55,7 @@ def secret_fields() -> list[str]:
 
 def env_fields() -> list[str]:
     secrets = set(secret_fields())
-    return [name for name in Settings.model_fields if name not in secrets]
+    return [name for name in Settings.model_fields if name not in secrets and name not in CHART_OWNED_FIELDS]
 
 
 def describe(name: str) -> str:

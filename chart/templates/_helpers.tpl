@@ -40,6 +40,29 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: streaming-gateway
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the `helm test` pod: outside every workload selector (its name is `<name>-test`), so no Service
+routes to it and no PodDisruptionBudget, HPA or topology spread counts it.
+*/}}
+{{- define "streaming-gateway.testLabels" -}}
+helm.sh/chart: {{ include "streaming-gateway.chart" . }}
+{{ include "streaming-gateway.testSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: streaming-gateway
+app.kubernetes.io/component: test
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "streaming-gateway.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-test" (include "streaming-gateway.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
@@ -126,6 +149,58 @@ Usage: include "streaming-gateway.targetStreamsPerPod" (list $ fraction)
 {{- end }}
 
 {{/*
+Is Redis configured (gateway.redis.url or .existingSecret)? "true" or "".
+*/}}
+{{- define "streaming-gateway.redisEnabled" -}}
+{{- if or .Values.gateway.redis.url .Values.gateway.redis.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+Does this release keep resume history on the pod's /tmp (RESUME_ENABLED and the local store)? "true" or "".
+*/}}
+{{- define "streaming-gateway.localResume" -}}
+{{- $enabled := include "streaming-gateway.setting" (list . "RESUME_ENABLED") | toString }}
+{{- $store := include "streaming-gateway.setting" (list . "RESUME_STORE") }}
+{{- if and (eq $enabled "true") (eq $store "local") (not (include "streaming-gateway.redisEnabled" .)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The /tmp emptyDir size limit: `tmpVolume.sizeLimit`, or computed from the settings (MiB): room for metrics and
+temp files, plus, with the local resume store, the history it keeps: peak tokens/s × how long a stream's events
+stay (the stream's own life, up to TOTAL_TIMEOUT_SECONDS, then RESUME_TTL_SECONDS) × bytes per event.
+*/}}
+{{- define "streaming-gateway.tmpSizeLimit" -}}
+{{- if .Values.tmpVolume.sizeLimit }}
+{{- .Values.tmpVolume.sizeLimit }}
+{{- else }}
+{{- $mi := .Values.tmpVolume.baseMi | float64 }}
+{{- if include "streaming-gateway.localResume" . }}
+{{- $seconds := addf (include "streaming-gateway.setting" (list . "RESUME_TTL_SECONDS") | float64) (include "streaming-gateway.setting" (list . "TOTAL_TIMEOUT_SECONDS") | float64) }}
+{{- $bytes := mulf (.Values.tmpVolume.resumeTokensPerSecond | float64) $seconds (.Values.tmpVolume.resumeBytesPerEvent | float64) }}
+{{- $mi = addf $mi (divf $bytes 1048576) }}
+{{- end }}
+{{- printf "%dMi" ($mi | ceil | int64) }}
+{{- end }}
+{{- end }}
+
+{{/*
+MiB in a quantity ("512Mi", "2Gi", "1G", "1048576"), rounded up.
+*/}}
+{{- define "streaming-gateway.quantityMi" -}}
+{{- $n := regexFind "^[0-9.]+" . | float64 }}
+{{- $unit := trimPrefix (regexFind "^[0-9.]+" .) . }}
+{{- $factor := dict "" 0.00000095367431640625 "Ki" 0.0009765625 "Mi" 1.0 "Gi" 1024.0 "Ti" 1048576.0 "k" 0.00095367431640625 "M" 0.95367431640625 "G" 953.67431640625 "T" 976562.5 }}
+{{- mulf $n (get $factor $unit) | ceil | int64 }}
+{{- end }}
+
+{{/*
+Matchers that select this release's series (every rule and alert is scoped to them).
+*/}}
+{{- define "streaming-gateway.releaseSelector" -}}
+{{- .Values.prometheusRule.releaseSelector | default (printf "namespace=%q, job=%q" .Release.Namespace (include "streaming-gateway.fullname" .)) }}
+{{- end }}
+
+{{/*
 Timing checks: refuse values under which Kubernetes or the proxy would cut streams the gateway still serves.
 */}}
 {{- define "streaming-gateway.validate" -}}
@@ -134,10 +209,11 @@ Timing checks: refuse values under which Kubernetes or the proxy would cut strea
 {{- $total := include "streaming-gateway.setting" (list . "TOTAL_TIMEOUT_SECONDS") | float64 }}
 {{- $preStop := .Values.preStop.sleepSeconds | float64 }}
 {{- $margin := .Values.shutdownMarginSeconds | float64 }}
+{{- $linger := .Values.drainMetricsLingerSeconds | float64 }}
 {{- $grace := .Values.terminationGracePeriodSeconds | float64 }}
-{{- $needed := addf $preStop $drain (mulf 2 $close) $margin }}
+{{- $needed := addf $preStop $drain $linger (mulf 2 $close) $margin }}
 {{- if le $grace $needed }}
-{{- fail (printf "`terminationGracePeriodSeconds` (%v) must exceed `preStop.sleepSeconds` (%v) + `gateway.env.DRAIN_TIMEOUT_SECONDS` (%v) + 2 × `gateway.env.DRAIN_CLOSE_GRACE_SECONDS` (%v) + `shutdownMarginSeconds` (%v) = %v, or Kubernetes kills streams the drain still waits for: raise `terminationGracePeriodSeconds` or lower the others" $grace $preStop $drain $close $margin $needed) }}
+{{- fail (printf "`terminationGracePeriodSeconds` (%v) must exceed `preStop.sleepSeconds` (%v) + `gateway.env.DRAIN_TIMEOUT_SECONDS` (%v) + `drainMetricsLingerSeconds` (%v) + 2 × `gateway.env.DRAIN_CLOSE_GRACE_SECONDS` (%v) + `shutdownMarginSeconds` (%v) = %v, or Kubernetes kills streams the drain still waits for: raise `terminationGracePeriodSeconds` or lower the others" $grace $preStop $drain $linger $close $margin $needed) }}
 {{- end }}
 {{- if .Values.ingress.enabled }}
 {{- $proxy := .Values.ingress.proxyTimeoutSeconds | float64 }}
@@ -163,7 +239,13 @@ Timing checks: refuse values under which Kubernetes or the proxy would cut strea
 {{- fail (printf "`autoscaling.minReplicas` (%v) must not exceed `autoscaling.maxReplicas` (%v)" .Values.autoscaling.minReplicas .Values.autoscaling.maxReplicas) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.prometheusRule.enabled (not .Values.prometheusRule.runbookBaseUrl) }}
+{{- fail "`prometheusRule.runbookBaseUrl` is empty: set it to where your copy of dashboards/RUNBOOK.md is served, so every alert's runbook_url leads somewhere" }}
+{{- end }}
 {{- if .Values.keda.enabled }}
+{{- if lt (int .Values.keda.minReplicaCount) 1 }}
+{{- fail "`keda.minReplicaCount` must be at least 1: the trigger's metric comes from the gateway's own pods, so from zero replicas it could never scale up" }}
+{{- end }}
 {{- if gt (int .Values.keda.minReplicaCount) (int .Values.keda.maxReplicaCount) }}
 {{- fail (printf "`keda.minReplicaCount` (%v) must not exceed `keda.maxReplicaCount` (%v)" .Values.keda.minReplicaCount .Values.keda.maxReplicaCount) }}
 {{- end }}

@@ -106,7 +106,7 @@ def test_selector_labels_never_include_the_chart_version(helm: Helm, scenario: s
 
 def test_objects_are_namespaced_to_the_release(helm: Helm) -> None:
     for doc in render(helm, "all-features"):
-        if doc["kind"] == "ConfigMap" and "grafana_dashboard" in doc["metadata"]["labels"]:
+        if doc["kind"] == "ConfigMap" and "grafana_dashboard" in doc["metadata"].get("labels", {}):
             continue  # dashboards go to the Grafana sidecar's namespace when `dashboards.namespace` is set
         assert doc["metadata"]["namespace"] == "streaming", doc["metadata"]
 

@@ -27,6 +27,8 @@ EXPLAINED: dict[str, tuple[set[str], str]] = {
                                         "round trip to every pod start during rollouts (the kind run uses Never)"),
     "CKV_K8S_8": ({TEST_POD}, "the helm test pod runs one stream to completion: a liveness probe means nothing"),
     "CKV_K8S_9": ({TEST_POD}, "the helm test pod serves no traffic: a readiness probe means nothing"),
+    "CKV2_K8S_6": ({TEST_POD}, "the helm test pod is kept outside the gateway's selectors (issue 13: a Service "
+                               "must not route to it, a PDB must not count it); it only opens one outbound stream"),
     "CKV_K8S_35": ({GATEWAY, TEST_POD}, "the gateway reads every setting from its environment (pydantic-settings); "
                                         "API_KEYS / UPSTREAM_API_KEY / REDIS_URL come from a Secret reference, "
                                         "never from values"),

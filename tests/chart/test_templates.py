@@ -15,6 +15,7 @@ from app.settings import Settings
 from .conftest import FIXTURES, NAMESPACE, RELEASE, Helm, find
 
 FULLNAME = f"{RELEASE}-streaming-gateway"
+RUNBOOK = "https://runbooks.example.test/streaming-gateway/RUNBOOK.md"
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,10 +72,10 @@ def test_pod_is_locked_down(helm: Helm) -> None:
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
-    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "512Mi"}}]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1010Mi"}}]  # sized from the settings
     env = plain_env(docs)
     assert env["TMPDIR"] == "/tmp" and env["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/")
-    assert pod["terminationGracePeriodSeconds"] == 60
+    assert pod["terminationGracePeriodSeconds"] == 75
 
 
 def test_every_setting_reaches_the_container_and_parses_back(helm: Helm) -> None:
@@ -213,7 +214,7 @@ def test_keda_queries_streams_in_flight(helm: Helm) -> None:
 def test_service_monitor_is_selected_by_kube_prometheus_stack(helm: Helm) -> None:
     monitor = find(helm.template(serviceMonitor__enabled=True), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": True,
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": False,
                                              "interval": "15s", "scrapeTimeout": "10s"}]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
@@ -248,7 +249,7 @@ def _with_fixture_rules(chart: Path) -> Path:
 
 def test_alert_templates_survive_helm(helm: Helm, scratch_chart: Path) -> None:
     chart = _with_fixture_rules(scratch_chart)
-    rules = _rules(helm.template(chart=chart, prometheusRule__enabled=True))
+    rules = _rules(helm.template(chart=chart, prometheusRule__enabled=True, prometheusRule__runbookBaseUrl=RUNBOOK))
     ttft = rules["StreamingTTFTP99OverSLO"]["annotations"]
     assert ttft["summary"] == "TTFT p99 of {{ $labels.job }} is {{ $value | humanizeDuration }}"
     assert ttft["description"] == (
@@ -262,26 +263,31 @@ def test_alert_overrides(helm: Helm, scratch_chart: Path) -> None:
         "StreamingDrainSlow": {"disabled": True},
     }
     docs = helm.template(chart=chart, prometheusRule__enabled=True, prometheusRule__overrides=overrides,
-                         gateway__env__MAX_CONNECTIONS=800)
+                         prometheusRule__runbookBaseUrl=RUNBOOK)
     rules = _rules(docs)
     ttft = rules["StreamingTTFTP99OverSLO"]
     assert (ttft["for"], ttft["labels"]["severity"], ttft["expr"]) == ("30m", "critical", "vector(1) > 0")
     assert "{{ $labels.pod }}" in ttft["annotations"]["description"]
     assert "StreamingDrainSlow" not in rules
     groups = [g["name"] for g in find(docs, "PrometheusRule")["spec"]["groups"]]
-    assert groups == ["streaming-gateway"]  # a group left empty by `disabled` is dropped
+    assert groups == [FULLNAME]  # named after the release; a group left empty by `disabled` is dropped
     assert rules["StreamingCircuitBreakerOpen"]["labels"]["severity"] == "critical"  # untouched
-    assert rules["streaming:connection_limit_per_pod"]["expr"] == "vector(800)"  # follows MAX_CONNECTIONS
 
 
 def test_rules_file_reaches_prometheus_unchanged(helm: Helm) -> None:
-    """With the chart's own rules file (or its stand-in) and no overrides, every rule is rendered as written."""
+    """With the chart's own rules file and no overrides, every rule is rendered as written but for the release's
+    scope (its selector, its group names) and the runbook base URL."""
     source = yaml.safe_load((helm.chart / "files" / "prometheus-rules.yaml").read_text())
-    rendered = find(helm.template(prometheusRule__enabled=True), "PrometheusRule")["spec"]["groups"]
+    rendered = find(helm.template(prometheusRule__enabled=True, prometheusRule__runbookBaseUrl=RUNBOOK),
+                    "PrometheusRule")["spec"]["groups"]
+    scope = f'namespace="{NAMESPACE}", job="{FULLNAME}"'
     for group in source["groups"]:
+        group["name"] = group["name"].replace("streaming-gateway", FULLNAME, 1)
         for rule in group["rules"]:
-            if rule.get("record") == "streaming:connection_limit_per_pod":
-                rule["expr"] = "vector(500)"
+            rule["expr"] = rule["expr"].replace('job="streaming-gateway"', scope)
+            if "runbook_url" in rule.get("annotations", {}):
+                anchor = rule["annotations"]["runbook_url"].split("#")[1]
+                rule["annotations"]["runbook_url"] = f"{RUNBOOK}#{anchor}"
     assert rendered == source["groups"]
 
 

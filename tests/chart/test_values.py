@@ -48,6 +48,9 @@ def test_every_setting_is_a_value_with_the_apps_default() -> None:
     assert {"api_keys", "upstream_api_key", "redis_url"} <= secrets
     for name, field in Settings.model_fields.items():
         key = name.upper()
+        if name in GENERATE.CHART_OWNED_FIELDS:  # the Deployment sets it from a value of its own
+            assert key not in env and GENERATE.CHART_OWNED_FIELDS[name] in VALUES, key
+            continue
         if name in secrets:
             assert key in secret_keys and key not in env, key
             assert field.default is None, f"{key}: a secret setting has no default"
@@ -55,7 +58,8 @@ def test_every_setting_is_a_value_with_the_apps_default() -> None:
         assert key in env, f"{key} is missing from gateway.env"
         value = env[key]
         assert value == field.default and type(value) is type(field.default), (key, value, field.default)
-    assert set(env) | set(secret_keys) == {name.upper() for name in Settings.model_fields}
+    owned = {name.upper() for name in GENERATE.CHART_OWNED_FIELDS}
+    assert set(env) | set(secret_keys) | owned == {name.upper() for name in Settings.model_fields}
 
 
 def test_the_default_values_make_valid_settings() -> None:
@@ -145,7 +149,9 @@ def test_every_value_is_documented() -> None:
 def test_readme_documents_every_setting() -> None:
     readme = (CHART / "README.md").read_text()
     for name in Settings.model_fields:
-        if name in GENERATE.secret_fields():
+        if name in GENERATE.CHART_OWNED_FIELDS:
+            assert f"| {GENERATE.CHART_OWNED_FIELDS[name]} |" in readme and name.upper() in readme, name
+        elif name in GENERATE.secret_fields():
             assert f"gateway.secretKeys.{name.upper()} |" in readme, name
         else:
             assert f"| gateway.env.{name.upper()} |" in readme, name

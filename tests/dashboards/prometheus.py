@@ -132,6 +132,9 @@ def prometheus_config(targets: Sequence[ScrapeTarget], rule_files: Iterable[Path
         {
             "job_name": job if len(by_path) == 1 else f"{job}{path.replace('/', '-')}",
             "metrics_path": path,
+            # as prometheus-operator scrapes (ServiceMonitor `honorLabels: false`): a target label wins over a
+            # scraped label of the same name, which would be kept as `exported_<name>`
+            "honor_labels": False,
             "static_configs": [{"targets": [t.host_port], "labels": dict(t.labels)} for t in group],
         }
         for path, group in by_path.items()

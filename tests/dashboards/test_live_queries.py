@@ -4,11 +4,14 @@ The gateway (2 workers, relaying from the fake upstream) gets a short load with 
 show: streams on two endpoints, upstream errors and retries, a per-client burst over the rate limit, a
 burst over the instance's connection limit, Redis unreachable (limits fall back), and both workers
 drained with streams in flight (streams cut at the deadline, requests refused while draining; gunicorn
-starts new workers). Debian's Prometheus scrapes it every second with the `namespace` and `pod` labels a
-Kubernetes scrape adds, and evaluates dashboards/prometheus-rules.yaml every second.
+starts new workers). Debian's Prometheus scrapes it every second the way prometheus-operator scrapes a
+ServiceMonitor: `honor_labels: false`, and the target labels the operator attaches to every target (`namespace`,
+`service`, `pod`, `container`, `endpoint`, `job` = the Service's name, `instance`), plus the `cluster` label a
+multi-cluster Prometheus (Thanos, Mimir) adds; it evaluates dashboards/prometheus-rules.yaml every second.
 
 Then, through the HTTP API (instant queries):
-- every dashboard target, with `$__rate_interval` / `$__interval` / `$__range` as 30s and every template
+- no scraped label collides with a target label (none is kept as `exported_*`), and every series carries them;
+- every dashboard target and annotation, with `$__rate_interval` / `$__interval` / `$__range` as 30s and every template
   variable as `.*` (the lint test guarantees variables only appear in `=~` matchers), must succeed and
   return at least one sample (NaN counts: a quantile over an idle window is still an answer);
 - every template variable's `label_values(selector, label)` must find series carrying that label;
@@ -54,7 +57,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "dashboards" / "prometheus-rules.yaml"
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 WINDOW = "30s"  # stands in for Grafana's $__rate_interval, $__interval and $__range
-TARGET_LABELS = {"namespace": "streaming-test", "pod": "gateway-0"}
+# What prometheus-operator attaches to a ServiceMonitor's target (the Service `streaming-gateway`, port `http`;
+# `instance` is the scraped address), and the `cluster` label of a multi-cluster setup.
+TARGET_LABELS = {"namespace": "streaming-test", "service": "streaming-gateway", "pod": "gateway-0",
+                 "container": "gateway", "endpoint": "http", "job": "streaming-gateway", "cluster": "test-cluster"}
 MAX_CONNECTIONS = 12
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
 
@@ -180,6 +186,10 @@ def _dashboard_queries() -> tuple[list[tuple[str, str]], list[tuple[str, str, st
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
         names = [v["name"] for v in dashboard_variables(board)]
+        for annotation in board.get("annotations", {}).get("list", []):
+            if "expr" in annotation:  # an event marker: its signal must have data, the condition need not hold
+                for part in signals(instantiate(annotation["expr"], names, window=WINDOW)):
+                    targets.append((f"{path.name} / annotation {annotation['name']}", part))
         for panel in dashboard_panels(board):
             for target in panel.get("targets", []):
                 where = f"{path.name} / {panel['title']} / {target['refId']}"
@@ -232,6 +242,15 @@ def test_every_dashboard_and_rule_query_returns_data(
         if need_data and not result:
             failures.append(f"{where}: no data\n    {expr}")
         return result
+
+    # scraped as prometheus-operator scrapes: the gateway's labels never collide with the target labels
+    names = prometheus.api("labels", **{"match[]": '{__name__=~"streaming_.*"}'})
+    assert not [n for n in names if n.startswith("exported_")], names
+    for sample in prometheus.query('{__name__=~"streaming_.*"}'):
+        missing = {*TARGET_LABELS, "instance"} - set(sample["metric"])
+        if missing:
+            failures.append(f"{sample['metric']['__name__']}: no {sorted(missing)}")
+            break
 
     targets, variables = _dashboard_queries()
     assert len(targets) >= 40
