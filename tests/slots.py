@@ -48,7 +48,7 @@ _keys = itertools.count()  # one sequence for all gateways: instances sharing Re
 
 def slots_in_use(gateway: Gateway) -> float:
     """The instance's slot table, as /metrics reports it (all workers)."""
-    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=10).text
     values = re.findall(rf"^{SLOTS_GAUGE} (\S+)$", text, re.M)
     assert len(values) == 1, f"{SLOTS_GAUGE} is exported once per instance, got {values}"
     return float(values[0])

@@ -78,7 +78,7 @@ def test_no_server_error_resuming_streams_it_opened(fuzzed_gateway: Gateway) -> 
 
     Workflow.run(settings=settings(max_examples=STATEFUL_EXAMPLES, deadline=None, derandomize=True, database=None,
                                    stateful_step_count=4))
-    metrics = httpx.get(fuzzed_gateway.url + "/metrics", timeout=10).text
+    metrics = httpx.get(fuzzed_gateway.metrics_url + "/metrics", timeout=10).text
     resumed = re.findall(r'^streaming_resumptions_total\{route="/stream/\{stream_id\}"\} (\S+)$', metrics, re.M)
     assert float(resumed[0]) > 0  # the link was followed: streams that exist were resumed
     log = fuzzed_gateway.log()

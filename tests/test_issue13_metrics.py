@@ -119,7 +119,7 @@ def _restart_workers(gateway: Gateway) -> None:
 
 
 def _totals(gateway: Gateway) -> dict[str, float]:
-    text = httpx.get(gateway.url + "/metrics", timeout=30).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=30).text
     return {
         "done": _metric_sum(text, "streaming_connections_total", status="success"),
         "tokens": _metric_sum(text, "streaming_tokens_total"),

@@ -28,7 +28,7 @@ SLOW_READER_ENV = {
 
 
 def _metric(gateway: Gateway, name: str, labels: str = "") -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     total = 0.0
     for found, value in re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
         if all(part in found for part in labels.split(",") if part):

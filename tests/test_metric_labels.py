@@ -20,7 +20,7 @@ def test_unknown_models_fold_into_other(start_gateway: GatewayFactory) -> None:
         return metric(gateway, "streaming_tokens_total", route="/stream", model=model) == expected
 
     assert wait_until(lambda: counted("house-model", 3) and counted("other", 9), timeout=30)
-    text = httpx.get(gateway.url + "/metrics").text
+    text = httpx.get(gateway.metrics_url + "/metrics").text
     assert "client-invented-9f2c" not in text and "another-made-up-name" not in text
     ttft_models = {line.split('model="')[1].split('"')[0] for line in text.splitlines()
                    if line.startswith("streaming_ttft_seconds_count{")}

@@ -49,7 +49,7 @@ def ws_rest(conn: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:
 def counters(gateway: Gateway) -> dict[str, float]:
     """Every counter sample (`*_total`, histogram `_count`) of /metrics, by series."""
     samples: dict[str, float] = {}
-    for line in httpx.get(gateway.url + "/metrics", timeout=GUARD_S).text.splitlines():
+    for line in httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S).text.splitlines():
         if line.startswith("#") or not line.strip():
             continue
         series, value = line.rsplit(" ", 1)

@@ -203,5 +203,5 @@ def test_empty_models_means_any_model(start_gateway: GatewayFactory, fake_upstre
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, MODELS="")
     assert chat(gateway, model="anything-at-all").status_code == 200
     assert fake_upstream.stats()["bodies"][0]["model"] == "anything-at-all"
-    metrics = httpx.get(gateway.url + "/metrics", timeout=30).text
+    metrics = httpx.get(gateway.metrics_url + "/metrics", timeout=30).text
     assert "anything-at-all" not in metrics  # metric labels stay bounded: every model is "other"
