@@ -63,7 +63,7 @@ def test_api_docs_are_off_unless_turned_on(gateway: Gateway, start_gateway: Gate
 
 
 def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
-    public = httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S)
+    public = httpx.get(gateway.url + "/metrics", timeout=GUARD_S)
     assert public.status_code == 404
     assert "streaming_" not in public.text
     scraped = httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S)
@@ -79,6 +79,6 @@ def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
 def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
     """Traced, the app runs FastAPI's instrumented stack instead of the stream router: same split."""
     gateway = start_gateway(WEB_CONCURRENCY=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
-    assert httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S).status_code == 404
+    assert httpx.get(gateway.url + "/metrics", timeout=GUARD_S).status_code == 404
     assert "streaming_active_connections" in httpx.get(gateway.metrics_url + "/metrics", timeout=GUARD_S).text
     assert httpx.post(gateway.metrics_url + "/stream", json={"prompt": "x"}, timeout=GUARD_S).status_code == 404
