@@ -53,7 +53,7 @@ UNKNOWN_GRACE_READS = 3  # an unknown stream is read this many more times, a flu
 READER_CHECK_TICKS = 5  # producers look for readers of their orphaned generations every this many flushes
 
 
-class Orphan(Protocol):
+class Generation(Protocol):
     """A generation of this worker as the store sees it (a StreamSession writing a resume log)."""
 
     @property
@@ -66,6 +66,7 @@ class Orphan(Protocol):
     def stop(self) -> None:
         """Its owner asked to stop it: cancel the generation (final event `cancelled`)."""
         ...
+
 
 MAX_TOMBSTONES = 10_000  # streams awaiting their final not_resumable event after a failed flush
 
@@ -249,8 +250,8 @@ class ResumeStore:
     def __init__(self, backend: Backend, *, flush_interval_s: float, max_events: int,
                  sweep_every: int = 50, handover: HandoverSink | None = None,
                  on_tick: Callable[[], None] | None = None,
-                 orphans: Callable[[], list[Orphan]] | None = None,
-                 producers: Callable[[], Sequence[Orphan]] | None = None, ttl_s: float = 300.0) -> None:
+                 orphans: Callable[[], list[Generation]] | None = None,
+                 producers: Callable[[], Sequence[Generation]] | None = None, ttl_s: float = 300.0) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.max_events = max_events
