@@ -43,6 +43,10 @@ GATEWAY_FIELDS = frozenset({
 MESSAGE_FORWARDED_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "function_call",
                                       "refusal"})
 MESSAGE_DROPPED_FIELDS = frozenset({"audio"})
+# An assistant message's earlier calls: `tool_calls[]` (function or custom tools) and the deprecated `function_call`.
+TOOL_CALL_FIELDS = frozenset({"id", "type", "function", "custom"})
+CALLED_FUNCTION_FIELDS = frozenset({"name", "arguments"})
+CALLED_CUSTOM_FIELDS = frozenset({"name", "input"})
 
 # Content parts: text (and an assistant's refusal) always; images when IMAGE_INPUT_ENABLED. Audio and file
 # parts are OpenAI's too, but the gateway does not accept them (their payloads bypass every text limit).

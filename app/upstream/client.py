@@ -201,7 +201,7 @@ class OpenAIStream:
                     message = error.get("message") if isinstance(error, dict) else error
                     self._failure = UpstreamError(ERROR_EVENT, kind="error_event", detail=str(message))
                     break
-                if _SURROGATE_ESCAPE.search(payload):  # rare: only then pay for the check
+                if "\\u" in payload and _SURROGATE_ESCAPE.search(payload):  # rare: only then pay for the check
                     json.dumps(chunk, ensure_ascii=False).encode()  # a lone surrogate cannot be encoded
                 whole |= self._take(chunk, batch)
             except (ValueError, _Malformed) as exc:  # UnicodeEncodeError is a ValueError
@@ -235,7 +235,7 @@ class OpenAIStream:
             content = delta.get("content")
             if content is not None and not isinstance(content, str):
                 raise _Malformed("delta.content is not a string")
-            more = _carries_more_than_text(delta)
+            more = not (len(delta) == 1 and content is not None) and _carries_more_than_text(delta)
             if more:
                 _check_whole_delta(delta)  # also where only the text is relayed: garbage is garbage
             if more and self._full_deltas:

@@ -21,8 +21,10 @@ from pydantic import (
     field_validator,
 )
 
-from app.errors import ContentNotAllowedError, UnknownParameterError
+from app.errors import ContentNotAllowedError, InvalidRequestError, UnknownParameterError
 from app.upstream.allowlist import (
+    CALLED_CUSTOM_FIELDS,
+    CALLED_FUNCTION_FIELDS,
     DROPPED_FIELDS,
     FORWARDED_FIELDS,
     IMAGE_DETAILS,
@@ -32,6 +34,7 @@ from app.upstream.allowlist import (
     MESSAGE_DROPPED_FIELDS,
     MESSAGE_FORWARDED_FIELDS,
     PART_DROPPED_FIELDS,
+    TOOL_CALL_FIELDS,
     image_url_problem,
 )
 
@@ -149,11 +152,31 @@ def _screen_message(message: ChatMessage, where: str, images: bool) -> tuple[dic
             parts.append(screened)
             chars += n
         forwarded["content"] = parts
-    for call in message.tool_calls or ():  # earlier calls' arguments are prompt text too
-        function = call.get("function")
-        if isinstance(function, dict):
-            chars += sum(len(v) for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    for k, call in enumerate(message.tool_calls or ()):  # earlier calls are prompt text too
+        chars += _screen_call(call, f"{where}.tool_calls[{k}]")
+    if message.function_call is not None:
+        chars += _screen_fields(message.function_call, CALLED_FUNCTION_FIELDS, f"{where}.function_call")
     return forwarded, chars
+
+
+def _screen_call(call: dict[str, Any], where: str) -> int:
+    _only(call, TOOL_CALL_FIELDS, where)
+    chars = 0
+    for name, fields in (("function", CALLED_FUNCTION_FIELDS), ("custom", CALLED_CUSTOM_FIELDS)):
+        if call.get(name) is not None:
+            chars += _screen_fields(call[name], fields, f"{where}.{name}")
+    return chars
+
+
+def _screen_fields(obj: Any, fields: frozenset[str], where: str) -> int:
+    """Only `fields`, each a string; returns their length."""
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"{where}: expected an object with {sorted(fields)}", param=where)
+    _only(obj, fields, where)
+    for name, value in obj.items():
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{where}.{name}: expected a string", param=f"{where}.{name}")
+    return sum(len(value) for value in obj.values())
 
 
 def _screen_part(part: dict[str, Any], where: str, images: bool) -> tuple[dict[str, Any], int]:

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, launch_gateway, sse_data
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway, sse_data
+from tests.test_tracing import OTLPReceiver
 from tests.test_upstream_protection import metric, wait_metric
 
 V1 = "/v1/chat/completions"
@@ -34,9 +35,7 @@ def assert_no_server_fault(gateway: Gateway) -> None:
     assert metric(gateway, "streaming_errors_total", error_type="internal_error") == 0
 
 
-@pytest.mark.parametrize("route", ["/stream", V1])
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
-def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, framing: str) -> None:
+def hang_up_mid_body(gateway: Gateway, route: str, framing: str) -> None:
     before = metric(gateway, "streaming_stream_outcomes_total", route=route, outcome="client_gone")
     host, port = gateway.url.removeprefix("http://").split(":")
     length = b"Content-Length: 100\r\n" if framing == "content-length" else b"Transfer-Encoding: chunked\r\n"
@@ -49,6 +48,28 @@ def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, 
     assert wait_metric(gateway, "streaming_stream_outcomes_total", expected, route=route,
                        outcome="client_gone") == expected
     assert_no_server_fault(gateway)
+
+
+@pytest.mark.parametrize("route", ["/stream", V1])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, framing: str) -> None:
+    hang_up_mid_body(gateway, route, framing)
+
+
+@pytest.fixture
+def collector() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+def test_a_client_leaving_mid_body_with_tracing_on(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, collector: OTLPReceiver
+) -> None:
+    """With tracing on, streams go through FastAPI's stack: its exception handler classifies the same way."""
+    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+    hang_up_mid_body(gateway, "/stream", "content-length")
 
 
 TOOL_CALL_SURROGATE = (r'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'

@@ -70,6 +70,9 @@ def test_an_unknown_message_field_is_refused(gateway: Gateway, fake_upstream: Fa
     part = {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}
     response = chat(gateway, messages=[{"role": "user", "content": [part]}])
     refused(response, status=400, code="unknown_parameter", param="messages[0].content[0].cache_control")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}", "strict_mode": "off"}}
+    response = chat(gateway, messages=[{"role": "assistant", "content": None, "tool_calls": [call]}, USER])
+    refused(response, status=400, code="unknown_parameter", param="messages[0].tool_calls[0].function.strict_mode")
     assert fake_upstream.stats()["requests"] == 0
 
 

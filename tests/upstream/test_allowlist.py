@@ -5,15 +5,22 @@ from __future__ import annotations
 import typing
 
 import pytest
+from openai.types.chat import chat_completion_assistant_message_param as assistant_param
+from openai.types.chat import chat_completion_message_custom_tool_call_param as custom_call_param
+from openai.types.chat import chat_completion_message_function_tool_call_param as function_call_param
 from openai.types.chat import completion_create_params as params
 from openai.types.chat.chat_completion_message_param import ChatCompletionMessageParam
+from openai.types.chat.chat_completion_message_tool_call_union_param import ChatCompletionMessageToolCallUnionParam
 
 from app.upstream.allowlist import (
+    CALLED_CUSTOM_FIELDS,
+    CALLED_FUNCTION_FIELDS,
     DROPPED_FIELDS,
     FORWARDED_FIELDS,
     GATEWAY_FIELDS,
     MESSAGE_DROPPED_FIELDS,
     MESSAGE_FORWARDED_FIELDS,
+    TOOL_CALL_FIELDS,
     image_url_problem,
 )
 
@@ -34,6 +41,11 @@ def test_every_sdk_message_field_is_forwarded_or_dropped() -> None:
     for message_type in typing.get_args(ChatCompletionMessageParam):
         fields |= set(message_type.__annotations__)
     assert fields - (MESSAGE_FORWARDED_FIELDS | MESSAGE_DROPPED_FIELDS) == set()
+    calls = typing.get_args(ChatCompletionMessageToolCallUnionParam)
+    assert set().union(*(call.__annotations__ for call in calls)) <= TOOL_CALL_FIELDS
+    assert set(function_call_param.Function.__annotations__) == CALLED_FUNCTION_FIELDS
+    assert set(custom_call_param.Custom.__annotations__) == CALLED_CUSTOM_FIELDS
+    assert set(assistant_param.FunctionCall.__annotations__) == CALLED_FUNCTION_FIELDS
 
 
 @pytest.mark.parametrize(("url", "allowed"), [
