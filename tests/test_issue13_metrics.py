@@ -58,7 +58,7 @@ def test_metrics_stay_served_after_a_drain_that_cut_streams(start_gateway: Gatew
             streams = [asyncio.create_task(_stream_until_shutdown(client)) for _ in range(4)]
             deadline = time.monotonic() + 30
             while True:  # every stream is relaying before the SIGTERM
-                metrics = (await client.get("/metrics")).text
+                metrics = (await client.get(gateway.metrics_url + "/metrics")).text
                 if _metric_sum(metrics, "streaming_active_connections") >= 4:
                     break
                 assert time.monotonic() < deadline, "the streams never started"
@@ -71,7 +71,7 @@ def test_metrics_stay_served_after_a_drain_that_cut_streams(start_gateway: Gatew
     # The cut is over; the pod would be gone by now without the linger. Several scrapes in a row find it.
     seen = []
     for _ in range(5):
-        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        with httpx.Client(base_url=gateway.metrics_url, timeout=30) as client:
             response = client.get("/metrics")
             assert response.status_code == 200
             seen.append(_metric_sum(response.text, "streaming_drain_cut_streams_total"))

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.test_upstream_protection import breaker_state, closed_port
+from tests.ports import refused_port
+from tests.test_upstream_protection import breaker_state
 
 KEYS = ("key-a", "key-b", "key-c")
 BREAKER = {"API_KEYS": ",".join(KEYS), "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 3,
@@ -75,12 +76,13 @@ def test_failures_from_several_clients_still_open_it(gateway: Gateway, fake_upst
 
 
 def test_a_dead_upstream_opens_it_with_a_single_client(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{closed_port()}/v1", **BREAKER)
-    for _ in range(3):
-        assert stream(gateway, "key-a").status_code == 502  # connection refused: no content causes that
-    assert breaker_state(gateway) == 1
-    refused = stream(gateway, "key-a")
-    assert refused.status_code == 503 and refused.json()["code"] == "circuit_open"
+    with refused_port() as port:
+        gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{port}/v1", **BREAKER)
+        for _ in range(3):
+            assert stream(gateway, "key-a").status_code == 502  # connection refused: no content causes that
+        assert breaker_state(gateway) == 1
+        refused = stream(gateway, "key-a")
+        assert refused.status_code == 503 and refused.json()["code"] == "circuit_open"
 
 
 def test_an_upstream_that_never_answers_opens_it_with_a_single_client(

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
-from tests.test_upstream_protection import closed_port
+from tests.ports import refused_port
 
 SECRET = "internal at /srv/model/shard-3/worker.py line 88: CUDA OOM for tenant b"
 REQUEST_ID = "req-security-42"
@@ -86,11 +86,11 @@ def test_an_error_event_mid_stream_is_reported_not_relayed(
 
 
 def test_an_unreachable_upstream_is_not_described(start_gateway: GatewayFactory) -> None:
-    port = closed_port()
-    gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{port}/v1", UPSTREAM_RETRIES=0)
-    for protocol in PROTOCOLS:
-        code, text = call(gateway, protocol)
-        assert code == (1011 if protocol == "/ws" else 502)
-        assert str(port) not in text and "127.0.0.1" not in text and "Cannot connect" not in text
-        assert "could not be reached" in text and f"request id {REQUEST_ID}" in text
+    with refused_port() as port:
+        gateway = start_gateway(UPSTREAM_URL=f"http://127.0.0.1:{port}/v1", UPSTREAM_RETRIES=0)
+        for protocol in PROTOCOLS:
+            code, text = call(gateway, protocol)
+            assert code == (1011 if protocol == "/ws" else 502)
+            assert str(port) not in text and "127.0.0.1" not in text and "Cannot connect" not in text
+            assert "could not be reached" in text and f"request id {REQUEST_ID}" in text
     assert str(port) in gateway.log()
