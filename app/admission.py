@@ -60,12 +60,18 @@ def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def _valid_ip(text: str) -> str | None:
-    """`text` as a normalised IP address, or None for anything else ("unknown", "_hidden", junk)."""
+def _address(token: str) -> str:
+    """One forwarded entry as a normalised IP address (ports and brackets dropped), or "" for anything else:
+    "unknown", an obfuscated "_hidden" identifier, junk."""
+    address = token.strip().strip('"')
+    if address.startswith("["):  # [v6] or [v6]:port
+        address = address[1:].split("]", 1)[0]
+    elif address.count(":") == 1:  # v4:port
+        address = address.split(":", 1)[0]
     try:
-        return str(ipaddress.ip_address(text.strip().strip("[]")))
+        return str(ipaddress.ip_address(address))
     except ValueError:
-        return None
+        return ""
 
 
 def forwarded_chain(connection: HTTPConnection, header: str) -> list[str]:
@@ -75,17 +81,12 @@ def forwarded_chain(connection: HTTPConnection, header: str) -> list[str]:
     for value in connection.headers.getlist(header):
         for element in value.split(","):
             if header == "x-forwarded-for":
-                chain.append(_valid_ip(element) or "")
+                chain.append(_address(element))
                 continue
             for pair in element.split(";"):
                 name, _, token = pair.strip().partition("=")
                 if name.lower() == "for":
-                    address = token.strip().strip('"')
-                    if address.startswith("["):  # [v6]:port
-                        address = address[1:].split("]", 1)[0]
-                    elif address.count(":") == 1:  # v4:port
-                        address = address.split(":", 1)[0]
-                    chain.append(_valid_ip(address) or "")
+                    chain.append(_address(token))
     return chain
 
 

@@ -128,3 +128,20 @@ def test_idle_sockets_cannot_hold_every_descriptor(start_gateway: GatewayFactory
             stack.enter_context(connect(gateway.url))
         assert read_until_closed(first) == b""
         assert httpx.get(gateway.url + "/health", timeout=GUARD_S).status_code == 200
+
+
+def test_sockets_that_all_carry_requests_cannot_be_outnumbered(start_gateway: GatewayFactory) -> None:
+    """When every socket a worker holds carries a request (here: bodies that stop short), one more socket gets
+    503 at once instead of a descriptor; the held requests are still bounded by the read deadline."""
+    gateway = start_gateway(WEB_CONCURRENCY=1, MAX_CONNECTIONS=1, KEEPALIVE_SECONDS=60, REQUEST_READ_TIMEOUT_SECONDS=60)
+    head = (b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+    with ExitStack() as stack:
+        for _ in range(1 + SOCKET_HEADROOM):
+            sock = stack.enter_context(connect(gateway.url))
+            sock.sendall(head)
+            assert status_of(read_head(sock)) == 100  # the app reads the body: this request is in flight
+            sock.sendall(b'{"prompt": ')
+        # every socket carries a request; a probe on a fresh socket is refused, not held
+        response = read_until_closed(stack.enter_context(connect(gateway.url)))
+        assert status_of(response) == 503

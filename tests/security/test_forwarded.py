@@ -32,6 +32,9 @@ def test_values_that_are_not_addresses_never_become_identities(start_gateway: Ga
     gateway = start_gateway(**LIMITED)  # FORWARDED_HEADER: x-forwarded-for
     junk = [{"X-Forwarded-For": value} for value in ("junk-1", "junk-2", "unknown", "_hidden", "1.2.3", "a" * 300)]
     assert _statuses(gateway, junk) == [200] * 3 + [429] * 3  # every one falls back to the peer, the proxy
-    # a real address behind the proxy is its own client, and Forwarded is not read
-    named = [{"X-Forwarded-For": "198.51.100.9", "Forwarded": f"for=203.0.113.{i}"} for i in range(4)]
+    # a real address behind the proxy is its own client (with or without the port some proxies append),
+    # and Forwarded is not read
+    named = [{"X-Forwarded-For": address, "Forwarded": f"for=203.0.113.{i}"}
+             for i, address in enumerate(["198.51.100.9", "198.51.100.9:4711", "junk, 198.51.100.9:80",
+                                          "198.51.100.9"])]
     assert _statuses(gateway, named) == [200] * 3 + [429]
