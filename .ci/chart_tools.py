@@ -8,6 +8,8 @@ the cache (tests/chart/conftest.py) and fail, naming this script, when a tool is
   >=24), so it gets its own virtualenv under the cache.
 - CRD schemas (HTTPRoute, ServiceMonitor, PrometheusRule, ScaledObject): the npm packages
   `@kubernetes-models/*` ship validators generated from the projects' published CRDs; Node runs them.
+- the image's locked wheels (requirements.lock, for the image's platform, hash-checked): the image test
+  builds the runtime virtualenv from them the Dockerfile's way.
 
 Cache: $CHART_TOOLS_CACHE, default `.cache/tools/` in the repository. Each tool is installed into a
 directory named for its pinned version (complete once renamed into place, or marked `.installed`); a new
@@ -18,6 +20,7 @@ Run: `python .ci/chart_tools.py` (the project's virtualenv python: checkov's ven
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -50,6 +53,21 @@ def checkov_dir() -> Path:
 
 def crd_models_dir() -> Path:
     return CACHE / ("crd-models-" + "-".join(CRD_MODELS.values()))
+
+
+def lock_wheels_dir() -> Path:
+    digest = hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()[:16]
+    return CACHE / f"lock-wheels-{digest}"
+
+
+def lock_wheels_script() -> str:
+    target = lock_wheels_dir()
+    # Linux x86_64 and CPython 3.11, as in the image (python:3.11.x-slim-bookworm)
+    platforms = " ".join(f"--platform {p}" for p in ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
+                                                    "manylinux2014_x86_64"))
+    return (f"rm -rf '{target}' && {sys.executable} -m pip download --quiet --no-deps --require-hashes "
+            f"--only-binary :all: --implementation cp --python-version 3.11 {platforms} "
+            f"-r '{ROOT / 'requirements.lock'}' -d '{target}'")
 
 
 def installed(target: Path) -> bool:
@@ -123,9 +141,10 @@ def main() -> int:
         if shutil.which("npm") is None:
             print("bootstrap: chart tools: npm is missing (Debian: apt-get install nodejs npm)", file=sys.stderr)
             return 1
-        # the slow two side by side
+        # the slow ones side by side
         pending = [(name, target, script) for name, target, script in (
             ("checkov", checkov_dir(), checkov_script()), ("crd-models", crd_models_dir(), crd_models_script()),
+            ("lock-wheels", lock_wheels_dir(), lock_wheels_script()),
         ) if not installed(target)]
         running = []
         for name, target, script in pending:
