@@ -39,7 +39,7 @@ UNPACED_MAX_TOKENS = 1_000_000  # tens of megabytes of events: more than any soc
 GUARD_S = 20.0  # guard only: how long the slot count may take to settle before the test fails
 POLL_S = 0.02  # polling interval, not an assertion
 SLOTS_GAUGE = "streaming_connection_slots_in_use"
-_RECLAIMED = "reclaimed"  # app/gunicorn_conf.py child_exit: "reclaimed %d connection slots of dead worker %d"
+_RECLAIMED = "connection slots of dead worker"  # app/gunicorn_conf.py child_exit logs it
 # With API_KEYS the client is the key, not the address: a keyed gateway lists these too (fresh ones per check).
 SLOT_CHECK_KEYS = [f"slot-check-{i}" for i in range(40)]
 _addresses = itertools.count()

@@ -233,7 +233,8 @@ def test_redis_hung_falls_back_at_the_production_timeout(
     """Redis stopped with SIGSTOP: connections are accepted (the kernel's backlog) and never answered. With the
     production REDIS_TIMEOUT_SECONDS (0.25) every worker gives up on it, serves under the instance's own limits,
     and shares limits again once Redis answers."""
-    keys = ["k-hung", *(f"k-poll-{i}" for i in range(2))]
+    polls = [f"k-poll-{i}" for i in range(400)]  # a fresh key per poll: a poll is never refused by the rate limit
+    keys = ["k-hung", *polls]
     gateway = start_gateway(REDIS_URL=redis_server.url, **LIMITS, **SLOT_CAPS, LOG_LEVEL="info",
                             API_KEYS=",".join(keys + SLOT_CHECK_KEYS))
     assert "REDIS_TIMEOUT_SECONDS" not in gateway.env  # the default, as shipped
@@ -264,10 +265,12 @@ def test_redis_hung_falls_back_at_the_production_timeout(
     finally:
         os.kill(hung, signal.SIGCONT)
 
-    for i, pid in enumerate(worker_pids(gateway)):  # answering again: each worker shares limits again
-        def back(pid: int = pid, key: str = f"k-poll-{i}") -> bool:
+    fresh = iter(polls)
+    for pid in worker_pids(gateway):  # answering again: each worker shares limits again
+        def back(pid: int = pid) -> bool:
+            # One admitted request: the worker tries Redis for both stores once their retry interval is up.
             with only_worker(gateway, pid), http_client() as client:
-                post_stream(client, gateway, max_tokens=1, **bearer(key))  # the worker tries Redis when due
+                assert post_stream(client, gateway, max_tokens=1, **bearer(next(fresh))).status_code == 200
             now = redis_log(gateway, "redis reachable again")
             return all(now[pid, store] > back_before[pid, store] for store in ("ratelimit", "slots"))
 
