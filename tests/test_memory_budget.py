@@ -74,7 +74,8 @@ def _read_to_end(sock: socket.socket) -> bytes:
 
 def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gateway: GatewayFactory) -> None:
     # Resume off: the only buffered data are the full buffers, so the totals below are exact to a few hundred bytes.
-    gateway = start_gateway(**SLOW_READER_ENV, RESUME_ENABLED="false", MEMORY_BUDGET_BYTES=150_000)
+    # Three slots: the end of the test needs all three again, so the cut stream's slot must have been released.
+    gateway = start_gateway(**SLOW_READER_ENV, RESUME_ENABLED="false", MEMORY_BUDGET_BYTES=150_000, MAX_CONNECTIONS=3)
     with ExitStack() as stack:
         oldest, _ = stack.enter_context(slow_reader(gateway))
         assert FULL <= _wait_metric(gateway, "streaming_buffered_bytes", FULL) < 150_000
@@ -102,6 +103,9 @@ def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gatewa
     assert _metric(gateway, "streaming_buffered_bytes") == 0
     done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
     assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
+    with ExitStack() as stack:
+        for _ in range(3):  # each is admitted (200) or slow_reader fails: every slot is free again
+            stack.enter_context(slow_reader(gateway))
     assert "Traceback" not in gateway.log()
 
 
