@@ -123,3 +123,36 @@ def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFact
     assert json.loads(last)["code"] == "memory_pressure"
     assert json.loads(last)["type"] == "error"
     assert tokens and all(json.loads(t)["type"] in ("status", "token") for t in tokens[:3])
+
+
+def _ws_frame(text: str) -> bytes:
+    """One masked client text frame (RFC 6455 §5.2), short payloads only."""
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gateway: GatewayFactory) -> None:
+    # One slot: the stream after the cut is admitted only if the cut WebSocket stream released it, which needs
+    # its final event to give up on a client that reads nothing.
+    gateway = start_gateway(**SLOW_READER_ENV, MEMORY_BUDGET_BYTES=65_536, MAX_CONNECTIONS=1)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(GUARD_S)
+        sock.connect((host, int(port)))
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)  # byte by byte: nothing after the handshake is read
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_ws_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000_000})))
+        assert _wait_metric(gateway, "streaming_errors_total", 1,
+                            'error_type="memory_pressure",route="/ws"') == 1
+        assert wait_active_streams(gateway, 0) == 0
+        done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=GUARD_S)
+        assert done.status_code == 200, done.text  # the slot is free again
+        assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
+    assert "Traceback" not in gateway.log()
