@@ -66,15 +66,26 @@ def slow_reader(gateway: Gateway) -> Iterator[tuple[socket.socket, str]]:
 
 
 def _read_to_end(sock: socket.socket) -> bytes:
-    data = bytearray()
+    """The response's last bytes, read until the connection closes or the chunked body ends (the final event
+    reaches a cut client only if its socket takes it at once; then the response is complete and kept alive)."""
+    tail = b""
     while chunk := sock.recv(1 << 20):
-        data += chunk
-    return bytes(data)
+        tail = (tail + chunk)[-4096:]
+        if tail.endswith(b"\r\n0\r\n\r\n"):
+            break
+    return tail
+
+
+def _assert_cut(tail: bytes) -> None:
+    assert b'"type": "done"' not in tail  # the stream ended unfinished ...
+    if b'"type": "error"' in tail:  # ... with the memory_pressure event, when its socket took it
+        assert b'"code": "memory_pressure"' in tail
 
 
 def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gateway: GatewayFactory) -> None:
     # Resume off: the only buffered data are the full buffers, so the totals below are exact to a few hundred bytes.
-    gateway = start_gateway(**SLOW_READER_ENV, RESUME_ENABLED="false", MEMORY_BUDGET_BYTES=150_000)
+    # Three slots: the end of the test needs all three again, so the cut stream's slot must have been released.
+    gateway = start_gateway(**SLOW_READER_ENV, RESUME_ENABLED="false", MEMORY_BUDGET_BYTES=150_000, MAX_CONNECTIONS=3)
     with ExitStack() as stack:
         oldest, _ = stack.enter_context(slow_reader(gateway))
         assert FULL <= _wait_metric(gateway, "streaming_buffered_bytes", FULL) < 150_000
@@ -83,14 +94,19 @@ def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gatewa
         third, _ = stack.enter_context(slow_reader(gateway))
         # The third full buffer takes the instance over its budget: the oldest full buffer is cut, only it.
         assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure"') == 1
-        assert b'"type": "done"' not in _read_to_end(oldest)  # its stream ended, unfinished
+        try:
+            _assert_cut(_read_to_end(oldest))
+        except TimeoutError:
+            raise AssertionError("the cut stream's connection stayed open:\n" + gateway.log()[-6000:]) from None
         assert wait_active_streams(gateway, 2) == 2
-        # Two full buffers (131 KB) stay above 80 % of the budget: new streams are still refused.
-        refused = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
-        assert refused.status_code == 503
-        assert refused.json()["code"] == "memory_pressure"
-        assert refused.headers["retry-after"] == "1"
-        assert _metric(gateway, "streaming_rejections_total", 'reason="memory_pressure"') >= 1
+        # Two full buffers (131 KB) stay above 80 % of the budget: new streams are still refused, by every worker
+        # (new connections land on either), also one that never saw the peak the other one cut away.
+        for _ in range(8):
+            refused = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "memory_pressure"
+            assert refused.headers["retry-after"] == "1"
+        assert _metric(gateway, "streaming_rejections_total", 'reason="memory_pressure"') == 8
         assert _metric(gateway, "streaming_errors_total", 'error_type="memory_pressure"') == 1
         second.close()
         third.close()
@@ -102,6 +118,9 @@ def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gatewa
     assert _metric(gateway, "streaming_buffered_bytes") == 0
     done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
     assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
+    with ExitStack() as stack:
+        for _ in range(3):  # each is admitted (200) or slow_reader fails: every slot is free again
+            stack.enter_context(slow_reader(gateway))
     assert "Traceback" not in gateway.log()
 
 
@@ -111,7 +130,7 @@ def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFact
     gateway = start_gateway(**SLOW_READER_ENV, MEMORY_BUDGET_BYTES=65_536, RESUME_MAX_EVENTS=10_000_000)
     with slow_reader(gateway) as (sock, stream_id):
         assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure"') == 1
-        assert b'"type": "done"' not in _read_to_end(sock)
+        _assert_cut(_read_to_end(sock))
     assert wait_active_streams(gateway, 0) == 0
     with httpx.stream("GET", f"{gateway.url}/stream/{stream_id}", timeout=GUARD_S) as replay:
         assert replay.status_code == 200
@@ -119,3 +138,36 @@ def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFact
     assert json.loads(last)["code"] == "memory_pressure"
     assert json.loads(last)["type"] == "error"
     assert tokens and all(json.loads(t)["type"] in ("status", "token") for t in tokens[:3])
+
+
+def _ws_frame(text: str) -> bytes:
+    """One masked client text frame (RFC 6455 §5.2), short payloads only."""
+    payload = text.encode()
+    assert len(payload) < 126
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gateway: GatewayFactory) -> None:
+    # One slot: the stream after the cut is admitted only if the cut WebSocket stream released it, which needs
+    # its final event to give up on a client that reads nothing.
+    gateway = start_gateway(**SLOW_READER_ENV, MEMORY_BUDGET_BYTES=65_536, MAX_CONNECTIONS=1)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(GUARD_S)
+        sock.connect((host, int(port)))
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)  # byte by byte: nothing after the handshake is read
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_ws_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000_000})))
+        assert _wait_metric(gateway, "streaming_errors_total", 1,
+                            'error_type="memory_pressure",route="/ws"') == 1
+        assert wait_active_streams(gateway, 0) == 0
+        done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=GUARD_S)
+        assert done.status_code == 200, done.text  # the slot is free again
+        assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
+    assert "Traceback" not in gateway.log()

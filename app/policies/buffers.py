@@ -33,11 +33,12 @@ class WorkerBuffers:
     pid: int
     buffered: int
     full: tuple[FullBuffer, ...]  # oldest first
+    refusing: bool = False  # this worker's admission refuses for memory (what the instance decided last)
 
 
 class BufferTable(Protocol):
-    def publish(self, buffered: int, full: Sequence[FullBuffer]) -> list[WorkerBuffers]:
-        """Record this worker's buffered bytes and oldest full buffers; every live worker's report."""
+    def publish(self, buffered: int, full: Sequence[FullBuffer], refusing: bool = False) -> list[WorkerBuffers]:
+        """Record this worker's buffered bytes, oldest full buffers and refusal state; every live worker's report."""
         ...
 
     def reclaim(self, pid: int) -> bool:
@@ -67,15 +68,15 @@ def cutoff(workers: Sequence[WorkerBuffers], budget: int) -> float | None:
 class MemoryBufferTable:
     """One process: its own report is the instance's."""
 
-    def publish(self, buffered: int, full: Sequence[FullBuffer]) -> list[WorkerBuffers]:
-        return [WorkerBuffers(os.getpid(), buffered, tuple(full[:FULL_PER_WORKER]))]
+    def publish(self, buffered: int, full: Sequence[FullBuffer], refusing: bool = False) -> list[WorkerBuffers]:
+        return [WorkerBuffers(os.getpid(), buffered, tuple(full[:FULL_PER_WORKER]), refusing)]
 
     def reclaim(self, pid: int) -> bool:
         return False
 
 
 _KIND = b"buffers"
-_CELL_HEAD = struct.Struct("<qqq")  # pid (0 = free), buffered bytes, full entries
+_CELL_HEAD = struct.Struct("<qqqq")  # pid (0 = free), buffered bytes, full entries, refusing
 _ENTRY = struct.Struct("<dq")  # filled at, bytes
 _CELL = _CELL_HEAD.size + FULL_PER_WORKER * _ENTRY.size
 
@@ -101,7 +102,7 @@ class SharedBufferTable:
     def close(self) -> None:
         self._region.close()
 
-    def publish(self, buffered: int, full: Sequence[FullBuffer]) -> list[WorkerBuffers]:
+    def publish(self, buffered: int, full: Sequence[FullBuffer], refusing: bool = False) -> list[WorkerBuffers]:
         pid = os.getpid()
         full = full[:FULL_PER_WORKER]
         flat: list[float | int] = []
@@ -120,15 +121,15 @@ class SharedBufferTable:
             cell = mine if mine >= 0 else free
             if cell >= 0:  # pragma: no branch - at most MAX_WORKERS workers exist
                 at = DATA_OFFSET + cell * _CELL
-                _CELL_HEAD.pack_into(buf, at, pid, buffered, len(full))
+                _CELL_HEAD.pack_into(buf, at, pid, buffered, len(full), int(refusing))
                 self._entries.pack_into(buf, at + _CELL_HEAD.size, *flat)
             for i in range(MAX_WORKERS):
                 at = DATA_OFFSET + i * _CELL
-                owner, total, count = _CELL_HEAD.unpack_from(buf, at)
+                owner, total, count, refusing_flag = _CELL_HEAD.unpack_from(buf, at)
                 if owner:
                     values = self._entries.unpack_from(buf, at + _CELL_HEAD.size)
                     entries = tuple((float(values[2 * j]), int(values[2 * j + 1])) for j in range(count))
-                    reports.append(WorkerBuffers(int(owner), int(total), entries))
+                    reports.append(WorkerBuffers(int(owner), int(total), entries, bool(refusing_flag)))
         return reports
 
     def reclaim(self, pid: int) -> bool:

@@ -225,8 +225,10 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
                 return
             await _end_with_error(websocket, error)
             return
-        await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
-        await websocket.close(code=WS_NORMAL)
+        with contextlib.suppress(TimeoutError):  # a client that stopped reading at the very end: not forever
+            async with asyncio.timeout(state.registry.slow_client_s):
+                await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
+                await websocket.close(code=WS_NORMAL)
 
 
 def _stops(text: str | None, stream_id: str) -> bool:

@@ -73,13 +73,15 @@ class MemoryGuard:
                 total += size
                 full.append((s.writing_since, size, s))
         full.sort(key=lambda entry: entry[0])
-        reports = self._table.publish(total, [(since, size) for since, size, _ in full])
+        reports = self._table.publish(total, [(since, size) for since, size, _ in full], self.over)
         self.worker_bytes = total
         self.instance_bytes = sum(report.buffered for report in reports)
         if self.instance_bytes >= self.budget_bytes:
             self.over = True
         elif self.instance_bytes < self.budget_bytes * ADMIT_BELOW:
             self.over = False
+        else:  # in between: refuse if any worker does, so that no worker misses the peak another one cut away
+            self.over = any(report.refusing for report in reports)
         if total != self._published:
             self._published = total
             BUFFERED_BYTES.set(total)

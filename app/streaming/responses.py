@@ -4,6 +4,7 @@ non-streaming completion. Each is one `StreamRun` (relay.py) around its own fram
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -86,14 +87,14 @@ class SSEStreamResponse:
             else:
                 final = encoder.error(error)
             last = {"type": "http.response.body", "body": final, "more_body": False}
-            if outcome is not Outcome.BACKPRESSURE:
-                await send(last)
-                return
-            try:
-                async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
+            # A client cut for not reading gets its final event only if its socket takes it now. Any other
+            # client that stops reading right before the end is waited for as long as a slow client, not
+            # forever: the watchdog no longer watches a finishing stream, and it still holds its slot.
+            stalled = outcome is Outcome.BACKPRESSURE
+            wait_s = BACKPRESSURE_FINAL_WRITE_S if stalled else self.relay.registry.slow_client_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
                     await send(last)
-            except TimeoutError:
-                pass
 
 
 class ReplayResponse:

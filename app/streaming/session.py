@@ -134,6 +134,11 @@ class StreamRegistry:
         self._empty = asyncio.Event()
         self._empty.set()
 
+    @property
+    def slow_client_s(self) -> float:
+        """SLOW_CLIENT_TIMEOUT_SECONDS: also how long a final event waits on a client that stopped reading."""
+        return self._slow_client_s
+
     def add(self, session: StreamSession) -> None:
         self.streams.add(session)
         self._empty.clear()

@@ -28,13 +28,14 @@ def test_shared_table_sums_every_worker_and_forgets_dead_ones() -> None:
         child = os.fork()
         if child == 0:  # a second worker reports, then exits
             attached = SharedBufferTable.attach(table.fd)
-            attached.publish(700, [(3.0, 700)])
+            attached.publish(700, [(3.0, 700)], refusing=True)
             os._exit(0)
         os.waitpid(child, 0)
         full = [(float(i), 10) for i in range(FULL_PER_WORKER + 5)]
         reports = {r.pid: r for r in table.publish(400, full)}
-        assert reports[child] == WorkerBuffers(child, 700, ((3.0, 700),))
+        assert reports[child] == WorkerBuffers(child, 700, ((3.0, 700),), refusing=True)
         assert reports[os.getpid()].buffered == 400
+        assert not reports[os.getpid()].refusing
         assert len(reports[os.getpid()].full) == FULL_PER_WORKER  # the oldest only
         assert table.reclaim(child)
         assert not table.reclaim(child)
