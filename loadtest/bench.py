@@ -175,6 +175,7 @@ class Server:
     def __init__(self, name: str, argv: list[str], *, port: int, env: dict[str, str], log_dir: Path,
                  workers: int, ready_path: str = "/health", inherit_env: bool = True) -> None:
         self.name, self.port, self.workers, self.ready_path = name, port, workers, ready_path
+        self.metrics_port = int(env.get("METRICS_PORT", port))  # a gateway serves /metrics on a port of its own
         self.log_dir = log_dir
         self.log: IO[bytes] = open(log_dir / f"{name}.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env} if inherit_env else env,

@@ -129,7 +129,7 @@ def run_levels(gw: Server, plan: HostilePlan) -> dict[str, Capacity]:
 
 
 def metric(port: int, name: str, labels: str = "") -> float:
-    """The sum of a metric's series (whose labels contain `labels`) on the gateway's /metrics."""
+    """The sum of a metric's series (whose labels contain `labels`) on the gateway's /metrics (its METRICS_PORT)."""
     total = 0.0
     for found, value in re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", metrics_text(port), re.M):
         if labels in found:
@@ -195,24 +195,24 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
                 readers.append(sock)
                 if index % 10 == 0:
                     peak_rss = max(peak_rss, gw.rss_bytes())
-                    peak_buffered = max(peak_buffered, metric(gw.port, "streaming_buffered_bytes"))
+                    peak_buffered = max(peak_buffered, metric(gw.metrics_port, "streaming_buffered_bytes"))
             time.sleep(2.0)  # a few watchdog passes at the budget
             out["rss_at_budget"] = bench.sample_rss(gw)
-            out["buffered_at_budget"] = metric(gw.port, "streaming_buffered_bytes")
+            out["buffered_at_budget"] = metric(gw.metrics_port, "streaming_buffered_bytes")
             out["peak_rss"] = max(peak_rss, out["rss_at_budget"])
             out["peak_buffered"] = max(peak_buffered, out["buffered_at_budget"])
             out["admitted"], out["refused"] = len(readers), refused
-            out["cut_memory_pressure"] = metric(gw.port, "streaming_errors_total", 'error_type="memory_pressure"')
-            out["active_at_budget"] = metric(gw.port, "streaming_active_connections")
+            out["cut_memory_pressure"] = metric(gw.metrics_port, "streaming_errors_total", 'error_type="memory_pressure"')
+            out["active_at_budget"] = metric(gw.metrics_port, "streaming_active_connections")
         finally:
             for sock in readers:
                 sock.close()
         deadline = time.monotonic() + 30
-        while metric(gw.port, "streaming_active_connections") > 0 and time.monotonic() < deadline:
+        while metric(gw.metrics_port, "streaming_active_connections") > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
         out["rss_after"] = bench.sample_rss(gw)
-        out["buffered_after"] = metric(gw.port, "streaming_buffered_bytes")
+        out["buffered_after"] = metric(gw.metrics_port, "streaming_buffered_bytes")
     return out
 
 
