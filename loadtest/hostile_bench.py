@@ -202,7 +202,8 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
             out["peak_rss"] = max(peak_rss, out["rss_at_budget"])
             out["peak_buffered"] = max(peak_buffered, out["buffered_at_budget"])
             out["admitted"], out["refused"] = len(readers), refused
-            out["cut_memory_pressure"] = metric(gw.metrics_port, "streaming_errors_total", 'error_type="memory_pressure"')
+            out["cut_memory_pressure"] = metric(gw.metrics_port, "streaming_errors_total",
+                                                'error_type="memory_pressure"')
             out["active_at_budget"] = metric(gw.metrics_port, "streaming_active_connections")
         finally:
             for sock in readers:
