@@ -274,4 +274,4 @@ def test_redis_hung_falls_back_at_the_production_timeout(
             now = redis_log(gateway, "redis reachable again")
             return all(now[pid, store] > back_before[pid, store] for store in ("ratelimit", "slots"))
 
-        assert wait_until(back, WAIT_S)
+        assert wait_until(back, 60)  # guard only: each poll pauses a worker and streams, slow on a loaded machine

@@ -69,7 +69,7 @@ def test_redirects_are_not_followed(relay_gateway: Gateway, fake_upstream: FakeU
         relayed = relay(relay_gateway, "/stream")
         assert relayed.status == 502, relayed.text
         error = error_body(relayed, "/stream")
-        assert error["code"] == "upstream_error" and f"({status})" in error["message"]
+        assert error["code"] == "upstream_error" and f"(HTTP {status})" in error["message"]
         assert fake_upstream.stats()["requests"] == 1
 
 
@@ -129,7 +129,7 @@ def test_https_proxy_carries_https_upstreams(start_gateway: GatewayFactory, prox
     gateway = start_gateway(UPSTREAM_URL="https://llm.upstream.test/v1", HTTPS_PROXY=proxy.url, **NO_RETRIES)
     relayed = relay(gateway, "/stream")
     assert relayed.status == 502  # the proxy refused the tunnel: the gateway never went direct
-    assert "cannot reach upstream" in error_body(relayed, "/stream")["message"]
+    assert "could not be reached" in error_body(relayed, "/stream")["message"]
     assert proxy.seen == ["CONNECT llm.upstream.test:443 HTTP/1.1"]
 
 
