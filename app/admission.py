@@ -7,6 +7,9 @@ Order (cheapest refusal first; nothing is held until the last step succeeds):
     ─► [body parsed by the route] ─►
     connection slot: instance-wide, then per client (503)
 
+A resume skips the memory budget (it holds no upstream) and the slot; a stop is only authenticated and
+rate limited (draining, an open circuit and the memory budget never keep an owner from stopping a stream).
+
 Client identity is the API key when one is used, otherwise the peer address. Keys come from
 `Authorization: Bearer` or `X-API-Key`; a key in an HTTP URL is refused (401), /ws also takes a
 `bearer.<key>` subprotocol or `?api_key=` because browsers cannot set its headers. The one header
@@ -214,10 +217,26 @@ class Admission:
         self._remote_slots = remote_slots
         self._lease_ttl_s = lease_ttl_s
 
-    async def admit(self, connection: HTTPConnection) -> Ticket:
-        """Every check but the slot; raises the refusal. Nothing is held yet."""
+    async def admit(self, connection: HTTPConnection, *, resume: bool = False) -> Ticket:
+        """Every check but the slot; raises the refusal. Nothing is held yet.
+
+        A resume (`resume=True`) starts no generation and holds no upstream: the memory budget does not refuse it."""
         if self._draining():
             raise DrainingError()
+        ticket = await self._limited(connection)
+        retry_after = self._breaker.retry_after_seconds()  # > 0 exactly when allow() would refuse:
+        if retry_after > 0:  # open, or half-open with its one probe out
+            raise CircuitOpenError(self._breaker.name, retry_after)
+        if not resume and self._memory_pressure():
+            raise MemoryPressureError("this instance holds its memory budget of buffered stream data; retry shortly")
+        return ticket
+
+    async def admit_stop(self, connection: HTTPConnection) -> Ticket:
+        """A stop: who asks (the owner) and the rate limit, nothing else. Draining, an open circuit and the memory
+        budget are when stopping a generation is needed most, and a stop frees what they guard."""
+        return await self._limited(connection)
+
+    async def _limited(self, connection: HTTPConnection) -> Ticket:
         identity, owner = self._identify(connection)
         ticket = Ticket(identity=identity, owner=owner)
         if self._rate_limiter is not None:
@@ -225,11 +244,6 @@ class Admission:
             ticket.headers = result.headers()
             if not result.allowed:
                 raise RateLimitedError(result.retry_after_seconds, ticket.headers)
-        retry_after = self._breaker.retry_after_seconds()  # > 0 exactly when allow() would refuse:
-        if retry_after > 0:  # open, or half-open with its one probe out
-            raise CircuitOpenError(self._breaker.name, retry_after)
-        if self._memory_pressure():
-            raise MemoryPressureError("this instance holds its memory budget of buffered stream data; retry shortly")
         return ticket
 
     def slots_in_use(self) -> int:

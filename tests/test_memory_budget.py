@@ -45,17 +45,22 @@ def _wait_metric(gateway: Gateway, name: str, reached: float, labels: str = "") 
     return value
 
 
+V1_FLOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "flood"}], "max_tokens": 10_000_000,
+            "stream": True}
+
+
 @contextmanager
-def slow_reader(gateway: Gateway) -> Iterator[tuple[socket.socket, str]]:
-    """A /stream client that reads the response head, then nothing: (its socket, the stream id)."""
+def slow_reader(gateway: Gateway, path: str = "/stream") -> Iterator[tuple[socket.socket, str]]:
+    """A /stream (or /v1/chat/completions, not resumable) client that reads the response head, then nothing:
+    (its socket, the stream id)."""
     host, port = gateway.url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "flood", "max_tokens": 10_000_000}).encode()
+    body = json.dumps({"prompt": "flood", "max_tokens": 10_000_000} if path == "/stream" else V1_FLOOD).encode()
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
         sock.settimeout(GUARD_S)
         sock.connect((host, int(port)))
-        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1024)
@@ -137,6 +142,8 @@ def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFact
         *tokens, last = sse_data(replay.read().decode())
     assert json.loads(last)["code"] == "memory_pressure"
     assert json.loads(last)["type"] == "error"
+    message = json.loads(last)["message"]  # the generation is gone: resuming cannot continue it
+    assert "retry the request" in message and "resume" not in message
     assert tokens and all(json.loads(t)["type"] in ("status", "token") for t in tokens[:3])
 
 
@@ -171,3 +178,25 @@ def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gatewa
         assert done.status_code == 200, done.text  # the slot is free again
         assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}
     assert "Traceback" not in gateway.log()
+
+
+def test_at_the_budget_a_resume_and_a_stop_are_still_answered(start_gateway: GatewayFactory) -> None:
+    """The budget refuses new streams; a resume starts no generation and a stop frees memory: neither is refused."""
+    gateway = start_gateway(**SLOW_READER_ENV, MEMORY_BUDGET_BYTES=150_000)
+    finished = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=GUARD_S)
+    stream_id = finished.headers["x-stream-id"]
+    with ExitStack() as stack:  # the pressure: /v1 streams, which keep no resume events
+        for n in range(1, 4):
+            stack.enter_context(slow_reader(gateway, "/v1/chat/completions"))
+            if n < 3:
+                assert _wait_metric(gateway, "streaming_buffered_bytes", n * FULL) >= n * FULL
+        assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure"') == 1
+        refused = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=GUARD_S)
+        assert refused.status_code == 503 and refused.json()["code"] == "memory_pressure"
+        resumed = httpx.get(f"{gateway.url}/stream/{stream_id}", timeout=GUARD_S)
+        assert resumed.status_code == 200, resumed.text
+        assert [json.loads(d) for d in sse_data(resumed.text)] == [json.loads(d) for d in sse_data(finished.text)]
+        stopped = httpx.delete(f"{gateway.url}/stream/{stream_id}", timeout=GUARD_S)
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json() == {"stream_id": stream_id, "final": {"type": "done", "tokens": 5}}
+        assert _metric(gateway, "streaming_buffered_bytes") >= 2 * FULL  # still at the budget: nothing was freed

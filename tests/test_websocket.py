@@ -72,6 +72,29 @@ def test_ws_bad_request_gets_error_event_and_close_code(
     assert needle in str(events[0]["message"])
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [{"prompt": "stop", "max_tokens": 3}, {"prompt": "resume", "max_tokens": 3},
+     {"prompt": 'say "stop", then "resume"', "max_tokens": 3}],
+    ids=["stop", "resume", "both-quoted"],
+)
+def test_ws_a_prompt_that_says_stop_or_resume_is_a_stream(mock_gateway: Gateway, request_: dict[str, object]) -> None:
+    """The message type is its keys, not words in its text."""
+    with connect(_ws_url(mock_gateway)) as ws:
+        ws.send(json.dumps(request_))
+        events = _receive_all(ws)
+        assert ws.close_code == 1000
+    assert [e["type"] for e in events] == ["status", "token", "token", "token", "done"]
+
+
+def test_ws_a_model_named_resume_is_checked_as_a_model(mock_gateway: Gateway) -> None:
+    with connect(_ws_url(mock_gateway)) as ws:
+        ws.send(json.dumps({"prompt": "x", "model": "resume", "max_tokens": 3}))
+        events = _receive_all(ws)
+        assert ws.close_code == 1007
+    assert [(e["type"], e["code"]) for e in events] == [("error", "model_not_found")]
+
+
 def test_ws_message_over_max_body_bytes_is_closed_1009(mock_gateway: Gateway) -> None:
     """The server's frame limit is MAX_BODY_BYTES: it closes from the frame header, before any event."""
     with connect(_ws_url(mock_gateway), max_size=None) as ws:

@@ -39,9 +39,9 @@ async def get_state(request: Request) -> GatewayState:
 StateDep = Annotated[GatewayState, Depends(get_state)]
 
 
-async def admit(connection: HTTPConnection, state: GatewayState) -> Ticket:
+async def admit(connection: HTTPConnection, state: GatewayState, *, resume: bool = False) -> Ticket:
     """Admission up to (not including) the connection slot; raises the refusal."""
-    return await state.admission.admit(connection)
+    return await state.admission.admit(connection, resume=resume)
 
 
 def stream_headers(session: StreamSession, ticket: Ticket) -> list[tuple[bytes, bytes]]:
@@ -82,8 +82,21 @@ def parse_json_model(raw: bytes | str, model: type[ModelT]) -> ModelT:
             raise InvalidRequestError(f"request body is not valid JSON: {first['msg']}") from None
         if first["type"] == "model_type" and not first["loc"]:
             raise InvalidRequestError("request body must be a JSON object") from None
-        param = str(first["loc"][0]) if first["loc"] else None
-        raise InvalidRequestError(describe_validation_error(exc), param=param) from None
+        raise _invalid(exc) from None
+
+
+def validate_model(fields: dict[str, object], model: type[ModelT]) -> ModelT:
+    """`parse_json_model` for a JSON object already parsed."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequestError:
+    first = exc.errors(include_url=False)[0]
+    param = str(first["loc"][0]) if first["loc"] else None
+    return InvalidRequestError(describe_validation_error(exc), param=param)
 
 
 async def read_json(request: Request, model: type[ModelT]) -> ModelT:

@@ -99,7 +99,7 @@ async def resume_stream(
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(description="Last-Event-ID, for clients that cannot set headers")] = None,
 ) -> ASGIResponse:
-    ticket = await admit(request, state)  # no slot: the generation holds one wherever it runs
+    ticket = await admit(request, state, resume=True)  # no slot: the generation holds one wherever it runs
     checked_stream_id(stream_id)
     if state.resume is None:
         raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
@@ -119,7 +119,7 @@ async def resume_stream(
 
 @router.delete(RESUME_ENDPOINT, summary="Stop a stream's generation (its owner only); answers with its final event")
 async def stop_stream(stream_id: str, request: Request, state: StateDep) -> JSONResponse:
-    ticket = await admit(request, state)
+    ticket = await state.admission.admit_stop(request)
     final = await stop_generation(state, checked_stream_id(stream_id), ticket.owner)
     return JSONResponse({"stream_id": stream_id, "final": final}, status_code=202 if final is None else 200)
 

@@ -5,7 +5,9 @@ stream is `done` followed by a normal close (1000); a stream ended by the drain 
 `server_shutdown` and close 1012 (service restart), so the client reconnects elsewhere.
 
 Before the upgrade: a browser Origin not in ALLOWED_ORIGINS gets 403, and with API_KEYS set the key
-is checked (401/403 as plain HTTP, so a page cannot open a socket it may not use). After it, the
+is checked (401/403 as plain HTTP, so a page cannot open a socket it may not use). A browser that sends the
+key as a subprotocol offers `["gateway.v1", "bearer.<key>"]` and the server chooses `gateway.v1` (a browser
+fails a handshake that offered protocols and got none back); the key is never echoed. After it, the
 first message must arrive within REQUEST_READ_TIMEOUT_SECONDS (else `request_timeout`, close 1008);
 a frame larger than MAX_BODY_BYTES is refused by the server from its header (close 1009).
 
@@ -45,7 +47,7 @@ from app.errors import (
 from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
-from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model
+from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
 from app.streaming.responses import not_resumable_on_lookup
@@ -59,6 +61,9 @@ ENDPOINT = "/ws"
 STATUS_TEXT = json.dumps({"type": "status", "message": "Generating..."})
 SHUTDOWN_TEXT = json.dumps({"type": "server_shutdown"})
 TOKEN_HEAD = '{"type": "token", "content": '
+# The subprotocol the server chooses when offered: browsers fail a handshake that offered protocols (`bearer.<key>`)
+# and got none back, and the key itself is never echoed.
+SUBPROTOCOL = "gateway.v1"
 
 
 class ResumeRequest(BaseModel):
@@ -86,7 +91,32 @@ async def _end_with_error(websocket: WebSocket, error: GatewayError) -> None:
     await websocket.close(code=error.ws_close_code, reason=error.ws_reason)
 
 
-def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeRequest | StopRequest:
+Request = StreamRequest | ResumeRequest | StopRequest
+
+
+def _load(raw: str | bytes | None, max_bytes: int) -> object:
+    """The first message's JSON value, parsed once; None for anything `_parse` refuses before validation."""
+    if raw is None or len(raw) > max_bytes:
+        return None
+    try:
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except ValueError:  # not UTF-8, not JSON
+        return None
+
+
+def _kind(fields: object) -> type[Request]:
+    """Which request a first message is, by its keys (not by its text: `{"prompt": "stop"}` is a stream)."""
+    if isinstance(fields, dict):
+        if "resume" in fields:
+            return ResumeRequest
+        if "stop" in fields:
+            return StopRequest
+    return StreamRequest
+
+
+def _parse(raw: str | bytes | None, fields: object, kind: type[Request], max_bytes: int) -> Request:
+    if isinstance(fields, dict):
+        return validate_model(fields, kind)
     if raw is None:
         raise InvalidRequestError("expected one text message with the /stream request JSON")
     if len(raw) > max_bytes:
@@ -96,11 +126,7 @@ def _parse(raw: str | bytes | None, max_bytes: int) -> StreamRequest | ResumeReq
             raw = raw.decode()
         except UnicodeDecodeError:
             raise InvalidRequestError("request message is not valid UTF-8") from None
-    if '"resume"' in raw:
-        return parse_json_model(raw, ResumeRequest)
-    if '"stop"' in raw:
-        return parse_json_model(raw, StopRequest)
-    return parse_json_model(raw, StreamRequest)
+    return parse_json_model(raw, kind)  # not JSON, or not an object: refused with the reason
 
 
 def check_origin(websocket: WebSocket, allowed: tuple[str, ...]) -> None:
@@ -128,7 +154,7 @@ async def ws_stream(websocket: WebSocket) -> None:
     except GatewayError as exc:
         await _refuse_handshake(websocket, exc)
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", ()) else None)
     read_timeout = state.settings.request_read_timeout_seconds
     try:
         async with asyncio.timeout(read_timeout):
@@ -141,9 +167,14 @@ async def ws_stream(websocket: WebSocket) -> None:
     if message["type"] == "websocket.disconnect":
         return
     raw = message.get("text") if message.get("text") is not None else message.get("bytes")
+    fields = _load(raw, state.settings.max_body_bytes)
+    kind = _kind(fields)
     try:
-        ticket = await admit(websocket, state)
-        request = _parse(raw, state.settings.max_body_bytes)
+        if kind is StopRequest:
+            ticket = await state.admission.admit_stop(websocket)
+        else:
+            ticket = await admit(websocket, state, resume=kind is ResumeRequest)
+        request = _parse(raw, fields, kind, state.settings.max_body_bytes)
         if isinstance(request, StopRequest):
             final = await stop_generation(state, checked_stream_id(request.stop), ticket.owner)
         elif isinstance(request, ResumeRequest):

@@ -92,7 +92,7 @@ class MemoryGuard:
         for s in victims:
             s.cut_with(MemoryPressureError(
                 "this stream's client stopped reading while the gateway reached its memory budget for buffered "
-                "stream data; reconnect (or resume) to continue"
+                "stream data; its generation has ended: retry the request"
             ))
         if victims:
             logger.warning("memory budget reached: streams with the oldest full buffers cut", extra={

@@ -33,6 +33,7 @@ from tests.security.tenants import (
     ws_rest,
 )
 from tests.test_resume import Event, metric_total, sse_events, tokens_of, wait_for
+from tests.workers import connection_to_each_worker, wait_all_draining
 
 RESUMABLE = {"ORPHAN_TIMEOUT_SECONDS": 30, "DRAIN_TIMEOUT_SECONDS": 1, "LOG_LEVEL": "info"}
 CANCELLED = {"type": "error", "code": "cancelled", "message": "the stream's owner stopped this generation"}
@@ -259,3 +260,52 @@ def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
     whole = before[:-1] + events
     assert [e.seq for e in whole] == list(range(len(whole)))  # no gap, no duplicate, across both instances
     assert len(tokens_of(whole)) < 2000
+
+
+def test_an_open_circuit_does_not_keep_the_owner_from_stopping(start_gateway: GatewayFactory,
+                                                                fake_upstream: FakeUpstream) -> None:
+    gateway = start_gateway(**TWO_KEYS, **RESUMABLE, UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0,
+                            CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=120, CIRCUIT_WINDOW_SECONDS=120)
+    fake_upstream.script({"tokens_per_second": 20})
+    reader = LiveReader(gateway)
+    failed = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S,
+                        json={"prompt": "[[fail:503]]", "max_tokens": 3})
+    assert failed.status_code == 502
+    refused = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S,
+                         json={"prompt": "a new stream", "max_tokens": 3})
+    assert refused.status_code == 503 and refused.json()["code"] == "circuit_open"
+    # the circuit refuses new generations; the one still running can be stopped by its owner
+    r = httpx.delete(f"{gateway.url}/stream/{reader.stream_id}", headers=auth(KEY_A), timeout=GUARD_S)
+    assert r.status_code == 200 and r.json()["final"] == CANCELLED, r.text
+    assert reader.join()[-1].data == CANCELLED
+    assert fake_upstream.wait_for(lambda s: s["active"] == 0, timeout=GUARD_S)["active"] == 0
+
+
+def test_a_draining_instance_still_takes_stops(start_gateway: GatewayFactory) -> None:
+    """One worker, so both streams keep it draining until the last stop (a worker without streams exits at once,
+    and a connection it accepted on its way out is closed: 1012)."""
+    gateway = start_gateway(**TWO_KEYS, **{**RESUMABLE, "DRAIN_TIMEOUT_SECONDS": 120}, WEB_CONCURRENCY=1,
+                            MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5)
+    probes = connection_to_each_worker(gateway)
+    reader = LiveReader(gateway)
+    with ws(gateway, KEY_A) as owner:
+        owner.send(json.dumps({"prompt": "stop me while draining", "max_tokens": 5000}))
+        ws_sid = json.loads(owner.recv(timeout=GUARD_S))["stream_id"]
+        gateway.proc.send_signal(signal.SIGTERM)
+        wait_all_draining(probes)
+        refused = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_A), timeout=GUARD_S,
+                             json={"prompt": "too late", "max_tokens": 3})
+        assert refused.status_code == 503 and refused.json()["code"] == "draining"
+        # new streams are refused; the owner can still stop the ones the drain waits for
+        with ws(gateway, KEY_A) as stopper:
+            stopper.send(json.dumps({"stop": ws_sid}))
+            events, code = ws_rest(stopper)
+        assert code == 1000 and events == [{"type": "stopped", "stream_id": ws_sid, "final": CANCELLED}]
+        rest, code = ws_rest(owner)
+    assert rest[-1] == CANCELLED and code == 1000
+    r = httpx.delete(f"{gateway.url}/stream/{reader.stream_id}", headers=auth(KEY_A), timeout=GUARD_S)
+    assert r.status_code == 200 and r.json()["final"] == CANCELLED, r.text
+    assert reader.join()[-1].data == CANCELLED
+    assert gateway.proc.wait(timeout=GUARD_S) == 0  # nothing left to wait for: the drain ends
+    for sock in probes.values():
+        sock.close()

@@ -61,19 +61,31 @@ def test_the_key_is_checked_before_the_upgrade(gateway: Gateway) -> None:
     assert _upgrade(gateway, {"Sec-WebSocket-Protocol": "bearer.sk-nobody"})[0] == 403
 
 
-def _stream(url: str, **options: Any) -> list[dict[str, Any]]:
+def _stream(url: str, chosen: str | None = None, **options: Any) -> list[dict[str, Any]]:
     with ws_connect(url, open_timeout=GUARD_S, **options) as ws:
         ws.send(json.dumps(REQUEST))
         events = [json.loads(ws.recv(timeout=GUARD_S)) for _ in range(4)]
-        assert ws.subprotocol is None  # the key is never echoed back as the chosen subprotocol
+        assert ws.subprotocol == chosen  # `gateway.v1` when offered; the key is never echoed back
     return events
 
 
 def test_browsers_send_the_key_as_a_subprotocol_or_in_the_query(gateway: Gateway) -> None:
     url = gateway.url.replace("http://", "ws://") + "/ws"
-    for events in (_stream(url, subprotocols=[f"bearer.{KEY_A}"], origin=APP_ORIGIN),  # type: ignore[list-item]
+    browser = ["gateway.v1", f"bearer.{KEY_A}"]  # what a page passes to `new WebSocket(url, protocols)`
+    for events in (_stream(url, "gateway.v1", subprotocols=browser, origin=APP_ORIGIN),
+                   _stream(url, subprotocols=[f"bearer.{KEY_A}"]),
                    _stream(f"{url}?api_key={KEY_B}", origin=APP_ORIGIN)):
         assert events[-1] == {"type": "done", "tokens": 2}
+
+
+def test_the_upgrade_answers_with_the_gateway_subprotocol_never_the_key(gateway: Gateway) -> None:
+    """Browsers fail a handshake that offered protocols and got no Sec-WebSocket-Protocol back (Fetch spec)."""
+    status, head = _upgrade(gateway, {"Sec-WebSocket-Protocol": f"bearer.{KEY_A}, gateway.v1", "Origin": APP_ORIGIN})
+    assert status == 101
+    fields = [line.split(b":", 1) for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]]
+    protocols = [value.strip() for name, value in fields if name.strip().lower() == b"sec-websocket-protocol"]
+    assert protocols == [b"gateway.v1"]
+    assert KEY_A.encode() not in head
 
 
 def test_a_query_key_never_reaches_logs_or_spans(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
