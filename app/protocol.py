@@ -17,8 +17,9 @@ This subclass adds, per connection:
   uvicorn's `limit_concurrency` is not used: it answers 503 to new requests while idle sockets stay open,
   so hostile idle sockets would lock out legitimate clients instead of being closed.
 
-Divergence from uvicorn: a pipelined request parsed while the previous response is still streaming is
-not under the read deadline (uvicorn stops reading until that response ends).
+A request whose first bytes arrive while the previous response is still going out (pipelined) is under
+the read deadline from the end of that response: only then does the connection wait on it, and it is not
+idle, so keep-alive does not apply (the next byte would cancel it and leave nothing armed).
 """
 
 from __future__ import annotations
@@ -141,7 +142,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # armed: idle until the next request (none pipelined)
+        if self.transport.is_closing():
+            return
+        if self._in_message:  # the next request began while this response went out: now it is waited on
+            self._unset_keepalive_if_required()
+            if self._read_timer is None:
+                self._read_timer = self.loop.call_later(self.limits.read_timeout_s, self._read_timed_out)
+            if not self._head_done:
+                self.idle_since = self.loop.time()  # still sending its head, as evictable as a fresh one
+        elif self.timeout_keep_alive_task is not None:  # armed: idle until the next request (none pipelined)
             self.idle_since = self.loop.time()
 
     def handle_websocket_upgrade(self) -> None:
@@ -162,9 +171,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        cycle = self.cycle
-        if cycle is not None and cycle.response_started:  # the app answered without the rest (e.g. 413)
-            self.transport.close()
+        cycle = self.cycle  # the late request's own once its head is parsed; before that, the previous one's
+        if cycle is not None and cycle.response_started and (self._head_done or not cycle.response_complete):
+            self.transport.close()  # it was answered without the rest (e.g. 413), or a response is mid-way
             return
         self._refuse(RequestTimeoutError(self.limits.read_timeout_s))
 
