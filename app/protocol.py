@@ -20,12 +20,16 @@ This subclass adds, per connection:
 A request whose first bytes arrive while the previous response is still going out (pipelined) is under
 the read deadline from the end of that response: only then does the connection wait on it, and it is not
 idle, so keep-alive does not apply (the next byte would cancel it and leave nothing armed).
+
+A refusal that cuts a body short (408) is marked in the request's `scope["state"]` (see `refusal_code`):
+the app's `receive()` sees `http.disconnect`, but the request is counted as refused, not as a client that left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,13 @@ from uvicorn.server import ServerState
 from app.errors import GatewayError, HeadersTooLargeError, RequestTimeoutError, ServiceUnavailableError
 
 SOCKET_HEADROOM = 100  # sockets per worker beyond MAX_CONNECTIONS: probes, scrapes, idle keep-alive, refusals
+REFUSAL_STATE_KEY = "gateway.refusal"
+
+
+def refusal_code(scope: MutableMapping[str, Any]) -> str | None:
+    """The error code the protocol answered this request with while the app still read its body, if any."""
+    code: str | None = scope.get("state", {}).get(REFUSAL_STATE_KEY)
+    return code
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            if self._in_message and self._head_done:  # the refused request is this cycle's, body unread
+                cycle.scope.setdefault("state", {})[REFUSAL_STATE_KEY] = error.code
             cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped
             cycle.message_event.set()
         body = json.dumps(error.detail_body()).encode()

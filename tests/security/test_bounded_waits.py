@@ -31,6 +31,8 @@ from tests.security.raw import (
     ws_frame_header,
     ws_handshake,
 )
+from tests.test_tracing import OTLPReceiver
+from tests.test_upstream_protection import metric, wait_metric
 
 KEY = "sk-tenant-a"
 MAX_BODY = 1_048_576
@@ -103,6 +105,37 @@ def test_a_pipelined_partial_head_is_under_the_read_deadline(long_keepalive: Gat
         assert status_of(read_response(sock)) == 200
         response = dribble_until_answered(sock, b"ET /health HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
     assert status_of(response) == 408
+
+
+def assert_408_is_a_rejection(gateway: Gateway, route: str) -> None:
+    """A body cut short by the read deadline is the rejection request_timeout, not a client that left (P3-c)."""
+    labels = {"route": route}
+    rejected = metric(gateway, "streaming_rejections_total", reason="request_timeout", **labels)
+    gone = metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels)
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST " + route.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        assert status_of(read_until_closed(sock)) == 408
+    assert wait_metric(gateway, "streaming_rejections_total", rejected + 1, timeout=GUARD_S,
+                       reason="request_timeout", **labels) == rejected + 1
+    assert metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels) == gone
+
+
+@pytest.mark.parametrize("route", ["/stream", "/v1/chat/completions"])
+def test_a_408_counts_as_a_rejection_not_client_gone(long_keepalive: Gateway, route: str) -> None:
+    assert_408_is_a_rejection(long_keepalive, route)
+
+
+def test_a_408_counts_as_a_rejection_with_tracing_on(start_gateway: GatewayFactory) -> None:
+    """With tracing on, streams go through FastAPI's stack: its ClientDisconnect handler tells a 408 apart too."""
+    collector = OTLPReceiver()
+    try:
+        gateway = start_gateway(API_KEYS=KEY, WEB_CONCURRENCY=1, REQUEST_READ_TIMEOUT_SECONDS=1, KEEPALIVE_SECONDS=60,
+                                MOCK_TOKENS_PER_SECOND=0, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+        assert_408_is_a_rejection(gateway, "/stream")
+    finally:
+        collector.server.shutdown()
+        collector.server.server_close()
 
 
 def test_a_socket_that_sends_nothing_is_closed(gateway: Gateway) -> None:
