@@ -107,6 +107,17 @@ def test_a_pipelined_partial_head_is_under_the_read_deadline(long_keepalive: Gat
     assert status_of(response) == 408
 
 
+def test_an_early_answer_is_not_followed_by_a_408(long_keepalive: Gateway) -> None:
+    """A request answered before its body (413 from Content-Length) whose body then stalls is closed at the
+    deadline without a second, unasked-for response."""
+    with connect(long_keepalive.url) as sock:
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000000\r\n\r\n{\"prompt\": ")
+        response = read_until_closed(sock)
+    assert status_of(response) == 413
+    assert response.count(b"HTTP/1.1 ") == 1, response
+
+
 def assert_408_is_a_rejection(gateway: Gateway, route: str) -> None:
     """A body cut short by the read deadline is the rejection request_timeout, not a client that left (P3-c)."""
     labels = {"route": route}
