@@ -27,6 +27,7 @@ from app.middleware.request_id import RequestIdMiddleware
 from app.middleware.stream_router import StreamRouterMiddleware
 from app.observability.metrics import count_client_gone, count_rejection
 from app.observability.tracing import setup_tracing
+from app.protocol import refusal_code
 from app.routes import chat_completions, health, stream, websocket
 from app.routes.metrics import metrics_app
 from app.settings import Settings
@@ -64,8 +65,12 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_client_gone(request: Request, exc: Exception) -> Response:
-    route = request.scope.get("route")
-    count_client_gone(getattr(route, "path", request.url.path))
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    refusal = refusal_code(request.scope)
+    if refusal is not None:  # the protocol already answered (e.g. 408 for a body that came too slowly)
+        count_rejection(route, refusal)
+    else:
+        count_client_gone(route)
     return Response(status_code=499)  # never delivered: the client left mid-body (nginx's code for it)
 
 

@@ -17,14 +17,19 @@ This subclass adds, per connection:
   uvicorn's `limit_concurrency` is not used: it answers 503 to new requests while idle sockets stay open,
   so hostile idle sockets would lock out legitimate clients instead of being closed.
 
-Divergence from uvicorn: a pipelined request parsed while the previous response is still streaming is
-not under the read deadline (uvicorn stops reading until that response ends).
+A request whose first bytes arrive while the previous response is still going out (pipelined) is under
+the read deadline from the end of that response: only then does the connection wait on it, and it is not
+idle, so keep-alive does not apply (the next byte would cancel it and leave nothing armed).
+
+A refusal that cuts a body short (408) is marked in the request's `scope["state"]` (see `refusal_code`):
+the app's `receive()` sees `http.disconnect`, but the request is counted as refused, not as a client that left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +40,13 @@ from uvicorn.server import ServerState
 from app.errors import GatewayError, HeadersTooLargeError, RequestTimeoutError, ServiceUnavailableError
 
 SOCKET_HEADROOM = 100  # sockets per worker beyond MAX_CONNECTIONS: probes, scrapes, idle keep-alive, refusals
+REFUSAL_STATE_KEY = "gateway.refusal"
+
+
+def refusal_code(scope: MutableMapping[str, Any]) -> str | None:
+    """The error code the protocol answered this request with while the app still read its body, if any."""
+    code: str | None = scope.get("state", {}).get(REFUSAL_STATE_KEY)
+    return code
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # armed: idle until the next request (none pipelined)
+        if self.transport.is_closing():
+            return
+        if self._in_message:  # the next request began while this response went out: now it is waited on
+            self._unset_keepalive_if_required()
+            if self._read_timer is None:
+                self._read_timer = self.loop.call_later(self.limits.read_timeout_s, self._read_timed_out)
+            if not self._head_done:
+                self.idle_since = self.loop.time()  # still sending its head, as evictable as a fresh one
+        elif self.timeout_keep_alive_task is not None:  # armed: idle until the next request (none pipelined)
             self.idle_since = self.loop.time()
 
     def handle_websocket_upgrade(self) -> None:
@@ -162,9 +182,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        cycle = self.cycle
-        if cycle is not None and cycle.response_started:  # the app answered without the rest (e.g. 413)
-            self.transport.close()
+        cycle = self.cycle  # the late request's own once its head is parsed; before that, the previous one's
+        if cycle is not None and cycle.response_started and (self._head_done or not cycle.response_complete):
+            self.transport.close()  # it was answered without the rest (e.g. 413), or a response is mid-way
             return
         self._refuse(RequestTimeoutError(self.limits.read_timeout_s))
 
@@ -176,6 +196,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            if self._in_message and self._head_done:  # the refused request is this cycle's, body unread
+                cycle.scope.setdefault("state", {})[REFUSAL_STATE_KEY] = error.code
             cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped
             cycle.message_event.set()
         body = json.dumps(error.detail_body()).encode()

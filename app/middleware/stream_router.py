@@ -22,6 +22,7 @@ from app.lifecycle import GatewayState
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import request_id_from
 from app.observability.metrics import count_client_gone, count_rejection
+from app.protocol import refusal_code
 from app.routes import chat_completions, stream, websocket
 
 logger = logging.getLogger("app")
@@ -78,8 +79,12 @@ class StreamRouterMiddleware:
         state: GatewayState = scope["app"].state.gateway
         try:
             response = await handler(Request(scope, receive), state)
-        except ClientDisconnect:  # it left mid-body: nobody to answer, nothing went wrong here
-            count_client_gone(endpoint)
+        except ClientDisconnect:  # it left mid-body, or the protocol refused it (408): nobody to answer here
+            refusal = refusal_code(scope)
+            if refusal is not None:
+                count_rejection(endpoint, refusal)
+            else:
+                count_client_gone(endpoint)
             return
         except Exception as exc:
             if isinstance(exc, GatewayError):

@@ -7,6 +7,9 @@ deadline and keep-alive, then waits (guard: raw.GUARD_S) for the gateway to answ
 from __future__ import annotations
 
 import json
+import select
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -28,6 +31,8 @@ from tests.security.raw import (
     ws_frame_header,
     ws_handshake,
 )
+from tests.test_tracing import OTLPReceiver
+from tests.test_upstream_protection import metric, wait_metric
 
 KEY = "sk-tenant-a"
 MAX_BODY = 1_048_576
@@ -42,6 +47,106 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     )
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def long_keepalive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Keep-alive outlasts the guard: only the 1 s read deadline can close a connection that carries a request."""
+    gateway = launch_gateway(
+        {"API_KEYS": KEY, "WEB_CONCURRENCY": 1, "REQUEST_READ_TIMEOUT_SECONDS": 1, "KEEPALIVE_SECONDS": 60,
+         "MOCK_TOKENS_PER_SECOND": 0},
+        tmp_path_factory.mktemp("long_keepalive") / "gateway.log",
+    )
+    yield gateway
+    gateway.stop()
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length body; the socket stays open."""
+    received = read_head(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-body: {received!r}"
+        body += chunk
+    assert len(body) == length, f"more than one response: {body!r}"
+    return head + b"\r\n\r\n" + body
+
+
+def dribble_until_answered(sock: socket.socket, start: bytes, every_s: float = 0.2) -> bytes:
+    """Send `start`, then one more header byte every `every_s` (each in time for any deadline the tests set)
+    until the gateway answers or hangs up; then read to the close. Fails if still open after the guard."""
+    sock.sendall(start)
+    deadline = time.monotonic() + GUARD_S
+    while not select.select([sock], [], [], every_s)[0]:  # waits `every_s` for an answer; not an assertion
+        assert time.monotonic() < deadline, f"the gateway kept a dribbling request open for {GUARD_S:g}s"
+        sock.sendall(b"a")
+    return read_until_closed(sock)
+
+
+def test_a_stalled_second_request_on_a_keep_alive_connection_gets_408(long_keepalive: Gateway) -> None:
+    """The deadline's 408 is sent for a request that stalls after an earlier one was answered (review 10)."""
+    with connect(long_keepalive.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert status_of(read_response(sock)) == 200
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gat")
+        response = read_until_closed(sock)
+    assert status_of(response) == 408
+    assert b'"code": "request_timeout"' in response
+
+
+def test_a_pipelined_partial_head_is_under_the_read_deadline(long_keepalive: Gateway) -> None:
+    """A head that begins in the same packet as the request before it, then dribbles a byte at a time, gets
+    408 (review 4: the deadline was armed only by a byte starting a request, and each byte reset keep-alive)."""
+    with connect(long_keepalive.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\nG")
+        assert status_of(read_response(sock)) == 200
+        response = dribble_until_answered(sock, b"ET /health HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+    assert status_of(response) == 408
+
+
+def test_an_early_answer_is_not_followed_by_a_408(long_keepalive: Gateway) -> None:
+    """A request answered before its body (413 from Content-Length) whose body then stalls is closed at the
+    deadline without a second, unasked-for response."""
+    with connect(long_keepalive.url) as sock:
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000000\r\n\r\n{\"prompt\": ")
+        response = read_until_closed(sock)
+    assert status_of(response) == 413
+    assert response.count(b"HTTP/1.1 ") == 1, response
+
+
+def assert_408_is_a_rejection(gateway: Gateway, route: str) -> None:
+    """A body cut short by the read deadline is the rejection request_timeout, not a client that left (P3-c)."""
+    labels = {"route": route}
+    rejected = metric(gateway, "streaming_rejections_total", reason="request_timeout", **labels)
+    gone = metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels)
+    with connect(gateway.url) as sock:
+        sock.sendall(b"POST " + route.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        assert status_of(read_until_closed(sock)) == 408
+    assert wait_metric(gateway, "streaming_rejections_total", rejected + 1, timeout=GUARD_S,
+                       reason="request_timeout", **labels) == rejected + 1
+    assert metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels) == gone
+
+
+@pytest.mark.parametrize("route", ["/stream", "/v1/chat/completions"])
+def test_a_408_counts_as_a_rejection_not_client_gone(long_keepalive: Gateway, route: str) -> None:
+    assert_408_is_a_rejection(long_keepalive, route)
+
+
+def test_a_408_counts_as_a_rejection_with_tracing_on(start_gateway: GatewayFactory) -> None:
+    """With tracing on, streams go through FastAPI's stack: its ClientDisconnect handler tells a 408 apart too."""
+    collector = OTLPReceiver()
+    try:
+        gateway = start_gateway(API_KEYS=KEY, WEB_CONCURRENCY=1, REQUEST_READ_TIMEOUT_SECONDS=1, KEEPALIVE_SECONDS=60,
+                                MOCK_TOKENS_PER_SECOND=0, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+        assert_408_is_a_rejection(gateway, "/stream")
+    finally:
+        collector.server.shutdown()
+        collector.server.server_close()
 
 
 def test_a_socket_that_sends_nothing_is_closed(gateway: Gateway) -> None:
