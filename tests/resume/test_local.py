@@ -140,3 +140,30 @@ def test_a_stream_that_ends_in_a_failed_flush_gets_its_tombstone_and_no_handle_s
         await backend.aclose()
 
     asyncio.run(scenario())
+
+
+def _bytes_read() -> int:
+    """What this process has read so far (rchar: every read call, page cache or not)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_a_read_of_someone_elses_stream_stops_at_its_owner_line(tmp_path: Path) -> None:
+    backend = DirectoryBackend(str(tmp_path), ttl_s=TTL_S)
+    events = b"data: x\n\n" * 100_000  # ~1 MB of someone's stream
+
+    async def scenario() -> None:
+        await backend.write({"s1": events}, {"s1": "alice"})
+        before = _bytes_read()
+        assert await backend.read("s1", "", "mallory") is None
+        assert await backend.read("s1", "", "") is None
+        assert await backend.read("s1", "", "alic") is None
+        assert _bytes_read() - before < 64 * 1024  # the owner lines, not the events
+        head = len(b"owner:alice\n")
+        assert await backend.read("s1", "", "alice") == (events, str(head + len(events)))
+        assert await backend.read("s1", str(head + len(events)), "alice") == (b"", str(head + len(events)))
+        await backend.aclose()
+
+    asyncio.run(scenario())
