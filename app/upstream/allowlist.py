@@ -37,6 +37,8 @@ DROPPED_FIELDS = frozenset({
     "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
     "safety_identifier", "user", "moderation", "web_search_options", "prediction", "modalities", "audio",
 })
+# Forwarded options that chat templates render into the prompt: they count toward MAX_PROMPT_CHARS (as JSON).
+PROMPT_FIELDS = frozenset({"tools", "tool_choice", "functions", "function_call", "response_format"})
 GATEWAY_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
 })
@@ -47,6 +49,7 @@ MESSAGE_FORWARDED_FIELDS = frozenset({"role", "content", "name", "tool_call_id",
 MESSAGE_DROPPED_FIELDS = frozenset({"audio"})
 # An assistant message's earlier calls: `tool_calls[]` (function or custom tools) and the deprecated `function_call`.
 TOOL_CALL_FIELDS = frozenset({"id", "type", "function", "custom"})
+TOOL_CALL_TEXT_FIELDS = frozenset({"id", "type"})  # strings, rendered into the prompt with the call
 CALLED_FUNCTION_FIELDS = frozenset({"name", "arguments"})
 CALLED_CUSTOM_FIELDS = frozenset({"name", "input"})
 
