@@ -90,7 +90,8 @@ class Settings(BaseSettings):
         65_536, ge=1024, description="Largest request head (request line and headers); larger gets 431 and close."
     )
     max_request_headers: int = Field(100, ge=8, description="Most header fields in a request; more gets 431.")
-    max_prompt_chars: int = Field(200_000, ge=1, description="Longest accepted prompt (all messages), in characters.")
+    max_prompt_chars: int = Field(200_000, ge=1, description=(
+        "Longest accepted prompt (all messages, plus tool schemas and response formats as JSON), in characters."))
     max_tokens_limit: int = Field(
         32_768, ge=1, description="Largest max_tokens a client may ask for; larger gets 422."
     )

@@ -7,16 +7,19 @@ up to its 64 KiB high-water mark; from then on its write is blocked and it count
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import httpx
 
-from tests.conftest import Gateway, GatewayFactory, sse_data
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
 from tests.test_stream_lifecycle import wait_active_streams
 
 FULL = 65_536  # a full buffer holds at least the transport's high-water mark
@@ -200,3 +203,54 @@ def test_at_the_budget_a_resume_and_a_stop_are_still_answered(start_gateway: Gat
         assert stopped.status_code == 200, stopped.text
         assert stopped.json() == {"stream_id": stream_id, "final": {"type": "done", "tokens": 5}}
         assert _metric(gateway, "streaming_buffered_bytes") >= 2 * FULL  # still at the budget: nothing was freed
+
+
+WIDE = "€" * 1000 + "a"  # 1001 characters, 3001 bytes in UTF-8
+NO_CUTS = {"MEMORY_BUDGET_BYTES": 10**9, "RESUME_ENABLED": "false", "WEB_CONCURRENCY": 1,
+           "INTER_TOKEN_TIMEOUT_SECONDS": 100, "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05}
+
+
+def test_a_held_answer_counts_its_utf8_bytes(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
+    """A non-streamed completion holds its answer until it ends: two wide tokens hold 2 * 3001 bytes."""
+    gateway = start_gateway(**NO_CUTS, UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0)
+    fake_upstream.script({"tokens": [WIDE, WIDE, "never sent"], "stall_after": 2})
+    host, port = gateway.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with socket.create_connection((host, int(port)), timeout=GUARD_S) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        held = _wait_metric(gateway, "streaming_buffered_bytes", 2 * 3001)
+        assert held == 2 * 3001  # in characters it would be 2 * 1001
+
+
+def _ws_text_frame(text: str) -> bytes:
+    """One masked client text frame (RFC 6455 5.2), short enough for a 16-bit length."""
+    payload, mask = text.encode(), os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0xFE]) + struct.pack("!H", len(payload)) + mask + masked
+
+
+def test_a_blocked_websocket_write_counts_the_bytes_of_its_frames(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream
+) -> None:
+    """A /ws client that stops reading: its full buffer counts twice the blocked batch, in bytes sent."""
+    gateway = start_gateway(**{**SLOW_READER_ENV, **NO_CUTS}, UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0)
+    fake_upstream.script({"tokens": [WIDE] * 5000, "tokens_per_second": 500})
+    frame = len('{"type": "token", "content": ' + json.dumps(WIDE) + "}")  # "\u20ac" per euro sign: 6007
+    host, port = gateway.url.removeprefix("http://").split(":")
+    fixed = FULL + 2 * 65_536  # the transport's high-water mark and the upstream client's read-ahead
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
+        sock.settimeout(GUARD_S)
+        sock.connect((host, int(port)))
+        key = base64.b64encode(os.urandom(16))
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(_ws_text_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000})))
+        full = _wait_metric(gateway, "streaming_buffered_bytes", fixed + 1)  # from here on nothing is read
+        batch = (full - fixed) / 2
+        assert batch > 0 and batch % frame == 0, full  # whole frames (1001 characters of text each)

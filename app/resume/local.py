@@ -78,13 +78,14 @@ class DirectoryBackend:
         except FileNotFoundError:
             return None
         with open(fd, "rb") as f:
-            f.seek(offset)
+            if not cursor:
+                head = OWNER_TAG + owner.encode() + b"\n"
+                if f.read(len(head)) != head:
+                    return None  # someone else's stream reads as an unknown one, and its events stay unread
+                offset = len(head)
+            else:
+                f.seek(offset)
             data = f.read()
-        if not cursor:
-            head, _, rest = data.partition(b"\n")
-            if head != OWNER_TAG + owner.encode():
-                return None  # someone else's stream reads as an unknown one
-            return rest, str(len(data))
         return data, str(offset + len(data))
 
     async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:

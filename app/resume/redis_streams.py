@@ -6,7 +6,8 @@ renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last even
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
 
-A stream's first entry also holds its owner (field `o`); a read from the start checks it. Stops:
+A stream's first entry also holds its owner (field `o`); a read from the start checks it. A first entry
+without one (written before owners were recorded, during a rolling upgrade) is a keyless stream's. Stops:
 `SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's bell.
 
 Every Redis or socket error leaves this class as `StorageError`; the `ResumeStore` turns it into
@@ -78,7 +79,7 @@ class RedisStreamsBackend:
             entries, exists = await pipe.execute()
         if not entries:
             return (b"", cursor) if exists else None
-        if not cursor and entries[0][1].get(OWNER_FIELD) != owner.encode():
+        if not cursor and entries[0][1].get(OWNER_FIELD, b"") != owner.encode():
             return None  # someone else's stream reads as an unknown one
         last_id = entries[-1][0]
         return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()

@@ -298,6 +298,8 @@ class ResumeStore:
                 dirty[sid].created = True  # a failed first write breaks the log: it is never written again
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
+                if sid not in finished:  # its log's last write: the handle it may reopen goes with it
+                    finished.append(sid)
             self.writing_bytes = sum(map(len, chunks.values()))
             try:
                 if chunks:

@@ -216,12 +216,13 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         batch = batch_texts(batch)  # the seed protocol carries text only
         if log is not None and encoder is not None:
             log.append(encoder.tokens(batch), len(batch))
-        session.write_bytes = sum(map(len, batch))  # what a blocked write holds (the memory budget)
         if session.orphaned_at:
             return  # the client left; the generation runs on for it to resume
+        frames = [f"{TOKEN_HEAD}{escape(text)}}}" for text in batch]  # ASCII: characters are bytes
+        session.write_bytes = sum(map(len, frames))  # what a blocked write holds (the memory budget)
         try:
-            for text in batch:
-                await send_text(f"{TOKEN_HEAD}{escape(text)}}}")
+            for frame in frames:
+                await send_text(frame)
         except (OSError, WebSocketDisconnect):  # the peer is gone before its close reached the listener
             state.registry.client_left(session)
             if not session.orphaned_at:

@@ -22,7 +22,7 @@ from app.streaming.relay import (
 )
 from app.streaming.session import Outcome, StreamSession
 from app.streaming.sse import PING, SSE_HEADERS, SeedEncoder
-from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
+from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage, texts_bytes, utf8_len
 
 
 class SSEStreamResponse:
@@ -212,21 +212,21 @@ class MessageAssembler:
         self._calls: dict[int, dict[str, Any]] = {}
 
     def add(self, batch: Batch) -> int:
-        """Take a batch; returns the characters it added (what the answer holds until it is sent)."""
+        """Take a batch; returns the UTF-8 bytes it added (what the answer holds until it is sent)."""
         if not isinstance(batch, DeltaBatch):
             self._texts.extend(batch)
-            return sum(map(len, batch))
+            return texts_bytes(batch)
         added = 0
         for delta in batch:
             if text := delta.get("content"):
                 self._texts.append(text)
-                added += len(text)
+                added += utf8_len(text)
             if refusal := delta.get("refusal"):
                 self._refusal.append(refusal)
-                added += len(refusal)
+                added += utf8_len(refusal)
             for part in delta.get("tool_calls") or ():
                 function = part.get("function") or {}
-                added += len(function.get("name") or "") + len(function.get("arguments") or "")
+                added += utf8_len(function.get("name") or "") + utf8_len(function.get("arguments") or "")
                 self._merge_call(part)
         return added
 

@@ -24,6 +24,8 @@ The gateway itself interprets `model`, `messages`, `stream`, `stream_options`, `
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from urllib.parse import urlsplit
 
 FORWARDED_FIELDS = frozenset({
@@ -35,6 +37,8 @@ DROPPED_FIELDS = frozenset({
     "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
     "safety_identifier", "user", "moderation", "web_search_options", "prediction", "modalities", "audio",
 })
+# Forwarded options that chat templates render into the prompt: they count toward MAX_PROMPT_CHARS (as JSON).
+PROMPT_FIELDS = frozenset({"tools", "tool_choice", "functions", "function_call", "response_format"})
 GATEWAY_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
 })
@@ -45,6 +49,7 @@ MESSAGE_FORWARDED_FIELDS = frozenset({"role", "content", "name", "tool_call_id",
 MESSAGE_DROPPED_FIELDS = frozenset({"audio"})
 # An assistant message's earlier calls: `tool_calls[]` (function or custom tools) and the deprecated `function_call`.
 TOOL_CALL_FIELDS = frozenset({"id", "type", "function", "custom"})
+TOOL_CALL_TEXT_FIELDS = frozenset({"id", "type"})  # strings, rendered into the prompt with the call
 CALLED_FUNCTION_FIELDS = frozenset({"name", "arguments"})
 CALLED_CUSTOM_FIELDS = frozenset({"name", "input"})
 
@@ -56,6 +61,8 @@ KNOWN_PART_TYPES = frozenset({*TEXT_PART_TYPES, IMAGE_PART_TYPE, "input_audio", 
 PART_DROPPED_FIELDS = frozenset({"prompt_cache_breakpoint"})
 IMAGE_URL_FIELDS = frozenset({"url", "detail"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high", "original"})
+# A last label like this makes a host an IPv4 address to URL parsers and resolvers (WHATWG URL "ends in a number").
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
 
 
 def image_url_problem(url: str) -> str | None:
@@ -63,8 +70,10 @@ def image_url_problem(url: str) -> str | None:
 
     Only `data:image/...` and `https:` URLs pass, and an https URL must not name a loopback, private,
     link-local or otherwise non-global address literally (the model server's own network, its cloud
-    metadata service). A host *name* is not resolved here: the model server's egress policy is
-    the only complete guard against names that resolve inside the network.
+    metadata service). Resolvers read IPv4 in more forms than dotted quads (`2130706433`, `127.1`,
+    `0x7f.1`, `0177.0.0.1`): any form `inet_aton` reads is checked as the address it names, and a host
+    ending in another numeric label is refused. A host *name* is not resolved here: the model server's
+    egress policy is the only complete guard against names that resolve inside the network.
     """
     if url.startswith("data:"):
         return None if url.startswith("data:image/") else "a data: URL must hold an image (data:image/...)"
@@ -75,14 +84,26 @@ def image_url_problem(url: str) -> str | None:
         return "not a valid URL"
     if parts.scheme != "https":
         return "only https: and data: image URLs are accepted"
+    host = (host or "").rstrip(".")  # `localhost.` is `localhost` to a resolver
     if not host:
         return "the URL has no host"
     if host == "localhost" or host.endswith((".localhost", ".internal", ".local")):
         return "the URL names a local host"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if not address.is_global:
-        return "the URL names a non-public address"
+    address = _address(host)
+    if address is not None:
+        return None if address.is_global else "the URL names a non-public address"
+    if ":" in host or _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        return "the URL names a malformed address"
     return None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` names literally, in any form a resolver accepts, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None

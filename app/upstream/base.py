@@ -67,6 +67,16 @@ class DeltaBatch(list[dict[str, Any]]):
 Batch = list[str] | DeltaBatch  # what an upstream yields per read: texts, or whole deltas (see above)
 
 
+def utf8_len(text: str) -> int:
+    """The UTF-8 size of `text`; ASCII (nearly every token) is measured without encoding it."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def texts_bytes(texts: list[str]) -> int:
+    """The UTF-8 size of a batch of texts (what the memory budget counts)."""
+    return sum(map(utf8_len, texts))
+
+
 def batch_texts(batch: Batch) -> list[str]:
     """The text of a batch, for consumers that relay text only (the seed protocol, handover)."""
     if isinstance(batch, DeltaBatch):

@@ -7,6 +7,7 @@ the allow-list in allowlist.py: unknown fields are a 400 naming the field.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,7 +35,9 @@ from app.upstream.allowlist import (
     MESSAGE_DROPPED_FIELDS,
     MESSAGE_FORWARDED_FIELDS,
     PART_DROPPED_FIELDS,
+    PROMPT_FIELDS,
     TOOL_CALL_FIELDS,
+    TOOL_CALL_TEXT_FIELDS,
     image_url_problem,
 )
 
@@ -127,7 +130,9 @@ class ChatCompletionRequest(BaseModel):
                 options[name] = value
             elif name not in DROPPED_FIELDS:
                 raise UnknownParameterError(name)
-        chars = 0
+        # tool schemas and response formats reach the model as prompt text too
+        chars = sum(len(json.dumps(options[name], ensure_ascii=False, separators=(",", ":")))
+                    for name in PROMPT_FIELDS & options.keys())
         messages = []
         for i, message in enumerate(self.messages):
             forwarded, n = _screen_message(message, f"messages[{i}]", images)
@@ -162,6 +167,10 @@ def _screen_message(message: ChatMessage, where: str, images: bool) -> tuple[dic
 def _screen_call(call: dict[str, Any], where: str) -> int:
     _only(call, TOOL_CALL_FIELDS, where)
     chars = 0
+    for name in TOOL_CALL_TEXT_FIELDS & call.keys():
+        if not isinstance(call[name], str):
+            raise InvalidRequestError(f"{where}.{name}: expected a string", param=f"{where}.{name}")
+        chars += len(call[name])
     for name, fields in (("function", CALLED_FUNCTION_FIELDS), ("custom", CALLED_CUSTOM_FIELDS)):
         if call.get(name) is not None:
             chars += _screen_fields(call[name], fields, f"{where}.{name}")

@@ -126,6 +126,36 @@ def test_every_text_part_and_image_counts_toward_max_prompt_chars(
     assert fake_upstream.stats()["requests"] == 0
 
 
+def test_tools_and_response_formats_count_toward_max_prompt_chars(
+    image_gateway: Gateway, fake_upstream: FakeUpstream
+) -> None:
+    """MAX_PROMPT_CHARS=1000 here: chat templates render tool schemas, response formats and earlier calls
+    into the prompt, so their JSON counts as prompt text."""
+    schema = {"type": "object", "properties": {"x": {"type": "string", "description": "é" * 1200}}}
+    function = {"name": "f", "description": "look something up", "parameters": schema}
+    for fields in ({"tools": [{"type": "function", "function": function}]},
+                   {"functions": [function]},
+                   {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
+                   {"tool_choice": {"type": "function", "function": {"name": "f" * 1200}}},
+                   {"function_call": {"name": "f" * 1200}}):
+        response = chat(image_gateway, **fields)
+        assert response.status_code == 422, (fields.keys(), response.text)
+        assert "above this gateway's limit of 1000" in response.json()["error"]["message"]
+    call = {"id": "c" * 1200, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    response = chat(image_gateway, messages=[{"role": "assistant", "content": None, "tool_calls": [call]}, USER])
+    assert response.status_code == 422 and "above this gateway's limit" in response.json()["error"]["message"]
+    for name, value in (("id", {"nested": "x" * 1200}), ("type", ["function"]), ("id", None)):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}, name: value}
+        response = chat(image_gateway, messages=[{"role": "assistant", "content": None, "tool_calls": [call]}, USER])
+        refused(response, status=422, code="invalid_request", param=f"messages[0].tool_calls[0].{name}")
+    assert fake_upstream.stats()["requests"] == 0
+    small = {"type": "function", "function": {**function, "parameters": {"type": "object"}}}
+    response = chat(image_gateway, tools=[small], tool_choice="auto")
+    assert response.status_code == 200, response.text
+    (sent,) = fake_upstream.stats()["bodies"]
+    assert sent["tools"] == [small]
+
+
 def test_audio_and_file_parts_are_not_accepted(gateway: Gateway, fake_upstream: FakeUpstream) -> None:
     for part in ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
                  {"type": "file", "file": {"file_id": "file-abc"}}):

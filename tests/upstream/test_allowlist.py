@@ -63,6 +63,26 @@ def test_every_sdk_message_field_is_forwarded_or_dropped() -> None:
     ("https://[::1/x", False),
     ("data:text/html,<script>", False),
     ("ftp://example.com/x.png", False),
+    # IPv4 in the forms resolvers read besides dotted quads, and names with the root's trailing dot
+    ("https://2130706433/x", False),
+    ("https://127.1/x", False),
+    ("https://0x7f.1/x", False),
+    ("https://0x7f000001/x", False),
+    ("https://0177.0.0.1/x", False),
+    ("https://10.1/x", False),
+    ("https://169.254.43518/x", False),
+    ("https://127.0.0.1./x", False),
+    ("https://localhost./x", False),
+    ("https://LOCALHOST../x", False),
+    ("https://metadata.google.internal./x", False),
+    ("https://[::ffff:127.0.0.1]/x", False),
+    ("https://./x", False),
+    ("https://999999999999/x", False),
+    ("https://1.2.3.4.5/x", False),
+    ("https://images.example.0x1/x", False),
+    ("https://134744072/x.png", True),  # 8.8.8.8
+    ("https://images.example.com./cat.png", True),
+    ("https://cdn1.example.com/cat.png", True),
 ])
 def test_image_url_guard(url: str, allowed: bool) -> None:
     assert (image_url_problem(url) is None) is allowed
