@@ -12,7 +12,6 @@ import json
 import os
 import re
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 import httpx
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
+from tests.security.raw import ws_frame_header
 from tests.test_stream_lifecycle import wait_active_streams
 
 FULL = 65_536  # a full buffer holds at least the transport's high-water mark
@@ -50,6 +50,12 @@ def _wait_metric(gateway: Gateway, name: str, reached: float, labels: str = "") 
 
 V1_FLOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "flood"}], "max_tokens": 10_000_000,
             "stream": True}
+
+
+def _ws_text_frame(text: str) -> bytes:
+    """One client text frame (mask key 0: the payload goes as is)."""
+    payload = text.encode()
+    return ws_frame_header(len(payload)) + payload
 
 
 @contextmanager
@@ -150,14 +156,6 @@ def test_cut_stream_ends_with_a_memory_pressure_event(start_gateway: GatewayFact
     assert tokens and all(json.loads(t)["type"] in ("status", "token") for t in tokens[:3])
 
 
-def _ws_frame(text: str) -> bytes:
-    """One masked client text frame (RFC 6455 §5.2), short payloads only."""
-    payload = text.encode()
-    assert len(payload) < 126
-    mask = b"\x01\x02\x03\x04"
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gateway: GatewayFactory) -> None:
     # One slot: the stream after the cut is admitted only if the cut WebSocket stream released it, which needs
     # its final event to give up on a client that reads nothing.
@@ -173,7 +171,7 @@ def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gatewa
         while b"\r\n\r\n" not in head:
             head += sock.recv(1)  # byte by byte: nothing after the handshake is read
         assert head.startswith(b"HTTP/1.1 101"), head
-        sock.sendall(_ws_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000_000})))
+        sock.sendall(_ws_text_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000_000})))
         assert _wait_metric(gateway, "streaming_errors_total", 1,
                             'error_type="memory_pressure",route="/ws"') == 1
         assert wait_active_streams(gateway, 0) == 0
@@ -221,13 +219,6 @@ def test_a_held_answer_counts_its_utf8_bytes(start_gateway: GatewayFactory, fake
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         held = _wait_metric(gateway, "streaming_buffered_bytes", 2 * 3001)
         assert held == 2 * 3001  # in characters it would be 2 * 1001
-
-
-def _ws_text_frame(text: str) -> bytes:
-    """One masked client text frame (RFC 6455 5.2), short enough for a 16-bit length."""
-    payload, mask = text.encode(), os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x81, 0xFE]) + struct.pack("!H", len(payload)) + mask + masked
 
 
 def test_a_blocked_websocket_write_counts_the_bytes_of_its_frames(
