@@ -1,8 +1,8 @@
 """State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker, and
 the buffered bytes the memory budget counts.
 
-Limits mean what they say only if all workers count against one table (DESIGN.md §7: per-process
-state multiplies every limit by the worker count). The gunicorn master creates the tables in
+Limits mean what they say only if all workers count against one table (per-process state would
+multiply every limit by the worker count). The gunicorn master creates the tables in
 shared memory before it forks (`create_shared`, from the `on_starting` hook) and publishes their
 descriptors in GATEWAY_SHARED_STATE; each worker attaches to them (`instance_state`). Outside
 gunicorn (one process) the same interfaces are served from process memory.

@@ -1,4 +1,4 @@
-"""One-command benchmark (DESIGN.md §9): relay capacity, the raw-ASGI ceiling, the price of every protection,
+"""One-command benchmark: relay capacity, the raw-ASGI ceiling, the price of every protection,
 proxy overhead, RSS per stream, admission cost, and the resume store's capacity and replay cost.
 
 Run: `python -m loadtest.bench [--quick] [--wait-quiet 600] [--profile] [--output loadtest/results/benchmark.md]`.

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway, sse_data
-from tests.test_tracing import OTLPReceiver
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
+from tests.test_tracing import OTLPReceiver, otlp  # noqa: F401 (the fixture)
 from tests.test_upstream_protection import metric, wait_metric
 
 V1 = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway(
-        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 1000},
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
-    )
-    yield gateway
-    gateway.stop()
 
 
 def assert_no_server_fault(gateway: Gateway) -> None:
@@ -56,19 +45,11 @@ def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, 
     hang_up_mid_body(gateway, route, framing)
 
 
-@pytest.fixture
-def collector() -> Iterator[OTLPReceiver]:
-    receiver = OTLPReceiver()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
-
-
 def test_a_client_leaving_mid_body_with_tracing_on(
-    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, collector: OTLPReceiver
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, otlp: OTLPReceiver,  # noqa: F811
 ) -> None:
     """With tracing on, streams go through FastAPI's stack: its exception handler classifies the same way."""
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
     hang_up_mid_body(gateway, "/stream", "content-length")
 
 

@@ -6,7 +6,6 @@ the gateway's log only. Before the first token and mid-stream, on /stream, /v1 (
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,22 +13,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory
 from tests.ports import refused_port
 
 SECRET = "internal at /srv/model/shard-3/worker.py line 88: CUDA OOM for tenant b"
 REQUEST_ID = "req-security-42"
 PROTOCOLS = ["/stream", "/v1 stream", "/v1", "/ws"]
-
-
-@pytest.fixture(scope="module")
-def gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway(
-        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 1000},
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
-    )
-    yield gateway
-    gateway.stop()
 
 
 def call(gateway: Gateway, protocol: str, max_tokens: int = 8) -> tuple[int, str]:
