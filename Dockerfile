@@ -56,5 +56,5 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
 
 # Exec form: `python -m app` (from /srv) prepares the metrics directory, then execs gunicorn, which is PID 1 and
-# receives the pod's SIGTERM itself (then each worker drains its streams: app/lifecycle.py).
+# receives the pod's SIGTERM itself (then each worker drains its streams: app/drain.py).
 ENTRYPOINT ["python", "-m", "app"]

@@ -42,9 +42,9 @@ from app.errors import (
 )
 from app.observability.redaction import URL_KEY_PARAMETERS
 from app.policies.breaker import CircuitBreaker
-from app.policies.concurrency import ConnectionLimiter, Lease
-from app.policies.ratelimit import RateLimiter, StorageError
-from app.policies.redis_backend import LOCAL_ONLY, ClientSlots
+from app.policies.concurrency import LOCAL_ONLY, ClientSlots, ConnectionLimiter, Lease
+from app.policies.ratelimit import RateLimiter
+from app.storage.errors import StorageError
 
 logger = logging.getLogger("app.admission")
 

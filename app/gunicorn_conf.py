@@ -57,7 +57,7 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
         # TRUSTED_PROXIES; uvicorn's own rewrite would trust 127.0.0.1 (gunicorn's default).
         "proxy_headers": False,
         "lifespan": "on",
-        # The app drains before uvicorn starts its own shutdown (app/lifecycle.py Drain), so by then
+        # The app drains before uvicorn starts its own shutdown (app/drain.py), so by then
         # only final writes remain; this bound is what uvicorn waits before cancelling tasks.
         "timeout_graceful_shutdown": _settings.drain_close_grace_seconds,
         "server_header": False,

@@ -20,7 +20,6 @@ from app.errors import (
     error_response,
     is_openai_path,
 )
-from app.lifecycle import build_state, lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.metrics_port import MetricsPortMiddleware
 from app.middleware.request_id import RequestIdMiddleware
@@ -31,6 +30,8 @@ from app.protocol import refusal_code
 from app.routes import chat_completions, health, stream, websocket
 from app.routes.metrics import metrics_app
 from app.settings import Settings
+from app.state import lifespan
+from app.wiring import build_state
 
 logger = logging.getLogger("app")
 

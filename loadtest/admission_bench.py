@@ -1,7 +1,7 @@
 """Admission cost per request, in process: `Admission.admit` + `take_slot` + `Ticket.release` on the real objects.
 
 Run: `python -m loadtest.admission_bench [--redis-url redis://127.0.0.1:6379/0] [--requests 20000] [--json]`.
-Each backend gets its state from `app.lifecycle.build_state`, exactly as a worker builds it:
+Each backend gets its state from `app.wiring.build_state`, exactly as a worker builds it:
 
 - memory: one process, no gunicorn master (`instance_state` falls back to process memory);
 - shared memory: the tables a gunicorn master creates before fork (`app.instance.create_shared`), attached
@@ -67,7 +67,7 @@ async def measure(backend: str, redis_url: str | None, requests: int, clients: i
     from starlette.requests import Request
 
     from app.instance import ENV_VAR, create_shared
-    from app.lifecycle import build_state
+    from app.wiring import build_state
 
     os.environ.pop(ENV_VAR, None)
     settings = settings_for(redis_url if backend == "redis" else None)

@@ -943,7 +943,7 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         "## 5. Admission cost per request (`loadtest/admission_bench.py`, in process)",
         "",
-        "`Admission.admit` + `take_slot` + `Ticket.release` on the objects `app.lifecycle.build_state` builds, "
+        "`Admission.admit` + `take_slot` + `Ticket.release` on the objects `app.wiring.build_state` builds, "
         "requests rotating over 1,000 client addresses, nothing refused. Memory: one process; shared memory: the "
         "tables gunicorn's master creates (what `python -m app` runs); Redis: shared memory plus REDIS_URL (rate "
         "limit and per-client slots in Redis: three round trips per request, against the benchmark's own "

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from app.policies.redis_backend import DEFAULT_SLOTS_PREFIX
+from app.policies.concurrency_redis import DEFAULT_SLOTS_PREFIX
 from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory
 from tests.redis_server import RedisServer, started_redis
 from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_released

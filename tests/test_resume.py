@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from app.policies.ratelimit import StorageError
-from app.policies.redis_backend import LazyRedis
 from app.resume.handover import Progress, parse_log
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import ResumeStore, StreamMeta
+from app.storage.errors import StorageError
+from app.storage.redis import LazyRedis
 from app.streaming.sse import SeedEncoder
 from app.upstream.mock import mock_tokens
 from tests.conftest import Gateway, GatewayFactory

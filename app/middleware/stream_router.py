@@ -18,12 +18,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from app.errors import GatewayError, InternalError, error_response, is_openai_path
-from app.lifecycle import GatewayState
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import request_id_from
 from app.observability.metrics import count_client_gone, count_rejection
 from app.protocol import refusal_code
 from app.routes import chat_completions, stream, websocket
+from app.state import GatewayState
 
 logger = logging.getLogger("app")
 

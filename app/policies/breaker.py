@@ -52,8 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from app.policies._shm import DATA_OFFSET, SharedRegion
 from app.policies.clock import MONOTONIC, Clock
+from app.storage.shm import DATA_OFFSET, SharedRegion, SharedTable
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_WINDOW_SECONDS = 60.0
@@ -77,7 +77,9 @@ class BreakerState(enum.IntEnum):
     HALF_OPEN = 2
 
 
-class Outcome(enum.Enum):
+class CallResult(enum.Enum):
+    """How a guarded upstream call settled its permit (a stream's end is `streaming.session.Outcome`)."""
+
     SUCCESS = "success"
     FAILURE = "failure"
     RELEASE = "release"  # settled without a verdict
@@ -180,31 +182,31 @@ def _closed_failure(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> Break
 
 
 def on_outcome(cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant | None,
-               outcome: Outcome, client: int = 0) -> BreakerSnapshot:
+               outcome: CallResult, client: int = 0) -> BreakerSnapshot:
     """A permit settles (`grant`), or a failure is seen outside any permit (`grant` None).
 
     `client`: the hash of the client a failure is charged to (0: not charged, counts in full)."""
     s = advance(cfg, s, now)
-    if outcome is Outcome.FAILURE and client and (grant is None or grant.epoch == s.epoch) and (
+    if outcome is CallResult.FAILURE and client and (grant is None or grant.epoch == s.epoch) and (
         s.state is BreakerState.CLOSED or (grant is not None and grant.probe)
     ):
         charged = _charge(cfg, s, now, client)
         if charged is None:  # over the client's cap: no verdict
-            outcome = Outcome.RELEASE
+            outcome = CallResult.RELEASE
         else:
             s = charged
     if grant is None:
-        if outcome is Outcome.FAILURE and s.state is BreakerState.CLOSED:
+        if outcome is CallResult.FAILURE and s.state is BreakerState.CLOSED:
             return _closed_failure(cfg, s, now)
         return s
     if grant.epoch != s.epoch:
         return s  # stale: the breaker moved on since this permit was granted
     if s.state is BreakerState.CLOSED:
-        return _closed_failure(cfg, s, now) if outcome is Outcome.FAILURE else s
+        return _closed_failure(cfg, s, now) if outcome is CallResult.FAILURE else s
     if s.state is BreakerState.HALF_OPEN and grant.probe:
-        if outcome is Outcome.FAILURE:
+        if outcome is CallResult.FAILURE:
             return _open(s, now)
-        if outcome is Outcome.RELEASE:
+        if outcome is CallResult.RELEASE:
             return replace(s, probe_in_flight=False)
         if s.successes + 1 >= cfg.success_threshold:
             return BreakerSnapshot(BreakerState.CLOSED, s.epoch + 1, charged=s.charged)
@@ -252,13 +254,12 @@ class MemoryBreakerCell:
             return result
 
 
-_CELL_KIND = b"breaker"
 # state, epoch, opened_at, probe flag, probe start, successes, n failures, n charged failures
 _CELL_HEADER = struct.Struct("<QQdQdQQQ")
 _CHARGED_ENTRY = struct.Struct("<dQ")  # time, client hash
 
 
-class SharedBreakerCell:
+class SharedBreakerCell(SharedTable):
     """The snapshot in shared memory, for every worker forked after construction.
 
     Holds up to `failure_capacity` failure times (at least the breaker's `failure_threshold`) and
@@ -267,33 +268,20 @@ class SharedBreakerCell:
     let a client count more than its cap, never less).
     """
 
+    KIND = b"breaker"
+
     def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD,
                  charged_capacity: int = (DEFAULT_FAILURE_THRESHOLD + 1) * 3) -> None:
         if failure_capacity < 1 or charged_capacity < 1:
             raise ValueError("failure_capacity and charged_capacity must be at least 1")
         size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d") + charged_capacity * _CHARGED_ENTRY.size
-        self._bind(SharedRegion.create(_CELL_KIND, (failure_capacity, charged_capacity), size))
-
-    @classmethod
-    def attach(cls, fd: int) -> SharedBreakerCell:
-        """The cell whose region is behind descriptor `fd` (its `fd` in the creating process)."""
-        cell = cls.__new__(cls)
-        cell._bind(SharedRegion.attach(fd, _CELL_KIND))
-        return cell
+        self._bind(SharedRegion.create(self.KIND, (failure_capacity, charged_capacity), size))
 
     def _bind(self, region: SharedRegion) -> None:
-        self._region = region
+        super()._bind(region)
         self.failure_capacity, self.charged_capacity = region.params[0], region.params[1]
         self._failures = struct.Struct(f"<{self.failure_capacity}d")
         self._charged_at = DATA_OFFSET + _CELL_HEADER.size + self._failures.size
-
-    @property
-    def fd(self) -> int:
-        """The region's descriptor, for `attach` in a process that inherits it."""
-        return self._region.fd
-
-    def close(self) -> None:
-        self._region.close()
 
     def _read(self, buf: mmap.mmap) -> BreakerSnapshot:
         state, epoch, opened_at, probe, probe_at, successes, count, n_charged = _CELL_HEADER.unpack_from(
@@ -344,7 +332,7 @@ class Permit:
     def settled(self) -> bool:
         return not self._pending
 
-    def _settle(self, outcome: Outcome, client: str | None = None) -> bool:
+    def _settle(self, outcome: CallResult, client: str | None = None) -> bool:
         try:
             self._pending.pop()
         except IndexError:
@@ -354,16 +342,16 @@ class Permit:
 
     def record_success(self) -> bool:
         """The upstream answered (first token). True if this call settled the permit."""
-        return self._settle(Outcome.SUCCESS)
+        return self._settle(CallResult.SUCCESS)
 
     def record_failure(self, client: str | None = None) -> bool:
         """The upstream failed (connect error, 5xx, no first token in time). `client`: the identity a
         failure the request's content can cause is charged to (capped per client); None counts in full."""
-        return self._settle(Outcome.FAILURE, client)
+        return self._settle(CallResult.FAILURE, client)
 
     def release(self) -> bool:
         """Settle without a verdict (the client left first); frees the half-open probe slot."""
-        return self._settle(Outcome.RELEASE)
+        return self._settle(CallResult.RELEASE)
 
 
 class CircuitBreaker:
@@ -395,7 +383,7 @@ class CircuitBreaker:
             found = self._hashes[client] = client_hash(client)
         return found
 
-    def _report(self, grant: Grant | None, outcome: Outcome, client: str | None = None) -> None:
+    def _report(self, grant: Grant | None, outcome: CallResult, client: str | None = None) -> None:
         cfg, now, who = self.config, self._clock(), self._client_hash(client)
         self._cell.update(lambda s: (on_outcome(cfg, s, now, grant, outcome, who), None))
 
@@ -408,7 +396,7 @@ class CircuitBreaker:
         `client`: see `Permit.record_failure`."""
         if permit is not None:
             return permit.record_failure(client)
-        self._report(None, Outcome.FAILURE, client)
+        self._report(None, CallResult.FAILURE, client)
         return True
 
     def snapshot(self) -> BreakerSnapshot:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.policies._shm import DATA_OFFSET, SharedRegion
+from app.storage.shm import DATA_OFFSET, SharedRegion, SharedTable
 
 MAX_WORKERS = 64  # WEB_CONCURRENCY's upper bound
 FULL_PER_WORKER = 32  # full buffers a worker publishes (its oldest); the rest count in its total only
@@ -75,32 +75,19 @@ class MemoryBufferTable:
         return False
 
 
-_KIND = b"buffers"
 _CELL_HEAD = struct.Struct("<qqqq")  # pid (0 = free), buffered bytes, full entries, refusing
 _ENTRY = struct.Struct("<dq")  # filled at, bytes
 _CELL = _CELL_HEAD.size + FULL_PER_WORKER * _ENTRY.size
+_ENTRIES = struct.Struct("<" + "dq" * FULL_PER_WORKER)  # a cell's full buffers, in one struct call
 
 
-class SharedBufferTable:
+class SharedBufferTable(SharedTable):
     """A cell per worker in shared memory (inherited through fork, or re-opened with `attach(fd)`)."""
 
+    KIND = b"buffers"
+
     def __init__(self) -> None:
-        self._region = SharedRegion.create(_KIND, (MAX_WORKERS,), MAX_WORKERS * _CELL)
-        self._entries = struct.Struct("<" + "dq" * FULL_PER_WORKER)
-
-    @classmethod
-    def attach(cls, fd: int) -> SharedBufferTable:
-        table = cls.__new__(cls)
-        table._region = SharedRegion.attach(fd, _KIND)
-        table._entries = struct.Struct("<" + "dq" * FULL_PER_WORKER)
-        return table
-
-    @property
-    def fd(self) -> int:
-        return self._region.fd
-
-    def close(self) -> None:
-        self._region.close()
+        self._bind(SharedRegion.create(self.KIND, (MAX_WORKERS,), MAX_WORKERS * _CELL))
 
     def publish(self, buffered: int, full: Sequence[FullBuffer], refusing: bool = False) -> list[WorkerBuffers]:
         pid = os.getpid()
@@ -122,12 +109,12 @@ class SharedBufferTable:
             if cell >= 0:  # pragma: no branch - at most MAX_WORKERS workers exist
                 at = DATA_OFFSET + cell * _CELL
                 _CELL_HEAD.pack_into(buf, at, pid, buffered, len(full), int(refusing))
-                self._entries.pack_into(buf, at + _CELL_HEAD.size, *flat)
+                _ENTRIES.pack_into(buf, at + _CELL_HEAD.size, *flat)
             for i in range(MAX_WORKERS):
                 at = DATA_OFFSET + i * _CELL
                 owner, total, count, refusing_flag = _CELL_HEAD.unpack_from(buf, at)
                 if owner:
-                    values = self._entries.unpack_from(buf, at + _CELL_HEAD.size)
+                    values = _ENTRIES.unpack_from(buf, at + _CELL_HEAD.size)
                     entries = tuple((float(values[2 * j]), int(values[2 * j + 1])) for j in range(count))
                     reports.append(WorkerBuffers(int(owner), int(total), entries, bool(refusing_flag)))
         return reports

@@ -10,6 +10,9 @@ on every exit path, and only the first call frees the slot. Two implementations 
   `SharedConnectionLimiter.attach(fd)`. A worker that dies (SIGKILL, crash) cannot release its leases: each lease
   records its owner's pid, and the master calls `reclaim(worker.pid)` from gunicorn's
   `child_exit` hook.
+
+Across replicas, `ClientSlots` adds a per-client cap on top (Redis: concurrency_redis.py), which
+admission asks after the instance's own limiter.
 """
 
 from __future__ import annotations
@@ -21,11 +24,16 @@ from functools import partial
 from types import TracebackType
 from typing import Protocol
 
-from app.policies._shm import DATA_OFFSET, SharedRegion, window_start
+from app.storage.shm import DATA_OFFSET, SharedRegion, SharedTable, window_start
 
 DEFAULT_MAX_CONNECTIONS = 500
 DEFAULT_MAX_PER_CLIENT = 10
 CLIENT_PROBE = 32  # client-table window; the table is >= 4x the most clients there can be, so it never fills
+DEFAULT_LEASE_TTL_SECONDS = 300.0  # ClientSlots: the max stream age: a crashed replica's leases are gone after it
+LOCAL_ONLY = "local-only"
+"""The lease id `ResilientClientSlots.try_acquire` returns while Redis is unreachable: no
+cross-replica check was made, only the local limits apply; releasing it does nothing. Real lease
+ids are hex, so they never equal it."""
 
 
 class Lease:
@@ -81,6 +89,22 @@ class ConnectionLimiter(Protocol):
         ...
 
 
+class ClientSlots(Protocol):
+    """Concurrent streams per client, counted across replicas. Methods may raise `StorageError`."""
+
+    async def try_acquire(self, client: str, limit: int,
+                          lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS) -> str | None:
+        """A lease id when `client` holds fewer than `limit` live leases, else None.
+
+        The lease lapses by itself after `lease_ttl_seconds` if nobody releases it.
+        """
+        ...
+
+    async def release(self, client: str, lease_id: str) -> bool:
+        """Give the lease back; True if it was still held (so repeated calls are harmless)."""
+        ...
+
+
 def _check_caps(max_total: int, max_per_client: int) -> None:
     if max_total < 1 or max_per_client < 1:
         raise ValueError("max_total and max_per_client must be at least 1")
@@ -119,7 +143,6 @@ class MemoryConnectionLimiter:
         return 0  # leases never outlive the one process that holds them all
 
 
-_KIND = b"conns"
 _HEADER = struct.Struct("<q")  # number of free lease entries (top of the free stack)
 _HEADER_BYTES = 64
 _LEASE = struct.Struct("<qQQ")  # owner pid (0 = free), client hash, generation
@@ -127,7 +150,7 @@ _FREE = struct.Struct("<I")  # free-stack entry: a lease index
 _CLIENT = struct.Struct("<Qq")  # client hash (0 = empty), slots held
 
 
-class SharedConnectionLimiter:
+class SharedConnectionLimiter(SharedTable):
     """Slot accounting shared by every worker of the instance (inherited through fork, or re-opened
     with `attach(fd)`); the master reclaims a dead worker's slots with `reclaim(pid)`.
 
@@ -137,22 +160,20 @@ class SharedConnectionLimiter:
     `reclaim` (slot already freed and handed out again) a no-op.
     """
 
+    KIND = b"conns"
+
     def __init__(self, max_total: int = DEFAULT_MAX_CONNECTIONS, max_per_client: int = DEFAULT_MAX_PER_CLIENT) -> None:
         _check_caps(max_total, max_per_client)
-        self._region = SharedRegion.create(_KIND, (max_total, max_per_client), self._layout(max_total, max_per_client))
+        size = self._layout(max_total, max_per_client)
+        self._bind(SharedRegion.create(self.KIND, (max_total, max_per_client), size))
         buf = self._region.buf
         for index in range(max_total):
             _FREE.pack_into(buf, self._free_at + index * _FREE.size, index)
         _HEADER.pack_into(buf, DATA_OFFSET, max_total)
 
-    @classmethod
-    def attach(cls, fd: int) -> SharedConnectionLimiter:
-        """The limiter whose region is behind descriptor `fd` (its `fd` in the creating process)."""
-        limiter = cls.__new__(cls)
-        region = SharedRegion.attach(fd, _KIND)
-        limiter._layout(*region.params[:2])
-        limiter._region = region
-        return limiter
+    def _bind(self, region: SharedRegion) -> None:
+        super()._bind(region)
+        self._layout(*region.params[:2])
 
     def _layout(self, max_total: int, max_per_client: int) -> int:
         self.max_total = max_total
@@ -163,14 +184,6 @@ class SharedConnectionLimiter:
         self._free_at = self._leases_at + max_total * _LEASE.size
         self._clients_at = self._free_at + max_total * _FREE.size
         return self._clients_at - DATA_OFFSET + (self._client_slots + CLIENT_PROBE - 1) * _CLIENT.size
-
-    @property
-    def fd(self) -> int:
-        """The region's descriptor, for `attach` in a process that inherits it."""
-        return self._region.fd
-
-    def close(self) -> None:
-        self._region.close()
 
     def _client_base(self, key_hash: int) -> int:
         return self._clients_at + window_start(key_hash, self._client_slots) * _CLIENT.size

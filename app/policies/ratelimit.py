@@ -1,23 +1,24 @@
-"""Token-bucket rate limiting: a `RateLimiter` strategy over a `Storage` picked by URI.
+"""Token-bucket rate limiting: a `RateLimiter` strategy over a `Storage`.
 
-The shape follows alisaifee/limits (strategy over a storage, backends chosen by a URI, backend
-errors translated at the boundary) with two deliberate differences:
+The shape follows alisaifee/limits (strategy over a storage, backend errors translated at the
+boundary: `app/storage/errors.py`) with two deliberate differences:
 
 - Time is an argument. The limiter reads its injected clock and passes `now` to the storage, so
   tests step a fake clock instead of sleeping (limits reads `time.time()` inside its storages).
 - One storage call per decision: `acquire` refills, decides and debits atomically and returns
-  everything the caller needs. A Redis backend implements it as one Lua script (EVALSHA) with
-  the same contract; it should read the Redis server's `TIME` instead of the caller's `now`,
-  because `time.monotonic()` readings from different hosts cannot be compared.
+  everything the caller needs.
 
 Storages:
 
-- `memory://` (`MemoryStorage`): one process. Under gunicorn with W workers each worker has its own
-  buckets, so a client gets W bursts: use it for single-worker runs and tests.
-- `shared-memory://?slots=N` (`SharedMemoryStorage`): one table in shared memory for all the
-  workers of one instance; create it in the gunicorn master before the workers fork (the workers
-  inherit it, or re-open it by descriptor with `SharedMemoryStorage.attach(fd)`).
-- `redis://...`: several replicas; not implemented yet.
+- `MemoryStorage`: one process. Under gunicorn with W workers each worker has its own buckets, so a
+  client gets W bursts: use it for single-worker runs and tests.
+- `SharedMemoryStorage`: one table in shared memory for all the workers of one instance; create it in
+  the gunicorn master before the workers fork (the workers inherit it, or re-open it by descriptor
+  with `SharedMemoryStorage.attach(fd)`).
+- `RedisStorage` (ratelimit_redis.py): buckets shared by several replicas, one Lua script per
+  decision on the Redis server's `TIME` (readings of `time.monotonic()` from different hosts cannot
+  be compared); `ResilientStorage` (failover.py) falls back to the instance's storage while Redis is
+  unreachable.
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import math
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-from urllib.parse import parse_qs, urlsplit
 
-from app.policies._shm import DATA_OFFSET, DEFAULT_PROBE, SharedRegion, window_start
 from app.policies.clock import MONOTONIC, Clock
+from app.storage.errors import StorageError, wrap_errors
+from app.storage.shm import DATA_OFFSET, DEFAULT_PROBE, SharedRegion, SharedTable, window_start
 
 DEFAULT_REQUESTS_PER_MINUTE = 20
 DEFAULT_BURST = 5
@@ -44,10 +43,6 @@ DEFAULT_SHARED_SLOTS = 16_384  # SharedMemoryStorage: 32 bytes each, 512 KiB
 TOKEN_EPSILON = 1e-9
 
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # safe inside an RFC 8941 sf-string without escaping
-
-
-class StorageError(Exception):
-    """A rate-limit storage backend failed; the limiter applies its fail-open or fail-closed choice."""
 
 
 class Acquisition(NamedTuple):
@@ -85,15 +80,6 @@ def full_at(tokens: float, last: float, capacity: float, refill_per_second: floa
     return last + (capacity - tokens) / refill_per_second
 
 
-@contextmanager
-def _wrap_errors(backend: str, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
-    # Backend exceptions never leak past the storage: callers handle one type (limits `_wrap_errors`).
-    try:
-        yield
-    except errors as exc:
-        raise StorageError(f"{backend} rate-limit storage failed: {exc}") from exc
-
-
 class Storage(Protocol):
     """Where token buckets live. Every method may raise `StorageError` and nothing else."""
 
@@ -104,19 +90,6 @@ class Storage(Protocol):
         A missing bucket starts full (`capacity` tokens). `now` is the caller's monotonic clock;
         a backend shared across hosts substitutes its own clock.
         """
-        ...
-
-    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                   now: float) -> Acquisition:
-        """What `acquire` would answer at `now`, without taking anything."""
-        ...
-
-    async def clear(self, key: str | None = None) -> None:
-        """Forget one bucket (it starts full again), or every bucket when `key` is None."""
-        ...
-
-    async def check(self) -> bool:
-        """True when the backend answers (readiness probes, startup checks)."""
         ...
 
 
@@ -171,35 +144,20 @@ class MemoryStorage:
         self._buckets[key] = bucket
         return result
 
-    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                   now: float) -> Acquisition:
-        bucket = self._buckets.get(key)
-        tokens, last = (float(capacity), now) if bucket is None else (bucket.tokens, bucket.last)
-        return take(tokens, last, capacity, refill_per_second, cost, now)[2]
 
-    async def clear(self, key: str | None = None) -> None:
-        if key is None:
-            self._buckets.clear()
-        else:
-            self._buckets.pop(key, None)
-
-    async def check(self) -> bool:
-        return True
-
-
-_SHARED_KIND = b"ratelim"
 _SHARED_HEADER = struct.Struct("<Q")  # evictions, shared by all workers
 _SHARED_HEADER_BYTES = 64  # the table starts on its own cache line
 _SLOT = struct.Struct("<Qddd")  # key hash (0 = empty), tokens, last refill, full again at
 _SHM_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, BufferError, struct.error)
+_SHM_STORAGE = "shared-memory rate-limit storage"
 
 
-class SharedMemoryStorage:
+class SharedMemoryStorage(SharedTable):
     """Token buckets in a fixed table shared by every worker process of one instance.
 
     Construct it in the gunicorn master before the workers fork, then use it in the workers as
     inherited, or re-open it there with `SharedMemoryStorage.attach(storage.fd)` (see
-    `app/policies/_shm.py`). Every worker limits against the same buckets, so a client gets one
+    `app/storage/shm.py`). Every worker limits against the same buckets, so a client gets one
     burst per instance, not one per worker. Keys are hashed (keyed blake2b, stable across the
     workers) into windows of `probe` slots. A slot whose bucket is full again counts as free
     (lazy sweep); with no free slot in the window, the bucket closest to full is evicted
@@ -207,44 +165,30 @@ class SharedMemoryStorage:
     write, never across an await.
     """
 
+    KIND = b"ratelim"
+
     def __init__(self, slots: int = DEFAULT_SHARED_SLOTS, *, probe: int = DEFAULT_PROBE) -> None:
         if slots < 1 or probe < 1:
             raise ValueError("slots and probe must be at least 1")
         size = _SHARED_HEADER_BYTES + (slots + probe - 1) * _SLOT.size
-        self._bind(SharedRegion.create(_SHARED_KIND, (slots, probe), size))
-
-    @classmethod
-    def attach(cls, fd: int) -> SharedMemoryStorage:
-        """The storage whose region is behind descriptor `fd` (its `fd` in the creating process)."""
-        storage = cls.__new__(cls)
-        storage._bind(SharedRegion.attach(fd, _SHARED_KIND))
-        return storage
+        self._bind(SharedRegion.create(self.KIND, (slots, probe), size))
 
     def _bind(self, region: SharedRegion) -> None:
-        self._region = region
+        super()._bind(region)
         self.slots, self._probe = region.params[0], region.params[1]
         self._window = struct.Struct("<" + "Qddd" * self._probe)
         self._table_at = DATA_OFFSET + _SHARED_HEADER_BYTES
 
     @property
-    def fd(self) -> int:
-        """The region's descriptor, for `attach` in a process that inherits it."""
-        return self._region.fd
-
-    @property
     def evictions(self) -> int:
         """Buckets dropped before they were full again, by any worker."""
-        with _wrap_errors("shared-memory", _SHM_ERRORS), self._region as buf:
+        with wrap_errors(_SHM_STORAGE, _SHM_ERRORS), self._region as buf:
             return int(_SHARED_HEADER.unpack_from(buf, DATA_OFFSET)[0])
-
-    def close(self) -> None:
-        """Unmap in this process; later calls raise `StorageError`."""
-        self._region.close()
 
     def _offset(self, key_hash: int) -> int:
         return self._table_at + window_start(key_hash, self.slots) * _SLOT.size
 
-    def _decide(self, key: str, capacity: int, rate: float, cost: float, now: float, consume: bool) -> Acquisition:
+    def _decide(self, key: str, capacity: int, rate: float, cost: float, now: float) -> Acquisition:
         h = self._region.key_hash(key)
         base = self._offset(h)
         with self._region as buf:
@@ -267,8 +211,6 @@ class SharedMemoryStorage:
                 tokens, last = float(capacity), now
                 index = free
             tokens, last, result = take(tokens, last, capacity, rate, cost, now)
-            if not consume:
-                return result
             if index < 0:
                 index = victim
                 (evicted,) = _SHARED_HEADER.unpack_from(buf, DATA_OFFSET)
@@ -278,44 +220,8 @@ class SharedMemoryStorage:
 
     async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
                       now: float) -> Acquisition:
-        with _wrap_errors("shared-memory", _SHM_ERRORS):
-            return self._decide(key, capacity, refill_per_second, cost, now, consume=True)
-
-    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                   now: float) -> Acquisition:
-        with _wrap_errors("shared-memory", _SHM_ERRORS):
-            return self._decide(key, capacity, refill_per_second, cost, now, consume=False)
-
-    async def clear(self, key: str | None = None) -> None:
-        with _wrap_errors("shared-memory", _SHM_ERRORS):
-            if key is None:
-                with self._region as buf:
-                    buf[self._table_at:] = bytes(len(buf) - self._table_at)
-                return
-            h = self._region.key_hash(key)
-            base = self._offset(h)
-            with self._region as buf:
-                window = self._window.unpack_from(buf, base)
-                for i in range(self._probe):
-                    if window[4 * i] == h:
-                        _SLOT.pack_into(buf, base + i * _SLOT.size, 0, 0.0, 0.0, 0.0)
-
-    async def check(self) -> bool:
-        return not self._region.closed
-
-
-def storage_from_uri(uri: str) -> Storage:
-    """The storage a settings URI names: `memory://[?max_keys=N]` or `shared-memory://[?slots=N]`.
-
-    `shared-memory://` allocates the shared table: call it in the gunicorn master, before fork.
-    """
-    parts = urlsplit(uri)
-    options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    if parts.scheme == "memory":
-        return MemoryStorage(max_keys=int(options.get("max_keys", DEFAULT_MAX_KEYS)))
-    if parts.scheme == "shared-memory":
-        return SharedMemoryStorage(slots=int(options.get("slots", DEFAULT_SHARED_SLOTS)))
-    raise ValueError(f"unsupported rate-limit storage URI {uri!r} (supported: memory://, shared-memory://)")
+        with wrap_errors(_SHM_STORAGE, _SHM_ERRORS):
+            return self._decide(key, capacity, refill_per_second, cost, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,18 +335,6 @@ class RateLimiter:
         limit = self.limit
         try:
             acquisition = await self.storage.acquire(
-                f"{self.name}/{key}", limit.capacity, limit.refill_per_second, cost, self._clock()
-            )
-        except StorageError as error:
-            return self._fallback(error)
-        return self._result(acquisition)
-
-    async def test(self, key: str, cost: float = 1) -> RateLimitResult:
-        """What `hit` would answer now, without spending anything."""
-        self._check_cost(cost)
-        limit = self.limit
-        try:
-            acquisition = await self.storage.peek(
                 f"{self.name}/{key}", limit.capacity, limit.refill_per_second, cost, self._clock()
             )
         except StorageError as error:

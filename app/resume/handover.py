@@ -38,10 +38,10 @@ from starlette.types import Message
 
 from app.errors import GatewayError, StreamCancelledError
 from app.observability.metrics import CLAIMED_STREAMS, HANDOVERS_TOTAL
-from app.policies.ratelimit import StorageError
-from app.policies.redis_backend import LazyRedis
-from app.resume.redis_streams import _wrap_errors
+from app.resume.redis_streams import redis_resume_errors as _wrap_errors
 from app.resume.store import BACKEND_ERRORS, Backend, ResumeStore, StreamMeta, frame_seq, split_events
+from app.storage.errors import StorageError
+from app.storage.redis import LazyRedis, load_lua
 from app.streaming.relay import Relay, end_log
 from app.streaming.session import Outcome, StreamSession
 from app.streaming.sse import SeedEncoder
@@ -58,16 +58,7 @@ CLIENT = "handover"  # its session's client: no connection, readers come through
 RETRY_S = 1.0  # after a Redis failure, the claimer loop waits this long
 NO_DISCONNECT = "handover.none"  # a disconnect message type nothing ever sends
 
-# KEYS[1]: the handover stream; ARGV: group, entry id, consumer. Re-claim (reset the idle time) only
-# while this consumer still owns the entry: after a lapse, another claimer may have taken it.
-_RENEW_LUA = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then
-  return 0
-end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
-return 1
-"""
+_RENEW_LUA = load_lua("handover_renew")  # re-claim an entry only while this consumer still owns it
 
 
 def consumer_name() -> str:

@@ -17,14 +17,12 @@ Every Redis or socket error leaves this class as `StorageError`; the `ResumeStor
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from app.policies.ratelimit import StorageError
-from app.policies.redis_backend import LazyRedis
+from app.storage.errors import wrap_errors
+from app.storage.redis import REDIS_ERRORS, LazyRedis
 
 DEFAULT_PREFIX = "gw:rs:"
 FIELD = b"d"  # the field of an entry that holds the frames of one flush
@@ -32,12 +30,9 @@ OWNER_FIELD = b"o"  # the first entry of a stream: its owner
 READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
 
 
-@contextmanager
-def _wrap_errors() -> Iterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StorageError(f"redis resume store failed: {exc!r}") from exc
+def redis_resume_errors() -> AbstractContextManager[None]:
+    """Redis or socket errors of the resume store and its handovers, as `StorageError`."""
+    return wrap_errors("redis resume store", REDIS_ERRORS)
 
 
 class RedisStreamsBackend:
@@ -58,7 +53,7 @@ class RedisStreamsBackend:
         return self.prefix + stream_id
 
     async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
-        with _wrap_errors():
+        with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             for stream_id, payload in chunks.items():
                 key = self.key(stream_id)
@@ -72,7 +67,7 @@ class RedisStreamsBackend:
 
     async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
         key = self.key(stream_id)
-        with _wrap_errors():
+        with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             pipe.xrange(key, min=f"({cursor}" if cursor else "-", max="+", count=READ_BATCH)
             pipe.exists(key)
@@ -85,25 +80,25 @@ class RedisStreamsBackend:
         return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()
 
     async def expire(self, stream_id: str) -> None:
-        with _wrap_errors():
+        with redis_resume_errors():
             await self.redis.client().pexpire(self.key(stream_id), self.ttl_ms)
 
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
-        with _wrap_errors():
+        with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=True)
             pipe.set(self.stop_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
             pipe.incr(self.prefix + "stops")  # after the mark: a worker that hears the bell finds it
             await pipe.execute()
 
     async def stop_bell(self) -> object:
-        with _wrap_errors():
+        with redis_resume_errors():
             return await self.redis.client().get(self.prefix + "stops")
 
     def stop_key(self, stream_id: str) -> str:
         return f"{self.prefix}stop:{stream_id}"
 
     async def stops_requested(self, stream_ids: list[str]) -> set[str]:
-        with _wrap_errors():
+        with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             for stream_id in stream_ids:
                 pipe.exists(self.stop_key(stream_id))
@@ -114,11 +109,11 @@ class RedisStreamsBackend:
         return f"{self.prefix}reader:{stream_id}"
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
-        with _wrap_errors():
+        with redis_resume_errors():
             await self.redis.client().set(self.reader_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
-        with _wrap_errors():
+        with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             for stream_id in stream_ids:
                 pipe.exists(self.reader_key(stream_id))

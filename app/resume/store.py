@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from app.errors import NotResumableError
 from app.observability.metrics import REPLAYED_EVENTS_TOTAL, RESUME_STORE_ERRORS_TOTAL, RESUMPTIONS_TOTAL
-from app.policies.ratelimit import StorageError
+from app.storage.errors import StorageError
 
 logger = logging.getLogger("app.resume")
 

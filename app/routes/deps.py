@@ -13,8 +13,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admission import Ticket
 from app.errors import InvalidRequestError, InvalidStreamIdError, ModelNotFoundError, UnsupportedMediaTypeError
-from app.lifecycle import GatewayState
 from app.settings import Settings
+from app.state import GatewayState
 from app.streaming.ids import is_stream_id, new_stream_id
 from app.streaming.session import StreamSession
 

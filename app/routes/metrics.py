@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.lifecycle import GatewayState
 from app.observability.metrics import CIRCUIT_BREAKER_STATE, CONNECTION_SLOTS_IN_USE, render_metrics
+from app.state import GatewayState
 
 
 async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:

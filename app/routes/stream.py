@@ -21,7 +21,6 @@ from app.errors import (
     ServiceUnavailableError,
     error_response,
 )
-from app.lifecycle import GatewayState
 from app.resume.store import EventLog, StreamMeta, is_final, parse_event_id
 from app.routes.deps import (
     ASGIResponse,
@@ -36,6 +35,7 @@ from app.routes.deps import (
     stream_headers,
 )
 from app.routes.openapi import EVENT_STREAM, answers, json_body, resume_link
+from app.state import GatewayState
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder

@@ -44,11 +44,11 @@ from app.errors import (
     RequestTimeoutError,
     error_response,
 )
-from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
 from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
+from app.state import GatewayState
 from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
 from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome

@@ -188,7 +188,7 @@ def test_rolling_restart_under_load_truncates_nothing(tmp_path: Path) -> None:
     assert results["summary"]["graceful"] == 0, results["by_reason"]
     for t in results["terminations"]:
         # the drain waited for every stream and ended when the last one finished: had its deadline come first,
-        # the streams still running would have been cut (app/lifecycle.py Drain)
+        # the streams still running would have been cut (app/drain.py)
         assert t["cut_by_drain"] == 0, t
 
 

@@ -20,9 +20,8 @@ from app.policies.ratelimit import (
     RateLimiter,
     SharedMemoryStorage,
     Storage,
-    StorageError,
-    storage_from_uri,
 )
+from app.storage.errors import StorageError
 
 StorageFactory = Callable[[], Storage]
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,26 +83,29 @@ def test_headers_follow_the_ietf_draft_and_retry_after_rounds_up(make_storage: S
     }
 
 
-def test_test_does_not_spend(make_storage: StorageFactory) -> None:
-    limiter = RateLimiter(make_storage(), RateLimit(capacity=1, refill_per_second=1.0), fail_open=False,
-                          clock=FakeClock())
-    assert run_sync(limiter.test("c")).allowed
-    assert run_sync(limiter.test("c")).allowed
+def test_a_refused_hit_spends_nothing(make_storage: StorageFactory) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(make_storage(), RateLimit(capacity=1, refill_per_second=1.0), fail_open=False, clock=clock)
     assert run_sync(limiter.hit("c")).allowed
-    assert not run_sync(limiter.test("c")).allowed
+    refused = [run_sync(limiter.hit("c")) for _ in range(3)]
+    assert [r.allowed for r in refused] == [False] * 3
+    assert {r.retry_after_seconds for r in refused} == {1.0}  # hammering does not push the next token away
+    clock.advance(1.0)
+    assert run_sync(limiter.hit("c")).allowed
 
 
-def test_clear_forgets_buckets(make_storage: StorageFactory) -> None:
-    storage = make_storage()
-    limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.001), fail_open=False,
-                          clock=FakeClock())
+def test_each_key_has_its_own_bucket_and_a_full_one_is_fresh(make_storage: StorageFactory) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(make_storage(), RateLimit(capacity=1, refill_per_second=0.001), fail_open=False,
+                          clock=clock)
     for key in ("a", "b"):
         assert run_sync(limiter.hit(key)).allowed
-    run_sync(storage.clear("default/a"))
-    assert run_sync(limiter.hit("a")).allowed
-    assert not run_sync(limiter.hit("b")).allowed
-    run_sync(storage.clear())
-    assert run_sync(limiter.hit("b")).allowed
+    assert not run_sync(limiter.hit("a")).allowed and not run_sync(limiter.hit("b")).allowed
+    assert run_sync(limiter.hit("c")).allowed  # another key: its own full bucket
+    clock.advance(1000.0)  # "a" and "b" are full again: a fresh burst, as if never seen
+    for key in ("a", "b"):
+        result = run_sync(limiter.hit(key))
+        assert result.allowed and result.remaining == 0
 
 
 def test_a_reading_older_than_the_last_refill_mints_nothing(make_storage: StorageFactory) -> None:
@@ -132,21 +134,11 @@ class _BrokenStorage:
                       now: float) -> Acquisition:
         raise StorageError("down")
 
-    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                   now: float) -> Acquisition:
-        raise StorageError("down")
-
-    async def clear(self, key: str | None = None) -> None:
-        raise StorageError("down")
-
-    async def check(self) -> bool:
-        return False
-
 
 @pytest.mark.parametrize("fail_open", [True, False])
 def test_storage_errors_apply_the_configured_fallback(fail_open: bool) -> None:
     limiter = RateLimiter(_BrokenStorage(), fail_open=fail_open, clock=FakeClock())
-    for result in (run_sync(limiter.hit("c")), run_sync(limiter.test("c"))):
+    for result in (run_sync(limiter.hit("c")), run_sync(limiter.hit("c"))):
         assert result.allowed is fail_open
         assert result.degraded and isinstance(result.error, StorageError)
         # No made-up RateLimit numbers; a refusal still says when to come back.
@@ -156,23 +148,12 @@ def test_storage_errors_apply_the_configured_fallback(fail_open: bool) -> None:
 def test_shared_storage_failures_become_storage_errors() -> None:
     storage = SharedMemoryStorage(slots=8)
     storage.close()
-    assert not run_sync(storage.check())
     with pytest.raises(StorageError):
         run_sync(storage.acquire("k", 5, 1.0, 1, 0.0))
     with pytest.raises(StorageError):
-        run_sync(storage.clear())
+        assert storage.evictions == 0
     result = run_sync(RateLimiter(storage, fail_open=True, clock=FakeClock()).hit("k"))
     assert result.allowed and result.degraded
-
-
-def test_storage_from_uri() -> None:
-    memory = storage_from_uri("memory://?max_keys=7")
-    assert isinstance(memory, MemoryStorage) and memory.max_keys == 7
-    shared = storage_from_uri("shared-memory://?slots=64")
-    assert isinstance(shared, SharedMemoryStorage) and shared.slots == 64
-    shared.close()
-    with pytest.raises(ValueError, match="unsupported"):
-        storage_from_uri("redis://localhost:6379/0")
 
 
 def test_memory_storage_sweeps_buckets_that_are_full_again() -> None:
@@ -287,7 +268,7 @@ def test_retry_after_is_exactly_when_the_next_request_fits(capacity: int, rate: 
     wait = refused.retry_after_seconds
     if wait > 0.01:
         clock.advance(wait - 0.001)
-        assert not run_sync(limiter.test("k")).allowed  # not earlier...
+        assert not run_sync(limiter.hit("k")).allowed  # not earlier (a refused hit spends nothing)...
         clock.advance(0.001)
     else:
         clock.advance(wait)

@@ -16,19 +16,13 @@ import pytest
 from policy_fakes import FakeClock
 from redis.asyncio import Redis
 
-from app.policies.ratelimit import Acquisition, MemoryStorage, RateLimit, RateLimiter, Storage, StorageError
-from app.policies.redis_backend import (
-    DEFAULT_RATE_LIMIT_PREFIX,
-    DEFAULT_SLOTS_PREFIX,
-    LOCAL_ONLY,
-    ClientSlots,
-    LazyRedis,
-    RedisClientSlots,
-    RedisStorage,
-    ResilientClientSlots,
-    ResilientStorage,
-    redis_from_url,
-)
+from app.policies.concurrency import LOCAL_ONLY, ClientSlots
+from app.policies.concurrency_redis import DEFAULT_SLOTS_PREFIX, RedisClientSlots
+from app.policies.failover import ResilientClientSlots, ResilientStorage
+from app.policies.ratelimit import Acquisition, MemoryStorage, RateLimit, RateLimiter, Storage
+from app.policies.ratelimit_redis import DEFAULT_RATE_LIMIT_PREFIX, RedisStorage
+from app.storage.errors import StorageError
+from app.storage.redis import LazyRedis, redis_from_url
 from tests.ports import refused_port
 from tests.redis_server import START_TIMEOUT_S, RedisServer, started_redis
 
@@ -67,6 +61,12 @@ async def _redis_now_us(client: Redis) -> int:
     return int(seconds) * 1_000_000 + int(micros)
 
 
+async def _live_leases(client: Redis, name: str) -> int:
+    """The client's unexpired leases, read from the store itself (expired ones may not be swept yet)."""
+    now_ms = await _redis_now_us(client) // 1000
+    return int(await client.zcount(DEFAULT_SLOTS_PREFIX + name, f"({now_ms}", "+inf"))
+
+
 # --- RedisStorage ---------------------------------------------------------------------------------
 
 
@@ -87,14 +87,15 @@ def test_refused_retry_after_is_within_one_token_time(redis_server: RedisServer)
             storage = RedisStorage(client)
             first = await storage.acquire("k", 1, 2.0, 1, now=0.0)
             refused = await storage.acquire("k", 1, 2.0, 1, now=0.0)
-            peeked = await storage.peek("k", 1, 2.0, 1, now=0.0)
-            return first, refused, peeked
+            again = await storage.acquire("k", 1, 2.0, 1, now=0.0)
+            return first, refused, again
 
-    first, refused, peeked = asyncio.run(scenario())
+    first, refused, again = asyncio.run(scenario())
     assert first == Acquisition(True, 0.0, 0.0)
     assert not refused.allowed and 0 < refused.retry_after_seconds <= 0.5
     assert 0 <= refused.remaining < 1
-    assert not peeked.allowed and 0 < peeked.retry_after_seconds <= refused.retry_after_seconds
+    # a refusal spent nothing: the next one waits less, never more
+    assert not again.allowed and 0 < again.retry_after_seconds <= refused.retry_after_seconds
 
 
 def test_refill_math_on_a_bucket_written_in_the_past(redis_server: RedisServer) -> None:
@@ -130,39 +131,37 @@ def test_a_bucket_stamped_in_the_future_mints_nothing(redis_server: RedisServer)
 
 
 def test_keys_expire_when_the_bucket_would_be_full(redis_server: RedisServer) -> None:
-    async def scenario() -> tuple[int, int, int]:
+    async def scenario() -> tuple[int, int, bool]:
         async with _client(redis_server.url) as client:
             storage = RedisStorage(client, prefix="test:rl:")
             await storage.acquire("one", 5, 1.0, 1, now=0.0)  # 4 left: full again in 1 s
             for _ in range(5):
                 await storage.acquire("all", 5, 1.0, 1, now=0.0)  # empty: full again in 5 s
-            await storage.peek("untouched", 5, 1.0, 1, now=0.0)
-            return (await client.pttl("test:rl:one"), await client.pttl("test:rl:all"),
-                    await client.exists("test:rl:untouched"))
+            before = await client.hgetall("test:rl:all")
+            assert not (await storage.acquire("all", 5, 1.0, 1, now=0.0)).allowed
+            untouched = await client.hgetall("test:rl:all") == before
+            return await client.pttl("test:rl:one"), await client.pttl("test:rl:all"), untouched
 
     one, everything, untouched = asyncio.run(scenario())
     assert 0 < one <= 1000
     assert 4000 < everything <= 5000  # window = capacity / rate
-    assert untouched == 0  # peek writes nothing
+    assert untouched  # a refusal writes nothing
 
 
-def test_peek_does_not_spend_and_clear_forgets(redis_server: RedisServer) -> None:
+def test_buckets_live_under_the_prefix_and_a_missing_one_is_full(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         async with _client(redis_server.url) as client:
             storage = RedisStorage(client, prefix="t[1]*:")  # glob characters in the prefix are literal
             await client.set("t[1]*-outside", "stays")
             await client.set("t1x:other", "stays")
-            for _ in range(3):
-                assert (await storage.peek("a", 1, 0.001, 1, now=0.0)).allowed
             assert (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
-            assert not (await storage.peek("a", 1, 0.001, 1, now=0.0)).allowed
-            await storage.clear("a")
+            assert not (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
+            await client.unlink("t[1]*:a")  # a bucket that expired (full again) is gone: it starts full
             assert (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
             for key in ("b", "c"):
                 assert (await storage.acquire(key, 1, 0.001, 1, now=0.0)).allowed
-            await storage.clear()
-            for key in ("a", "b", "c"):
-                assert (await storage.acquire(key, 1, 0.001, 1, now=0.0)).allowed
+            assert set(await client.keys("*")) == {
+                b"t[1]*:a", b"t[1]*:b", b"t[1]*:c", b"t[1]*-outside", b"t1x:other"}
             assert await client.get("t[1]*-outside") == b"stays"
             assert await client.get("t1x:other") == b"stays"
 
@@ -180,7 +179,7 @@ def test_script_cache_loss_is_survived(redis_server: RedisServer) -> None:
             assert await slots.try_acquire("c", 10) is not None
             await client.script_flush()
             assert (await storage.acquire("k", 5, 1.0, 1, now=0.0)).remaining == pytest.approx(3.0, abs=0.1)
-            assert await slots.try_acquire("c", 10) is not None and await slots.active("c") == 2
+            assert await slots.try_acquire("c", 10) is not None and await _live_leases(client, "c") == 2
 
     asyncio.run(scenario())
 
@@ -191,7 +190,7 @@ def test_with_the_rate_limiter(redis_server: RedisServer) -> None:
             limiter = RateLimiter(RedisStorage(client), RateLimit(capacity=2, refill_per_second=0.01),
                                   fail_open=False, clock=FakeClock())
             assert [(await limiter.hit("c")).allowed for _ in range(3)] == [True, True, False]
-            refused = await limiter.test("c")
+            refused = await limiter.hit("c")
             assert not refused.degraded and 0 < refused.retry_after_seconds <= 100
             assert refused.headers()["Retry-After"] == "100"  # one token per 100 s, rounded up
 
@@ -203,14 +202,12 @@ def test_unreachable_redis_fails_fast() -> None:
         async with _refused_client() as client:
             storage, slots = RedisStorage(client), RedisClientSlots(client)
             calls: list[Callable[[], Awaitable[object]]] = [
-                lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: storage.peek("k", 5, 1.0, 1, now=0.0),
-                storage.clear, lambda: slots.try_acquire("c", 10), lambda: slots.release("c", "x"),
-                lambda: slots.active("c"),
+                lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: slots.try_acquire("c", 10),
+                lambda: slots.release("c", "x"),
             ]
             for call in calls:
                 with pytest.raises(StorageError, match="redis"):
                     await asyncio.wait_for(call(), GUARD_S)
-            assert await asyncio.wait_for(storage.check(), GUARD_S) is False  # "unready", not an exception
 
     asyncio.run(scenario())
 
@@ -234,8 +231,11 @@ def test_lazy_redis_is_made_in_the_running_loop_and_closed(redis_server: RedisSe
     lazy = LazyRedis(redis_server.url, socket_timeout=CLIENT_TIMEOUT_S)
     storage = RedisStorage(lazy)
 
+    async def acquire() -> bool:
+        return (await storage.acquire("k", 5, 0.001, 1, now=0.0)).allowed
+
     async def scenario() -> None:
-        assert await storage.check()
+        assert await acquire()
         assert lazy.client() is lazy.client()
         await lazy.aclose()
 
@@ -243,9 +243,9 @@ def test_lazy_redis_is_made_in_the_running_loop_and_closed(redis_server: RedisSe
     asyncio.run(scenario())  # closed, so the next loop gets a new client
 
     with asyncio.Runner() as first_loop:
-        first_loop.run(storage.check())
+        assert first_loop.run(acquire())
         with pytest.raises(RuntimeError, match="second event loop"):
-            asyncio.run(storage.check())
+            asyncio.run(acquire())
         first_loop.run(lazy.aclose())
     with pytest.raises(RuntimeError):
         redis_from_url(redis_server.url)  # no running loop
@@ -263,19 +263,19 @@ def test_exactly_ten_streams_per_client_across_two_replicas(redis_server: RedisS
             leases = await asyncio.gather(*(replicas[i % 2].try_acquire("c", 10) for i in range(30)))
             held = [lease for lease in leases if lease is not None]
             assert len(held) == 10 and len(set(held)) == 10
-            assert await replicas[0].active("c") == 10 and await replicas[1].active("c") == 10
+            assert await _live_leases(a, "c") == 10 and await _live_leases(b, "c") == 10
             assert await replicas[1].try_acquire("someone-else", 10) is not None
-            assert await replicas[0].active("nobody") == 0
+            assert await _live_leases(a, "nobody") == 0
 
             assert await replicas[1].release("c", held[0]) is True  # released on the other replica
             assert await replicas[0].release("c", held[0]) is False  # idempotent
-            assert await replicas[0].active("c") == 9
+            assert await _live_leases(a, "c") == 9
             assert await replicas[0].try_acquire("c", 10) is not None
             assert await replicas[1].try_acquire("c", 10) is None
 
             for lease in held[1:]:
                 await replicas[0].release("c", lease)
-            assert await replicas[0].active("c") == 1
+            assert await _live_leases(a, "c") == 1
             pttl = await a.pttl(DEFAULT_SLOTS_PREFIX + "c")
             assert 0 < pttl <= 300_000  # the key goes with its last lease
 
@@ -300,7 +300,7 @@ def test_expired_leases_are_reclaimed(redis_server: RedisServer) -> None:
             slots = RedisClientSlots(client)
             assert all([await slots.try_acquire("c", 3, lease_ttl_seconds=0.2) for _ in range(3)])
             assert await client.pttl(key) != -1  # the key expires (-2: already gone with its leases)
-            await wait_until(lambda: slots.active("c"), "leases never expired")
+            await wait_until(lambda: _live_leases(client, "c"), "leases never expired")
             await wait_until(lambda: client.exists(key), "the key outlived its leases")
             assert all([await slots.try_acquire("c", 3) for _ in range(3)])  # no release, yet the cap is back
             assert await slots.try_acquire("c", 3) is None
@@ -335,19 +335,6 @@ class CountingStorage:
         self.calls += 1
         return await self.inner.acquire(key, capacity, refill_per_second, cost, now)
 
-    async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                   now: float) -> Acquisition:
-        self.calls += 1
-        return await self.inner.peek(key, capacity, refill_per_second, cost, now)
-
-    async def clear(self, key: str | None = None) -> None:
-        self.calls += 1
-        await self.inner.clear(key)
-
-    async def check(self) -> bool:
-        self.calls += 1
-        return await self.inner.check()
-
 
 def test_resilient_storage_fails_over_and_back(redis_server: RedisServer) -> None:
     clock = FakeClock()
@@ -370,8 +357,7 @@ def test_resilient_storage_fails_over_and_back(redis_server: RedisServer) -> Non
             assert results == [True] * 5 + [False] * 15  # the fallback's own bucket of 5
             assert changes == [False]
             assert primary.calls == 2  # the one that failed; no retries within the interval
-            assert await storage.check()  # the fallback answers: not "unready"
-            assert not (await storage.peek("k", 5, 0.001, 1, now=clock())).allowed
+            assert len(fallback) == 1  # the fallback answered them all, with its own bucket
 
             clock.advance(1.0)
             assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).allowed is False  # probe fails
@@ -389,8 +375,7 @@ def test_resilient_storage_fails_over_and_back(redis_server: RedisServer) -> Non
             assert changes == [False, True]
             assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).allowed
             assert primary.calls == 5 and changes == [False, True]
-            await storage.clear()
-            assert await client.exists(DEFAULT_RATE_LIMIT_PREFIX + "k") == 0 and len(fallback) == 0
+            assert await client.exists(DEFAULT_RATE_LIMIT_PREFIX + "k") == 1  # shared again
 
     asyncio.run(scenario())
 
@@ -407,11 +392,13 @@ def test_resilient_storage_with_redis_never_up() -> None:
                                   clock=clock)
             first, second = await limiter.hit("c"), await limiter.hit("c")
             assert first.allowed and not first.degraded  # answered by the local limit, not by fail-open
-            assert not second.allowed
-            assert await storage.check() and not storage.using_primary
-            await storage.clear()  # primary skipped within the interval; no error
+            assert not second.allowed and not second.degraded
+            assert not storage.using_primary
+            third = await limiter.hit("c")  # primary skipped within the interval; no error
+            assert not third.allowed and not third.degraded
             clock.advance(1.0)
-            await storage.clear()  # primary tried and failed; still no error
+            fourth = await limiter.hit("c")  # primary tried and failed; still no error
+            assert not fourth.degraded
             assert changes == [False]
 
     asyncio.run(scenario())
@@ -435,16 +422,6 @@ def test_stale_outcomes_do_not_flap_the_state() -> None:
             if not await future:
                 raise StorageError("down")
             return Acquisition(True, 99.0, 0.0)
-
-        async def peek(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                       now: float) -> Acquisition:
-            raise NotImplementedError
-
-        async def clear(self, key: str | None = None) -> None:
-            raise NotImplementedError
-
-        async def check(self) -> bool:
-            raise NotImplementedError
 
     async def started(primary: Gated, count: int) -> list[asyncio.Future[bool]]:
         while len(primary.pending) < count:
@@ -497,15 +474,13 @@ def test_resilient_slots_go_local_only_and_back(redis_server: RedisServer) -> No
             lease = await slots.try_acquire("c", 1)
             assert lease is not None and lease != LOCAL_ONLY
             assert await slots.try_acquire("c", 1) is None  # the shared cap still refuses
-            assert await slots.active("c") == 1
+            assert await _live_leases(client, "c") == 1
 
             redis_server.stop()
             for _ in range(5):
                 assert await asyncio.wait_for(slots.try_acquire("c", 1), GUARD_S) == LOCAL_ONLY
             assert await slots.release("c", LOCAL_ONLY) is False  # no-op
             assert await slots.release("c", lease) is False  # cannot reach Redis: lapses by TTL
-            with pytest.raises(StorageError):
-                await slots.active("c")
             assert changes == [False]
 
             redis_server.start()
@@ -514,13 +489,13 @@ def test_resilient_slots_go_local_only_and_back(redis_server: RedisServer) -> No
             fresh = await slots.try_acquire("c", 1)
             assert fresh is not None and fresh != LOCAL_ONLY
             assert changes == [False, True]
-            assert await slots.active("c") == 1
+            assert await _live_leases(client, "c") == 1
             assert await slots.release("c", fresh) is True and await slots.release("c", fresh) is False
 
     asyncio.run(scenario())
 
 
-def test_resilient_slots_failing_mid_call_then_active_recovers(redis_server: RedisServer) -> None:
+def test_resilient_slots_failing_mid_call_then_recovering(redis_server: RedisServer) -> None:
     clock = FakeClock()
     changes: list[bool] = []
 
@@ -534,11 +509,11 @@ def test_resilient_slots_failing_mid_call_then_active_recovers(redis_server: Red
             assert changes == [False] and not slots.using_primary
             redis_server.start()
             clock.advance(1.0)
-            assert await slots.active("c") == 0  # fresh server; the probe is a read
+            probe = await slots.try_acquire("c", 2)  # the probe reaches the fresh server
+            assert probe is not None and probe != LOCAL_ONLY and await _live_leases(client, "c") == 1
             assert changes == [False, True] and slots.using_primary
             redis_server.stop()
-            with pytest.raises(StorageError):
-                await slots.active("c")
+            assert await slots.try_acquire("c", 2) == LOCAL_ONLY
             assert changes == [False, True, False]
 
     asyncio.run(scenario())
@@ -550,5 +525,5 @@ def test_retry_interval_is_checked() -> None:
     with pytest.raises(ValueError):
         ResilientClientSlots(RedisClientSlots(LazyRedis("redis://127.0.0.1:1")), retry_after_seconds=float("inf"))
     with pytest.raises(ValueError):
-        RedisStorage(LazyRedis("redis://127.0.0.1:1"), prefix="")  # clear() would empty the whole database
+        RedisStorage(LazyRedis("redis://127.0.0.1:1"), prefix="")  # bucket keys would mix with every other key
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.policies.redis_backend import LazyRedis
 from app.resume.handover import read_log
 from app.resume.redis_streams import FIELD, RedisStreamsBackend
+from app.storage.redis import LazyRedis
 from tests.redis_server import RedisServer, started_redis
 
 PREFIX = "test:"

@@ -1,4 +1,4 @@
-"""Shared memory for policies that must agree across the gunicorn workers of one instance.
+"""Shared memory for tables that must agree across the gunicorn workers of one instance.
 
 A `SharedRegion` is a fixed-size `MAP_SHARED` mapping of a nameless memory file (`memfd`: no path,
 no writable filesystem needed, gone when the last process closes it) plus a cross-process lock on
@@ -36,7 +36,7 @@ import struct
 import tempfile
 import threading
 from types import TracebackType
-from typing import NoReturn
+from typing import ClassVar, NoReturn, Self
 
 # Slots are grouped in windows of this many for open addressing: a key lives somewhere in the
 # window that starts at its hash, so a lookup is one struct read of the whole window.
@@ -132,6 +132,36 @@ class SharedRegion:
 
 
 _PRIVATE = object()
+
+
+class SharedTable:
+    """Base of a table in a `SharedRegion`: how it is re-opened by descriptor, and closed.
+
+    A subclass names its region `KIND`, builds a region in `__init__` and hands it to `_bind`, which
+    reads the layout back from the region's parameters (extend it), so `attach` needs nothing else.
+    """
+
+    KIND: ClassVar[bytes]
+    _region: SharedRegion
+
+    @classmethod
+    def attach(cls, fd: int) -> Self:
+        """The table whose region is behind descriptor `fd` (its `fd` in the creating process)."""
+        table = cls.__new__(cls)
+        table._bind(SharedRegion.attach(fd, cls.KIND))
+        return table
+
+    def _bind(self, region: SharedRegion) -> None:
+        self._region = region
+
+    @property
+    def fd(self) -> int:
+        """The region's descriptor, for `attach` in a process that inherits it."""
+        return self._region.fd
+
+    def close(self) -> None:
+        """Unmap in this process (other processes keep theirs)."""
+        self._region.close()
 
 
 def window_start(key_hash: int, slots: int) -> int:

@@ -1,64 +1,32 @@
-"""Per-worker state and its lifespan: the upstream client pool, the stream registry, and the drain.
-
-Drain timeline of one worker (gunicorn forwards the pod's SIGTERM to every worker):
-
-    SIGTERM ─► draining: /ready 503, new streams 503 + Retry-After + Connection: close
-       │       (the listening socket stays open, so late requests get an answer, not a refusal)
-       ├─ streams in flight run on ... all done ─────────────────────────┐
-       └─ DRAIN_TIMEOUT_SECONDS passed: the rest are cut with            │
-          server_shutdown (SSE event / OpenAI error chunk / WS 1012)     │
-          (RESUME_STORE=redis: a resumable /stream is handed to the      │
-          fleet instead, and its client gets server_shutdown + resume)   │
-          ─► /metrics served DRAIN_METRICS_LINGER_SECONDS more, so a ────┤
-             scrape sees streaming_drain_cut_streams_total               │
-                                                                         ▼
-          uvicorn's own exit handler runs: close sockets, lifespan shutdown, exit
-"""
+"""Builds a worker's objects from settings: the upstream chain, the policies, the stores. Nothing else."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from types import FrameType
-from typing import Any
+from collections.abc import Callable
 
-from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 
 from app.admission import Admission, KeyRing, parse_networks
-from app.errors import ShutdownError
+from app.drain import Drain
 from app.instance import breaker_config, instance_state
-from app.observability.metrics import (
-    DRAIN_CUT_STREAMS_TOTAL,
-    DRAIN_DURATION_SECONDS,
-    DRAINING,
-    ORPHANED_STREAMS,
-    REDIS_FALLBACKS_TOTAL,
-    REDIS_UP,
-    precreate_series,
-)
+from app.observability.metrics import ORPHANED_STREAMS, REDIS_FALLBACKS_TOTAL, REDIS_UP
 from app.observability.recorder import StreamRecorder
 from app.policies.breaker import CircuitBreaker
+from app.policies.concurrency import ClientSlots
+from app.policies.concurrency_redis import RedisClientSlots
+from app.policies.failover import ResilientClientSlots, ResilientStorage
 from app.policies.ratelimit import RateLimit, RateLimiter, Storage
-from app.policies.redis_backend import (
-    ClientSlots,
-    LazyRedis,
-    RedisClientSlots,
-    RedisStorage,
-    ResilientClientSlots,
-    ResilientStorage,
-)
+from app.policies.ratelimit_redis import RedisStorage
 from app.policies.retry import RetryPolicy
 from app.resume.handover import Claimer, HandoverPublisher
 from app.resume.local import DirectoryBackend
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import Backend, ResumeStore
 from app.settings import Settings
+from app.state import GatewayState
+from app.storage.redis import LazyRedis
 from app.streaming.memory import MemoryGuard
 from app.streaming.relay import Relay
 from app.streaming.session import StreamRegistry
@@ -68,99 +36,8 @@ from app.upstream.guard import GuardedUpstream
 from app.upstream.mock import MockUpstream
 from app.upstream.traced import TracedUpstream
 
-logger = logging.getLogger("app.lifecycle")
+logger = logging.getLogger("app.lifecycle")  # the logger name operators filter Redis reachability lines by
 CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's timeout is this plus REDIS_TIMEOUT
-
-
-SignalHandler = Callable[[int, FrameType | None], Any]
-
-
-class Drain:
-    """Owns the worker's shutdown: starts at SIGTERM, ends by handing the signal to uvicorn."""
-
-    def __init__(self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float,
-                 metrics_linger_s: float = 0.0) -> None:
-        self.registry = registry
-        self.timeout_s = timeout_s
-        self.close_grace_s = close_grace_s
-        self.metrics_linger_s = metrics_linger_s
-        self.draining = False
-        self.on_start: list[Callable[[], Coroutine[Any, Any, None]]] = []  # e.g. stop claiming handed-over streams
-        self._task: asyncio.Task[None] | None = None
-
-    def install(self) -> None:
-        """Chain onto the SIGTERM handler uvicorn installed for this serve (called from lifespan startup)."""
-        server_handler = signal.getsignal(signal.SIGTERM)
-        if not callable(server_handler):  # not under uvicorn's signal capture (e.g. an in-process test server)
-            return
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm(sig: int, frame: FrameType | None) -> None:
-            if self.draining:  # a second SIGTERM: stop waiting
-                server_handler(sig, frame)
-                return
-            self.draining = True  # readiness flips before the loop even wakes
-            loop.call_soon_threadsafe(self.start, lambda: server_handler(sig, frame))
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def start(self, then: Callable[[], object]) -> None:
-        self.draining = True
-        DRAINING.set(1)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(then), name="drain")
-
-    async def _run(self, then: Callable[[], object]) -> None:
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        in_flight = len(self.registry.streams)
-        logger.info("drain started", extra={"streams": in_flight, "drain_timeout_s": self.timeout_s})
-        # Hooks run beside the drain, never before it: the deadline counts from SIGTERM whatever they do.
-        hooks: list[asyncio.Task[None]] = [loop.create_task(hook()) for hook in self.on_start]
-        cut = 0
-        try:
-            await asyncio.wait_for(self.registry.wait_empty(), self.timeout_s)
-        except TimeoutError:
-            cut = self.registry.cut_all(ShutdownError("this instance is shutting down; reconnect to continue"))
-            try:
-                await asyncio.wait_for(self.registry.wait_empty(), self.close_grace_s)
-            except TimeoutError:
-                logger.warning("drain: streams still open after the close grace", extra={
-                    "streams": len(self.registry.streams)})
-        if hooks:
-            await asyncio.wait(hooks, timeout=self.close_grace_s)
-        duration = loop.time() - began
-        DRAIN_DURATION_SECONDS.observe(duration)
-        DRAIN_CUT_STREAMS_TOTAL.inc(cut)
-        logger.info("drain finished", extra={"streams": in_flight, "cut": cut, "drain_seconds": round(duration, 3)})
-        if cut and self.metrics_linger_s > 0:
-            # A pod that exits now is gone before the next scrape, and the cut is never seen: keep answering
-            # (/metrics; new streams still get 503 draining) for one scrape interval. A second SIGTERM ends it.
-            await asyncio.sleep(self.metrics_linger_s)
-        then()
-
-
-@dataclass
-class GatewayState:
-    """Everything a worker shares between requests; held by `app.state.gateway`, never a global."""
-
-    settings: Settings
-    upstream: Upstream
-    registry: StreamRegistry
-    recorder: StreamRecorder
-    drain: Drain
-    breaker: CircuitBreaker
-    admission: Admission
-    relay: Relay
-    tracer_provider: TracerProvider | None = None
-    redis: LazyRedis | None = None
-    resume: ResumeStore | None = None
-    claimer: Claimer | None = None
-
-    @staticmethod
-    def clock() -> float:
-        """The event loop's monotonic clock: the one timebase of every stream timing."""
-        return asyncio.get_running_loop().time()
 
 
 def build_upstream(settings: Settings) -> Upstream:
@@ -320,30 +197,3 @@ def _redis_state_reporter(store: str) -> Callable[[bool], None]:
             logger.warning("redis unreachable: falling back to this instance's limits", extra={"store": store})
 
     return report
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state: GatewayState = app.state.gateway
-    precreate_series(state.settings.max_connections)
-    state.registry.start()
-    if state.resume is not None:
-        state.resume.start()
-    if state.claimer is not None:
-        state.claimer.start()
-    state.drain.install()
-    logger.info("worker ready", extra={"upstream": state.upstream.name})
-    try:
-        yield
-    finally:
-        if state.claimer is not None:
-            await state.claimer.aclose()  # generations still running are reclaimed elsewhere after the lease
-            await state.claimer.redis.aclose()
-        await state.registry.stop()
-        if state.resume is not None:
-            await state.resume.stop()
-        await state.upstream.aclose()
-        if state.redis is not None:
-            await state.redis.aclose()
-        if state.tracer_provider is not None:
-            state.tracer_provider.shutdown()  # flush spans still in the batch queue

@@ -1,0 +1,99 @@
+"""The Redis client: one per worker process, created lazily inside its event loop, failing fast.
+
+`LazyRedis(url)` may be built anywhere (app factory, gunicorn master); it creates its
+`redis.asyncio.Redis` (`redis_from_url`) on first use, inside the worker's running loop, so every
+worker gets its own connections and no socket crosses a fork or an event loop.
+
+Socket timeouts are short (`DEFAULT_SOCKET_TIMEOUT_SECONDS`) and redis-py's retries are off, because
+admission waits on these calls: an unreachable Redis must fail in one timeout. Code that calls Redis
+wraps the calls in `wrap_errors(..., REDIS_ERRORS)`, so only `StorageError` leaves it.
+
+Lua scripts live in `lua/*.lua` beside this module (`load_lua`) and run with EVALSHA through
+`RedisScripts`; redis-py's `register_script` falls back to SCRIPT LOAD on NOSCRIPT (after a Redis
+restart or failover the script cache is empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib.resources import files
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+DEFAULT_SOCKET_TIMEOUT_SECONDS = 0.25  # bounds the connect and each reply: what admission may wait on Redis
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)  # what a Redis call may raise
+
+
+def load_lua(name: str) -> str:
+    """The source of `lua/<name>.lua` (shipped as package data; read once, at import of its user)."""
+    return files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def redis_from_url(url: str, *, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_SECONDS) -> Redis:
+    """A `redis.asyncio.Redis` for `url` (`redis://`, `rediss://`, `unix://`) that fails fast.
+
+    `socket_timeout` bounds both connecting and each reply, and redis-py's own retries are off
+    (its default retries ten times with backoff): the caller decides what a failure means.
+    Query options in the URL (`?socket_timeout=...`) override the arguments. Call it inside the
+    running loop of the process that will use the client (`LazyRedis` does): connections belong
+    to one event loop and must not be inherited through fork.
+    """
+    asyncio.get_running_loop()  # RuntimeError outside a loop: no client at import time or in the master
+    return Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class LazyRedis:
+    """One `redis.asyncio.Redis` per process, created on first use inside the running loop.
+
+    Build it in the app factory; close it with `aclose()` at shutdown (lifespan). Using it from a
+    second event loop is a bug and raises RuntimeError.
+    """
+
+    def __init__(self, url: str, *, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_SECONDS) -> None:
+        if not socket_timeout > 0:
+            raise ValueError("socket_timeout must be positive")
+        self.url = url
+        self.socket_timeout = socket_timeout
+        self._client: Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def client(self) -> Redis:
+        loop = asyncio.get_running_loop()
+        if self._client is None:
+            self._client, self._loop = redis_from_url(self.url, socket_timeout=self.socket_timeout), loop
+        elif loop is not self._loop:
+            raise RuntimeError("LazyRedis used from a second event loop; make one per process and loop")
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connections (if any were made); the next use creates a new client."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.aclose()
+
+
+class RedisScripts:
+    """Lua scripts registered on whichever client a `LazyRedis` currently holds."""
+
+    def __init__(self, redis: Redis | LazyRedis, *sources: str) -> None:
+        self._redis = redis
+        self._sources = sources
+        self._bound: tuple[Redis, tuple[AsyncScript, ...]] | None = None
+
+    def client(self) -> Redis:
+        return self._redis.client() if isinstance(self._redis, LazyRedis) else self._redis
+
+    def scripts(self) -> tuple[Redis, tuple[AsyncScript, ...]]:
+        client = self.client()
+        if self._bound is None or self._bound[0] is not client:
+            self._bound = client, tuple(client.register_script(source) for source in self._sources)
+        return self._bound
