@@ -29,7 +29,7 @@ from app.storage.shm import DATA_OFFSET, SharedRegion, SharedTable, window_start
 DEFAULT_MAX_CONNECTIONS = 500
 DEFAULT_MAX_PER_CLIENT = 10
 CLIENT_PROBE = 32  # client-table window; the table is >= 4x the most clients there can be, so it never fills
-DEFAULT_LEASE_TTL_SECONDS = 300.0  # ClientSlots: the max stream age: a crashed replica's leases are gone after it
+DEFAULT_LEASE_TTL_SECONDS = 300.0  # ClientSlots leases last the max stream age: a crashed replica's go after it
 LOCAL_ONLY = "local-only"
 """The lease id `ResilientClientSlots.try_acquire` returns while Redis is unreachable: no
 cross-replica check was made, only the local limits apply; releasing it does nothing. Real lease
