@@ -23,6 +23,7 @@ from app.errors import (
 )
 from app.lifecycle import GatewayState
 from app.resume.store import EventLog, StreamMeta, is_final, parse_event_id
+from app.routes.bodies import StreamRequest
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
@@ -40,7 +41,6 @@ from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
-from app.upstream.schemas import StreamRequest
 
 logger = logging.getLogger("app.access")
 router = APIRouter()

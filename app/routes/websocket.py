@@ -47,6 +47,7 @@ from app.errors import (
 from app.lifecycle import GatewayState
 from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
+from app.routes.bodies import StreamRequest
 from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
@@ -54,7 +55,6 @@ from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
 from app.upstream.base import Batch, ChatRequest, batch_texts
-from app.upstream.schemas import StreamRequest
 
 router = APIRouter()
 ENDPOINT = "/ws"
