@@ -21,7 +21,6 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.routes.openapi import EVENT_STREAM, json_body
 from app.streaming.responses import CompletionResponse, SSEStreamResponse
 from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
@@ -34,8 +33,6 @@ def _openai_error(error: GatewayError) -> JSONResponse:
     return error_response(error, openai_shape=True)
 
 
-@router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)",
-             openapi_extra=json_body(ChatCompletionRequest, "application/json", EVENT_STREAM))
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     body = await read_json(request, ChatCompletionRequest)
