@@ -2,82 +2,30 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from app.errors import (
-    GatewayError,
-    InternalError,
-    InvalidRequestError,
-    MethodNotAllowedError,
-    NotFoundError,
-    error_response,
-    is_openai_path,
-)
+from app.errors import GatewayError
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.metrics_port import MetricsPortMiddleware
 from app.middleware.request_id import RequestIdMiddleware
 from app.middleware.stream_router import StreamRouterMiddleware
-from app.observability.metrics import count_client_gone, count_rejection
 from app.observability.tracing import setup_tracing
-from app.protocol import refusal_code
-from app.routes import chat_completions, health, stream, websocket
+from app.routes import chat_completions, health
 from app.routes.metrics import metrics_app
+from app.routes.refusal import refusal
+from app.routes.table import STREAM_ROUTES, stream_routes_router
 from app.settings import Settings
 from app.state import lifespan
 from app.wiring import build_state
 
-logger = logging.getLogger("app")
 
-
-def _respond(request: Request, error: GatewayError) -> JSONResponse:
-    route = request.scope.get("route")
-    count_rejection(getattr(route, "path", request.url.path), error.code)  # the route template, never raw ids
-    return error_response(error, openai_shape=is_openai_path(request.url.path))
-
-
-async def _on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, GatewayError)
-    return _respond(request, exc)
-
-
-async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    return _respond(request, InvalidRequestError("; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid"))
-
-
-async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    error: GatewayError
-    if exc.status_code == 404:
-        error = NotFoundError(f"no route for {request.method} {request.url.path}")
-    elif exc.status_code == 405:
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
-    else:
-        error = GatewayError(str(exc.detail))
-        error.status = exc.status_code
-    return _respond(request, error)
-
-
-async def _on_client_gone(request: Request, exc: Exception) -> Response:
-    route = getattr(request.scope.get("route"), "path", request.url.path)
-    refusal = refusal_code(request.scope)
-    if refusal is not None:  # the protocol already answered (e.g. 408 for a body that came too slowly)
-        count_rejection(route, refusal)
-    else:
-        count_client_gone(route)
-    return Response(status_code=499)  # never delivered: the client left mid-body (nginx's code for it)
-
-
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error", extra={"path": request.url.path})
-    return _respond(request, InternalError("the gateway failed to handle this request"))
+async def _refuse(request: Request, exc: Exception) -> Response:
+    return refusal(exc, request.scope)
 
 
 class GatewayApp(FastAPI):
@@ -91,7 +39,7 @@ class GatewayApp(FastAPI):
         stack = super().build_middleware_stack()
         if self.stream_router_max_body_bytes is None:
             return stack
-        stack = StreamRouterMiddleware(stack, max_body_bytes=self.stream_router_max_body_bytes)
+        stack = StreamRouterMiddleware(stack, routes=STREAM_ROUTES, max_body_bytes=self.stream_router_max_body_bytes)
         assert self.metrics_port is not None
         return MetricsPortMiddleware(stack, metrics_app=metrics_app, metrics_port=self.metrics_port)
 
@@ -108,11 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # configured explicitly in app/observability/tracing.py instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
         exception_handlers={
-            GatewayError: _on_gateway_error,
-            RequestValidationError: _on_validation_error,
-            StarletteHTTPException: _on_http_exception,
-            ClientDisconnect: _on_client_gone,
-            Exception: _on_unexpected,
+            GatewayError: _refuse,
+            RequestValidationError: _refuse,
+            StarletteHTTPException: _refuse,
+            ClientDisconnect: _refuse,
+            Exception: _refuse,
         },
     )
     tracer_provider = setup_tracing(app)
@@ -124,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.metrics_port = settings.metrics_port
     else:  # outermost user middleware: the instrumentation expects ServerErrorMiddleware outside everything
         app.add_middleware(MetricsPortMiddleware, metrics_app=metrics_app, metrics_port=settings.metrics_port)
-    for module in (stream, chat_completions, websocket, health):
+    app.include_router(stream_routes_router())
+    for module in (chat_completions, health):  # /v1/models, /health, /ready
         app.include_router(module.router)
     return app

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLargeError, error_response, is_openai_path
-from app.observability.metrics import count_rejection
+from app.errors import PayloadTooLargeError
+from app.routes.refusal import refusal
 
 
 class BodyLimitMiddleware:
@@ -26,9 +26,8 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared > limit:
-                    count_rejection(scope["path"], too_large.code)
-                    await error_response(too_large, openai_shape=is_openai_path(scope["path"]))(scope, receive, send)
+                if declared > limit:  # refused before routing: counted under the raw path, on both stacks
+                    await refusal(too_large, scope, route=scope["path"])(scope, receive, send)
                     return
                 break
         received = 0

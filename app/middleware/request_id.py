@@ -1,6 +1,7 @@
 """`X-Request-ID`: accepted from the client (bounded, sanitised) or generated, stored in the scope, echoed.
 
-Logs of the request read it from `scope["state"]["request_id"]`; the response carries it back.
+Logs of the request read it from `scope["state"]["request_id"]`; the response carries it back. The stream
+router (stream_router.py) assigns it with the same function for the routes it serves itself.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ MAX_LENGTH = 128  # longer client ids are replaced, not truncated, so two client
 _UNSAFE = re.compile(rb"[^A-Za-z0-9._:/+=@-]")  # no spaces, quotes or control characters reach logs
 
 
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
+def assign_request_id(scope: Scope) -> str:
+    """The one place a request's id is chosen and stored: the client's, if it is safe, else a new one."""
+    request_id = ""
+    for name, value in scope["headers"]:
         if name == HEADER:
             if 0 < len(value) <= MAX_LENGTH and not _UNSAFE.search(value):
-                return value.decode()
+                request_id = value.decode()
             break
-    return secrets.token_hex(8)
+    request_id = request_id or secrets.token_hex(8)
+    scope.setdefault("state", {})["request_id"] = request_id
+    return request_id
 
 
 class RequestIdMiddleware:
@@ -32,8 +37,7 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = assign_request_id(scope)
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return

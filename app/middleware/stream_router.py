@@ -1,99 +1,79 @@
 """Streaming endpoints skip the framework's routing: per message, the relay calls uvicorn's `send`.
 
 FastAPI's per-request machinery (routing, dependency resolution, exception middleware that wraps
-`send` for every message) cost most of a short stream's CPU when profiled. This middleware sends
-POST /stream, POST /v1/chat/completions, GET and DELETE /stream/{stream_id} and WebSocket /ws straight to
-the same handler functions FastAPI lists in its OpenAPI schema, with the same error mapping and
-request ids; everything else goes on to FastAPI. When tracing is on it is not installed, so the
-OpenTelemetry instrumentation sees every request.
+`send` for every message) cost most of a short stream's CPU when profiled. This middleware sends the
+stream routes (routes/table.py, the same declarations FastAPI registers and documents) straight to their
+handlers, with the same refusals (routes/refusal.py) and request ids; everything else goes on to
+FastAPI. When tracing is on it is not installed, so the OpenTelemetry instrumentation sees every request.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from app.errors import GatewayError, InternalError, error_response, is_openai_path
 from app.middleware.body_limit import BodyLimitMiddleware
-from app.middleware.request_id import request_id_from
-from app.observability.metrics import count_client_gone, count_rejection
-from app.protocol import refusal_code
-from app.routes import chat_completions, stream, websocket
+from app.middleware.request_id import assign_request_id
+from app.routes.refusal import refusal
+from app.routes.table import WEBSOCKET, StreamRoute
 from app.state import GatewayState
 
-logger = logging.getLogger("app")
 
-Handler = Callable[[Request, GatewayState], Awaitable[ASGIApp]]
-RESUME_PREFIX = "/stream/"
-
-
-async def _resume(request: Request, state: GatewayState) -> ASGIApp:
-    stream_id = request.scope["path"][len(RESUME_PREFIX):]
-    return await stream.resume_stream(
-        stream_id, request, state, request.headers.get("last-event-id"), request.query_params.get("after")
-    )
-
-
-async def _stop(request: Request, state: GatewayState) -> ASGIApp:
-    return await stream.stop_stream(request.scope["path"][len(RESUME_PREFIX):], request, state)
-
-
-HTTP_ROUTES: dict[tuple[str, str], tuple[str, Handler]] = {
-    ("POST", "/stream"): ("/stream", stream.stream),
-    ("POST", "/v1/chat/completions"): ("/v1/chat/completions", chat_completions.chat_completions),
-}
+def _split(template: str) -> tuple[str, str | None]:
+    """`/stream/{stream_id}` -> ("/stream/", "stream_id"): a template is exact, or one trailing parameter."""
+    prefix, brace, rest = template.partition("{")
+    if not brace:
+        return template, None
+    if not rest.endswith("}") or "/" in rest:
+        raise ValueError(f"the stream router matches one trailing path parameter, not {template!r}")
+    return prefix, rest[:-1]
 
 
 class StreamRouterMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, routes: Iterable[StreamRoute], max_body_bytes: int) -> None:
         self.app = app
+        self._exact: dict[tuple[str, str], StreamRoute] = {}
+        self._trailing: list[tuple[str, str, str, StreamRoute]] = []  # method, prefix, parameter, route
+        for route in routes:
+            prefix, parameter = _split(route.path)
+            if parameter is None:
+                self._exact[route.method, route.path] = route
+            else:
+                self._trailing.append((route.method, prefix, parameter, route))
         self._limited = BodyLimitMiddleware(self._dispatch, max_body_bytes=max_body_bytes)
 
+    def _match(self, method: str, path: str) -> tuple[StreamRoute, dict[str, str]] | None:
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
+        for route_method, prefix, parameter, route in self._trailing:
+            if method == route_method and path.startswith(prefix) and "/" not in path[len(prefix):]:
+                return route, {parameter: path[len(prefix):]}
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            method, path = scope["method"], scope["path"]
-            route = HTTP_ROUTES.get((method, path))
-            if route is None and path.startswith(RESUME_PREFIX) and "/" not in path[8:]:
-                if method == "GET":
-                    route = (stream.RESUME_ENDPOINT, _resume)
-                elif method == "DELETE":
-                    route = (stream.RESUME_ENDPOINT, _stop)
-            if route is not None:
-                scope["gateway.route"] = route
-                await self._limited(scope, receive, send)
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            match = self._match(scope["method"] if kind == "http" else WEBSOCKET, scope["path"])
+            if match is not None:
+                scope["route"], scope["path_params"] = match
+                assign_request_id(scope)
+                if kind == "websocket":
+                    await scope["route"].endpoint(WebSocket(scope, receive, send))
+                else:
+                    await self._limited(scope, receive, send)
                 return
-        elif scope["type"] == "websocket" and scope["path"] == "/ws":
-            scope.setdefault("state", {})["request_id"] = request_id_from(scope["headers"])
-            await websocket.ws_stream(WebSocket(scope, receive, send))
-            return
         await self.app(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint, handler = scope["gateway.route"]
-        request_id = request_id_from(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
+        route: StreamRoute = scope["route"]
+        assert route.call is not None
         state: GatewayState = scope["app"].state.gateway
         try:
-            response = await handler(Request(scope, receive), state)
-        except ClientDisconnect:  # it left mid-body, or the protocol refused it (408): nobody to answer here
-            refusal = refusal_code(scope)
-            if refusal is not None:
-                count_rejection(endpoint, refusal)
-            else:
-                count_client_gone(endpoint)
-            return
+            response = await route.call(Request(scope, receive), state, scope["path_params"])
         except Exception as exc:
-            if isinstance(exc, GatewayError):
-                error = exc
-            else:
-                logger.exception("unhandled error", extra={"path": endpoint, "request_id": request_id})
-                error = InternalError("the gateway failed to handle this request")
-            count_rejection(endpoint, error.code)
-            reply = error_response(error, openai_shape=is_openai_path(endpoint))
-            reply.headers["x-request-id"] = request_id
-            response = reply
+            response = refusal(exc, scope)
         await response(scope, receive, send)

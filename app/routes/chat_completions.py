@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
 
-from app.errors import error_response
+from app.errors import GatewayError, error_response
+from app.routes.bodies import ChatCompletionRequest
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
@@ -19,22 +21,18 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.routes.openapi import EVENT_STREAM, json_body
 from app.streaming.responses import CompletionResponse, SSEStreamResponse
 from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
-from app.upstream.schemas import ChatCompletionRequest
 
 router = APIRouter(prefix="/v1")
 ENDPOINT = "/v1/chat/completions"
 
 
-def _openai_error(exc: Exception) -> ASGIResponse:
-    return error_response(exc, openai_shape=True)  # type: ignore[arg-type, return-value]
+def _openai_error(error: GatewayError) -> JSONResponse:
+    return error_response(error, openai_shape=True)
 
 
-@router.post("/chat/completions", summary="OpenAI-compatible chat completion (stream or not)",
-             openapi_extra=json_body(ChatCompletionRequest, "application/json", EVENT_STREAM))
 async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     body = await read_json(request, ChatCompletionRequest)

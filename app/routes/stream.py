@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import Header, Query, Request
 from starlette.responses import JSONResponse
 
 from app.errors import (
@@ -22,6 +22,7 @@ from app.errors import (
     error_response,
 )
 from app.resume.store import EventLog, StreamMeta, is_final, parse_event_id
+from app.routes.bodies import StreamRequest
 from app.routes.deps import (
     ASGIResponse,
     StateDep,
@@ -34,20 +35,16 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
-from app.routes.openapi import EVENT_STREAM, answers, json_body, resume_link
 from app.state import GatewayState
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
 from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
-from app.upstream.schemas import StreamRequest
 
 logger = logging.getLogger("app.access")
-router = APIRouter()
 ENDPOINT = "/stream"
 RESUME_ENDPOINT = "/stream/{stream_id}"
 STOP_CONFIRM_S = 5.0  # how long a stop waits for the stream's final event before answering 202
-RESUME_OPERATION = "resume_stream"
 
 
 def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, owner: str) -> EventLog | None:
@@ -71,8 +68,6 @@ def seed_chat_request(body: StreamRequest, state: StateDep, client: str) -> Chat
     )
 
 
-@router.post("/stream", summary="Stream a completion as seed SSE events (status, token..., done)",
-             openapi_extra=json_body(StreamRequest, EVENT_STREAM, links=resume_link(RESUME_OPERATION)))
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
     chat = seed_chat_request(await read_json(request, StreamRequest), state, ticket.identity)
@@ -92,8 +87,6 @@ def _detail_error(error: GatewayError) -> JSONResponse:
     return error_response(error, openai_shape=False)
 
 
-@router.get(RESUME_ENDPOINT, summary="Resume a /stream: every event after Last-Event-ID, then the live tail",
-            operation_id=RESUME_OPERATION, openapi_extra=answers(EVENT_STREAM))
 async def resume_stream(
     stream_id: str, request: Request, state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
@@ -117,7 +110,6 @@ async def resume_stream(
     )
 
 
-@router.delete(RESUME_ENDPOINT, summary="Stop a stream's generation (its owner only); answers with its final event")
 async def stop_stream(stream_id: str, request: Request, state: StateDep) -> JSONResponse:
     ticket = await state.admission.admit_stop(request)
     final = await stop_generation(state, checked_stream_id(stream_id), ticket.owner)

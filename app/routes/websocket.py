@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
@@ -42,11 +42,11 @@ from app.errors import (
     OriginForbiddenError,
     PayloadTooLargeError,
     RequestTimeoutError,
-    error_response,
 )
-from app.observability.metrics import count_rejection
 from app.resume.store import EventLog, is_final
+from app.routes.bodies import StreamRequest
 from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
+from app.routes.refusal import count_refusal, refusal
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.state import GatewayState
 from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
@@ -54,9 +54,7 @@ from app.streaming.responses import not_resumable_on_lookup
 from app.streaming.session import Outcome
 from app.streaming.sse import SeedEncoder, escape
 from app.upstream.base import Batch, ChatRequest, batch_texts
-from app.upstream.schemas import StreamRequest
 
-router = APIRouter()
 ENDPOINT = "/ws"
 STATUS_TEXT = json.dumps({"type": "status", "message": "Generating..."})
 SHUTDOWN_TEXT = json.dumps({"type": "server_shutdown"})
@@ -138,14 +136,19 @@ def check_origin(websocket: WebSocket, allowed: tuple[str, ...]) -> None:
 
 
 async def _refuse_handshake(websocket: WebSocket, error: GatewayError) -> None:
-    count_rejection(ENDPOINT, error.code)
+    response = refusal(error, websocket.scope)
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(error_response(error, openai_shape=False))
+        await websocket.send_denial_response(response)
     else:  # pragma: no cover - uvicorn offers the denial extension; without it the server answers 403
         await websocket.close(code=WS_POLICY_VIOLATION)
 
 
-@router.websocket("/ws")
+async def _refuse_stream(websocket: WebSocket, error: GatewayError) -> None:
+    """A refusal after the handshake: counted as every refusal is, answered as the socket answers any error."""
+    count_refusal(websocket.scope, error)
+    await _end_with_error(websocket, error)
+
+
 async def ws_stream(websocket: WebSocket) -> None:
     state: GatewayState = websocket.app.state.gateway
     try:
@@ -160,9 +163,7 @@ async def ws_stream(websocket: WebSocket) -> None:
         async with asyncio.timeout(read_timeout):
             message = await websocket.receive()
     except TimeoutError:
-        error = RequestTimeoutError(read_timeout, "the first message")
-        count_rejection(ENDPOINT, error.code)
-        await _end_with_error(websocket, error)
+        await _refuse_stream(websocket, RequestTimeoutError(read_timeout, "the first message"))
         return
     if message["type"] == "websocket.disconnect":
         return
@@ -186,8 +187,7 @@ async def ws_stream(websocket: WebSocket) -> None:
             chat = seed_chat_request(request, state, ticket.identity)
             await state.admission.take_slot(ticket)
     except GatewayError as exc:
-        count_rejection(ENDPOINT, exc.code)
-        await _end_with_error(websocket, exc)
+        await _refuse_stream(websocket, exc)
         return
     if isinstance(request, StopRequest):
         await websocket.send_text(json.dumps({"type": "stopped", "stream_id": request.stop, "final": final}))

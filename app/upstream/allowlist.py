@@ -18,7 +18,7 @@ Each OpenAI field is either forwarded or accepted and dropped:
   `audio` (the gateway relays text only). Dropping them keeps every SDK request valid.
 
 The gateway itself interprets `model`, `messages`, `stream`, `stream_options`, `max_tokens`,
-`max_completion_tokens` and `n` (schemas.py) and writes its own values of them upstream.
+`max_completion_tokens` and `n` (app/routes/bodies.py) and writes its own values of them upstream.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Client-facing wire models: the seed's `/stream` request and OpenAI's chat completion request.
+"""The request bodies clients send: the seed's `/stream` request and OpenAI's chat completion request.
 
 Types are strict: `"max_tokens": "10"` or `"prompt": 5` is a 422, not a silent coercion. What of a
 chat completion request reaches the upstream is decided by `ChatCompletionRequest.screen` against
-the allow-list in allowlist.py: unknown fields are a 400 naming the field.
+the allow-list in app/upstream/allowlist.py: unknown fields are a 400 naming the field.
 """
 
 from __future__ import annotations
