@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from loadtest.harness.ports import refused_port
 from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
-from tests.ports import refused_port
 from tests.slots import assert_slots_released
 from tests.test_relay_upstream import (
     PROTOCOLS,
