@@ -19,6 +19,7 @@ from typing import Any
 import loadtest.bench
 from loadtest.bench.measure import (
     Capacity,
+    compare_sources,
     loadgen_argv,
     measure_admission,
     measure_proxy,
@@ -52,7 +53,7 @@ from loadtest.harness.errors import HarnessError
 from loadtest.harness.redis import RedisServer
 
 
-def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool]:
+def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | None]:
     description = (loadtest.bench.__doc__ or "").splitlines()[0]
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=description)
     p.add_argument("--quick", action="store_true",
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool]:
     p.add_argument("--profile", action="store_true",
                    help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
+    p.add_argument("--baseline-src", type=Path, metavar="DIR",
+                   help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
+                   "/tmp/base <commit>`), interleaved with this tree's, and report both with the ratios")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.levels:
@@ -73,7 +77,9 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool]:
     if a.refine is not None:
         plan = replace(plan, refine=a.refine)
     plan = replace(plan, all_levels=a.all_levels, quiet_wait_s=a.wait_quiet or plan.quiet_wait_s)
-    return plan, a.output, a.wait_quiet, a.profile
+    if a.baseline_src is not None and not (a.baseline_src / "app" / "__main__.py").is_file():
+        p.error(f"--baseline-src {a.baseline_src}: not a checkout of this project (no app/__main__.py)")
+    return plan, a.output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
 
 
 def level_seconds(plan: Plan, users: int) -> float:
@@ -97,7 +103,7 @@ def profile_misses(server: Server, plan: Plan, cap: Capacity) -> list[dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    plan, output, wait_quiet, profile = parse_args(argv)
+    plan, output, wait_quiet, profile, baseline_src = parse_args(argv)
     command = " ".join(["python -m loadtest.bench", *(sys.argv[1:] if argv is None else argv)])
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server we start
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     replay: dict[str, Any] = {}
     notes: list[str] = []
     profiles: list[dict[str, Any]] = []
+    baseline: dict[str, Any] | None = None
     try:
         redis: RedisServer | None = RedisServer(work_dir / "redis", log_path=log_dir / "redis.log")
     except HarnessError:  # redis-server is not installed
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                         time.sleep(1.0)
                         profiles.append(profile_load(gw, argv, level_seconds(plan, on.hi),
                                                      f"protections off, {on.hi} streams"))
+            if baseline_src is not None:
+                log(f"the shipped configuration from {baseline_src} (A) and from this tree (B), interleaved")
+                baseline = {"src": baseline_src,
+                            "runs": compare_sources(plan, log_dir, work_dir, baseline_src, common, MOCK_ENV)}
             with running(fake_openai(log_dir)) as upstream:
                 upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
                 with running(gateway(log_dir, work_dir, "gateway_proxy", UPSTREAM_URL=upstream_url)) as through:
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
                     raw=raw, common=common, proxy=proxy, rss=rss, replay=replay, admission=admission,
                     log_dir=display_path(log_dir), background=background, loads=loads, notes=notes,
-                    profiles=profiles)
+                    profiles=profiles, baseline=baseline)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

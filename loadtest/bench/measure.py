@@ -33,7 +33,7 @@ from loadtest.bench.plan import (
     Plan,
     log,
 )
-from loadtest.bench.servers import Server, clean_env
+from loadtest.bench.servers import Server, clean_env, gateway_from, running
 from loadtest.harness.redis import RedisServer
 
 
@@ -355,3 +355,15 @@ def result_text(r: dict[str, Any]) -> str:
 def cpu_per_1k(r: dict[str, Any] | None) -> float | None:
     return r["server_cpu_s"] / r["tokens_total"] * 1000 if r and r["tokens_total"] else None
 
+
+def compare_sources(plan: Plan, log_dir: Path, work_dir: Path, baseline: Path, start: int,
+                    env: dict[str, str]) -> dict[str, list[Capacity]]:
+    """The shipped configuration from `baseline` (A) and from this tree (B), interleaved A B A B ... for
+    `plan.baseline_rounds` rounds, so that both see the same machine; each run starts at level `start`."""
+    runs: dict[str, list[Capacity]] = {"baseline": [], "current": []}
+    for round_ in range(1, plan.baseline_rounds + 1):
+        for key, src in (("baseline", baseline), ("current", ROOT)):
+            with running(gateway_from(src, log_dir, work_dir, f"gateway_{key}_{round_}", env)) as gw:
+                warm_up(gw)
+                runs[key].append(search_capacity(gw, plan, start=start, budget=plan.compare_budget))
+    return runs

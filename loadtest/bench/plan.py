@@ -92,6 +92,7 @@ class Plan:
     admission_redis_requests: int
     all_levels: bool
     quiet_wait_s: float = 300.0  # how long to wait for a quiet machine before a retried level
+    baseline_rounds: int = 3  # --baseline-src: rounds of (baseline, this tree), interleaved
 
 
 FULL = Plan(levels=(250, 450, 700, 1000, 1500, 2000, 2500, 3000, 4000), refine=3, compare_budget=None,
@@ -101,7 +102,7 @@ FULL = Plan(levels=(250, 450, 700, 1000, 1500, 2000, 2500, 3000, 4000), refine=3
 # The hold stays one full stream long even in quick mode: only then do streams arrive while every user is active,
 # which is where TTFT suffers; during the ramp a server is never at the level's concurrency.
 QUICK = replace(FULL, levels=(450, 1500), refine=0, compare_budget=1, hold_seconds=10.0, proxy_hold_seconds=5.0,
-                rss_hold_seconds=3.0, admission_requests=5000, admission_redis_requests=1000)
+                rss_hold_seconds=3.0, admission_requests=5000, admission_redis_requests=1000, baseline_rounds=2)
 
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -88,10 +89,10 @@ def fmt_cpu(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.0f}"
 
 
-def source_revision() -> str:
+def source_revision(src: Path = ROOT) -> str:
     """The commit measured; "-dirty" means uncommitted changes were measured too."""
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+        out = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True,
                              text=True, timeout=10, check=False)
     except OSError:
         return "unknown"
@@ -115,7 +116,7 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
            raw: Capacity, common: int, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
            admission: list[dict[str, Any]], log_dir: Path, background: float,
            loads: dict[str, tuple[float, float, float]], notes: list[str],
-           profiles: list[dict[str, Any]]) -> str:
+           profiles: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
     on = caps["on"]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
     prot_ratio, prot_ok = ratio(caps.get("resume_off"), caps.get("off"), PROTECTIONS_RATIO_TARGET)
@@ -302,6 +303,8 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
     ]
     if profiles:
         lines += profile_section(profiles)
+    if baseline is not None:
+        lines += baseline_section(baseline["src"], baseline["runs"], common)
     return "\n".join(lines)
 
 
@@ -329,3 +332,58 @@ def profile_section(profiles: list[dict[str, Any]]) -> list[str]:
         out.append("")
     return out
 
+
+def _median_spread(values: list[float], fmt: str) -> tuple[float | None, str]:
+    """The median and its text with the spread (min-max) over the rounds."""
+    if not values:
+        return None, "n/a"
+    mid = statistics.median(values)
+    return mid, f"{mid:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def baseline_section(src: Path, runs: dict[str, list[Capacity]], common: int) -> list[str]:
+    """`--baseline-src`: the shipped configuration from another checkout (A) and from this tree (B), interleaved."""
+    out = [
+        "## Against another checkout (`--baseline-src`)",
+        "",
+        f"The gateway as shipped ({PROTECTIONS_ON.description}; built-in mock at {PACE_TOKENS_PER_SECOND:g} tok/s), "
+        f"A from `{src}` (source `{source_revision(src)}`), B from this tree (source `{source_revision()}`), each "
+        f"started with that checkout as working directory and PYTHONPATH, run alternately (A B A B ...) for "
+        f"{len(runs['current'])} round(s); every run starts at {common} streams, where CPU per token is compared, "
+        "and searches its capacity from there as the other configurations do.",
+        "",
+        f"| Round | Checkout | Capacity (streams) | TTFT p50 / p99 ms at {common} "
+        f"| Server CPU ms / 1k tokens at {common} | Result at {common} |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for i, (a, b) in enumerate(zip(runs["baseline"], runs["current"], strict=True), start=1):
+        for name, cap in (("A (baseline)", a), ("B (this tree)", b)):
+            row = cap.row(common)
+            ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
+            out.append(f"| {i} | {name} | {cap.bracket} | {ttft} | {fmt_cpu(cpu_per_1k(row))} "
+                       f"| {result_text(row) if row else 'not run'} |")
+    cpu: dict[str, list[float]] = {}
+    capacity: dict[str, list[float]] = {}
+    for key, caps in runs.items():
+        cpu[key] = [c * 1000 for cap in caps if (c := cpu_per_1k(cap.row(common))) is not None]
+        capacity[key] = [float(cap.lo) for cap in caps]
+    cpu_a, cpu_a_text = _median_spread(cpu["baseline"], ".1f")
+    cpu_b, cpu_b_text = _median_spread(cpu["current"], ".1f")
+    cap_a, cap_a_text = _median_spread(capacity["baseline"], ".0f")
+    cap_b, cap_b_text = _median_spread(capacity["current"], ".0f")
+    cpu_ratio = f"{cpu_b / cpu_a:.3f}" if cpu_a and cpu_b is not None else "n/a"
+    cap_ratio = f"{cap_b / cap_a:.3f}" if cap_a and cap_b is not None else "n/a"
+    unresolved = any(cap.hi is None for caps in runs.values() for cap in caps)
+    out += [
+        "",
+        "| Measure | A (baseline) median (min–max) | B (this tree) median (min–max) | B / A |",
+        "|---|---:|---:|---:|",
+        f"| Server CPU ms per 1k delivered tokens at {common} streams | {cpu_a_text} | {cpu_b_text} | {cpu_ratio} |",
+        f"| Capacity (streams) | {cap_a_text} | {cap_b_text} | {cap_ratio} |",
+        "",
+        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline."
+        + (" Some run failed no level, so its capacity is a lower bound (unresolved): compare CPU per token."
+           if unresolved else ""),
+        "",
+    ]
+    return out

@@ -100,18 +100,24 @@ def clean_env() -> dict[str, str]:
 
 
 def gateway(log_dir: Path, work_dir: Path, name: str, **env: str) -> Server:
-    """`python -m app` on two sockets bound here and handed over (public on fd 3, metrics on fd 4)."""
+    """This tree's gateway, `env` on top of the shipped defaults."""
+    return gateway_from(ROOT, log_dir, work_dir, name, env)
+
+
+def gateway_from(src: Path, log_dir: Path, work_dir: Path, name: str, env: dict[str, str]) -> Server:
+    """`python -m app` from checkout `src` (cwd and PYTHONPATH) on two sockets bound here and handed over
+    (public on fd 3, metrics on fd 4)."""
     sockets = [loopback_listener(), loopback_listener()]
     port, metrics_port = (int(sock.getsockname()[1]) for sock in sockets)
     argv, activation = socket_activation([sys.executable, "-m", "app"], sockets)
     # Our own directories, removed at the end, instead of the app's defaults in /tmp.
     full_env = {**clean_env(), "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(metrics_port),
-                "WEB_CONCURRENCY": str(WORKERS), **activation,
+                "WEB_CONCURRENCY": str(WORKERS), "PYTHONPATH": str(src), **activation,
                 "PROMETHEUS_MULTIPROC_DIR": str(work_dir / f"metrics-{name}"),
                 "RESUME_DIR": str(work_dir / f"resume-{name}"), **GENEROUS_ENV, **env}
     try:
         return Server.start(name, argv, port=port, env=full_env, log_dir=log_dir, workers=WORKERS,
-                            inherit_env=False, pass_fds=tuple(sock.fileno() for sock in sockets))
+                            inherit_env=False, cwd=src, pass_fds=tuple(sock.fileno() for sock in sockets))
     finally:
         for sock in sockets:  # the gateway holds its own copies
             sock.close()

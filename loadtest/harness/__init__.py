@@ -8,4 +8,9 @@
 
 tests/ imports this package; nothing here imports tests/ (tests/test_layering_tools.py checks it), and nothing
 here imports pytest: a missing binary or a server that does not start raises `HarnessError`.
+
+Why not pytest-redis or pytest-xprocess: both are pytest plugins (fixtures), and the benchmark and the rehearsal
+run without pytest; pytest-xprocess keeps processes alive across test sessions, the opposite of a run that
+reaps everything it started; and neither hands over a listening socket or holds a process group until its
+last signal. What they would replace here is a few dozen lines.
 """
