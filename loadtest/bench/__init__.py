@@ -1,11 +1,12 @@
 """One-command benchmark: relay capacity, the raw-ASGI ceiling, the price of every protection,
 proxy overhead, RSS per stream, admission cost, and the resume store's capacity and replay cost.
 
-Run: `python -m loadtest.bench [--quick] [--wait-quiet 600] [--profile] [--output loadtest/results/benchmark.md]`.
-Starts every server it measures on free 127.0.0.1 ports (and its own redis-server, when
-/usr/bin/redis-server or one on PATH exists), drives them with `loadtest.loadgen` in a separate process
-(so starting servers and sampling psutil never steal its loop), stops them all and prints a Markdown
-report, which it also writes to `--output`. Server logs go next to the report.
+Run: `python -m loadtest.bench [--quick] [--wait-quiet 600] [--profile] [--baseline-src DIR]
+[--output loadtest/results/benchmark.md]`.
+Starts every server it measures on 127.0.0.1 through loadtest/harness/ (the gateways on sockets bound here
+and handed over, the others on free ports; its own redis-server, when one is installed), drives them with
+`loadtest.loadgen` in a separate process (so starting servers and sampling psutil never steal its loop), stops
+them all and prints a Markdown report, which it also writes to `--output`. Server logs go next to the report.
 
 Phases, each with only its own servers running (redis-server idles through the others):
 0. admission cost per request, in process (`loadtest.admission_bench`): memory, shared memory, Redis;
@@ -30,4 +31,10 @@ compared there) and climb or descend from it; then each bracket [highest pass, l
 server at the highest of those only.
 `--profile` adds py-spy runs (every worker) under the loads behind missed targets: the first failing level,
 450 streams, the proxy load; the report lists what dominates.
+`--baseline-src DIR` adds the shipped configuration built from another checkout (A) against this tree's (B),
+run alternately A B A B ... (`Plan.baseline_rounds` rounds), and reports both with the ratios B / A of CPU per
+delivered token and of capacity.
+
+Modules: `plan` (targets, configurations, plans), `servers` (the processes measured), `measure` (load, CPU,
+capacity searches), `profile` (py-spy), `report` (the Markdown), `__main__` (the phases in order).
 """

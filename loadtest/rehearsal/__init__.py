@@ -41,6 +41,10 @@ All clients reach the gateways through nginx from 127.0.0.1, so the per-client l
 Every process started here runs in its own process group and is stopped with it (also on Ctrl-C or SIGTERM).
 `processes.json` in the output directory lists them while the run lasts, for `kill_recorded()` (tests use it
 as a backstop if this process itself was killed).
+
+Modules: `run` (the instances, the rollout, the checks), `measure` (logs, the resuming clients, Prometheus
+series, Locust's statistics), `report` (the picture and the Markdown), `__main__` (the options); the processes
+come from loadtest/harness/.
 """
 
 from __future__ import annotations
