@@ -3,7 +3,8 @@
 - `ports`: listening sockets to hand over (race-free) and, for children that must bind themselves, a free port;
 - `wait`: `wait_until(condition, timeout, what)`, failing with a readable message;
 - `process`: `Child` (a process group with its own log, stopped with SIGTERM then SIGKILL, always reaped),
-  `Supervisor` (every child of a run, stopped in reverse order) and `require_binary`;
+  `Supervisor` (every child of a run, stopped in reverse order), `socket_activation` (listening sockets handed
+  to gunicorn on fds 3, 4, ...) and `require_binary`;
 - `redis`, `prometheus`, `nginx`: Debian's redis-server, Prometheus and nginx on loopback.
 
 tests/ imports this package; nothing here imports tests/ (tests/test_layering_tools.py checks it), and nothing
