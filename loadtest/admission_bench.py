@@ -28,7 +28,7 @@ from typing import Any
 
 import uvloop
 
-GENEROUS_LIMITS = {  # the benchmark's gateways run with these (loadtest.bench.GENEROUS_ENV): nobody is refused
+GENEROUS_LIMITS = {  # the benchmark's gateways run with these (loadtest.bench.plan.GENEROUS_ENV): nobody is refused
     "max_connections": 20000,
     "max_connections_per_client": 10000,
     "rate_limit_per_minute": 1_000_000_000.0,

@@ -2,7 +2,7 @@
 
 Run: `python -m loadtest.hostile_bench [--quick] [--sockets 1000] [--output loadtest/results/hostile.md]`.
 
-1. One gateway as shipped (the benchmark's generous limits, `loadtest.bench.GENEROUS_ENV`; built-in mock at
+1. One gateway as shipped (the benchmark's generous limits, `loadtest.bench.plan.GENEROUS_ENV`; built-in mock at
    20 tok/s). At each level of concurrent legitimate `/stream` clients (`loadtest.loadgen`), three conditions
    run one after another in the same run: no hostile sockets; N idle sockets (connected, nothing sent);
    N half-open sockets (half a request head sent, never finished). `loadtest.hostile` holds them from
@@ -42,8 +42,30 @@ from typing import Any
 
 import psutil
 
-from loadtest import bench
-from loadtest.bench import Capacity, Server, log, ms
+from loadtest.bench.measure import (
+    Capacity,
+    background_cores,
+    measure_level,
+    ms,
+    result_text,
+    sample_rss,
+    summary_line,
+    warm_up,
+)
+from loadtest.bench.plan import (
+    FULL as BENCH_FULL,
+)
+from loadtest.bench.plan import (
+    MIN_TOKENS_DELIVERED,
+    MOCK_ENV,
+    PACE_TOKENS_PER_SECOND,
+    ROOT,
+    TTFT_P99_BUDGET_MS,
+    Plan,
+    log,
+)
+from loadtest.bench.report import machine, source_revision
+from loadtest.bench.servers import Server, gateway, running
 
 DEFAULT_OUTPUT = Path("loadtest/results/hostile.md")
 CONDITIONS = ("none", "idle", "partial")
@@ -60,13 +82,13 @@ class HostilePlan:
     sockets: int
     budget_bytes: int  # the memory-budget phase's MEMORY_BUDGET_BYTES
     max_slow_readers: int
-    level: bench.Plan
+    level: Plan
 
 
 FULL = HostilePlan(levels=(250, 500, 750, 1000, 1500, 2000), sockets=1000, budget_bytes=32 * 2**20,
-                   max_slow_readers=1500, level=replace(bench.FULL, hold_seconds=20.0))
+                   max_slow_readers=1500, level=replace(BENCH_FULL, hold_seconds=20.0))
 QUICK = HostilePlan(levels=(100, 250, 500), sockets=1000, budget_bytes=8 * 2**20, max_slow_readers=600,
-                    level=replace(bench.FULL, hold_seconds=10.0))
+                    level=replace(BENCH_FULL, hold_seconds=10.0))
 
 
 def server_fds(server: Server) -> int:
@@ -88,7 +110,7 @@ def hostile_sockets(gw: Server, mode: str, sockets: int, out: dict[str, Any]) ->
         return
     before = server_fds(gw)
     proc = subprocess.Popen([sys.executable, "-m", "loadtest.hostile", "--port", str(gw.port), "--sockets",
-                             str(sockets), "--mode", mode], cwd=bench.ROOT, stdout=subprocess.PIPE, text=True)
+                             str(sockets), "--mode", mode], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
         opened = json.loads(proc.stdout.readline() or "{}")
@@ -116,10 +138,10 @@ def run_levels(gw: Server, plan: HostilePlan) -> dict[str, Capacity]:
             hostile: dict[str, Any] = {}
             time.sleep(1.0)  # the last level's connections close
             with hostile_sockets(gw, condition, plan.sockets, hostile):
-                row = bench.measure_level(gw, plan.level, users)
+                row = measure_level(gw, plan.level, users)
             row["hostile"] = hostile
             row["attempts"] = 1
-            log(f"  -> {bench.summary_line(row)}")
+            log(f"  -> {summary_line(row)}")
             caps[condition].rows.append(row)
             if not row["passed"]:
                 failed.add(condition)
@@ -170,15 +192,15 @@ def open_slow_reader(port: int, index: int) -> tuple[socket.socket | None, int]:
 
 
 def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str, Any]:
-    env = {**bench.MOCK_ENV, "MOCK_TOKENS_PER_SECOND": "0", "MAX_TOKENS_LIMIT": "10000000",
+    env = {**MOCK_ENV, "MOCK_TOKENS_PER_SECOND": "0", "MAX_TOKENS_LIMIT": "10000000",
            "MEMORY_BUDGET_BYTES": str(plan.budget_bytes), "SLOW_CLIENT_TIMEOUT_SECONDS": "120",
            "TOTAL_TIMEOUT_SECONDS": "240", "MAX_STREAM_AGE_SECONDS": "300"}
     out: dict[str, Any] = {"budget": plan.budget_bytes}
     readers: list[socket.socket] = []
-    with bench.running(bench.gateway(log_dir, work_dir, "gateway_budget", **env), kill=True) as gw:
-        bench.warm_up(gw)
+    with running(gateway(log_dir, work_dir, "gateway_budget", **env), kill=True) as gw:
+        warm_up(gw)
         time.sleep(1.0)
-        out["rss_before"] = bench.sample_rss(gw)
+        out["rss_before"] = sample_rss(gw)
         refused, peak_rss, peak_buffered = 0, out["rss_before"], 0.0
         log(f"memory budget {plan.budget_bytes / 2**20:.0f} MiB: opening clients that stop reading")
         try:
@@ -197,7 +219,7 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
                     peak_rss = max(peak_rss, gw.rss_bytes())
                     peak_buffered = max(peak_buffered, metric(gw.metrics_port, "streaming_buffered_bytes"))
             time.sleep(2.0)  # a few watchdog passes at the budget
-            out["rss_at_budget"] = bench.sample_rss(gw)
+            out["rss_at_budget"] = sample_rss(gw)
             out["buffered_at_budget"] = metric(gw.metrics_port, "streaming_buffered_bytes")
             out["peak_rss"] = max(peak_rss, out["rss_at_budget"])
             out["peak_buffered"] = max(peak_buffered, out["buffered_at_budget"])
@@ -212,7 +234,7 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
         while metric(gw.metrics_port, "streaming_active_connections") > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
-        out["rss_after"] = bench.sample_rss(gw)
+        out["rss_after"] = sample_rss(gw)
         out["buffered_after"] = metric(gw.metrics_port, "streaming_buffered_bytes")
     return out
 
@@ -233,7 +255,7 @@ def level_table(caps: dict[str, Capacity]) -> list[str]:
         out.append(f"| {users} | {TITLES[condition]} | {held} | {closed} | {ms(r['ttft_ms']['p50'])} "
                    f"| {ms(r['ttft_ms']['p99'])} | {r['delivered']:.1%} | {errors} "
                    f"| {' + '.join(f'{a:.2f}/{p:.2f}' for a, p in r['worker_load'])} | {r['rest_cores']:.2f} "
-                   f"| {bench.result_text(r)} |")
+                   f"| {result_text(r)} |")
     return out
 
 
@@ -243,16 +265,16 @@ def render(*, plan: HostilePlan, command: str, started: datetime, elapsed_s: flo
     lines = [
         "# Hostile sockets and the memory budget",
         "",
-        f"`{command}` on {started:%Y-%m-%d %H:%M} UTC, {elapsed_s / 60:.1f} min, source `{bench.source_revision()}`.",
-        f"Machine: {bench.machine()}; background load before the start {background:.2f} cores (other jobs on a "
+        f"`{command}` on {started:%Y-%m-%d %H:%M} UTC, {elapsed_s / 60:.1f} min, source `{source_revision()}`.",
+        f"Machine: {machine()}; background load before the start {background:.2f} cores (other jobs on a "
         "shared machine make every number worse; 'Rest of machine' shows them per level).",
         "",
         f"## 1. Legitimate streams beside {plan.sockets:,} hostile sockets",
         "",
-        f"One gateway as shipped (2 workers, mock at {bench.PACE_TOKENS_PER_SECOND:g} tok/s, streams of "
+        f"One gateway as shipped (2 workers, mock at {PACE_TOKENS_PER_SECOND:g} tok/s, streams of "
         f"{plan.level.max_tokens} tokens, hold {plan.level.hold_seconds:g} s per level), the three conditions one "
-        f"after another at every level. A level passes with TTFT p99 <= {bench.TTFT_P99_BUDGET_MS:g} ms, no errors "
-        f"and >= {bench.MIN_TOKENS_DELIVERED:.0%} of tokens in time. 'Held open' is how many hostile sockets were "
+        f"after another at every level. A level passes with TTFT p99 <= {TTFT_P99_BUDGET_MS:g} ms, no errors "
+        f"and >= {MIN_TOKENS_DELIVERED:.0%} of tokens in time. 'Held open' is how many hostile sockets were "
         "open when the level started, and the fewest at any time during it; 'closed by server' counts the hostile "
         "sockets the gateway closed (each is reopened at once) and what it answered first; 'gateway fds' is how many "
         "descriptors the gateway's processes gained once it had accepted them (each level starts after that).",
@@ -308,15 +330,15 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m loadtest.hostile_bench", *(sys.argv[1:] if argv is None else argv)])
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server we start
-    output = a.output if a.output.is_absolute() else bench.ROOT / a.output
+    output = a.output if a.output.is_absolute() else ROOT / a.output
     log_dir = output.parent / "logs-hostile"
     log_dir.mkdir(parents=True, exist_ok=True)
-    background = bench.background_cores()
+    background = background_cores()
     started, t0 = datetime.now(UTC), time.monotonic()
     work_dir = Path(tempfile.mkdtemp(prefix="hostile-bench-"))
     try:
-        with bench.running(bench.gateway(log_dir, work_dir, "gateway_hostile", **bench.MOCK_ENV)) as gw:
-            bench.warm_up(gw)
+        with running(gateway(log_dir, work_dir, "gateway_hostile", **MOCK_ENV)) as gw:
+            warm_up(gw)
             caps = run_levels(gw, plan)
         budget = measure_budget(log_dir, work_dir, plan)
     finally:

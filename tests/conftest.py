@@ -22,6 +22,9 @@ from typing import Any, Protocol
 import httpx
 import pytest
 
+from loadtest.harness.ports import loopback_listener
+from loadtest.harness.wait import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
 START_TIMEOUT_S = 30.0  # guard only: how long a server may take to answer before the test fails
@@ -38,30 +41,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _listening_socket(*, inheritable: bool = False) -> socket.socket:
     """A gateway's public socket (tests that share one between two gateways replace this function)."""
-    return _loopback_socket(inheritable=inheritable)
-
-
-def _loopback_socket(*, inheritable: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sock.set_inheritable(inheritable)
-    return sock
+    return loopback_listener(inheritable=inheritable)
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}{path}")
+    def answers() -> bool:
         try:
-            if httpx.get(url + path, timeout=1.0).status_code < 500:
-                return
+            return httpx.get(url + path, timeout=1.0).status_code < 500
         except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polling interval, not an assertion
-    raise RuntimeError(f"{url}{path} did not answer within {START_TIMEOUT_S}s")
+            return False
+
+    wait_until(answers, START_TIMEOUT_S, f"{url}{path} answering", alive=lambda: proc.poll() is None)
 
 
 @dataclass
@@ -98,7 +88,7 @@ class GatewayFactory(Protocol):
 
 
 def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
-    sock, metrics_sock = _listening_socket(), _loopback_socket()  # each gateway its own metrics port
+    sock, metrics_sock = _listening_socket(), loopback_listener()  # each gateway its own metrics port
     port, metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_")) and k.lower() not in PROXY_VARIABLES}

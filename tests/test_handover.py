@@ -19,8 +19,8 @@ import psutil
 import pytest
 import redis
 
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.redis_server import RedisServer, started_redis
 from tests.test_resume import (
     GUARD_S,
     Event,

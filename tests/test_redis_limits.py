@@ -28,8 +28,8 @@ import pytest
 from redis import Redis
 
 from app.policies.concurrency_redis import DEFAULT_SLOTS_PREFIX
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory
-from tests.redis_server import RedisServer, started_redis
 from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_released
 from tests.test_upstream_protection import (
     WAIT_S,

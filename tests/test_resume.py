@@ -28,8 +28,8 @@ from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis
 from app.streaming.sse import SeedEncoder
 from app.upstream.mock import mock_tokens
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import Gateway, GatewayFactory
-from tests.redis_server import RedisServer, started_redis
 from tests.workers import only_worker, worker_pids
 
 GUARD_S = 30.0  # guard only: how long a polled condition may take before the test fails

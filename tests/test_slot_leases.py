@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import GatewayFactory
-from tests.redis_server import RedisServer, started_redis
 from tests.test_handover import kill_instance
 from tests.test_redis_limits import fleet_leases
 from tests.test_upstream_protection import wait_until

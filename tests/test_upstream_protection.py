@@ -17,14 +17,14 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from loadtest.harness.ports import refused_port
 from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
-from tests.ports import refused_port
 from tests.slots import assert_slots_released
 from tests.test_relay_upstream import (
     PROTOCOLS,
@@ -33,6 +33,7 @@ from tests.test_relay_upstream import (
     default_tokens,
     error_body,
     relay,
+    wait_until,
 )
 from tests.workers import only_worker, worker_pids
 
@@ -67,15 +68,6 @@ def samples(gateway: Gateway, name: str, **labels: str) -> list[float]:
 def metric(gateway: Gateway, name: str, **labels: str) -> float:
     """The sum of the matching samples (0 when none exists yet, as for a counter never incremented)."""
     return sum(samples(gateway, name, **labels))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_S)  # polling interval, not an assertion
-    return True
 
 
 def wait_metric(gateway: Gateway, name: str, expected: float, timeout: float = WAIT_S, **labels: str) -> float:

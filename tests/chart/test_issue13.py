@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
-from tests.dashboards.prometheus import require_binary
+from loadtest.harness.process import require_binary
 
 from .conftest import CHART, NAMESPACE, RELEASE, Helm, HelmError, find
 from .test_render import SCENARIOS, render

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtest.harness.prometheus import ScrapeTarget
 from tests.conftest import GatewayFactory
 from tests.dashboards.conftest import PrometheusFactory, prometheus_server  # noqa: F401  (the fixture)
-from tests.dashboards.prometheus import ScrapeTarget
 
 from .conftest import NAMESPACE, RELEASE, ROOT, Helm, find
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import pytest
 
-from tests.dashboards.prometheus import Prometheus, ScrapeTarget, start_prometheus
+from loadtest.harness.prometheus import Prometheus, ScrapeTarget, start_prometheus
 
 
 class PrometheusFactory(Protocol):

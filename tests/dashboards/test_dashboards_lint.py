@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.dashboards.gateway_metrics import exported_metrics, referenced_metrics
-from tests.dashboards.prometheus import dashboard_panels, dashboard_variables, label_values_query, variable_query
+from tests.dashboards.promql import dashboard_panels, dashboard_variables, label_values_query, variable_query
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"

@@ -13,7 +13,7 @@ import pytest
 
 from app.observability import metrics
 from app.settings import Settings
-from tests.dashboards.prometheus import dashboard_panels, dashboard_variables
+from tests.dashboards.promql import dashboard_panels, dashboard_variables
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 NAMES = ("overview.json", "slo.json")

@@ -39,11 +39,10 @@ from typing import Any
 import httpx
 import psutil
 
+from loadtest.harness.prometheus import PromQLError, ScrapeTarget
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
 from tests.dashboards.conftest import PrometheusFactory
-from tests.dashboards.prometheus import (
-    PromQLError,
-    ScrapeTarget,
+from tests.dashboards.promql import (
     dashboard_panels,
     dashboard_variables,
     instantiate,

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtest.harness.process import require_binary
+from loadtest.harness.prometheus import PROMTOOL_BIN
 from tests.dashboards.conftest import PrometheusFactory
 from tests.dashboards.gateway_metrics import exported_metrics, referenced_metrics
-from tests.dashboards.prometheus import PROMTOOL_BIN, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "dashboards" / "prometheus-rules.yaml"

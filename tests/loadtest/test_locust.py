@@ -27,8 +27,8 @@ from app.streaming.sse import ChatChunkEncoder, SeedEncoder
 from app.upstream.base import Usage
 from loadtest import shapes
 from loadtest import stream_check as sc
+from loadtest.harness.ports import refused_port
 from tests.conftest import ROOT, GatewayFactory
-from tests.ports import refused_port
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 STUB = Path(__file__).resolve().parent / "stub_gateway.py"

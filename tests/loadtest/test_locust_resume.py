@@ -21,9 +21,9 @@ from app.errors import NotResumableError, ShutdownError
 from app.streaming.sse import SeedEncoder
 from app.upstream import mock
 from loadtest import stream_check as sc
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import GatewayFactory
 from tests.loadtest.test_locust import assert_consistent, finish_locust, start_locust, wait_metric
-from tests.redis_server import RedisServer, started_redis
 
 PROMPT = "Explain how a streaming gateway relays tokens."  # the locustfile's default prompt
 SID = "3f9a0c21d8e1"

@@ -26,7 +26,10 @@ from typing import Any
 
 import pytest
 
-from loadtest import rehearsal
+from loadtest.harness.errors import HarnessError
+from loadtest.harness.nginx import Nginx, chart_ingress
+from loadtest.harness.ports import free_port
+from loadtest.harness.process import Supervisor, kill_recorded, require_binary
 from tests.conftest import ROOT
 
 GUARD_S = 100.0  # guard only: how long one short rehearsal may take before the test fails
@@ -57,8 +60,8 @@ class Run:
 def required_binaries() -> None:
     for binary in ("nginx", "prometheus"):
         try:
-            rehearsal.require_binary(binary)
-        except rehearsal.RehearsalError as exc:
+            require_binary(binary)
+        except HarnessError as exc:
             pytest.fail(str(exc))  # never a skip
 
 
@@ -86,7 +89,7 @@ def run_rehearsal(tmp_path: Path, *args: str) -> Run:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        leftovers = rehearsal.kill_recorded(out / "processes.json")  # only if the rehearsal could not clean up
+        leftovers = kill_recorded(out / "processes.json")  # only if the rehearsal could not clean up
     assert leftovers == [], f"processes the rehearsal left running: {leftovers}"
     return Run(proc.returncode, output, out)
 
@@ -159,12 +162,12 @@ def assert_common(run: Run) -> dict[str, Any]:
 
 def test_nginx_config_mirrors_the_chart_ingress(tmp_path: Path) -> None:
     """The rendered config passes `nginx -t` and carries what the chart's Ingress asks ingress-nginx for."""
-    nginx = rehearsal.Nginx(tmp_path, rehearsal.Supervisor(tmp_path / "processes.json"))
-    nginx.port = rehearsal.free_loopback_port()
+    nginx = Nginx(tmp_path, Supervisor(tmp_path / "processes.json").spawn)
+    nginx.port = free_port()
     nginx.generation = 7
     nginx._write(["127.0.0.1:1001", "127.0.0.1:1002"])  # runs `nginx -t` on it
     conf = nginx.conf.read_text()
-    ingress = rehearsal.chart_ingress()
+    ingress = chart_ingress()
     timeout = int(ingress["proxyTimeoutSeconds"])
     for directive in (
         "proxy_buffering off;", "proxy_request_buffering off;", "proxy_http_version 1.1;",

@@ -23,8 +23,8 @@ from app.policies.ratelimit import Acquisition, MemoryStorage, RateLimit, RateLi
 from app.policies.ratelimit_redis import DEFAULT_RATE_LIMIT_PREFIX, RedisStorage
 from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis, redis_from_url
-from tests.ports import refused_port
-from tests.redis_server import START_TIMEOUT_S, RedisServer, started_redis
+from loadtest.harness.ports import refused_port
+from loadtest.harness.redis import START_TIMEOUT_S, RedisServer, started_redis
 
 # Guard only, against a hang: a call that should fail at once (refused) or at its read timeout and does not
 # fails the test with TimeoutError instead of hanging it. Generous: how fast is the benchmark's.

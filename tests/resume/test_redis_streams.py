@@ -11,7 +11,7 @@ import pytest
 from app.resume.handover import read_log
 from app.resume.redis_streams import FIELD, RedisStreamsBackend
 from app.storage.redis import LazyRedis
-from tests.redis_server import RedisServer, started_redis
+from loadtest.harness.redis import RedisServer, started_redis
 
 PREFIX = "test:"
 

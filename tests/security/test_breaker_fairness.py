@@ -10,8 +10,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from loadtest.harness.ports import refused_port
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.ports import refused_port
 from tests.test_upstream_protection import breaker_state
 
 KEYS = ("key-a", "key-b", "key-c")

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.redis_server import RedisServer, started_redis
 from tests.security.tenants import (
     GUARD_S,
     KEY_A,

@@ -13,8 +13,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from loadtest.harness.ports import refused_port
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.ports import refused_port
 
 SECRET = "internal at /srv/model/shard-3/worker.py line 88: CUDA OOM for tenant b"
 REQUEST_ID = "req-security-42"

@@ -1,0 +1,210 @@
+"""`python -m loadtest.bench`: parse the options, run every phase with only its own servers running, write the
+report (see loadtest/bench/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import loadtest.bench
+from loadtest.bench.measure import (
+    Capacity,
+    compare_sources,
+    loadgen_argv,
+    measure_admission,
+    measure_proxy,
+    measure_replay,
+    measure_rss,
+    search_capacity,
+    wait_for_quiet,
+    warm_up,
+)
+from loadtest.bench.plan import (
+    ADDED_TTFT_P50_TARGET_MS,
+    BUSY_MACHINE_CORES,
+    DEFAULT_OUTPUT,
+    FULL,
+    MOCK_ENV,
+    PACE_TOKENS_PER_SECOND,
+    PROTECTIONS_OFF,
+    PROTECTIONS_RATIO_TARGET,
+    QUICK,
+    RESUME_OFF,
+    RESUME_REDIS,
+    ROOT,
+    TTFT_P99_AT_450_TARGET_MS,
+    Plan,
+    log,
+)
+from loadtest.bench.profile import profile_load
+from loadtest.bench.report import display_path, ratio, render
+from loadtest.bench.servers import Server, fake_openai, gateway, raw_app, running, watched
+from loadtest.harness.errors import HarnessError
+from loadtest.harness.redis import RedisServer
+
+
+def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | None]:
+    description = (loadtest.bench.__doc__ or "").splitlines()[0]
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=description)
+    p.add_argument("--quick", action="store_true",
+                   help="levels 450 and 1500, no bisection, one level per comparison (under 4 min)")
+    p.add_argument("--levels", help="comma-separated concurrency levels, overriding the plan's ladder")
+    p.add_argument("--refine", type=int, help="bisections of each capacity bracket, overriding the plan's")
+    p.add_argument("--all-levels", action="store_true", help="run every ladder level (no search, no bisection)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
+                   "(and as long before a level that other processes disturbed is run again; default 300 s there)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
+    p.add_argument("--baseline-src", type=Path, metavar="DIR",
+                   help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
+                   "/tmp/base <commit>`), interleaved with this tree's, and report both with the ratios")
+    a = p.parse_args(argv)
+    plan = QUICK if a.quick else FULL
+    if a.levels:
+        plan = replace(plan, levels=tuple(sorted(int(x) for x in a.levels.split(","))))
+    if a.refine is not None:
+        plan = replace(plan, refine=a.refine)
+    plan = replace(plan, all_levels=a.all_levels, quiet_wait_s=a.wait_quiet or plan.quiet_wait_s)
+    if a.baseline_src is not None and not (a.baseline_src / "app" / "__main__.py").is_file():
+        p.error(f"--baseline-src {a.baseline_src}: not a checkout of this project (no app/__main__.py)")
+    return plan, a.output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
+
+
+def level_seconds(plan: Plan, users: int) -> float:
+    """How long one capacity level's load runs: ramp, hold, then the last streams finish."""
+    return users / plan.rate + plan.hold_seconds + plan.max_tokens / PACE_TOKENS_PER_SECOND
+
+
+def profile_misses(server: Server, plan: Plan, cap: Capacity) -> list[dict[str, Any]]:
+    """The load where capacity ends (the first failing level) and 450 streams if its TTFT p99 missed."""
+    levels = [cap.hi] if cap.hi else []
+    at_450 = cap.row(450)
+    if at_450 and (at_450["ttft_ms"]["p99"] or 0) > TTFT_P99_AT_450_TARGET_MS and 450 not in levels:
+        levels.insert(0, 450)
+    out = []
+    for users in levels:
+        argv = loadgen_argv(server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate,
+                            hold_seconds=plan.hold_seconds)
+        time.sleep(1.0)
+        out.append(profile_load(server, argv, level_seconds(plan, users), f"protections on, {users} streams"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    plan, output, wait_quiet, profile, baseline_src = parse_args(argv)
+    command = " ".join(["python -m loadtest.bench", *(sys.argv[1:] if argv is None else argv)])
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server we start
+    output = output if output.is_absolute() else ROOT / output
+    log_dir = output.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    background = wait_for_quiet(wait_quiet)
+    if background > BUSY_MACHINE_CORES:
+        log(f"warning: the machine is already busy ({background:.2f} cores) before the benchmark starts")
+    loads = {"start": os.getloadavg()}
+    started, t0 = datetime.now(UTC), time.monotonic()
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    caps: dict[str, Capacity] = {}
+    replay: dict[str, Any] = {}
+    notes: list[str] = []
+    profiles: list[dict[str, Any]] = []
+    baseline: dict[str, Any] | None = None
+    try:
+        redis: RedisServer | None = RedisServer(work_dir / "redis", log_path=log_dir / "redis.log")
+    except HarnessError:  # redis-server is not installed
+        redis = None
+        notes.append("no redis-server found: the Redis admission backend and resume store were not measured")
+    try:
+        with contextlib.ExitStack() as stack:
+            if redis is not None:
+                redis.start()
+                stack.callback(redis.stop)
+            log("admission cost per request (in process)")
+            admission = measure_admission(plan, redis)
+            # RSS gets an instance of its own: a fresh baseline, and the streams it aborts become orphaned
+            # generations (resume on) that run on for ORPHAN_TIMEOUT_SECONDS - load no capacity level should see
+            # (and that a graceful stop would wait for: this instance is killed instead).
+            with running(gateway(log_dir, work_dir, "gateway_rss", **MOCK_ENV), kill=True) as gw:
+                warm_up(gw)
+                log(f"RSS: opening {plan.rss_streams} streams")
+                rss = measure_rss(gw, plan)
+            with running(gateway(log_dir, work_dir, "gateway_on", **MOCK_ENV)) as gw:
+                warm_up(gw)
+                caps["on"] = search_capacity(gw, plan)
+                replay["local"] = measure_replay(gw, plan)
+                if profile:
+                    profiles += profile_misses(gw, plan, caps["on"])
+            # Where the others start (and CPU per token is compared): the protected gateway's capacity; in quick
+            # mode, the highest level it ran, so that the one level each comparison gets is a demanding one.
+            on = caps["on"]
+            common = max(r["users"] for r in on.rows) if plan.compare_budget == 1 else on.lo or plan.levels[0]
+            with running(raw_app(log_dir)) as raw_server:
+                warm_up(raw_server)
+                raw = search_capacity(raw_server, plan, start=common)
+            for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
+                env = {**MOCK_ENV, **config.env}
+                extra: tuple[Server, ...] = ()
+                if config.needs_redis:
+                    if redis is None:
+                        continue
+                    redis.command("FLUSHALL")
+                    assert redis.proc is not None
+                    env["REDIS_URL"], extra = redis.url, (watched("redis", redis.proc, redis.port),)
+                with running(gateway(log_dir, work_dir, f"gateway_{config.key}", **env)) as gw:
+                    warm_up(gw)
+                    caps[config.key] = search_capacity(gw, plan, start=common, budget=plan.compare_budget,
+                                                       extra=extra)
+                    if config.needs_redis:
+                        replay["redis"] = measure_replay(gw, plan)
+                    if profile and config is PROTECTIONS_OFF and on.hi and ratio(
+                            on, caps[config.key], PROTECTIONS_RATIO_TARGET)[1] is not True:
+                        # The same load as the protected gateway's profile: the difference is what they cost.
+                        argv = loadgen_argv(gw.port, users=on.hi, max_tokens=plan.max_tokens, rate=plan.rate,
+                                            hold_seconds=plan.hold_seconds)
+                        time.sleep(1.0)
+                        profiles.append(profile_load(gw, argv, level_seconds(plan, on.hi),
+                                                     f"protections off, {on.hi} streams"))
+            if baseline_src is not None:
+                log(f"the shipped configuration from {baseline_src} (A) and from this tree (B), interleaved")
+                baseline = {"src": baseline_src,
+                            "runs": compare_sources(plan, log_dir, work_dir, baseline_src, common, MOCK_ENV)}
+            with running(fake_openai(log_dir)) as upstream:
+                upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
+                with running(gateway(log_dir, work_dir, "gateway_proxy", UPSTREAM_URL=upstream_url)) as through:
+                    proxy = measure_proxy(plan, upstream, through)
+                    through_p50, direct_p50 = proxy["through"]["ttft_ms"]["p50"], proxy["direct"]["ttft_ms"]["p50"]
+                    if profile and (through_p50 or 0.0) - (direct_p50 or 0.0) > ADDED_TTFT_P50_TARGET_MS:
+                        argv = loadgen_argv(through.port, users=plan.proxy_users, rate=plan.rate,
+                                            path="/v1/chat/completions", max_tokens=plan.proxy_max_tokens,
+                                            hold_seconds=plan.proxy_hold_seconds)
+                        seconds = (plan.proxy_users / plan.rate + plan.proxy_hold_seconds
+                                   + plan.proxy_max_tokens / PACE_TOKENS_PER_SECOND)
+                        profiles.append(profile_load(through, argv, seconds,
+                                                     f"proxy, {plan.proxy_users} streams through the gateway"))
+        loads["end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
+                    raw=raw, common=common, proxy=proxy, rss=rss, replay=replay, admission=admission,
+                    log_dir=display_path(log_dir), background=background, loads=loads, notes=notes,
+                    profiles=profiles, baseline=baseline)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    print(report)
+    log(f"report written to {output}")
+
+
+if __name__ == "__main__":
+    main()

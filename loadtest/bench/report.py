@@ -1,0 +1,389 @@
+"""The benchmark's Markdown report: the summary against the targets, every capacity table, the comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtest.admission_bench import markdown as admission_markdown
+from loadtest.bench.measure import Capacity, cpu_per_1k, ms, result_text
+from loadtest.bench.plan import (
+    ADDED_TTFT_P50_TARGET_MS,
+    BUSY_MACHINE_CORES,
+    CAPACITY_RATIO_TARGET,
+    GENEROUS_ENV,
+    INTERFERENCE_CORES,
+    LEVEL_STEP,
+    MIN_TOKENS_DELIVERED,
+    PACE_TOKENS_PER_SECOND,
+    PROTECTIONS_OFF,
+    PROTECTIONS_ON,
+    PROTECTIONS_RATIO_TARGET,
+    REPLAY_STREAMS,
+    RESUME_OFF,
+    RESUME_REDIS,
+    ROOT,
+    RSS_PER_STREAM_TARGET_KB,
+    SAMPLE_INTERVAL_S,
+    TTFT_P99_AT_450_TARGET_MS,
+    TTFT_P99_BUDGET_MS,
+    WORKERS,
+    Plan,
+)
+from loadtest.bench.profile import PROFILE_RATE_HZ
+
+
+def verdict(ok: bool | None) -> str:
+    return "inconclusive" if ok is None else "met" if ok else "**missed**"
+
+
+
+def capacity_table(cap: Capacity) -> list[str]:
+    out = ["| Streams | Streams run | TTFT p50 ms | TTFT p99 ms | Tokens/s delivered | Tokens in time | Errors "
+           "| Server CPU s / 1k tokens | Worker CPU avg/peak (cores) | Loadgen CPU (cores) | Loadgen lag p99 ms "
+           "| Rest of machine (cores) | Load avg 1 min | Result |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(cap.rows, key=lambda r: r["users"]):
+        per_1k = cpu_per_1k(r)
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        out.append(
+            f"| {r['users']} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
+            f"| {r['steady_tokens_per_s']:,.0f} | {r['delivered']:.1%} | {errors} "
+            f"| {'n/a' if per_1k is None else f'{per_1k:.3f}'} "
+            f"| {' + '.join(f'{avg:.2f}/{peak:.2f}' for avg, peak in r['worker_load'])} "
+            f"| {r['loadgen_cpu_s'] / r['duration_s']:.2f} | {ms(r['loadgen_lag_ms']['p99'])} "
+            f"| {r['rest_cores']:.2f} | {r['load_avg_1m']:.2f} | {result_text(r)} |"
+        )
+    out.append("")
+    out.append(f"Capacity: **{cap.bracket}**; levels in the order run: {', '.join(str(r['users']) for r in cap.rows)}"
+               + (f"; not run (level budget): {', '.join(map(str, cap.skipped))}" if cap.skipped else "") + ".")
+    return out
+
+
+def ratio(a: Capacity | None, b: Capacity | None, target: float) -> tuple[str, bool | None]:
+    """a's capacity over b's, as text with its bound, and whether it meets `target` (None: cannot tell)."""
+    if a is None or b is None:
+        return "n/a (not run)", None
+    if not b.lo:
+        return "n/a (the reference passed no level)", None
+    value = a.lo / b.lo
+    a_open, b_open = a.hi is None, b.hi is None  # "open": no level failed, the true capacity may be higher
+    if a_open and b_open:
+        return f"{value:.0%} (neither failed a level: unresolved)", None
+    if b_open:
+        return f"≤ {value:.0%} (the denominator failed no level)", None if value >= target else False
+    if a_open:
+        return f"≥ {value:.0%} (the numerator failed no level)", True if value >= target else None
+    return f"{value:.0%}", value >= target
+
+
+def fmt_cpu(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f}"
+
+
+def source_revision(src: Path = ROOT) -> str:
+    """The commit measured; "-dirty" means uncommitted changes were measured too."""
+    try:
+        out = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown (not a git checkout)"
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = psutil.virtual_memory().total / 2**30
+    return (f"{cpus} CPUs usable ({os.cpu_count()} online), {model}, {mem:.1f} GiB RAM; "
+            f"Python {platform.python_version()} on {platform.platform()}")
+
+
+def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, caps: dict[str, Capacity],
+           raw: Capacity, common: int, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
+           admission: list[dict[str, Any]], log_dir: Path, background: float,
+           loads: dict[str, tuple[float, float, float]], notes: list[str],
+           profiles: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+    on = caps["on"]
+    gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
+    prot_ratio, prot_ok = ratio(caps.get("resume_off"), caps.get("off"), PROTECTIONS_RATIO_TARGET)
+    shipped_ratio, _ = ratio(on, caps.get("off"), PROTECTIONS_RATIO_TARGET)
+    at_450 = on.row(450)
+    p99_450 = at_450["ttft_ms"]["p99"] if at_450 else None
+    d, t = proxy["direct"]["ttft_ms"], proxy["through"]["ttft_ms"]
+    added_p50 = t["p50"] - d["p50"] if t["p50"] is not None and d["p50"] is not None else None
+    added_p99 = t["p99"] - d["p99"] if t["p99"] is not None and d["p99"] is not None else None
+    rss_kb = rss["per_stream"] / 1024
+    stream_s = plan.max_tokens / PACE_TOKENS_PER_SECOND
+    cpu_at = {key: cpu_per_1k(cap.row(common)) for key, cap in caps.items()}
+    cpu_on, cpu_off = cpu_at.get("on"), cpu_at.get("off")
+    cpu_ratio = f"{cpu_off / cpu_on:.0%}" if cpu_on and cpu_off else "n/a"
+    by_backend = {r["backend"]: r for r in admission}
+    retried = sum(r.get("attempts", 1) - 1 for cap in (*caps.values(), raw) for r in cap.rows)
+    retried += proxy["through"].get("attempts", 1) - 1
+
+    def load_text(key: str) -> str:
+        return " / ".join(f"{x:.2f}" for x in loads[key]) if key in loads else "n/a"
+
+    def adm(metric: str) -> str:
+        return " / ".join(f"{by_backend[b][metric]:.0f}" if b in by_backend else "n/a"
+                          for b in ("memory", "shared memory", "redis"))
+
+    def replay_text(key: str) -> str:
+        r = replay.get(key)
+        if not r or r["replay_ms"]["p50"] is None:
+            return "n/a"
+        return f"{ms(r['replay_ms']['p50'])} ms ({r['events_per_s']:,.0f} events/s)"
+
+    lines = [
+        "# Streaming gateway benchmark",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC (took {elapsed_s / 60:.1f} min)",
+        f"- Machine: {machine()}",
+        f"- Machine load: {background:.2f} cores busy just before the run"
+        f"{' (not idle: expect worse numbers)' if background > BUSY_MACHINE_CORES else ''}; load average "
+        f"(1 / 5 / 15 min) {load_text('start')} at the start, {load_text('end')} at the end (the benchmark's own "
+        "processes count in it; per level, \"rest of machine\" is the CPU others used meanwhile); "
+        f"{retried} load(s) run again after others used more than {INTERFERENCE_CORES} cores during them",
+        f"- Command: `{command}` (source `{source_revision()}`)",
+        f"- Load: {plan.max_tokens}-token streams at {PACE_TOKENS_PER_SECOND:.0f} tok/s ({stream_s:.0f} s each), "
+        f"users ramped at {plan.rate:.0f}/s, each running streams back to back for {plan.hold_seconds:.0f} s after "
+        "the ramp; one loopback source address per user; the load generator shares the same cores.",
+        f"- Level passes: TTFT p99 ≤ {TTFT_P99_BUDGET_MS:.0f} ms, 0 errors, ≥ {MIN_TOKENS_DELIVERED:.0%} of demanded "
+        "tokens delivered within the stream's expected duration + 1 s. TTFT is measured from opening the connection "
+        "to the first token event. Capacity = highest passing level below the lowest failing one (ladder "
+        f"{', '.join(map(str, plan.levels))}, then {plan.refine} bisection(s) of the bracket, to {LEVEL_STEP}s).",
+        f"- Servers: gunicorn, {WORKERS} uvicorn workers (uvloop, httptools) each. Gateways run with rate limits "
+        "set out of reach (every user reuses its address across levels): "
+        f"{', '.join(f'{k}={v}' for k, v in GENEROUS_ENV.items())}. Logs: `{log_dir}`.",
+        *(f"- Note: {note}" for note in notes),
+        "",
+        "## Summary",
+        "",
+        "| Measure | Measured | Target | |",
+        "|---|---:|---:|---|",
+        f"| Relay capacity, gateway with protections on (streams) | {on.bracket} | — | |",
+        f"| Relay capacity, raw-ASGI ceiling (streams) | {raw.bracket} | — | |",
+        f"| Capacity ratio gateway / raw | {gw_ratio} | ≥ {CAPACITY_RATIO_TARGET:.0%} | {verdict(gw_ok)} |",
+        f"| TTFT p99 at 450 streams (gateway, protections on) | {ms(p99_450)} ms "
+        f"| ≤ {TTFT_P99_AT_450_TARGET_MS:.0f} ms "
+        f"| {verdict(p99_450 is not None and p99_450 <= TTFT_P99_AT_450_TARGET_MS)} |",
+        f"| TTFT added by the gateway, p50 (100 streams) | {ms(added_p50)} ms | ≤ {ADDED_TTFT_P50_TARGET_MS:.0f} ms "
+        f"| {verdict(added_p50 is not None and added_p50 <= ADDED_TTFT_P50_TARGET_MS)} |",
+        f"| RSS per open stream | {rss_kb:.1f} KB | ≤ {RSS_PER_STREAM_TARGET_KB:.0f} KB "
+        f"| {verdict(rss_kb <= RSS_PER_STREAM_TARGET_KB)} |",
+        f"| Capacity with protections on (rate limit, slots, breaker, deadlines; resume off) / everything off "
+        f"| {prot_ratio} | ≥ {PROTECTIONS_RATIO_TARGET:.0%} | {verdict(prot_ok)} |",
+        f"| Capacity as shipped (protections and the local resume store) / everything off | {shipped_ratio} | — | |",
+        f"| Server CPU ms per 1k tokens at {common} streams, protections on / off | {fmt_cpu(cpu_on)} / "
+        f"{fmt_cpu(cpu_off)} (off/on = {cpu_ratio}) | — | |",
+        f"| Admission cost per request p50, memory / shared memory / Redis | {adm('p50_us')} µs | — | |",
+        f"| Admission cost per request p99, memory / shared memory / Redis | {adm('p99_us')} µs | — | |",
+        "| Capacity, resume store Redis / local / off (streams) | "
+        + " / ".join(caps[k].bracket if k in caps else "n/a" for k in ("redis", "on", "resume_off")) + " | — | |",
+        f"| Replay of a finished {plan.max_tokens}-token stream from Last-Event-ID `<id>-0`, p50: local / Redis "
+        f"| {replay_text('local')} / {replay_text('redis')} | — | |",
+        "",
+        "## 1. Relay capacity: gateway with protections on (`POST /stream`, built-in mock at 20 tok/s)",
+        "",
+        f"Configuration: {PROTECTIONS_ON.description}.",
+        "",
+        *capacity_table(on),
+        "",
+        "Tokens/s is measured over the hold window (all users active). Server CPU is user+system of gunicorn's "
+        "master and workers (psutil) over the whole level, per 1k tokens received. Worker CPU is each worker's "
+        f"average and peak ({SAMPLE_INTERVAL_S:g} s window) load, 1.00 = one core. Loadgen lag is how late the load "
+        "generator's own 10 ms timer fired: when it is small, TTFT spikes are the server's. Per-stream TTFT over "
+        "time is in the logs directory (`ttft-<server>-<level>.csv`). Rest of machine is CPU spent outside the "
+        "servers, the load generator and the orchestrator: kernel network work, plus anything else running on the "
+        "machine (a shared machine's other jobs make every number above worse).",
+        "",
+        "## 2. Ceiling: raw-ASGI SSE app (`loadtest/raw_asgi_app.py`, same events and pace)",
+        "",
+        *capacity_table(raw),
+        "",
+        "## 3. What the protections cost",
+        "",
+        (f"Quick mode: every configuration runs one level, the highest the protected gateway ran ({common} "
+         "streams), so capacities above it are unresolved; CPU per token is the estimate there (on these CPU-bound "
+         "cores, capacity scales with its inverse)." if plan.compare_budget == 1 else
+         f"Every configuration runs the level the protected gateway reached ({common} streams), where CPU per "
+         "token is compared; from there each climbs or descends to its own capacity."),
+        "",
+        f"| Configuration | Settings | Capacity (streams) | TTFT p50 / p99 ms at {common} | Server CPU ms / 1k tokens "
+        f"at {common} | vs protections off | Result at {common} |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for config in (PROTECTIONS_ON, PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
+        cap = caps.get(config.key)
+        if cap is None:
+            lines.append(f"| {config.title} | {config.description} | not run | | | | |")
+            continue
+        row = cap.row(common)
+        cpu = cpu_at.get(config.key)
+        rel = f"{cpu / cpu_off:.0%} CPU" if cpu and cpu_off else "—"
+        ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
+        lines.append(f"| {config.title} | {config.description} | {cap.bracket} | {ttft} | {fmt_cpu(cpu)} | {rel} "
+                     f"| {result_text(row) if row else 'not run'} |")
+    lines += ["", "The Redis configuration's server CPU includes redis-server's.", ""]
+    for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
+        if config.key in caps:
+            lines += [f"### {config.title}", "", *capacity_table(caps[config.key]), ""]
+    lines += [
+        "## 4. Resumable streams: replay cost",
+        "",
+        f"{REPLAY_STREAMS} streams of {plan.max_tokens} tokens run to their end on the protected gateway (local "
+        "store) and on the Redis one; then each is fetched once, one after another, with `GET /stream/{id}` and "
+        "`Last-Event-ID: <id>-0` (everything after the status event: the tokens and `done`). Time runs from opening "
+        "the connection to the `done` event.",
+        "",
+        "| Store | Replays | Events per replay | p50 ms | p90 ms | p99 ms | Events/s at p50 | Errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, name in (("local", "local (RESUME_DIR)"), ("redis", "Redis Streams")):
+        r = replay.get(key)
+        if r is None:
+            lines.append(f"| {name} | not run | | | | | | |")
+            continue
+        eps = f"{r['events_per_s']:,.0f}" if r["events_per_s"] else "n/a"
+        lines.append(f"| {name} | {r['replays']} of {r['produced']} | {r['events_per_replay']} "
+                     f"| {ms(r['replay_ms']['p50'])} | {ms(r['replay_ms']['p90'])} | {ms(r['replay_ms']['p99'])} "
+                     f"| {eps} | {', '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 0} |")
+    lines += [
+        "",
+        "## 5. Admission cost per request (`loadtest/admission_bench.py`, in process)",
+        "",
+        "`Admission.admit` + `take_slot` + `Ticket.release` on the objects `app.wiring.build_state` builds, "
+        "requests rotating over 1,000 client addresses, nothing refused. Memory: one process; shared memory: the "
+        "tables gunicorn's master creates (what `python -m app` runs); Redis: shared memory plus REDIS_URL (rate "
+        "limit and per-client slots in Redis: three round trips per request, against the benchmark's own "
+        "redis-server on the same cores).",
+        "",
+        *admission_markdown(admission).splitlines(),
+        "",
+        f"## 6. Proxy overhead (`/v1/chat/completions`, fake_openai at 20 tok/s, {plan.proxy_users} concurrent "
+        f"streams of {plan.proxy_max_tokens} tokens, gateway with protections on)",
+        "",
+        "| Path | Streams | TTFT p50 ms | TTFT p99 ms | Tokens/s | Errors | Server CPU (cores) "
+        "| Loadgen lag p99 ms | Rest of machine (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label in ("direct", "through"):
+        r = proxy[label]
+        name = "straight to fake_openai" if label == "direct" else "through the gateway"
+        cores = r["server_cpu_s"] / r["duration_s"]
+        lines.append(f"| {name} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
+                     f"| {r['steady_tokens_per_s']:,.0f} | {r['error_count']} | {cores:.2f} "
+                     f"| {ms(r['loadgen_lag_ms']['p99'])} | {r['rest_cores']:.2f} |")
+    lines += [
+        f"| **added** | | **{ms(added_p50)}** | **{ms(added_p99)}** | | | | | |",
+        "",
+        "Both paths are warmed with the same concurrency first (so the gateway's upstream pool could hold a "
+        "connection per stream). Server CPU covers fake_openai, plus the gateway on the path through it.",
+        "",
+        "## 7. Memory per open stream (protections on)",
+        "",
+        f"{rss['open']} of {rss['requested']} streams open (`/stream`, still relaying at 20 tok/s); RSS summed over "
+        f"master + workers: {rss['before'] / 2**20:.1f} MiB before, {rss['during'] / 2**20:.1f} MiB while open, "
+        f"**{rss_kb:.1f} KB per stream**. Errors while opening: {rss['errors'] or 0}.",
+        "",
+    ]
+    if profiles:
+        lines += profile_section(profiles)
+    if baseline is not None:
+        lines += baseline_section(baseline["src"], baseline["runs"], common)
+    return "\n".join(lines)
+
+
+def display_path(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def profile_section(profiles: list[dict[str, Any]]) -> list[str]:
+    out = ["## 8. Profiles (py-spy, every worker, non-idle samples)", ""]
+    for p in profiles:
+        out += [f"### {p['label']}", ""]
+        if "error" in p:
+            out += [p["error"], ""]
+            continue
+        busy = p["samples"] / PROFILE_RATE_HZ / p["seconds"]
+        out += [f"`{display_path(p['file'])}`: {p['samples']:,} samples (≈ {busy:.2f} cores busy in Python-visible "
+                f"frames over {p['seconds']:.0f} s); TTFT p50 / p99 during the profile {ms(p['ttft_ms']['p50'])} / "
+                f"{ms(p['ttft_ms']['p99'])} ms (py-spy itself costs some CPU). `Runner.run` self time is the event "
+                "loop's C code (uvloop: polling, socket I/O, callbacks).", "",
+                "| Self | Frame | | Inclusive | Frame |", "|---:|---|---|---:|---|"]
+        for i in range(max(len(p["self"]), len(p["inclusive"]))):
+            s = p["self"][i] if i < len(p["self"]) else ("", 0.0)
+            n = p["inclusive"][i] if i < len(p["inclusive"]) else ("", 0.0)
+            out.append(f"| {s[1]:.1%} | `{s[0]}` | | {n[1]:.1%} | `{n[0]}` |")
+        out.append("")
+    return out
+
+
+def _median_spread(values: list[float], fmt: str) -> tuple[float | None, str]:
+    """The median and its text with the spread (min-max) over the rounds."""
+    if not values:
+        return None, "n/a"
+    mid = statistics.median(values)
+    return mid, f"{mid:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def baseline_section(src: Path, runs: dict[str, list[Capacity]], common: int) -> list[str]:
+    """`--baseline-src`: the shipped configuration from another checkout (A) and from this tree (B), interleaved."""
+    out = [
+        "## Against another checkout (`--baseline-src`)",
+        "",
+        f"The gateway as shipped ({PROTECTIONS_ON.description}; built-in mock at {PACE_TOKENS_PER_SECOND:g} tok/s), "
+        f"A from `{src}` (source `{source_revision(src)}`), B from this tree (source `{source_revision()}`), each "
+        f"started with that checkout as working directory and PYTHONPATH, run alternately (A B A B ...) for "
+        f"{len(runs['current'])} round(s); every run starts at {common} streams, where CPU per token is compared, "
+        "and searches its capacity from there as the other configurations do.",
+        "",
+        f"| Round | Checkout | Capacity (streams) | TTFT p50 / p99 ms at {common} "
+        f"| Server CPU ms / 1k tokens at {common} | Result at {common} |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for i, (a, b) in enumerate(zip(runs["baseline"], runs["current"], strict=True), start=1):
+        for name, cap in (("A (baseline)", a), ("B (this tree)", b)):
+            row = cap.row(common)
+            ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
+            out.append(f"| {i} | {name} | {cap.bracket} | {ttft} | {fmt_cpu(cpu_per_1k(row))} "
+                       f"| {result_text(row) if row else 'not run'} |")
+    cpu: dict[str, list[float]] = {}
+    capacity: dict[str, list[float]] = {}
+    for key, caps in runs.items():
+        cpu[key] = [c * 1000 for cap in caps if (c := cpu_per_1k(cap.row(common))) is not None]
+        capacity[key] = [float(cap.lo) for cap in caps]
+    cpu_a, cpu_a_text = _median_spread(cpu["baseline"], ".1f")
+    cpu_b, cpu_b_text = _median_spread(cpu["current"], ".1f")
+    cap_a, cap_a_text = _median_spread(capacity["baseline"], ".0f")
+    cap_b, cap_b_text = _median_spread(capacity["current"], ".0f")
+    cpu_ratio = f"{cpu_b / cpu_a:.3f}" if cpu_a and cpu_b is not None else "n/a"
+    cap_ratio = f"{cap_b / cap_a:.3f}" if cap_a and cap_b is not None else "n/a"
+    unresolved = any(cap.hi is None for caps in runs.values() for cap in caps)
+    out += [
+        "",
+        "| Measure | A (baseline) median (min–max) | B (this tree) median (min–max) | B / A |",
+        "|---|---:|---:|---:|",
+        f"| Server CPU ms per 1k delivered tokens at {common} streams | {cpu_a_text} | {cpu_b_text} | {cpu_ratio} |",
+        f"| Capacity (streams) | {cap_a_text} | {cap_b_text} | {cap_ratio} |",
+        "",
+        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline."
+        + (" Some run failed no level, so its capacity is a lower bound (unresolved): compare CPU per token."
+           if unresolved else ""),
+        "",
+    ]
+    return out
