@@ -45,7 +45,7 @@ WS (/ws):
 
     POST /stream, POST /v1/chat/completions, WS /ws   time to the response headers / the WS handshake
     <type> TTFT                        request start → first token (every stream that got one)
-    <type> inter-token gap             per stream, (last token − first token) / (tokens − 1)
+    <type> inter-token gap             per stream, (last token - first token) / (tokens - 1)
     <type> stream duration             request start → done, completed streams only
     <type> graceful:server_shutdown    success: the drain ended the stream; the user reconnects
     <type> refused:<status>:<code>     success: a 429/503 refusal (on /ws the close code: 1013, 1012)

@@ -46,8 +46,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @asynccontextmanager
-async def _client(url: str, timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[Redis]:
-    client = redis_from_url(url, socket_timeout=timeout)
+async def _client(url: str, socket_timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[Redis]:
+    client = redis_from_url(url, socket_timeout=socket_timeout)
     try:
         yield client
     finally:
@@ -220,7 +220,7 @@ def test_a_redis_that_never_answers_times_out_fast() -> None:
     read timeout ends the wait with a StorageError (without it, the guard's TimeoutError would)."""
 
     async def scenario(port: int) -> None:
-        async with _client(f"redis://127.0.0.1:{port}/0", timeout=0.1) as client:
+        async with _client(f"redis://127.0.0.1:{port}/0", socket_timeout=0.1) as client:
             with pytest.raises(StorageError):
                 await asyncio.wait_for(RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0), GUARD_S)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -52,7 +54,7 @@ def split(draw: st.DrawFn, raw: bytes) -> list[bytes]:
         return [raw] if raw else []
     cuts = sorted(draw(st.sets(st.integers(1, len(raw) - 1), max_size=min(len(raw) - 1, 40))))
     bounds = [0, *cuts, len(raw)]
-    return [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def decode(pieces: list[bytes]) -> list[str]:
