@@ -58,7 +58,7 @@ def relay(gateway: Gateway, protocol: str, max_tokens: int = 16, **extra: Any) -
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith("text/event-stream"):
         return Relayed(response.status_code, content_type, response.text, [], [])
-    events = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
+    events: list[Any] = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
     if protocol == "/stream":
         tokens = [e["content"] for e in events if e.get("type") == "token"]
     else:

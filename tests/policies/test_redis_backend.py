@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from policy_fakes import FakeClock
 from redis.asyncio import Redis
 
 from app.policies.ratelimit import Acquisition, MemoryStorage, RateLimit, RateLimiter, Storage, StorageError
@@ -29,6 +28,7 @@ from app.policies.redis_backend import (
     ResilientStorage,
     redis_from_url,
 )
+from tests.policies.policy_fakes import FakeClock
 from tests.ports import refused_port
 from tests.redis_server import START_TIMEOUT_S, RedisServer, started_redis
 

@@ -67,7 +67,7 @@ def test_key_b_cannot_read_key_a_stream_over_http(start_gateway: GatewayFactory)
     with httpx.Client(timeout=GUARD_S) as client:
         stream_id, reader = _live_stream(client, gateway, stop)
         try:
-            answers = {}
+            answers: dict[str, list[Any]] = {}
             for name, sid in (("unknown", UNKNOWN_ID), ("hijack", stream_id), ("unknown again", UNKNOWN_ID)):
                 before = counters(gateway)
                 for headers in ({}, {"Last-Event-ID": f"{sid}-3"}):

@@ -16,7 +16,7 @@ EOLS = ("\n", "\r\n", "\r")
 
 # One data line: any text (including non-BMP and lone surrogates, which UTF-8 cannot carry and are
 # left out) except the two line terminators.
-line_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\r\n"))
+line_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"))
 # One event's data: one or more lines, which the decoder joins with "\n".
 event_lines = st.lists(line_text, min_size=1, max_size=4)
 # Lines a decoder must skip: comments and the fields a relay has no use for.
