@@ -28,6 +28,7 @@ import pytest
 
 from loadtest import rehearsal
 from tests.conftest import ROOT
+from tests.extras import require
 
 GUARD_S = 100.0  # guard only: how long one short rehearsal may take before the test fails
 STOP_GUARD_S = 30.0  # guard only: how long a rehearsal asked to stop (SIGTERM) may take to clean up
@@ -63,6 +64,7 @@ def required_binaries() -> None:
 
 
 def run_rehearsal(tmp_path: Path, *args: str) -> Run:
+    require("load", "locust", "websocket", "matplotlib")  # it runs Locust and draws its picture
     out = tmp_path / "rehearsal"
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtest.rehearsal", *args, "--output-dir", str(out)], cwd=ROOT,
