@@ -78,7 +78,7 @@ def test_no_server_error_resuming_streams_it_opened(fuzzed_gateway: Gateway) -> 
     """Stateful: the `Resume` link feeds a real `X-Stream-ID` from POST /stream to GET /stream/{stream_id}, so
     Last-Event-ID and ?after= are fuzzed against streams that exist."""
 
-    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]  # a base class made at run time
         def get_call_kwargs(self, case: schemathesis.Case[Operation]) -> dict[str, object]:
             return {"base_url": fuzzed_gateway.url, "timeout": REQUEST_TIMEOUT_S}
 

@@ -180,8 +180,9 @@ async def test_async_client(mock_gateway: Gateway) -> None:
 
 
 def upstream_request(fake: FakeUpstream) -> dict[str, Any]:
+    body: dict[str, Any]
     (body,) = fake.stats()["bodies"]
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 def test_relay_non_stream(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) -> None:
