@@ -35,11 +35,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-${BOOTSTRAP_EXTRAS:-test}"
+# The extras the whole suite needs (pyproject.toml): the core tests, the load tools, the cluster client.
+extras="${BOOTSTRAP_EXTRAS:-test,load,cluster}"
+stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-${extras}"
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing the project and its pinned dependencies"
+  echo "bootstrap: installing the project and its pinned dependencies ([$extras])"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "${ROOT}[${BOOTSTRAP_EXTRAS:-test}]"
+  "$VENV/bin/python" -m pip install -q -e "${ROOT}[${extras}]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -8,7 +8,7 @@
 #   bash k8s/e2e.sh                  # KEEP_CLUSTER=1 keeps a cluster this run created; one it found is kept
 #
 # Needs: docker, kind, kubectl >= 1.31 (`wait --for=create`), helm, and a Python with the `kubernetes`
-# package (pip install -e '.[test]').
+# package (pip install -e '.[cluster]').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

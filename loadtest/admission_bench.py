@@ -28,7 +28,7 @@ from typing import Any
 
 import uvloop
 
-GENEROUS_LIMITS = {  # the benchmark's gateways run with these (loadtest.bench.plan.GENEROUS_ENV): nobody is refused
+GENEROUS_LIMITS: dict[str, Any] = {  # the benchmark's gateways run with these (loadtest.bench.plan.GENEROUS_ENV): nobody is refused
     "max_connections": 20000,
     "max_connections_per_client": 10000,
     "rate_limit_per_minute": 1_000_000_000.0,
@@ -41,7 +41,7 @@ def settings_for(redis_url: str | None) -> Any:
     from app.settings import Settings
 
     # Resumption has no part in admission; off, so building the state creates no store directory.
-    return Settings(redis_url=redis_url, resume_enabled=False, **GENEROUS_LIMITS)  # type: ignore[arg-type]
+    return Settings(redis_url=redis_url, resume_enabled=False, **GENEROUS_LIMITS)
 
 
 def scope_for(address: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import resource
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
 from typing import Any, cast
 
@@ -330,9 +331,8 @@ class LoadGen:
             loadgen_lag_ms=percentiles(lags),
         )
         if cfg.ttft_csv:
-            with open(cfg.ttft_csv, "w") as f:
-                f.write("start_s,ttft_ms\n")
-                f.writelines(f"{at:.4f},{v * 1000:.2f}\n" for at, v in zip(t.ttft_at, t.ttft, strict=True))
+            rows = "".join(f"{at:.4f},{v * 1000:.2f}\n" for at, v in zip(t.ttft_at, t.ttft, strict=True))
+            await asyncio.to_thread(Path(cfg.ttft_csv).write_text, "start_s,ttft_ms\n" + rows)  # off the loop
         return result
 
     async def run_hold_open(self, t_start: float) -> dict[str, Any]:

@@ -45,7 +45,7 @@ WS (/ws):
 
     POST /stream, POST /v1/chat/completions, WS /ws   time to the response headers / the WS handshake
     <type> TTFT                        request start → first token (every stream that got one)
-    <type> inter-token gap             per stream, (last token − first token) / (tokens − 1)
+    <type> inter-token gap             per stream, (last token - first token) / (tokens - 1)
     <type> stream duration             request start → done, completed streams only
     <type> graceful:server_shutdown    success: the drain ended the stream; the user reconnects
     <type> refused:<status>:<code>     success: a 429/503 refusal (on /ws the close code: 1013, 1012)
@@ -82,12 +82,17 @@ import random
 import time
 from collections.abc import Callable
 from http.client import HTTPException
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import locust
-import shapes
-import stream_check as sc
 import websocket
+
+if TYPE_CHECKING:  # the type checker sees the package; Locust runs this file with its directory on sys.path
+    from loadtest import shapes
+    from loadtest import stream_check as sc
+else:
+    import shapes
+    import stream_check as sc
 from gevent import GreenletExit
 from geventhttpclient.response import HTTPConnectionClosed
 from locust import FastHttpUser, LoadTestShape, between, events, task
@@ -623,11 +628,12 @@ class WSUser(_StreamUser):
 # --- load shape -----------------------------------------------------------------------------------
 _PLAN = shapes.plan_from_env(os.environ)
 if _PLAN is not None:
+    _SHAPE_NAME, _STAGES = _PLAN  # here, where the type checker knows _PLAN is not None
 
     class StreamLoadShape(LoadTestShape):
         """The stages LOCUST_SHAPE picked (shapes.py); -u/-r/-t are ignored while it runs."""
 
-        shape_name, stages = _PLAN
+        shape_name, stages = _SHAPE_NAME, _STAGES
 
         def tick(self) -> tuple[int, float] | None:
             return shapes.tick(self.stages, self.get_run_time())

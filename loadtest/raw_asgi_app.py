@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.types import Receive, Scope, Send
 from uvicorn_worker import UvicornWorker
@@ -24,7 +24,7 @@ STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
 class RawWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no type information
     """Pin uvloop and httptools (the gateway's stack) instead of relying on "auto"."""
 
-    CONFIG_KWARGS: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "lifespan": "off"}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": "httptools", "lifespan": "off"}
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:

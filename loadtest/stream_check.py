@@ -35,6 +35,7 @@ end is one to resume from, `new_connection` starts the next one, and at `done` t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -222,7 +223,7 @@ def seq_problem(seqs: Sequence[int], final_seq: int) -> str | None:
         seen.add(seq)
     if any(seq > final_seq or seq < 0 for seq in seen):
         return "event seq past the final event"
-    if any(a > b for a, b in zip(seqs, seqs[1:], strict=False)):
+    if any(a > b for a, b in itertools.pairwise(seqs)):
         return "event seqs out of order"
     if len(seen) != final_seq + 1:
         before_final = seen - {final_seq}

@@ -114,7 +114,7 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
 
     log = log_path.open("wb")
     try:
-        proc = subprocess.Popen(  # noqa: PLW1509 - preexec_fn is how the sockets land on fds 3 and 4
+        proc = subprocess.Popen(
             [sys.executable, "-m", "app"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=hand_over_sockets, close_fds=False, env=None,  # fds 3, 4 must survive; CLOEXEC fds close
         )

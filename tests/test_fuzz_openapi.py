@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.errors import InvalidSchema
+from schemathesis.core.result import Ok, Result
 from schemathesis.generation import GenerationMode
+from schemathesis.schemas import APIOperation
 
 from app.main import create_app
 from app.settings import Settings
@@ -33,6 +37,7 @@ FUZZ_ENV = {
 }
 STREAM_OPERATIONS = {("POST", "/stream"), ("POST", "/v1/chat/completions"), ("GET", "/stream/{stream_id}")}
 
+Operation = APIOperation[Any, Any, Any, Any]
 schema = schemathesis.openapi.from_dict(create_app(Settings(resume_enabled=False)).openapi())
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES, deterministic=True,
@@ -47,8 +52,13 @@ def fuzzed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway
     gateway.stop()
 
 
+def _operation(result: Result[Operation, InvalidSchema]) -> Operation:
+    assert isinstance(result, Ok), result.err()
+    return result.ok()
+
+
 def test_stream_routes_are_in_the_schema_with_their_bodies() -> None:
-    operations = {(op.method.upper(), op.path): op for op in (r.ok() for r in schema.get_all_operations())}
+    operations = {(op.method.upper(), op.path): op for op in map(_operation, schema.get_all_operations())}
     assert STREAM_OPERATIONS <= set(operations)
     for method, path in STREAM_OPERATIONS - {("GET", "/stream/{stream_id}")}:
         body = operations[method, path].definition.raw["requestBody"]["content"]["application/json"]["schema"]
@@ -58,7 +68,7 @@ def test_stream_routes_are_in_the_schema_with_their_bodies() -> None:
 
 
 @schema.parametrize()
-def test_no_server_error(case: schemathesis.Case, fuzzed_gateway: Gateway) -> None:
+def test_no_server_error(case: schemathesis.Case[Operation], fuzzed_gateway: Gateway) -> None:
     case.call_and_validate(base_url=fuzzed_gateway.url, checks=[not_a_server_error], timeout=REQUEST_TIMEOUT_S)
     log = fuzzed_gateway.log()
     assert "Traceback" not in log, log[-4000:]
@@ -68,11 +78,11 @@ def test_no_server_error_resuming_streams_it_opened(fuzzed_gateway: Gateway) -> 
     """Stateful: the `Resume` link feeds a real `X-Stream-ID` from POST /stream to GET /stream/{stream_id}, so
     Last-Event-ID and ?after= are fuzzed against streams that exist."""
 
-    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
-        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]  # a base class made at run time
+        def get_call_kwargs(self, case: schemathesis.Case[Operation]) -> dict[str, object]:
             return {"base_url": fuzzed_gateway.url, "timeout": REQUEST_TIMEOUT_S}
 
-        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case,
+        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case[Operation],
                               additional_checks: object = None, **kwargs: object) -> None:
             case.validate_response(response, checks=[not_a_server_error])
 

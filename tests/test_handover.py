@@ -13,6 +13,7 @@ import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import psutil
@@ -137,7 +138,9 @@ def test_killed_claimer_is_replaced_after_its_lease(start_gateway: GatewayFactor
     events = list(before)
     parser = SSEParser()
     with httpx.Client(timeout=GUARD_S) as client:
-        with client.stream("GET", f"{b.url}/stream/{stream_id}", headers={"Last-Event-ID": before[-1].id}) as r:
+        last_id = before[-1].id
+        assert last_id is not None
+        with client.stream("GET", f"{b.url}/stream/{stream_id}", headers={"Last-Event-ID": last_id}) as r:
             assert r.status_code == 200
             try:
                 for line in r.iter_lines():
@@ -168,7 +171,9 @@ def test_without_continuation_the_log_ends_not_resumable(
     assert shutdown.data == {"type": "server_shutdown"}
     assert gateway.proc.wait(timeout=GUARD_S) == 0
     records = redis.Redis.from_url(redis_server.url)
-    stored = b"".join(fields[b"d"] for _, fields in records.xrange(f"gw:rs:{stream_id}"))
+    # redis-py types every reply as the union of sync/async and raw/decoded; a sync raw client returns bytes
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], records.xrange(f"gw:rs:{stream_id}"))
+    stored = b"".join(fields[b"d"] for _, fields in entries)
     records.close()
     *events, final = sse_events(stored.decode().splitlines())
     assert [e.id for e in events[: len(before)]] == [e.id for e in before]

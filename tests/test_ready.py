@@ -11,7 +11,8 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.test_upstream_protection import metric, only_worker, wait_until, worker_pids
+from tests.test_upstream_protection import metric, wait_until
+from tests.workers import only_worker, worker_pids
 
 BREAKER = {"CIRCUIT_FAILURE_THRESHOLD": 1, "UPSTREAM_RETRIES": 0}
 

@@ -58,7 +58,7 @@ def relay(gateway: Gateway, protocol: str, max_tokens: int = 16, **extra: Any) -
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith("text/event-stream"):
         return Relayed(response.status_code, content_type, response.text, [], [])
-    events = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
+    events: list[Any] = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
     if protocol == "/stream":
         tokens = [e["content"] for e in events if e.get("type") == "token"]
     else:
@@ -291,7 +291,7 @@ class OneWriteUpstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     body = b""
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -300,7 +300,7 @@ class OneWriteUpstream(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

@@ -23,8 +23,10 @@ def gateway(mock_gateway: Gateway) -> Gateway:
 
 
 def stream_request_id(gateway: Gateway, **headers: str | bytes) -> str:
+    raw = [(name.encode("ascii"), value.encode("ascii") if isinstance(value, str) else value)  # as httpx encodes
+           for name, value in headers.items()]
     response = httpx.post(gateway.url + "/stream", json={"prompt": "request ids", "max_tokens": 2},
-                          headers=headers, timeout=30)
+                          headers=raw, timeout=30)
     assert response.status_code == 200, response.text
     return response.headers["x-request-id"]
 

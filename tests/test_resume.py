@@ -194,7 +194,9 @@ def test_resume_on_another_instance(start_gateway: GatewayFactory, redis_server:
         long_tokens = 500
         stream_id, before = interrupted_stream(client, a, prompt + " 2", long_tokens, keep=3)
         after = []
-        with client.stream("GET", f"{b.url}/stream/{stream_id}", headers={"Last-Event-ID": before[-1].id}) as r:
+        last_id = before[-1].id
+        assert last_id is not None
+        with client.stream("GET", f"{b.url}/stream/{stream_id}", headers={"Last-Event-ID": last_id}) as r:
             assert r.status_code == 200
             for event in sse_events(r.iter_lines()):
                 if not after:  # B has started the tail, and A's generation (the client left it) still runs
@@ -280,8 +282,23 @@ class FlakyBackend:
         data = self.data[stream_id][int(cursor or 0):]
         return data, str(int(cursor or 0) + len(data))
 
+    async def request_stop(self, stream_id: str, ttl_s: float) -> None:
+        return None
+
+    async def stop_bell(self) -> object:
+        return 0  # never rings: nothing here requests a stop
+
+    async def stops_requested(self, stream_ids: list[str]) -> set[str]:
+        return set()
+
     async def expire(self, stream_id: str) -> None:
         return None
+
+    async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        return None
+
+    async def readers_seen(self, stream_ids: list[str]) -> set[str]:
+        return set()
 
     async def sweep(self) -> None:
         return None

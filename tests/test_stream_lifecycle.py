@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.conftest import Gateway, sse_data
+from tests.conftest import Gateway, GatewayFactory, sse_data
 from tests.slots import assert_slots_released
 from tests.workers import only_worker, worker_pids
 
@@ -71,8 +71,8 @@ def test_client_disconnect_releases_the_stream(mock_gateway: Gateway) -> None:
     assert_slots_released(mock_gateway)
 
 
-def test_finished_streams_are_counted(start_gateway: object) -> None:
-    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=0)  # type: ignore[operator]
+def test_finished_streams_are_counted(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=0)
     for _ in range(6):
         httpx.post(gateway.url + "/stream", json={"prompt": "count me", "max_tokens": 5}, timeout=10)
     text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text

@@ -18,7 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
 from tests.test_relay_upstream import default_tokens
-from tests.test_upstream_protection import only_worker, worker_pids
+from tests.workers import only_worker, worker_pids
 
 RECV_GUARD_S = 30.0  # guard only: how long one frame may take
 

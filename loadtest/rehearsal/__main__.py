@@ -24,7 +24,7 @@ DEFAULT_DRAIN = {"full": 30.0, "short-drain": 2.0, "resume": 2.0}
 DEFAULT_CLOSE_GRACE = {"full": 5.0, "short-drain": 2.0, "resume": 2.0}
 
 
-class Interrupted(BaseException):  # noqa: N818 - raised by the SIGTERM/SIGHUP handler, like KeyboardInterrupt
+class Interrupted(BaseException):
     """This process was asked to stop: clean up and exit."""
 
 

@@ -6,6 +6,7 @@ Each refusal names the values involved (in backticks) and the rule; the boundary
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_grace_period_must_outlast_prestop_drain_and_close_grace(helm: Helm) -> 
     {"drainMetricsLingerSeconds": 20},
     {"shutdownMarginSeconds": 10},
 ], ids=lambda v: next(iter(v)))
-def test_grace_check_follows_every_term(helm: Helm, values: dict[str, float]) -> None:
+def test_grace_check_follows_every_term(helm: Helm, values: dict[str, Any]) -> None:
     message = helm.template_error(**values)  # each one 5 s over the default grace period's 75
     assert "`terminationGracePeriodSeconds` (75) must exceed" in message, message
 
@@ -46,7 +47,8 @@ def test_ingress_timeouts_must_outlast_the_stream_deadline(helm: Helm) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("request", "2m"), ("backendRequest", "1m59s"), ("request", "90000ms")])
 def test_route_timeouts_must_outlast_the_stream_deadline(helm: Helm, field: str, value: str) -> None:
-    message = helm.template_error(route__main__enabled=True, **{f"route__main__timeouts__{field}": value})
+    timeout: dict[str, Any] = {f"route__main__timeouts__{field}": value}
+    message = helm.template_error(route__main__enabled=True, **timeout)
     assert f"`route.main.timeouts.{field}` ({value}) must exceed `gateway.env.TOTAL_TIMEOUT_SECONDS` (120)" in message
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import GatewayFactory
 
 from .conftest import Helm, find
 
 
-def _script(helm: Helm, **values: object) -> str:
+def _script(helm: Helm, **values: Any) -> str:
     pod = find(helm.template(**values), "Pod")
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["/bin/sh", "-c"]

@@ -27,8 +27,9 @@ INSTALL_TIMEOUT_S = 600  # guard: installing the locked wheels into a fresh venv
 LOCK_TEXT = (ROOT / "requirements.lock").read_text()
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 # Linux x86_64 and CPython 3.11, as in the image (python:3.11.x-slim-bookworm)
-TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-          "python_version": "3.11", "implementation_name": "cpython", "extra": ""}
+TARGET: dict[str, str] = {**{name: str(value) for name, value in default_environment().items()},
+                          "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                          "python_version": "3.11", "implementation_name": "cpython", "extra": ""}
 
 
 def _lock() -> dict[str, tuple[str, list[str]]]:

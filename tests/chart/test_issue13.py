@@ -297,7 +297,8 @@ def test_global_and_enabled_are_accepted(helm: Helm) -> None:
     validator = jsonschema.Draft7Validator(SCHEMA)
     assert validator.is_valid(_merge(VALUES, {"global": {"imageRegistry": "r.example.test"}, "enabled": False}))
     assert not validator.is_valid(_merge(VALUES, {"enabled": "yes"}))
-    assert find(helm.template(**{"global": {"imageRegistry": "r.example.test"}, "enabled": True}), "Deployment")
+    values: dict[str, Any] = {"global": {"imageRegistry": "r.example.test"}, "enabled": True}  # `global`: a keyword
+    assert find(helm.template(**values), "Deployment")
 
 
 # --- 6. KEDA ------------------------------------------------------------------------------------------
@@ -407,7 +408,9 @@ def test_notes_say_plainly_where_resumption_works(helm: Helm) -> None:
 
 
 def test_all_features_egress_reaches_otlp_and_redis() -> None:
-    values = yaml.safe_load(SCENARIOS["all-features"].read_text())
+    path = SCENARIOS["all-features"]
+    assert path is not None
+    values = yaml.safe_load(path.read_text())
     ports = {p["port"] for rule in values["networkPolicy"]["egress"] for p in rule.get("ports", [])}
     assert values["otel"]["endpoint"].endswith(":4318") and 4318 in ports
     assert values["gateway"]["redis"]["existingSecret"] and 6379 in ports

@@ -15,6 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.extras import require
+
 from .conftest import CHART, ROOT
 
 E2E = (ROOT / "k8s" / "e2e.sh").read_text()
@@ -138,6 +140,7 @@ def test_watcher_fails_when_endpoints_ran_out_or_the_log_is_empty() -> None:
 
 
 def test_watcher_calls_exist_in_the_pinned_kubernetes_client() -> None:
+    require("cluster", "kubernetes")
     from kubernetes import client, config
 
     source = (ROOT / "k8s" / "watch_rollout.py").read_text()

@@ -35,7 +35,8 @@ def test_rollout_never_drops_capacity(helm: Helm) -> None:
     spec = find(helm.template(), "Deployment")["spec"]
     assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     assert spec["replicas"] == 2
-    for values in ({"autoscaling__enabled": True}, {"keda__enabled": True}):
+    autoscalers: tuple[dict[str, Any], ...] = ({"autoscaling__enabled": True}, {"keda__enabled": True})
+    for values in autoscalers:
         assert "replicas" not in find(helm.template(**values), "Deployment")["spec"]  # the autoscaler owns it
 
 
@@ -86,7 +87,7 @@ def test_every_setting_reaches_the_container_and_parses_back(helm: Helm) -> None
     assert env["MAX_BODY_BYTES"] == "1048576"  # never "1.048576e+06" (Helm reads YAML numbers as floats)
     assert env["DEADLINE_CHECK_INTERVAL_SECONDS"] == "0.25"
     assert env["READY_REQUIRES_CLOSED_CIRCUIT"] == "false"
-    settings = {k.lower(): v for k, v in env.items() if k in values_env}
+    settings: dict[str, Any] = {k.lower(): v for k, v in env.items() if k in values_env}
     assert Settings(**settings) == Settings()
 
 
@@ -171,7 +172,9 @@ def test_ingress_carries_the_sse_settings(helm: Helm) -> None:
 def test_http_routes_follow_the_route_map(helm: Helm) -> None:
     from .test_render import SCENARIOS
 
-    docs = helm.template(SCENARIOS["gateway-api"])
+    gateway_api = SCENARIOS["gateway-api"]
+    assert gateway_api is not None
+    docs = helm.template(gateway_api)
     routes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "HTTPRoute"}
     assert set(routes) == {f"{FULLNAME}-main", f"{FULLNAME}-api"}
     api = routes[f"{FULLNAME}-api"]["spec"]
@@ -231,7 +234,9 @@ def test_metrics_port_is_scraped_and_never_routed(helm: Helm) -> None:
     assert find(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
     for path in find(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"]:
         assert path["backend"]["service"]["port"] == {"name": "http"}
-    routes = [d for d in helm.template(SCENARIOS["gateway-api"]) if d["kind"] == "HTTPRoute"]
+    gateway_api = SCENARIOS["gateway-api"]
+    assert gateway_api is not None
+    routes = [d for d in helm.template(gateway_api) if d["kind"] == "HTTPRoute"]
     assert routes
     for rule in (rule for route in routes for rule in route["spec"]["rules"]):
         assert [ref["port"] for ref in rule["backendRefs"]] == [ports["http"]["port"]]

@@ -29,6 +29,7 @@ from loadtest import shapes
 from loadtest import stream_check as sc
 from loadtest.harness.ports import refused_port
 from tests.conftest import ROOT, GatewayFactory
+from tests.extras import require
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 STUB = Path(__file__).resolve().parent / "stub_gateway.py"
@@ -48,6 +49,7 @@ class LocustRun:
 
 
 def locust_command(host: str, csv_prefix: Path, *, users: int, seconds: int) -> list[str]:
+    require("load", "locust", "websocket")
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
         "-t", f"{seconds}s", "--host", host, "--csv", str(csv_prefix), "--only-summary",
@@ -430,6 +432,7 @@ def test_locustfile_shape_is_picked_by_env(tmp_path: Path) -> None:
     """With LOCUST_SHAPE set, Locust runs the shape's stages (and stops itself) instead of -u/-r/-t."""
     env = locust_env(tmp_path / "summary.json", shape="ramp", ramp_users=2, ramp_seconds=0.5,
                      ramp_hold_seconds=0.5, weight_ws=0, weight_chat=0)
+    require("load", "locust", "websocket")
     with refused_port() as port:  # held bound, never listening: every connection is refused
         result = subprocess.run(
             [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",

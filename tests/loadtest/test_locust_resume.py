@@ -207,7 +207,7 @@ def test_resumed_twice_after_a_handover_and_a_lost_replay() -> None:
         (3, WORDS[3:], None, "duplicate event seq"),  # the replay repeats seq 4
         (5, WORDS[5:], None, "gap in event seqs"),  # the replay skips seq 5
         (4, WORDS[5:], len(WORDS) - 1, "text differs from the uninterrupted text"),  # seqs whole, a word lost
-        (4, WORDS[4:] + ["x "], len(WORDS) + 1, "text differs from the uninterrupted text"),
+        (4, [*WORDS[4:], "x "], len(WORDS) + 1, "text differs from the uninterrupted text"),
     ],
     ids=["duplicate", "gap", "wrong-text", "extra-word"],
 )

@@ -31,6 +31,7 @@ from loadtest.harness.nginx import Nginx, chart_ingress
 from loadtest.harness.ports import free_port
 from loadtest.harness.process import Supervisor, kill_recorded, require_binary
 from tests.conftest import ROOT
+from tests.extras import require
 
 GUARD_S = 100.0  # guard only: how long one short rehearsal may take before the test fails
 STOP_GUARD_S = 30.0  # guard only: how long a rehearsal asked to stop (SIGTERM) may take to clean up
@@ -66,6 +67,7 @@ def required_binaries() -> None:
 
 
 def run_rehearsal(tmp_path: Path, *args: str) -> Run:
+    require("load", "locust", "websocket", "matplotlib")  # it runs Locust and draws its picture
     out = tmp_path / "rehearsal"
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtest.rehearsal", *args, "--output-dir", str(out)], cwd=ROOT,

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
-from policy_fakes import CHILD_TIMEOUT_S, run_forked
 
 from app.policies.concurrency import (
     ConnectionLimiter,
@@ -17,6 +16,7 @@ from app.policies.concurrency import (
     MemoryConnectionLimiter,
     SharedConnectionLimiter,
 )
+from tests.policies.policy_fakes import CHILD_TIMEOUT_S, run_forked
 
 LimiterFactory = Callable[[int, int], ConnectionLimiter]
 

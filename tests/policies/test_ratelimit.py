@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_fakes import CHILD_TIMEOUT_S, FakeClock, run_forked, run_sync
 
 from app.policies.breaker import SharedBreakerCell
 from app.policies.ratelimit import (
@@ -22,6 +21,7 @@ from app.policies.ratelimit import (
     Storage,
 )
 from app.storage.errors import StorageError
+from tests.policies.policy_fakes import CHILD_TIMEOUT_S, FakeClock, run_forked, run_sync
 
 StorageFactory = Callable[[], Storage]
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from policy_fakes import FakeClock
 from redis.asyncio import Redis
 
 from app.policies.concurrency import LOCAL_ONLY, ClientSlots
@@ -25,6 +24,7 @@ from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis, redis_from_url
 from loadtest.harness.ports import refused_port
 from loadtest.harness.redis import START_TIMEOUT_S, RedisServer, started_redis
+from tests.policies.policy_fakes import FakeClock
 
 # Guard only, against a hang: a call that should fail at once (refused) or at its read timeout and does not
 # fails the test with TimeoutError instead of hanging it. Generous: how fast is the benchmark's.
@@ -40,8 +40,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @asynccontextmanager
-async def _client(url: str, timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[Redis]:
-    client = redis_from_url(url, socket_timeout=timeout)
+async def _client(url: str, socket_timeout: float = CLIENT_TIMEOUT_S) -> AsyncIterator[Redis]:
+    client = redis_from_url(url, socket_timeout=socket_timeout)
     try:
         yield client
     finally:
@@ -217,7 +217,7 @@ def test_a_redis_that_never_answers_times_out_fast() -> None:
     read timeout ends the wait with a StorageError (without it, the guard's TimeoutError would)."""
 
     async def scenario(port: int) -> None:
-        async with _client(f"redis://127.0.0.1:{port}/0", timeout=0.1) as client:
+        async with _client(f"redis://127.0.0.1:{port}/0", socket_timeout=0.1) as client:
             with pytest.raises(StorageError):
                 await asyncio.wait_for(RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0), GUARD_S)
 

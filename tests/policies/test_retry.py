@@ -5,9 +5,9 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_fakes import SleepRecorder, run_sync
 
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
+from tests.policies.policy_fakes import SleepRecorder, run_sync
 
 
 class _Extremes(random.Random):

@@ -78,14 +78,16 @@ def final_error(protocol: str, response: httpx.Response) -> dict[str, Any]:
         error: dict[str, Any] = response.json()["error"]
         return error
     assert response.status_code == 200, response.text
-    events = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
+    events: list[Any] = [d if d == "[DONE]" else json.loads(d) for d in sse_data(response.text)]
     if protocol == "/stream":
         assert events[-1]["type"] == "error"
         assert [e["content"] for e in events if e["type"] == "token"] == ["fine "]
-        return events[-1]  # type: ignore[no-any-return]
+        error = events[-1]
+        return error
     assert events[-1] == "[DONE]"
     assert "fine " in response.text
-    return events[-2]["error"]  # type: ignore[no-any-return]
+    error = events[-2]["error"]
+    return error
 
 
 @pytest.mark.parametrize("protocol", ["/stream", "/v1", "/v1 non-stream"])

@@ -7,6 +7,7 @@ id swapped), same WebSocket close, and the same change in every counter the gate
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -66,7 +67,7 @@ def test_key_b_cannot_read_key_a_stream_over_http(start_gateway: GatewayFactory)
     with httpx.Client(timeout=GUARD_S) as client:
         stream_id, reader = _live_stream(client, gateway, stop)
         try:
-            answers = {}
+            answers: dict[str, list[Any]] = {}
             for name, sid in (("unknown", UNKNOWN_ID), ("hijack", stream_id), ("unknown again", UNKNOWN_ID)):
                 before = counters(gateway)
                 for headers in ({}, {"Last-Event-ID": f"{sid}-3"}):
@@ -145,7 +146,7 @@ def test_stream_ids_are_128_random_bits_on_every_worker(start_gateway: GatewayFa
         varying += len(values) == 2
     assert varying == 128
     # consecutive ids share no more than chance: a counter would leave them one digit apart
-    for a, b in zip(ids, ids[1:], strict=False):
+    for a, b in itertools.pairwise(ids):
         assert sum(x == y for x, y in zip(a, b, strict=True)) < 16, (a, b)
         assert abs(int(a, 16) - int(b, 16)) > 2**64
 

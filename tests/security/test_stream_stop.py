@@ -8,6 +8,7 @@ replays up to it, and counts the tokens generated so far. Key B's stop is an unk
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -171,7 +172,7 @@ def test_a_stop_reaches_the_worker_that_runs_the_stream(start_gateway: GatewayFa
                 assert code == 1000 and events[0]["type"] == "stopped"
                 final = events[0]["final"]
             assert final == CANCELLED
-            wait_for(lambda sid=sid: _pid_of(gateway, "stream finished", sid), "the generation ended")
+            wait_for(functools.partial(_pid_of, gateway, "stream finished", sid), "the generation ended")
             producer, stopper = _pid_of(gateway, "stream finished", sid), _pid_of(gateway, "stream stop requested", sid)
             cross_worker += producer != stopper
             if cross_worker >= 2 and attempt >= 3:

@@ -47,7 +47,7 @@ def test_a_configured_directory_that_is_a_symlink_is_refused(start_gateway: Gate
     (target / "precious").write_text("keep me")
     link = tmp_path / "state"
     link.symlink_to(target)
-    with pytest.raises(RuntimeError, match="refusing to start: .*must be a directory, not a symlink"):
+    with pytest.raises(RuntimeError, match=r"refusing to start: .*must be a directory, not a symlink"):
         start_gateway(**{variable: str(link)})
     assert (target / "precious").read_text() == "keep me"
     assert sorted(p.name for p in target.iterdir()) == ["precious"]

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionUserMessageParam
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -23,7 +24,7 @@ from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
 
 V1 = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
-USER = {"role": "user", "content": "hello"}
+USER: ChatCompletionUserMessageParam = {"role": "user", "content": "hello"}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_tools_and_response_formats_count_toward_max_prompt_chars(
         response = chat(image_gateway, **fields)
         assert response.status_code == 422, (fields.keys(), response.text)
         assert "above this gateway's limit of 1000" in response.json()["error"]["message"]
-    call = {"id": "c" * 1200, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    call: dict[str, Any] = {"id": "c" * 1200, "type": "function", "function": {"name": "f", "arguments": "{}"}}
     response = chat(image_gateway, messages=[{"role": "assistant", "content": None, "tool_calls": [call]}, USER])
     assert response.status_code == 422 and "above this gateway's limit" in response.json()["error"]["message"]
     for name, value in (("id", {"nested": "x" * 1200}), ("type", ["function"]), ("id", None)):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
+from starlette.types import ASGIApp, Message
+
+from app.errors import GatewayError
 from app.observability.recorder import StreamRecorder
 from app.streaming.relay import Relay
 from app.streaming.responses import SSEStreamResponse
@@ -17,9 +19,13 @@ from app.upstream.mock import MockUpstream
 GUARD_S = 30.0  # guard only
 
 
+def _no_error_expected(error: GatewayError) -> ASGIApp:
+    raise AssertionError(f"the stream opens without an error, got {error!r}")
+
+
 def test_final_event_to_a_client_that_stopped_reading_gives_up_and_releases() -> None:
     released: list[bool] = []
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
     async def scenario() -> None:
         registry = StreamRegistry(first_token_s=10, inter_token_s=10, total_s=60, slow_client_s=0.2,
@@ -32,17 +38,17 @@ def test_final_event_to_a_client_that_stopped_reading_gives_up_and_releases() ->
         async def release() -> None:
             released.append(True)
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             await asyncio.Event().wait()  # the client never disconnects...
             raise AssertionError("unreachable")
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             sent.append(message)
             if message.get("more_body") is False:
                 await asyncio.Event().wait()  # ...and stops reading right before the final event
 
         response = SSEStreamResponse(relay=relay, session=session, request=ChatRequest("m", [], max_tokens=3),
-                                     encoder=SeedEncoder(), error_response=lambda error: None,  # type: ignore
+                                     encoder=SeedEncoder(), error_response=_no_error_expected,
                                      release=release)
         async with asyncio.timeout(GUARD_S):
             await response({"type": "http"}, receive, send)

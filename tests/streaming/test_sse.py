@@ -127,7 +127,7 @@ def check_envelope(chunk: dict[str, Any], *, completion_id: str, model: str, cre
 def test_chat_chunks_parse_and_reassemble(
     model: str, tokens: list[str], include_usage: bool, finish_reason: str | None, usage: Usage | None
 ) -> None:
-    ids = {"completion_id": "chatcmpl-abc123", "model": model, "created": 1_700_000_000}
+    ids: dict[str, Any] = {"completion_id": "chatcmpl-abc123", "model": model, "created": 1_700_000_000}
     encoder = ChatChunkEncoder(**ids, include_usage=include_usage)
     half = len(tokens) // 2
     raw = encoder.opening() + encoder.tokens(tokens[:half]) + encoder.tokens(tokens[half:])

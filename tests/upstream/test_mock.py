@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -121,7 +122,7 @@ def test_chat_answers(gateway: Gateway) -> None:
 def test_websocket_answers(gateway: Gateway) -> None:
     with connect(gateway.url.replace("http://", "ws://") + "/ws") as ws:
         ws.send(json.dumps({"prompt": "x" * 100, "max_tokens": 10}))
-        frames = []
+        frames: list[dict[str, Any]] = []
         while not frames or frames[-1]["type"] not in ("done", "error"):
             frames.append(json.loads(ws.recv(timeout=30)))
     assert [f["content"] for f in frames if f["type"] == "token"] == LONG_10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,7 @@ EOLS = ("\n", "\r\n", "\r")
 
 # One data line: any text (including non-BMP and lone surrogates, which UTF-8 cannot carry and are
 # left out) except the two line terminators.
-line_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\r\n"))
+line_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"))
 # One event's data: one or more lines, which the decoder joins with "\n".
 event_lines = st.lists(line_text, min_size=1, max_size=4)
 # Lines a decoder must skip: comments and the fields a relay has no use for.
@@ -52,7 +54,7 @@ def split(draw: st.DrawFn, raw: bytes) -> list[bytes]:
         return [raw] if raw else []
     cuts = sorted(draw(st.sets(st.integers(1, len(raw) - 1), max_size=min(len(raw) - 1, 40))))
     bounds = [0, *cuts, len(raw)]
-    return [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def decode(pieces: list[bytes]) -> list[str]:
