@@ -16,8 +16,8 @@ from contextlib import ExitStack
 
 import httpx
 
+from loadtest.harness.wait import eventually
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.test_upstream_protection import wait_until
 
 BURST = 3
 VALID = {"prompt": "admission order", "max_tokens": 3}
@@ -79,7 +79,7 @@ def test_each_step_refuses_before_the_next(start_gateway: GatewayFactory, fake_u
 
         # draining before everything: the held streams keep the instance draining
         gateway.proc.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: httpx.get(gateway.url + "/ready", timeout=30).status_code == 503, timeout=30)
+        assert eventually(lambda: httpx.get(gateway.url + "/ready", timeout=30).status_code == 503, timeout=30)
         assert code(gateway, None) == (503, "draining")
         assert code(gateway, "key-x") == (503, "draining")
         assert code(gateway, "key-a") == (503, "draining")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import httpx
 
+from loadtest.harness.wait import eventually
 from tests.conftest import GatewayFactory
-from tests.test_upstream_protection import metric, wait_until
+from tests.test_upstream_protection import metric
 
 
 def test_unknown_models_fold_into_other(start_gateway: GatewayFactory) -> None:
@@ -20,7 +21,7 @@ def test_unknown_models_fold_into_other(start_gateway: GatewayFactory) -> None:
     def counted(model: str, expected: float) -> bool:
         return metric(gateway, "streaming_tokens_total", route="/stream", model=model) == expected
 
-    assert wait_until(lambda: counted("other", 12), timeout=30)
+    assert eventually(lambda: counted("other", 12), timeout=30)
     text = httpx.get(gateway.metrics_url + "/metrics").text
     assert "house-model" not in text and "client-invented-9f2c" not in text and "another-made-up-name" not in text
     ttft_models = {line.split('model="')[1].split('"')[0] for line in text.splitlines()

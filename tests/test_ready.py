@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import httpx
 
+from loadtest.harness.wait import eventually
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.test_upstream_protection import metric, wait_until
+from tests.test_upstream_protection import metric
 from tests.workers import only_worker, worker_pids
 
 BREAKER = {"CIRCUIT_FAILURE_THRESHOLD": 1, "UPSTREAM_RETRIES": 0}
@@ -55,7 +56,7 @@ def test_ready_comes_back_when_the_open_period_ends(start_gateway: GatewayFactor
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, READY_REQUIRES_CLOSED_CIRCUIT="true",
                             CIRCUIT_OPEN_SECONDS=1, **BREAKER)
     trip(gateway, fake_upstream, then_refused=False)
-    assert wait_until(lambda: ready_on_each_worker(gateway) == [(200, "ready")] * 2, timeout=30)
+    assert eventually(lambda: ready_on_each_worker(gateway) == [(200, "ready")] * 2, timeout=30)
 
 
 def test_by_default_an_open_circuit_leaves_ready_alone(

@@ -29,6 +29,7 @@ from redis import Redis
 
 from app.policies.concurrency_redis import DEFAULT_SLOTS_PREFIX
 from loadtest.harness.redis import RedisServer, started_redis
+from loadtest.harness.wait import eventually
 from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory
 from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_released
 from tests.test_upstream_protection import (
@@ -36,7 +37,6 @@ from tests.test_upstream_protection import (
     http_client,
     post_stream,
     samples,
-    wait_until,
 )
 from tests.workers import only_worker, worker_pids
 
@@ -153,7 +153,7 @@ def test_client_stream_cap_is_shared_by_two_instances(
         # leaving the block closed the three streams: slots and fleet-wide leases are given back
         for gateway in gateways:
             assert_slots_released(gateway)
-        assert wait_until(lambda: fleet_leases(redis_server) == 0)
+        assert eventually(lambda: fleet_leases(redis_server) == 0)
         assert fleet_leases(redis_server) == 0
 
 
@@ -209,7 +209,7 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
             key = f"k-poll-{index}"  # a worker's own key: its polls spend no one else's tokens
             index += 1
             with only_worker(gateway, pid), http_client() as client:
-                assert wait_until(lambda: recovered(client, gateway, pid, bearer(key)), WAIT_S)  # noqa: B023
+                assert eventually(lambda: recovered(client, gateway, pid, bearer(key)), WAIT_S)  # noqa: B023
     for gateway in gateways:
         assert gauge(gateway, "streaming_redis_up", store="ratelimit") == [1]
         assert gauge(gateway, "streaming_redis_up", store="slots") == [1]
@@ -274,4 +274,4 @@ def test_redis_hung_falls_back_at_the_production_timeout(
             now = redis_log(gateway, "redis reachable again")
             return all(now[pid, store] > back_before[pid, store] for store in ("ratelimit", "slots"))
 
-        assert wait_until(back, 60)  # guard only: each poll pauses a worker and streams, slow on a loaded machine
+        assert eventually(back, 60)  # guard only: each poll pauses a worker and streams, slow on a loaded machine

@@ -10,8 +10,7 @@ import json
 import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from loadtest.harness.wait import eventually
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
 from tests.slots import assert_slots_released
 
@@ -351,14 +351,6 @@ def active_streams(gateway: Gateway) -> float:
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)  # polling interval, not an assertion
-    return True
-
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_client_disconnect_mid_stream_reaches_upstream(
@@ -385,7 +377,7 @@ def test_client_disconnect_mid_stream_reaches_upstream(
     assert stats["disconnects"] == 1
     assert stats["completed"] == 0
     assert stats["active"] == 0
-    assert wait_until(lambda: active_streams(relay_gateway) == 0)
+    assert eventually(lambda: active_streams(relay_gateway) == 0)
     assert_slots_released(relay_gateway)
 
 
@@ -402,11 +394,11 @@ def test_client_disconnect_while_waiting_for_non_stream_reaches_upstream(
         )
         # the answer comes only at the end; wait until the upstream is generating, then hang up
         assert fake_upstream.wait_for(lambda s: s["active"] == 1, timeout=WAIT_S)["active"] == 1
-        assert wait_until(lambda: active_streams(relay_gateway) >= 1)
+        assert eventually(lambda: active_streams(relay_gateway) >= 1)
     stats = fake_upstream.wait_for(lambda s: s["disconnects"] >= 1, timeout=WAIT_S)
     assert stats["disconnects"] == 1
     assert stats["completed"] == 0
-    assert wait_until(lambda: active_streams(relay_gateway) == 0)
+    assert eventually(lambda: active_streams(relay_gateway) == 0)
     assert_slots_released(relay_gateway)
 
 

@@ -10,8 +10,8 @@ import re
 import httpx
 import pytest
 
+from loadtest.harness.wait import eventually
 from tests.conftest import Gateway, GatewayFactory
-from tests.test_upstream_protection import wait_until
 
 GENERATED = re.compile(r"^[0-9a-f]{16}$")  # what the gateway makes up: 8 random bytes in hex
 SAFE_ID = "req-42.alpha:beta/gamma+delta=eps@zeta_" + "x" * 89  # every allowed character class, 128 chars
@@ -61,6 +61,6 @@ def test_the_stream_log_line_carries_the_id_and_never_an_unsafe_one(start_gatewa
         lines = [json.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]
         return {str(e["request_id"]): e for e in lines if e.get("message") == "stream finished"}
 
-    assert wait_until(lambda: {"trace-me-7", generated} <= finished().keys(), timeout=30), gateway.log()
+    assert eventually(lambda: {"trace-me-7", generated} <= finished().keys(), timeout=30), gateway.log()
     assert finished()["trace-me-7"]["outcome"] == "done"
     assert "forged" not in gateway.log()

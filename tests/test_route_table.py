@@ -25,7 +25,7 @@ def test_fastapi_registers_every_stream_route() -> None:
         if isinstance(route, APIWebSocketRoute):
             registered.add((WEBSOCKET, route.path))
         else:
-            assert isinstance(route, APIRoute)
+            assert isinstance(route, APIRoute) and route.methods is not None
             registered.update((method, route.path) for method in route.methods)
     assert registered == {(route.method, route.path) for route in STREAM_ROUTES}
 

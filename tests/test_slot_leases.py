@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from loadtest.harness.redis import RedisServer, started_redis
+from loadtest.harness.wait import eventually
 from tests.conftest import GatewayFactory
 from tests.test_handover import kill_instance
 from tests.test_redis_limits import fleet_leases
-from tests.test_upstream_protection import wait_until
 
 AGE_S = 8  # long enough for the refusal to be seen first on a loaded machine, short for the test
 GUARD_S = 60.0  # guard only: the lease must be gone well before this (the default age is 300 s)
@@ -48,5 +48,5 @@ def test_a_dead_instances_slot_is_reclaimed_after_max_stream_age(
         response = httpx.post(survivor.url + "/stream", json=body, timeout=30)
         return response.status_code == 200 and '"type": "done"' in response.text
 
-    assert wait_until(admitted, timeout=GUARD_S)
+    assert eventually(admitted, timeout=GUARD_S)
     assert fleet_leases(redis_server) == 0  # the survivor's own stream released its lease

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from loadtest.harness.ports import refused_port
+from loadtest.harness.wait import eventually
 from tests.conftest import SLOT_CAPS, FakeUpstream, Gateway, GatewayFactory, launch_gateway
 from tests.slots import assert_slots_released
 from tests.test_relay_upstream import (
@@ -33,7 +34,6 @@ from tests.test_relay_upstream import (
     default_tokens,
     error_body,
     relay,
-    wait_until,
 )
 from tests.workers import only_worker, worker_pids
 
@@ -264,7 +264,7 @@ def wait_breaker_state(gateway: Gateway, expected: int) -> float:
 def close_breaker(gateway: Gateway) -> None:
     """Successful probes (the fake upstream answers again) until the breaker is closed: the slot check
     that ends a test needs every stream admitted."""
-    assert wait_until(lambda: breaker_state(gateway) != 1)  # the open period passes
+    assert eventually(lambda: breaker_state(gateway) != 1)  # the open period passes
     with http_client() as client:
         for _ in range(10):  # CIRCUIT_SUCCESS_THRESHOLD probes, one after another
             if breaker_state(gateway) == 0:

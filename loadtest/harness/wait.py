@@ -8,6 +8,7 @@ from collections.abc import Callable
 from loadtest.harness.errors import HarnessError
 
 POLL_S = 0.05  # polling interval, not an assertion
+GUARD_S = 10.0  # default for `eventually`: a guard against a hang, never a timing assertion
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, *,
@@ -25,3 +26,12 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, *,
             raise HarnessError(f"{what}: not within {timeout:g} s")
         time.sleep(interval)
     return time.monotonic() - began
+
+
+def eventually(condition: Callable[[], object], timeout: float = GUARD_S, *, interval: float = POLL_S) -> bool:
+    """Whether `condition` turns true within `timeout` seconds (for `assert eventually(...)` in tests)."""
+    try:
+        wait_until(condition, timeout, "condition", interval=interval)
+    except HarnessError:
+        return False
+    return True
