@@ -42,7 +42,6 @@ from app.observability.metrics import (
     REDIS_UP,
     precreate_series,
 )
-from app.observability.recorder import StreamRecorder
 from app.policies.breaker import CircuitBreaker
 from app.policies.ratelimit import RateLimit, RateLimiter, Storage
 from app.policies.redis_backend import (
@@ -54,13 +53,16 @@ from app.policies.redis_backend import (
     ResilientStorage,
 )
 from app.policies.retry import RetryPolicy
-from app.resume.handover import Claimer, HandoverPublisher
+from app.resume.claimer import Claimer
+from app.resume.handover import HandoverPublisher
 from app.resume.local import DirectoryBackend
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import Backend, ResumeStore
 from app.settings import Settings
+from app.streaming.continuation import HandoverContinuation
 from app.streaming.memory import MemoryGuard
-from app.streaming.relay import Relay
+from app.streaming.recorder import StreamRecorder
+from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
@@ -195,7 +197,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         check_interval_s=settings.deadline_check_interval_seconds,
         orphan_timeout_s=settings.orphan_timeout_seconds if settings.resume_enabled else 0.0,
         max_orphans=settings.max_orphaned_streams,
-        memory=memory.check,
+        memory=memory.enforce,
     )
     upstream = build_upstream(settings)
     if tracer_provider is not None:  # a client span per attempt, inside the guard
@@ -250,7 +252,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         assert settings.redis_url is not None
         claimer = Claimer(
             LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds + CLAIM_BLOCK_SECONDS),
-            resume, relay, lease_s=settings.handover_lease_seconds, max_claims=settings.max_orphaned_streams,
+            resume, HandoverContinuation(relay, resume), lease_s=settings.handover_lease_seconds,
+            max_claims=settings.max_orphaned_streams,
             block_s=CLAIM_BLOCK_SECONDS,
         )
         drain.on_start.append(claimer.stop)  # a draining instance never claims

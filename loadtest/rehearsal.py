@@ -89,7 +89,7 @@ CHART_VALUES = ROOT / "chart" / "values.yaml"  # nginx takes the Ingress' timeou
 TTFT_P95 = "histogram_quantile(0.95, sum by (le) (rate(streaming_ttft_seconds_bucket[10s])))"
 ACTIVE = "sum by (instance) (streaming_active_connections)"
 UP = "up"
-CLAIM_MESSAGE = "continuing a handed-over stream"  # app/resume/handover.py: a claimer picked a stream up
+CLAIM_MESSAGE = "continuing a handed-over stream"  # app/resume/claimer.py: a claimer picked a stream up
 LOCUST_RESUME_KEYS = ("resumed", "resume_mismatch", "not_resumable")  # in the summary of users that resume
 RESUMABLE_ENDPOINTS = ("/stream", "/ws")  # /v1/chat/completions streams end with server_shutdown, not handed over
 

@@ -23,10 +23,10 @@ import pytest
 
 from app.policies.ratelimit import StorageError
 from app.policies.redis_backend import LazyRedis
-from app.resume.handover import Progress, parse_log
+from app.resume.progress import Progress, parse_log
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import ResumeStore, StreamMeta
-from app.streaming.sse import SeedEncoder
+from app.streaming.encoders import SeedEncoder
 from app.upstream.mock import mock_tokens
 from tests.conftest import Gateway, GatewayFactory
 from tests.redis_server import RedisServer, started_redis

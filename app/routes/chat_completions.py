@@ -20,8 +20,8 @@ from app.routes.deps import (
     stream_headers,
 )
 from app.routes.openapi import EVENT_STREAM, json_body
+from app.streaming.encoders import ChatChunkEncoder
 from app.streaming.responses import CompletionResponse, SSEStreamResponse
-from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
 from app.upstream.schemas import ChatCompletionRequest
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.policies.redis_backend import LazyRedis
-from app.resume.handover import read_log
+from app.resume.progress import read_log
 from app.resume.redis_streams import FIELD, RedisStreamsBackend
 from tests.redis_server import RedisServer, started_redis
 

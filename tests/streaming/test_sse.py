@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, ShutdownError, UpstreamError
-from app.streaming.sse import DONE_SENTINEL, PING, ChatChunkEncoder, SeedEncoder
+from app.streaming.encoders import DONE_SENTINEL, PING, ChatChunkEncoder, SeedEncoder
 from app.upstream.base import Usage
 from app.upstream.sse_decoder import SSEDecoder
 
