@@ -4,7 +4,7 @@ One stream is one task (the ASGI request task) plus a disconnect listener:
 
     admit ─► open upstream ─► headers + opening event ─► pump: batch ─► one write ─► ... ─► final event
                │ error or cut before headers:                  ▲ cut from outside (watchdog deadline, slow
-               ▼ plain HTTP error                              │ client, drain, client gone): task.cancel()
+               ▼ refusal (plain HTTP error, WS error + close)  │ client, drain, client gone): task.cancel()
                                                                  with the reason stored on the session
 
 The pump takes every event already waiting upstream (at most STREAM_BUFFER_SIZE) as one batch and
@@ -256,7 +256,9 @@ class StreamRun:
 
         write = transport.writer(encoder.tokens, None if log is None else log.events,
                                  None if log is None or same else log.encoder.tokens)
-        outcome, error = await self.relay(write, None if continued else opening)
+        # relay_from straight, not through a wrapper: every await level is resumed at every suspension
+        outcome, error = await self.relay_from(stream, write, None if continued else opening)
+        self._blame_upstream(stream, error)
         log_end = None if log is None else await log.end(session, stream, error)
         end = StreamEnd(outcome, error, log_end)
         if outcome is Outcome.CLIENT_GONE or session.orphaned_at:
@@ -314,7 +316,8 @@ class StreamRun:
             self.report(Outcome.ERROR, exc)
             await transport.refuse(exc)
             return None
-        outcome, error = await self.relay(write)
+        outcome, error = await self.relay_from(stream, write)
+        self._blame_upstream(stream, error)
         if outcome is Outcome.CLIENT_GONE:
             return None
         if error is not None:
@@ -322,15 +325,11 @@ class StreamRun:
             return None
         return stream
 
-    async def relay(self, write: Callable[[Batch], Awaitable[None]],
-                    opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
-        """Relay the opened stream until it ends; return how it ended (the caller writes the final event)."""
-        stream = self._stream
-        assert stream is not None
-        outcome, error = await self.relay_from(stream, write, opening)
+    @staticmethod
+    def _blame_upstream(stream: UpstreamStream, error: GatewayError | None) -> None:
+        """A stream cut for the upstream's stall counts against the upstream (the breaker)."""
         if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
             stream.mark_failed()
-        return outcome, error
 
     async def relay_from(self, source: AsyncIterable[B], write: Callable[[B], Awaitable[None]],
                          opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
