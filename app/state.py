@@ -14,13 +14,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from app.admission import Admission
 from app.drain import Drain
 from app.observability.metrics import precreate_series
-from app.observability.recorder import StreamRecorder
 from app.policies.breaker import CircuitBreaker
-from app.resume.handover import Claimer
+from app.resume.claimer import Claimer
 from app.resume.store import ResumeStore
 from app.settings import Settings
 from app.storage.redis import LazyRedis
-from app.streaming.relay import Relay
+from app.streaming.recorder import StreamRecorder
+from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 

@@ -12,7 +12,6 @@ from app.admission import Admission, KeyRing, parse_networks
 from app.drain import Drain
 from app.instance import breaker_config, instance_state
 from app.observability.metrics import ORPHANED_STREAMS, REDIS_FALLBACKS_TOTAL, REDIS_UP
-from app.observability.recorder import StreamRecorder
 from app.policies.breaker import CircuitBreaker
 from app.policies.concurrency import ClientSlots
 from app.policies.concurrency_redis import RedisClientSlots
@@ -20,15 +19,18 @@ from app.policies.failover import ResilientClientSlots, ResilientStorage
 from app.policies.ratelimit import RateLimit, RateLimiter, Storage
 from app.policies.ratelimit_redis import RedisStorage
 from app.policies.retry import RetryPolicy
-from app.resume.handover import Claimer, HandoverPublisher
+from app.resume.claimer import Claimer
+from app.resume.handover import HandoverPublisher
 from app.resume.local import DirectoryBackend
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import Backend, ResumeStore
 from app.settings import Settings
 from app.state import GatewayState
 from app.storage.redis import LazyRedis
+from app.streaming.continuation import HandoverContinuation
 from app.streaming.memory import MemoryGuard
-from app.streaming.relay import Relay
+from app.streaming.recorder import StreamRecorder
+from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
@@ -72,7 +74,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         check_interval_s=settings.deadline_check_interval_seconds,
         orphan_timeout_s=settings.orphan_timeout_seconds if settings.resume_enabled else 0.0,
         max_orphans=settings.max_orphaned_streams,
-        memory=memory.check,
+        memory=memory.enforce,
     )
     upstream = build_upstream(settings)
     if tracer_provider is not None:  # a client span per attempt, inside the guard
@@ -127,7 +129,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         assert settings.redis_url is not None
         claimer = Claimer(
             LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds + CLAIM_BLOCK_SECONDS),
-            resume, relay, lease_s=settings.handover_lease_seconds, max_claims=settings.max_orphaned_streams,
+            resume, HandoverContinuation(relay, resume), lease_s=settings.handover_lease_seconds,
+            max_claims=settings.max_orphaned_streams,
             block_s=CLAIM_BLOCK_SECONDS,
         )
         drain.on_start.append(claimer.stop)  # a draining instance never claims

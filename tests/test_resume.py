@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from app.resume.handover import Progress, parse_log
+from app.resume.progress import Progress, parse_log
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import ResumeStore, StreamMeta
 from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis
-from app.streaming.sse import SeedEncoder
+from app.streaming.encoders import SeedEncoder
 from app.upstream.mock import mock_tokens
 from loadtest.harness.redis import RedisServer, started_redis
 from tests.conftest import Gateway, GatewayFactory

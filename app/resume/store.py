@@ -25,7 +25,7 @@ while it produces resumable streams, and only when it changed looks up marks for
 generations, which it then cancels. A claimer looks for a mark before it continues a stream.
 
 Handover (drain with the Redis store): `EventLog.hand_over` flushes the log and publishes the
-stream to the fleet instead of closing it; another instance appends the rest (resume/handover.py).
+stream to the fleet instead of closing it; another instance appends the rest (resume/claimer.py).
 """
 
 from __future__ import annotations

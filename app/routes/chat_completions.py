@@ -21,8 +21,8 @@ from app.routes.deps import (
     read_json,
     stream_headers,
 )
+from app.streaming.encoders import ChatChunkEncoder
 from app.streaming.responses import CompletionResponse, SSEStreamResponse
-from app.streaming.sse import ChatChunkEncoder
 from app.upstream.base import ChatRequest, Usage
 
 router = APIRouter(prefix="/v1")

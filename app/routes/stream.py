@@ -36,9 +36,9 @@ from app.routes.deps import (
     stream_headers,
 )
 from app.state import GatewayState
+from app.streaming.encoders import SeedEncoder
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
 from app.streaming.session import StreamSession
-from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
 
 logger = logging.getLogger("app.access")
@@ -103,7 +103,7 @@ async def resume_stream(
                                  poll_s=state.settings.resume_flush_interval_seconds)
     return ASGIResponse(
         ReplayResponse(
-            relay=state.relay, session=session, frames=frames, error_response=_detail_error,
+            relay=state.relay, session=session, frames=frames, encoder=SeedEncoder(), error_response=_detail_error,
             not_resumable=lambda: not_resumable(stream_id),
             extra_headers=[(b"x-stream-id", stream_id.encode())],
         )

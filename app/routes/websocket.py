@@ -24,13 +24,11 @@ A stream of someone else, or an unknown one, answers as a resume of it would: `n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 from fastapi import WebSocket
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.types import Message
-from starlette.websockets import WebSocketDisconnect
 
 from app.admission import Ticket
 from app.errors import (
@@ -43,22 +41,18 @@ from app.errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
 )
-from app.resume.store import EventLog, is_final
+from app.resume.store import EventLog
 from app.routes.bodies import StreamRequest
 from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
 from app.routes.refusal import count_refusal, refusal
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.state import GatewayState
-from app.streaming.relay import BACKPRESSURE_FINAL_WRITE_S, end_log
-from app.streaming.responses import not_resumable_on_lookup
-from app.streaming.session import Outcome
-from app.streaming.sse import SeedEncoder, escape
-from app.upstream.base import Batch, ChatRequest, batch_texts
+from app.streaming.encoders import SeedEncoder, WebSocketEncoder
+from app.streaming.run import StreamLog
+from app.streaming.transports import WebSocketTransport, close_with_error
+from app.upstream.base import ChatRequest
 
 ENDPOINT = "/ws"
-STATUS_TEXT = json.dumps({"type": "status", "message": "Generating..."})
-SHUTDOWN_TEXT = json.dumps({"type": "server_shutdown"})
-TOKEN_HEAD = '{"type": "token", "content": '
 # The subprotocol the server chooses when offered: browsers fail a handshake that offered protocols (`bearer.<key>`)
 # and got none back, and the key itself is never echoed.
 SUBPROTOCOL = "gateway.v1"
@@ -81,12 +75,6 @@ class StopRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stop: StrictStr = Field(description="The id of a stream of this client, whose generation is to stop.")
-
-
-async def _end_with_error(websocket: WebSocket, error: GatewayError) -> None:
-    text = SHUTDOWN_TEXT if error.code == "server_shutdown" else json.dumps(error.sse_event())
-    await websocket.send_text(text)
-    await websocket.close(code=error.ws_close_code, reason=error.ws_reason)
 
 
 Request = StreamRequest | ResumeRequest | StopRequest
@@ -146,7 +134,7 @@ async def _refuse_handshake(websocket: WebSocket, error: GatewayError) -> None:
 async def _refuse_stream(websocket: WebSocket, error: GatewayError) -> None:
     """A refusal after the handshake: counted as every refusal is, answered as the socket answers any error."""
     count_refusal(websocket.scope, error)
-    await _end_with_error(websocket, error)
+    await close_with_error(websocket, error)
 
 
 async def ws_stream(websocket: WebSocket) -> None:
@@ -201,32 +189,6 @@ async def ws_stream(websocket: WebSocket) -> None:
 async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest, ticket: Ticket) -> None:
     session = new_session(websocket, state, endpoint=ENDPOINT, model=chat.model)
     log: EventLog | None = open_log(state, session, chat, ticket.owner)
-    encoder = SeedEncoder(session.id) if log is not None else None
-    send_text = websocket.send_text
-
-    async def opening() -> None:
-        if log is not None and encoder is not None:
-            log.append(encoder.opening(), 1)
-            status = {"type": "status", "message": "Generating...", "stream_id": session.id}
-            await send_text(json.dumps(status))
-        else:
-            await send_text(STATUS_TEXT)
-
-    async def write(batch: Batch) -> None:
-        batch = batch_texts(batch)  # the seed protocol carries text only
-        if log is not None and encoder is not None:
-            log.append(encoder.tokens(batch), len(batch))
-        if session.orphaned_at:
-            return  # the client left; the generation runs on for it to resume
-        frames = [f"{TOKEN_HEAD}{escape(text)}}}" for text in batch]  # ASCII: characters are bytes
-        session.write_bytes = sum(map(len, frames))  # what a blocked write holds (the memory budget)
-        try:
-            for frame in frames:
-                await send_text(frame)
-        except (OSError, WebSocketDisconnect):  # the peer is gone before its close reached the listener
-            state.registry.client_left(session)
-            if not session.orphaned_at:
-                raise
 
     async def receive() -> Message:  # the listener's: a stop of this very stream may arrive mid-stream
         message = await websocket.receive()
@@ -234,33 +196,11 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
             session.stop()
         return message
 
+    transport = WebSocketTransport(websocket, session=session, registry=state.registry)
     async with state.relay.run(session, receive=receive, disconnect_type="websocket.disconnect",
                                release=ticket.release) as run:
-        stream = await run.open_or_refuse(chat, lambda exc: _end_with_error(websocket, exc))
-        if stream is None:
-            return
-        outcome, error = await run.relay(write, opening)
-        handed_over = False
-        if log is not None and encoder is not None:
-            handed_over = await end_log(log, encoder, session, stream, error)
-        if outcome is Outcome.CLIENT_GONE or session.orphaned_at:
-            return
-        if handed_over and error is not None and encoder is not None:  # another instance continues it
-            await send_text(json.dumps({"type": "server_shutdown", "resume": f"{session.id}-{encoder.seq - 1}"}))
-            await websocket.close(code=error.ws_close_code, reason="stream handed over; resume it")
-            return
-        if error is not None:
-            if outcome is Outcome.BACKPRESSURE:  # its client does not read: the final event only if it fits now
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(BACKPRESSURE_FINAL_WRITE_S):
-                        await _end_with_error(websocket, error)
-                return
-            await _end_with_error(websocket, error)
-            return
-        with contextlib.suppress(TimeoutError):  # a client that stopped reading at the very end: not forever
-            async with asyncio.timeout(state.registry.slow_client_s):
-                await send_text(json.dumps({"type": "done", "tokens": session.tokens}))
-                await websocket.close(code=WS_NORMAL)
+        await run.stream(transport, WebSocketEncoder(session.id if log is not None else None), chat,
+                         None if log is None else StreamLog(log, SeedEncoder(session.id)))
 
 
 def _stops(text: str | None, stream_id: str) -> bool:
@@ -272,11 +212,6 @@ def _stops(text: str | None, stream_id: str) -> bool:
         return False
 
 
-def _event_text(frame: bytes) -> str:
-    """The JSON object of a stored SSE frame (`id: ...` line, `data: {...}` line)."""
-    return frame.split(b"data: ", 1)[1].rstrip(b"\n").decode()
-
-
 async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, after_seq: int, owner: str) -> None:
     assert state.resume is not None
     session = new_session(websocket, state, endpoint=ENDPOINT, model="resume")
@@ -284,22 +219,6 @@ async def _replay(websocket: WebSocket, state: GatewayState, stream_id: str, aft
     frames = state.resume.replay(
         stream_id, after_seq, owner=owner, poll_s=state.settings.resume_flush_interval_seconds, endpoint=ENDPOINT
     )
-    last: list[bytes] = []
-
-    async def write(batch: list[bytes]) -> None:
-        session.write_bytes = sum(map(len, batch))
-        for frame in batch:
-            await websocket.send_text(_event_text(frame))
-        last[:] = batch[-1:]
-
-    source = not_resumable_on_lookup(frames, lambda: not_resumable(stream_id))
+    transport = WebSocketTransport(websocket, session=session, registry=state.registry)
     async with state.relay.run(session, receive=websocket.receive, disconnect_type="websocket.disconnect") as run:
-        outcome, error = await run.relay_from(source, write)
-        if outcome is Outcome.CLIENT_GONE:
-            return
-        if error is not None:
-            await _end_with_error(websocket, error)
-        elif last and is_final(last[0]) and b'"type": "error"' in last[0]:
-            await websocket.close(code=NotResumableError.ws_close_code, reason="stream ended with an error")
-        else:
-            await websocket.close(code=WS_NORMAL)
+        await run.replay(transport, WebSocketEncoder(), frames, lambda: not_resumable(stream_id))

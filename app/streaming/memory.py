@@ -44,7 +44,7 @@ ADMIT_BELOW = 0.8
 
 
 class MemoryGuard:
-    """One per worker; `check` runs on every watchdog pass, `over` is what admission asks."""
+    """One per worker; `enforce` runs on every watchdog pass, `over` is what admission asks."""
 
     def __init__(self, *, budget_bytes: int, table: BufferTable, read_ahead_bytes: int = 0) -> None:
         self.budget_bytes = budget_bytes
@@ -61,7 +61,7 @@ class MemoryGuard:
         """What a stream whose write is blocked holds: its batch, the transport buffer, the upstream read-ahead."""
         return 2 * session.write_bytes + TRANSPORT_HIGH_WATER_BYTES + self.read_ahead_bytes
 
-    def check(self, streams: Iterable[StreamSession]) -> None:
+    def enforce(self, streams: Iterable[StreamSession]) -> None:
         total = sum(source() for source in self.sources)
         full: list[tuple[float, int, StreamSession]] = []
         for s in streams:

@@ -1,10 +1,8 @@
-"""The pure-ASGI responses that run a stream: SSE (/stream, /v1 stream), a replayed stream, and the
-non-streaming completion. Each is one `StreamRun` (relay.py) around its own framing."""
+"""The pure-ASGI responses of the HTTP routes: a live SSE stream (/stream, /v1 stream), a replayed stream, and the
+non-streaming completion. Each is one `StreamRun` (run.py) over an `HTTPTransport` (transports.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,15 +11,9 @@ from starlette.types import Receive, Scope, Send
 
 from app.errors import GatewayError
 from app.resume.store import EventLog
-from app.streaming.relay import (
-    BACKPRESSURE_FINAL_WRITE_S,
-    ASGIApp,
-    Encoder,
-    Relay,
-    end_log,
-)
-from app.streaming.session import Outcome, StreamSession
-from app.streaming.sse import PING, SSE_HEADERS, SeedEncoder
+from app.streaming.run import Encoder, Relay, ReplayEncoder, StreamLog
+from app.streaming.session import StreamSession
+from app.streaming.transports import ASGIApp, HTTPTransport
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage, texts_bytes, utf8_len
 
 
@@ -34,7 +26,7 @@ class SSEStreamResponse:
         relay: Relay,
         session: StreamSession,
         request: ChatRequest,
-        encoder: Encoder,
+        encoder: Encoder[bytes],
         error_response: Callable[[GatewayError], ASGIApp],
         release: Callable[[], Awaitable[None]] | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
@@ -46,115 +38,42 @@ class SSEStreamResponse:
         self.encoder = encoder
         self.error_response = error_response
         self.release = release
-        self.headers = SSE_HEADERS + (extra_headers or [])
-        self.log = log
+        self.extra_headers = extra_headers
+        # the seed protocol stores the very events its clients get
+        self.log = None if log is None else StreamLog(log, encoder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session, encoder, log = self.session, self.encoder, self.log
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
+        transport = HTTPTransport(scope, receive, send, session=self.session, error_response=self.error_response,
+                                  extra_headers=self.extra_headers)
+        async with self.relay.run(self.session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
-            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
-            if stream is None:
-                return
-
-            async def opening() -> None:
-                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                body = encoder.opening()
-                if log is not None:
-                    log.append(body, 1)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                session.ping = ping
-
-            async def write(batch: Batch) -> None:
-                body = encoder.tokens(batch)
-                if log is not None:
-                    log.append(body, len(batch))  # before the send: a stalled client must not hold it back
-                session.write_bytes = len(body)  # what a blocked write holds (the memory budget, memory.py)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-            async def ping() -> None:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-
-            outcome, error = await run.relay(write, opening)
-            handed_over = log is not None and await end_log(log, encoder, session, stream, error)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            if handed_over:
-                assert log is not None
-                final = SeedEncoder.shutdown_resume(log.last_event_id)
-            elif error is None:
-                final = encoder.done(session.tokens, stream.finish_reason, stream.usage)
-            else:
-                final = encoder.error(error)
-            last = {"type": "http.response.body", "body": final, "more_body": False}
-            # A client cut for not reading gets its final event only if its socket takes it now. Any other
-            # client that stops reading right before the end is waited for as long as a slow client, not
-            # forever: the watchdog no longer watches a finishing stream, and it still holds its slot.
-            stalled = outcome is Outcome.BACKPRESSURE
-            wait_s = BACKPRESSURE_FINAL_WRITE_S if stalled else self.relay.registry.slow_client_s
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await send(last)
+            await run.stream(transport, self.encoder, self.request, self.log)
 
 
 class ReplayResponse:
     """`GET /stream/{id}`: a resumed stream, replayed from the store, then its live tail."""
 
     def __init__(self, *, relay: Relay, session: StreamSession, frames: AsyncIterator[list[bytes]],
-                 error_response: Callable[[GatewayError], ASGIApp], not_resumable: Callable[[], GatewayError],
+                 encoder: ReplayEncoder[bytes], error_response: Callable[[GatewayError], ASGIApp],
+                 not_resumable: Callable[[], GatewayError],
                  extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.relay = relay
         self.session = session
         self.frames = frames
+        self.encoder = encoder
         self.error_response = error_response
         self.not_resumable = not_resumable
-        self.headers = SSE_HEADERS + (extra_headers or [])
+        self.extra_headers = extra_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session = self.session
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect") as run:
-            try:
-                first = await anext(self.frames)
-            except LookupError:
-                refusal = self.not_resumable()
-                run.report(Outcome.ERROR, refusal)
-                await self.error_response(refusal)(scope, receive, send)
-                return
-            except StopAsyncIteration:
-                first = []
-
-            async def opening() -> None:
-                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                await send({"type": "http.response.body", "body": b"".join(first), "more_body": True})
-                session.ping = ping
-
-            async def write(batch: list[bytes]) -> None:
-                body = b"".join(batch)
-                session.write_bytes = len(body)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-            async def ping() -> None:
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-
-            outcome, error = await run.relay_from(not_resumable_on_lookup(self.frames, self.not_resumable),
-                                                  write, opening)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            final = b"" if error is None else SeedEncoder().error(error)
-            await send({"type": "http.response.body", "body": final, "more_body": False})
-
-
-async def not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
-                                   error: Callable[[], GatewayError]) -> AsyncIterator[list[bytes]]:
-    try:
-        async for batch in frames:
-            yield batch
-    except LookupError:
-        raise error() from None
+        transport = HTTPTransport(scope, receive, send, session=self.session, error_response=self.error_response,
+                                  extra_headers=self.extra_headers)
+        async with self.relay.run(self.session, receive=receive, disconnect_type="http.disconnect") as run:
+            await run.replay(transport, self.encoder, self.frames, self.not_resumable)
 
 
 class CompletionResponse:
-    """Non-streaming `/v1/chat/completions`: the same relay into a list, answered as one JSON body."""
+    """Non-streaming `/v1/chat/completions`: the same run into a `MessageAssembler`, answered as one JSON body."""
 
     def __init__(
         self,
@@ -173,7 +92,7 @@ class CompletionResponse:
         self.error_response = error_response
         self.render = render
         self.release = release
-        self.extra_headers = extra_headers or []
+        self.extra_headers = extra_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self.session
@@ -182,25 +101,18 @@ class CompletionResponse:
         async def collect(batch: Batch) -> None:
             session.held_bytes += message.add(batch)  # the answer is held whole until it is sent
 
+        transport = HTTPTransport(scope, receive, send, session=session, error_response=self.error_response,
+                                  extra_headers=self.extra_headers)
         async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
                                   release=self.release) as run:
-            stream = await run.open_or_refuse(self.request, lambda exc: self.error_response(exc)(scope, receive, send))
+            stream = await run.collect(transport, self.request, collect)
             if stream is None:
-                return
-            outcome, error = await run.relay(collect)
-            if outcome is Outcome.CLIENT_GONE:
-                return
-            if error is not None:
-                await self.error_response(error)(scope, receive, send)
                 return
             body = json.dumps(
                 self.render(message.message(), stream.finish_reason, stream.usage, session.tokens),
                 separators=(",", ":"),
             ).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), *self.extra_headers]})
-            await send({"type": "http.response.body", "body": body})
+            await transport.respond(body)
 
 
 class MessageAssembler:

@@ -181,7 +181,7 @@ class StreamRegistry:
                 cut += 1
         return cut
 
-    def check(self, now: float) -> None:
+    def sweep(self, now: float) -> None:
         """One watchdog pass: cut streams past a deadline, ping idle ones."""
         for s in list(self.streams):
             if s.phase is Phase.FINISHING or s.cut:
@@ -220,7 +220,7 @@ class StreamRegistry:
         while True:
             await asyncio.sleep(self._check_interval_s)
             try:
-                self.check(loop.time())
+                self.sweep(loop.time())
             except Exception:  # pragma: no cover - a watchdog bug must not stop deadline enforcement
                 logger.exception("stream watchdog pass failed")
 

@@ -1,8 +1,9 @@
 """The interface every upstream implements, and the normalized request all protocols map to.
 
-An upstream turns a `ChatRequest` into an `UpstreamStream`: an async iterator of *batches* of
-text deltas. A batch holds every delta that was already waiting when the relay asked (one network
-read, or every mock token that is due), so the relay writes it to the client in one go.
+An upstream turns a `ChatRequest` into an `UpstreamStream`: an async iterator of *batches*: text
+deltas, or whole delta objects (`DeltaBatch`) when the request asks for them (`full_deltas`). A batch
+holds every delta that was already waiting when the relay asked (one network read, or every mock
+token that is due), so the relay writes it to the client in one go.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ChatRequest:
     max_tokens: int
     # OpenAI sampling options passed through verbatim to an OpenAI-compatible upstream.
     options: dict[str, Any] = field(default_factory=dict)
-    # A handed-over generation continues after what was already produced (resume/handover.py):
+    # A handed-over generation continues after what was already produced (streaming/continuation.py):
     # `max_tokens` stays the stream's total; the upstream produces the rest.
     continuation_text: str = ""
     continuation_tokens: int = 0
@@ -85,7 +86,7 @@ def batch_texts(batch: Batch) -> list[str]:
 
 
 class UpstreamStream(Protocol):
-    """One open generation. Iterate for batches of text deltas; always `aclose()` it."""
+    """One open generation. Iterate for batches (texts, or whole deltas); always `aclose()` it."""
 
     @property
     def finish_reason(self) -> str | None:

@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
 
 from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
-
-# Set by the relay for a stream's whole run: was this task cut for the upstream's fault (a first-token
-# deadline while the upstream still withheld its answer)? Then the attempt in flight is a failure, not
-# a client leaving. A cut during a retry's backoff settles nothing: no attempt is in flight then.
-CUT_FOR_UPSTREAM_FAULT: ContextVar[Callable[[], bool]] = ContextVar("cut_for_upstream_fault")
 
 
 def _not_cut() -> bool:
@@ -69,11 +63,14 @@ def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) 
 
 
 class GuardedStream:
-    __slots__ = ("_guard", "_request", "_max_batch", "_headers", "_inner", "_permit", "_attempt", "_started")
+    __slots__ = ("_guard", "_request", "_max_batch", "_headers", "_inner", "_permit", "_attempt", "_started",
+                 "_cut_for_upstream_fault")
 
     def __init__(self, guard: GuardedUpstream, request: ChatRequest, max_batch: int,
-                 headers: Mapping[str, str] | None, inner: UpstreamStream, permit: Permit, attempt: int) -> None:
+                 headers: Mapping[str, str] | None, inner: UpstreamStream, permit: Permit, attempt: int,
+                 cut_for_upstream_fault: Callable[[], bool]) -> None:
         self._guard = guard
+        self._cut_for_upstream_fault = cut_for_upstream_fault
         self._request = request
         self._max_batch = max_batch
         self._headers = headers
@@ -109,7 +106,8 @@ class GuardedStream:
                 self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind, client))
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
-                    self._request, self._max_batch, self._headers, error, kind, self._attempt
+                    self._request, self._max_batch, self._headers, error, kind, self._attempt,
+                    self._cut_for_upstream_fault,
                 )
                 continue
             if not self._started:
@@ -159,7 +157,7 @@ class GuardedUpstream:
         return permit
 
     async def _attempt(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
-                       attempt: int) -> tuple[UpstreamStream, Permit, int]:
+                       attempt: int, cut_for_upstream_fault: Callable[[], bool]) -> tuple[UpstreamStream, Permit, int]:
         while True:
             permit = self._permit()
             try:
@@ -172,7 +170,7 @@ class GuardedUpstream:
                 await self._backoff(error, kind, attempt)
                 attempt += 1
             except asyncio.CancelledError:
-                if CUT_FOR_UPSTREAM_FAULT.get(_not_cut)():
+                if cut_for_upstream_fault():
                     self.judge(permit.record_failure)  # a half-open probe that never answered reopens it
                 else:
                     permit.release()
@@ -187,17 +185,22 @@ class GuardedUpstream:
         await self.policy.wait(attempt, retry_after)
 
     async def retry(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
-                    error: GatewayError, kind: ErrorKind, attempt: int) -> tuple[UpstreamStream, Permit, int]:
+                    error: GatewayError, kind: ErrorKind, attempt: int,
+                    cut_for_upstream_fault: Callable[[], bool]) -> tuple[UpstreamStream, Permit, int]:
         """After an attempt failed before its first token: back off and open a new one, or re-raise."""
         if not self.policy.should_retry(attempt, kind, tokens_sent=0):
             raise error
         await self._backoff(error, kind, attempt)
-        return await self._attempt(request, max_batch, headers, attempt + 1)
+        return await self._attempt(request, max_batch, headers, attempt + 1, cut_for_upstream_fault)
 
-    async def open(self, request: ChatRequest, *, max_batch: int,
-                   headers: Mapping[str, str] | None = None) -> GuardedStream:
-        inner, permit, attempt = await self._attempt(request, max_batch, headers, 0)
-        return GuardedStream(self, request, max_batch, headers, inner, permit, attempt)
+    async def open(self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None,
+                   cut_for_upstream_fault: Callable[[], bool] = _not_cut) -> GuardedStream:
+        """`cut_for_upstream_fault`: asked when an attempt is cancelled (opening, or a retry before the first
+        token): was the stream cut for the upstream's fault (a first-token deadline while the upstream still
+        withheld its answer)? Then the attempt in flight is a failure, not a client leaving. A cut during a
+        retry's backoff settles nothing: no attempt is in flight then."""
+        inner, permit, attempt = await self._attempt(request, max_batch, headers, 0, cut_for_upstream_fault)
+        return GuardedStream(self, request, max_batch, headers, inner, permit, attempt, cut_for_upstream_fault)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -39,7 +39,7 @@ from loadtest.rehearsal.measure import (
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
-CLAIM_MESSAGE = "continuing a handed-over stream"  # app/resume/handover.py: a claimer picked a stream up
+CLAIM_MESSAGE = "continuing a handed-over stream"  # app/resume/claimer.py: a claimer picked a stream up
 LOCUST_RESUME_KEYS = ("resumed", "resume_mismatch", "not_resumable")  # in the summary of users that resume
 RESUMABLE_ENDPOINTS = ("/stream", "/ws")  # /v1/chat/completions streams end with server_shutdown, not handed over
 

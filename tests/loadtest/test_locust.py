@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import tests.conftest as conftest
 from app.errors import RateLimitedError, ShutdownError, StreamTimeoutError, UpstreamError
-from app.streaming.sse import ChatChunkEncoder, SeedEncoder
+from app.streaming.encoders import ChatChunkEncoder, SeedEncoder
 from app.upstream.base import Usage
 from loadtest import shapes
 from loadtest import stream_check as sc

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import tests.conftest as conftest
 from app.errors import NotResumableError, ShutdownError
-from app.streaming.sse import SeedEncoder
+from app.streaming.encoders import SeedEncoder
 from app.upstream import mock
 from loadtest import stream_check as sc
 from loadtest.harness.redis import RedisServer, started_redis

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.resume.handover import read_log
+from app.resume.progress import read_log
 from app.resume.redis_streams import FIELD, RedisStreamsBackend
 from app.storage.redis import LazyRedis
 from loadtest.harness.redis import RedisServer, started_redis

@@ -15,7 +15,7 @@ import pytest
 
 from app.resume.local import DirectoryBackend
 from app.resume.store import ResumeStore, StreamMeta
-from app.streaming.sse import SeedEncoder
+from app.streaming.encoders import SeedEncoder
 from tests.conftest import GatewayFactory
 
 NOBODY = 65534

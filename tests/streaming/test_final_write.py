@@ -8,12 +8,15 @@ import asyncio
 from starlette.types import ASGIApp, Message
 
 from app.errors import GatewayError
-from app.observability.recorder import StreamRecorder
-from app.streaming.relay import Relay
+from app.policies.breaker import CircuitBreaker
+from app.policies.retry import RetryPolicy
+from app.streaming.encoders import SeedEncoder
+from app.streaming.recorder import StreamRecorder
 from app.streaming.responses import SSEStreamResponse
+from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry, StreamSession
-from app.streaming.sse import SeedEncoder
 from app.upstream.base import ChatRequest
+from app.upstream.guard import GuardedUpstream
 from app.upstream.mock import MockUpstream
 
 GUARD_S = 30.0  # guard only
@@ -30,8 +33,9 @@ def test_final_event_to_a_client_that_stopped_reading_gives_up_and_releases() ->
     async def scenario() -> None:
         registry = StreamRegistry(first_token_s=10, inter_token_s=10, total_s=60, slow_client_s=0.2,
                                   ping_interval_s=15, check_interval_s=0.05)
-        relay = Relay(upstream=MockUpstream(tokens_per_second=0, first_token_ms=0), registry=registry,
-                      observer=StreamRecorder(model_names=("m",)), max_batch=100)
+        upstream = GuardedUpstream(MockUpstream(tokens_per_second=0, first_token_ms=0), CircuitBreaker("mock"),
+                                   RetryPolicy(0))
+        relay = Relay(upstream=upstream, registry=registry, observer=StreamRecorder(model_names=("m",)), max_batch=100)
         loop = asyncio.get_running_loop()
         session = StreamSession(stream_id="s", endpoint="/stream", model="m", client="c", now=loop.time())
 

@@ -1,8 +1,9 @@
-"""SSE framing for the two HTTP stream protocols, built from constant byte pieces.
+"""The only place that frames a stream's events: seed SSE (`/stream`), OpenAI chunks (`/v1`), WebSocket text.
 
 Per token we JSON-escape the text (the C escaper json.dumps itself uses) and splice it between
-constant pieces; a whole batch becomes one `bytes` with one join. `/stream` frames are byte-for-byte
-what the seed emits (`json.dumps` default separators, ASCII escaping).
+constant pieces; a whole batch becomes one `bytes` (or one list of text frames) with one join.
+`/stream` frames are byte-for-byte what the seed emits (`json.dumps` default separators, ASCII
+escaping); WebSocket frames are the same JSON objects without the SSE lines around them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ SEED_STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
 SEED_TOKEN_HEAD = 'data: {"type": "token", "content": '
 SEED_TOKEN_TAIL = "}\n\n"
 SEED_SHUTDOWN = b'data: {"type": "server_shutdown"}\n\n'
+WS_STATUS = json.dumps({"type": "status", "message": "Generating..."})
+WS_SHUTDOWN = json.dumps({"type": "server_shutdown"})
+WS_TOKEN_HEAD = '{"type": "token", "content": '
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -79,6 +83,49 @@ class SeedEncoder:
         """`server_shutdown` for a stream handed to the fleet: reconnect with Last-Event-ID `resume`."""
         return f'data: {{"type": "server_shutdown", "resume": {escape(event_id)}}}\n\n'.encode()
 
+    @staticmethod
+    def stored(batch: list[bytes]) -> bytes:
+        """Frames replayed from the resume store: they are seed frames already."""
+        return b"".join(batch)
+
+
+class WebSocketEncoder:
+    """`WebSocket /ws`: the seed's events as text frames (one per event), without ids.
+
+    With a stream id (resumption on) the status event names the stream, so a client can resume it.
+    """
+
+    __slots__ = ("_stream_id",)
+
+    def __init__(self, stream_id: str | None = None) -> None:
+        self._stream_id = stream_id
+
+    def opening(self) -> list[str]:
+        if self._stream_id is None:
+            return [WS_STATUS]
+        return [json.dumps({"type": "status", "message": "Generating...", "stream_id": self._stream_id})]
+
+    def tokens(self, batch: Batch) -> list[str]:
+        head = WS_TOKEN_HEAD
+        # the seed protocol carries text only (batch_texts, inlined: one call less per batch on this path)
+        texts = [text for delta in batch if (text := delta.get("content"))] if isinstance(batch, DeltaBatch) else batch
+        return [f"{head}{escape(text)}}}" for text in texts]  # ASCII: characters are bytes
+
+    def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> list[str]:
+        return [json.dumps({"type": "done", "tokens": tokens})]
+
+    def error(self, error: GatewayError) -> list[str]:
+        return [WS_SHUTDOWN if error.code == "server_shutdown" else json.dumps(error.sse_event())]
+
+    @staticmethod
+    def shutdown_resume(event_id: str) -> list[str]:
+        return [json.dumps({"type": "server_shutdown", "resume": event_id})]
+
+    @staticmethod
+    def stored(batch: list[bytes]) -> list[str]:
+        """Stored seed frames (`id: ...` line, `data: {...}` line) as their JSON objects."""
+        return [frame.split(b"data: ", 1)[1].rstrip(b"\n").decode() for frame in batch]
+
 
 class ChatChunkEncoder:
     """`POST /v1/chat/completions` with `stream: true`: `chat.completion.chunk` objects, then `[DONE]`."""
@@ -129,3 +176,6 @@ class ChatChunkEncoder:
 
     def error(self, error: GatewayError) -> bytes:
         return error.openai_chunk_bytes()
+
+    def shutdown_resume(self, event_id: str) -> bytes:  # pragma: no cover - /v1 keeps no resume log to hand over
+        raise AssertionError("a /v1 stream is never handed over")

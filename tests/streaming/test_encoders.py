@@ -1,4 +1,5 @@
-"""SSE framing: `/stream` bytes identical to the seed's `json.dumps` output; `/v1` chunks that parse and reassemble."""
+"""Framing: `/stream` bytes identical to the seed's `json.dumps` output; `/v1` chunks that parse and reassemble;
+WebSocket text frames that are the seed's JSON objects."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import GatewayError, InvalidRequestError, ServiceUnavailableError, ShutdownError, UpstreamError
-from app.streaming.sse import DONE_SENTINEL, PING, ChatChunkEncoder, SeedEncoder
+from app.streaming.encoders import DONE_SENTINEL, PING, ChatChunkEncoder, SeedEncoder, WebSocketEncoder
 from app.upstream.base import Usage
 from app.upstream.sse_decoder import SSEDecoder
 
@@ -187,3 +188,23 @@ def test_chat_errors_are_openai_errors_then_done(include_usage: bool) -> None:
         b"[DONE]",
     ]
     assert shutdown.endswith(DONE_SENTINEL)
+
+
+@no_deadline
+@given(batch)
+def test_websocket_frames_are_the_seed_events_json(tokens: list[str]) -> None:
+    seed, ws = SeedEncoder("s"), WebSocketEncoder("s")
+    stored = [seed.opening(), *(seed.tokens([t]) for t in tokens), seed.done(len(tokens), None, None)]
+    frames = [*ws.opening(), *ws.tokens(tokens), *ws.done(len(tokens), None, None)]
+    assert [json.loads(f) for f in frames[1:]] == [json.loads(f) for f in WebSocketEncoder.stored(stored[1:])]
+    assert json.loads(frames[0]) == {"type": "status", "message": "Generating...", "stream_id": "s"}
+    assert WebSocketEncoder.stored(stored) == [s.split(b"data: ", 1)[1].rstrip(b"\n").decode() for s in stored]
+
+
+def test_websocket_end_frames() -> None:
+    ws = WebSocketEncoder()
+    assert ws.opening() == ['{"type": "status", "message": "Generating..."}']
+    assert ws.error(ShutdownError("bye")) == ['{"type": "server_shutdown"}']
+    assert json.loads(ws.error(InvalidRequestError("no"))[0])["type"] == "error"
+    assert ws.shutdown_resume("s-3") == ['{"type": "server_shutdown", "resume": "s-3"}']
+    assert SeedEncoder.shutdown_resume("s-3") == b"data: " + ws.shutdown_resume("s-3")[0].encode() + b"\n\n"
