@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import resource
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
@@ -48,7 +48,7 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     """uvloop + the bounded httptools protocol (app/protocol.py), and a graceful-shutdown bound uvicorn-worker
     does not pass through."""
 
-    CONFIG_KWARGS: dict[str, Any] = {
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "uvloop",
         "http": functools.partial(BoundedHttpProtocol, limits=_limits),
         # a larger WebSocket frame is refused (close 1009) from its header, before its payload is read

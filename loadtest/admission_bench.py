@@ -28,7 +28,8 @@ from typing import Any
 
 import uvloop
 
-GENEROUS_LIMITS: dict[str, Any] = {  # the benchmark's gateways run with these (loadtest.bench.plan.GENEROUS_ENV): nobody is refused
+# the benchmark's gateways run with these (loadtest.bench.plan.GENEROUS_ENV): nobody is refused
+GENEROUS_LIMITS: dict[str, Any] = {
     "max_connections": 20000,
     "max_connections_per_client": 10000,
     "rate_limit_per_minute": 1_000_000_000.0,

@@ -175,7 +175,7 @@ def on_allow(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> tuple[Breake
 
 def _closed_failure(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
     horizon = now - cfg.window_seconds
-    failures = tuple(t for t in s.failures if t > horizon) + (now,)
+    failures = (*(t for t in s.failures if t > horizon), now)
     if len(failures) >= cfg.failure_threshold:
         return _open(s, now)
     return replace(s, failures=failures)
