@@ -101,13 +101,15 @@ def contestants(log_dir: Path, work_dir: Path, redis: RedisServer | None,
     out = [Contestant(RAW, "raw ASGI app (reference)", partial(raw_app, log_dir))]
     for config in (PROTECTIONS_ON, PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
         env = {**MOCK_ENV, **config.env}
-        if not config.needs_redis:
-            out.append(Contestant(config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env)))
-        elif redis is not None and redis.proc is not None:
+        extra: tuple[Server, ...] = ()
+        prepare = None
+        if config.needs_redis:
+            if redis is None or redis.proc is None:
+                continue
             env["REDIS_URL"] = redis.url
-            out.append(Contestant(config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env),
-                                  extra=(watched("redis", redis.proc, redis.port),),
-                                  prepare=partial(redis.command, "FLUSHALL")))
+            extra, prepare = (watched("redis", redis.proc, redis.port),), partial(redis.command, "FLUSHALL")
+        out.append(Contestant(config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env),
+                              extra, prepare))
     if baseline_src is not None:
         out.append(Contestant(BASELINE, f"{PROTECTIONS_ON.title}, from `{baseline_src}` (A)",
                               partial(gateway_from, baseline_src, log_dir, work_dir, env=MOCK_ENV)))
