@@ -422,11 +422,12 @@ def baseline_section(src: Path, rounds: Rounds, caps: dict[str, Capacity]) -> li
         f"| {spread_text(rounds.cpu_ratio('on', BASELINE), '.3f')} |",
         f"| TTFT p99 ms at {rounds.users} streams | {spread_text(rounds.stat(BASELINE, 'ttft_p99'), '.1f')} "
         f"| {spread_text(rounds.stat('on', 'ttft_p99'), '.1f')} | — |",
-        f"| Capacity (streams; one search each, minutes apart) "
+        f"| Capacity (streams) "
         f"| {caps[BASELINE].bracket if BASELINE in caps else 'n/a'} | {caps['on'].bracket} | {cap_text} |",
         "",
-        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline; the CPU "
-        "ratio is taken within each round, the capacities were searched minutes apart (compare CPU per token).",
+        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline. The CPU "
+        "ratio is taken within each round; the capacities come from one search each, minutes apart (full run), or "
+        "only from the rounds' level (quick): compare CPU per token.",
         "",
     ]
     return out
