@@ -13,13 +13,13 @@ import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import loadtest.bench
 from loadtest.bench.measure import (
     Capacity,
-    compare_sources,
     loadgen_argv,
     measure_admission,
     measure_proxy,
@@ -37,6 +37,7 @@ from loadtest.bench.plan import (
     MOCK_ENV,
     PACE_TOKENS_PER_SECOND,
     PROTECTIONS_OFF,
+    PROTECTIONS_ON,
     PROTECTIONS_RATIO_TARGET,
     QUICK,
     RESUME_OFF,
@@ -48,7 +49,8 @@ from loadtest.bench.plan import (
 )
 from loadtest.bench.profile import profile_load
 from loadtest.bench.report import display_path, ratio, render
-from loadtest.bench.servers import Server, fake_openai, gateway, raw_app, running, watched
+from loadtest.bench.rounds import BASELINE, RAW, Contestant, measure_rounds
+from loadtest.bench.servers import Server, fake_openai, gateway, gateway_from, raw_app, running, watched
 from loadtest.harness.errors import HarnessError
 from loadtest.harness.redis import RedisServer
 
@@ -57,10 +59,15 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
     description = (loadtest.bench.__doc__ or "").splitlines()[0]
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=description)
     p.add_argument("--quick", action="store_true",
-                   help="levels 450 and 1500, no bisection, one level per comparison (under 4 min)")
-    p.add_argument("--levels", help="comma-separated concurrency levels, overriding the plan's ladder")
+                   help="levels 450 and 1500 for the shipped gateway, no bisection, 2 rounds; the other "
+                   "configurations run only in the rounds")
+    p.add_argument("--levels", help="comma-separated concurrency levels, overriding the plan's ladder (the rounds "
+                   "then run where the shipped gateway's search ended, unless --at says otherwise)")
     p.add_argument("--refine", type=int, help="bisections of each capacity bracket, overriding the plan's")
     p.add_argument("--all-levels", action="store_true", help="run every ladder level (no search, no bisection)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of every configuration (full run 3, quick 2)")
+    p.add_argument("--at", type=int, metavar="STREAMS",
+                   help="concurrency of the interleaved rounds (default 1000; with --levels, where the search ended)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
                    "(and as long before a level that other processes disturbed is run again; default 300 s there)")
@@ -69,17 +76,44 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
     p.add_argument("--baseline-src", type=Path, metavar="DIR",
                    help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
-                   "/tmp/base <commit>`), interleaved with this tree's, and report both with the ratios")
+                   "/tmp/base <commit>`) in every round, and report it against this tree's with the ratios")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.levels:
-        plan = replace(plan, levels=tuple(sorted(int(x) for x in a.levels.split(","))))
+        plan = replace(plan, levels=tuple(sorted(int(x) for x in a.levels.split(","))), round_users=None)
     if a.refine is not None:
         plan = replace(plan, refine=a.refine)
+    if a.rounds is not None:
+        if a.rounds < 1:
+            p.error("--rounds: at least 1")
+        plan = replace(plan, rounds=a.rounds)
+    if a.at is not None:
+        plan = replace(plan, round_users=a.at)
     plan = replace(plan, all_levels=a.all_levels, quiet_wait_s=a.wait_quiet or plan.quiet_wait_s)
     if a.baseline_src is not None and not (a.baseline_src / "app" / "__main__.py").is_file():
         p.error(f"--baseline-src {a.baseline_src}: not a checkout of this project (no app/__main__.py)")
     return plan, a.output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
+
+
+def contestants(log_dir: Path, work_dir: Path, redis: RedisServer | None,
+                baseline_src: Path | None) -> list[Contestant]:
+    """Every configuration compared, in the first round's order; each knows how to start a fresh server of it."""
+    out = [Contestant(RAW, "raw ASGI app (reference)", partial(raw_app, log_dir))]
+    for config in (PROTECTIONS_ON, PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
+        env = {**MOCK_ENV, **config.env}
+        extra: tuple[Server, ...] = ()
+        prepare = None
+        if config.needs_redis:
+            if redis is None or redis.proc is None:
+                continue
+            env["REDIS_URL"] = redis.url
+            extra, prepare = (watched("redis", redis.proc, redis.port),), partial(redis.command, "FLUSHALL")
+        out.append(Contestant(config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env),
+                              extra, prepare))
+    if baseline_src is not None:
+        out.append(Contestant(BASELINE, f"{PROTECTIONS_ON.title}, from `{baseline_src}` (A)",
+                              partial(gateway_from, baseline_src, log_dir, work_dir, env=MOCK_ENV)))
+    return out
 
 
 def level_seconds(plan: Plan, users: int) -> float:
@@ -120,7 +154,6 @@ def main(argv: list[str] | None = None) -> None:
     replay: dict[str, Any] = {}
     notes: list[str] = []
     profiles: list[dict[str, Any]] = []
-    baseline: dict[str, Any] | None = None
     try:
         redis: RedisServer | None = RedisServer(work_dir / "redis", log_path=log_dir / "redis.log")
     except HarnessError:  # redis-server is not installed
@@ -140,46 +173,40 @@ def main(argv: list[str] | None = None) -> None:
                 warm_up(gw)
                 log(f"RSS: opening {plan.rss_streams} streams")
                 rss = measure_rss(gw, plan)
-            with running(gateway(log_dir, work_dir, "gateway_on", **MOCK_ENV)) as gw:
+            compared = contestants(log_dir, work_dir, redis, baseline_src)
+            by_key = {c.key: c for c in compared}
+            with running(by_key[PROTECTIONS_ON.key].start("gateway_on")) as gw:
                 warm_up(gw)
                 caps["on"] = search_capacity(gw, plan)
                 replay["local"] = measure_replay(gw, plan)
                 if profile:
                     profiles += profile_misses(gw, plan, caps["on"])
-            # Where the others start (and CPU per token is compared): the protected gateway's capacity; in quick
-            # mode, the highest level it ran, so that the one level each comparison gets is a demanding one.
+            # Where the others' capacity searches start: the protected gateway's capacity; in quick mode, the
+            # highest level it ran, so that the rounds (when they run there) get a demanding one.
             on = caps["on"]
-            common = max(r["users"] for r in on.rows) if plan.compare_budget == 1 else on.lo or plan.levels[0]
-            with running(raw_app(log_dir)) as raw_server:
-                warm_up(raw_server)
-                raw = search_capacity(raw_server, plan, start=common)
-            for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
-                env = {**MOCK_ENV, **config.env}
-                extra: tuple[Server, ...] = ()
-                if config.needs_redis:
-                    if redis is None:
-                        continue
-                    redis.command("FLUSHALL")
-                    assert redis.proc is not None
-                    env["REDIS_URL"], extra = redis.url, (watched("redis", redis.proc, redis.port),)
-                with running(gateway(log_dir, work_dir, f"gateway_{config.key}", **env)) as gw:
-                    warm_up(gw)
-                    caps[config.key] = search_capacity(gw, plan, start=common, budget=plan.compare_budget,
-                                                       extra=extra)
-                    if config.needs_redis:
-                        replay["redis"] = measure_replay(gw, plan)
-                    if profile and config is PROTECTIONS_OFF and on.hi and ratio(
-                            on, caps[config.key], PROTECTIONS_RATIO_TARGET)[1] is not True:
+            common = (on.lo or plan.levels[0]) if plan.search_comparisons else max(r["users"] for r in on.rows)
+            for c in compared:
+                if c.key == PROTECTIONS_ON.key or not (plan.search_comparisons or c.key == RESUME_REDIS.key):
+                    continue
+                if c.prepare is not None:
+                    c.prepare()
+                with running(c.start(f"gateway_{c.key}" if c.key != RAW else "raw_asgi")) as server:
+                    warm_up(server)
+                    if plan.search_comparisons:
+                        caps[c.key] = search_capacity(server, plan, start=common, extra=c.extra)
+                    if c.key == RESUME_REDIS.key:
+                        replay["redis"] = measure_replay(server, plan)
+                    if profile and c.key == PROTECTIONS_OFF.key and c.key in caps and on.hi and ratio(
+                            on, caps[c.key], PROTECTIONS_RATIO_TARGET)[1] is not True:
                         # The same load as the protected gateway's profile: the difference is what they cost.
-                        argv = loadgen_argv(gw.port, users=on.hi, max_tokens=plan.max_tokens, rate=plan.rate,
+                        argv = loadgen_argv(server.port, users=on.hi, max_tokens=plan.max_tokens, rate=plan.rate,
                                             hold_seconds=plan.hold_seconds)
                         time.sleep(1.0)
-                        profiles.append(profile_load(gw, argv, level_seconds(plan, on.hi),
+                        profiles.append(profile_load(server, argv, level_seconds(plan, on.hi),
                                                      f"protections off, {on.hi} streams"))
-            if baseline_src is not None:
-                log(f"the shipped configuration from {baseline_src} (A) and from this tree (B), interleaved")
-                baseline = {"src": baseline_src,
-                            "runs": compare_sources(plan, log_dir, work_dir, baseline_src, common, MOCK_ENV)}
+            rounds = measure_rounds(plan, compared, plan.round_users or common)
+            for key, rows in rounds.rows.items():  # quick: the rounds are all the others' capacity shows
+                caps.setdefault(key, Capacity(rows=list(rows)))
             with running(fake_openai(log_dir)) as upstream:
                 upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
                 with running(gateway(log_dir, work_dir, "gateway_proxy", UPSTREAM_URL=upstream_url)) as through:
@@ -197,9 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
-                    raw=raw, common=common, proxy=proxy, rss=rss, replay=replay, admission=admission,
+                    common=common, rounds=rounds, proxy=proxy, rss=rss, replay=replay, admission=admission,
                     log_dir=display_path(log_dir), background=background, loads=loads, notes=notes,
-                    profiles=profiles, baseline=baseline)
+                    profiles=profiles, baseline_src=baseline_src)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

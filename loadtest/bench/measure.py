@@ -33,7 +33,7 @@ from loadtest.bench.plan import (
     Plan,
     log,
 )
-from loadtest.bench.servers import Server, clean_env, gateway_from, running
+from loadtest.bench.servers import Server, clean_env
 from loadtest.harness.redis import RedisServer
 
 
@@ -156,12 +156,26 @@ def measure_level(server: Server, plan: Plan, users: int, extra: Sequence[Server
     return r
 
 
+def measure_quietly(server: Server, plan: Plan, users: int, extra: Sequence[Server] = ()) -> dict[str, Any]:
+    """One level, run again (up to INTERFERENCE_RETRIES times, once the machine is quiet) while other processes
+    used more than INTERFERENCE_CORES during it."""
+    for attempt in range(1, INTERFERENCE_RETRIES + 2):
+        log(f"{server.name}: {users} concurrent streams" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        row = measure_level(server, plan, users, extra)
+        row["attempts"] = attempt
+        log(f"  -> {summary_line(row)}")
+        if not interfered(row, plan, attempt):
+            break
+    # A failure while others still loaded the machine after every retry says nothing about the server.
+    row["spoiled"] = not row["passed"] and row["rest_cores"] > INTERFERENCE_CORES
+    return row
+
+
 @dataclass
 class Capacity:
     """A capacity search: every level run, and the bracket it found."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)  # in the order run
-    skipped: list[int] = field(default_factory=list)  # ladder levels not run because the budget ran out
 
     def row(self, users: int) -> dict[str, Any] | None:
         return next((r for r in reversed(self.rows) if r["users"] == users), None)
@@ -183,29 +197,18 @@ class Capacity:
         return f"{self.lo}" + (f" (fails at {hi})" if hi is not None else " (no level failed)")
 
 
-def search_capacity(server: Server, plan: Plan, *, start: int | None = None, budget: int | None = None,
+def search_capacity(server: Server, plan: Plan, *, start: int | None = None,
                     extra: Sequence[Server] = ()) -> Capacity:
     """Climb the ladder from `start` (or its bottom) until a level fails, or descend until one passes; then
-    bisect the bracket `plan.refine` times. At most `budget` levels."""
+    bisect the bracket `plan.refine` times."""
     cap = Capacity()
     ladder = sorted(set(plan.levels) | ({start} if start else set()))
 
     def run(users: int) -> bool | None:
-        """True: passed; False: failed; None: not run (budget) or spoiled (the search stops there)."""
-        if budget is not None and len(cap.rows) >= budget:
-            cap.skipped.append(users)
-            return None
+        """True: passed; False: failed; None: spoiled (the search stops there)."""
         if cap.rows:
             time.sleep(1.0)  # let the server close the last connections before the next level
-        for attempt in range(1, INTERFERENCE_RETRIES + 2):
-            log(f"{server.name}: {users} concurrent streams" + (f" (attempt {attempt})" if attempt > 1 else ""))
-            row = measure_level(server, plan, users, extra)
-            row["attempts"] = attempt
-            log(f"  -> {summary_line(row)}")
-            if not interfered(row, plan, attempt):
-                break
-        # A failure while others still loaded the machine after every retry says nothing about the server.
-        row["spoiled"] = not row["passed"] and row["rest_cores"] > INTERFERENCE_CORES
+        row = measure_quietly(server, plan, users, extra)
         cap.rows.append(row)
         return None if row["spoiled"] else bool(row["passed"])
 
@@ -337,7 +340,6 @@ def ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-
 def summary_line(r: dict[str, Any]) -> str:
     return (f"TTFT p50 {ms(r['ttft_ms']['p50'])} ms, p99 {ms(r['ttft_ms']['p99'])} ms, "
             f"{r['delivered']:.1%} tokens, {r['error_count']} errors, {result_text(r)}")
@@ -355,15 +357,3 @@ def result_text(r: dict[str, Any]) -> str:
 def cpu_per_1k(r: dict[str, Any] | None) -> float | None:
     return r["server_cpu_s"] / r["tokens_total"] * 1000 if r and r["tokens_total"] else None
 
-
-def compare_sources(plan: Plan, log_dir: Path, work_dir: Path, baseline: Path, start: int,
-                    env: dict[str, str]) -> dict[str, list[Capacity]]:
-    """The shipped configuration from `baseline` (A) and from this tree (B), interleaved A B A B ... for
-    `plan.baseline_rounds` rounds, so that both see the same machine; each run starts at level `start`."""
-    runs: dict[str, list[Capacity]] = {"baseline": [], "current": []}
-    for round_ in range(1, plan.baseline_rounds + 1):
-        for key, src in (("baseline", baseline), ("current", ROOT)):
-            with running(gateway_from(src, log_dir, work_dir, f"gateway_{key}_{round_}", env)) as gw:
-                warm_up(gw)
-                runs[key].append(search_capacity(gw, plan, start=start, budget=plan.compare_budget))
-    return runs

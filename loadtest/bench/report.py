@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import statistics
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from loadtest.bench.plan import (
     ADDED_TTFT_P50_TARGET_MS,
     BUSY_MACHINE_CORES,
     CAPACITY_RATIO_TARGET,
+    CPU_RATIO_TARGET,
     GENEROUS_ENV,
     INTERFERENCE_CORES,
     LEVEL_STEP,
@@ -27,6 +27,7 @@ from loadtest.bench.plan import (
     PROTECTIONS_OFF,
     PROTECTIONS_ON,
     PROTECTIONS_RATIO_TARGET,
+    REDIS_CPU_RATIO_TARGET,
     REPLAY_STREAMS,
     RESUME_OFF,
     RESUME_REDIS,
@@ -34,16 +35,17 @@ from loadtest.bench.plan import (
     RSS_PER_STREAM_TARGET_KB,
     SAMPLE_INTERVAL_S,
     TTFT_P99_AT_450_TARGET_MS,
+    TTFT_P99_AT_1000_TARGET_MS,
     TTFT_P99_BUDGET_MS,
     WORKERS,
     Plan,
 )
 from loadtest.bench.profile import PROFILE_RATE_HZ
+from loadtest.bench.rounds import BASELINE, RAW, Rounds, Spread
 
 
 def verdict(ok: bool | None) -> str:
     return "inconclusive" if ok is None else "met" if ok else "**missed**"
-
 
 
 def capacity_table(cap: Capacity) -> list[str]:
@@ -63,8 +65,7 @@ def capacity_table(cap: Capacity) -> list[str]:
             f"| {r['rest_cores']:.2f} | {r['load_avg_1m']:.2f} | {result_text(r)} |"
         )
     out.append("")
-    out.append(f"Capacity: **{cap.bracket}**; levels in the order run: {', '.join(str(r['users']) for r in cap.rows)}"
-               + (f"; not run (level budget): {', '.join(map(str, cap.skipped))}" if cap.skipped else "") + ".")
+    out.append(f"Capacity: **{cap.bracket}**; levels in the order run: {', '.join(str(r['users']) for r in cap.rows)}.")
     return out
 
 
@@ -90,13 +91,21 @@ def fmt_cpu(value: float | None) -> str:
 
 
 def source_revision(src: Path = ROOT) -> str:
-    """The commit measured; "-dirty" means uncommitted changes were measured too."""
-    try:
-        out = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10, check=False)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown (not a git checkout)"
+    """The commit measured (`git rev-parse --short HEAD`); "dirty": uncommitted changes to tracked files were
+    measured too."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10,
+                                 check=False)
+        except OSError:
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> str:
@@ -112,12 +121,16 @@ def machine() -> str:
             f"Python {platform.python_version()} on {platform.platform()}")
 
 
+def spread_text(value: Spread | None, fmt: str) -> str:
+    return "n/a" if value is None else value.text(fmt)
+
+
 def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, caps: dict[str, Capacity],
-           raw: Capacity, common: int, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
+           common: int, rounds: Rounds, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
            admission: list[dict[str, Any]], log_dir: Path, background: float,
            loads: dict[str, tuple[float, float, float]], notes: list[str],
-           profiles: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
-    on = caps["on"]
+           profiles: list[dict[str, Any]], baseline_src: Path | None = None) -> str:
+    on, raw = caps["on"], caps[RAW]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
     prot_ratio, prot_ok = ratio(caps.get("resume_off"), caps.get("off"), PROTECTIONS_RATIO_TARGET)
     shipped_ratio, _ = ratio(on, caps.get("off"), PROTECTIONS_RATIO_TARGET)
@@ -128,12 +141,18 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
     added_p99 = t["p99"] - d["p99"] if t["p99"] is not None and d["p99"] is not None else None
     rss_kb = rss["per_stream"] / 1024
     stream_s = plan.max_tokens / PACE_TOKENS_PER_SECOND
-    cpu_at = {key: cpu_per_1k(cap.row(common)) for key, cap in caps.items()}
-    cpu_on, cpu_off = cpu_at.get("on"), cpu_at.get("off")
-    cpu_ratio = f"{cpu_off / cpu_on:.0%}" if cpu_on and cpu_off else "n/a"
+    users = rounds.users
+    shipped_cpu, redis_cpu = rounds.cpu_ratio("on"), rounds.cpu_ratio("redis")
+    shipped_p99 = rounds.stat("on", "ttft_p99")
     by_backend = {r["backend"]: r for r in admission}
-    retried = sum(r.get("attempts", 1) - 1 for cap in (*caps.values(), raw) for r in cap.rows)
+    # In quick mode the others' capacity rows are the rounds' rows: count each load once.
+    loads_run = {id(r): r for cap in caps.values() for r in cap.rows}
+    loads_run.update((id(r), r) for rows in rounds.rows.values() for r in rows)
+    retried = sum(r.get("attempts", 1) - 1 for r in loads_run.values())
     retried += proxy["through"].get("attempts", 1) - 1
+
+    def median_verdict(value: Spread | None, target: float) -> str:
+        return verdict(None if value is None else value.median <= target)
 
     def load_text(key: str) -> str:
         return " / ".join(f"{x:.2f}" for x in loads[key]) if key in loads else "n/a"
@@ -152,13 +171,14 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "# Streaming gateway benchmark",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC (took {elapsed_s / 60:.1f} min)",
+        f"- Command: `{command}`",
+        f"- Source: `{source_revision()}` (`git rev-parse --short HEAD`; \"dirty\": with uncommitted changes)",
         f"- Machine: {machine()}",
         f"- Machine load: {background:.2f} cores busy just before the run"
         f"{' (not idle: expect worse numbers)' if background > BUSY_MACHINE_CORES else ''}; load average "
         f"(1 / 5 / 15 min) {load_text('start')} at the start, {load_text('end')} at the end (the benchmark's own "
         "processes count in it; per level, \"rest of machine\" is the CPU others used meanwhile); "
         f"{retried} load(s) run again after others used more than {INTERFERENCE_CORES} cores during them",
-        f"- Command: `{command}` (source `{source_revision()}`)",
         f"- Load: {plan.max_tokens}-token streams at {PACE_TOKENS_PER_SECOND:.0f} tok/s ({stream_s:.0f} s each), "
         f"users ramped at {plan.rate:.0f}/s, each running streams back to back for {plan.hold_seconds:.0f} s after "
         "the ramp; one loopback source address per user; the load generator shares the same cores.",
@@ -175,21 +195,31 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         "| Measure | Measured | Target | |",
         "|---|---:|---:|---|",
+        f"| **Server CPU per delivered token, gateway as shipped / raw ASGI app** ({users} streams, median of "
+        f"{len(rounds.orders)} interleaved rounds, min–max) | **{spread_text(shipped_cpu, '.2f')}** "
+        f"| ≤ {CPU_RATIO_TARGET:g} | {median_verdict(shipped_cpu, CPU_RATIO_TARGET)} |",
+        f"| Server CPU per delivered token, resume store Redis / raw ASGI app (same rounds) "
+        f"| {spread_text(redis_cpu, '.2f')} | ≤ {REDIS_CPU_RATIO_TARGET:g} "
+        f"| {median_verdict(redis_cpu, REDIS_CPU_RATIO_TARGET)} |",
+        f"| Server CPU µs per delivered token at {users} streams (rounds' median): as shipped / protections off / "
+        "raw ASGI | " + " / ".join(spread_text(rounds.stat(k, "cpu_us"), ".1f") for k in ("on", "off", RAW))
+        + " | — | |",
+        f"| TTFT p99 at {users} streams, gateway as shipped (rounds' median) | {spread_text(shipped_p99, '.1f')} ms "
+        f"| ≤ {TTFT_P99_AT_1000_TARGET_MS:.0f} ms at 1000 "
+        f"| {median_verdict(shipped_p99, TTFT_P99_AT_1000_TARGET_MS) if users == 1000 else '—'} |",
         f"| Relay capacity, gateway with protections on (streams) | {on.bracket} | — | |",
         f"| Relay capacity, raw-ASGI ceiling (streams) | {raw.bracket} | — | |",
         f"| Capacity ratio gateway / raw | {gw_ratio} | ≥ {CAPACITY_RATIO_TARGET:.0%} | {verdict(gw_ok)} |",
         f"| TTFT p99 at 450 streams (gateway, protections on) | {ms(p99_450)} ms "
         f"| ≤ {TTFT_P99_AT_450_TARGET_MS:.0f} ms "
-        f"| {verdict(p99_450 is not None and p99_450 <= TTFT_P99_AT_450_TARGET_MS)} |",
+        f"| {verdict(None if p99_450 is None else p99_450 <= TTFT_P99_AT_450_TARGET_MS)} |",
         f"| TTFT added by the gateway, p50 (100 streams) | {ms(added_p50)} ms | ≤ {ADDED_TTFT_P50_TARGET_MS:.0f} ms "
-        f"| {verdict(added_p50 is not None and added_p50 <= ADDED_TTFT_P50_TARGET_MS)} |",
+        f"| {verdict(None if added_p50 is None else added_p50 <= ADDED_TTFT_P50_TARGET_MS)} |",
         f"| RSS per open stream | {rss_kb:.1f} KB | ≤ {RSS_PER_STREAM_TARGET_KB:.0f} KB "
         f"| {verdict(rss_kb <= RSS_PER_STREAM_TARGET_KB)} |",
         f"| Capacity with protections on (rate limit, slots, breaker, deadlines; resume off) / everything off "
         f"| {prot_ratio} | ≥ {PROTECTIONS_RATIO_TARGET:.0%} | {verdict(prot_ok)} |",
         f"| Capacity as shipped (protections and the local resume store) / everything off | {shipped_ratio} | — | |",
-        f"| Server CPU ms per 1k tokens at {common} streams, protections on / off | {fmt_cpu(cpu_on)} / "
-        f"{fmt_cpu(cpu_off)} (off/on = {cpu_ratio}) | — | |",
         f"| Admission cost per request p50, memory / shared memory / Redis | {adm('p50_us')} µs | — | |",
         f"| Admission cost per request p99, memory / shared memory / Redis | {adm('p99_us')} µs | — | |",
         "| Capacity, resume store Redis / local / off (streams) | "
@@ -197,6 +227,7 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         f"| Replay of a finished {plan.max_tokens}-token stream from Last-Event-ID `<id>-0`, p50: local / Redis "
         f"| {replay_text('local')} / {replay_text('redis')} | — | |",
         "",
+        *rounds_section(rounds, caps),
         "## 1. Relay capacity: gateway with protections on (`POST /stream`, built-in mock at 20 tok/s)",
         "",
         f"Configuration: {PROTECTIONS_ON.description}.",
@@ -217,27 +248,25 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         "## 3. What the protections cost",
         "",
-        (f"Quick mode: every configuration runs one level, the highest the protected gateway ran ({common} "
-         "streams), so capacities above it are unresolved; CPU per token is the estimate there (on these CPU-bound "
-         "cores, capacity scales with its inverse)." if plan.compare_budget == 1 else
-         f"Every configuration runs the level the protected gateway reached ({common} streams), where CPU per "
-         "token is compared; from there each climbs or descends to its own capacity."),
+        (f"Quick mode: the other configurations (and the raw app) ran only in the interleaved rounds, at {users} "
+         "streams, so their capacity says only whether that level passed; CPU per token is the estimate there (on "
+         "these CPU-bound cores, capacity scales with its inverse)." if not plan.search_comparisons else
+         f"Each configuration searches its own capacity, starting at the level the protected gateway reached "
+         f"({common} streams). CPU per token comes from the interleaved rounds at {users} streams (above), its ratio "
+         "to protections off taken within each round."),
         "",
-        f"| Configuration | Settings | Capacity (streams) | TTFT p50 / p99 ms at {common} | Server CPU ms / 1k tokens "
-        f"at {common} | vs protections off | Result at {common} |",
-        "|---|---|---:|---:|---:|---:|---|",
+        f"| Configuration | Settings | Capacity (streams) | Server CPU µs / delivered token at {users}, median "
+        "(min–max) | vs protections off, median (min–max) |",
+        "|---|---|---:|---:|---:|",
     ]
     for config in (PROTECTIONS_ON, PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
         cap = caps.get(config.key)
         if cap is None:
-            lines.append(f"| {config.title} | {config.description} | not run | | | | |")
+            lines.append(f"| {config.title} | {config.description} | not run | | |")
             continue
-        row = cap.row(common)
-        cpu = cpu_at.get(config.key)
-        rel = f"{cpu / cpu_off:.0%} CPU" if cpu and cpu_off else "—"
-        ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
-        lines.append(f"| {config.title} | {config.description} | {cap.bracket} | {ttft} | {fmt_cpu(cpu)} | {rel} "
-                     f"| {result_text(row) if row else 'not run'} |")
+        lines.append(f"| {config.title} | {config.description} | {cap.bracket} "
+                     f"| {spread_text(rounds.stat(config.key, 'cpu_us'), '.1f')} "
+                     f"| {spread_text(rounds.cpu_ratio(config.key, 'off'), '.0%')} |")
     lines += ["", "The Redis configuration's server CPU includes redis-server's.", ""]
     for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
         if config.key in caps:
@@ -303,8 +332,8 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
     ]
     if profiles:
         lines += profile_section(profiles)
-    if baseline is not None:
-        lines += baseline_section(baseline["src"], baseline["runs"], common)
+    if baseline_src is not None:
+        lines += baseline_section(baseline_src, rounds, caps)
     return "\n".join(lines)
 
 
@@ -333,57 +362,72 @@ def profile_section(profiles: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _median_spread(values: list[float], fmt: str) -> tuple[float | None, str]:
-    """The median and its text with the spread (min-max) over the rounds."""
-    if not values:
-        return None, "n/a"
-    mid = statistics.median(values)
-    return mid, f"{mid:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+def rounds_section(rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:
+    """Every configuration in the interleaved rounds: median (min-max) of each measure, the ratio to raw first."""
+    order = "; ".join(f"round {i}: {' '.join(keys)}" for i, keys in enumerate(rounds.orders, start=1))
+    out = [
+        "## Interleaved rounds: server CPU per delivered token (the headline)",
+        "",
+        f"Every configuration ran {rounds.users} concurrent streams on a fresh server (warmed up first) once per "
+        f"round, the configurations interleaved ({order}), so that all of them saw the same machine: loads minutes "
+        "apart on a shared machine differ by more than the configurations do. Each figure is the median over the "
+        "rounds, the spread (min–max) in parentheses. Server CPU is user+system of the server's whole process tree "
+        "(psutil, from /proc; redis-server's included for the Redis store) over the level, per token the clients "
+        "received. The ratio to the raw ASGI app is taken within each round, then its median and spread.",
+        "",
+        "| Configuration | **CPU per token / raw ASGI** | Server CPU µs / delivered token | Capacity (streams) "
+        "| TTFT p50 ms | TTFT p99 ms | Tokens delivered in time | Levels passed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, title in rounds.titles.items():
+        ratio_text = "1 (reference)" if key == RAW else f"**{spread_text(rounds.cpu_ratio(key), '.2f')}**"
+        cap = caps.get(key)
+        passed, run = rounds.passed(key)
+        out.append(f"| {title} | {ratio_text} | {spread_text(rounds.stat(key, 'cpu_us'), '.1f')} "
+                   f"| {cap.bracket if cap else 'not measured'} | {spread_text(rounds.stat(key, 'ttft_p50'), '.1f')} "
+                   f"| {spread_text(rounds.stat(key, 'ttft_p99'), '.1f')} "
+                   f"| {spread_text(rounds.stat(key, 'delivered'), '.1%')} | {passed} of {run} |")
+    out += ["", "Every level of the rounds (server, round, result) is in the logs directory "
+            "(`ttft-<configuration>_round<N>-<streams>.csv`).", ""]
+    return out
 
 
-def baseline_section(src: Path, runs: dict[str, list[Capacity]], common: int) -> list[str]:
-    """`--baseline-src`: the shipped configuration from another checkout (A) and from this tree (B), interleaved."""
+def baseline_section(src: Path, rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:
+    """`--baseline-src`: the shipped configuration from another checkout (A) and from this tree (B), in the same
+    interleaved rounds."""
     out = [
         "## Against another checkout (`--baseline-src`)",
         "",
         f"The gateway as shipped ({PROTECTIONS_ON.description}; built-in mock at {PACE_TOKENS_PER_SECOND:g} tok/s), "
         f"A from `{src}` (source `{source_revision(src)}`), B from this tree (source `{source_revision()}`), each "
-        f"started with that checkout as working directory and PYTHONPATH, run alternately (A B A B ...) for "
-        f"{len(runs['current'])} round(s); every run starts at {common} streams, where CPU per token is compared, "
-        "and searches its capacity from there as the other configurations do.",
+        "started with that checkout as working directory and PYTHONPATH; both ran in every interleaved round above "
+        f"(A as `{BASELINE}`, B as `on`) at {rounds.users} streams.",
         "",
-        f"| Round | Checkout | Capacity (streams) | TTFT p50 / p99 ms at {common} "
-        f"| Server CPU ms / 1k tokens at {common} | Result at {common} |",
-        "|---:|---|---:|---:|---:|---|",
+        "| Round | A: CPU µs / token | B: CPU µs / token | B / A | A: TTFT p50 / p99 ms | B: TTFT p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for i, (a, b) in enumerate(zip(runs["baseline"], runs["current"], strict=True), start=1):
-        for name, cap in (("A (baseline)", a), ("B (this tree)", b)):
-            row = cap.row(common)
-            ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
-            out.append(f"| {i} | {name} | {cap.bracket} | {ttft} | {fmt_cpu(cpu_per_1k(row))} "
-                       f"| {result_text(row) if row else 'not run'} |")
-    cpu: dict[str, list[float]] = {}
-    capacity: dict[str, list[float]] = {}
-    for key, caps in runs.items():
-        cpu[key] = [c * 1000 for cap in caps if (c := cpu_per_1k(cap.row(common))) is not None]
-        capacity[key] = [float(cap.lo) for cap in caps]
-    cpu_a, cpu_a_text = _median_spread(cpu["baseline"], ".1f")
-    cpu_b, cpu_b_text = _median_spread(cpu["current"], ".1f")
-    cap_a, cap_a_text = _median_spread(capacity["baseline"], ".0f")
-    cap_b, cap_b_text = _median_spread(capacity["current"], ".0f")
-    cpu_ratio = f"{cpu_b / cpu_a:.3f}" if cpu_a and cpu_b is not None else "n/a"
-    cap_ratio = f"{cap_b / cap_a:.3f}" if cap_a and cap_b is not None else "n/a"
-    unresolved = any(cap.hi is None for caps in runs.values() for cap in caps)
+    for i, (a, b) in enumerate(zip(rounds.rows.get(BASELINE, []), rounds.rows.get("on", []), strict=False), 1):
+        cpu_a, cpu_b = cpu_per_1k(a), cpu_per_1k(b)
+        rel = f"{cpu_b / cpu_a:.3f}" if cpu_a and cpu_b is not None else "n/a"
+        out.append(f"| {i} | {fmt_cpu(cpu_a)} | {fmt_cpu(cpu_b)} | {rel} "
+                   f"| {ms(a['ttft_ms']['p50'])} / {ms(a['ttft_ms']['p99'])} "
+                   f"| {ms(b['ttft_ms']['p50'])} / {ms(b['ttft_ms']['p99'])} |")
+    cap_text, _ = ratio(caps.get("on"), caps.get(BASELINE), 1.0)
     out += [
         "",
         "| Measure | A (baseline) median (min–max) | B (this tree) median (min–max) | B / A |",
         "|---|---:|---:|---:|",
-        f"| Server CPU ms per 1k delivered tokens at {common} streams | {cpu_a_text} | {cpu_b_text} | {cpu_ratio} |",
-        f"| Capacity (streams) | {cap_a_text} | {cap_b_text} | {cap_ratio} |",
+        f"| Server CPU µs per delivered token at {rounds.users} streams "
+        f"| {spread_text(rounds.stat(BASELINE, 'cpu_us'), '.1f')} | {spread_text(rounds.stat('on', 'cpu_us'), '.1f')} "
+        f"| {spread_text(rounds.cpu_ratio('on', BASELINE), '.3f')} |",
+        f"| TTFT p99 ms at {rounds.users} streams | {spread_text(rounds.stat(BASELINE, 'ttft_p99'), '.1f')} "
+        f"| {spread_text(rounds.stat('on', 'ttft_p99'), '.1f')} | — |",
+        f"| Capacity (streams) "
+        f"| {caps[BASELINE].bracket if BASELINE in caps else 'n/a'} | {caps['on'].bracket} | {cap_text} |",
         "",
-        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline."
-        + (" Some run failed no level, so its capacity is a lower bound (unresolved): compare CPU per token."
-           if unresolved else ""),
+        "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline. The CPU "
+        "ratio is taken within each round; the capacities come from one search each, minutes apart (full run), or "
+        "only from the rounds' level (quick): compare CPU per token.",
         "",
     ]
     return out

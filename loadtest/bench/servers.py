@@ -123,12 +123,12 @@ def gateway_from(src: Path, log_dir: Path, work_dir: Path, name: str, env: dict[
             sock.close()
 
 
-def raw_app(log_dir: Path) -> Server:
+def raw_app(log_dir: Path, name: str = "raw_asgi") -> Server:
     port = free_port()  # gunicorn binds it itself: the raw app is measured as gunicorn runs it by default
     argv = [sys.executable, "-m", "gunicorn", "loadtest.raw_asgi_app:app", "-k", "loadtest.raw_asgi_app.RawWorker",
             "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--log-level", "warning", "--backlog", "2048"]
     env = {"RAW_TOKENS_PER_SECOND": str(PACE_TOKENS_PER_SECOND)}
-    return Server.start("raw_asgi", argv, port=port, env=env, log_dir=log_dir, workers=WORKERS)
+    return Server.start(name, argv, port=port, env=env, log_dir=log_dir, workers=WORKERS)
 
 
 def fake_openai(log_dir: Path) -> Server:
