@@ -238,8 +238,8 @@ def search_capacity(server: Server, plan: Plan, *, start: int | None = None,
 def measure_replay(server: Server, plan: Plan) -> dict[str, Any]:
     """REPLAY_STREAMS streams of plan.max_tokens tokens end; each is replayed once from Last-Event-ID <id>-0."""
     log(f"{server.name}: replay cost ({REPLAY_STREAMS} streams of {plan.max_tokens} tokens, then one replay each)")
-    argv = loadgen_argv(server.port, users=REPLAY_STREAMS, max_tokens=plan.max_tokens, rate=plan.rate,
-                        first_ip="127.0.230.1") + ["--replay", str(REPLAY_STREAMS), "--replay-after", "0"]
+    argv = [*loadgen_argv(server.port, users=REPLAY_STREAMS, max_tokens=plan.max_tokens, rate=plan.rate,
+                          first_ip="127.0.230.1"), "--replay", str(REPLAY_STREAMS), "--replay-after", "0"]
     r = run_load(argv)
     log(f"  -> replay p50 {ms(r['replay_ms']['p50'])} ms for {r['events_per_replay']} events, "
         f"{r['replays']}/{r['produced']} replays, errors {r['errors'] or 0}")
