@@ -22,7 +22,7 @@ TIERS: list[tuple[str, ...]] = [
     ("resume",),
     ("streaming",),
     ("admission",),
-    ("lifecycle", "state", "wiring", "drain"),  # a worker's state, how it is built, how it drains
+    ("state", "wiring", "drain"),  # a worker's state, how it is built, how it drains
     ("routes",),
     ("middleware", "protocol"),
     ("main", "gunicorn_conf", "__main__"),

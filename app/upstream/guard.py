@@ -16,6 +16,7 @@ client only ever saw the opening event. Iteration adds one frame per batch, noth
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 
 from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
@@ -100,10 +101,10 @@ class GuardedStream:
             except GatewayError as error:
                 client = charged_client(error, self._request)
                 if self._started:  # broke mid-stream
-                    self._guard.judge(lambda: self._guard.breaker.record_failure(client=client))
+                    self._guard.judge(functools.partial(self._guard.breaker.record_failure, client=client))
                     raise
                 kind = error_kind(error)
-                self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind, client))
+                self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client))
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
                     self._request, self._max_batch, self._headers, error, kind, self._attempt,
@@ -164,7 +165,7 @@ class GuardedUpstream:
                 return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
             except GatewayError as error:
                 kind, client = error_kind(error), charged_client(error, request)
-                self.judge(lambda: _settle_failed_attempt(permit, kind, client))
+                self.judge(functools.partial(_settle_failed_attempt, permit, kind, client))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
                 await self._backoff(error, kind, attempt)
