@@ -77,6 +77,8 @@ def _check_whole_delta(delta: dict[str, Any]) -> None:
             function.get(key) is not None and not isinstance(function[key], str) for key in ("name", "arguments")
         ):
             raise _Malformed("a tool call's function is not {name, arguments} strings")
+
+
 # What aiohttp buffers of a response the relay is not reading (a client that does not read): it stops
 # reading the socket at twice its read buffer (2 x 64 KiB by default). Counted by the memory budget.
 READ_AHEAD_BYTES = 2 * 2**16
@@ -137,8 +139,16 @@ class OpenAIStream:
     """A streaming `/chat/completions` response, yielding batches of content deltas."""
 
     __slots__ = (
-        "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "_full_deltas",
-        "finish_reason", "usage",
+        "_response",
+        "_chunks",
+        "_decoder",
+        "_done",
+        "_saw_done",
+        "_ended",
+        "_failure",
+        "_full_deltas",
+        "finish_reason",
+        "usage",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, *, full_deltas: bool = False) -> None:
@@ -370,13 +380,18 @@ class OpenAIUpstream:
         if status == 429:
             retry_after = _retry_after_seconds(response)
             raise UpstreamRateLimitedError(
-                RATE_LIMITED, upstream_status=429, retry_after_seconds=retry_after, detail=message,
+                RATE_LIMITED,
+                upstream_status=429,
+                retry_after_seconds=retry_after,
+                detail=message,
                 headers={"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None,
             )
         if 400 <= status < 500:
             raise UpstreamRejectedError(f"{REJECTED} (HTTP {status})", upstream_status=status, detail=message)
         raise UpstreamError(
-            f"{FAILED} (HTTP {status})", upstream_status=status, retry_after_seconds=_retry_after_seconds(response),
+            f"{FAILED} (HTTP {status})",
+            upstream_status=status,
+            retry_after_seconds=_retry_after_seconds(response),
             detail=message,
         )
 

@@ -58,25 +58,47 @@ from loadtest.harness.redis import RedisServer
 def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | None]:
     description = (loadtest.bench.__doc__ or "").splitlines()[0]
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=description)
-    p.add_argument("--quick", action="store_true",
-                   help="levels 450 and 1500 for the shipped gateway, no bisection, 2 rounds; the other "
-                   "configurations run only in the rounds")
-    p.add_argument("--levels", help="comma-separated concurrency levels, overriding the plan's ladder (the rounds "
-                   "then run where the shipped gateway's search ended, unless --at says otherwise)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="levels 450 and 1500 for the shipped gateway, no bisection, 2 rounds; the other "
+        "configurations run only in the rounds",
+    )
+    p.add_argument(
+        "--levels",
+        help="comma-separated concurrency levels, overriding the plan's ladder (the rounds "
+        "then run where the shipped gateway's search ended, unless --at says otherwise)",
+    )
     p.add_argument("--refine", type=int, help="bisections of each capacity bracket, overriding the plan's")
     p.add_argument("--all-levels", action="store_true", help="run every ladder level (no search, no bisection)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of every configuration (full run 3, quick 2)")
-    p.add_argument("--at", type=int, metavar="STREAMS",
-                   help="concurrency of the interleaved rounds (default 1000; with --levels, where the search ended)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
-                   "(and as long before a level that other processes disturbed is run again; default 300 s there)")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)")
+    p.add_argument(
+        "--at",
+        type=int,
+        metavar="STREAMS",
+        help="concurrency of the interleaved rounds (default 1000; with --levels, where the search ended)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
+        "(and as long before a level that other processes disturbed is run again; default 300 s there)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)",
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
-    p.add_argument("--baseline-src", type=Path, metavar="DIR",
-                   help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
-                   "/tmp/base <commit>`) in every round, and report it against this tree's with the ratios")
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
+        "/tmp/base <commit>`) in every round, and report it against this tree's with the ratios",
+    )
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.levels:
@@ -95,8 +117,9 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
     return plan, a.output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
 
 
-def contestants(log_dir: Path, work_dir: Path, redis: RedisServer | None,
-                baseline_src: Path | None) -> list[Contestant]:
+def contestants(
+    log_dir: Path, work_dir: Path, redis: RedisServer | None, baseline_src: Path | None
+) -> list[Contestant]:
     """Every configuration compared, in the first round's order; each knows how to start a fresh server of it."""
     out = [Contestant(RAW, "raw ASGI app (reference)", partial(raw_app, log_dir))]
     for config in (PROTECTIONS_ON, PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
@@ -108,11 +131,19 @@ def contestants(log_dir: Path, work_dir: Path, redis: RedisServer | None,
                 continue
             env["REDIS_URL"] = redis.url
             extra, prepare = (watched("redis", redis.proc, redis.port),), partial(redis.command, "FLUSHALL")
-        out.append(Contestant(config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env),
-                              extra, prepare))
+        out.append(
+            Contestant(
+                config.key, config.title, partial(gateway_from, ROOT, log_dir, work_dir, env=env), extra, prepare
+            )
+        )
     if baseline_src is not None:
-        out.append(Contestant(BASELINE, f"{PROTECTIONS_ON.title}, from `{baseline_src}` (A)",
-                              partial(gateway_from, baseline_src, log_dir, work_dir, env=MOCK_ENV)))
+        out.append(
+            Contestant(
+                BASELINE,
+                f"{PROTECTIONS_ON.title}, from `{baseline_src}` (A)",
+                partial(gateway_from, baseline_src, log_dir, work_dir, env=MOCK_ENV),
+            )
+        )
     return out
 
 
@@ -129,8 +160,9 @@ def profile_misses(server: Server, plan: Plan, cap: Capacity) -> list[dict[str, 
         levels.insert(0, 450)
     out = []
     for users in levels:
-        argv = loadgen_argv(server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate,
-                            hold_seconds=plan.hold_seconds)
+        argv = loadgen_argv(
+            server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate, hold_seconds=plan.hold_seconds
+        )
         time.sleep(1.0)
         out.append(profile_load(server, argv, level_seconds(plan, users), f"protections on, {users} streams"))
     return out
@@ -196,14 +228,25 @@ def main(argv: list[str] | None = None) -> None:
                         caps[c.key] = search_capacity(server, plan, start=common, extra=c.extra)
                     if c.key == RESUME_REDIS.key:
                         replay["redis"] = measure_replay(server, plan)
-                    if profile and c.key == PROTECTIONS_OFF.key and c.key in caps and on.hi and ratio(
-                            on, caps[c.key], PROTECTIONS_RATIO_TARGET)[1] is not True:
+                    if (
+                        profile
+                        and c.key == PROTECTIONS_OFF.key
+                        and c.key in caps
+                        and on.hi
+                        and ratio(on, caps[c.key], PROTECTIONS_RATIO_TARGET)[1] is not True
+                    ):
                         # The same load as the protected gateway's profile: the difference is what they cost.
-                        argv = loadgen_argv(server.port, users=on.hi, max_tokens=plan.max_tokens, rate=plan.rate,
-                                            hold_seconds=plan.hold_seconds)
+                        argv = loadgen_argv(
+                            server.port,
+                            users=on.hi,
+                            max_tokens=plan.max_tokens,
+                            rate=plan.rate,
+                            hold_seconds=plan.hold_seconds,
+                        )
                         time.sleep(1.0)
-                        profiles.append(profile_load(server, argv, level_seconds(plan, on.hi),
-                                                     f"protections off, {on.hi} streams"))
+                        profiles.append(
+                            profile_load(server, argv, level_seconds(plan, on.hi), f"protections off, {on.hi} streams")
+                        )
             rounds = measure_rounds(plan, compared, plan.round_users or common)
             for key, rows in rounds.rows.items():  # quick: the rounds are all the others' capacity shows
                 caps.setdefault(key, Capacity(rows=list(rows)))
@@ -213,20 +256,46 @@ def main(argv: list[str] | None = None) -> None:
                     proxy = measure_proxy(plan, upstream, through)
                     through_p50, direct_p50 = proxy["through"]["ttft_ms"]["p50"], proxy["direct"]["ttft_ms"]["p50"]
                     if profile and (through_p50 or 0.0) - (direct_p50 or 0.0) > ADDED_TTFT_P50_TARGET_MS:
-                        argv = loadgen_argv(through.port, users=plan.proxy_users, rate=plan.rate,
-                                            path="/v1/chat/completions", max_tokens=plan.proxy_max_tokens,
-                                            hold_seconds=plan.proxy_hold_seconds)
-                        seconds = (plan.proxy_users / plan.rate + plan.proxy_hold_seconds
-                                   + plan.proxy_max_tokens / PACE_TOKENS_PER_SECOND)
-                        profiles.append(profile_load(through, argv, seconds,
-                                                     f"proxy, {plan.proxy_users} streams through the gateway"))
+                        argv = loadgen_argv(
+                            through.port,
+                            users=plan.proxy_users,
+                            rate=plan.rate,
+                            path="/v1/chat/completions",
+                            max_tokens=plan.proxy_max_tokens,
+                            hold_seconds=plan.proxy_hold_seconds,
+                        )
+                        seconds = (
+                            plan.proxy_users / plan.rate
+                            + plan.proxy_hold_seconds
+                            + plan.proxy_max_tokens / PACE_TOKENS_PER_SECOND
+                        )
+                        profiles.append(
+                            profile_load(
+                                through, argv, seconds, f"proxy, {plan.proxy_users} streams through the gateway"
+                            )
+                        )
         loads["end"] = os.getloadavg()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
-                    common=common, rounds=rounds, proxy=proxy, rss=rss, replay=replay, admission=admission,
-                    log_dir=display_path(log_dir), background=background, loads=loads, notes=notes,
-                    profiles=profiles, baseline_src=baseline_src)
+    report = render(
+        plan=plan,
+        command=command,
+        started=started,
+        elapsed_s=time.monotonic() - t0,
+        caps=caps,
+        common=common,
+        rounds=rounds,
+        proxy=proxy,
+        rss=rss,
+        replay=replay,
+        admission=admission,
+        log_dir=display_path(log_dir),
+        background=background,
+        loads=loads,
+        notes=notes,
+        profiles=profiles,
+        baseline_src=baseline_src,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

@@ -49,10 +49,12 @@ def verdict(ok: bool | None) -> str:
 
 
 def capacity_table(cap: Capacity) -> list[str]:
-    out = ["| Streams | Streams run | TTFT p50 ms | TTFT p99 ms | Tokens/s delivered | Tokens in time | Errors "
-           "| Server CPU s / 1k tokens | Worker CPU avg/peak (cores) | Loadgen CPU (cores) | Loadgen lag p99 ms "
-           "| Rest of machine (cores) | Load avg 1 min | Result |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| Streams | Streams run | TTFT p50 ms | TTFT p99 ms | Tokens/s delivered | Tokens in time | Errors "
+        "| Server CPU s / 1k tokens | Worker CPU avg/peak (cores) | Loadgen CPU (cores) | Loadgen lag p99 ms "
+        "| Rest of machine (cores) | Load avg 1 min | Result |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in sorted(cap.rows, key=lambda r: r["users"]):
         per_1k = cpu_per_1k(r)
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
@@ -96,8 +98,9 @@ def source_revision(src: Path = ROOT) -> str:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10,
-                                 check=False)
+            out = subprocess.run(
+                ["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10, check=False
+            )
         except OSError:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -117,19 +120,36 @@ def machine() -> str:
                 break
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{cpus} CPUs usable ({os.cpu_count()} online), {model}, {mem:.1f} GiB RAM; "
-            f"Python {platform.python_version()} on {platform.platform()}")
+    return (
+        f"{cpus} CPUs usable ({os.cpu_count()} online), {model}, {mem:.1f} GiB RAM; "
+        f"Python {platform.python_version()} on {platform.platform()}"
+    )
 
 
 def spread_text(value: Spread | None, fmt: str) -> str:
     return "n/a" if value is None else value.text(fmt)
 
 
-def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, caps: dict[str, Capacity],
-           common: int, rounds: Rounds, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
-           admission: list[dict[str, Any]], log_dir: Path, background: float,
-           loads: dict[str, tuple[float, float, float]], notes: list[str],
-           profiles: list[dict[str, Any]], baseline_src: Path | None = None) -> str:
+def render(
+    *,
+    plan: Plan,
+    command: str,
+    started: datetime,
+    elapsed_s: float,
+    caps: dict[str, Capacity],
+    common: int,
+    rounds: Rounds,
+    proxy: dict[str, Any],
+    rss: dict[str, Any],
+    replay: dict[str, Any],
+    admission: list[dict[str, Any]],
+    log_dir: Path,
+    background: float,
+    loads: dict[str, tuple[float, float, float]],
+    notes: list[str],
+    profiles: list[dict[str, Any]],
+    baseline_src: Path | None = None,
+) -> str:
     on, raw = caps["on"], caps[RAW]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
     prot_ratio, prot_ok = ratio(caps.get("resume_off"), caps.get("off"), PROTECTIONS_RATIO_TARGET)
@@ -158,8 +178,9 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         return " / ".join(f"{x:.2f}" for x in loads[key]) if key in loads else "n/a"
 
     def adm(metric: str) -> str:
-        return " / ".join(f"{by_backend[b][metric]:.0f}" if b in by_backend else "n/a"
-                          for b in ("memory", "shared memory", "redis"))
+        return " / ".join(
+            f"{by_backend[b][metric]:.0f}" if b in by_backend else "n/a" for b in ("memory", "shared memory", "redis")
+        )
 
     def replay_text(key: str) -> str:
         r = replay.get(key)
@@ -172,12 +193,12 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC (took {elapsed_s / 60:.1f} min)",
         f"- Command: `{command}`",
-        f"- Source: `{source_revision()}` (`git rev-parse --short HEAD`; \"dirty\": with uncommitted changes)",
+        f'- Source: `{source_revision()}` (`git rev-parse --short HEAD`; "dirty": with uncommitted changes)',
         f"- Machine: {machine()}",
         f"- Machine load: {background:.2f} cores busy just before the run"
         f"{' (not idle: expect worse numbers)' if background > BUSY_MACHINE_CORES else ''}; load average "
         f"(1 / 5 / 15 min) {load_text('start')} at the start, {load_text('end')} at the end (the benchmark's own "
-        "processes count in it; per level, \"rest of machine\" is the CPU others used meanwhile); "
+        'processes count in it; per level, "rest of machine" is the CPU others used meanwhile); '
         f"{retried} load(s) run again after others used more than {INTERFERENCE_CORES} cores during them",
         f"- Load: {plan.max_tokens}-token streams at {PACE_TOKENS_PER_SECOND:.0f} tok/s ({stream_s:.0f} s each), "
         f"users ramped at {plan.rate:.0f}/s, each running streams back to back for {plan.hold_seconds:.0f} s after "
@@ -202,7 +223,8 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         f"| {spread_text(redis_cpu, '.2f')} | ≤ {REDIS_CPU_RATIO_TARGET:g} "
         f"| {median_verdict(redis_cpu, REDIS_CPU_RATIO_TARGET)} |",
         f"| Server CPU µs per delivered token at {users} streams (rounds' median): as shipped / protections off / "
-        "raw ASGI | " + " / ".join(spread_text(rounds.stat(k, "cpu_us"), ".1f") for k in ("on", "off", RAW))
+        "raw ASGI | "
+        + " / ".join(spread_text(rounds.stat(k, "cpu_us"), ".1f") for k in ("on", "off", RAW))
         + " | — | |",
         f"| TTFT p99 at {users} streams, gateway as shipped (rounds' median) | {spread_text(shipped_p99, '.1f')} ms "
         f"| ≤ {TTFT_P99_AT_1000_TARGET_MS:.0f} ms at 1000 "
@@ -223,7 +245,8 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         f"| Admission cost per request p50, memory / shared memory / Redis | {adm('p50_us')} µs | — | |",
         f"| Admission cost per request p99, memory / shared memory / Redis | {adm('p99_us')} µs | — | |",
         "| Capacity, resume store Redis / local / off (streams) | "
-        + " / ".join(caps[k].bracket if k in caps else "n/a" for k in ("redis", "on", "resume_off")) + " | — | |",
+        + " / ".join(caps[k].bracket if k in caps else "n/a" for k in ("redis", "on", "resume_off"))
+        + " | — | |",
         f"| Replay of a finished {plan.max_tokens}-token stream from Last-Event-ID `<id>-0`, p50: local / Redis "
         f"| {replay_text('local')} / {replay_text('redis')} | — | |",
         "",
@@ -248,12 +271,15 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         "## 3. What the protections cost",
         "",
-        (f"Quick mode: the other configurations (and the raw app) ran only in the interleaved rounds, at {users} "
-         "streams, so their capacity says only whether that level passed; CPU per token is the estimate there (on "
-         "these CPU-bound cores, capacity scales with its inverse)." if not plan.search_comparisons else
-         f"Each configuration searches its own capacity, starting at the level the protected gateway reached "
-         f"({common} streams). CPU per token comes from the interleaved rounds at {users} streams (above), its ratio "
-         "to protections off taken within each round."),
+        (
+            f"Quick mode: the other configurations (and the raw app) ran only in the interleaved rounds, at {users} "
+            "streams, so their capacity says only whether that level passed; CPU per token is the estimate there (on "
+            "these CPU-bound cores, capacity scales with its inverse)."
+            if not plan.search_comparisons
+            else f"Each configuration searches its own capacity, starting at the level the protected gateway reached "
+            f"({common} streams). CPU per token comes from the interleaved rounds at {users} streams (above), "
+            "its ratio to protections off taken within each round."
+        ),
         "",
         f"| Configuration | Settings | Capacity (streams) | Server CPU µs / delivered token at {users}, median "
         "(min–max) | vs protections off, median (min–max) |",
@@ -264,9 +290,11 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         if cap is None:
             lines.append(f"| {config.title} | {config.description} | not run | | |")
             continue
-        lines.append(f"| {config.title} | {config.description} | {cap.bracket} "
-                     f"| {spread_text(rounds.stat(config.key, 'cpu_us'), '.1f')} "
-                     f"| {spread_text(rounds.cpu_ratio(config.key, 'off'), '.0%')} |")
+        lines.append(
+            f"| {config.title} | {config.description} | {cap.bracket} "
+            f"| {spread_text(rounds.stat(config.key, 'cpu_us'), '.1f')} "
+            f"| {spread_text(rounds.cpu_ratio(config.key, 'off'), '.0%')} |"
+        )
     lines += ["", "The Redis configuration's server CPU includes redis-server's.", ""]
     for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
         if config.key in caps:
@@ -288,9 +316,11 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
             lines.append(f"| {name} | not run | | | | | | |")
             continue
         eps = f"{r['events_per_s']:,.0f}" if r["events_per_s"] else "n/a"
-        lines.append(f"| {name} | {r['replays']} of {r['produced']} | {r['events_per_replay']} "
-                     f"| {ms(r['replay_ms']['p50'])} | {ms(r['replay_ms']['p90'])} | {ms(r['replay_ms']['p99'])} "
-                     f"| {eps} | {', '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 0} |")
+        lines.append(
+            f"| {name} | {r['replays']} of {r['produced']} | {r['events_per_replay']} "
+            f"| {ms(r['replay_ms']['p50'])} | {ms(r['replay_ms']['p90'])} | {ms(r['replay_ms']['p99'])} "
+            f"| {eps} | {', '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 0} |"
+        )
     lines += [
         "",
         "## 5. Admission cost per request (`loadtest/admission_bench.py`, in process)",
@@ -314,9 +344,11 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         r = proxy[label]
         name = "straight to fake_openai" if label == "direct" else "through the gateway"
         cores = r["server_cpu_s"] / r["duration_s"]
-        lines.append(f"| {name} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
-                     f"| {r['steady_tokens_per_s']:,.0f} | {r['error_count']} | {cores:.2f} "
-                     f"| {ms(r['loadgen_lag_ms']['p99'])} | {r['rest_cores']:.2f} |")
+        lines.append(
+            f"| {name} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
+            f"| {r['steady_tokens_per_s']:,.0f} | {r['error_count']} | {cores:.2f} "
+            f"| {ms(r['loadgen_lag_ms']['p99'])} | {r['rest_cores']:.2f} |"
+        )
     lines += [
         f"| **added** | | **{ms(added_p50)}** | **{ms(added_p99)}** | | | | | |",
         "",
@@ -349,11 +381,15 @@ def profile_section(profiles: list[dict[str, Any]]) -> list[str]:
             out += [p["error"], ""]
             continue
         busy = p["samples"] / PROFILE_RATE_HZ / p["seconds"]
-        out += [f"`{display_path(p['file'])}`: {p['samples']:,} samples (≈ {busy:.2f} cores busy in Python-visible "
-                f"frames over {p['seconds']:.0f} s); TTFT p50 / p99 during the profile {ms(p['ttft_ms']['p50'])} / "
-                f"{ms(p['ttft_ms']['p99'])} ms (py-spy itself costs some CPU). `Runner.run` self time is the event "
-                "loop's C code (uvloop: polling, socket I/O, callbacks).", "",
-                "| Self | Frame | | Inclusive | Frame |", "|---:|---|---|---:|---|"]
+        out += [
+            f"`{display_path(p['file'])}`: {p['samples']:,} samples (≈ {busy:.2f} cores busy in Python-visible "
+            f"frames over {p['seconds']:.0f} s); TTFT p50 / p99 during the profile {ms(p['ttft_ms']['p50'])} / "
+            f"{ms(p['ttft_ms']['p99'])} ms (py-spy itself costs some CPU). `Runner.run` self time is the event "
+            "loop's C code (uvloop: polling, socket I/O, callbacks).",
+            "",
+            "| Self | Frame | | Inclusive | Frame |",
+            "|---:|---|---|---:|---|",
+        ]
         for i in range(max(len(p["self"]), len(p["inclusive"]))):
             s = p["self"][i] if i < len(p["self"]) else ("", 0.0)
             n = p["inclusive"][i] if i < len(p["inclusive"]) else ("", 0.0)
@@ -383,12 +419,18 @@ def rounds_section(rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:
         ratio_text = "1 (reference)" if key == RAW else f"**{spread_text(rounds.cpu_ratio(key), '.2f')}**"
         cap = caps.get(key)
         passed, run = rounds.passed(key)
-        out.append(f"| {title} | {ratio_text} | {spread_text(rounds.stat(key, 'cpu_us'), '.1f')} "
-                   f"| {cap.bracket if cap else 'not measured'} | {spread_text(rounds.stat(key, 'ttft_p50'), '.1f')} "
-                   f"| {spread_text(rounds.stat(key, 'ttft_p99'), '.1f')} "
-                   f"| {spread_text(rounds.stat(key, 'delivered'), '.1%')} | {passed} of {run} |")
-    out += ["", "Every level of the rounds (server, round, result) is in the logs directory "
-            "(`ttft-<configuration>_round<N>-<streams>.csv`).", ""]
+        out.append(
+            f"| {title} | {ratio_text} | {spread_text(rounds.stat(key, 'cpu_us'), '.1f')} "
+            f"| {cap.bracket if cap else 'not measured'} | {spread_text(rounds.stat(key, 'ttft_p50'), '.1f')} "
+            f"| {spread_text(rounds.stat(key, 'ttft_p99'), '.1f')} "
+            f"| {spread_text(rounds.stat(key, 'delivered'), '.1%')} | {passed} of {run} |"
+        )
+    out += [
+        "",
+        "Every level of the rounds (server, round, result) is in the logs directory "
+        "(`ttft-<configuration>_round<N>-<streams>.csv`).",
+        "",
+    ]
     return out
 
 
@@ -409,9 +451,11 @@ def baseline_section(src: Path, rounds: Rounds, caps: dict[str, Capacity]) -> li
     for i, (a, b) in enumerate(zip(rounds.rows.get(BASELINE, []), rounds.rows.get("on", []), strict=False), 1):
         cpu_a, cpu_b = cpu_per_1k(a), cpu_per_1k(b)
         rel = f"{cpu_b / cpu_a:.3f}" if cpu_a and cpu_b is not None else "n/a"
-        out.append(f"| {i} | {fmt_cpu(cpu_a)} | {fmt_cpu(cpu_b)} | {rel} "
-                   f"| {ms(a['ttft_ms']['p50'])} / {ms(a['ttft_ms']['p99'])} "
-                   f"| {ms(b['ttft_ms']['p50'])} / {ms(b['ttft_ms']['p99'])} |")
+        out.append(
+            f"| {i} | {fmt_cpu(cpu_a)} | {fmt_cpu(cpu_b)} | {rel} "
+            f"| {ms(a['ttft_ms']['p50'])} / {ms(a['ttft_ms']['p99'])} "
+            f"| {ms(b['ttft_ms']['p50'])} / {ms(b['ttft_ms']['p99'])} |"
+        )
     cap_text, _ = ratio(caps.get("on"), caps.get(BASELINE), 1.0)
     out += [
         "",

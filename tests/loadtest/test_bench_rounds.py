@@ -24,17 +24,29 @@ from loadtest.bench.rounds import (
 )
 
 
-def row(cpu_s: float, tokens: int, *, p50: float = 1.0, p99: float = 10.0, passed: bool = True,
-        users: int = 1000) -> dict[str, Any]:
+def row(
+    cpu_s: float, tokens: int, *, p50: float = 1.0, p99: float = 10.0, passed: bool = True, users: int = 1000
+) -> dict[str, Any]:
     """A measured level as measure_level returns it, reduced to what the rounds read."""
-    return {"users": users, "server_cpu_s": cpu_s, "tokens_total": tokens, "ttft_ms": {"p50": p50, "p99": p99},
-            "delivered": 1.0 if passed else 0.5, "passed": passed, "attempts": 1}
+    return {
+        "users": users,
+        "server_cpu_s": cpu_s,
+        "tokens_total": tokens,
+        "ttft_ms": {"p50": p50, "p99": p99},
+        "delivered": 1.0 if passed else 0.5,
+        "passed": passed,
+        "attempts": 1,
+    }
 
 
 def test_round_order_rotates_one_place_per_round() -> None:
     keys = ["raw", "on", "off"]
     assert [round_order(keys, i) for i in range(4)] == [
-        ["raw", "on", "off"], ["on", "off", "raw"], ["off", "raw", "on"], ["raw", "on", "off"]]
+        ["raw", "on", "off"],
+        ["on", "off", "raw"],
+        ["off", "raw", "on"],
+        ["raw", "on", "off"],
+    ]
     assert round_order([], 3) == []
 
 
