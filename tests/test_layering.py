@@ -14,7 +14,7 @@ APP = Path(__file__).resolve().parent.parent / "app"
 # bottom to top; a module `app/<name>.py` or a package `app/<name>/` is the part `<name>`
 TIERS: list[tuple[str, ...]] = [
     ("settings", "private_dir", "errors"),
-    ("observability",),
+    ("observability", "protocol"),  # protocol: the bounded HTTP protocol, and the refusal it marks on a scope
     ("storage",),  # storage errors and their wrapping, the Redis client, shared-memory tables
     ("policies",),
     ("instance",),  # the instance-wide shared tables the policies keep their state in
@@ -24,7 +24,7 @@ TIERS: list[tuple[str, ...]] = [
     ("admission",),
     ("state", "wiring", "drain"),  # a worker's state, how it is built, how it drains
     ("routes",),
-    ("middleware", "protocol"),
+    ("middleware",),
     ("main", "gunicorn_conf", "__main__"),
 ]
 TIER = {part: tier for tier, parts in enumerate(TIERS) for part in parts}
