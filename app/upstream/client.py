@@ -9,6 +9,7 @@ a third less gateway CPU, added TTFT from 7 ms to under 2 ms (README, "Benchmark
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -308,12 +309,20 @@ class OpenAIUpstream:
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
         self._proxy = _proxy_for(self._url)
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: list[aiohttp.ClientSession] = []  # one, made on first use; shared with `at()`'s copies
+
+    def at(self, base_url: str) -> OpenAIUpstream:
+        """The same client for another base URL (one endpoint of a fleet): one connection pool for all."""
+        sibling = copy.copy(self)
+        sibling.name = urlsplit(base_url).hostname or "upstream"
+        sibling._url = base_url.rstrip("/") + "/chat/completions"
+        sibling._proxy = _proxy_for(sibling._url)
+        return sibling
 
     def _client(self) -> aiohttp.ClientSession:
         """The worker's session, made on first use: it belongs to the worker's event loop."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+        if not self._sessions:
+            self._sessions.append(aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
                 ),
@@ -324,8 +333,8 @@ class OpenAIUpstream:
                 ),
                 headers=self._headers,
                 cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
-            )
-        return self._session
+            ))
+        return self._sessions[0]
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.options)
@@ -381,5 +390,5 @@ class OpenAIUpstream:
         )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._sessions:
+            await self._sessions.pop().close()

@@ -1,0 +1,95 @@
+"""A fleet of model servers behind one `Upstream`: each new stream goes to the endpoint with the fewest
+streams in flight.
+
+kube-proxy balances connections, not requests, and pooled keep-alive connections pin streams to a
+few pods. Here every stream picks: the endpoints its discovery says accept new streams, the one with
+the fewest streams in flight instance-wide (policies/inflight.py; random tie-break). A slow endpoint
+keeps its streams longer, so it is picked less. The count is taken at the pick and given back once,
+when the stream is closed (or its opening failed): `FleetStream.aclose` is the one exit every stream
+passes (the relay always closes what it opened).
+
+Iteration goes straight to the endpoint's stream (`__aiter__` returns it): nothing per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+from app.errors import UpstreamError
+from app.policies.inflight import InFlightTable
+from app.upstream.base import Batch, ChatRequest, UpstreamStream, Usage
+from app.upstream.client import UNREACHABLE, OpenAIStream, OpenAIUpstream
+from app.upstream.discovery import Discovery
+
+
+class FleetStream:
+    __slots__ = ("_inner", "_table", "_endpoint")
+
+    def __init__(self, inner: OpenAIStream, table: InFlightTable, endpoint: str) -> None:
+        self._inner = inner
+        self._table = table
+        self._endpoint = endpoint
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._inner.finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._inner.usage
+
+    def __aiter__(self) -> AsyncIterator[Batch]:
+        return self._inner.__aiter__()
+
+    async def __anext__(self) -> Batch:
+        return await self._inner.__anext__()
+
+    def mark_failed(self) -> None:
+        self._inner.mark_failed()
+
+    async def aclose(self) -> None:
+        endpoint, self._endpoint = self._endpoint, ""
+        try:
+            await self._inner.aclose()
+        finally:
+            if endpoint:  # once, however often it is closed
+                self._table.release(endpoint)
+
+
+class FleetUpstream:
+    """OpenAI-compatible model servers found by a `Discovery`, one shared connection pool for all."""
+
+    def __init__(self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable) -> None:
+        self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
+        self.discovery = discovery
+        self._client = client
+        self._table = table
+        self._clients: dict[str, OpenAIUpstream] = {}
+
+    def _at(self, url: str) -> OpenAIUpstream:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = self._client.at(url)
+        return client
+
+    async def open(
+        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
+    ) -> UpstreamStream:
+        endpoints = self.discovery.endpoints()
+        urls = [endpoint.url for endpoint in endpoints if endpoint.accepts_new]
+        if not urls:
+            detail = f"no upstream endpoint ready ({len(endpoints)} known)"
+            raise UpstreamError(UNREACHABLE, kind="connect", detail=detail)
+        if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
+            known = {endpoint.url for endpoint in endpoints}
+            self._clients = {url: client for url, client in self._clients.items() if url in known}
+        url = self._table.acquire_least(urls)
+        try:
+            stream = await self._at(url).open(request, max_batch=max_batch, headers=headers)
+        except BaseException:
+            self._table.release(url)
+            raise
+        return FleetStream(stream, self._table, url)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()  # the pool every endpoint's client shares
