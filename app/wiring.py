@@ -66,6 +66,12 @@ def build_upstream(settings: Settings, inflight: InFlightTable | None = None) ->
 
 
 def build_discovery(settings: Settings) -> Discovery:
+    if settings.upstream_discovery == "kubernetes":
+        # imported here: the Kubernetes client is large, and only this mode needs it
+        from app.upstream.k8s_discovery import KubernetesDiscovery
+
+        assert settings.upstream_k8s_service is not None  # Settings refuses kubernetes discovery without it
+        return KubernetesDiscovery(settings.upstream_urls[0], settings.upstream_k8s_service)
     if settings.upstream_discovery == "dns":
         return DnsDiscovery(settings.upstream_urls[0], refresh_s=settings.upstream_dns_refresh_seconds,
                             nameserver=settings.upstream_dns_nameserver)
