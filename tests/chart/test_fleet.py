@@ -9,8 +9,10 @@ import kubernetes_validate
 
 from .conftest import NAMESPACE, Helm
 
-WATCHING = {"gateway__env__UPSTREAM_DISCOVERY": "kubernetes", "gateway__env__UPSTREAM_K8S_SERVICE": "models/llm",
-            "gateway__env__UPSTREAM_URL": "http://llm.models.svc:8000/v1"}
+WATCHING: dict[str, Any] = {
+    "gateway__env__UPSTREAM_DISCOVERY": "kubernetes", "gateway__env__UPSTREAM_K8S_SERVICE": "models/llm",
+    "gateway__env__UPSTREAM_URL": "http://llm.models.svc:8000/v1",
+}
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
