@@ -15,11 +15,15 @@ from tests.conftest import ROOT, FakeUpstream, _wait_until_up
 
 
 @contextmanager
-def fake_server(host: str = "127.0.0.1", port: int = 0, *, tokens_per_second: float = 400) -> Iterator[FakeUpstream]:
-    """One fake on `host:port` (port 0: the kernel picks), stopped when the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+def fake_server(host: str = "127.0.0.1", port: int = 0, *, tokens_per_second: float = 400,
+                sock: socket.socket | None = None) -> Iterator[FakeUpstream]:
+    """One fake on `host:port` (port 0: the kernel picks), or on `sock` (bound, not yet listening); stopped
+    when the block ends."""
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    host = sock.getsockname()[0]
     sock.listen(1024)
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
