@@ -37,6 +37,8 @@ class Endpoint:
     """One model server: its base URL and its EndpointSlice conditions (static and DNS ones are all ready)."""
 
     url: str
+    # the URL holds a discovered address: the name the server answers to (TLS server name and Host header)
+    server_name: str | None = None
     ready: bool = True
     serving: bool = True
     terminating: bool = False
@@ -141,7 +143,8 @@ class DnsDiscovery:
             logger.info("upstream DNS refresh succeeds again", extra={"host": self._host})
         if not addresses:  # an empty answer is not a fleet of zero: keep what worked
             return
-        endpoints = tuple(Endpoint(with_address(self._parts, address, None)) for address in addresses)
+        name = None if _is_address(self._host) else self._host
+        endpoints = tuple(Endpoint(with_address(self._parts, address, None), name) for address in addresses)
         if endpoints != self._endpoints:
             self._endpoints = endpoints
             logger.info("upstream endpoints changed", extra={"host": self._host, "endpoints": len(endpoints)})

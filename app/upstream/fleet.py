@@ -19,7 +19,7 @@ from app.errors import UpstreamError
 from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, Usage
 from app.upstream.client import UNREACHABLE, OpenAIStream, OpenAIUpstream
-from app.upstream.discovery import Discovery
+from app.upstream.discovery import Discovery, Endpoint
 
 
 class FleetStream:
@@ -66,26 +66,26 @@ class FleetUpstream:
         self._table = table
         self._clients: dict[str, OpenAIUpstream] = {}
 
-    def _at(self, url: str) -> OpenAIUpstream:
-        client = self._clients.get(url)
+    def _at(self, endpoint: Endpoint) -> OpenAIUpstream:
+        client = self._clients.get(endpoint.url)
         if client is None:
-            client = self._clients[url] = self._client.at(url)
+            client = self._clients[endpoint.url] = self._client.at(endpoint.url, endpoint.server_name)
         return client
 
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
         endpoints = self.discovery.endpoints()
-        urls = [endpoint.url for endpoint in endpoints if endpoint.accepts_new]
-        if not urls:
+        accepting = {endpoint.url: endpoint for endpoint in endpoints if endpoint.accepts_new}
+        if not accepting:
             detail = f"no upstream endpoint ready ({len(endpoints)} known)"
             raise UpstreamError(UNREACHABLE, kind="connect", detail=detail)
         if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
             known = {endpoint.url for endpoint in endpoints}
             self._clients = {url: client for url, client in self._clients.items() if url in known}
-        url = self._table.acquire_least(urls)
+        url = self._table.acquire_least(list(accepting))
         try:
-            stream = await self._at(url).open(request, max_batch=max_batch, headers=headers)
+            stream = await self._at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
         except BaseException:
             self._table.release(url)
             raise

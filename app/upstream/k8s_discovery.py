@@ -64,7 +64,7 @@ def slice_endpoints(obj: dict[str, Any], base_url: str) -> list[Endpoint]:
         serving = conditions.get("serving", conditions.get("ready")) is not False
         endpoints.append(Endpoint(
             with_address(parts, addresses[0], port),  # one endpoint's addresses are one pod's: the first serves
-            ready=ready, serving=serving, terminating=conditions.get("terminating") is True,
+            parts.hostname, ready=ready, serving=serving, terminating=conditions.get("terminating") is True,
         ))
     return endpoints
 

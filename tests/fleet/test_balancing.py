@@ -110,11 +110,14 @@ def test_counts_are_shared_across_processes_and_reclaimed() -> None:
 
 
 @pytest.mark.parametrize(
-    "url, problem",
-    [("http://a:1/v1,http://a:1/v1", "twice"), ("http://a/v1,ftp://b/v1", "http://"),
-     ("http://a/v1,http://b/v1", "exactly one")],
+    "env, problem",
+    [({"upstream_url": "http://a:1/v1,http://a:1/v1"}, "twice"),
+     ({"upstream_url": "http://a/v1,ftp://b/v1"}, "http://"),
+     ({"upstream_url": "http://a/v1,http://b/v1", "upstream_discovery": "dns"}, "exactly one"),
+     ({"upstream_url": "http://llm.models.svc/v1", "upstream_discovery": "kubernetes"}, "namespace/name"),
+     ({"upstream_url": "http://llm/v1", "upstream_discovery": "kubernetes", "upstream_k8s_service": "llm"},
+      "namespace/name")],
 )
-def test_upstream_url_is_checked(url: str, problem: str) -> None:
-    discovery = "dns" if problem == "exactly one" else "static"
+def test_upstream_settings_are_checked(env: dict[str, str], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
-        Settings(upstream_url=url, upstream_discovery=discovery)
+        Settings(**env)  # type: ignore[arg-type]

@@ -101,6 +101,8 @@ def test_gateway_follows_dns_changes(dns_server: tuple[Records, int], twin_fakes
         for _ in range(4):
             stream_chat(gateway.url, 2, client)
         assert first.stats()["requests"] == 4 and second.stats()["requests"] == 0
+        # the request is addressed to the name, not the address (with https, TLS checks the name too)
+        assert {body["host"] for body in first.stats()["bodies"]} == {f"{NAME.rstrip('.')}:{port}"}
 
         records.addresses = ["127.0.0.3"]  # the pod moved
         first.reset()
