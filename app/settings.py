@@ -57,6 +57,22 @@ class Settings(BaseSettings):
         description="UPSTREAM_DISCOVERY=kubernetes: the Service whose EndpointSlices are watched, `namespace/name`.",
     )
     upstream_api_key: SecretStr | None = Field(None, description="Bearer token sent to the upstream, if any.")
+    upstream_affinity_header: str | None = Field(
+        None,
+        description="A fleet: the request header whose value names a session (e.g. `x-session-id`). A session's "
+        "streams prefer the endpoint they used before, so the model server's prefix cache keeps hitting, while that "
+        "endpoint's load stays within UPSTREAM_AFFINITY_LOAD_FACTOR of the mean. Unset: no header.",
+    )
+    upstream_affinity_user: bool = Field(
+        False,
+        description="A fleet: on /v1, OpenAI's `user` field names the session when no header does (it is still "
+        "not forwarded).",
+    )
+    upstream_affinity_load_factor: float = Field(
+        1.25, ge=1.0,
+        description="A fleet: a session keeps its endpoint while that endpoint's streams in flight, the new one "
+        "counted, stay within this multiple of the mean (consistent hashing with bounded loads).",
+    )
     upstream_model: str | None = Field(
         None, description="Model name sent upstream; unset: the client's model is passed through."
     )

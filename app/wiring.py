@@ -62,7 +62,8 @@ def build_upstream(settings: Settings, inflight: InFlightTable | None = None) ->
     )
     if not settings.upstream_fleet:
         return client
-    return FleetUpstream(client, build_discovery(settings), inflight or MemoryInFlightTable())
+    return FleetUpstream(client, build_discovery(settings), inflight or MemoryInFlightTable(),
+                         affinity_load_factor=settings.upstream_affinity_load_factor)
 
 
 def build_discovery(settings: Settings) -> Discovery:

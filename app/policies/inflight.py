@@ -2,7 +2,10 @@
 
 `acquire_least(keys)` reads every worker's counts, picks the key with the fewest streams in flight
 (random tie-break) and counts one more stream on it, all under one lock, so two workers picking at
-once do not both land on the same idle endpoint. `release(key)` takes it back.
+once do not both land on the same idle endpoint. `acquire_preferred(keys, load_factor)` is the same
+with a preference order (a session's endpoints, consistent hashing): the first key whose load stays
+within `load_factor` times the mean with this stream counted (bounded loads, Mirrokni et al.), so one
+hot session cannot pile onto one endpoint. `release(key)` takes either back.
 
 Two implementations of one interface, like the buffered-bytes table (buffers.py):
 
@@ -14,6 +17,7 @@ Two implementations of one interface, like the buffered-bytes table (buffers.py)
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import random
@@ -34,8 +38,12 @@ class InFlightTable(Protocol):
         """The key (of a non-empty `keys`) with the fewest streams in flight, now counting one more."""
         ...
 
+    def acquire_preferred(self, keys: Sequence[str], load_factor: float) -> str:
+        """The first key (of a non-empty `keys`, in order) within the load bound, now counting one more."""
+        ...
+
     def release(self, key: str) -> None:
-        """One stream on `key` ended (called exactly once per `acquire_least`)."""
+        """One stream on `key` ended (called exactly once per `acquire_least` or `acquire_preferred`)."""
         ...
 
     def counts(self, keys: Sequence[str]) -> list[int]:
@@ -52,6 +60,11 @@ def _least(keys: Sequence[str], counts: Sequence[int]) -> str:
     return random.choice([key for key, count in zip(keys, counts, strict=True) if count == fewest])
 
 
+def _preferred(keys: Sequence[str], counts: Sequence[int], load_factor: float) -> str:
+    bound = math.ceil(load_factor * (sum(counts) + 1) / len(keys))  # at least the least loaded key's count + 1
+    return next(key for key, count in zip(keys, counts, strict=True) if count + 1 <= bound)
+
+
 class MemoryInFlightTable:
     """One process: a counter."""
 
@@ -60,6 +73,11 @@ class MemoryInFlightTable:
 
     def acquire_least(self, keys: Sequence[str]) -> str:
         key = _least(keys, self.counts(keys))
+        self._counts[key] += 1
+        return key
+
+    def acquire_preferred(self, keys: Sequence[str], load_factor: float) -> str:
+        key = _preferred(keys, self.counts(keys), load_factor)
         self._counts[key] += 1
         return key
 
@@ -145,6 +163,13 @@ class SharedInFlightTable(SharedTable):
         hashes = [self._region.key_hash(key) for key in keys]
         with self._region as buf:
             key = _least(keys, self._sum(buf, hashes))
+            self._add(buf, hashes[keys.index(key)], 1)
+        return key
+
+    def acquire_preferred(self, keys: Sequence[str], load_factor: float) -> str:
+        hashes = [self._region.key_hash(key) for key in keys]
+        with self._region as buf:
+            key = _preferred(keys, self._sum(buf, hashes), load_factor)
             self._add(buf, hashes[keys.index(key)], 1)
         return key
 

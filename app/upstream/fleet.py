@@ -8,11 +8,17 @@ keeps its streams longer, so it is picked less. The count is taken at the pick a
 when the stream is closed (or its opening failed): `FleetStream.aclose` is the one exit every stream
 passes (the relay always closes what it opened).
 
+A request that names a session (ChatRequest.affinity) prefers the endpoints in the session's own order
+(rendezvous hashing), taking the first whose load stays within UPSTREAM_AFFINITY_LOAD_FACTOR of the mean:
+the model server's prefix cache keeps hitting, and one hot session or a shared system prompt cannot pile
+onto one endpoint (consistent hashing with bounded loads).
+
 Iteration goes straight to the endpoint's stream (`__aiter__` returns it): nothing per token.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Mapping
 
 from app.errors import UpstreamError
@@ -20,6 +26,12 @@ from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, Usage
 from app.upstream.client import UNREACHABLE, OpenAIStream, OpenAIUpstream
 from app.upstream.discovery import Discovery, Endpoint
+
+
+def _weight(session: str, url: str) -> bytes:
+    """Rendezvous hashing: a session ranks endpoints the same way in every worker and replica, and an endpoint
+    leaving or joining moves only the sessions that ranked it first."""
+    return hashlib.blake2b(f"{session}\0{url}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
 class FleetStream:
@@ -59,9 +71,11 @@ class FleetStream:
 class FleetUpstream:
     """OpenAI-compatible model servers found by a `Discovery`, one shared connection pool for all."""
 
-    def __init__(self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable) -> None:
+    def __init__(self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable, *,
+                 affinity_load_factor: float) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
+        self._load_factor = affinity_load_factor
         self._client = client
         self._table = table
         self._clients: dict[str, OpenAIUpstream] = {}
@@ -83,7 +97,11 @@ class FleetUpstream:
         if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
             known = {endpoint.url for endpoint in endpoints}
             self._clients = {url: client for url, client in self._clients.items() if url in known}
-        url = self._table.acquire_least(list(accepting))
+        if request.affinity:  # a session: its endpoints in rendezvous-hash order, the first within the load bound
+            order = sorted(accepting, key=lambda url: _weight(request.affinity, url), reverse=True)
+            url = self._table.acquire_preferred(order, self._load_factor)
+        else:
+            url = self._table.acquire_least(list(accepting))
         try:
             stream = await self._at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
         except BaseException:
