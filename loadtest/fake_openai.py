@@ -7,8 +7,8 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
                                                  with the queue empty, requests behave normally
     GET  /_stats                                 requests, completed, disconnects, connections (distinct
                                                  client address:port of chat requests), bodies seen (the
-                                                 first 50 request bodies, as received, with the
-                                                 authorization, traceparent and host headers)
+                                                 first 50 request bodies, as received), hosts (their
+                                                 Host headers)
     POST /_reset                                 clear script and stats
 
 A prompt containing `[[fail:NNN]]` (in any message) gets HTTP status NNN whatever the script says,
@@ -65,7 +65,7 @@ class FakeOpenAI:
     def reset(self) -> None:
         self.script.clear()
         self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnects": 0, "active": 0, "connections": 0,
-                                      "bodies": []}
+                                      "bodies": [], "hosts": []}
         self._peers: set[tuple[str, int]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,8 +103,8 @@ class FakeOpenAI:
             self.stats["connections"] = len(self._peers)
         if len(self.stats["bodies"]) < 50:
             self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization"),
-                                         "traceparent": _header(scope, b"traceparent"),
-                                         "host": _header(scope, b"host")})
+                                         "traceparent": _header(scope, b"traceparent")})
+            self.stats["hosts"].append(_header(scope, b"host"))
         marked = marked_status(request)
         if marked is not None:
             return await _json(send, marked, {"error": {"message": POISONED_MESSAGE, "type": "fake"}})
