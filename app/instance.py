@@ -69,8 +69,10 @@ def create_shared(settings: Settings) -> SharedTables:
     tables = SharedTables(
         rate_storage=SharedMemoryStorage(),
         slots=SharedConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
-        breaker_cell=SharedBreakerCell(failure_capacity=settings.circuit_failure_threshold,
-                                       charged_capacity=charged_capacity(breaker_config(settings))),
+        breaker_cell=SharedBreakerCell(
+            failure_capacity=settings.circuit_failure_threshold,
+            charged_capacity=charged_capacity(breaker_config(settings)),
+        ),
         buffers=SharedBufferTable(),
         inflight=SharedInFlightTable(),
     )

@@ -87,8 +87,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self.idle_since = self.loop.time()
         if len(self.connections) > self.limits.max_sockets and not self._evict_idle():
-            self._refuse(ServiceUnavailableError("this worker holds its maximum of sockets; retry",
-                                                 headers={"Retry-After": "1", "Connection": "close"}))
+            self._refuse(
+                ServiceUnavailableError(
+                    "this worker holds its maximum of sockets; retry",
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )
+            )
             return
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
@@ -99,9 +103,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _evict_idle(self) -> bool:
         victim: BoundedHttpProtocol | None = None
         for connection in self.connections:
-            if (isinstance(connection, BoundedHttpProtocol) and connection is not self
-                    and connection.idle_since is not None and not connection.transport.is_closing()
-                    and (victim is None or connection.idle_since < victim.idle_since)):  # type: ignore[operator]
+            if (
+                isinstance(connection, BoundedHttpProtocol)
+                and connection is not self
+                and connection.idle_since is not None
+                and not connection.transport.is_closing()
+                and (victim is None or connection.idle_since < victim.idle_since)
+            ):  # type: ignore[operator]
                 victim = connection
         if victim is None:
             return False
@@ -207,7 +215,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         for header, text in error.headers.items():
             if header.lower() != "connection":
                 head += [header.lower().encode(), b": ", text.encode(), b"\r\n"]
-        head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-                 b"\r\nconnection: close\r\n\r\n"]
+        head += [
+            b"content-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\nconnection: close\r\n\r\n",
+        ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()

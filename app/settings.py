@@ -21,12 +21,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format: one JSON object, or plain text.")
     keepalive_seconds: int = Field(
-        75, gt=0,
+        75,
+        gt=0,
         description="Idle HTTP keep-alive timeout, also for a new socket that sends nothing; keep it above the load "
         "balancer's idle timeout.",
     )
     metrics_port: int = Field(
-        9464, ge=1, le=65535,
+        9464,
+        ge=1,
+        le=65535,
         description="TCP port that serves /metrics (and nothing else); the public PORT does not serve it.",
     )
     docs_enabled: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (off: 404).")
@@ -69,7 +72,8 @@ class Settings(BaseSettings):
         "not forwarded).",
     )
     upstream_affinity_load_factor: float = Field(
-        1.25, ge=1.0,
+        1.25,
+        ge=1.0,
         description="A fleet: a session keeps its endpoint while that endpoint's streams in flight, the new one "
         "counted, stay within this multiple of the mean (consistent hashing with bounded loads).",
     )
@@ -88,7 +92,8 @@ class Settings(BaseSettings):
         "default such as 100).",
     )
     upstream_keepalive_seconds: float = Field(
-        4.0, gt=0,
+        4.0,
+        gt=0,
         description="How long an idle upstream connection is kept for reuse; keep it below the upstream's own "
         "keep-alive timeout (uvicorn: 5 s), or a request can meet a connection the server is closing.",
     )
@@ -115,11 +120,13 @@ class Settings(BaseSettings):
 
     # --- requests ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(
-        1_048_576, ge=1024,
+        1_048_576,
+        ge=1024,
         description="Largest accepted request body or WebSocket message; larger gets 413 (WebSocket: close 1009).",
     )
     request_read_timeout_seconds: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="The request head and body (WebSocket: the first message) must arrive within this, counted "
         "from the first byte (WebSocket: the upgrade); later gets 408 and close (WebSocket: close 1008).",
     )
@@ -127,11 +134,14 @@ class Settings(BaseSettings):
         65_536, ge=1024, description="Largest request head (request line and headers); larger gets 431 and close."
     )
     max_request_headers: int = Field(100, ge=8, description="Most header fields in a request; more gets 431.")
-    max_prompt_chars: int = Field(200_000, ge=1, description=(
-        "Longest accepted prompt (all messages, plus tool schemas and response formats as JSON), in characters."))
-    max_tokens_limit: int = Field(
-        32_768, ge=1, description="Largest max_tokens a client may ask for; larger gets 422."
+    max_prompt_chars: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "Longest accepted prompt (all messages, plus tool schemas and response formats as JSON), in characters."
+        ),
     )
+    max_tokens_limit: int = Field(32_768, ge=1, description="Largest max_tokens a client may ask for; larger gets 422.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when the client sends none.")
 
     # --- admission --------------------------------------------------------------------------------
@@ -161,7 +171,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(500, ge=1, description="Concurrent streams the instance carries (all workers).")
     max_connections_per_client: int = Field(10, ge=1, description="Concurrent streams per client (all workers).")
     max_stream_age_seconds: float = Field(
-        300.0, gt=0,
+        300.0,
+        gt=0,
         description="With REDIS_URL: lifetime of a stream's per-client slot lease in Redis, so the slots of an "
         "instance that died are reclaimed after it (on one instance, a slot is freed by its stream's end or its "
         "worker's exit).",
@@ -178,7 +189,8 @@ class Settings(BaseSettings):
     circuit_open_seconds: float = Field(30.0, gt=0, description="How long the circuit stays open before one probe.")
     circuit_success_threshold: int = Field(2, ge=1, description="Probe successes in a row that close the circuit.")
     circuit_max_failures_per_client: int = Field(
-        2, ge=1,
+        2,
+        ge=1,
         description="Failures a request's content can cause (upstream 5xx, an error or garbage it sent) that count per "
         "client identity per window; refused connections, resets and first-token timeouts always count in full.",
     )
@@ -212,7 +224,8 @@ class Settings(BaseSettings):
         5.0, gt=0, description="After the drain deadline, how long cut streams get to write their final event."
     )
     drain_metrics_linger_seconds: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="After a drain that cut streams, keep serving /metrics this long before exiting, so a scrape "
         "sees streaming_drain_cut_streams_total (set it to the scrape interval; 0: exit at once).",
     )
@@ -241,12 +254,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="A generation whose client left runs on this long for it to return (0: stop at once)."
     )
     max_orphaned_streams: int = Field(
-        100, ge=0,
+        100,
+        ge=0,
         description="Orphaned generations per worker; beyond, a client leaving stops its generation. Also bounds "
         "the handed-over generations a worker claims at once.",
     )
     handover_lease_seconds: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="RESUME_STORE=redis: a claimed handed-over stream whose claimer stops renewing for this long "
         "(crash, SIGKILL) is claimed by another instance.",
     )
@@ -256,7 +271,8 @@ class Settings(BaseSettings):
         100, ge=1, description="Per-stream buffer: most upstream events read ahead of the client (one write)."
     )
     memory_budget_bytes: int = Field(
-        524_288_000, ge=65_536,
+        524_288_000,
+        ge=65_536,
         description="Buffered stream data the instance may hold (all workers): bytes relayed streams hold that their "
         "clients have not taken (a write waiting on a client that does not read, the server's socket buffer "
         "behind it, upstream data read ahead for it, unsent non-streamed answers, resume events not yet stored). "
@@ -304,8 +320,9 @@ class Settings(BaseSettings):
     def graceful_timeout_seconds(self) -> int:
         """gunicorn's graceful_timeout: the drain, the metrics linger, the close grace and a margin, so no layer
         kills a stream the drain still waits for (nesting: drain < uvicorn shutdown < gunicorn graceful_timeout)."""
-        return int(self.drain_timeout_seconds + self.drain_metrics_linger_seconds
-                   + 2 * self.drain_close_grace_seconds + 1)
+        return int(
+            self.drain_timeout_seconds + self.drain_metrics_linger_seconds + 2 * self.drain_close_grace_seconds + 1
+        )
 
     @property
     def model_names(self) -> tuple[str, ...]:

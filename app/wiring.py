@@ -62,8 +62,12 @@ def build_upstream(settings: Settings, inflight: InFlightTable | None = None) ->
     )
     if not settings.upstream_fleet:
         return client
-    return FleetUpstream(client, build_discovery(settings), inflight or MemoryInFlightTable(),
-                         affinity_load_factor=settings.upstream_affinity_load_factor)
+    return FleetUpstream(
+        client,
+        build_discovery(settings),
+        inflight or MemoryInFlightTable(),
+        affinity_load_factor=settings.upstream_affinity_load_factor,
+    )
 
 
 def build_discovery(settings: Settings) -> Discovery:
@@ -74,15 +78,19 @@ def build_discovery(settings: Settings) -> Discovery:
         assert settings.upstream_k8s_service is not None  # Settings refuses kubernetes discovery without it
         return KubernetesDiscovery(settings.upstream_urls[0], settings.upstream_k8s_service)
     if settings.upstream_discovery == "dns":
-        return DnsDiscovery(settings.upstream_urls[0], refresh_s=settings.upstream_dns_refresh_seconds,
-                            nameserver=settings.upstream_dns_nameserver)
+        return DnsDiscovery(
+            settings.upstream_urls[0],
+            refresh_s=settings.upstream_dns_refresh_seconds,
+            nameserver=settings.upstream_dns_nameserver,
+        )
     return StaticDiscovery(settings.upstream_urls)
 
 
 def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> GatewayState:
     shared = instance_state(settings)
     memory = MemoryGuard(
-        budget_bytes=settings.memory_budget_bytes, table=shared.buffers,
+        budget_bytes=settings.memory_budget_bytes,
+        table=shared.buffers,
         read_ahead_bytes=0 if settings.upstream_url is None else READ_AHEAD_BYTES,
     )
     registry = StreamRegistry(
@@ -107,11 +115,16 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         cell=shared.breaker_cell,
     )
     upstream = GuardedUpstream(
-        upstream, breaker,
+        upstream,
+        breaker,
         RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds),
     )
-    drain = Drain(registry, timeout_s=settings.drain_timeout_seconds, close_grace_s=settings.drain_close_grace_seconds,
-                  metrics_linger_s=settings.drain_metrics_linger_seconds)
+    drain = Drain(
+        registry,
+        timeout_s=settings.drain_timeout_seconds,
+        close_grace_s=settings.drain_close_grace_seconds,
+        metrics_linger_s=settings.drain_metrics_linger_seconds,
+    )
     rate_storage: Storage = shared.rate_storage
     remote_slots: ClientSlots | None = None
     redis = LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds) if settings.redis_url else None
@@ -150,7 +163,9 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         assert settings.redis_url is not None
         claimer = Claimer(
             LazyRedis(settings.redis_url, socket_timeout=settings.redis_timeout_seconds + CLAIM_BLOCK_SECONDS),
-            resume, HandoverContinuation(relay, resume), lease_s=settings.handover_lease_seconds,
+            resume,
+            HandoverContinuation(relay, resume),
+            lease_s=settings.handover_lease_seconds,
             max_claims=settings.max_orphaned_streams,
             block_s=CLAIM_BLOCK_SECONDS,
         )
@@ -177,8 +192,9 @@ def can_continue(settings: Settings) -> bool:
     return settings.upstream_url is None or settings.upstream_continuation != "none"
 
 
-def build_resume_store(settings: Settings, redis: LazyRedis | None = None,
-                       registry: StreamRegistry | None = None) -> ResumeStore:
+def build_resume_store(
+    settings: Settings, redis: LazyRedis | None = None, registry: StreamRegistry | None = None
+) -> ResumeStore:
     backend: Backend
     handover = None
     if settings.resume_store == "redis":
@@ -191,10 +207,14 @@ def build_resume_store(settings: Settings, redis: LazyRedis | None = None,
         directory = settings.resume_dir or tempfile.mkdtemp(prefix="gateway-resume-")
         backend = DirectoryBackend(directory, ttl_s=settings.resume_ttl_seconds)
     return ResumeStore(
-        backend, flush_interval_s=settings.resume_flush_interval_seconds, max_events=settings.resume_max_events,
-        handover=handover, on_tick=_orphan_gauge(registry) if registry is not None else None,
+        backend,
+        flush_interval_s=settings.resume_flush_interval_seconds,
+        max_events=settings.resume_max_events,
+        handover=handover,
+        on_tick=_orphan_gauge(registry) if registry is not None else None,
         orphans=(lambda: [s for s in registry.streams if s.orphaned_at]) if registry is not None else None,
-        producers=registry.producers if registry is not None else None, ttl_s=settings.resume_ttl_seconds,
+        producers=registry.producers if registry is not None else None,
+        ttl_s=settings.resume_ttl_seconds,
     )
 
 

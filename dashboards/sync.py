@@ -42,10 +42,16 @@ def drift() -> list[str]:
     """What --check reports: generated files that are missing, differ, or have no source any more."""
     expected = expected_files()
     problems = [f"{path.relative_to(ROOT)}: missing" for path in expected if not path.is_file()]
-    problems += [f"{path.relative_to(ROOT)}: differs from its source" for path, content in expected.items()
-                 if path.is_file() and path.read_bytes() != content]
-    problems += [f"{path.relative_to(ROOT)}: stale (no source in dashboards/)"
-                 for path in sorted((TARGET / "dashboards").glob("*.json")) if path not in expected]
+    problems += [
+        f"{path.relative_to(ROOT)}: differs from its source"
+        for path, content in expected.items()
+        if path.is_file() and path.read_bytes() != content
+    ]
+    problems += [
+        f"{path.relative_to(ROOT)}: stale (no source in dashboards/)"
+        for path in sorted((TARGET / "dashboards").glob("*.json"))
+        if path not in expected
+    ]
     return problems
 
 

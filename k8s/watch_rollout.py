@@ -39,7 +39,7 @@ def parse_job_log(text: str) -> dict[str, Any]:
     current: list[str] | None = None
     for line in text.splitlines():
         if line.startswith(CSV_MARKER):
-            current = tables[line[len(CSV_MARKER):].strip()] = []
+            current = tables[line[len(CSV_MARKER) :].strip()] = []
             continue
         if line.startswith("=== "):
             current = None
@@ -102,10 +102,12 @@ def watch(namespace: str, release: str, job: str, timeout_s: float) -> tuple[Obs
             if pod.metadata.deletion_timestamp is not None:
                 observed.pods_terminated.add(pod.metadata.name)
         slices = discovery.list_namespaced_endpoint_slice(
-            namespace, label_selector=f"kubernetes.io/service-name={service}").items
+            namespace, label_selector=f"kubernetes.io/service-name={service}"
+        ).items
         ready = sum(1 for s in slices for e in (s.endpoints or []) if e.conditions and e.conditions.ready)
-        observed.min_ready_endpoints = ready if observed.min_ready_endpoints is None else min(
-            observed.min_ready_endpoints, ready)
+        observed.min_ready_endpoints = (
+            ready if observed.min_ready_endpoints is None else min(observed.min_ready_endpoints, ready)
+        )
         status = batch.read_namespaced_job_status(job, namespace).status
         if status.succeeded:
             observed.job_state = "succeeded"
@@ -128,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     observed, text = watch(args.namespace, args.release, args.job, args.timeout)
     log = parse_job_log(text)
     problems = verdict(observed, log)
-    report = {**asdict(observed), "summary": log["summary"], "locust_failures": locust_failures(log["tables"]),
-              "problems": problems, "ok": not problems}
+    report = {
+        **asdict(observed),
+        "summary": log["summary"],
+        "locust_failures": locust_failures(log["tables"]),
+        "problems": problems,
+        "ok": not problems,
+    }
     print(json.dumps(report, default=sorted, indent=2))
     return 0 if not problems else 1
 

@@ -47,9 +47,16 @@ def settings_for(redis_url: str | None) -> Any:
 
 def scope_for(address: str) -> dict[str, Any]:
     return {
-        "type": "http", "method": "POST", "path": "/stream", "raw_path": b"/stream", "query_string": b"",
+        "type": "http",
+        "method": "POST",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "query_string": b"",
         "headers": [(b"host", b"gateway"), (b"content-type", b"application/json")],
-        "client": (address, 40000), "server": ("127.0.0.1", 8000), "scheme": "http", "http_version": "1.1",
+        "client": (address, 40000),
+        "server": ("127.0.0.1", 8000),
+        "scheme": "http",
+        "http_version": "1.1",
     }
 
 
@@ -60,8 +67,12 @@ def percentile(ordered: list[int], q: float) -> float:
 
 def summary(values: list[int]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"p50_us": percentile(ordered, 0.50), "p90_us": percentile(ordered, 0.90),
-            "p99_us": percentile(ordered, 0.99), "mean_us": sum(ordered) / len(ordered) / 1000}
+    return {
+        "p50_us": percentile(ordered, 0.50),
+        "p90_us": percentile(ordered, 0.90),
+        "p99_us": percentile(ordered, 0.99),
+        "mean_us": sum(ordered) / len(ordered) / 1000,
+    }
 
 
 async def measure(backend: str, redis_url: str | None, requests: int, clients: int, warmup: int) -> dict[str, Any]:
@@ -116,18 +127,30 @@ async def measure(backend: str, redis_url: str | None, requests: int, clients: i
                 table.close()
     if degraded:
         raise RuntimeError("Redis was unreachable during the run: the numbers would be the local fallback's")
-    return {"backend": backend, "requests": requests, "clients": clients, **summary(total_ns), "cpu_us": cpu_us,
-            "admit": summary(admit_ns), "take_slot": summary(slot_ns), "release": summary(release_ns)}
+    return {
+        "backend": backend,
+        "requests": requests,
+        "clients": clients,
+        **summary(total_ns),
+        "cpu_us": cpu_us,
+        "admit": summary(admit_ns),
+        "take_slot": summary(slot_ns),
+        "release": summary(release_ns),
+    }
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| Backend | Requests | p50 µs | p90 µs | p99 µs | mean µs | CPU µs / request "
-           "| admit p50 µs | take_slot p50 µs | release p50 µs |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| Backend | Requests | p50 µs | p90 µs | p99 µs | mean µs | CPU µs / request "
+        "| admit p50 µs | take_slot p50 µs | release p50 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        out.append(f"| {r['backend']} | {r['requests']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} "
-                   f"| {r['mean_us']:.1f} | {r['cpu_us']:.1f} | {r['admit']['p50_us']:.1f} "
-                   f"| {r['take_slot']['p50_us']:.1f} | {r['release']['p50_us']:.1f} |")
+        out.append(
+            f"| {r['backend']} | {r['requests']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} "
+            f"| {r['mean_us']:.1f} | {r['cpu_us']:.1f} | {r['admit']['p50_us']:.1f} "
+            f"| {r['take_slot']['p50_us']:.1f} | {r['release']['p50_us']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -143,8 +166,11 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--redis-url", default=None, help="a real redis-server (its database is written to); "
-                   "unset: memory and shared memory only")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="a real redis-server (its database is written to); unset: memory and shared memory only",
+    )
     p.add_argument("--requests", type=int, default=20000, help="timed requests per in-process backend")
     p.add_argument("--redis-requests", type=int, default=5000, help="timed requests with Redis")
     p.add_argument("--clients", type=int, default=1000, help="distinct client addresses the requests rotate over")

@@ -64,8 +64,15 @@ class FakeOpenAI:
 
     def reset(self) -> None:
         self.script.clear()
-        self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnects": 0, "active": 0, "connections": 0,
-                                      "bodies": [], "hosts": []}
+        self.stats: dict[str, Any] = {
+            "requests": 0,
+            "completed": 0,
+            "disconnects": 0,
+            "active": 0,
+            "connections": 0,
+            "bodies": [],
+            "hosts": [],
+        }
         self._peers: set[tuple[str, int]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,8 +109,13 @@ class FakeOpenAI:
             self._peers.add(tuple(client))
             self.stats["connections"] = len(self._peers)
         if len(self.stats["bodies"]) < 50:
-            self.stats["bodies"].append({**request, "authorization": _header(scope, b"authorization"),
-                                         "traceparent": _header(scope, b"traceparent")})
+            self.stats["bodies"].append(
+                {
+                    **request,
+                    "authorization": _header(scope, b"authorization"),
+                    "traceparent": _header(scope, b"traceparent"),
+                }
+            )
             self.stats["hosts"].append(_header(scope, b"host"))
         marked = marked_status(request)
         if marked is not None:
@@ -139,14 +151,18 @@ class FakeOpenAI:
         first_ms = float(fault.get("first_token_ms", self.first_token_ms))
         eol = b"\r\n" if fault.get("crlf") else b"\n"
         split = int(fault.get("split_bytes", 0))
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": request.get("model", "fake")}
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": request.get("model", "fake"),
+        }
 
         async def emit(payload: bytes) -> None:
             data = b"data: " + payload + eol + eol
             if split:
                 for i in range(0, len(data), split):
-                    await send({"type": "http.response.body", "body": data[i:i + split], "more_body": True})
+                    await send({"type": "http.response.body", "body": data[i : i + split], "more_body": True})
                     await asyncio.sleep(0)
             else:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -156,8 +172,7 @@ class FakeOpenAI:
             return json.dumps(obj, ensure_ascii=False).encode()
 
         await asyncio.sleep(float(fault.get("headers_delay_ms", 0)) / 1000)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         if fault.get("role_chunk", True):
             await emit(chunk({"role": "assistant", "content": ""}))
         await asyncio.sleep(first_ms / 1000)
@@ -182,12 +197,16 @@ class FakeOpenAI:
             await emit(raw.encode() if isinstance(raw, str) else json.dumps(raw).encode())
         for index, call in enumerate(fault.get("tool_calls") or ()):
             finish = "tool_calls"
-            head = {"index": index, "id": f"call_{index}", "type": "function",
-                    "function": {"name": call["name"], "arguments": ""}}
+            head = {
+                "index": index,
+                "id": f"call_{index}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": ""},
+            }
             await emit(chunk({"tool_calls": [head]}))
             arguments = call["arguments"]
             for i in range(0, len(arguments), 4):
-                await emit(chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 4]}}]}))
+                await emit(chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + 4]}}]}))
         if not fault.get("no_done"):
             await emit(chunk({}, finish))
             if fault.get("usage", (request.get("stream_options") or {}).get("include_usage")):
@@ -213,8 +232,9 @@ async def _wait_disconnect(receive: Receive) -> None:
 async def _json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
     raw = json.dumps(body).encode()
     extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *extra]})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *extra]}
+    )
     await send({"type": "http.response.body", "body": raw})
 
 
@@ -227,8 +247,17 @@ def main() -> None:
     parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket")
     args = parser.parse_args()
     app = FakeOpenAI(tokens_per_second=args.tokens_per_second, first_token_ms=args.first_token_ms)
-    uvicorn.run(app, host=args.host, port=args.port, fd=args.fd, log_level="warning", loop="uvloop",
-                http="httptools", lifespan="on", backlog=4096)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        fd=args.fd,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        backlog=4096,
+    )
 
 
 if __name__ == "__main__":

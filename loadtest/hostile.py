@@ -81,8 +81,10 @@ async def run(host: str, port: int, sockets: int, mode: str, first_ip: str, open
         loop.add_signal_handler(sig, stop.set)
     stats = Stats()
     base = int(ipaddress.IPv4Address(first_ip))
-    tasks = [loop.create_task(hold(host, port, mode, str(ipaddress.IPv4Address(base + i // 200)), stats, stop))
-             for i in range(sockets)]
+    tasks = [
+        loop.create_task(hold(host, port, mode, str(ipaddress.IPv4Address(base + i // 200)), stats, stop))
+        for i in range(sockets)
+    ]
     give_up = loop.time() + open_timeout
     while not stop.is_set():
         if not stats.reported and (stats.open >= sockets or loop.time() > give_up):
@@ -95,9 +97,17 @@ async def run(host: str, port: int, sockets: int, mode: str, first_ip: str, open
         except TimeoutError:
             pass
     await asyncio.gather(*tasks)
-    emit({"event": "result", "mode": mode, "sockets": sockets, "min_open": stats.min_open,
-          "closed_by_server": stats.closed_by_server, "connect_errors": stats.connect_errors,
-          "answers": dict(stats.answers)})
+    emit(
+        {
+            "event": "result",
+            "mode": mode,
+            "sockets": sockets,
+            "min_open": stats.min_open,
+            "closed_by_server": stats.closed_by_server,
+            "connect_errors": stats.connect_errors,
+            "answers": dict(stats.answers),
+        }
+    )
 
 
 def emit(obj: dict[str, object]) -> None:

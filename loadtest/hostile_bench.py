@@ -69,8 +69,11 @@ from loadtest.bench.servers import Server, gateway, running
 
 DEFAULT_OUTPUT = Path("loadtest/results/hostile.md")
 CONDITIONS = ("none", "idle", "partial")
-TITLES = {"none": "no hostile sockets", "idle": "idle sockets (nothing sent)",
-          "partial": "half-open sockets (half a request head)"}
+TITLES = {
+    "none": "no hostile sockets",
+    "idle": "idle sockets (nothing sent)",
+    "partial": "half-open sockets (half a request head)",
+}
 REFUSALS_TO_STOP = 20
 SLOW_READER_TIMEOUT_S = 10.0
 ACCEPT_SETTLE_S = 20.0
@@ -85,10 +88,20 @@ class HostilePlan:
     level: Plan
 
 
-FULL = HostilePlan(levels=(250, 500, 750, 1000, 1500, 2000), sockets=1000, budget_bytes=32 * 2**20,
-                   max_slow_readers=1500, level=replace(BENCH_FULL, hold_seconds=20.0))
-QUICK = HostilePlan(levels=(100, 250, 500), sockets=1000, budget_bytes=8 * 2**20, max_slow_readers=600,
-                    level=replace(BENCH_FULL, hold_seconds=10.0))
+FULL = HostilePlan(
+    levels=(250, 500, 750, 1000, 1500, 2000),
+    sockets=1000,
+    budget_bytes=32 * 2**20,
+    max_slow_readers=1500,
+    level=replace(BENCH_FULL, hold_seconds=20.0),
+)
+QUICK = HostilePlan(
+    levels=(100, 250, 500),
+    sockets=1000,
+    budget_bytes=8 * 2**20,
+    max_slow_readers=600,
+    level=replace(BENCH_FULL, hold_seconds=10.0),
+)
 
 
 def server_fds(server: Server) -> int:
@@ -109,8 +122,12 @@ def hostile_sockets(gw: Server, mode: str, sockets: int, out: dict[str, Any]) ->
         yield
         return
     before = server_fds(gw)
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest.hostile", "--port", str(gw.port), "--sockets",
-                             str(sockets), "--mode", mode], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.hostile", "--port", str(gw.port), "--sockets", str(sockets), "--mode", mode],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     try:
         opened = json.loads(proc.stdout.readline() or "{}")
@@ -176,8 +193,10 @@ def open_slow_reader(port: int, index: int) -> tuple[socket.socket | None, int]:
     sock.settimeout(SLOW_READER_TIMEOUT_S)
     sock.bind((f"127.0.{5 + index // 200}.{1 + index % 200}", 0))
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.sendall(
+        b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(4096)
@@ -192,9 +211,15 @@ def open_slow_reader(port: int, index: int) -> tuple[socket.socket | None, int]:
 
 
 def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str, Any]:
-    env = {**MOCK_ENV, "MOCK_TOKENS_PER_SECOND": "0", "MAX_TOKENS_LIMIT": "10000000",
-           "MEMORY_BUDGET_BYTES": str(plan.budget_bytes), "SLOW_CLIENT_TIMEOUT_SECONDS": "120",
-           "TOTAL_TIMEOUT_SECONDS": "240", "MAX_STREAM_AGE_SECONDS": "300"}
+    env = {
+        **MOCK_ENV,
+        "MOCK_TOKENS_PER_SECOND": "0",
+        "MAX_TOKENS_LIMIT": "10000000",
+        "MEMORY_BUDGET_BYTES": str(plan.budget_bytes),
+        "SLOW_CLIENT_TIMEOUT_SECONDS": "120",
+        "TOTAL_TIMEOUT_SECONDS": "240",
+        "MAX_STREAM_AGE_SECONDS": "300",
+    }
     out: dict[str, Any] = {"budget": plan.budget_bytes}
     readers: list[socket.socket] = []
     with running(gateway(log_dir, work_dir, "gateway_budget", **env), kill=True) as gw:
@@ -224,8 +249,9 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
             out["peak_rss"] = max(peak_rss, out["rss_at_budget"])
             out["peak_buffered"] = max(peak_buffered, out["buffered_at_budget"])
             out["admitted"], out["refused"] = len(readers), refused
-            out["cut_memory_pressure"] = metric(gw.metrics_port, "streaming_errors_total",
-                                                'error_type="memory_pressure"')
+            out["cut_memory_pressure"] = metric(
+                gw.metrics_port, "streaming_errors_total", 'error_type="memory_pressure"'
+            )
             out["active_at_budget"] = metric(gw.metrics_port, "streaming_active_connections")
         finally:
             for sock in readers:
@@ -240,27 +266,47 @@ def measure_budget(log_dir: Path, work_dir: Path, plan: HostilePlan) -> dict[str
 
 
 def level_table(caps: dict[str, Capacity]) -> list[str]:
-    out = ["| Streams | Hostile sockets | Held open (fewest) | Closed by server | TTFT p50 ms | TTFT p99 ms "
-           "| Tokens in time | Errors | Worker CPU avg/peak | Rest of machine (cores) | Result |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    out = [
+        "| Streams | Hostile sockets | Held open (fewest) | Closed by server | TTFT p50 ms | TTFT p99 ms "
+        "| Tokens in time | Errors | Worker CPU avg/peak | Rest of machine (cores) | Result |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
     rows = sorted(((r["users"], CONDITIONS.index(c), c, r) for c, cap in caps.items() for r in cap.rows))
     for users, _, condition, r in rows:
         h = r["hostile"]
-        held = "—" if condition == "none" else (
-            f"{h.get('opened', 0)} ({h.get('min_open', 'n/a')}; gateway fds +{h.get('server_fds_added', '?')})")
-        closed = "—" if condition == "none" else (
-            f"{h.get('closed_by_server', 0)}" + (f" ({', '.join(f'{k}: {v}' for k, v in h['answers'].items())})"
-                                                 if h.get("answers") else ""))
+        held = (
+            "—"
+            if condition == "none"
+            else (f"{h.get('opened', 0)} ({h.get('min_open', 'n/a')}; gateway fds +{h.get('server_fds_added', '?')})")
+        )
+        closed = (
+            "—"
+            if condition == "none"
+            else (
+                f"{h.get('closed_by_server', 0)}"
+                + (f" ({', '.join(f'{k}: {v}' for k, v in h['answers'].items())})" if h.get("answers") else "")
+            )
+        )
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
-        out.append(f"| {users} | {TITLES[condition]} | {held} | {closed} | {ms(r['ttft_ms']['p50'])} "
-                   f"| {ms(r['ttft_ms']['p99'])} | {r['delivered']:.1%} | {errors} "
-                   f"| {' + '.join(f'{a:.2f}/{p:.2f}' for a, p in r['worker_load'])} | {r['rest_cores']:.2f} "
-                   f"| {result_text(r)} |")
+        out.append(
+            f"| {users} | {TITLES[condition]} | {held} | {closed} | {ms(r['ttft_ms']['p50'])} "
+            f"| {ms(r['ttft_ms']['p99'])} | {r['delivered']:.1%} | {errors} "
+            f"| {' + '.join(f'{a:.2f}/{p:.2f}' for a, p in r['worker_load'])} | {r['rest_cores']:.2f} "
+            f"| {result_text(r)} |"
+        )
     return out
 
 
-def render(*, plan: HostilePlan, command: str, started: datetime, elapsed_s: float, caps: dict[str, Capacity],
-           budget: dict[str, Any], background: float) -> str:
+def render(
+    *,
+    plan: HostilePlan,
+    command: str,
+    started: datetime,
+    elapsed_s: float,
+    caps: dict[str, Capacity],
+    budget: dict[str, Any],
+    background: float,
+) -> str:
     mib = 2**20
     lines = [
         "# Hostile sockets and the memory budget",
@@ -343,8 +389,15 @@ def main(argv: list[str] | None = None) -> None:
         budget = measure_budget(log_dir, work_dir, plan)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
-                    budget=budget, background=background)
+    report = render(
+        plan=plan,
+        command=command,
+        started=started,
+        elapsed_s=time.monotonic() - t0,
+        caps=caps,
+        budget=budget,
+        background=background,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

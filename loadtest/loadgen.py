@@ -97,7 +97,9 @@ class Totals:
 def build_request(cfg: Config) -> bytes:
     if cfg.openai:
         payload: dict[str, Any] = {
-            "model": "gpt-4o-mini", "stream": True, "max_tokens": cfg.max_tokens,
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "max_tokens": cfg.max_tokens,
             "messages": [{"role": "user", "content": "Tell me about streaming gateways."}],
         }
     else:
@@ -147,7 +149,7 @@ class StreamProtocol(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head, data = self.head[:end], self.head[end + 4:]
+            head, data = self.head[:end], self.head[end + 4 :]
             self.head, self.response_head = b"", head
             self.in_body = True
             status = head[9:12]
@@ -166,7 +168,7 @@ class StreamProtocol(asyncio.Protocol):
         while pos < n:
             if self.chunk_left:
                 take = min(self.chunk_left, n - pos)
-                self.payload(data[pos:pos + take])
+                self.payload(data[pos : pos + take])
                 pos += take
                 self.chunk_left -= take
                 if not self.chunk_left:
@@ -187,15 +189,18 @@ class StreamProtocol(asyncio.Protocol):
                     return
                 pos = eol + 2
                 if size == 0:  # last chunk; trailers (none here) would follow
-                    self.finish(None if self.saw_end and not self.saw_error else
-                                ("error event" if self.saw_error else "no done event"))
+                    self.finish(
+                        None
+                        if self.saw_end and not self.saw_error
+                        else ("error event" if self.saw_error else "no done event")
+                    )
                     return
                 self.chunk_left = size
 
     def payload(self, segment: bytes) -> None:
         old = len(self.tail)
         buf = self.tail + segment
-        self.tail = buf[-self.tail_len:]
+        self.tail = buf[-self.tail_len :]
         # An occurrence starting before old - len(marker) + 1 lies wholly in the old tail: already counted.
         new = 0
         for m in self.token_markers:
@@ -238,14 +243,16 @@ class LoadGen:
         self.request = build_request(cfg)
         self.loop = asyncio.get_running_loop()
         base = int(ipaddress.IPv4Address(cfg.first_ip))
-        self.addresses = [str(ipaddress.IPv4Address(base + i // cfg.streams_per_client))
-                          for i in range(max(cfg.users, cfg.replay))]
+        self.addresses = [
+            str(ipaddress.IPv4Address(base + i // cfg.streams_per_client)) for i in range(max(cfg.users, cfg.replay))
+        ]
         self.ramp_s = cfg.users / cfg.rate
         self.open_streams: set[StreamProtocol] = set()
         self.t_begin = perf_counter()
 
-    async def one_stream(self, address: str, *, deadline_s: float | None, hard_s: float | None,
-                         request: bytes | None = None) -> StreamProtocol:
+    async def one_stream(
+        self, address: str, *, deadline_s: float | None, hard_s: float | None, request: bytes | None = None
+    ) -> StreamProtocol:
         cfg, totals, loop = self.cfg, self.totals, self.loop
         done: asyncio.Future[None] = loop.create_future()
         t0 = loop.time()
@@ -323,10 +330,20 @@ class LoadGen:
         watcher.cancel()
         t = self.totals
         result.update(
-            users=cfg.users, rate=cfg.rate, max_tokens=cfg.max_tokens, path=cfg.path,
-            streams=t.streams, ok=t.ok, errors=dict(t.errors), error_count=sum(t.errors.values()),
-            ttft_ms=percentiles(t.ttft), tokens_total=t.tokens, tokens_demanded=t.tokens_demanded,
-            tokens_in_time=t.tokens_in_time, peak_active=t.peak_active, duration_s=loop.time() - t_start,
+            users=cfg.users,
+            rate=cfg.rate,
+            max_tokens=cfg.max_tokens,
+            path=cfg.path,
+            streams=t.streams,
+            ok=t.ok,
+            errors=dict(t.errors),
+            error_count=sum(t.errors.values()),
+            ttft_ms=percentiles(t.ttft),
+            tokens_total=t.tokens,
+            tokens_demanded=t.tokens_demanded,
+            tokens_in_time=t.tokens_in_time,
+            peak_active=t.peak_active,
+            duration_s=loop.time() - t_start,
             loadgen_cpu_s=(cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
             loadgen_lag_ms=percentiles(lags),
         )
@@ -339,9 +356,7 @@ class LoadGen:
         """Open one long stream per user, report once all deliver tokens, hold, then close them all."""
         cfg, loop = self.cfg, self.loop
         assert cfg.hold_open is not None
-        tasks = [
-            loop.create_task(self._delayed_stream(i, t_start + i / cfg.rate)) for i in range(cfg.users)
-        ]
+        tasks = [loop.create_task(self._delayed_stream(i, t_start + i / cfg.rate)) for i in range(cfg.users)]
         give_up = loop.time() + self.ramp_s + 30.0
         while loop.time() < give_up:
             opened = sum(1 for p in self.open_streams if p.tokens)
@@ -363,9 +378,9 @@ class LoadGen:
         """Produce `replay` streams concurrently, let them end, then replay each once, sequentially."""
         cfg = self.cfg
         hard = HARD_TIMEOUT_FACTOR * cfg.expected_s + 10.0
-        produced = await asyncio.gather(*(
-            self.one_stream(self.addresses[i], deadline_s=None, hard_s=hard) for i in range(cfg.replay)
-        ))
+        produced = await asyncio.gather(
+            *(self.one_stream(self.addresses[i], deadline_s=None, hard_s=hard) for i in range(cfg.replay))
+        )
         ids = [stream_id_of(p.response_head) for p in produced if p.outcome is None]
         await asyncio.sleep(cfg.replay_settle)
         times: list[float] = []
@@ -386,9 +401,14 @@ class LoadGen:
         median_events = sorted(events)[len(events) // 2] if events else 0
         replay_ms = percentiles(times)
         p50 = replay_ms["p50"]
-        return {"produced": len(ids), "replays": len(times), "replay_ms": replay_ms,
-                "events_per_replay": median_events, "replay_after": cfg.replay_after,
-                "events_per_s": median_events / (p50 / 1000) if p50 else None}
+        return {
+            "produced": len(ids),
+            "replays": len(times),
+            "replay_ms": replay_ms,
+            "events_per_replay": median_events,
+            "replay_after": cfg.replay_after,
+            "events_per_s": median_events / (p50 / 1000) if p50 else None,
+        }
 
     async def _delayed_stream(self, index: int, start_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - self.loop.time()))
@@ -446,19 +466,43 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--first-ip", default="127.0.1.1", help="source address of the first client (loopback /8)")
     p.add_argument("--streams-per-client", type=int, default=1, help="users sharing one source address")
     p.add_argument("--ttft-csv", default=None, help="write start_s,ttft_ms per stream here (to see stalls in time)")
-    p.add_argument("--hold-open", type=float, default=None,
-                   help="open one stream per user, report all_open, keep them open this long, then close")
-    p.add_argument("--replay", type=int, default=0,
-                   help="replay mode: produce this many streams, then time GET /stream/{id} for each")
+    p.add_argument(
+        "--hold-open",
+        type=float,
+        default=None,
+        help="open one stream per user, report all_open, keep them open this long, then close",
+    )
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=0,
+        help="replay mode: produce this many streams, then time GET /stream/{id} for each",
+    )
     p.add_argument("--replay-after", type=int, default=0, help="replay mode: the seq sent as Last-Event-ID")
-    p.add_argument("--replay-settle", type=float, default=0.5,
-                   help="replay mode: wait this long after the streams ended (the store flushes periodically)")
+    p.add_argument(
+        "--replay-settle",
+        type=float,
+        default=0.5,
+        help="replay mode: wait this long after the streams ended (the store flushes periodically)",
+    )
     a = p.parse_args(argv)
     return Config(
-        host=a.host, port=a.port, path=a.path, users=a.users, rate=a.rate, max_tokens=a.max_tokens,
-        tokens_per_second=a.tokens_per_second, hold_seconds=a.hold_seconds, slack_seconds=a.slack_seconds,
-        first_ip=a.first_ip, streams_per_client=a.streams_per_client, hold_open=a.hold_open,
-        ttft_csv=a.ttft_csv, replay=a.replay, replay_after=a.replay_after, replay_settle=a.replay_settle,
+        host=a.host,
+        port=a.port,
+        path=a.path,
+        users=a.users,
+        rate=a.rate,
+        max_tokens=a.max_tokens,
+        tokens_per_second=a.tokens_per_second,
+        hold_seconds=a.hold_seconds,
+        slack_seconds=a.slack_seconds,
+        first_ip=a.first_ip,
+        streams_per_client=a.streams_per_client,
+        hold_open=a.hold_open,
+        ttft_csv=a.ttft_csv,
+        replay=a.replay,
+        replay_after=a.replay_after,
+        replay_settle=a.replay_settle,
     )
 
 

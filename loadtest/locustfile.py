@@ -217,8 +217,10 @@ def new_seed_check() -> sc.SeedCheck:
 def resume_retryable(verdict: sc.Verdict) -> bool:
     """A resume attempt's failure worth another attempt: refused, or no answer from an instance (yet)."""
     name = verdict.name
-    return verdict.kind in (sc.REFUSED, sc.GRACEFUL) or name == "error:connect" or name.startswith(
-        ("error:http_502:", "error:http_504:")
+    return (
+        verdict.kind in (sc.REFUSED, sc.GRACEFUL)
+        or name == "error:connect"
+        or name.startswith(("error:http_502:", "error:http_504:"))
     )
 
 
@@ -294,8 +296,12 @@ class _StreamUser(FastHttpUser):
     # --- reporting -----------------------------------------------------------------------------
     def _fire(self, name: str, ms: float, *, length: int = 0, exception: Exception | None = None) -> None:
         self.environment.events.request.fire(
-            request_type=REQUEST_TYPES[self.endpoint], name=name, response_time=ms, response_length=length,
-            exception=exception, context={},
+            request_type=REQUEST_TYPES[self.endpoint],
+            name=name,
+            response_time=ms,
+            response_length=length,
+            exception=exception,
+            context={},
         )
 
     def _first_token(self, clock: _Clock) -> None:
@@ -341,13 +347,26 @@ class _HTTPStreamUser(_StreamUser):
             return _Result(read.failure, nbytes=read.nbytes)
         return _Result(verdict_of(read.lost), nbytes=read.nbytes)
 
-    def _open(self, method: str, path: str, *, name: str | None = None, body: dict[str, Any] | None = None,
-              headers: dict[str, str] | None = None, soft: Callable[[sc.Verdict], bool] | None = None) -> Any:
+    def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        name: str | None = None,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        soft: Callable[[sc.Verdict], bool] | None = None,
+    ) -> Any:
         """Send a stream request: its 200 response, or the `_Result` of a refusal or error (the request's entry
         renamed to it; a failure unless `soft` says it will be retried)."""
         for attempt in range(2):
             with self.client.request(
-                method, path, name=name or path, json=body, stream=True, catch_response=True,
+                method,
+                path,
+                name=name or path,
+                json=body,
+                stream=True,
+                catch_response=True,
                 headers={**STREAM_HEADERS, **self.auth, **(headers or {})},
             ) as response:
                 status = response.status_code
@@ -365,8 +384,7 @@ class _HTTPStreamUser(_StreamUser):
                 return self._refusal_or_error(response, status, soft)
         raise AssertionError("unreachable: the second attempt always returns")
 
-    def _read(self, response: Any, feed: Callable[[str, str | None], bool], clock: _Clock,
-              drop_at: int = 0) -> _Read:
+    def _read(self, response: Any, feed: Callable[[str, str | None], bool], clock: _Clock, drop_at: int = 0) -> _Read:
         """Read one connection's events into `feed(data, event id)`; with `drop_at`, close it after that many
         tokens of the stream."""
         decoder = sc.SSEDecoder()
@@ -393,8 +411,9 @@ class _HTTPStreamUser(_StreamUser):
             response.release()  # a cut stream's connection is closed, a finished one goes back to the pool
         return _Read(nbytes)
 
-    def _refusal_or_error(self, response: Any, status: int,
-                          soft: Callable[[sc.Verdict], bool] | None = None) -> _Result:
+    def _refusal_or_error(
+        self, response: Any, status: int, soft: Callable[[sc.Verdict], bool] | None = None
+    ) -> _Result:
         """A non-200 answer: the entry itself is renamed to the refusal (success) or error (failure)."""
         retry_after = 1.0
         if status == 0:
@@ -465,7 +484,10 @@ class SSEUser(_HTTPStreamUser):
         last = check.last_event_id
         while budget.take(check, retry_after):
             response = self._open(
-                "GET", f"/stream/{check.stream_id}", name=RESUME_NAME, headers={"Last-Event-ID": last} if last else {},
+                "GET",
+                f"/stream/{check.stream_id}",
+                name=RESUME_NAME,
+                headers={"Last-Event-ID": last} if last else {},
                 soft=resume_retryable,
             )
             if not isinstance(response, _Result):
@@ -487,7 +509,9 @@ class ChatUser(_HTTPStreamUser):
 
     def request_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS,
             "stream": True,
         }
         if INCLUDE_USAGE:
@@ -513,8 +537,12 @@ class WSUser(_StreamUser):
         if isinstance(ws, _Result):
             return ws
         self.environment.events.request.fire(
-            request_type="WS", name=WS_PATH, response_time=clock.since_start_ms(), response_length=0,
-            exception=None, context={},
+            request_type="WS",
+            name=WS_PATH,
+            response_time=clock.since_start_ms(),
+            response_length=0,
+            exception=None,
+            context={},
         )
         check = new_seed_check()
         budget = _ResumeBudget()
@@ -529,9 +557,11 @@ class WSUser(_StreamUser):
             if check.resumes and (check.conn_events or (check.terminal or {}).get("type") == "done"):
                 self._resumed(clock, broke, read.first_frame)  # the gateway took the resume message
             retry = check.resumes > 0 and resume_retryable(verdict)  # the resume attempt itself was refused
-            if not (RESUME and check.stream_id is not None and (
-                read.dropped or retry or check.should_resume(ws_close=read.close_code)
-            )):
+            if not (
+                RESUME
+                and check.stream_id is not None
+                and (read.dropped or retry or check.should_resume(ws_close=read.close_code))
+            ):
                 return _Result(verdict, nbytes=nbytes)
             if not check.resumes or check.conn_events:  # a connection that carried events broke: time from here
                 broke = time.perf_counter()
@@ -542,8 +572,9 @@ class WSUser(_StreamUser):
             check.new_connection()
             message = {"resume": check.stream_id, "received": check.position}
 
-    def _reconnect(self, url: str, check: sc.SeedCheck, budget: _ResumeBudget,
-                   clock: _Clock) -> websocket.WebSocket | _Result:
+    def _reconnect(
+        self, url: str, check: sc.SeedCheck, budget: _ResumeBudget, clock: _Clock
+    ) -> websocket.WebSocket | _Result:
         """A new connection for a resume message, or the stream's `_Result` (no attempt left: truncated)."""
         retry_after = 0.0
         while budget.take(check, retry_after):
@@ -559,13 +590,17 @@ class WSUser(_StreamUser):
         for attempt in range(2):
             try:
                 return websocket.create_connection(  # no Origin: not a browser (ALLOWED_ORIGINS refuses others)
-                    url, timeout=NETWORK_TIMEOUT, header=[f"{k}: {v}" for k, v in self.auth.items()],
+                    url,
+                    timeout=NETWORK_TIMEOUT,
+                    header=[f"{k}: {v}" for k, v in self.auth.items()],
                     suppress_origin=True,
                 )
             except websocket.WebSocketBadStatusException as exc:  # refused before the upgrade
                 retry_after = str((exc.resp_headers or {}).get("retry-after") or "1")
-                return _Result(sc.classify_status(exc.status_code, exc.resp_body),
-                               float(retry_after) if retry_after.isdigit() else 1.0)
+                return _Result(
+                    sc.classify_status(exc.status_code, exc.resp_body),
+                    float(retry_after) if retry_after.isdigit() else 1.0,
+                )
             except WS_UNANSWERED as exc:
                 if attempt:
                     return _Result(sc.error("connect", type(exc).__name__))
@@ -577,8 +612,9 @@ class WSUser(_StreamUser):
                 return _Result(sc.error("connect", type(exc).__name__))
         raise AssertionError("unreachable: the second attempt always returns")
 
-    def _read(self, ws: websocket.WebSocket, message: dict[str, Any], check: sc.SeedCheck, clock: _Clock,
-              drop_at: int = 0) -> _Read:
+    def _read(
+        self, ws: websocket.WebSocket, message: dict[str, Any], check: sc.SeedCheck, clock: _Clock, drop_at: int = 0
+    ) -> _Read:
         """Send the request (or resume) message and read the connection's frames into `check` until it closes;
         with `drop_at`, close it after that many tokens of the stream."""
         nbytes, close_code, data, first_frame = 0, None, b"", 0.0
@@ -662,11 +698,13 @@ def _emit_summary(environment: Environment, *, final: bool) -> dict[str, Any]:
 @events.init.add_listener
 def _on_init(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
+
         def report(client_id: str, data: dict[str, Any]) -> None:
             data["stream_tally"] = TALLY.take()
 
         environment.events.report_to_master.add_listener(report)
     elif isinstance(environment.runner, MasterRunner):
+
         def merge(client_id: str, data: dict[str, Any]) -> None:
             TALLY.merge(data.get("stream_tally") or {})
 

@@ -56,10 +56,17 @@ RESUME_KEYS = ("resumed", RESUME_MISMATCH, NOT_RESUMABLE)  # summary counts of t
 EVENT_ID = re.compile(r"^([0-9a-z]{1,64})-(\d{1,9})$")  # `id: <stream id>-<seq>`, as the gateway sends it
 REFUSAL_STATUSES = frozenset({429, 503})
 # /ws has no status line: these codes before the `status` event are the HTTP 429/503 refusals.
-WS_REFUSAL_CODES = frozenset({
-    "rate_limited", "upstream_rate_limited", "connection_limit", "client_connection_limit", "circuit_open",
-    "unavailable", "draining",
-})
+WS_REFUSAL_CODES = frozenset(
+    {
+        "rate_limited",
+        "upstream_rate_limited",
+        "connection_limit",
+        "client_connection_limit",
+        "circuit_open",
+        "unavailable",
+        "draining",
+    }
+)
 WS_NORMAL, WS_SERVICE_RESTART, WS_TRY_AGAIN_LATER = 1000, 1012, 1013
 WS_NO_STATUS, WS_ABNORMAL = 1005, 1006  # RFC 6455 §7.1.5: empty close frame / no close frame at all
 
@@ -105,6 +112,7 @@ def not_resumable(detail: str) -> Verdict:
 
 # --- before the stream: HTTP status / WebSocket handshake ----------------------------------------------
 
+
 def error_code(body: bytes | str | None) -> str:
     """The `code` of an error body in either shape (`{"detail", "code"}` or OpenAI's `{"error": {...}}`)."""
     try:
@@ -137,6 +145,7 @@ def ws_close_code(payload: bytes) -> int:
 
 
 # --- SSE -----------------------------------------------------------------------------------------------
+
 
 class SSEDecoder:
     """Line-fed SSE decoder: returns an event's data when the blank line that ends it arrives.
@@ -186,9 +195,43 @@ class SSEDecoder:
 # A copy of app/upstream/mock.py's word function (tests/loadtest keeps the two equal): the in-cluster Job
 # ships the loadtest files alone, so this module cannot import the app.
 MOCK_VOCABULARY = (
-    "the", "stream", "of", "tokens", "flows", "through", "a", "gateway", "that", "never", "drops", "one",
-    "while", "clients", "read", "at", "their", "own", "pace", "and", "servers", "roll", "over", "café",
-    "naïve", "über", "日本語", "模型", "🚀", "données", "réseau", "latency", "budget", "is", "kept", "in", "check",
+    "the",
+    "stream",
+    "of",
+    "tokens",
+    "flows",
+    "through",
+    "a",
+    "gateway",
+    "that",
+    "never",
+    "drops",
+    "one",
+    "while",
+    "clients",
+    "read",
+    "at",
+    "their",
+    "own",
+    "pace",
+    "and",
+    "servers",
+    "roll",
+    "over",
+    "café",
+    "naïve",
+    "über",
+    "日本語",
+    "模型",
+    "🚀",
+    "données",
+    "réseau",
+    "latency",
+    "budget",
+    "is",
+    "kept",
+    "in",
+    "check",
 )
 
 
@@ -235,6 +278,7 @@ def seq_problem(seqs: Sequence[int], final_seq: int) -> str | None:
 
 # --- in the stream: /stream and /ws events ------------------------------------------------------------
 
+
 class SeedCheck:
     """The `/stream` event sequence (SSE data or /ws text frames): status, token..., done | error | server_shutdown.
 
@@ -243,8 +287,21 @@ class SeedCheck:
     of an n-token answer, compared at `done`.
     """
 
-    __slots__ = ("tokens", "status", "terminal", "malformed", "texts", "seqs", "stream_id", "id_problem",
-                 "final_seq", "position", "resumes", "conn_events", "expected")
+    __slots__ = (
+        "tokens",
+        "status",
+        "terminal",
+        "malformed",
+        "texts",
+        "seqs",
+        "stream_id",
+        "id_problem",
+        "final_seq",
+        "position",
+        "resumes",
+        "conn_events",
+        "expected",
+    )
 
     def __init__(self, expected: Callable[[int], str] | None = None) -> None:
         self.tokens = 0
@@ -418,6 +475,7 @@ class SeedCheck:
 
 # --- in the stream: /v1/chat/completions chunks -------------------------------------------------------
 
+
 class ChatCheck:
     """`chat.completion.chunk` data lines, then `[DONE]`; an `{"error": ...}` line ends a failed stream."""
 
@@ -483,6 +541,7 @@ class ChatCheck:
 
 
 # --- the run's tally -----------------------------------------------------------------------------------
+
 
 class Tally:
     """Counts of every stream's outcome, overall, per endpoint and per reason; mergeable across workers."""

@@ -90,10 +90,20 @@ class GatewayFactory(Protocol):
 def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     sock, metrics_sock = _listening_socket(), loopback_listener()  # each gateway its own metrics port
     port, metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_")) and k.lower() not in PROXY_VARIABLES}
-    env.update({"WEB_CONCURRENCY": "2", "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(metrics_port),
-                "LOG_LEVEL": "warning"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_")) and k.lower() not in PROXY_VARIABLES
+    }
+    env.update(
+        {
+            "WEB_CONCURRENCY": "2",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "METRICS_PORT": str(metrics_port),
+            "LOG_LEVEL": "warning",
+        }
+    )
     # Tests of other features send many requests from one address; the protection tests set these back.
     env.update({"RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "500"})
     # A client leaving stops its generation at once (the resume tests turn orphaned generations back on).
@@ -115,15 +125,25 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
     log = log_path.open("wb")
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=hand_over_sockets, close_fds=False, env=None,  # fds 3, 4 must survive; CLOEXEC fds close
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=hand_over_sockets,
+            close_fds=False,
+            env=None,  # fds 3, 4 must survive; CLOEXEC fds close
         )
     finally:
         for fd in fds:
             os.close(fd)
     log.close()
-    gateway = Gateway(url=f"http://127.0.0.1:{port}", proc=proc, env=env, log_path=log_path,
-                      metrics_url=f"http://127.0.0.1:{metrics_port}")
+    gateway = Gateway(
+        url=f"http://127.0.0.1:{port}",
+        proc=proc,
+        env=env,
+        log_path=log_path,
+        metrics_url=f"http://127.0.0.1:{metrics_port}",
+    )
     try:
         _wait_until_up(gateway.url, proc, "/health")
     except RuntimeError:
@@ -193,7 +213,8 @@ def fake_upstream_server() -> Iterator[FakeUpstream]:
     port = sock.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtest.fake_openai", "--fd", str(sock.fileno()), "--tokens-per-second", "200"],
-        cwd=ROOT, pass_fds=(sock.fileno(),),
+        cwd=ROOT,
+        pass_fds=(sock.fileno(),),
     )
     sock.close()
     url = f"http://127.0.0.1:{port}"
@@ -217,9 +238,12 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
     """A gateway relaying from the module's fake upstream."""
     gateway = launch_gateway(
         {
-            "UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_API_KEY": "sk-upstream-secret",
+            "UPSTREAM_URL": fake_upstream_server.url,
+            "UPSTREAM_API_KEY": "sk-upstream-secret",
             # relay tests inject failures one after another; breaker and retries have their own tests
-            "CIRCUIT_FAILURE_THRESHOLD": 1000, "UPSTREAM_RETRIES": 0, **SLOT_CAPS,
+            "CIRCUIT_FAILURE_THRESHOLD": 1000,
+            "UPSTREAM_RETRIES": 0,
+            **SLOT_CAPS,
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
@@ -229,4 +253,4 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
 
 def sse_data(body: str) -> list[str]:
     """The `data:` payloads of an SSE body, the way a client that reads only data lines sees them."""
-    return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]

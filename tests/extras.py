@@ -12,5 +12,8 @@ import pytest
 def require(extra: str, *modules: str) -> None:
     missing = [module for module in modules if importlib.util.find_spec(module) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: this test needs the `{extra}` extra "
-                    f"(pip install -e '.[{extra}]'; .ci/bootstrap.sh installs every extra)", pytrace=False)
+        pytest.fail(
+            f"{', '.join(missing)} not installed: this test needs the `{extra}` extra "
+            f"(pip install -e '.[{extra}]'; .ci/bootstrap.sh installs every extra)",
+            pytrace=False,
+        )

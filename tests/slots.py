@@ -93,8 +93,10 @@ class _Held:
         self.sock.connect((host, int(port)))
         body = json.dumps({"prompt": "slot check", "max_tokens": max_tokens}).encode()
         auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
-        self.sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n%s"
-                          b"Content-Length: %d\r\n\r\n%s" % (auth, len(body), body))
+        self.sock.sendall(
+            b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (auth, len(body), body)
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(4096)

@@ -30,16 +30,16 @@ def _statuses(gateway: Gateway, count: int, headers: list[dict[str, str]] | None
     """`count` requests, each on a new connection (whichever worker accepts it serves it)."""
     with _fresh_connections() as client:
         return [
-            client.post(gateway.url + "/stream", json=SHORT, headers=(headers or [{}] * count)[i])
-            for i in range(count)
+            client.post(gateway.url + "/stream", json=SHORT, headers=(headers or [{}] * count)[i]) for i in range(count)
         ]
 
 
 def _rejections(gateway: Gateway) -> dict[str, float]:
     text = httpx.get(gateway.metrics_url + "/metrics", timeout=5).text
     found: dict[str, float] = {}
-    for reason, value in re.findall(r'^streaming_rejections_total\{reason="(\w+)",route="/stream"\} (\S+)$', text,
-                                    re.M):
+    for reason, value in re.findall(
+        r'^streaming_rejections_total\{reason="(\w+)",route="/stream"\} (\S+)$', text, re.M
+    ):
         found[reason] = found.get(reason, 0) + float(value)
     return {reason: count for reason, count in found.items() if count}  # every known reason exists, at 0
 
@@ -81,8 +81,12 @@ def test_forwarded_for_from_a_trusted_proxy_names_the_client(start_gateway: Gate
 
 
 def test_rfc7239_forwarded_from_a_trusted_proxy_names_the_client(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=5, TRUSTED_PROXIES="127.0.0.0/8, ::1/128",
-                            FORWARDED_HEADER="forwarded")
+    gateway = start_gateway(
+        RATE_LIMIT_PER_MINUTE=1,
+        RATE_LIMIT_BURST=5,
+        TRUSTED_PROXIES="127.0.0.0/8, ::1/128",
+        FORWARDED_HEADER="forwarded",
+    )
     rfc = [{"forwarded": f'for="[2001:db8::{i}]:4711";proto=https'} for i in range(6)]
     assert [r.status_code for r in _statuses(gateway, 6, rfc)].count(200) == 6
     same = [{"forwarded": f"for=10.9.9.{i}, for=203.0.113.77"} for i in range(8)]
@@ -93,8 +97,9 @@ class HeldStreams:
     """Long streams opened `count` at a time; the admitted ones stay open until `close()`."""
 
     def __init__(self, gateway: Gateway) -> None:
-        self.client = httpx.AsyncClient(base_url=gateway.url, timeout=30,
-                                        limits=httpx.Limits(max_connections=50, max_keepalive_connections=0))
+        self.client = httpx.AsyncClient(
+            base_url=gateway.url, timeout=30, limits=httpx.Limits(max_connections=50, max_keepalive_connections=0)
+        )
         self.admitted: list[httpx.Response] = []
         self.refused: list[httpx.Response] = []
         self._readers: list[AsyncIterator[str]] = []
@@ -102,6 +107,7 @@ class HeldStreams:
     async def open(self, count: int) -> list[httpx.Response]:
         """Open `count` at once; returns their refusals. Each admitted one has sent a token when this returns
         (past admission and the upstream's start: a worker frozen now holds no shared lock)."""
+
         async def one() -> httpx.Response:
             response = await self.client.send(self.client.build_request("POST", "/stream", json=LONG), stream=True)
             if response.status_code == 200:
@@ -169,8 +175,10 @@ def test_global_slots(start_gateway: GatewayFactory) -> None:
 
 @pytest.fixture(scope="module")
 def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway({"API_KEYS": "sk-alpha, sk-beta", "MOCK_TOKENS_PER_SECOND": 0},
-                             tmp_path_factory.mktemp("gateway") / "gateway.log")
+    gateway = launch_gateway(
+        {"API_KEYS": "sk-alpha, sk-beta", "MOCK_TOKENS_PER_SECOND": 0},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield gateway
     gateway.stop()
 
@@ -195,8 +203,9 @@ def test_api_keys(keyed_gateway: Gateway) -> None:
 
 def test_api_keys_with_the_openai_sdk(keyed_gateway: Gateway) -> None:
     with openai.OpenAI(base_url=keyed_gateway.url + "/v1", api_key="sk-alpha", max_retries=0) as client:
-        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=3)
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
         assert reply.usage is not None and reply.usage.completion_tokens == 3
     with openai.OpenAI(base_url=keyed_gateway.url + "/v1", api_key="sk-nope", max_retries=0) as client:
         with pytest.raises(openai.PermissionDeniedError) as raised:
@@ -218,8 +227,13 @@ def test_api_keys_on_websocket(keyed_gateway: Gateway) -> None:
 
 
 def test_refusals_hold_no_slot(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=2, MAX_CONNECTIONS=3,
-                            MAX_CONNECTIONS_PER_CLIENT=1, MOCK_TOKENS_PER_SECOND=5)
+    gateway = start_gateway(
+        RATE_LIMIT_PER_MINUTE=1,
+        RATE_LIMIT_BURST=2,
+        MAX_CONNECTIONS=3,
+        MAX_CONNECTIONS_PER_CLIENT=1,
+        MOCK_TOKENS_PER_SECOND=5,
+    )
     with _fresh_connections() as client:
         with client.stream("POST", gateway.url + "/stream", json=LONG) as held:
             assert held.status_code == 200

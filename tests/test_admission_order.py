@@ -38,8 +38,9 @@ def hold_stream(stack: ExitStack, gateway: Gateway, key: str) -> Iterator[str]:
     Keep the returned iterator: dropping it closes the connection (httpcore closes a stream whose
     iterator is closed), and the stream with it."""
     client = stack.enter_context(httpx.Client(timeout=30))
-    response = stack.enter_context(client.stream("POST", gateway.url + "/stream", json=VALID,
-                                                 headers={"Authorization": f"Bearer {key}"}))
+    response = stack.enter_context(
+        client.stream("POST", gateway.url + "/stream", json=VALID, headers={"Authorization": f"Bearer {key}"})
+    )
     assert response.status_code == 200
     lines: Iterator[str] = response.iter_lines()
     assert any('"type": "token"' in line for line in lines)
@@ -48,9 +49,15 @@ def hold_stream(stack: ExitStack, gateway: Gateway, key: str) -> Iterator[str]:
 
 def test_each_step_refuses_before_the_next(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
     gateway = start_gateway(
-        UPSTREAM_URL=fake_upstream.url, API_KEYS="key-a,key-b,key-c", RATE_LIMIT_PER_MINUTE=0.1,
-        RATE_LIMIT_BURST=BURST, MAX_CONNECTIONS_PER_CLIENT=1, CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=600,
-        UPSTREAM_RETRIES=0, DRAIN_TIMEOUT_SECONDS=120,
+        UPSTREAM_URL=fake_upstream.url,
+        API_KEYS="key-a,key-b,key-c",
+        RATE_LIMIT_PER_MINUTE=0.1,
+        RATE_LIMIT_BURST=BURST,
+        MAX_CONNECTIONS_PER_CLIENT=1,
+        CIRCUIT_FAILURE_THRESHOLD=1,
+        CIRCUIT_OPEN_SECONDS=600,
+        UPSTREAM_RETRIES=0,
+        DRAIN_TIMEOUT_SECONDS=120,
     )
     fake_upstream.script({"stall_after": 1}, {"stall_after": 1}, {"status": 500})
     with ExitStack() as held:

@@ -26,10 +26,16 @@ client_ips = public_v4 | public_v6
 
 
 def connection(peer: str, headers: list[tuple[str, bytes]]) -> HTTPConnection:
-    return HTTPConnection({
-        "type": "http", "method": "GET", "path": "/", "query_string": b"", "client": (peer, 40000),
-        "headers": [(name.encode(), value) for name, value in headers],
-    })
+    return HTTPConnection(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "query_string": b"",
+            "client": (peer, 40000),
+            "headers": [(name.encode(), value) for name, value in headers],
+        }
+    )
 
 
 @no_deadline
@@ -46,16 +52,18 @@ def test_any_header_value_gives_an_identity_without_an_exception(name: str, valu
 
 @no_deadline
 @given(client_ips, st.lists(st.sampled_from(["10.0.0.2", "10.1.2.3"]), max_size=3))
-def test_x_forwarded_for_chain_round_trips(client: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                                           proxies: list[str]) -> None:
+def test_x_forwarded_for_chain_round_trips(
+    client: ipaddress.IPv4Address | ipaddress.IPv6Address, proxies: list[str]
+) -> None:
     value = ", ".join([str(client), *proxies]).encode()
     assert client_address(connection(PROXY, [("x-forwarded-for", value)]), TRUSTED) == str(client)
 
 
 @no_deadline
 @given(client_ips, st.booleans(), st.integers(1, 65535))
-def test_forwarded_for_round_trips_with_ports_and_quotes(client: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                                                         with_port: bool, port: int) -> None:
+def test_forwarded_for_round_trips_with_ports_and_quotes(
+    client: ipaddress.IPv4Address | ipaddress.IPv6Address, with_port: bool, port: int
+) -> None:
     if client.version == 6:
         node = f'"[{client}]:{port}"' if with_port else f'"[{client}]"'
     else:

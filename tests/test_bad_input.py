@@ -49,13 +49,24 @@ CHAT_BODIES: list[tuple[str, dict[str, Any], str, str]] = [
     ("no messages", {"model": M, "messages": []}, "messages", "at least 1 item"),
     ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, "model", "Field required"),
     ("bad role", {"model": M, "messages": [{"role": "wizard", "content": "hi"}]}, "messages", "role"),
-    ("stream not bool", {"model": M, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
-     "stream", "valid boolean"),
-    ("max_tokens absurd", {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
-     "max_tokens", "above this gateway's limit"),
-    ("max_completion_tokens absurd",
-     {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9},
-     "max_completion_tokens", "above this gateway's limit"),
+    (
+        "stream not bool",
+        {"model": M, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+        "stream",
+        "valid boolean",
+    ),
+    (
+        "max_tokens absurd",
+        {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9},
+        "max_tokens",
+        "above this gateway's limit",
+    ),
+    (
+        "max_completion_tokens absurd",
+        {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9},
+        "max_completion_tokens",
+        "above this gateway's limit",
+    ),
     ("n > 1", {"model": M, "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n", "less than or equal to 1"),
 ]
 
@@ -85,8 +96,12 @@ def test_wrong_content_type_is_415(mock_gateway: Gateway, path: str, content_typ
 
 
 def test_json_with_charset_is_accepted(mock_gateway: Gateway) -> None:
-    r = httpx.post(mock_gateway.url + "/stream", content=b'{"prompt": "x", "max_tokens": 2}',
-                   headers={"content-type": "application/json; charset=utf-8"}, timeout=5)
+    r = httpx.post(
+        mock_gateway.url + "/stream",
+        content=b'{"prompt": "x", "max_tokens": 2}',
+        headers={"content-type": "application/json; charset=utf-8"},
+        timeout=5,
+    )
     assert r.status_code == 200
     assert '"type": "done"' in r.text
 
@@ -111,8 +126,9 @@ def test_oversized_body_chunked_is_413(mock_gateway: Gateway) -> None:
             yield b"x" * 65536
         yield b'"}'
 
-    r = httpx.post(mock_gateway.url + "/stream", content=body(), headers={"content-type": "application/json"},
-                   timeout=10)
+    r = httpx.post(
+        mock_gateway.url + "/stream", content=body(), headers={"content-type": "application/json"}, timeout=10
+    )
     assert r.status_code == 413
     assert r.json()["code"] == "payload_too_large"
 

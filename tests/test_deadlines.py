@@ -16,9 +16,7 @@ from tests.slots import assert_slots_released
 
 
 @pytest.fixture(scope="module")
-def strict_gateway(
-    fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+def strict_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gateway = launch_gateway(
         {
             "UPSTREAM_URL": fake_upstream_server.url,
@@ -101,16 +99,21 @@ def _errors_by_type(gateway: Gateway, error_type: str) -> float:
 
 def test_client_that_stops_reading_is_cut(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(  # the default SLOW_CLIENT_TIMEOUT_SECONDS: the slot check's streams do not read either
-        MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=0, MAX_TOKENS_LIMIT=1_000_000,
-        DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
+        MOCK_TOKENS_PER_SECOND=0,
+        MOCK_FIRST_TOKEN_MS=0,
+        MAX_TOKENS_LIMIT=1_000_000,
+        DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        **SLOT_CAPS,
     )
     host, port = gateway.url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "flood", "max_tokens": 1_000_000}).encode()
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
         sock.connect((host, int(port)))
-        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         # ...and never read again. The gateway must cut the stream and free it.
         deadline = time.monotonic() + 30

@@ -36,8 +36,12 @@ async def _sse_stream(client: httpx.AsyncClient, i: int, relaying: list[int] | N
 
 
 async def _chat_stream(client: httpx.AsyncClient, i: int) -> list[str]:
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"drain {i}"}], "max_tokens": TOKENS,
-            "stream": True}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": f"drain {i}"}],
+        "max_tokens": TOKENS,
+        "stream": True,
+    }
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         await r.aread()

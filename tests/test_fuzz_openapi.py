@@ -31,7 +31,10 @@ STATEFUL_EXAMPLES = 25  # sequences of up to 4 calls
 REQUEST_TIMEOUT_S = 30.0  # guard only
 FUZZ_ENV = {
     # Streams end at once: any generated max_tokens above the limit is a 422, below it a short stream.
-    "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0, "MAX_TOKENS_LIMIT": 64, "DEFAULT_MAX_TOKENS": 16,
+    "MOCK_TOKENS_PER_SECOND": 0,
+    "MOCK_FIRST_TOKEN_MS": 0,
+    "MAX_TOKENS_LIMIT": 64,
+    "DEFAULT_MAX_TOKENS": 16,
     # An unknown stream id is looked up a few times, a flush interval apart, before its 404.
     "RESUME_FLUSH_INTERVAL_SECONDS": 0.01,
 }
@@ -40,7 +43,9 @@ STREAM_OPERATIONS = {("POST", "/stream"), ("POST", "/v1/chat/completions"), ("GE
 Operation = APIOperation[Any, Any, Any, Any]
 schema = schemathesis.openapi.from_dict(create_app(Settings(resume_enabled=False)).openapi())
 schema.config.generation.update(
-    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES, deterministic=True,
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+    max_examples=MAX_EXAMPLES,
+    deterministic=True,
     database="none",
 )
 
@@ -82,12 +87,20 @@ def test_no_server_error_resuming_streams_it_opened(fuzzed_gateway: Gateway) -> 
         def get_call_kwargs(self, case: schemathesis.Case[Operation]) -> dict[str, object]:
             return {"base_url": fuzzed_gateway.url, "timeout": REQUEST_TIMEOUT_S}
 
-        def validate_response(self, response: schemathesis.Response, case: schemathesis.Case[Operation],
-                              additional_checks: object = None, **kwargs: object) -> None:
+        def validate_response(
+            self,
+            response: schemathesis.Response,
+            case: schemathesis.Case[Operation],
+            additional_checks: object = None,
+            **kwargs: object,
+        ) -> None:
             case.validate_response(response, checks=[not_a_server_error])
 
-    Workflow.run(settings=settings(max_examples=STATEFUL_EXAMPLES, deadline=None, derandomize=True, database=None,
-                                   stateful_step_count=4))
+    Workflow.run(
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES, deadline=None, derandomize=True, database=None, stateful_step_count=4
+        )
+    )
     metrics = httpx.get(fuzzed_gateway.metrics_url + "/metrics", timeout=10).text
     resumed = re.findall(r'^streaming_resumptions_total\{route="/stream/\{stream_id\}"\} (\S+)$', metrics, re.M)
     assert float(resumed[0]) > 0  # the link was followed: streams that exist were resumed

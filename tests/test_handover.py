@@ -44,12 +44,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def fleet_env(redis_server: RedisServer, **extra: object) -> dict[str, object]:
-    return {"RESUME_STORE": "redis", "REDIS_URL": redis_server.url, "ORPHAN_TIMEOUT_SECONDS": 30,
-            "DRAIN_TIMEOUT_SECONDS": 1, "MOCK_FIRST_TOKEN_MS": 5, **extra}
+    return {
+        "RESUME_STORE": "redis",
+        "REDIS_URL": redis_server.url,
+        "ORPHAN_TIMEOUT_SECONDS": 30,
+        "DRAIN_TIMEOUT_SECONDS": 1,
+        "MOCK_FIRST_TOKEN_MS": 5,
+        **extra,
+    }
 
 
-async def until_shutdown(client: httpx.AsyncClient, gateway: Gateway, prompt: str, started: asyncio.Queue[None],
-                         max_tokens: int = TOKENS) -> tuple[str, list[Event], Event]:
+async def until_shutdown(
+    client: httpx.AsyncClient, gateway: Gateway, prompt: str, started: asyncio.Queue[None], max_tokens: int = TOKENS
+) -> tuple[str, list[Event], Event]:
     """One /stream on a draining instance: its events, and the server_shutdown that ended them."""
     events: list[Event] = []
     parser = SSEParser()
@@ -66,8 +73,9 @@ async def until_shutdown(client: httpx.AsyncClient, gateway: Gateway, prompt: st
     return r.headers["x-stream-id"], before, shutdown
 
 
-def drain_with_streams(gateway: Gateway, prompts: list[str], max_tokens: int = TOKENS
-                       ) -> list[tuple[str, list[Event], Event]]:
+def drain_with_streams(
+    gateway: Gateway, prompts: list[str], max_tokens: int = TOKENS
+) -> list[tuple[str, list[Event], Event]]:
     """Open the streams, SIGTERM the instance once each has tokens, collect how each one ended."""
 
     async def scenario() -> list[tuple[str, list[Event], Event]]:
@@ -104,8 +112,10 @@ def test_drained_streams_finish_on_another_instance(start_gateway: GatewayFactor
             assert_handed_over(before, shutdown)
             after = resume(client, b.url, stream_id, shutdown.data["resume"])
             assert_continues(before, after, prompt, TOKENS)  # zero truncated, zero duplicated
-    wait_for(lambda: metric_total(b, "streaming_handovers_total", 'result="completed"') == STREAMS,
-             "B acknowledged every stream")
+    wait_for(
+        lambda: metric_total(b, "streaming_handovers_total", 'result="completed"') == STREAMS,
+        "B acknowledged every stream",
+    )
     assert metric_total(b, "streaming_handovers_total", 'result="claimed"') == STREAMS
     assert metric_total(b, "streaming_handovers_total", 'result="failed"') == 0
 
@@ -201,7 +211,9 @@ def test_vllm_continuation_sends_continue_final_message(
     assert [e.seq for e in before + after] == list(range(len(before) + len(after)))
     first, continuation = fake_upstream.stats()["bodies"]
     assert first["messages"] == [{"role": "user", "content": prompt}] and "continue_final_message" not in first
-    assert continuation["messages"] == [{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": "".join(sent)}]
+    assert continuation["messages"] == [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": "".join(sent)},
+    ]
     assert continuation["continue_final_message"] is True and continuation["add_generation_prompt"] is False
     assert continuation["max_tokens"] == max_tokens - len(sent)

@@ -50,8 +50,13 @@ async def _stream_until_shutdown(client: httpx.AsyncClient) -> str:
 
 
 def test_metrics_stay_served_after_a_drain_that_cut_streams(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MOCK_FIRST_TOKEN_MS=10, DRAIN_TIMEOUT_SECONDS=0.5,
-                            DRAIN_CLOSE_GRACE_SECONDS=1, DRAIN_METRICS_LINGER_SECONDS=120)
+    gateway = start_gateway(
+        MOCK_TOKENS_PER_SECOND=5,
+        MOCK_FIRST_TOKEN_MS=10,
+        DRAIN_TIMEOUT_SECONDS=0.5,
+        DRAIN_CLOSE_GRACE_SECONDS=1,
+        DRAIN_METRICS_LINGER_SECONDS=120,
+    )
 
     async def cut_streams() -> list[str]:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
@@ -132,8 +137,9 @@ def _totals(gateway: Gateway) -> dict[str, float]:
 
 def test_restarts_do_not_grow_the_metrics_files(start_gateway: GatewayFactory, tmp_path: Path) -> None:
     directory = tmp_path / "multiproc"
-    gateway = start_gateway(PROMETHEUS_MULTIPROC_DIR=directory, MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=1,
-                            MAX_CONNECTIONS=77)
+    gateway = start_gateway(
+        PROMETHEUS_MULTIPROC_DIR=directory, MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=1, MAX_CONNECTIONS=77
+    )
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         for _ in range(6):
             response = client.post("/stream", json={"prompt": "count me", "max_tokens": 5})

@@ -50,8 +50,11 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_part_has_a_tier() -> None:
-    parts = {p.stem if p.is_file() else p.name for p in APP.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in APP.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())
+    }
     assert parts - TIER.keys() == set(), "give each new part of app/ a tier in tests/test_layering.py"
 
 

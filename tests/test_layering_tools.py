@@ -24,7 +24,10 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 def test_loadtest_never_imports_tests() -> None:
     sources = sorted((ROOT / "loadtest").rglob("*.py"))
     assert sources, "no loadtest sources found"
-    offending = [f"{path.relative_to(ROOT)}:{line}: import {module}"
-                 for path in sources for line, module in imported_modules(path)
-                 if module.split(".")[0] in FORBIDDEN]
+    offending = [
+        f"{path.relative_to(ROOT)}:{line}: import {module}"
+        for path in sources
+        for line, module in imported_modules(path)
+        if module.split(".")[0] in FORBIDDEN
+    ]
     assert offending == []

@@ -25,8 +25,12 @@ from tests.test_stream_lifecycle import wait_active_streams
 FULL = 65_536  # a full buffer holds at least the transport's high-water mark
 GUARD_S = 60.0  # guard only: how long a condition may take on a loaded machine
 SLOW_READER_ENV = {
-    "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0, "MAX_TOKENS_LIMIT": 10_000_000, "STREAM_BUFFER_SIZE": 1,
-    "SLOW_CLIENT_TIMEOUT_SECONDS": 100, "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+    "MOCK_TOKENS_PER_SECOND": 0,
+    "MOCK_FIRST_TOKEN_MS": 0,
+    "MAX_TOKENS_LIMIT": 10_000_000,
+    "STREAM_BUFFER_SIZE": 1,
+    "SLOW_CLIENT_TIMEOUT_SECONDS": 100,
+    "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
 }
 
 
@@ -48,8 +52,12 @@ def _wait_metric(gateway: Gateway, name: str, reached: float, labels: str = "") 
     return value
 
 
-V1_FLOOD = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "flood"}], "max_tokens": 10_000_000,
-            "stream": True}
+V1_FLOOD = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "flood"}],
+    "max_tokens": 10_000_000,
+    "stream": True,
+}
 
 
 def _ws_text_frame(text: str) -> bytes:
@@ -68,8 +76,10 @@ def slow_reader(gateway: Gateway, path: str = "/stream") -> Iterator[tuple[socke
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
         sock.settimeout(GUARD_S)
         sock.connect((host, int(port)))
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1024)
@@ -165,15 +175,16 @@ def test_websocket_reader_that_stops_is_cut_and_gives_its_slot_back(start_gatewa
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(GUARD_S)
         sock.connect((host, int(port)))
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1)  # byte by byte: nothing after the handshake is read
         assert head.startswith(b"HTTP/1.1 101"), head
         sock.sendall(_ws_text_frame(json.dumps({"prompt": "flood", "max_tokens": 10_000_000})))
-        assert _wait_metric(gateway, "streaming_errors_total", 1,
-                            'error_type="memory_pressure",route="/ws"') == 1
+        assert _wait_metric(gateway, "streaming_errors_total", 1, 'error_type="memory_pressure",route="/ws"') == 1
         assert wait_active_streams(gateway, 0) == 0
         done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=GUARD_S)
         assert done.status_code == 200, done.text  # the slot is free again
@@ -204,8 +215,13 @@ def test_at_the_budget_a_resume_and_a_stop_are_still_answered(start_gateway: Gat
 
 
 WIDE = "€" * 1000 + "a"  # 1001 characters, 3001 bytes in UTF-8
-NO_CUTS = {"MEMORY_BUDGET_BYTES": 10**9, "RESUME_ENABLED": "false", "WEB_CONCURRENCY": 1,
-           "INTER_TOKEN_TIMEOUT_SECONDS": 100, "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05}
+NO_CUTS = {
+    "MEMORY_BUDGET_BYTES": 10**9,
+    "RESUME_ENABLED": "false",
+    "WEB_CONCURRENCY": 1,
+    "INTER_TOKEN_TIMEOUT_SECONDS": 100,
+    "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+}
 
 
 def test_a_held_answer_counts_its_utf8_bytes(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
@@ -215,8 +231,10 @@ def test_a_held_answer_counts_its_utf8_bytes(start_gateway: GatewayFactory, fake
     host, port = gateway.url.removeprefix("http://").split(":")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
     with socket.create_connection((host, int(port)), timeout=GUARD_S) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         held = _wait_metric(gateway, "streaming_buffered_bytes", 2 * 3001)
         assert held == 2 * 3001  # in characters it would be 2 * 1001
 
@@ -235,8 +253,10 @@ def test_a_blocked_websocket_write_counts_the_bytes_of_its_frames(
         sock.settimeout(GUARD_S)
         sock.connect((host, int(port)))
         key = base64.b64encode(os.urandom(16))
-        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1)

@@ -49,8 +49,9 @@ def test_instance_totals_are_exact_from_any_worker(start_gateway: GatewayFactory
         assert client.post("/stream", json={"prompt": "fail"}).status_code == 502
         assert client.post("/stream", json={"prompt": "fail"}).status_code == 502
         broken = client.post("/stream", json={"prompt": "reset", "max_tokens": 5})
-        assert ('"code": "upstream_error", "message": "the upstream connection broke before the answer ended '
-                '(request id ') in broken.text  # the kind of failure, never the upstream's own words
+        assert (
+            '"code": "upstream_error", "message": "the upstream connection broke before the answer ended (request id '
+        ) in broken.text  # the kind of failure, never the upstream's own words
     expected = {
         'streaming_connections_total{route="/stream",status="success"}': 5.0,
         'streaming_connections_total{route="/v1/chat/completions",status="success"}': 3.0,
@@ -138,7 +139,8 @@ def test_a_killed_workers_streams_stop_counting(start_gateway: GatewayFactory) -
 def _streams_held(pid: int, gateway: Gateway) -> int:
     port = int(gateway.url.rsplit(":", 1)[1])
     return sum(
-        1 for c in psutil.Process(pid).net_connections(kind="tcp")
+        1
+        for c in psutil.Process(pid).net_connections(kind="tcp")
         if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
     )
 
@@ -159,8 +161,12 @@ def test_one_json_log_line_per_stream(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(LOG_LEVEL="info", MOCK_TOKENS_PER_SECOND=0)
     ids = [f"req-{i}" for i in range(3)]
     for request_id in ids:
-        r = httpx.post(gateway.url + "/stream", json={"prompt": "log me", "max_tokens": 40},
-                       headers={"x-request-id": request_id}, timeout=10)
+        r = httpx.post(
+            gateway.url + "/stream",
+            json={"prompt": "log me", "max_tokens": 40},
+            headers={"x-request-id": request_id},
+            timeout=10,
+        )
         assert r.headers["x-request-id"] == request_id
     httpx.post(gateway.url + "/stream", json={"prompt": ""}, timeout=10)
     gateway.stop()

@@ -222,10 +222,15 @@ def test_relay_stream(relay_client: openai.OpenAI, fake_upstream: FakeUpstream) 
     assert sent["stream"] is True
 
 
-TOOLS: list[Any] = [{
-    "type": "function",
-    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
-}]
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALLS = [  # what the fake upstream "decides" to call: arguments stream in 4-character pieces
     {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
     {"name": "get_time", "arguments": '{"zone": "Europe/Zurich", "format": "24h"}'},
@@ -295,8 +300,9 @@ def test_relay_upstream_rejection_is_an_openai_error(relay_client: openai.OpenAI
 @pytest.mark.anyio
 async def test_relay_async_client(relay_gateway: Gateway, fake_upstream: FakeUpstream) -> None:
     async with openai.AsyncOpenAI(base_url=relay_gateway.url + "/v1", api_key="x", max_retries=0, timeout=30) as c:
-        stream = await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, stream=True,
-                                                 temperature=0.3)
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=6, stream=True, temperature=0.3
+        )
         async with stream:
             text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         completion = await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6)

@@ -26,12 +26,17 @@ FAST_PINGS = {"SSE_PING_INTERVAL_SECONDS": 0.2, "DEADLINE_CHECK_INTERVAL_SECONDS
 def body_for(protocol: str, max_tokens: int) -> tuple[str, dict[str, object]]:
     if protocol == "/stream":
         return "/stream", {"prompt": "idle stream", "max_tokens": max_tokens}
-    return V1, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "idle stream"}],
-                "max_tokens": max_tokens, "stream": True}
+    return V1, {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "idle stream"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
 
 
-def lines_until_pings(gateway: Gateway, protocol: str, *, max_tokens: int, tokens_first: int,
-                      pings: int = 2) -> list[str]:
+def lines_until_pings(
+    gateway: Gateway, protocol: str, *, max_tokens: int, tokens_first: int, pings: int = 2
+) -> list[str]:
     """The stream's non-empty lines, read until `pings` pings came after the first `tokens_first` tokens."""
     path, body = body_for(protocol, max_tokens)
     seen: list[str] = []
@@ -72,16 +77,19 @@ def test_pings_before_the_first_token_on_the_mock(start_gateway: GatewayFactory)
 
 @pytest.fixture(scope="module")
 def ping_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway({"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, **FAST_PINGS},
-                             tmp_path_factory.mktemp("gateway") / "gateway.log")
+    gateway = launch_gateway(
+        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, **FAST_PINGS},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield gateway
     gateway.stop()
 
 
 @pytest.mark.parametrize("protocol", ["/stream", "/v1"])
 @pytest.mark.parametrize("stall_after", [0, 2], ids=["before-first-token", "between-tokens"])
-def test_idle_streams_get_pings(ping_gateway: Gateway, fake_upstream: FakeUpstream, protocol: str,
-                                stall_after: int) -> None:
+def test_idle_streams_get_pings(
+    ping_gateway: Gateway, fake_upstream: FakeUpstream, protocol: str, stall_after: int
+) -> None:
     fake_upstream.script({"stall_after": stall_after})  # the upstream sends `stall_after` tokens, then nothing
     seen = lines_until_pings(ping_gateway, protocol, max_tokens=5, tokens_first=stall_after)
     tokens = [json.loads(line[6:]) for line in seen if line.startswith("data: ") and is_token(line[6:])]
@@ -90,4 +98,3 @@ def test_idle_streams_get_pings(ping_gateway: Gateway, fake_upstream: FakeUpstre
     assert seen[-2:] == [PING, PING]
     # the client left: the gateway closes the stalled upstream request
     assert fake_upstream.wait_for(lambda s: s["disconnects"] == 1)["disconnects"] == 1
-

@@ -43,8 +43,9 @@ def ready_on_each_worker(gateway: Gateway) -> list[tuple[int, str]]:
 def test_ready_fails_on_every_worker_while_the_circuit_is_open(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, READY_REQUIRES_CLOSED_CIRCUIT="true",
-                            CIRCUIT_OPEN_SECONDS=600, **BREAKER)
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url, READY_REQUIRES_CLOSED_CIRCUIT="true", CIRCUIT_OPEN_SECONDS=600, **BREAKER
+    )
     assert ready_on_each_worker(gateway) == [(200, "ready")] * 2
     trip(gateway, fake_upstream)
     assert ready_on_each_worker(gateway) == [(503, "circuit_open")] * 2
@@ -53,8 +54,9 @@ def test_ready_fails_on_every_worker_while_the_circuit_is_open(
 
 
 def test_ready_comes_back_when_the_open_period_ends(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, READY_REQUIRES_CLOSED_CIRCUIT="true",
-                            CIRCUIT_OPEN_SECONDS=1, **BREAKER)
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url, READY_REQUIRES_CLOSED_CIRCUIT="true", CIRCUIT_OPEN_SECONDS=1, **BREAKER
+    )
     trip(gateway, fake_upstream, then_refused=False)
     assert eventually(lambda: ready_on_each_worker(gateway) == [(200, "ready")] * 2, timeout=30)
 

@@ -98,8 +98,13 @@ def rate_limit_refusal(response: httpx.Response) -> None:
     assert response.headers["ratelimit"].startswith('"default";r=0;')
 
 
-LIMITS = {"RATE_LIMIT_BURST": 5, "RATE_LIMIT_PER_MINUTE": 1, "MOCK_TOKENS_PER_SECOND": 0, "MOCK_FIRST_TOKEN_MS": 0,
-          "MAX_TOKENS_LIMIT": UNPACED_MAX_TOKENS}
+LIMITS = {
+    "RATE_LIMIT_BURST": 5,
+    "RATE_LIMIT_PER_MINUTE": 1,
+    "MOCK_TOKENS_PER_SECOND": 0,
+    "MOCK_FIRST_TOKEN_MS": 0,
+    "MAX_TOKENS_LIMIT": UNPACED_MAX_TOKENS,
+}
 
 
 def spread(gateways: tuple[Gateway, Gateway], n: int, **headers: str) -> list[httpx.Response]:
@@ -124,12 +129,14 @@ def test_burst_is_shared_by_two_instances(start_gateway: GatewayFactory, redis_s
         assert_slots_released(gateway)
 
 
-def test_client_stream_cap_is_shared_by_two_instances(
-    start_gateway: GatewayFactory, redis_server: RedisServer
-) -> None:
+def test_client_stream_cap_is_shared_by_two_instances(start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
     gateways = start_pair(
-        start_gateway, redis_server,
-        MAX_CONNECTIONS_PER_CLIENT=3, RATE_LIMIT_PER_MINUTE=0, MOCK_TOKENS_PER_SECOND=1, MOCK_FIRST_TOKEN_MS=0,
+        start_gateway,
+        redis_server,
+        MAX_CONNECTIONS_PER_CLIENT=3,
+        RATE_LIMIT_PER_MINUTE=0,
+        MOCK_TOKENS_PER_SECOND=1,
+        MOCK_FIRST_TOKEN_MS=0,
     )
     body = {"prompt": "hold the line", "max_tokens": 10_000}
 
@@ -161,8 +168,9 @@ def test_redis_killed_falls_back_to_instance_limits_and_recovers(
     start_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
     keys = ["k-shared", "k-down", "k-back", "k-poll-0", "k-poll-1", "k-poll-2", "k-poll-3"]
-    gateways = start_pair(start_gateway, redis_server, **LIMITS, LOG_LEVEL="info",
-                          API_KEYS=",".join(keys + SLOT_CHECK_KEYS))
+    gateways = start_pair(
+        start_gateway, redis_server, **LIMITS, LOG_LEVEL="info", API_KEYS=",".join(keys + SLOT_CHECK_KEYS)
+    )
 
     def bearer(key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
@@ -235,8 +243,9 @@ def test_redis_hung_falls_back_at_the_production_timeout(
     and shares limits again once Redis answers."""
     polls = [f"k-poll-{i}" for i in range(400)]  # a fresh key per poll: a poll is never refused by the rate limit
     keys = ["k-hung", *polls]
-    gateway = start_gateway(REDIS_URL=redis_server.url, **LIMITS, **SLOT_CAPS, LOG_LEVEL="info",
-                            API_KEYS=",".join(keys + SLOT_CHECK_KEYS))
+    gateway = start_gateway(
+        REDIS_URL=redis_server.url, **LIMITS, **SLOT_CAPS, LOG_LEVEL="info", API_KEYS=",".join(keys + SLOT_CHECK_KEYS)
+    )
     assert "REDIS_TIMEOUT_SECONDS" not in gateway.env  # the default, as shipped
 
     def bearer(key: str) -> dict[str, str]:
@@ -267,6 +276,7 @@ def test_redis_hung_falls_back_at_the_production_timeout(
 
     fresh = iter(polls)
     for pid in worker_pids(gateway):  # answering again: each worker shares limits again
+
         def back(pid: int = pid) -> bool:
             # One admitted request: the worker tries Redis for both stores once their retry interval is up.
             with only_worker(gateway, pid), http_client() as client:

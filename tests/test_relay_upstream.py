@@ -50,8 +50,13 @@ def relay(gateway: Gateway, protocol: str, max_tokens: int = 16, **extra: Any) -
     if protocol == "/stream":
         url, body = gateway.url + "/stream", {"prompt": "relay me", "max_tokens": max_tokens, **extra}
     else:
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "relay me"}],
-                "max_tokens": max_tokens, "stream": True, **extra}
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "relay me"}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            **extra,
+        }
         url = gateway.url + V1
     with httpx.Client(timeout=30) as client:
         response = client.post(url, json=body)
@@ -96,8 +101,9 @@ def assert_ended_with_upstream_error(relayed: Relayed, protocol: str, message_pa
         error = relayed.events[-2]["error"]
         assert error["code"] == "upstream_error"
         assert error["type"] == "server_error"
-        assert not any(isinstance(e, dict) and e.get("choices") and e["choices"][0].get("finish_reason")
-                       for e in relayed.events)  # no finish chunk: the stream did not finish
+        assert not any(
+            isinstance(e, dict) and e.get("choices") and e["choices"][0].get("finish_reason") for e in relayed.events
+        )  # no finish chunk: the stream did not finish
         message = error["message"]
     assert isinstance(message, str) and message_part in message
     return message
@@ -160,8 +166,9 @@ def test_role_chunk(relay_gateway: Gateway, fake_upstream: FakeUpstream, protoco
     assert relayed.tokens == default_tokens(5)
     assert_finished_ok(relayed, protocol, 5)
     if protocol == "/v1":  # exactly one role delta, the gateway's: the upstream's is not relayed twice
-        roles = [e for e in relayed.events if isinstance(e, dict) and e.get("choices")
-                 and "role" in e["choices"][0]["delta"]]
+        roles = [
+            e for e in relayed.events if isinstance(e, dict) and e.get("choices") and "role" in e["choices"][0]["delta"]
+        ]
         assert len(roles) == 1
 
 
@@ -255,8 +262,11 @@ def test_missing_done_is_an_error(relay_gateway: Gateway, fake_upstream: FakeUps
     assert_ended_with_upstream_error(relayed, protocol)
 
 
-@pytest.mark.parametrize("fault", [{"error_after": 2}, {"reset_after": 2}, {"no_done": True}, {"status": 500}],
-                         ids=["error_chunk", "reset", "no_done", "status_500"])
+@pytest.mark.parametrize(
+    "fault",
+    [{"error_after": 2}, {"reset_after": 2}, {"no_done": True}, {"status": 500}],
+    ids=["error_chunk", "reset", "no_done", "status_500"],
+)
 def test_non_stream_upstream_failure_is_an_openai_502(
     relay_gateway: Gateway, fake_upstream: FakeUpstream, fault: dict[str, Any]
 ) -> None:
@@ -278,8 +288,11 @@ def sse_body(*payloads: Any) -> bytes:
 
 
 def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    return {"id": "c", "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
 
 
 ROLE = chunk({"role": "assistant", "content": ""})
@@ -323,8 +336,9 @@ def test_events_in_one_read_are_all_relayed(
     one_write_gateway: tuple[Gateway, type[OneWriteUpstream]], protocol: str
 ) -> None:
     gateway, upstream = one_write_gateway
-    upstream.body = sse_body(ROLE, chunk({"content": "tok0 "}), chunk({"content": "tok1 "}), chunk({}, "stop"),
-                             b"[DONE]")
+    upstream.body = sse_body(
+        ROLE, chunk({"content": "tok0 "}), chunk({"content": "tok1 "}), chunk({}, "stop"), b"[DONE]"
+    )
     relayed = relay(gateway, protocol)
     assert relayed.tokens == default_tokens(2)
     assert_finished_ok(relayed, protocol, 2)
@@ -335,8 +349,12 @@ def test_tokens_before_an_error_chunk_in_the_same_read_are_relayed(
     one_write_gateway: tuple[Gateway, type[OneWriteUpstream]], protocol: str
 ) -> None:
     gateway, upstream = one_write_gateway
-    upstream.body = sse_body(ROLE, chunk({"content": "tok0 "}), chunk({"content": "tok1 "}),
-                             {"error": {"message": "injected mid-stream error"}})
+    upstream.body = sse_body(
+        ROLE,
+        chunk({"content": "tok0 "}),
+        chunk({"content": "tok1 "}),
+        {"error": {"message": "injected mid-stream error"}},
+    )
     relayed = relay(gateway, protocol)
     assert relayed.tokens == default_tokens(2)  # the upstream delivered them before it failed
     assert_ended_with_upstream_error(relayed, protocol, "reported an error")
@@ -351,7 +369,6 @@ def active_streams(gateway: Gateway) -> float:
     return sum(float(v) for v in re.findall(r"^streaming_active_connections\{[^}]*\} (\S+)$", text, re.M))
 
 
-
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_client_disconnect_mid_stream_reaches_upstream(
     relay_gateway: Gateway, fake_upstream: FakeUpstream, protocol: str
@@ -360,8 +377,12 @@ def test_client_disconnect_mid_stream_reaches_upstream(
         url, body = relay_gateway.url + "/stream", {"prompt": "long", "max_tokens": 20000}
     else:
         url = relay_gateway.url + V1
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "long"}], "max_tokens": 20000,
-                "stream": True}
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "long"}],
+            "max_tokens": 20000,
+            "stream": True,
+        }
     with httpx.Client(timeout=30) as client, client.stream("POST", url, json=body) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # held: dropping a half-read line iterator closes the connection
@@ -384,8 +405,9 @@ def test_client_disconnect_mid_stream_reaches_upstream(
 def test_client_disconnect_while_waiting_for_non_stream_reaches_upstream(
     relay_gateway: Gateway, fake_upstream: FakeUpstream
 ) -> None:
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "long"}],
-                       "max_tokens": 20000}).encode()
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "long"}], "max_tokens": 20000}
+    ).encode()
     host, port = relay_gateway.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(

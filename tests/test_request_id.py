@@ -23,10 +23,13 @@ def gateway(mock_gateway: Gateway) -> Gateway:
 
 
 def stream_request_id(gateway: Gateway, **headers: str | bytes) -> str:
-    raw = [(name.encode("ascii"), value.encode("ascii") if isinstance(value, str) else value)  # as httpx encodes
-           for name, value in headers.items()]
-    response = httpx.post(gateway.url + "/stream", json={"prompt": "request ids", "max_tokens": 2},
-                          headers=raw, timeout=30)
+    raw = [
+        (name.encode("ascii"), value.encode("ascii") if isinstance(value, str) else value)  # as httpx encodes
+        for name, value in headers.items()
+    ]
+    response = httpx.post(
+        gateway.url + "/stream", json={"prompt": "request ids", "max_tokens": 2}, headers=raw, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.headers["x-request-id"]
 
@@ -37,8 +40,11 @@ def test_a_safe_client_id_is_echoed(gateway: Gateway) -> None:
     assert httpx.get(gateway.url + "/health", headers={"X-Request-ID": "ops-1"}).headers["x-request-id"] == "ops-1"
 
 
-@pytest.mark.parametrize("bad", ["x" * 129, "two words", 'quote"d', "semi;colon", "tab\there", "ünïcode"],
-                         ids=["too-long", "space", "quote", "semicolon", "tab", "non-ascii"])
+@pytest.mark.parametrize(
+    "bad",
+    ["x" * 129, "two words", 'quote"d', "semi;colon", "tab\there", "ünïcode"],
+    ids=["too-long", "space", "quote", "semicolon", "tab", "non-ascii"],
+)
 def test_a_long_or_unsafe_id_is_replaced_not_cut(gateway: Gateway, bad: str) -> None:
     got = stream_request_id(gateway, **{"X-Request-ID": bad.encode()})  # raw UTF-8 bytes on the wire
     assert GENERATED.match(got), got
@@ -55,7 +61,7 @@ def test_without_an_id_each_request_gets_its_own(gateway: Gateway) -> None:
 def test_the_stream_log_line_carries_the_id_and_never_an_unsafe_one(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(LOG_LEVEL="info", MOCK_FIRST_TOKEN_MS=5, MOCK_TOKENS_PER_SECOND=0)
     assert stream_request_id(gateway, **{"X-Request-ID": "trace-me-7"}) == "trace-me-7"
-    generated = stream_request_id(gateway, **{"X-Request-ID": "inject\"} forged"})
+    generated = stream_request_id(gateway, **{"X-Request-ID": 'inject"} forged'})
 
     def finished() -> dict[str, dict[str, object]]:
         lines = [json.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]

@@ -106,8 +106,9 @@ def expected_text(prompt: str, max_tokens: int) -> str:
     return "".join(mock_tokens(prompt, 0, max_tokens))
 
 
-def read_until(client: httpx.Client, method: str, url: str, stop: Callable[[list[Event]], bool],
-               **kwargs: Any) -> tuple[list[Event], httpx.Headers]:
+def read_until(
+    client: httpx.Client, method: str, url: str, stop: Callable[[list[Event]], bool], **kwargs: Any
+) -> tuple[list[Event], httpx.Headers]:
     """Open a stream, read events until `stop(events)`, then drop the connection (a client going away)."""
     events: list[Event] = []
     with client.stream(method, url, **kwargs) as r:
@@ -141,11 +142,15 @@ def metric_total(gateway: Gateway, name: str, labels: str = "") -> float:
     return sum(float(value) for found, value in pattern.findall(text) if labels in found)
 
 
-def interrupted_stream(client: httpx.Client, gateway: Gateway, prompt: str, max_tokens: int,
-                       keep: int) -> tuple[str, list[Event]]:
+def interrupted_stream(
+    client: httpx.Client, gateway: Gateway, prompt: str, max_tokens: int, keep: int
+) -> tuple[str, list[Event]]:
     """Start a stream, read its status and `keep` tokens, then leave."""
     events, headers = read_until(
-        client, "POST", gateway.url + "/stream", lambda evs: len(tokens_of(evs)) >= keep,
+        client,
+        "POST",
+        gateway.url + "/stream",
+        lambda evs: len(tokens_of(evs)) >= keep,
         json={"prompt": prompt, "max_tokens": max_tokens},
     )
     return headers["x-stream-id"], events
@@ -209,8 +214,9 @@ def test_resume_on_another_instance(start_gateway: GatewayFactory, redis_server:
 
 
 def test_orphan_timeout_stops_the_generation(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5, ORPHAN_TIMEOUT_SECONDS=1,
-                            DRAIN_TIMEOUT_SECONDS=1)
+    gateway = start_gateway(
+        MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5, ORPHAN_TIMEOUT_SECONDS=1, DRAIN_TIMEOUT_SECONDS=1
+    )
     prompt, max_tokens = "left alone", 2000
     with httpx.Client(timeout=GUARD_S) as client:
         stream_id, before = interrupted_stream(client, gateway, prompt, max_tokens, keep=3)
@@ -279,7 +285,7 @@ class FlakyBackend:
             raise StorageError("down")
         if stream_id not in self.data:
             return None
-        data = self.data[stream_id][int(cursor or 0):]
+        data = self.data[stream_id][int(cursor or 0) :]
         return data, str(int(cursor or 0) + len(data))
 
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
@@ -333,8 +339,10 @@ def test_a_failing_backend_costs_resumption_not_the_stream(caplog: pytest.LogCap
     caplog.set_level(logging.INFO, logger="app.resume")
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.name == "app.resume"]
-    assert messages == ["resume store unavailable: streams continue without resumption",
-                        "resume store reachable again: new streams are resumable"]
+    assert messages == [
+        "resume store unavailable: streams continue without resumption",
+        "resume store reachable again: new streams are resumable",
+    ]
 
 
 def test_parse_log_keeps_the_first_copy_of_each_seq() -> None:

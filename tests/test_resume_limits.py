@@ -44,8 +44,12 @@ def test_resume_with_the_after_query_parameter(start_gateway: GatewayFactory) ->
     assert response.status_code == 200 and response.headers["x-stream-id"] == stream_id
     assert_continues(before, list(sse_events(response.text.splitlines())), prompt, max_tokens)
     # the header wins when both are sent; a foreign id is refused like the header's
-    both = httpx.get(f"{gateway.url}/stream/{stream_id}", params={"after": f"{stream_id}-0"},
-                     headers={"Last-Event-ID": f"{stream_id}-{max_tokens}"}, timeout=GUARD_S)
+    both = httpx.get(
+        f"{gateway.url}/stream/{stream_id}",
+        params={"after": f"{stream_id}-0"},
+        headers={"Last-Event-ID": f"{stream_id}-{max_tokens}"},
+        timeout=GUARD_S,
+    )
     assert [e.data for e in sse_events(both.text.splitlines())] == [{"type": "done", "tokens": max_tokens}]
     refused = replay(gateway, stream_id, after="0123456789ab-3")
     assert refused.status_code == 422 and refused.json()["code"] == "invalid_request"
@@ -55,8 +59,9 @@ def test_a_stream_longer_than_resume_max_events_is_not_resumable(start_gateway: 
     gateway = start_gateway(RESUME_MAX_EVENTS=6, MOCK_TOKENS_PER_SECOND=50, MOCK_FIRST_TOKEN_MS=5)
 
     def finished(max_tokens: int) -> tuple[str, list[Event]]:
-        response = httpx.post(gateway.url + "/stream", json={"prompt": "max events", "max_tokens": max_tokens},
-                              timeout=GUARD_S)
+        response = httpx.post(
+            gateway.url + "/stream", json={"prompt": "max events", "max_tokens": max_tokens}, timeout=GUARD_S
+        )
         events = list(sse_events(response.text.splitlines()))
         assert events[-1].data == {"type": "done", "tokens": max_tokens}  # the live client gets all of it
         return response.headers["x-stream-id"], events
@@ -70,8 +75,9 @@ def test_a_stream_longer_than_resume_max_events_is_not_resumable(start_gateway: 
 
 def test_a_finished_stream_is_replayable_until_resume_ttl_seconds(start_gateway: GatewayFactory) -> None:
     # TTL 5 s; expiry is checked every 50 flushes (2.5 s here)
-    gateway = start_gateway(RESUME_TTL_SECONDS=5, RESUME_FLUSH_INTERVAL_SECONDS=0.05, MOCK_TOKENS_PER_SECOND=0,
-                            MOCK_FIRST_TOKEN_MS=5)
+    gateway = start_gateway(
+        RESUME_TTL_SECONDS=5, RESUME_FLUSH_INTERVAL_SECONDS=0.05, MOCK_TOKENS_PER_SECOND=0, MOCK_FIRST_TOKEN_MS=5
+    )
     response = httpx.post(gateway.url + "/stream", json={"prompt": "ttl", "max_tokens": 3}, timeout=GUARD_S)
     stream_id = response.headers["x-stream-id"]
     replayed = replay(gateway, stream_id)
@@ -80,8 +86,13 @@ def test_a_finished_stream_is_replayable_until_resume_ttl_seconds(start_gateway:
 
 
 def test_max_orphaned_streams_bounds_the_generations_left_running(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(WEB_CONCURRENCY=1, MAX_ORPHANED_STREAMS=1, ORPHAN_TIMEOUT_SECONDS=60,
-                            MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5)
+    gateway = start_gateway(
+        WEB_CONCURRENCY=1,
+        MAX_ORPHANED_STREAMS=1,
+        ORPHAN_TIMEOUT_SECONDS=60,
+        MOCK_TOKENS_PER_SECOND=20,
+        MOCK_FIRST_TOKEN_MS=5,
+    )
     prompt, max_tokens = "orphans", 100
     with httpx.Client(timeout=GUARD_S) as client:
         first_id, first = interrupted_stream(client, gateway, prompt, max_tokens, keep=2)

@@ -42,8 +42,14 @@ def _recording_route(method: str, path: str, calls: list[tuple[str, Mapping[str,
 
 
 async def _request(app: ASGIApp, method: str, path: str) -> tuple[int, dict[bytes, bytes]]:
-    scope: Scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"",
-                    "app": SimpleNamespace(state=SimpleNamespace(gateway=None))}
+    scope: Scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [],
+        "query_string": b"",
+        "app": SimpleNamespace(state=SimpleNamespace(gateway=None)),
+    }
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -56,17 +62,21 @@ async def _request(app: ASGIApp, method: str, path: str) -> tuple[int, dict[byte
     return sent[0]["status"], dict(sent[0]["headers"])
 
 
-@pytest.mark.parametrize(("method", "path", "routed"), [
-    ("POST", "/stream", ("/stream", {})),
-    ("GET", "/stream/abc", ("/stream/{stream_id}", {"stream_id": "abc"})),
-    ("DELETE", "/stream/abc", ("/stream/{stream_id}", {"stream_id": "abc"})),
-    ("GET", "/stream/a/b", None),  # one path segment only, as FastAPI's `{stream_id}`
-    ("GET", "/stream", None),  # the method is part of the route: FastAPI answers 405
-    ("PUT", "/stream/abc", None),
-    ("GET", "/health", None),
-])
-def test_stream_router_dispatches_declared_routes_only(method: str, path: str,
-                                                       routed: tuple[str, dict[str, str]] | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "routed"),
+    [
+        ("POST", "/stream", ("/stream", {})),
+        ("GET", "/stream/abc", ("/stream/{stream_id}", {"stream_id": "abc"})),
+        ("DELETE", "/stream/abc", ("/stream/{stream_id}", {"stream_id": "abc"})),
+        ("GET", "/stream/a/b", None),  # one path segment only, as FastAPI's `{stream_id}`
+        ("GET", "/stream", None),  # the method is part of the route: FastAPI answers 405
+        ("PUT", "/stream/abc", None),
+        ("GET", "/health", None),
+    ],
+)
+def test_stream_router_dispatches_declared_routes_only(
+    method: str, path: str, routed: tuple[str, dict[str, str]] | None
+) -> None:
     calls: list[tuple[str, Mapping[str, str]]] = []
     passed_on: list[str] = []
 
@@ -74,8 +84,11 @@ def test_stream_router_dispatches_declared_routes_only(method: str, path: str,
         passed_on.append(scope["path"])
         await PlainTextResponse("framework", status_code=404)(scope, receive, send)
 
-    routes = [_recording_route("POST", "/stream", calls), _recording_route("GET", "/stream/{stream_id}", calls),
-              _recording_route("DELETE", "/stream/{stream_id}", calls)]
+    routes = [
+        _recording_route("POST", "/stream", calls),
+        _recording_route("GET", "/stream/{stream_id}", calls),
+        _recording_route("DELETE", "/stream/{stream_id}", calls),
+    ]
     router = StreamRouterMiddleware(framework, routes=routes, max_body_bytes=1000)
     status, _ = asyncio.run(_request(router, method, path))
     if routed is None:

@@ -31,8 +31,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def test_a_dead_instances_slot_is_reclaimed_after_max_stream_age(
     start_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
-    fleet = {"REDIS_URL": redis_server.url, "REDIS_TIMEOUT_SECONDS": 2, "MAX_CONNECTIONS_PER_CLIENT": 1,
-             "MAX_STREAM_AGE_SECONDS": AGE_S, "TOTAL_TIMEOUT_SECONDS": AGE_S}
+    fleet = {
+        "REDIS_URL": redis_server.url,
+        "REDIS_TIMEOUT_SECONDS": 2,
+        "MAX_CONNECTIONS_PER_CLIENT": 1,
+        "MAX_STREAM_AGE_SECONDS": AGE_S,
+        "TOTAL_TIMEOUT_SECONDS": AGE_S,
+    }
     dying = start_gateway(**fleet, MOCK_FIRST_TOKEN_MS=600_000, FIRST_TOKEN_TIMEOUT_SECONDS=AGE_S)
     survivor = start_gateway(**fleet, MOCK_FIRST_TOKEN_MS=5, MOCK_TOKENS_PER_SECOND=0)
     body = {"prompt": "leases", "max_tokens": 2}

@@ -48,8 +48,9 @@ def test_mock_is_deterministic_and_exact(mock_gateway: Gateway) -> None:
     for pid in worker_pids(mock_gateway):  # the same answer from each worker's mock
         with only_worker(mock_gateway, pid):
             for _ in range(2):
-                body = httpx.post(mock_gateway.url + "/stream", json={"prompt": "determinism", "max_tokens": 50},
-                                  timeout=10)
+                body = httpx.post(
+                    mock_gateway.url + "/stream", json={"prompt": "determinism", "max_tokens": 50}, timeout=10
+                )
                 tokens = [d for d in sse_data(body.text) if '"type": "token"' in d]
                 assert len(tokens) == 50
                 texts.add("".join(tokens))

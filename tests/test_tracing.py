@@ -29,12 +29,17 @@ class OTLPReceiver:
                     service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
                     for scope_spans in resource_spans.scope_spans:
                         for span in scope_spans.spans:
-                            receiver.spans.append({
-                                "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
-                                "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
-                                "service": service.get("service.name"),
-                                "attributes": {a.key: _value(a.value) for a in span.attributes},
-                            })
+                            receiver.spans.append(
+                                {
+                                    "name": span.name,
+                                    "kind": span.kind,
+                                    "trace_id": span.trace_id.hex(),
+                                    "span_id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(),
+                                    "service": service.get("service.name"),
+                                    "attributes": {a.key: _value(a.value) for a in span.attributes},
+                                }
+                            )
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.end_headers()
@@ -67,8 +72,12 @@ def test_one_server_and_one_upstream_span_per_stream(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream, otlp: OTLPReceiver
 ) -> None:
     gateway = start_gateway(
-        UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url, OTEL_BSP_SCHEDULE_DELAY=50,
-        OTEL_SERVICE_NAME="gw-under-test", WEB_CONCURRENCY=1, LOG_LEVEL="info",
+        UPSTREAM_URL=fake_upstream.url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        OTEL_BSP_SCHEDULE_DELAY=50,
+        OTEL_SERVICE_NAME="gw-under-test",
+        WEB_CONCURRENCY=1,
+        LOG_LEVEL="info",
     )
     for tokens in (3, 150):  # the span count per stream does not depend on the token count
         r = httpx.post(gateway.url + "/stream", json={"prompt": "trace me", "max_tokens": tokens}, timeout=10)
@@ -82,8 +91,11 @@ def test_one_server_and_one_upstream_span_per_stream(
     for span in otlp.spans:
         by_trace.setdefault(span["trace_id"], []).append(span)
     assert sorted(len(spans) for spans in by_trace.values()) == [2, 2, 2]  # 3, 150 and 25 tokens alike
-    spans = next(spans for spans in by_trace.values()
-                 if any(s["attributes"].get("gen_ai.usage.output_tokens") == 25 for s in spans))
+    spans = next(
+        spans
+        for spans in by_trace.values()
+        if any(s["attributes"].get("gen_ai.usage.output_tokens") == 25 for s in spans)
+    )
     server = next(s for s in spans if s["kind"] == 2)  # SPAN_KIND_SERVER
     client = next(s for s in spans if s["kind"] == 3)  # SPAN_KIND_CLIENT
     assert server["name"] == "POST /stream"

@@ -44,8 +44,13 @@ def test_without_upstream_model_the_clients_model_passes_through(
 def test_upstream_max_connections_bounds_the_pool(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
     """A pool of one per worker: while one stream holds the connection, the next waits for it and times out
     (UPSTREAM_CONNECT_TIMEOUT_SECONDS includes the wait for a pooled connection) without reaching the upstream."""
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, UPSTREAM_MAX_CONNECTIONS=1, WEB_CONCURRENCY=1,
-                            UPSTREAM_CONNECT_TIMEOUT_SECONDS=1, **NO_RETRIES)
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url,
+        UPSTREAM_MAX_CONNECTIONS=1,
+        WEB_CONCURRENCY=1,
+        UPSTREAM_CONNECT_TIMEOUT_SECONDS=1,
+        **NO_RETRIES,
+    )
     fake_upstream.script({"stall_after": 1})
     body = {"prompt": "hold the connection", "max_tokens": 3}
     with httpx.Client(timeout=30) as client, client.stream("POST", gateway.url + "/stream", json=body) as held:
@@ -108,11 +113,18 @@ class ProxyHandler(socketserver.StreamRequestHandler):
             self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             return
         model = json.loads(body)["model"]
-        chunk: dict[str, Any] = {"id": "p", "object": "chat.completion.chunk", "created": 0, "model": model,
-                                 "choices": [{"index": 0, "delta": {"content": "via proxy"}, "finish_reason": "stop"}]}
+        chunk: dict[str, Any] = {
+            "id": "p",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": "via proxy"}, "finish_reason": "stop"}],
+        }
         events = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
-                         b"Content-Length: " + str(len(events)).encode() + b"\r\n\r\n" + events)
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(events)).encode() + b"\r\n\r\n" + events
+        )
 
 
 @pytest.fixture
@@ -142,10 +154,10 @@ def test_all_proxy_carries_plain_http_upstreams(start_gateway: GatewayFactory, p
     assert proxy.seen == ["POST http://llm.upstream.test:8000/v1/chat/completions HTTP/1.1"]
 
 
-def test_no_proxy_goes_direct(start_gateway: GatewayFactory, proxy: RecordingProxy,
-                              fake_upstream: FakeUpstream) -> None:
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, ALL_PROXY=proxy.url, NO_PROXY="127.0.0.1",
-                            **NO_RETRIES)
+def test_no_proxy_goes_direct(
+    start_gateway: GatewayFactory, proxy: RecordingProxy, fake_upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, ALL_PROXY=proxy.url, NO_PROXY="127.0.0.1", **NO_RETRIES)
     relayed = relay(gateway, "/stream", max_tokens=2)
     assert relayed.status == 200 and relayed.tokens == ["tok0 ", "tok1 "]
     assert proxy.seen == []

@@ -82,12 +82,13 @@ def wait_metric(gateway: Gateway, name: str, expected: float, timeout: float = W
 
 def post_stream(client: httpx.Client, gateway: Gateway, max_tokens: int = 4, **headers: str) -> httpx.Response:
     """POST /stream and read the whole answer (a stream to its end, or a plain error)."""
-    return client.post(gateway.url + "/stream", json={"prompt": "protect me", "max_tokens": max_tokens},
-                       headers=headers)
+    return client.post(
+        gateway.url + "/stream", json={"prompt": "protect me", "max_tokens": max_tokens}, headers=headers
+    )
 
 
 def events(response: httpx.Response) -> list[dict[str, Any]]:
-    return [json.loads(line[len("data: "):]) for line in response.text.splitlines() if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in response.text.splitlines() if line.startswith("data: ")]
 
 
 # --- retries and deadlines: one gateway with retries on and the breaker out of the way -------------------------
@@ -98,10 +99,14 @@ def retry_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
     gateway = launch_gateway(
         {
             "UPSTREAM_URL": fake_upstream_server.url,
-            "UPSTREAM_RETRIES": 2, "RETRY_BASE_SECONDS": 0.05, "RETRY_MAX_SECONDS": 0.2,
+            "UPSTREAM_RETRIES": 2,
+            "RETRY_BASE_SECONDS": 0.05,
+            "RETRY_MAX_SECONDS": 0.2,
             "CIRCUIT_FAILURE_THRESHOLD": 1000,  # every test here is an upstream fault; the breaker has its own
-            "FIRST_TOKEN_TIMEOUT_SECONDS": 1, "INTER_TOKEN_TIMEOUT_SECONDS": 1,
-            "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05, **SLOT_CAPS,
+            "FIRST_TOKEN_TIMEOUT_SECONDS": 1,
+            "INTER_TOKEN_TIMEOUT_SECONDS": 1,
+            "DEADLINE_CHECK_INTERVAL_SECONDS": 0.05,
+            **SLOT_CAPS,
         },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
@@ -125,7 +130,10 @@ def closed_port() -> Iterator[int]:
 def test_connection_refused_is_retried_twice_then_502(start_gateway: GatewayFactory, closed_port: int) -> None:
     gateway = start_gateway(
         UPSTREAM_URL=f"http://127.0.0.1:{closed_port}/v1",
-        UPSTREAM_RETRIES=2, RETRY_BASE_SECONDS=0.05, RETRY_MAX_SECONDS=0.2, CIRCUIT_FAILURE_THRESHOLD=1000,
+        UPSTREAM_RETRIES=2,
+        RETRY_BASE_SECONDS=0.05,
+        RETRY_MAX_SECONDS=0.2,
+        CIRCUIT_FAILURE_THRESHOLD=1000,
         **SLOT_CAPS,
     )
     relayed = relay(gateway, "/stream")
@@ -284,8 +292,12 @@ def test_breaker_opens_refuses_fast_probes_once_and_closes(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
     gateway = start_gateway(
-        UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0,
-        CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2, CIRCUIT_SUCCESS_THRESHOLD=2, **SLOT_CAPS,
+        UPSTREAM_URL=fake_upstream.url,
+        UPSTREAM_RETRIES=0,
+        CIRCUIT_FAILURE_THRESHOLD=3,
+        CIRCUIT_OPEN_SECONDS=2,
+        CIRCUIT_SUCCESS_THRESHOLD=2,
+        **SLOT_CAPS,
         CIRCUIT_MAX_FAILURES_PER_CLIENT=3,  # one test client plays every client here (tests/security: the cap)
     )
     first, second = worker_pids(gateway)
@@ -355,8 +367,13 @@ def test_mid_stream_failures_open_it_and_a_failed_probe_reopens(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
     gateway = start_gateway(
-        UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_OPEN_SECONDS=2,
-        INTER_TOKEN_TIMEOUT_SECONDS=1, DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
+        UPSTREAM_RETRIES=0,
+        UPSTREAM_URL=fake_upstream.url,
+        CIRCUIT_FAILURE_THRESHOLD=3,
+        CIRCUIT_OPEN_SECONDS=2,
+        INTER_TOKEN_TIMEOUT_SECONDS=1,
+        DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        **SLOT_CAPS,
     )
     # Streams that broke after their first token: a reset, an error chunk, a stall. Each counts once.
     fake_upstream.script({"reset_after": 2}, {"error_after": 2}, {"stall_after": 2}, {"status": 500})
@@ -385,8 +402,13 @@ def test_an_upstream_withholding_its_answer_counts_against_the_breaker(
 ) -> None:
     """No response headers before the first-token deadline: as much an upstream failure as a stall mid-stream."""
     gateway = start_gateway(
-        UPSTREAM_RETRIES=0, UPSTREAM_URL=fake_upstream.url, CIRCUIT_FAILURE_THRESHOLD=2, CIRCUIT_OPEN_SECONDS=2,
-        FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **SLOT_CAPS,
+        UPSTREAM_RETRIES=0,
+        UPSTREAM_URL=fake_upstream.url,
+        CIRCUIT_FAILURE_THRESHOLD=2,
+        CIRCUIT_OPEN_SECONDS=2,
+        FIRST_TOKEN_TIMEOUT_SECONDS=0.5,
+        DEADLINE_CHECK_INTERVAL_SECONDS=0.05,
+        **SLOT_CAPS,
     )
     fake_upstream.script(*[{"headers_delay_ms": 60_000}] * 3)
     with http_client() as client:
@@ -415,7 +437,10 @@ def test_half_open_refusal_is_an_admission_rejection(
     """Issue 4: every admission refusal comes before any slot is taken and counts as a rejection. With the
     probe out, a half-open breaker refuses like an open one, not as a stream that started and failed."""
     gateway = start_gateway(
-        UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=1,
+        UPSTREAM_URL=fake_upstream.url,
+        UPSTREAM_RETRIES=0,
+        CIRCUIT_FAILURE_THRESHOLD=1,
+        CIRCUIT_OPEN_SECONDS=1,
         **SLOT_CAPS,
     )
     fake_upstream.script({"status": 500}, {"first_token_ms": 1500})

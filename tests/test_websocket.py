@@ -74,8 +74,11 @@ def test_ws_bad_request_gets_error_event_and_close_code(
 
 @pytest.mark.parametrize(
     "request_",
-    [{"prompt": "stop", "max_tokens": 3}, {"prompt": "resume", "max_tokens": 3},
-     {"prompt": 'say "stop", then "resume"', "max_tokens": 3}],
+    [
+        {"prompt": "stop", "max_tokens": 3},
+        {"prompt": "resume", "max_tokens": 3},
+        {"prompt": 'say "stop", then "resume"', "max_tokens": 3},
+    ],
     ids=["stop", "resume", "both-quoted"],
 )
 def test_ws_a_prompt_that_says_stop_or_resume_is_a_stream(mock_gateway: Gateway, request_: dict[str, object]) -> None:

@@ -46,8 +46,12 @@ def ws_stream(gateway: Gateway, max_tokens: int = 4) -> tuple[list[dict[str, Any
 @pytest.fixture(scope="module")
 def ws_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gateway = launch_gateway(
-        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 1000,
-         "MAX_CONNECTIONS_PER_CLIENT": 1},
+        {
+            "UPSTREAM_URL": fake_upstream_server.url,
+            "UPSTREAM_RETRIES": 0,
+            "CIRCUIT_FAILURE_THRESHOLD": 1000,
+            "MAX_CONNECTIONS_PER_CLIENT": 1,
+        },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
     yield gateway
@@ -86,8 +90,9 @@ def test_connection_limit_closes_1013_and_the_held_stream_goes_on(
 
 def test_rate_limit_on_ws_is_shared_by_both_workers_and_with_stream(start_gateway: GatewayFactory) -> None:
     # Burst 2, one token back per minute: the third request within the test is refused.
-    gateway = start_gateway(RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=2, MOCK_FIRST_TOKEN_MS=5,
-                            MOCK_TOKENS_PER_SECOND=0)
+    gateway = start_gateway(
+        RATE_LIMIT_PER_MINUTE=1, RATE_LIMIT_BURST=2, MOCK_FIRST_TOKEN_MS=5, MOCK_TOKENS_PER_SECOND=0
+    )
     first, second = worker_pids(gateway)
     with only_worker(gateway, first):
         events, code = ws_stream(gateway)
@@ -108,8 +113,9 @@ def test_rate_limit_on_ws_is_shared_by_both_workers_and_with_stream(start_gatewa
 def test_circuit_open_closes_1013_without_the_upstream(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, CIRCUIT_FAILURE_THRESHOLD=1,
-                            CIRCUIT_OPEN_SECONDS=600)
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=600
+    )
     fake_upstream.script({"status": 503})
     events, code = ws_stream(gateway)
     assert code == 1011 and events[0]["code"] == "upstream_error"

@@ -52,5 +52,10 @@ def test_ws_resume_of_an_unknown_stream(start_gateway: GatewayFactory) -> None:
         ws.send(json.dumps({"resume": UNKNOWN, "received": 3}))
         events = _rest(ws)
         assert ws.close_code == 1008
-    assert events == [{"type": "error", "code": "not_resumable",
-                       "message": f"stream {UNKNOWN} cannot be resumed: unknown, expired, or past its replay window"}]
+    assert events == [
+        {
+            "type": "error",
+            "code": "not_resumable",
+            "message": f"stream {UNKNOWN} cannot be resumed: unknown, expired, or past its replay window",
+        }
+    ]

@@ -30,7 +30,8 @@ class MetricsPortMiddleware:
                 await self.metrics_app(scope, receive, send)
             else:
                 await error_response(MethodNotAllowedError("only GET /metrics"), openai_shape=False)(
-                    scope, receive, send)
+                    scope, receive, send
+                )
             return
         if on_metrics_port or (scope["type"] == "http" and scope["path"] == METRICS_PATH):
             if scope["type"] == "websocket":

@@ -50,8 +50,8 @@ class StreamRouterMiddleware:
         if route is not None:
             return route, {}
         for route_method, prefix, parameter, route in self._trailing:
-            if method == route_method and path.startswith(prefix) and "/" not in path[len(prefix):]:
-                return route, {parameter: path[len(prefix):]}
+            if method == route_method and path.startswith(prefix) and "/" not in path[len(prefix) :]:
+                return route, {parameter: path[len(prefix) :]}
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -41,8 +41,12 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
         if fmt == "json"
         else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
-    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr",
-               "filters": ["redact_keys"]}
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "default",
+        "stream": "ext://sys.stderr",
+        "filters": ["redact_keys"],
+    }
     loggers = {
         name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
         for name in ("gunicorn.error", "uvicorn", "uvicorn.error", "app")

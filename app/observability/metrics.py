@@ -28,14 +28,37 @@ STREAM_ENDPOINTS = frozenset({"/stream", "/stream/{stream_id}", "/v1/chat/comple
 
 KNOWN_STATUSES = ("success", "rejected", "error")
 KNOWN_REJECTIONS = (
-    "draining", "rate_limited", "connection_limit", "client_connection_limit", "circuit_open", "invalid_request",
-    "payload_too_large", "unsupported_media_type", "missing_api_key", "invalid_api_key", "not_resumable",
-    "invalid_stream_id", "api_key_in_url", "origin_not_allowed", "request_timeout", "unknown_parameter",
-    "content_not_allowed", "model_not_found", "memory_pressure",
+    "draining",
+    "rate_limited",
+    "connection_limit",
+    "client_connection_limit",
+    "circuit_open",
+    "invalid_request",
+    "payload_too_large",
+    "unsupported_media_type",
+    "missing_api_key",
+    "invalid_api_key",
+    "not_resumable",
+    "invalid_stream_id",
+    "api_key_in_url",
+    "origin_not_allowed",
+    "request_timeout",
+    "unknown_parameter",
+    "content_not_allowed",
+    "model_not_found",
+    "memory_pressure",
 )
 KNOWN_ERRORS = (
-    "timeout", "backpressure", "upstream_error", "upstream_rejected", "upstream_rate_limited", "server_shutdown",
-    "orphan_timeout", "circuit_open", "internal_error", "memory_pressure",
+    "timeout",
+    "backpressure",
+    "upstream_error",
+    "upstream_rejected",
+    "upstream_rate_limited",
+    "server_shutdown",
+    "orphan_timeout",
+    "circuit_open",
+    "internal_error",
+    "memory_pressure",
 )
 KNOWN_OUTCOMES = ("done", "error", "timeout", "backpressure", "client_gone", "shutdown", "cancelled")
 KNOWN_HANDOVER_RESULTS = ("published", "claimed", "completed", "failed")
@@ -75,6 +98,7 @@ def count_rejection(endpoint: str, reason: str) -> None:
         CONNECTIONS_TOTAL.labels(endpoint, "rejected").inc()
         REJECTIONS_TOTAL.labels(endpoint, reason).inc()
 
+
 ACTIVE_CONNECTIONS = Gauge(
     "streaming_active_connections", "Streams being relayed right now.", ["route"], multiprocess_mode="livesum"
 )
@@ -82,23 +106,31 @@ CONNECTIONS_TOTAL = Counter(
     "streaming_connections_total", "Streams by final status (success/rejected/error).", ["route", "status"]
 )
 TTFT_SECONDS = Histogram(
-    "streaming_ttft_seconds", "Time from request to first token sent.", ["route", "model"],
+    "streaming_ttft_seconds",
+    "Time from request to first token sent.",
+    ["route", "model"],
     # The seed's buckets plus 0.075, 0.3 (the p50 SLO) and 0.75, so quantiles between them are not flat.
     buckets=(0.05, 0.075, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
 )
 GENERATION_DURATION_SECONDS = Histogram(
-    "streaming_generation_duration_seconds", "Time from first to last token.", ["route", "model"],
+    "streaming_generation_duration_seconds",
+    "Time from first to last token.",
+    ["route", "model"],
     buckets=(1.0, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
 REQUEST_DURATION_SECONDS = Histogram(
-    "streaming_request_duration_seconds", "Whole stream duration.", ["route"],
+    "streaming_request_duration_seconds",
+    "Whole stream duration.",
+    ["route"],
     # The seed's buckets stopped at 60 s, below TOTAL_TIMEOUT_SECONDS (120 s): up to MAX_STREAM_AGE_SECONDS'
     # default (300 s), the longest a stream may hold its slot, so every stream lands in a finite bucket.
     buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 TOKENS_TOTAL = Counter("streaming_tokens_total", "Tokens relayed to clients.", ["route", "model"])
 TOKENS_PER_SECOND = Histogram(
-    "streaming_tokens_per_second", "Per-stream generation speed.", ["model"],
+    "streaming_tokens_per_second",
+    "Per-stream generation speed.",
+    ["model"],
     buckets=(5.0, 10.0, 20.0, 50.0, 100.0, 200.0),
 )
 ERRORS_TOTAL = Counter("streaming_errors_total", "Streams that ended in an error, by type.", ["route", "error_type"])
@@ -108,11 +140,14 @@ STREAM_OUTCOMES_TOTAL = Counter(
     ["route", "outcome"],
 )
 REJECTIONS_TOTAL = Counter(
-    "streaming_rejections_total", "Requests refused before a stream started, by reason (the error code).",
+    "streaming_rejections_total",
+    "Requests refused before a stream started, by reason (the error code).",
     ["route", "reason"],
 )
 INTER_TOKEN_SECONDS = Histogram(
-    "streaming_inter_token_seconds", "Mean gap between tokens, one observation per stream.", ["route", "model"],
+    "streaming_inter_token_seconds",
+    "Mean gap between tokens, one observation per stream.",
+    ["route", "model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 UPSTREAM_RETRIES_TOTAL = Counter(
@@ -122,25 +157,30 @@ CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(
     "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["upstream", "state"]
 )
 DRAIN_DURATION_SECONDS = Histogram(
-    "streaming_drain_duration_seconds", "Time from SIGTERM to the worker's last stream ending.",
+    "streaming_drain_duration_seconds",
+    "Time from SIGTERM to the worker's last stream ending.",
     buckets=(0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
 DRAIN_CUT_STREAMS_TOTAL = Counter(
     "streaming_drain_cut_streams_total", "Streams still running at the drain deadline, ended with server_shutdown."
 )
 REDIS_UP = Gauge(
-    "streaming_redis_up", "1 while limits are shared through Redis, 0 while falling back to local limits.",
-    ["store"], multiprocess_mode="mostrecent",
+    "streaming_redis_up",
+    "1 while limits are shared through Redis, 0 while falling back to local limits.",
+    ["store"],
+    multiprocess_mode="mostrecent",
 )
 REDIS_FALLBACKS_TOTAL = Counter(
     "streaming_redis_fallbacks_total", "Times Redis became unreachable and limits fell back to local.", ["store"]
 )
 DRAINING = Gauge(
-    "streaming_draining", "1 while the instance drains (set at SIGTERM, so the drain is visible before exit).",
+    "streaming_draining",
+    "1 while the instance drains (set at SIGTERM, so the drain is visible before exit).",
     multiprocess_mode="livemax",
 )
 MAX_CONNECTIONS = Gauge(
-    "streaming_max_connections", "MAX_CONNECTIONS: the streams one instance carries (for saturation ratios).",
+    "streaming_max_connections",
+    "MAX_CONNECTIONS: the streams one instance carries (for saturation ratios).",
     multiprocess_mode="max",
 )
 # Read from the instance's slot table (app/admission.py) by whichever worker answers the scrape, just before
@@ -152,7 +192,9 @@ CONNECTION_SLOTS_IN_USE = Gauge(
     multiprocess_mode="mostrecent",
 )
 CIRCUIT_BREAKER_STATE = Gauge(
-    "streaming_circuit_breaker_state", "Upstream circuit: 0 closed, 1 open, 2 half-open.", ["upstream"],
+    "streaming_circuit_breaker_state",
+    "Upstream circuit: 0 closed, 1 open, 2 half-open.",
+    ["upstream"],
     multiprocess_mode="mostrecent",
 )
 
@@ -181,7 +223,8 @@ BUFFERED_BYTES = Gauge(
     multiprocess_mode="livesum",
 )
 MEMORY_BUDGET_BYTES = Gauge(
-    "streaming_memory_budget_bytes", "MEMORY_BUDGET_BYTES: buffered stream data the instance may hold.",
+    "streaming_memory_budget_bytes",
+    "MEMORY_BUDGET_BYTES: buffered stream data the instance may hold.",
     multiprocess_mode="max",
 )
 

@@ -67,8 +67,10 @@ def setup_tracing(app: FastAPI) -> TracerProvider | None:
     provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     FastAPIInstrumentor.instrument_app(
-        app, tracer_provider=provider, excluded_urls=EXCLUDED_URLS, exclude_spans=["send", "receive"],
+        app,
+        tracer_provider=provider,
+        excluded_urls=EXCLUDED_URLS,
+        exclude_spans=["send", "receive"],
         server_request_hook=redact_span_url,
     )
     return provider
-

@@ -124,6 +124,7 @@ class Grant:
 
 # --- pure transitions ---------------------------------------------------------------------------
 
+
 def _open(s: BreakerSnapshot, at: float) -> BreakerSnapshot:
     return BreakerSnapshot(BreakerState.OPEN, s.epoch + 1, opened_at=at, charged=s.charged)
 
@@ -155,8 +156,11 @@ def advance(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapsh
     while True:
         if s.state is BreakerState.OPEN and now >= s.opened_at + cfg.open_seconds:
             s = BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at, charged=s.charged)
-        elif s.state is BreakerState.HALF_OPEN and s.probe_in_flight and \
-                now >= s.probe_started_at + cfg.probe_timeout_seconds:
+        elif (
+            s.state is BreakerState.HALF_OPEN
+            and s.probe_in_flight
+            and now >= s.probe_started_at + cfg.probe_timeout_seconds
+        ):
             s = _open(s, s.probe_started_at + cfg.probe_timeout_seconds)
         else:
             return s
@@ -181,14 +185,18 @@ def _closed_failure(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> Break
     return replace(s, failures=failures)
 
 
-def on_outcome(cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant | None,
-               outcome: CallResult, client: int = 0) -> BreakerSnapshot:
+def on_outcome(
+    cfg: BreakerConfig, s: BreakerSnapshot, now: float, grant: Grant | None, outcome: CallResult, client: int = 0
+) -> BreakerSnapshot:
     """A permit settles (`grant`), or a failure is seen outside any permit (`grant` None).
 
     `client`: the hash of the client a failure is charged to (0: not charged, counts in full)."""
     s = advance(cfg, s, now)
-    if outcome is CallResult.FAILURE and client and (grant is None or grant.epoch == s.epoch) and (
-        s.state is BreakerState.CLOSED or (grant is not None and grant.probe)
+    if (
+        outcome is CallResult.FAILURE
+        and client
+        and (grant is None or grant.epoch == s.epoch)
+        and (s.state is BreakerState.CLOSED or (grant is not None and grant.probe))
     ):
         charged = _charge(cfg, s, now, client)
         if charged is None:  # over the client's cap: no verdict
@@ -225,6 +233,7 @@ def retry_after(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> float:
 
 
 # --- cells ----------------------------------------------------------------------------------------
+
 
 class BreakerCell(Protocol):
     """Where a breaker's snapshot lives. `update` must be atomic with respect to every other user."""
@@ -270,8 +279,11 @@ class SharedBreakerCell(SharedTable):
 
     KIND = b"breaker"
 
-    def __init__(self, failure_capacity: int = DEFAULT_FAILURE_THRESHOLD,
-                 charged_capacity: int = (DEFAULT_FAILURE_THRESHOLD + 1) * 3) -> None:
+    def __init__(
+        self,
+        failure_capacity: int = DEFAULT_FAILURE_THRESHOLD,
+        charged_capacity: int = (DEFAULT_FAILURE_THRESHOLD + 1) * 3,
+    ) -> None:
         if failure_capacity < 1 or charged_capacity < 1:
             raise ValueError("failure_capacity and charged_capacity must be at least 1")
         size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d") + charged_capacity * _CHARGED_ENTRY.size
@@ -288,10 +300,12 @@ class SharedBreakerCell(SharedTable):
             buf, DATA_OFFSET
         )
         failures = self._failures.unpack_from(buf, DATA_OFFSET + _CELL_HEADER.size)
-        charged = tuple(_CHARGED_ENTRY.unpack_from(buf, self._charged_at + i * _CHARGED_ENTRY.size)
-                        for i in range(n_charged))  # usually none: only failures charged to a client
-        return BreakerSnapshot(BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe),
-                               probe_at, successes, charged)
+        charged = tuple(
+            _CHARGED_ENTRY.unpack_from(buf, self._charged_at + i * _CHARGED_ENTRY.size) for i in range(n_charged)
+        )  # usually none: only failures charged to a client
+        return BreakerSnapshot(
+            BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe), probe_at, successes, charged
+        )
 
     def load(self) -> BreakerSnapshot:
         with self._region as buf:
@@ -300,18 +314,30 @@ class SharedBreakerCell(SharedTable):
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         with self._region as buf:
             new, result = change(self._read(buf))
-            failures = new.failures[-self.failure_capacity:]
-            charged = new.charged[-self.charged_capacity:]
-            _CELL_HEADER.pack_into(buf, DATA_OFFSET, new.state, new.epoch, new.opened_at, new.probe_in_flight,
-                                   new.probe_started_at, new.successes, len(failures), len(charged))
-            self._failures.pack_into(buf, DATA_OFFSET + _CELL_HEADER.size,
-                                     *failures, *([0.0] * (self.failure_capacity - len(failures))))
+            failures = new.failures[-self.failure_capacity :]
+            charged = new.charged[-self.charged_capacity :]
+            _CELL_HEADER.pack_into(
+                buf,
+                DATA_OFFSET,
+                new.state,
+                new.epoch,
+                new.opened_at,
+                new.probe_in_flight,
+                new.probe_started_at,
+                new.successes,
+                len(failures),
+                len(charged),
+            )
+            self._failures.pack_into(
+                buf, DATA_OFFSET + _CELL_HEADER.size, *failures, *([0.0] * (self.failure_capacity - len(failures)))
+            )
             for i, entry in enumerate(charged):
                 _CHARGED_ENTRY.pack_into(buf, self._charged_at + i * _CHARGED_ENTRY.size, *entry)
             return result
 
 
 # --- the policy -----------------------------------------------------------------------------------
+
 
 class Permit:
     """Leave to call the upstream once; settle it exactly once (first report wins)."""
@@ -357,8 +383,14 @@ class Permit:
 class CircuitBreaker:
     """One upstream's breaker: `allow()` before calling it, then settle the permit."""
 
-    def __init__(self, name: str, config: BreakerConfig | None = None, *, cell: BreakerCell | None = None,
-                 clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig | None = None,
+        *,
+        cell: BreakerCell | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> None:
         self.name = name
         self.config = config or BreakerConfig()
         if isinstance(cell, SharedBreakerCell) and cell.failure_capacity < self.config.failure_threshold:

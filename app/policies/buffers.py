@@ -124,6 +124,6 @@ class SharedBufferTable(SharedTable):
             for i in range(MAX_WORKERS):
                 at = DATA_OFFSET + i * _CELL
                 if _CELL_HEAD.unpack_from(buf, at)[0] == pid:
-                    buf[at:at + _CELL] = bytes(_CELL)
+                    buf[at : at + _CELL] = bytes(_CELL)
                     return True
         return False

@@ -62,8 +62,9 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
     def __repr__(self) -> str:
@@ -92,8 +93,9 @@ class ConnectionLimiter(Protocol):
 class ClientSlots(Protocol):
     """Concurrent streams per client, counted across replicas. Methods may raise `StorageError`."""
 
-    async def try_acquire(self, client: str, limit: int,
-                          lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS) -> str | None:
+    async def try_acquire(
+        self, client: str, limit: int, lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS
+    ) -> str | None:
         """A lease id when `client` holds fewer than `limit` live leases, else None.
 
         The lease lapses by itself after `lease_ttl_seconds` if nobody releases it.
@@ -272,7 +274,7 @@ class SharedConnectionLimiter(SharedTable):
                 else:
                     holders[h] = holders.get(h, 0) + 1
             _HEADER.pack_into(buf, DATA_OFFSET, free)
-            buf[self._clients_at:] = bytes(len(buf) - self._clients_at)
+            buf[self._clients_at :] = bytes(len(buf) - self._clients_at)
             for h, count in holders.items():
                 base = self._client_base(h)
                 window = self._client_window.unpack_from(buf, base)

@@ -34,8 +34,9 @@ class RedisClientSlots:
         self.prefix = prefix
         self._scripts = RedisScripts(redis, _SLOT_ACQUIRE)
 
-    async def try_acquire(self, client: str, limit: int,
-                          lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS) -> str | None:
+    async def try_acquire(
+        self, client: str, limit: int, lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS
+    ) -> str | None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         if not 0 < lease_ttl_seconds < math.inf:

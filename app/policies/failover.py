@@ -31,8 +31,9 @@ class _Failover:
     before the recovery, describes the past, and would otherwise make the state flap.
     """
 
-    def __init__(self, retry_after_seconds: float, clock: Clock,
-                 on_state_change: Callable[[bool], None] | None) -> None:
+    def __init__(
+        self, retry_after_seconds: float, clock: Clock, on_state_change: Callable[[bool], None] | None
+    ) -> None:
         if not 0 < retry_after_seconds < math.inf:
             raise ValueError("retry_after_seconds must be positive and finite")
         self.retry_after_seconds = retry_after_seconds
@@ -82,9 +83,15 @@ class ResilientStorage:
     `RateLimiter` applies its fail-open/fail-closed choice to them.
     """
 
-    def __init__(self, primary: Storage, fallback: Storage, *,
-                 retry_after_seconds: float = DEFAULT_RETRY_AFTER_SECONDS, clock: Clock = MONOTONIC,
-                 on_state_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        primary: Storage,
+        fallback: Storage,
+        *,
+        retry_after_seconds: float = DEFAULT_RETRY_AFTER_SECONDS,
+        clock: Clock = MONOTONIC,
+        on_state_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self.primary = primary
         self.fallback = fallback
         self._failover = _Failover(retry_after_seconds, clock, on_state_change)
@@ -94,8 +101,7 @@ class ResilientStorage:
         """False while decisions come from the fallback."""
         return self._failover.up
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         epoch = self._failover.admit()
         if epoch is not None:
             try:
@@ -117,8 +123,14 @@ class ResilientClientSlots:
     whose release fails (Redis down at the time) stays counted until its TTL lapses.
     """
 
-    def __init__(self, primary: ClientSlots, *, retry_after_seconds: float = DEFAULT_RETRY_AFTER_SECONDS,
-                 clock: Clock = MONOTONIC, on_state_change: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        primary: ClientSlots,
+        *,
+        retry_after_seconds: float = DEFAULT_RETRY_AFTER_SECONDS,
+        clock: Clock = MONOTONIC,
+        on_state_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self.primary = primary
         self._failover = _Failover(retry_after_seconds, clock, on_state_change)
 
@@ -126,8 +138,9 @@ class ResilientClientSlots:
     def using_primary(self) -> bool:
         return self._failover.up
 
-    async def try_acquire(self, client: str, limit: int,
-                          lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS) -> str | None:
+    async def try_acquire(
+        self, client: str, limit: int, lease_ttl_seconds: float = DEFAULT_LEASE_TTL_SECONDS
+    ) -> str | None:
         epoch = self._failover.admit()
         if epoch is None:
             return LOCAL_ONLY

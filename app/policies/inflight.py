@@ -112,8 +112,7 @@ class SharedInFlightTable(SharedTable):
 
     def _live_cells(self, buf: mmap.mmap) -> list[tuple[int, int]]:
         """(cell index, owner pid) of every owned cell."""
-        return [(i, owner) for i in range(MAX_WORKERS)
-                if (owner := _PID.unpack_from(buf, DATA_OFFSET + i * _CELL)[0])]
+        return [(i, owner) for i in range(MAX_WORKERS) if (owner := _PID.unpack_from(buf, DATA_OFFSET + i * _CELL)[0])]
 
     def _my_cell(self, buf: mmap.mmap) -> int:
         pid = os.getpid()
@@ -188,6 +187,6 @@ class SharedInFlightTable(SharedTable):
             for cell, owner in self._live_cells(buf):
                 if owner == pid:
                     at = DATA_OFFSET + cell * _CELL
-                    buf[at:at + _CELL] = bytes(_CELL)
+                    buf[at : at + _CELL] = bytes(_CELL)
                     return True
         return False

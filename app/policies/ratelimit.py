@@ -61,8 +61,9 @@ def refill(tokens: float, last: float, capacity: float, refill_per_second: float
     return tokens, last
 
 
-def take(tokens: float, last: float, capacity: float, refill_per_second: float, cost: float,
-         now: float) -> tuple[float, float, Acquisition]:
+def take(
+    tokens: float, last: float, capacity: float, refill_per_second: float, cost: float, now: float
+) -> tuple[float, float, Acquisition]:
     """The token-bucket step every backend runs: refill, then debit `cost` if it is there.
 
     Returns the new (tokens, last) to store and the decision.
@@ -83,8 +84,7 @@ def full_at(tokens: float, last: float, capacity: float, refill_per_second: floa
 class Storage(Protocol):
     """Where token buckets live. Every method may raise `StorageError` and nothing else."""
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         """Atomically refill the bucket `key` to `now`, take `cost` tokens if available, report.
 
         A missing bucket starts full (`capacity` tokens). `now` is the caller's monotonic clock;
@@ -130,8 +130,7 @@ class MemoryStorage:
                 return
             buckets.popitem(last=False)
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         bucket = self._buckets.pop(key, None)
         self._sweep(now)
         if bucket is None:
@@ -196,7 +195,7 @@ class SharedMemoryStorage(SharedTable):
             found = free = victim = -1
             victim_full_at = math.inf
             for i in range(self._probe):
-                slot_hash, _, _, slot_full_at = window[4 * i: 4 * i + 4]
+                slot_hash, _, _, slot_full_at = window[4 * i : 4 * i + 4]
                 if slot_hash == h:
                     found = i
                     break
@@ -218,8 +217,7 @@ class SharedMemoryStorage(SharedTable):
             _SLOT.pack_into(buf, base + index * _SLOT.size, h, tokens, last, full_at(tokens, last, capacity, rate))
             return result
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         with wrap_errors(_SHM_STORAGE, _SHM_ERRORS):
             return self._decide(key, capacity, refill_per_second, cost, now)
 
@@ -290,8 +288,15 @@ class RateLimiter:
     caller can count and log it.
     """
 
-    def __init__(self, storage: Storage, limit: RateLimit | None = None, *, fail_open: bool,
-                 clock: Clock = MONOTONIC, name: str = "default") -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        limit: RateLimit | None = None,
+        *,
+        fail_open: bool,
+        clock: Clock = MONOTONIC,
+        name: str = "default",
+    ) -> None:
         if not _POLICY_NAME.fullmatch(name):
             raise ValueError(f"policy name {name!r} must match {_POLICY_NAME.pattern}")
         self.storage = storage

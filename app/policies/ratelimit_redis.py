@@ -34,11 +34,11 @@ class RedisStorage:
         self.prefix = prefix
         self._scripts = RedisScripts(redis, _TOKEN_BUCKET)
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         with wrap_errors("redis rate-limit storage", REDIS_ERRORS):
             _, (script,) = self._scripts.scripts()
             allowed, remaining, wait = await script(
-                keys=[self.prefix + key], args=[capacity, float(refill_per_second), float(cost), TOKEN_EPSILON],
+                keys=[self.prefix + key],
+                args=[capacity, float(refill_per_second), float(cost), TOKEN_EPSILON],
             )
             return Acquisition(bool(int(allowed)), float(remaining), float(wait))

@@ -56,9 +56,15 @@ class RetryPolicy:
     policy.wait(attempt, retry_after_seconds)`, then try again with `attempt + 1`.
     """
 
-    def __init__(self, max_retries: int = DEFAULT_MAX_RETRIES, base_seconds: float = DEFAULT_BASE_SECONDS,
-                 max_seconds: float = DEFAULT_MAX_SECONDS, *, rng: random.Random | None = None,
-                 sleep: Sleep = ASYNC_SLEEP) -> None:
+    def __init__(
+        self,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        base_seconds: float = DEFAULT_BASE_SECONDS,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        *,
+        rng: random.Random | None = None,
+        sleep: Sleep = ASYNC_SLEEP,
+    ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if not 0 < base_seconds <= max_seconds or math.isinf(max_seconds):

@@ -38,7 +38,6 @@ RETRY_S = 1.0  # after a Redis failure, the claimer loop waits this long
 _RENEW_LUA = load_lua("handover_renew")  # re-claim an entry only while this consumer still owns it
 
 
-
 class Lease:
     """A claimed entry's lease, as its continuation sees it: lost once another claimer took the entry."""
 
@@ -79,10 +78,18 @@ class LeaseLostError(GatewayError):
 class Claimer:
     """One per worker: claims handed-over streams and finishes them (bounded by `max_claims`)."""
 
-    def __init__(self, redis: LazyRedis, store: ResumeStore, continuation: Continuation, *, lease_s: float,
-                 max_claims: int,
-                 block_s: float = 1.0, consumer: str | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        redis: LazyRedis,
+        store: ResumeStore,
+        continuation: Continuation,
+        *,
+        lease_s: float,
+        max_claims: int,
+        block_s: float = 1.0,
+        consumer: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.redis = redis  # its socket timeout must exceed block_s (XREADGROUP BLOCK)
         self.store = store
         self.continuation = continuation
@@ -169,8 +176,12 @@ class Claimer:
         """Entries whose claimer stopped renewing for longer than the lease (killed, partitioned)."""
         with redis_resume_errors():
             reply = await self.redis.client().xautoclaim(
-                HANDOVER_STREAM, GROUP, self.consumer, min_idle_time=int(self.lease_s * 1000),
-                start_id=self._autoclaim_from, count=count,
+                HANDOVER_STREAM,
+                GROUP,
+                self.consumer,
+                min_idle_time=int(self.lease_s * 1000),
+                start_id=self._autoclaim_from,
+                count=count,
             )
         next_start, entries = reply[0], reply[1]
         self._autoclaim_from = next_start.decode() if isinstance(next_start, bytes) else str(next_start)
@@ -179,7 +190,11 @@ class Claimer:
     async def _read_new(self, count: int) -> list[tuple[str, str]]:
         with redis_resume_errors():
             reply: Any = await self.redis.client().xreadgroup(
-                GROUP, self.consumer, {HANDOVER_STREAM: ">"}, count=count, block=max(1, int(self.block_s * 1000)),
+                GROUP,
+                self.consumer,
+                {HANDOVER_STREAM: ">"},
+                count=count,
+                block=max(1, int(self.block_s * 1000)),
             )
         found: list[tuple[str, str]] = []
         for _stream, entries in reply or []:  # RESP2: [[stream, [(id, fields), ...]]]
@@ -205,8 +220,10 @@ class Claimer:
         try:
             result = await self._continue(entry_id, sid)
         except BACKEND_ERRORS as exc:
-            logger.warning("handover claim failed; the entry is reclaimed after the lease",
-                           extra={"stream_id": sid, "error": str(exc)})
+            logger.warning(
+                "handover claim failed; the entry is reclaimed after the lease",
+                extra={"stream_id": sid, "error": str(exc)},
+            )
         except Exception:
             logger.exception("handover claim failed", extra={"stream_id": sid})
         finally:
@@ -244,8 +261,10 @@ class Claimer:
             return "completed" if progress is not None else "failed"
         if await self.store.stop_requested(sid):  # its owner stopped it while no instance ran it
             return await self._end_stopped(entry_id, meta, progress)
-        logger.info("continuing a handed-over stream",
-                    extra={"stream_id": sid, "tokens": progress.tokens, "last_seq": progress.last_seq})
+        logger.info(
+            "continuing a handed-over stream",
+            extra={"stream_id": sid, "tokens": progress.tokens, "last_seq": progress.last_seq},
+        )
         outcome = await self._generate(entry_id, meta, progress)
         if outcome is None:  # the lease was lost: the entry is someone else's now
             return "failed"
@@ -273,15 +292,21 @@ class Claimer:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 with redis_resume_errors():
-                    owned = bool(int(await self.redis.client().eval(
-                        _RENEW_LUA, 1, HANDOVER_STREAM, GROUP, entry_id, self.consumer)))
+                    owned = bool(
+                        int(
+                            await self.redis.client().eval(
+                                _RENEW_LUA, 1, HANDOVER_STREAM, GROUP, entry_id, self.consumer
+                            )
+                        )
+                    )
             except StorageError:
                 if self._now() - renewed_at < self.lease_s:
                     continue  # a blip: the lease still holds
                 owned = False
             if not owned:
-                logger.warning("handover lease lost; another instance continues the stream",
-                               extra={"stream_id": stream_id})
+                logger.warning(
+                    "handover lease lost; another instance continues the stream", extra={"stream_id": stream_id}
+                )
                 lease.lose()
                 return
             renewed_at = self._now()
@@ -300,4 +325,3 @@ def _entries(entries: list[tuple[bytes | str | None, dict[bytes, bytes] | None]]
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-

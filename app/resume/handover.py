@@ -56,8 +56,9 @@ class HandoverPublisher:
                 await pipe.execute()
         except StorageError as exc:
             HANDOVERS_TOTAL.labels("failed").inc()
-            logger.warning("handover failed: the stream ends not resumable",
-                           extra={"stream_id": meta.stream_id, "error": str(exc)})
+            logger.warning(
+                "handover failed: the stream ends not resumable", extra={"stream_id": meta.stream_id, "error": str(exc)}
+            )
             return False
         HANDOVERS_TOTAL.labels("published").inc()
         return True

@@ -176,8 +176,9 @@ class DirectoryBackend:
         if self._now() >= self._next_full_scan and (self._full_scan is None or self._full_scan.done()):
             self._next_full_scan = self._now() + self.ttl_s
             # thousands of stats: in a thread, and beside the flushes rather than in their way
-            self._full_scan = asyncio.get_running_loop().create_task(asyncio.to_thread(
-                self._sweep_all, self.directory, self._now() - self.ttl_s, frozenset(self._fds)))
+            self._full_scan = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._sweep_all, self.directory, self._now() - self.ttl_s, frozenset(self._fds))
+            )
 
     async def aclose(self) -> None:
         if self._full_scan is not None:

@@ -38,8 +38,9 @@ def redis_resume_errors() -> AbstractContextManager[None]:
 class RedisStreamsBackend:
     """`Backend` over Redis Streams: events survive the instance that produced them."""
 
-    def __init__(self, redis: LazyRedis, *, ttl_s: float, prefix: str = DEFAULT_PREFIX,
-                 max_entries: int | None = None) -> None:
+    def __init__(
+        self, redis: LazyRedis, *, ttl_s: float, prefix: str = DEFAULT_PREFIX, max_entries: int | None = None
+    ) -> None:
         if not 0 < ttl_s < math.inf:
             raise ValueError("ttl_s must be positive and finite")
         self.redis = redis

@@ -108,9 +108,14 @@ class StreamMeta:
     @classmethod
     def from_json(cls, raw: str | bytes) -> StreamMeta:
         data = json.loads(raw)
-        return cls(stream_id=str(data["stream_id"]), model=str(data["model"]), messages=list(data["messages"]),
-                   max_tokens=int(data["max_tokens"]), options=dict(data.get("options") or {}),
-                   owner=str(data.get("owner") or ""))
+        return cls(
+            stream_id=str(data["stream_id"]),
+            model=str(data["model"]),
+            messages=list(data["messages"]),
+            max_tokens=int(data["max_tokens"]),
+            options=dict(data.get("options") or {}),
+            owner=str(data.get("owner") or ""),
+        )
 
 
 class Backend(Protocol):
@@ -247,11 +252,19 @@ class EventLog:
 class ResumeStore:
     """Buffers every producer's appends and flushes them to the backend on one per-worker tick."""
 
-    def __init__(self, backend: Backend, *, flush_interval_s: float, max_events: int,
-                 sweep_every: int = 50, handover: HandoverSink | None = None,
-                 on_tick: Callable[[], None] | None = None,
-                 orphans: Callable[[], list[Generation]] | None = None,
-                 producers: Callable[[], Sequence[Generation]] | None = None, ttl_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        flush_interval_s: float,
+        max_events: int,
+        sweep_every: int = 50,
+        handover: HandoverSink | None = None,
+        on_tick: Callable[[], None] | None = None,
+        orphans: Callable[[], list[Generation]] | None = None,
+        producers: Callable[[], Sequence[Generation]] | None = None,
+        ttl_s: float = 300.0,
+    ) -> None:
         self.backend = backend
         self.flush_interval_s = flush_interval_s
         self.max_events = max_events
@@ -312,8 +325,13 @@ class ResumeStore:
                 except BACKEND_ERRORS as exc:  # the rest keep the TTL their last write set
                     self._failed(exc)
 
-    async def _write(self, chunks: dict[str, bytes], created: dict[str, str], dirty: dict[str, EventLog],
-                     tombstones: dict[str, EventLog]) -> None:
+    async def _write(
+        self,
+        chunks: dict[str, bytes],
+        created: dict[str, str],
+        dirty: dict[str, EventLog],
+        tombstones: dict[str, EventLog],
+    ) -> None:
         try:
             await self.backend.write(chunks, created)
         except BACKEND_ERRORS as exc:
@@ -332,8 +350,7 @@ class ResumeStore:
         RESUME_STORE_ERRORS_TOTAL.inc()
         if self.healthy:
             self.healthy = False
-            logger.warning("resume store unavailable: streams continue without resumption",
-                           extra={"error": str(exc)})
+            logger.warning("resume store unavailable: streams continue without resumption", extra={"error": str(exc)})
 
     def _succeeded(self) -> None:
         if not self.healthy:
@@ -426,8 +443,9 @@ class ResumeStore:
             raise LookupError(stream_id)
         return found
 
-    async def replay(self, stream_id: str, after_seq: int, *, owner: str, poll_s: float,
-                     endpoint: str | None = "/stream/{stream_id}") -> AsyncGenerator[list[bytes]]:
+    async def replay(
+        self, stream_id: str, after_seq: int, *, owner: str, poll_s: float, endpoint: str | None = "/stream/{stream_id}"
+    ) -> AsyncGenerator[list[bytes]]:
         """Every frame after `after_seq`, then the live tail, until the final event.
 
         Each seq is yielded once, in order (a frame whose seq was already passed is skipped, so a

@@ -131,8 +131,10 @@ class ChatCompletionRequest(BaseModel):
             elif name not in DROPPED_FIELDS:
                 raise UnknownParameterError(name)
         # tool schemas and response formats reach the model as prompt text too
-        chars = sum(len(json.dumps(options[name], ensure_ascii=False, separators=(",", ":")))
-                    for name in PROMPT_FIELDS & options.keys())
+        chars = sum(
+            len(json.dumps(options[name], ensure_ascii=False, separators=(",", ":")))
+            for name in PROMPT_FIELDS & options.keys()
+        )
         messages = []
         for i, message in enumerate(self.messages):
             forwarded, n = _screen_message(message, f"messages[{i}]", images)
@@ -199,13 +201,16 @@ def _screen_part(part: dict[str, Any], where: str, images: bool) -> tuple[dict[s
         _only(part, {"type", kind}, where)
         return {"type": kind, kind: value}, len(value)
     if kind != IMAGE_PART_TYPE or not images:
-        raise ContentNotAllowedError(f"{where}.type", f"{kind} content parts are not accepted by this gateway"
-                                     + (" (IMAGE_INPUT_ENABLED is off)" if kind == IMAGE_PART_TYPE else ""))
+        raise ContentNotAllowedError(
+            f"{where}.type",
+            f"{kind} content parts are not accepted by this gateway"
+            + (" (IMAGE_INPUT_ENABLED is off)" if kind == IMAGE_PART_TYPE else ""),
+        )
     _only(part, {"type", IMAGE_PART_TYPE}, where)
     image = part.get(IMAGE_PART_TYPE)
     url = image.get("url") if isinstance(image, dict) else None
     if not isinstance(image, dict) or not isinstance(url, str):
-        raise UnknownParameterError(f"{where}.image_url", "an image_url part needs {\"url\": \"...\"}")
+        raise UnknownParameterError(f"{where}.image_url", 'an image_url part needs {"url": "..."}')
     _only(image, IMAGE_URL_FIELDS, f"{where}.image_url")
     detail = image.get("detail")
     if detail is not None and detail not in IMAGE_DETAILS:

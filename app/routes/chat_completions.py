@@ -68,13 +68,19 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         )
         return ASGIResponse(
             SSEStreamResponse(
-                relay=state.relay, session=session, request=chat, encoder=encoder, release=ticket.release,
-                error_response=_openai_error, extra_headers=stream_headers(session, ticket),
+                relay=state.relay,
+                session=session,
+                request=chat,
+                encoder=encoder,
+                release=ticket.release,
+                error_response=_openai_error,
+                extra_headers=stream_headers(session, ticket),
             )
         )
 
-    def render(message: dict[str, Any], finish_reason: str | None, usage: Usage | None,
-               tokens: int) -> dict[str, object]:
+    def render(
+        message: dict[str, Any], finish_reason: str | None, usage: Usage | None, tokens: int
+    ) -> dict[str, object]:
         usage = usage or Usage(len(chat.prompt_text.split()), tokens)
         return {
             "id": completion_id,
@@ -82,19 +88,26 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
             "created": created,
             "model": chat.model,
             "system_fingerprint": None,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason or "stop",
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish_reason or "stop",
+                }
+            ],
             "usage": usage.as_dict(),
         }
 
     return ASGIResponse(
         CompletionResponse(
-            relay=state.relay, session=session, request=chat, release=ticket.release,
-            error_response=_openai_error, render=render, extra_headers=stream_headers(session, ticket),
+            relay=state.relay,
+            session=session,
+            request=chat,
+            release=ticket.release,
+            error_response=_openai_error,
+            render=render,
+            extra_headers=stream_headers(session, ticket),
         )
     )
 
@@ -108,9 +121,6 @@ async def list_models(request: Request, state: StateDep) -> dict[str, object]:
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": OWNED_BY}
-            for name in state.settings.model_names
+            {"id": name, "object": "model", "created": 0, "owned_by": OWNED_BY} for name in state.settings.model_names
         ],
     }
-
-

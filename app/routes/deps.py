@@ -35,7 +35,6 @@ async def get_state(request: Request) -> GatewayState:
     return state
 
 
-
 StateDep = Annotated[GatewayState, Depends(get_state)]
 
 
@@ -116,9 +115,7 @@ async def read_json(request: Request, model: type[ModelT]) -> ModelT:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaTypeError(
-            f"Content-Type must be application/json, got {content_type or 'nothing'!r}"
-        )
+        raise UnsupportedMediaTypeError(f"Content-Type must be application/json, got {content_type or 'nothing'!r}")
     body = await request.body()
     if not body.strip():
         raise InvalidRequestError("request body is empty; expected a JSON object")

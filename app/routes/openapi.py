@@ -31,8 +31,10 @@ def _inline(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
 
 def answers(*media_types: str, links: dict[str, Any] | None = None) -> dict[str, Any]:
     """`openapi_extra` for a route whose 200 answer is one of `media_types` (an event stream, JSON)."""
-    ok: dict[str, Any] = {"description": "The stream (or the answer)",
-                          "content": {media_type: {} for media_type in media_types}}
+    ok: dict[str, Any] = {
+        "description": "The stream (or the answer)",
+        "content": {media_type: {} for media_type in media_types},
+    }
     if links:
         ok["links"] = links
     return {"responses": {"200": ok}}
@@ -48,5 +50,10 @@ def json_body(model: type[BaseModel], *media_types: str, links: dict[str, Any] |
 
 def resume_link(operation_id: str) -> dict[str, Any]:
     """An OpenAPI link: a stream's `X-Stream-ID` is the id `operation_id` resumes."""
-    return {"Resume": {"operationId": operation_id, "parameters": {"stream_id": "$response.header.X-Stream-ID"},
-                       "description": "Resume this stream after a lost connection (Last-Event-ID)."}}
+    return {
+        "Resume": {
+            "operationId": operation_id,
+            "parameters": {"stream_id": "$response.header.X-Stream-ID"},
+            "description": "Resume this stream after a lost connection (Last-Event-ID).",
+        }
+    }

@@ -53,9 +53,15 @@ def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, own
     if state.resume is None:
         return None
     session.resumable = True
-    return state.resume.open(StreamMeta(
-        stream_id=session.id, model=chat.model, messages=chat.messages, max_tokens=chat.max_tokens, owner=owner,
-    ))
+    return state.resume.open(
+        StreamMeta(
+            stream_id=session.id,
+            model=chat.model,
+            messages=chat.messages,
+            max_tokens=chat.max_tokens,
+            owner=owner,
+        )
+    )
 
 
 def seed_chat_request(body: StreamRequest, state: StateDep, client: str, affinity: str) -> ChatRequest:
@@ -72,15 +78,21 @@ def seed_chat_request(body: StreamRequest, state: StateDep, client: str, affinit
 
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
-    chat = seed_chat_request(await read_json(request, StreamRequest), state, ticket.identity,
-                             affinity_key(request, state.settings))
+    chat = seed_chat_request(
+        await read_json(request, StreamRequest), state, ticket.identity, affinity_key(request, state.settings)
+    )
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     log = open_log(state, session, chat, ticket.owner)
     return ASGIResponse(
         SSEStreamResponse(
-            relay=state.relay, session=session, request=chat, encoder=SeedEncoder(session.id if log else None),
-            release=ticket.release, error_response=_detail_error, extra_headers=stream_headers(session, ticket),
+            relay=state.relay,
+            session=session,
+            request=chat,
+            encoder=SeedEncoder(session.id if log else None),
+            release=ticket.release,
+            error_response=_detail_error,
+            extra_headers=stream_headers(session, ticket),
             log=log,
         )
     )
@@ -91,7 +103,9 @@ def _detail_error(error: GatewayError) -> JSONResponse:
 
 
 async def resume_stream(
-    stream_id: str, request: Request, state: StateDep,
+    stream_id: str,
+    request: Request,
+    state: StateDep,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[str | None, Query(description="Last-Event-ID, for clients that cannot set headers")] = None,
 ) -> ASGIResponse:
@@ -102,11 +116,16 @@ async def resume_stream(
     after_seq = resume_position(stream_id, last_event_id or after)
     session = new_session(request, state, endpoint=RESUME_ENDPOINT, model="resume")
     session.replays = stream_id
-    frames = state.resume.replay(stream_id, after_seq, owner=ticket.owner,
-                                 poll_s=state.settings.resume_flush_interval_seconds)
+    frames = state.resume.replay(
+        stream_id, after_seq, owner=ticket.owner, poll_s=state.settings.resume_flush_interval_seconds
+    )
     return ASGIResponse(
         ReplayResponse(
-            relay=state.relay, session=session, frames=frames, encoder=SeedEncoder(), error_response=_detail_error,
+            relay=state.relay,
+            session=session,
+            frames=frames,
+            encoder=SeedEncoder(),
+            error_response=_detail_error,
             not_resumable=lambda: not_resumable(stream_id),
             extra_headers=[(b"x-stream-id", stream_id.encode())],
         )
@@ -127,8 +146,9 @@ async def stop_generation(state: GatewayState, stream_id: str, owner: str) -> di
     """
     if state.resume is None:
         raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
-    frames = state.resume.replay(stream_id, -1, owner=owner, poll_s=state.settings.resume_flush_interval_seconds,
-                                 endpoint=None)
+    frames = state.resume.replay(
+        stream_id, -1, owner=owner, poll_s=state.settings.resume_flush_interval_seconds, endpoint=None
+    )
     last: bytes | None = None
     try:
         try:

@@ -40,27 +40,39 @@ class StreamRoute:
 
 STREAM_ROUTES: tuple[StreamRoute, ...] = (
     StreamRoute(
-        "POST", stream.ENDPOINT, stream.stream,
+        "POST",
+        stream.ENDPOINT,
+        stream.stream,
         call=lambda request, state, _: stream.stream(request, state),
         summary="Stream a completion as seed SSE events (status, token..., done)",
         openapi_extra=json_body(StreamRequest, EVENT_STREAM, links=resume_link(RESUME_OPERATION)),
     ),
     StreamRoute(
-        "GET", stream.RESUME_ENDPOINT, stream.resume_stream,
+        "GET",
+        stream.RESUME_ENDPOINT,
+        stream.resume_stream,
         call=lambda request, state, params: stream.resume_stream(
-            params["stream_id"], request, state,
-            request.headers.get("last-event-id"), request.query_params.get("after"),
+            params["stream_id"],
+            request,
+            state,
+            request.headers.get("last-event-id"),
+            request.query_params.get("after"),
         ),
         summary="Resume a /stream: every event after Last-Event-ID, then the live tail",
-        operation_id=RESUME_OPERATION, openapi_extra=answers(EVENT_STREAM),
+        operation_id=RESUME_OPERATION,
+        openapi_extra=answers(EVENT_STREAM),
     ),
     StreamRoute(
-        "DELETE", stream.RESUME_ENDPOINT, stream.stop_stream,
+        "DELETE",
+        stream.RESUME_ENDPOINT,
+        stream.stop_stream,
         call=lambda request, state, params: stream.stop_stream(params["stream_id"], request, state),
         summary="Stop a stream's generation (its owner only); answers with its final event",
     ),
     StreamRoute(
-        "POST", chat_completions.ENDPOINT, chat_completions.chat_completions,
+        "POST",
+        chat_completions.ENDPOINT,
+        chat_completions.chat_completions,
         call=lambda request, state, _: chat_completions.chat_completions(request, state),
         summary="OpenAI-compatible chat completion (stream or not)",
         openapi_extra=json_body(ChatCompletionRequest, "application/json", EVENT_STREAM),
@@ -76,6 +88,12 @@ def stream_routes_router() -> APIRouter:
         if route.method == WEBSOCKET:
             router.add_api_websocket_route(route.path, route.endpoint)
         else:
-            router.add_api_route(route.path, route.endpoint, methods=[route.method], summary=route.summary,
-                                 operation_id=route.operation_id, openapi_extra=route.openapi_extra or None)
+            router.add_api_route(
+                route.path,
+                route.endpoint,
+                methods=[route.method],
+                summary=route.summary,
+                operation_id=route.operation_id,
+                openapi_extra=route.openapi_extra or None,
+            )
     return router

@@ -197,10 +197,15 @@ async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest
         return message
 
     transport = WebSocketTransport(websocket, session=session, registry=state.registry)
-    async with state.relay.run(session, receive=receive, disconnect_type="websocket.disconnect",
-                               release=ticket.release) as run:
-        await run.stream(transport, WebSocketEncoder(session.id if log is not None else None), chat,
-                         None if log is None else StreamLog(log, SeedEncoder(session.id)))
+    async with state.relay.run(
+        session, receive=receive, disconnect_type="websocket.disconnect", release=ticket.release
+    ) as run:
+        await run.stream(
+            transport,
+            WebSocketEncoder(session.id if log is not None else None),
+            chat,
+            None if log is None else StreamLog(log, SeedEncoder(session.id)),
+        )
 
 
 def _stops(text: str | None, stream_id: str) -> bool:

@@ -108,8 +108,9 @@ class SharedRegion:
             raise
         return self.buf
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
         finally:

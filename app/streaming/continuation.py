@@ -41,14 +41,27 @@ class HandoverContinuation:
     async def run(self, meta: StreamMeta, progress: Progress, lease: Lease) -> str | None:
         first_seq = progress.last_seq + 1
         encoder = SeedEncoder(meta.stream_id, seq=first_seq)
-        log = StreamLog(self.store.open(meta, first_seq=first_seq), encoder, continued_from=progress.tokens,
-                        owned=lambda: not lease.lost)
-        session = StreamSession(stream_id=meta.stream_id, endpoint=ENDPOINT, model=meta.model, client=CLIENT,
-                                now=asyncio.get_running_loop().time())
+        log = StreamLog(
+            self.store.open(meta, first_seq=first_seq),
+            encoder,
+            continued_from=progress.tokens,
+            owned=lambda: not lease.lost,
+        )
+        session = StreamSession(
+            stream_id=meta.stream_id,
+            endpoint=ENDPOINT,
+            model=meta.model,
+            client=CLIENT,
+            now=asyncio.get_running_loop().time(),
+        )
         session.resumable = True
         request = ChatRequest(
-            model=meta.model, messages=meta.messages, max_tokens=meta.max_tokens, options=meta.options,
-            continuation_text=progress.text, continuation_tokens=progress.tokens,
+            model=meta.model,
+            messages=meta.messages,
+            max_tokens=meta.max_tokens,
+            options=meta.options,
+            continuation_text=progress.text,
+            continuation_tokens=progress.tokens,
         )
         lease.on_lost(lambda: session.cut_with(LeaseLostError("another instance claimed this stream")))
         async with self.relay.run(session, receive=_no_client, disconnect_type=NO_DISCONNECT) as run:

@@ -156,10 +156,9 @@ class ChatChunkEncoder:
     def tokens(self, batch: Batch) -> bytes:
         if isinstance(batch, DeltaBatch):  # tool calls, a refusal, ...: relayed whole
             head = self._delta_head
-            return "".join([
-                f"{head}{json.dumps(delta, separators=(',', ':'), ensure_ascii=False)}{DELTA_TAIL}"
-                for delta in batch
-            ]).encode()
+            return "".join(
+                [f"{head}{json.dumps(delta, separators=(',', ':'), ensure_ascii=False)}{DELTA_TAIL}" for delta in batch]
+            ).encode()
         head = self._head
         tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
         return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()

@@ -90,10 +90,14 @@ class MemoryGuard:
             return
         victims = [s for since, _, s in full if since <= limit]
         for s in victims:
-            s.cut_with(MemoryPressureError(
-                "this stream's client stopped reading while the gateway reached its memory budget for buffered "
-                "stream data; its generation has ended: retry the request"
-            ))
+            s.cut_with(
+                MemoryPressureError(
+                    "this stream's client stopped reading while the gateway reached its memory budget for buffered "
+                    "stream data; its generation has ended: retry the request"
+                )
+            )
         if victims:
-            logger.warning("memory budget reached: streams with the oldest full buffers cut", extra={
-                "cut": len(victims), "buffered_bytes": self.instance_bytes, "budget_bytes": self.budget_bytes})
+            logger.warning(
+                "memory budget reached: streams with the oldest full buffers cut",
+                extra={"cut": len(victims), "buffered_bytes": self.instance_bytes, "budget_bytes": self.budget_bytes},
+            )

@@ -76,20 +76,26 @@ class StreamRecorder:
             _annotate_server_span(span, session, error)
             trace_id = format(span.get_span_context().trace_id, "032x")
         extra: dict[str, object] = {
-            "stream_id": session.id, "request_id": session.request_id, "endpoint": endpoint,
-            "model": session.model, "client": session.client,
-            "outcome": str(session.outcome), "tokens": session.tokens,
+            "stream_id": session.id,
+            "request_id": session.request_id,
+            "endpoint": endpoint,
+            "model": session.model,
+            "client": session.client,
+            "outcome": str(session.outcome),
+            "tokens": session.tokens,
             "ttft_s": round(session.first_token_at - session.started_at, 4) if session.first_token_at else None,
             "duration_s": round(end - session.started_at, 4),
-            "error_code": error.code if error else None, "trace_id": trace_id,
+            "error_code": error.code if error else None,
+            "trace_id": trace_id,
             # the upstream's own words about its failure: for the operator, never sent to the client
             "upstream_detail": error.detail if isinstance(error, UpstreamError) else None,
         }
         if session.replays:  # a resumed read: which stream it read (its own id is fresh)
             extra["replays"] = session.replays
         # an upstream failure is the operator's business: its line stays visible at LOG_LEVEL=warning
-        logger.log(logging.WARNING if isinstance(error, UpstreamError) else logging.INFO, "stream finished",
-                   extra=extra)
+        logger.log(
+            logging.WARNING if isinstance(error, UpstreamError) else logging.INFO, "stream finished", extra=extra
+        )
 
 
 def _annotate_server_span(span: trace.Span, session: StreamSession, error: GatewayError | None) -> None:

@@ -43,20 +43,34 @@ class SSEStreamResponse:
         self.log = None if log is None else StreamLog(log, encoder)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = HTTPTransport(scope, receive, send, session=self.session, error_response=self.error_response,
-                                  extra_headers=self.extra_headers)
-        async with self.relay.run(self.session, receive=receive, disconnect_type="http.disconnect",
-                                  release=self.release) as run:
+        transport = HTTPTransport(
+            scope,
+            receive,
+            send,
+            session=self.session,
+            error_response=self.error_response,
+            extra_headers=self.extra_headers,
+        )
+        async with self.relay.run(
+            self.session, receive=receive, disconnect_type="http.disconnect", release=self.release
+        ) as run:
             await run.stream(transport, self.encoder, self.request, self.log)
 
 
 class ReplayResponse:
     """`GET /stream/{id}`: a resumed stream, replayed from the store, then its live tail."""
 
-    def __init__(self, *, relay: Relay, session: StreamSession, frames: AsyncIterator[list[bytes]],
-                 encoder: ReplayEncoder[bytes], error_response: Callable[[GatewayError], ASGIApp],
-                 not_resumable: Callable[[], GatewayError],
-                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        relay: Relay,
+        session: StreamSession,
+        frames: AsyncIterator[list[bytes]],
+        encoder: ReplayEncoder[bytes],
+        error_response: Callable[[GatewayError], ASGIApp],
+        not_resumable: Callable[[], GatewayError],
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.relay = relay
         self.session = session
         self.frames = frames
@@ -66,8 +80,14 @@ class ReplayResponse:
         self.extra_headers = extra_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = HTTPTransport(scope, receive, send, session=self.session, error_response=self.error_response,
-                                  extra_headers=self.extra_headers)
+        transport = HTTPTransport(
+            scope,
+            receive,
+            send,
+            session=self.session,
+            error_response=self.error_response,
+            extra_headers=self.extra_headers,
+        )
         async with self.relay.run(self.session, receive=receive, disconnect_type="http.disconnect") as run:
             await run.replay(transport, self.encoder, self.frames, self.not_resumable)
 
@@ -101,10 +121,12 @@ class CompletionResponse:
         async def collect(batch: Batch) -> None:
             session.held_bytes += message.add(batch)  # the answer is held whole until it is sent
 
-        transport = HTTPTransport(scope, receive, send, session=session, error_response=self.error_response,
-                                  extra_headers=self.extra_headers)
-        async with self.relay.run(session, receive=receive, disconnect_type="http.disconnect",
-                                  release=self.release) as run:
+        transport = HTTPTransport(
+            scope, receive, send, session=session, error_response=self.error_response, extra_headers=self.extra_headers
+        )
+        async with self.relay.run(
+            session, receive=receive, disconnect_type="http.disconnect", release=self.release
+        ) as run:
             stream = await run.collect(transport, self.request, collect)
             if stream is None:
                 return
@@ -143,8 +165,10 @@ class MessageAssembler:
         return added
 
     def _merge_call(self, part: dict[str, Any]) -> None:
-        call = self._calls.setdefault(int(part.get("index", len(self._calls))),
-                                      {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self._calls.setdefault(
+            int(part.get("index", len(self._calls))),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
         if part.get("id"):
             call["id"] = part["id"]
         if part.get("type"):
@@ -155,8 +179,11 @@ class MessageAssembler:
 
     def message(self) -> dict[str, Any]:
         text = "".join(self._texts)
-        message: dict[str, Any] = {"role": "assistant", "content": text if text or not self._calls else None,
-                                   "refusal": "".join(self._refusal) or None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text if text or not self._calls else None,
+            "refusal": "".join(self._refusal) or None,
+        }
         if self._calls:
             message["tool_calls"] = [self._calls[index] for index in sorted(self._calls)]
         return message

@@ -45,7 +45,9 @@ F_contra = TypeVar("F_contra", contravariant=True)
 BACKPRESSURE_FINAL_WRITE_S = 0.05  # a cut slow client gets its error event only if its socket takes it now
 UPSTREAM_FAULT_DEADLINES = frozenset({"first token", "inter-token"})  # a stall the breaker should count
 OUTCOME_BY_CODE = {
-    "timeout": Outcome.TIMEOUT, "backpressure": Outcome.BACKPRESSURE, "server_shutdown": Outcome.SHUTDOWN,
+    "timeout": Outcome.TIMEOUT,
+    "backpressure": Outcome.BACKPRESSURE,
+    "server_shutdown": Outcome.SHUTDOWN,
     "cancelled": Outcome.CANCELLED,
     "memory_pressure": Outcome.BACKPRESSURE,  # a client not reading, cut early because the instance is at its budget
 }
@@ -77,8 +79,9 @@ class Transport(Protocol[F_contra]):
     async def start(self, opening: F_contra) -> None:
         """The response's head, if any, and the opening event."""
 
-    def writer(self, encode: Callable[[Batch], F_contra], log: EventLog | None,
-               log_encode: Callable[[Batch], bytes] | None) -> Callable[[Batch], Awaitable[None]]:
+    def writer(
+        self, encode: Callable[[Batch], F_contra], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
+    ) -> Callable[[Batch], Awaitable[None]]:
         """The per-batch write (the hot path): frame, append to the resume log first if any, send.
 
         `log_encode` frames the log's copy when it differs from what the client gets (else the
@@ -110,8 +113,9 @@ class StreamLog:
     continued_from: int | None = None
     owned: Callable[[], bool] = _owned  # False once a continuation's lease is lost: the log is another's
 
-    async def end(self, session: StreamSession, stream: UpstreamStream | None,
-                  error: GatewayError | None) -> bool | None:
+    async def end(
+        self, session: StreamSession, stream: UpstreamStream | None, error: GatewayError | None
+    ) -> bool | None:
         """Hand the stream over (drain deadline, Redis store) -> True, else write its final event -> False.
 
         None: the log is no longer ours and was left as it is. Handed over, the log stays open for the
@@ -120,8 +124,12 @@ class StreamLog:
         if not self.owned():
             self.events.abandon()
             return None
-        if (error is not None and error.code == "server_shutdown" and not session.client_gone
-                and await self.events.hand_over()):
+        if (
+            error is not None
+            and error.code == "server_shutdown"
+            and not session.client_gone
+            and await self.events.hand_over()
+        ):
             return True
         self.events.close(_log_final(self.encoder, session, stream, error, self.continued_from or 0))
         return False
@@ -144,8 +152,9 @@ class ClientGoneError(Exception):
     """The client left before the upstream answered: there is no one to answer."""
 
 
-async def pump(session: StreamSession, stream: AsyncIterable[B], write: Callable[[B], Awaitable[None]],
-               clock: Callable[[], float]) -> None:
+async def pump(
+    session: StreamSession, stream: AsyncIterable[B], write: Callable[[B], Awaitable[None]], clock: Callable[[], float]
+) -> None:
     """Relay every upstream batch to `write`. The only per-token work: a timestamp and a count."""
     async for batch in stream:
         now = clock()
@@ -168,16 +177,29 @@ class Relay:
     observer: StreamObserver
     max_batch: int  # STREAM_BUFFER_SIZE: most events per batch
 
-    def run(self, session: StreamSession, *, receive: Receive, disconnect_type: str,
-            release: Callable[[], Awaitable[None]] | None = None) -> StreamRun:
+    def run(
+        self,
+        session: StreamSession,
+        *,
+        receive: Receive,
+        disconnect_type: str,
+        release: Callable[[], Awaitable[None]] | None = None,
+    ) -> StreamRun:
         return StreamRun(session, relay=self, receive=receive, disconnect_type=disconnect_type, release=release)
 
 
 class StreamRun:
     """One stream's stay in the worker: registry entry, disconnect listener, cut handling, release."""
 
-    def __init__(self, session: StreamSession, *, relay: Relay, receive: Receive, disconnect_type: str,
-                 release: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        session: StreamSession,
+        *,
+        relay: Relay,
+        receive: Receive,
+        disconnect_type: str,
+        release: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.session = session
         self.deps = relay
         self.registry = relay.registry
@@ -214,8 +236,9 @@ class StreamRun:
         try:
             if session.cut_error is not None:  # admitted after the drain deadline
                 raise session.cut_error
-            self._stream = await self.deps.upstream.open(request, max_batch=self.deps.max_batch,
-                                                         cut_for_upstream_fault=self._cut_for_upstream_fault)
+            self._stream = await self.deps.upstream.open(
+                request, max_batch=self.deps.max_batch, cut_for_upstream_fault=self._cut_for_upstream_fault
+            )
         except asyncio.CancelledError:
             if not self._absorb_cut():
                 raise
@@ -230,8 +253,9 @@ class StreamRun:
         error = self.session.cut_error
         return isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES
 
-    async def stream(self, transport: Transport[F], encoder: Encoder[F], request: ChatRequest,
-                     log: StreamLog | None = None) -> StreamEnd:
+    async def stream(
+        self, transport: Transport[F], encoder: Encoder[F], request: ChatRequest, log: StreamLog | None = None
+    ) -> StreamEnd:
         """A live stream, from opening the upstream to the final event."""
         session = self.session
         continued = log is not None and log.continued_from is not None
@@ -254,8 +278,9 @@ class StreamRun:
             await transport.start(body)
             session.ping = transport.ping
 
-        write = transport.writer(encoder.tokens, None if log is None else log.events,
-                                 None if log is None or same else log.encoder.tokens)
+        write = transport.writer(
+            encoder.tokens, None if log is None else log.events, None if log is None or same else log.encoder.tokens
+        )
         # relay_from straight, not through a wrapper: every await level is resumed at every suspension
         outcome, error = await self.relay_from(stream, write, None if continued else opening)
         self._blame_upstream(stream, error)
@@ -279,8 +304,13 @@ class StreamRun:
                 await transport.finish(final, error, bool(log_end))
         return end
 
-    async def replay(self, transport: Transport[F], encoder: ReplayEncoder[F],
-                     frames: AsyncIterator[list[bytes]], not_resumable: Callable[[], GatewayError]) -> None:
+    async def replay(
+        self,
+        transport: Transport[F],
+        encoder: ReplayEncoder[F],
+        frames: AsyncIterator[list[bytes]],
+        not_resumable: Callable[[], GatewayError],
+    ) -> None:
         """A resumed stream: its stored events from the store, then its live tail, then its end."""
         session = self.session
         opening: Callable[[], Awaitable[None]] | None = None
@@ -299,13 +329,15 @@ class StreamRun:
                 await transport.start(encoder.stored(first))
                 session.ping = transport.ping
 
-        outcome, error = await self.relay_from(not_resumable_on_lookup(frames, not_resumable),
-                                               transport.replay_writer(encoder.stored), opening)
+        outcome, error = await self.relay_from(
+            not_resumable_on_lookup(frames, not_resumable), transport.replay_writer(encoder.stored), opening
+        )
         if outcome is not Outcome.CLIENT_GONE:
             await transport.end_replay(None if error is None else encoder.error(error), error)
 
-    async def collect(self, transport: Transport[Any], request: ChatRequest,
-                      write: Callable[[Batch], Awaitable[None]]) -> UpstreamStream | None:
+    async def collect(
+        self, transport: Transport[Any], request: ChatRequest, write: Callable[[Batch], Awaitable[None]]
+    ) -> UpstreamStream | None:
         """A non-streamed answer: relay into `write`. The ended upstream stream if it succeeded, else None
         (a failure was answered through the transport; a client that left gets nothing)."""
         try:
@@ -331,8 +363,12 @@ class StreamRun:
         if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
             stream.mark_failed()
 
-    async def relay_from(self, source: AsyncIterable[B], write: Callable[[B], Awaitable[None]],
-                         opening: Callable[[], Awaitable[None]] | None = None) -> tuple[Outcome, GatewayError | None]:
+    async def relay_from(
+        self,
+        source: AsyncIterable[B],
+        write: Callable[[B], Awaitable[None]],
+        opening: Callable[[], Awaitable[None]] | None = None,
+    ) -> tuple[Outcome, GatewayError | None]:
         """Relay any source of batches (the upstream, or a resume store's replay) with the same exits."""
         session = self.session
         exc: Exception | None = None
@@ -363,8 +399,9 @@ class StreamRun:
             self.session.outcome = outcome
             self.observer.finished(self.session, error)
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.session.phase = Phase.FINISHING
         if not self._reported:  # cancelled by the server itself, or an error before relaying
             error = exc if isinstance(exc, GatewayError) else None
@@ -391,8 +428,9 @@ def _end_reason(session: StreamSession, exc: Exception | None) -> tuple[Outcome,
     return OUTCOME_BY_CODE.get(error.code, Outcome.ERROR), error
 
 
-async def not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
-                                   error: Callable[[], GatewayError]) -> AsyncIterator[list[bytes]]:
+async def not_resumable_on_lookup(
+    frames: AsyncIterator[list[bytes]], error: Callable[[], GatewayError]
+) -> AsyncIterator[list[bytes]]:
     try:
         async for batch in frames:
             yield batch
@@ -400,8 +438,13 @@ async def not_resumable_on_lookup(frames: AsyncIterator[list[bytes]],
         raise error() from None
 
 
-def _log_final(encoder: Encoder[bytes], session: StreamSession, stream: UpstreamStream | None,
-               error: GatewayError | None, tokens_before: int = 0) -> bytes:
+def _log_final(
+    encoder: Encoder[bytes],
+    session: StreamSession,
+    stream: UpstreamStream | None,
+    error: GatewayError | None,
+    tokens_before: int = 0,
+) -> bytes:
     """The resume log's last event: what a client resuming this stream will end with.
 
     `tokens_before`: tokens a handed-over stream had before this instance continued it (`done`
@@ -416,5 +459,3 @@ def _log_final(encoder: Encoder[bytes], session: StreamSession, stream: Upstream
         assert stream is not None
         return encoder.done(tokens_before + session.tokens, stream.finish_reason, stream.usage)
     return encoder.error(final)
-
-

@@ -40,13 +40,33 @@ class StreamSession:
     """The life of one stream, from admission to the last byte."""
 
     __slots__ = (
-        "id", "request_id", "endpoint", "model", "client", "started_at", "first_token_at", "last_token_at",
-        "last_write_at", "writing_since", "tokens", "phase", "outcome", "cut_error", "client_gone", "task", "ping",
-        "resumable", "orphaned_at", "replays", "write_bytes", "held_bytes",
+        "id",
+        "request_id",
+        "endpoint",
+        "model",
+        "client",
+        "started_at",
+        "first_token_at",
+        "last_token_at",
+        "last_write_at",
+        "writing_since",
+        "tokens",
+        "phase",
+        "outcome",
+        "cut_error",
+        "client_gone",
+        "task",
+        "ping",
+        "resumable",
+        "orphaned_at",
+        "replays",
+        "write_bytes",
+        "held_bytes",
     )
 
-    def __init__(self, *, stream_id: str, endpoint: str, model: str, client: str, now: float,
-                 request_id: str = "") -> None:
+    def __init__(
+        self, *, stream_id: str, endpoint: str, model: str, client: str, now: float, request_id: str = ""
+    ) -> None:
         self.id = stream_id
         self.request_id = request_id
         self.endpoint = endpoint
@@ -148,8 +168,11 @@ class StreamRegistry:
     def client_left(self, session: StreamSession) -> None:
         """The client went away. A resumable generation runs on (bounded) for it to reconnect."""
         keep = (
-            session.resumable and session.phase is Phase.RELAYING and not session.cut
-            and self._orphan_timeout_s > 0 and self.orphans < self._max_orphans
+            session.resumable
+            and session.phase is Phase.RELAYING
+            and not session.cut
+            and self._orphan_timeout_s > 0
+            and self.orphans < self._max_orphans
         )
         if not keep:
             session.client_disconnected()
@@ -190,7 +213,9 @@ class StreamRegistry:
             if error is not None:
                 s.cut_with(error)
             elif (
-                s.ping is not None and not s.writing_since and not s.orphaned_at
+                s.ping is not None
+                and not s.writing_since
+                and not s.orphaned_at
                 and now - s.last_write_at >= self._ping_interval_s
             ):
                 s.last_write_at = now

@@ -28,9 +28,16 @@ class HTTPTransport:
 
     answers_before_start = True
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, *, session: StreamSession,
-                 error_response: Callable[[GatewayError], ASGIApp],
-                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        session: StreamSession,
+        error_response: Callable[[GatewayError], ASGIApp],
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self._scope, self._receive, self._send = scope, receive, send
         self.session = session
         self._error_response = error_response
@@ -44,10 +51,12 @@ class HTTPTransport:
         await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + self._extra_headers})
         await self._send({"type": "http.response.body", "body": opening, "more_body": True})
 
-    def writer(self, encode: Callable[[Batch], bytes], log: EventLog | None,
-               log_encode: Callable[[Batch], bytes] | None) -> Callable[[Batch], Awaitable[None]]:
+    def writer(
+        self, encode: Callable[[Batch], bytes], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
+    ) -> Callable[[Batch], Awaitable[None]]:
         send, session = self._send, self.session
         if log is None:
+
             async def write(batch: Batch) -> None:
                 body = encode(batch)
                 session.write_bytes = len(body)  # what a blocked write holds (the memory budget, memory.py)
@@ -85,9 +94,17 @@ class HTTPTransport:
 
     async def respond(self, body: bytes) -> None:
         """A non-streamed answer: one JSON body."""
-        await self._send({"type": "http.response.start", "status": 200,
-                          "headers": [(b"content-type", b"application/json"),
-                                      (b"content-length", str(len(body)).encode()), *self._extra_headers]})
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *self._extra_headers,
+                ],
+            }
+        )
         await self._send({"type": "http.response.body", "body": body})
 
 
@@ -121,8 +138,9 @@ class WebSocketTransport:
         for text in opening:
             await self._websocket.send_text(text)
 
-    def writer(self, encode: Callable[[Batch], list[str]], log: EventLog | None,
-               log_encode: Callable[[Batch], bytes] | None) -> Callable[[Batch], Awaitable[None]]:
+    def writer(
+        self, encode: Callable[[Batch], list[str]], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
+    ) -> Callable[[Batch], Awaitable[None]]:
         send_text, session, registry = self._websocket.send_text, self.session, self._registry
 
         async def write(batch: Batch) -> None:
@@ -160,8 +178,9 @@ class WebSocketTransport:
         if error is None:
             await self._websocket.close(code=WS_NORMAL)
         else:
-            await self._websocket.close(code=error.ws_close_code,
-                                        reason=HANDED_OVER_REASON if handed_over else error.ws_reason)
+            await self._websocket.close(
+                code=error.ws_close_code, reason=HANDED_OVER_REASON if handed_over else error.ws_reason
+            )
 
     async def end_replay(self, final: list[str] | None, error: GatewayError | None) -> None:
         if error is not None:
@@ -184,8 +203,9 @@ class LogTransport:
     async def start(self, opening: bytes) -> None:  # pragma: no cover - a continued log has its opening already
         raise AssertionError("a continued stream has no opening event")
 
-    def writer(self, encode: Callable[[Batch], bytes], log: EventLog | None,
-               log_encode: Callable[[Batch], bytes] | None) -> Callable[[Batch], Awaitable[None]]:
+    def writer(
+        self, encode: Callable[[Batch], bytes], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
+    ) -> Callable[[Batch], Awaitable[None]]:
         assert log is not None
         append = log.append
 

@@ -28,24 +28,62 @@ import re
 import socket
 from urllib.parse import urlsplit
 
-FORWARDED_FIELDS = frozenset({
-    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "seed", "stop",
-    "temperature", "top_p", "response_format", "tools", "tool_choice", "parallel_tool_calls",
-    "functions", "function_call", "reasoning_effort", "verbosity",
-})
-DROPPED_FIELDS = frozenset({
-    "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
-    "safety_identifier", "user", "moderation", "web_search_options", "prediction", "modalities", "audio",
-})
+FORWARDED_FIELDS = frozenset(
+    {
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "seed",
+        "stop",
+        "temperature",
+        "top_p",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "reasoning_effort",
+        "verbosity",
+    }
+)
+DROPPED_FIELDS = frozenset(
+    {
+        "store",
+        "metadata",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "safety_identifier",
+        "user",
+        "moderation",
+        "web_search_options",
+        "prediction",
+        "modalities",
+        "audio",
+    }
+)
 # Forwarded options that chat templates render into the prompt: they count toward MAX_PROMPT_CHARS (as JSON).
 PROMPT_FIELDS = frozenset({"tools", "tool_choice", "functions", "function_call", "response_format"})
-GATEWAY_FIELDS = frozenset({
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
-})
+GATEWAY_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+    }
+)
 
 # Message fields: forwarded, or dropped (`audio` refers to an earlier audio answer; the gateway relays text).
-MESSAGE_FORWARDED_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls", "function_call",
-                                      "refusal"})
+MESSAGE_FORWARDED_FIELDS = frozenset(
+    {"role", "content", "name", "tool_call_id", "tool_calls", "function_call", "refusal"}
+)
 MESSAGE_DROPPED_FIELDS = frozenset({"audio"})
 # An assistant message's earlier calls: `tool_calls[]` (function or custom tools) and the deprecated `function_call`.
 TOOL_CALL_FIELDS = frozenset({"id", "type", "function", "custom"})

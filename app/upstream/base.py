@@ -92,7 +92,7 @@ class UpstreamStream(Protocol):
 
     @property
     def finish_reason(self) -> str | None:
-        """"stop" | "length" once the stream ended normally."""
+        """ "stop" | "length" once the stream ended normally."""
         ...
 
     @property

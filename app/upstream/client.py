@@ -78,6 +78,8 @@ def _check_whole_delta(delta: dict[str, Any]) -> None:
             function.get(key) is not None and not isinstance(function[key], str) for key in ("name", "arguments")
         ):
             raise _Malformed("a tool call's function is not {name, arguments} strings")
+
+
 # What aiohttp buffers of a response the relay is not reading (a client that does not read): it stops
 # reading the socket at twice its read buffer (2 x 64 KiB by default). Counted by the memory budget.
 READ_AHEAD_BYTES = 2 * 2**16
@@ -138,8 +140,16 @@ class OpenAIStream:
     """A streaming `/chat/completions` response, yielding batches of content deltas."""
 
     __slots__ = (
-        "_response", "_chunks", "_decoder", "_done", "_saw_done", "_ended", "_failure", "_full_deltas",
-        "finish_reason", "usage",
+        "_response",
+        "_chunks",
+        "_decoder",
+        "_done",
+        "_saw_done",
+        "_ended",
+        "_failure",
+        "_full_deltas",
+        "finish_reason",
+        "usage",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, *, full_deltas: bool = False) -> None:
@@ -323,25 +333,28 @@ class OpenAIUpstream:
         sibling._url = base_url.rstrip("/") + "/chat/completions"
         sibling._proxy = _proxy_for(sibling._url)
         sibling._server_name = server_name
-        sibling._host_header = None if server_name is None else (
-            f"{server_name}:{parts.port}" if parts.port is not None else server_name)
+        sibling._host_header = (
+            None if server_name is None else (f"{server_name}:{parts.port}" if parts.port is not None else server_name)
+        )
         return sibling
 
     def _client(self) -> aiohttp.ClientSession:
         """The worker's session, made on first use: it belongs to the worker's event loop."""
         if not self._sessions:
-            self._sessions.append(aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
-                ),
-                # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
-                # waiting for a free pooled connection.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
-                ),
-                headers=self._headers,
-                cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
-            ))
+            self._sessions.append(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(
+                        limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
+                    ),
+                    # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
+                    # waiting for a free pooled connection.
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
+                    ),
+                    headers=self._headers,
+                    cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
+                )
+            )
         return self._sessions[0]
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
@@ -371,7 +384,11 @@ class OpenAIUpstream:
         try:
             # No redirects: a POST would turn into a GET elsewhere; a 3xx is reported as the upstream's failure.
             response = await self._client().post(
-                self._url, data=data, headers=headers, proxy=self._proxy, allow_redirects=False,
+                self._url,
+                data=data,
+                headers=headers,
+                proxy=self._proxy,
+                allow_redirects=False,
                 server_hostname=self._server_name,
             )
         except TimeoutError as exc:  # connect, or no pooled connection free in time
@@ -390,13 +407,18 @@ class OpenAIUpstream:
         if status == 429:
             retry_after = _retry_after_seconds(response)
             raise UpstreamRateLimitedError(
-                RATE_LIMITED, upstream_status=429, retry_after_seconds=retry_after, detail=message,
+                RATE_LIMITED,
+                upstream_status=429,
+                retry_after_seconds=retry_after,
+                detail=message,
                 headers={"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None,
             )
         if 400 <= status < 500:
             raise UpstreamRejectedError(f"{REJECTED} (HTTP {status})", upstream_status=status, detail=message)
         raise UpstreamError(
-            f"{FAILED} (HTTP {status})", upstream_status=status, retry_after_seconds=_retry_after_seconds(response),
+            f"{FAILED} (HTTP {status})",
+            upstream_status=status,
+            retry_after_seconds=_retry_after_seconds(response),
             detail=message,
         )
 

@@ -135,8 +135,10 @@ class DnsDiscovery:
         except dns.exception.DNSException as exc:
             if not self._failing:
                 self._failing = True
-                logger.warning("upstream DNS refresh failed: keeping the last addresses",
-                               extra={"host": self._host, "error": repr(exc), "endpoints": len(self._endpoints)})
+                logger.warning(
+                    "upstream DNS refresh failed: keeping the last addresses",
+                    extra={"host": self._host, "error": repr(exc), "endpoints": len(self._endpoints)},
+                )
             return
         if self._failing:
             self._failing = False

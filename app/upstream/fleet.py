@@ -71,8 +71,9 @@ class FleetStream:
 class FleetUpstream:
     """OpenAI-compatible model servers found by a `Discovery`, one shared connection pool for all."""
 
-    def __init__(self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable, *,
-                 affinity_load_factor: float) -> None:
+    def __init__(
+        self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable, *, affinity_load_factor: float
+    ) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
         self._load_factor = affinity_load_factor

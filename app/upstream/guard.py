@@ -63,12 +63,29 @@ def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) 
 
 
 class GuardedStream:
-    __slots__ = ("_guard", "_request", "_max_batch", "_headers", "_inner", "_permit", "_attempt", "_started",
-                 "_cut_for_upstream_fault")
+    __slots__ = (
+        "_guard",
+        "_request",
+        "_max_batch",
+        "_headers",
+        "_inner",
+        "_permit",
+        "_attempt",
+        "_started",
+        "_cut_for_upstream_fault",
+    )
 
-    def __init__(self, guard: GuardedUpstream, request: ChatRequest, max_batch: int,
-                 headers: Mapping[str, str] | None, inner: UpstreamStream, permit: Permit, attempt: int,
-                 cut_for_upstream_fault: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        guard: GuardedUpstream,
+        request: ChatRequest,
+        max_batch: int,
+        headers: Mapping[str, str] | None,
+        inner: UpstreamStream,
+        permit: Permit,
+        attempt: int,
+        cut_for_upstream_fault: Callable[[], bool],
+    ) -> None:
         self._guard = guard
         self._cut_for_upstream_fault = cut_for_upstream_fault
         self._request = request
@@ -106,7 +123,12 @@ class GuardedStream:
                 self._guard.judge(lambda: _settle_failed_attempt(self._permit, kind, client))
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
-                    self._request, self._max_batch, self._headers, error, kind, self._attempt,
+                    self._request,
+                    self._max_batch,
+                    self._headers,
+                    error,
+                    kind,
+                    self._attempt,
                     self._cut_for_upstream_fault,
                 )
                 continue
@@ -156,8 +178,14 @@ class GuardedUpstream:
             raise CircuitOpenError(self.name, self.breaker.retry_after_seconds())
         return permit
 
-    async def _attempt(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
-                       attempt: int, cut_for_upstream_fault: Callable[[], bool]) -> tuple[UpstreamStream, Permit, int]:
+    async def _attempt(
+        self,
+        request: ChatRequest,
+        max_batch: int,
+        headers: Mapping[str, str] | None,
+        attempt: int,
+        cut_for_upstream_fault: Callable[[], bool],
+    ) -> tuple[UpstreamStream, Permit, int]:
         while True:
             permit = self._permit()
             try:
@@ -184,17 +212,30 @@ class GuardedUpstream:
         retry_after = error.retry_after_seconds if isinstance(error, UpstreamError) else None
         await self.policy.wait(attempt, retry_after)
 
-    async def retry(self, request: ChatRequest, max_batch: int, headers: Mapping[str, str] | None,
-                    error: GatewayError, kind: ErrorKind, attempt: int,
-                    cut_for_upstream_fault: Callable[[], bool]) -> tuple[UpstreamStream, Permit, int]:
+    async def retry(
+        self,
+        request: ChatRequest,
+        max_batch: int,
+        headers: Mapping[str, str] | None,
+        error: GatewayError,
+        kind: ErrorKind,
+        attempt: int,
+        cut_for_upstream_fault: Callable[[], bool],
+    ) -> tuple[UpstreamStream, Permit, int]:
         """After an attempt failed before its first token: back off and open a new one, or re-raise."""
         if not self.policy.should_retry(attempt, kind, tokens_sent=0):
             raise error
         await self._backoff(error, kind, attempt)
         return await self._attempt(request, max_batch, headers, attempt + 1, cut_for_upstream_fault)
 
-    async def open(self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None,
-                   cut_for_upstream_fault: Callable[[], bool] = _not_cut) -> GuardedStream:
+    async def open(
+        self,
+        request: ChatRequest,
+        *,
+        max_batch: int,
+        headers: Mapping[str, str] | None = None,
+        cut_for_upstream_fault: Callable[[], bool] = _not_cut,
+    ) -> GuardedStream:
         """`cut_for_upstream_fault`: asked when an attempt is cancelled (opening, or a retry before the first
         token): was the stream cut for the upstream's fault (a first-token deadline while the upstream still
         withheld its answer)? Then the attempt in flight is a failure, not a client leaving. A cut during a

@@ -62,10 +62,15 @@ def slice_endpoints(obj: dict[str, Any], base_url: str) -> list[Endpoint]:
         conditions = endpoint.get("conditions") or {}
         ready = conditions.get("ready") is not False
         serving = conditions.get("serving", conditions.get("ready")) is not False
-        endpoints.append(Endpoint(
-            with_address(parts, addresses[0], port),  # one endpoint's addresses are one pod's: the first serves
-            parts.hostname, ready=ready, serving=serving, terminating=conditions.get("terminating") is True,
-        ))
+        endpoints.append(
+            Endpoint(
+                with_address(parts, addresses[0], port),  # one endpoint's addresses are one pod's: the first serves
+                parts.hostname,
+                ready=ready,
+                serving=serving,
+                terminating=conditions.get("terminating") is True,
+            )
+        )
     return endpoints
 
 
@@ -87,15 +92,20 @@ class KubernetesDiscovery:
         endpoints = tuple(sorted({e for slice_ in self._slices.values() for e in slice_}, key=lambda e: e.url))
         if endpoints != self._endpoints:
             self._endpoints = endpoints
-            logger.info("upstream endpoints changed", extra={
-                "service": f"{self._namespace}/{self._name}", "endpoints": len(endpoints),
-                "accepting": sum(e.accepts_new for e in endpoints),
-            })
+            logger.info(
+                "upstream endpoints changed",
+                extra={
+                    "service": f"{self._namespace}/{self._name}",
+                    "endpoints": len(endpoints),
+                    "accepting": sum(e.accepts_new for e in endpoints),
+                },
+            )
 
     def _list(self, api: client.DiscoveryV1Api) -> str:
         """Replace every slice with the API server's list; the list's resourceVersion, to watch from."""
         listed = api.list_namespaced_endpoint_slice(
-            self._namespace, label_selector=f"{SERVICE_LABEL}={self._name}",
+            self._namespace,
+            label_selector=f"{SERVICE_LABEL}={self._name}",
             _request_timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S),
         )
         body: dict[str, Any] = api.api_client.sanitize_for_serialization(listed)  # the API's own JSON shape
@@ -108,8 +118,12 @@ class KubernetesDiscovery:
         while not self._stop.is_set():
             self._watch = watch.Watch()
             for event in self._watch.stream(
-                api.list_namespaced_endpoint_slice, self._namespace, label_selector=f"{SERVICE_LABEL}={self._name}",
-                resource_version=version, timeout_seconds=WATCH_TIMEOUT_S, allow_watch_bookmarks=True,
+                api.list_namespaced_endpoint_slice,
+                self._namespace,
+                label_selector=f"{SERVICE_LABEL}={self._name}",
+                resource_version=version,
+                timeout_seconds=WATCH_TIMEOUT_S,
+                allow_watch_bookmarks=True,
                 _request_timeout=(CONNECT_TIMEOUT_S, WATCH_TIMEOUT_S + CONNECT_TIMEOUT_S),
             ):
                 obj = event["raw_object"]
@@ -138,11 +152,13 @@ class KubernetesDiscovery:
                 if self._stop.is_set():
                     return
                 failures += 1
-                delay = random.uniform(0, min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2 ** failures))
+                delay = random.uniform(0, min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_BASE_S * 2**failures))
                 routine = isinstance(exc, client.ApiException) and exc.status == HTTP_GONE  # history compacted
-                logger.log(logging.WARNING if failures == 1 and not routine else logging.INFO,
-                           "upstream EndpointSlice watch failed: re-listing",
-                           extra={"error": repr(exc)[:500], "endpoints": len(self._endpoints), "retry_in_s": delay})
+                logger.log(
+                    logging.WARNING if failures == 1 and not routine else logging.INFO,
+                    "upstream EndpointSlice watch failed: re-listing",
+                    extra={"error": repr(exc)[:500], "endpoints": len(self._endpoints), "retry_in_s": delay},
+                )
                 self._first.set()  # the first list failed: start without endpoints rather than wait
                 self._stop.wait(delay)
 

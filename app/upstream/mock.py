@@ -17,9 +17,43 @@ from app.upstream.base import ChatRequest, Usage
 
 # Mixed ASCII and multi-byte words, so clients and tests meet 2-, 3- and 4-byte UTF-8.
 VOCABULARY = (
-    "the", "stream", "of", "tokens", "flows", "through", "a", "gateway", "that", "never", "drops", "one",
-    "while", "clients", "read", "at", "their", "own", "pace", "and", "servers", "roll", "over", "café",
-    "naïve", "über", "日本語", "模型", "🚀", "données", "réseau", "latency", "budget", "is", "kept", "in", "check",
+    "the",
+    "stream",
+    "of",
+    "tokens",
+    "flows",
+    "through",
+    "a",
+    "gateway",
+    "that",
+    "never",
+    "drops",
+    "one",
+    "while",
+    "clients",
+    "read",
+    "at",
+    "their",
+    "own",
+    "pace",
+    "and",
+    "servers",
+    "roll",
+    "over",
+    "café",
+    "naïve",
+    "über",
+    "日本語",
+    "模型",
+    "🚀",
+    "données",
+    "réseau",
+    "latency",
+    "budget",
+    "is",
+    "kept",
+    "in",
+    "check",
 )
 WORDS = tuple(word + " " for word in VOCABULARY)
 N_WORDS = len(WORDS)
@@ -48,8 +82,17 @@ def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
 
 class MockStream:
     __slots__ = (
-        "_prompt", "_answer", "_total", "_next", "_resumed_at", "_first_at", "_gap", "_max_batch", "finish_reason",
-        "usage", "_loop",
+        "_prompt",
+        "_answer",
+        "_total",
+        "_next",
+        "_resumed_at",
+        "_first_at",
+        "_gap",
+        "_max_batch",
+        "finish_reason",
+        "usage",
+        "_loop",
     )
 
     def __init__(self, request: ChatRequest, *, tokens_per_second: float, first_token_s: float, max_batch: int) -> None:

@@ -37,7 +37,7 @@ class SSEDecoder:
                 return []
             self._started = True
             if piece.startswith(UTF8_BOM):
-                piece = piece[len(UTF8_BOM):]
+                piece = piece[len(UTF8_BOM) :]
             if not piece:
                 return []
         if self._skip_lf and piece[:1] == b"\n":

@@ -123,8 +123,7 @@ def secret_keys_schema() -> dict[str, Any]:
         "description": "Key in `gateway.existingSecret` of each secret setting.",
         "additionalProperties": False,
         "properties": {
-            name.upper(): {"type": "string", "minLength": 1, "description": describe(name)}
-            for name in secret_fields()
+            name.upper(): {"type": "string", "minLength": 1, "description": describe(name)} for name in secret_fields()
         },
     }
 
@@ -169,7 +168,7 @@ def parse_doc_comments(text: str) -> dict[str, tuple[str, str | None]]:
             pending, pending_default, collecting = [stripped[4:].strip()], None, True
             continue
         if stripped.startswith("# @default --"):
-            pending_default = stripped[len("# @default --"):].strip()
+            pending_default = stripped[len("# @default --") :].strip()
             continue
         if stripped.startswith("#"):
             if collecting and not stripped.startswith(("# BEGIN", "# END")):

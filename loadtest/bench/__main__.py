@@ -56,20 +56,33 @@ from loadtest.harness.redis import RedisServer
 def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | None]:
     description = (loadtest.bench.__doc__ or "").splitlines()[0]
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=description)
-    p.add_argument("--quick", action="store_true",
-                   help="levels 450 and 1500, no bisection, one level per comparison (under 4 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="levels 450 and 1500, no bisection, one level per comparison (under 4 min)"
+    )
     p.add_argument("--levels", help="comma-separated concurrency levels, overriding the plan's ladder")
     p.add_argument("--refine", type=int, help="bisections of each capacity bracket, overriding the plan's")
     p.add_argument("--all-levels", action="store_true", help="run every ladder level (no search, no bisection)")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
-                   "(and as long before a level that other processes disturbed is run again; default 300 s there)")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"first wait up to this long for background load below {BUSY_MACHINE_CORES} cores "
+        "(and as long before a level that other processes disturbed is run again; default 300 s there)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)",
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
-    p.add_argument("--baseline-src", type=Path, metavar="DIR",
-                   help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
-                   "/tmp/base <commit>`), interleaved with this tree's, and report both with the ratios")
+    p.add_argument(
+        "--baseline-src",
+        type=Path,
+        metavar="DIR",
+        help="also measure the shipped configuration from the checkout DIR (e.g. `git worktree add "
+        "/tmp/base <commit>`), interleaved with this tree's, and report both with the ratios",
+    )
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.levels:
@@ -95,8 +108,9 @@ def profile_misses(server: Server, plan: Plan, cap: Capacity) -> list[dict[str, 
         levels.insert(0, 450)
     out = []
     for users in levels:
-        argv = loadgen_argv(server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate,
-                            hold_seconds=plan.hold_seconds)
+        argv = loadgen_argv(
+            server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate, hold_seconds=plan.hold_seconds
+        )
         time.sleep(1.0)
         out.append(profile_load(server, argv, level_seconds(plan, users), f"protections on, {users} streams"))
     return out
@@ -164,42 +178,79 @@ def main(argv: list[str] | None = None) -> None:
                     env["REDIS_URL"], extra = redis.url, (watched("redis", redis.proc, redis.port),)
                 with running(gateway(log_dir, work_dir, f"gateway_{config.key}", **env)) as gw:
                     warm_up(gw)
-                    caps[config.key] = search_capacity(gw, plan, start=common, budget=plan.compare_budget,
-                                                       extra=extra)
+                    caps[config.key] = search_capacity(gw, plan, start=common, budget=plan.compare_budget, extra=extra)
                     if config.needs_redis:
                         replay["redis"] = measure_replay(gw, plan)
-                    if profile and config is PROTECTIONS_OFF and on.hi and ratio(
-                            on, caps[config.key], PROTECTIONS_RATIO_TARGET)[1] is not True:
+                    if (
+                        profile
+                        and config is PROTECTIONS_OFF
+                        and on.hi
+                        and ratio(on, caps[config.key], PROTECTIONS_RATIO_TARGET)[1] is not True
+                    ):
                         # The same load as the protected gateway's profile: the difference is what they cost.
-                        argv = loadgen_argv(gw.port, users=on.hi, max_tokens=plan.max_tokens, rate=plan.rate,
-                                            hold_seconds=plan.hold_seconds)
+                        argv = loadgen_argv(
+                            gw.port,
+                            users=on.hi,
+                            max_tokens=plan.max_tokens,
+                            rate=plan.rate,
+                            hold_seconds=plan.hold_seconds,
+                        )
                         time.sleep(1.0)
-                        profiles.append(profile_load(gw, argv, level_seconds(plan, on.hi),
-                                                     f"protections off, {on.hi} streams"))
+                        profiles.append(
+                            profile_load(gw, argv, level_seconds(plan, on.hi), f"protections off, {on.hi} streams")
+                        )
             if baseline_src is not None:
                 log(f"the shipped configuration from {baseline_src} (A) and from this tree (B), interleaved")
-                baseline = {"src": baseline_src,
-                            "runs": compare_sources(plan, log_dir, work_dir, baseline_src, common, MOCK_ENV)}
+                baseline = {
+                    "src": baseline_src,
+                    "runs": compare_sources(plan, log_dir, work_dir, baseline_src, common, MOCK_ENV),
+                }
             with running(fake_openai(log_dir)) as upstream:
                 upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
                 with running(gateway(log_dir, work_dir, "gateway_proxy", UPSTREAM_URL=upstream_url)) as through:
                     proxy = measure_proxy(plan, upstream, through)
                     through_p50, direct_p50 = proxy["through"]["ttft_ms"]["p50"], proxy["direct"]["ttft_ms"]["p50"]
                     if profile and (through_p50 or 0.0) - (direct_p50 or 0.0) > ADDED_TTFT_P50_TARGET_MS:
-                        argv = loadgen_argv(through.port, users=plan.proxy_users, rate=plan.rate,
-                                            path="/v1/chat/completions", max_tokens=plan.proxy_max_tokens,
-                                            hold_seconds=plan.proxy_hold_seconds)
-                        seconds = (plan.proxy_users / plan.rate + plan.proxy_hold_seconds
-                                   + plan.proxy_max_tokens / PACE_TOKENS_PER_SECOND)
-                        profiles.append(profile_load(through, argv, seconds,
-                                                     f"proxy, {plan.proxy_users} streams through the gateway"))
+                        argv = loadgen_argv(
+                            through.port,
+                            users=plan.proxy_users,
+                            rate=plan.rate,
+                            path="/v1/chat/completions",
+                            max_tokens=plan.proxy_max_tokens,
+                            hold_seconds=plan.proxy_hold_seconds,
+                        )
+                        seconds = (
+                            plan.proxy_users / plan.rate
+                            + plan.proxy_hold_seconds
+                            + plan.proxy_max_tokens / PACE_TOKENS_PER_SECOND
+                        )
+                        profiles.append(
+                            profile_load(
+                                through, argv, seconds, f"proxy, {plan.proxy_users} streams through the gateway"
+                            )
+                        )
         loads["end"] = os.getloadavg()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    report = render(plan=plan, command=command, started=started, elapsed_s=time.monotonic() - t0, caps=caps,
-                    raw=raw, common=common, proxy=proxy, rss=rss, replay=replay, admission=admission,
-                    log_dir=display_path(log_dir), background=background, loads=loads, notes=notes,
-                    profiles=profiles, baseline=baseline)
+    report = render(
+        plan=plan,
+        command=command,
+        started=started,
+        elapsed_s=time.monotonic() - t0,
+        caps=caps,
+        raw=raw,
+        common=common,
+        proxy=proxy,
+        rss=rss,
+        replay=replay,
+        admission=admission,
+        log_dir=display_path(log_dir),
+        background=background,
+        loads=loads,
+        notes=notes,
+        profiles=profiles,
+        baseline=baseline,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

@@ -37,12 +37,39 @@ from loadtest.bench.servers import Server, clean_env, gateway_from, running
 from loadtest.harness.redis import RedisServer
 
 
-def loadgen_argv(port: int, *, users: int, max_tokens: int, rate: float, hold_seconds: float = 0.0,
-                 path: str = "/stream", first_ip: str = "127.0.1.1", hold_open: float | None = None,
-                 ttft_csv: Path | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "loadtest.loadgen", "--port", str(port), "--path", path, "--users", str(users),
-            "--rate", str(rate), "--max-tokens", str(max_tokens), "--hold-seconds", str(hold_seconds),
-            "--tokens-per-second", str(PACE_TOKENS_PER_SECOND), "--first-ip", first_ip]
+def loadgen_argv(
+    port: int,
+    *,
+    users: int,
+    max_tokens: int,
+    rate: float,
+    hold_seconds: float = 0.0,
+    path: str = "/stream",
+    first_ip: str = "127.0.1.1",
+    hold_open: float | None = None,
+    ttft_csv: Path | None = None,
+) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "loadtest.loadgen",
+        "--port",
+        str(port),
+        "--path",
+        path,
+        "--users",
+        str(users),
+        "--rate",
+        str(rate),
+        "--max-tokens",
+        str(max_tokens),
+        "--hold-seconds",
+        str(hold_seconds),
+        "--tokens-per-second",
+        str(PACE_TOKENS_PER_SECOND),
+        "--first-ip",
+        first_ip,
+    ]
     argv += ["--hold-open", str(hold_open)] if hold_open is not None else []
     return argv + (["--ttft-csv", str(ttft_csv)] if ttft_csv is not None else [])
 
@@ -145,13 +172,27 @@ def measure_level(server: Server, plan: Plan, users: int, extra: Sequence[Server
     """One level; `extra` servers (redis-server) count towards server CPU."""
     sampler = CpuSampler(server, *extra)
     csv = server.log_dir / f"ttft-{server.name}-{users}.csv"  # per-stream TTFT over time, to tell stalls from drift
-    r = run_load(loadgen_argv(server.port, users=users, max_tokens=plan.max_tokens, rate=plan.rate,
-                              hold_seconds=plan.hold_seconds, ttft_csv=csv), sample=sampler)
+    r = run_load(
+        loadgen_argv(
+            server.port,
+            users=users,
+            max_tokens=plan.max_tokens,
+            rate=plan.rate,
+            hold_seconds=plan.hold_seconds,
+            ttft_csv=csv,
+        ),
+        sample=sampler,
+    )
     sampler.finish(r)
     r["delivered"] = r["tokens_in_time"] / r["tokens_demanded"] if r["tokens_demanded"] else 0.0
     p99 = r["ttft_ms"]["p99"]
-    r["passed"] = (r["error_count"] == 0 and p99 is not None and p99 <= TTFT_P99_BUDGET_MS
-                   and r["delivered"] >= MIN_TOKENS_DELIVERED and not r["restarted"])
+    r["passed"] = (
+        r["error_count"] == 0
+        and p99 is not None
+        and p99 <= TTFT_P99_BUDGET_MS
+        and r["delivered"] >= MIN_TOKENS_DELIVERED
+        and not r["restarted"]
+    )
     r["load_avg_1m"] = os.getloadavg()[0]
     return r
 
@@ -183,8 +224,9 @@ class Capacity:
         return f"{self.lo}" + (f" (fails at {hi})" if hi is not None else " (no level failed)")
 
 
-def search_capacity(server: Server, plan: Plan, *, start: int | None = None, budget: int | None = None,
-                    extra: Sequence[Server] = ()) -> Capacity:
+def search_capacity(
+    server: Server, plan: Plan, *, start: int | None = None, budget: int | None = None, extra: Sequence[Server] = ()
+) -> Capacity:
     """Climb the ladder from `start` (or its bottom) until a level fails, or descend until one passes; then
     bisect the bracket `plan.refine` times. At most `budget` levels."""
     cap = Capacity()
@@ -215,7 +257,7 @@ def search_capacity(server: Server, plan: Plan, *, start: int | None = None, bud
         return cap
     i = ladder.index(start) if start else 0
     if run(ladder[i]):
-        for users in ladder[i + 1:]:
+        for users in ladder[i + 1 :]:
             if not run(users):
                 break
     else:
@@ -235,18 +277,29 @@ def search_capacity(server: Server, plan: Plan, *, start: int | None = None, bud
 def measure_replay(server: Server, plan: Plan) -> dict[str, Any]:
     """REPLAY_STREAMS streams of plan.max_tokens tokens end; each is replayed once from Last-Event-ID <id>-0."""
     log(f"{server.name}: replay cost ({REPLAY_STREAMS} streams of {plan.max_tokens} tokens, then one replay each)")
-    argv = loadgen_argv(server.port, users=REPLAY_STREAMS, max_tokens=plan.max_tokens, rate=plan.rate,
-                        first_ip="127.0.230.1") + ["--replay", str(REPLAY_STREAMS), "--replay-after", "0"]
+    argv = loadgen_argv(
+        server.port, users=REPLAY_STREAMS, max_tokens=plan.max_tokens, rate=plan.rate, first_ip="127.0.230.1"
+    ) + ["--replay", str(REPLAY_STREAMS), "--replay-after", "0"]
     r = run_load(argv)
-    log(f"  -> replay p50 {ms(r['replay_ms']['p50'])} ms for {r['events_per_replay']} events, "
-        f"{r['replays']}/{r['produced']} replays, errors {r['errors'] or 0}")
+    log(
+        f"  -> replay p50 {ms(r['replay_ms']['p50'])} ms for {r['events_per_replay']} events, "
+        f"{r['replays']}/{r['produced']} replays, errors {r['errors'] or 0}"
+    )
     return r
 
 
 def measure_admission(plan: Plan, redis: RedisServer | None) -> list[dict[str, Any]]:
     """`loadtest.admission_bench` in its own process (its own loop, no server competing for its core)."""
-    argv = [sys.executable, "-m", "loadtest.admission_bench", "--json", "--requests", str(plan.admission_requests),
-            "--redis-requests", str(plan.admission_redis_requests)]
+    argv = [
+        sys.executable,
+        "-m",
+        "loadtest.admission_bench",
+        "--json",
+        "--requests",
+        str(plan.admission_requests),
+        "--redis-requests",
+        str(plan.admission_redis_requests),
+    ]
     if redis is not None:
         redis.command("FLUSHALL")
         argv += ["--redis-url", redis.url]
@@ -275,8 +328,14 @@ def measure_rss(server: Server, plan: Plan) -> dict[str, Any]:
     time.sleep(1.0)
     before = sample_rss(server)
     # 20 tok/s for 10,000 tokens: every stream stays open (and relaying) far beyond the hold.
-    argv = loadgen_argv(server.port, users=plan.rss_streams, max_tokens=10_000, rate=plan.rate,
-                        first_ip="127.0.200.1", hold_open=plan.rss_hold_seconds)
+    argv = loadgen_argv(
+        server.port,
+        users=plan.rss_streams,
+        max_tokens=10_000,
+        rate=plan.rate,
+        first_ip="127.0.200.1",
+        hold_open=plan.rss_hold_seconds,
+    )
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     opened: dict[str, Any] = {}
@@ -291,9 +350,14 @@ def measure_rss(server: Server, plan: Plan) -> dict[str, Any]:
     if proc.returncode or not opened:
         raise RuntimeError(f"loadgen (hold-open) failed ({proc.returncode}): {err[-2000:]}")
     n_open = int(opened["open"])
-    return {"before": before, "during": during, "open": n_open, "requested": plan.rss_streams,
-            "errors": results[-1]["errors"] if results else {},
-            "per_stream": (during - before) / n_open if n_open else float("nan")}
+    return {
+        "before": before,
+        "during": during,
+        "open": n_open,
+        "requested": plan.rss_streams,
+        "errors": results[-1]["errors"] if results else {},
+        "per_stream": (during - before) / n_open if n_open else float("nan"),
+    }
 
 
 def sample_rss(server: Server, samples: int = 5) -> float:
@@ -322,9 +386,17 @@ def measure_proxy(plan: Plan, upstream: Server, through: Server) -> dict[str, An
         for label, server in (("direct", upstream), ("through", through)):
             log(f"proxy overhead: {plan.proxy_users} streams {label}")
             sampler = CpuSampler(upstream) if server is upstream else CpuSampler(upstream, server)
-            results[label] = run_load(loadgen_argv(server.port, users=plan.proxy_users, rate=plan.rate, path=path,
-                                                   max_tokens=plan.proxy_max_tokens,
-                                                   hold_seconds=plan.proxy_hold_seconds), sample=sampler)
+            results[label] = run_load(
+                loadgen_argv(
+                    server.port,
+                    users=plan.proxy_users,
+                    rate=plan.rate,
+                    path=path,
+                    max_tokens=plan.proxy_max_tokens,
+                    hold_seconds=plan.proxy_hold_seconds,
+                ),
+                sample=sampler,
+            )
             sampler.finish(results[label])
             results[label]["attempts"] = attempt
         worst = max(results.values(), key=lambda r: r["rest_cores"])
@@ -337,10 +409,11 @@ def ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-
 def summary_line(r: dict[str, Any]) -> str:
-    return (f"TTFT p50 {ms(r['ttft_ms']['p50'])} ms, p99 {ms(r['ttft_ms']['p99'])} ms, "
-            f"{r['delivered']:.1%} tokens, {r['error_count']} errors, {result_text(r)}")
+    return (
+        f"TTFT p50 {ms(r['ttft_ms']['p50'])} ms, p99 {ms(r['ttft_ms']['p99'])} ms, "
+        f"{r['delivered']:.1%} tokens, {r['error_count']} errors, {result_text(r)}"
+    )
 
 
 def result_text(r: dict[str, Any]) -> str:
@@ -356,8 +429,9 @@ def cpu_per_1k(r: dict[str, Any] | None) -> float | None:
     return r["server_cpu_s"] / r["tokens_total"] * 1000 if r and r["tokens_total"] else None
 
 
-def compare_sources(plan: Plan, log_dir: Path, work_dir: Path, baseline: Path, start: int,
-                    env: dict[str, str]) -> dict[str, list[Capacity]]:
+def compare_sources(
+    plan: Plan, log_dir: Path, work_dir: Path, baseline: Path, start: int, env: dict[str, str]
+) -> dict[str, list[Capacity]]:
     """The shipped configuration from `baseline` (A) and from this tree (B), interleaved A B A B ... for
     `plan.baseline_rounds` rounds, so that both see the same machine; each run starts at level `start`."""
     runs: dict[str, list[Capacity]] = {"baseline": [], "current": []}

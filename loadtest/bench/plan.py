@@ -56,22 +56,31 @@ class Config:
 
 
 PROTECTIONS_ON = Config(
-    "on", "protections on (as shipped)",
+    "on",
+    "protections on (as shipped)",
     "defaults: rate limit on (limits set out of reach), slots on, breaker on, resume on with the local store",
     {},
 )
 PROTECTIONS_OFF = Config(
-    "off", "protections off",
+    "off",
+    "protections off",
     "RATE_LIMIT_PER_MINUTE=0, RESUME_ENABLED=false, MAX_CONNECTIONS(_PER_CLIENT)=20000 (breaker stays: no switch)",
-    {"RATE_LIMIT_PER_MINUTE": "0", "RESUME_ENABLED": "false", "MAX_CONNECTIONS": "20000",
-     "MAX_CONNECTIONS_PER_CLIENT": "20000"},
+    {
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "RESUME_ENABLED": "false",
+        "MAX_CONNECTIONS": "20000",
+        "MAX_CONNECTIONS_PER_CLIENT": "20000",
+    },
 )
-RESUME_OFF = Config("resume_off", "resume off", "RESUME_ENABLED=false, everything else as shipped",
-                    {"RESUME_ENABLED": "false"})
+RESUME_OFF = Config(
+    "resume_off", "resume off", "RESUME_ENABLED=false, everything else as shipped", {"RESUME_ENABLED": "false"}
+)
 RESUME_REDIS = Config(
-    "redis", "resume store Redis",
+    "redis",
+    "resume store Redis",
     "RESUME_STORE=redis + REDIS_URL (rate limit and per-client slots in Redis too), everything else as shipped",
-    {"RESUME_STORE": "redis"}, needs_redis=True,
+    {"RESUME_STORE": "redis"},
+    needs_redis=True,
 )
 
 
@@ -95,17 +104,37 @@ class Plan:
     baseline_rounds: int = 3  # --baseline-src: rounds of (baseline, this tree), interleaved
 
 
-FULL = Plan(levels=(250, 450, 700, 1000, 1500, 2000, 2500, 3000, 4000), refine=3, compare_budget=None,
-            hold_seconds=20.0, max_tokens=200, rate=200.0, proxy_users=100, proxy_max_tokens=40,
-            proxy_hold_seconds=10.0, rss_streams=500, rss_hold_seconds=4.0, admission_requests=20000,
-            admission_redis_requests=4000, all_levels=False)
+FULL = Plan(
+    levels=(250, 450, 700, 1000, 1500, 2000, 2500, 3000, 4000),
+    refine=3,
+    compare_budget=None,
+    hold_seconds=20.0,
+    max_tokens=200,
+    rate=200.0,
+    proxy_users=100,
+    proxy_max_tokens=40,
+    proxy_hold_seconds=10.0,
+    rss_streams=500,
+    rss_hold_seconds=4.0,
+    admission_requests=20000,
+    admission_redis_requests=4000,
+    all_levels=False,
+)
 # The hold stays one full stream long even in quick mode: only then do streams arrive while every user is active,
 # which is where TTFT suffers; during the ramp a server is never at the level's concurrency.
-QUICK = replace(FULL, levels=(450, 1500), refine=0, compare_budget=1, hold_seconds=10.0, proxy_hold_seconds=5.0,
-                rss_hold_seconds=3.0, admission_requests=5000, admission_redis_requests=1000, baseline_rounds=2)
-
+QUICK = replace(
+    FULL,
+    levels=(450, 1500),
+    refine=0,
+    compare_budget=1,
+    hold_seconds=10.0,
+    proxy_hold_seconds=5.0,
+    rss_hold_seconds=3.0,
+    admission_requests=5000,
+    admission_redis_requests=1000,
+    baseline_rounds=2,
+)
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-

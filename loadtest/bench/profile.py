@@ -15,8 +15,10 @@ from loadtest.bench.plan import ROOT, log
 from loadtest.bench.servers import Server
 
 PROFILE_RATE_HZ = 100
-BOOTSTRAP_FRAMES = re.compile(r"\((?:gunicorn/|uvicorn_worker/|<frozen runpy>|uvicorn/_compat\.py|asyncio/runners\.py|"
-                              r"asyncio/events\.py|asyncio/base_events\.py)")
+BOOTSTRAP_FRAMES = re.compile(
+    r"\((?:gunicorn/|uvicorn_worker/|<frozen runpy>|uvicorn/_compat\.py|asyncio/runners\.py|"
+    r"asyncio/events\.py|asyncio/base_events\.py)"
+)
 SITE_PACKAGES = re.compile(r"(?<=\()\S*?(?:site-packages|lib/python3\.\d+)/|(?<=\()" + re.escape(f"{ROOT}/"))
 
 
@@ -32,9 +34,27 @@ def profile_load(server: Server, argv: list[str], seconds: float, label: str) ->
         return {"label": label, "error": "py-spy not found (pip install py-spy)"}
     out = server.log_dir / f"profile-{server.name}-{label.replace(' ', '_')}.raw"
     log(f"{server.name}: profiling {label} with py-spy ({PROFILE_RATE_HZ} Hz, {seconds:.0f} s)")
-    spy = subprocess.Popen([binary, "record", "-p", str(server.master.pid), "--subprocesses", "--nonblocking",
-                            "-r", str(PROFILE_RATE_HZ), "-d", str(round(seconds)), "-f", "raw", "-o", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    spy = subprocess.Popen(
+        [
+            binary,
+            "record",
+            "-p",
+            str(server.master.pid),
+            "--subprocesses",
+            "--nonblocking",
+            "-r",
+            str(PROFILE_RATE_HZ),
+            "-d",
+            str(round(seconds)),
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         result = run_load(argv)
         _, err = spy.communicate(timeout=seconds + 30)
@@ -44,8 +64,14 @@ def profile_load(server: Server, argv: list[str], seconds: float, label: str) ->
             spy.wait()
     if not out.exists():
         return {"label": label, "error": f"py-spy wrote nothing: {err.strip()[-300:]}"}
-    return {"label": label, "file": out, "seconds": seconds, "ttft_ms": result["ttft_ms"],
-            "errors": result["errors"], **summarize_profile(out)}
+    return {
+        "label": label,
+        "file": out,
+        "seconds": seconds,
+        "ttft_ms": result["ttft_ms"],
+        "errors": result["errors"],
+        **summarize_profile(out),
+    }
 
 
 def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
@@ -67,5 +93,8 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
             incl[frame] += n
     # The loop and gunicorn's bootstrap are on every stack (py-spy --nonblocking truncates some): no information.
     inclusive = [(f, n) for f, n in incl.most_common() if not BOOTSTRAP_FRAMES.search(f)][:top]
-    return {"samples": total, "self": [(f, n / total) for f, n in self_n.most_common(top)],
-            "inclusive": [(f, n / total) for f, n in inclusive]}
+    return {
+        "samples": total,
+        "self": [(f, n / total) for f, n in self_n.most_common(top)],
+        "inclusive": [(f, n / total) for f, n in inclusive],
+    }

@@ -45,12 +45,13 @@ def verdict(ok: bool | None) -> str:
     return "inconclusive" if ok is None else "met" if ok else "**missed**"
 
 
-
 def capacity_table(cap: Capacity) -> list[str]:
-    out = ["| Streams | Streams run | TTFT p50 ms | TTFT p99 ms | Tokens/s delivered | Tokens in time | Errors "
-           "| Server CPU s / 1k tokens | Worker CPU avg/peak (cores) | Loadgen CPU (cores) | Loadgen lag p99 ms "
-           "| Rest of machine (cores) | Load avg 1 min | Result |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| Streams | Streams run | TTFT p50 ms | TTFT p99 ms | Tokens/s delivered | Tokens in time | Errors "
+        "| Server CPU s / 1k tokens | Worker CPU avg/peak (cores) | Loadgen CPU (cores) | Loadgen lag p99 ms "
+        "| Rest of machine (cores) | Load avg 1 min | Result |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in sorted(cap.rows, key=lambda r: r["users"]):
         per_1k = cpu_per_1k(r)
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
@@ -63,8 +64,11 @@ def capacity_table(cap: Capacity) -> list[str]:
             f"| {r['rest_cores']:.2f} | {r['load_avg_1m']:.2f} | {result_text(r)} |"
         )
     out.append("")
-    out.append(f"Capacity: **{cap.bracket}**; levels in the order run: {', '.join(str(r['users']) for r in cap.rows)}"
-               + (f"; not run (level budget): {', '.join(map(str, cap.skipped))}" if cap.skipped else "") + ".")
+    out.append(
+        f"Capacity: **{cap.bracket}**; levels in the order run: {', '.join(str(r['users']) for r in cap.rows)}"
+        + (f"; not run (level budget): {', '.join(map(str, cap.skipped))}" if cap.skipped else "")
+        + "."
+    )
     return out
 
 
@@ -92,8 +96,13 @@ def fmt_cpu(value: float | None) -> str:
 def source_revision(src: Path = ROOT) -> str:
     """The commit measured; "-dirty" means uncommitted changes were measured too."""
     try:
-        out = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(src), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown (not a git checkout)"
@@ -108,15 +117,32 @@ def machine() -> str:
                 break
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{cpus} CPUs usable ({os.cpu_count()} online), {model}, {mem:.1f} GiB RAM; "
-            f"Python {platform.python_version()} on {platform.platform()}")
+    return (
+        f"{cpus} CPUs usable ({os.cpu_count()} online), {model}, {mem:.1f} GiB RAM; "
+        f"Python {platform.python_version()} on {platform.platform()}"
+    )
 
 
-def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, caps: dict[str, Capacity],
-           raw: Capacity, common: int, proxy: dict[str, Any], rss: dict[str, Any], replay: dict[str, Any],
-           admission: list[dict[str, Any]], log_dir: Path, background: float,
-           loads: dict[str, tuple[float, float, float]], notes: list[str],
-           profiles: list[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+def render(
+    *,
+    plan: Plan,
+    command: str,
+    started: datetime,
+    elapsed_s: float,
+    caps: dict[str, Capacity],
+    raw: Capacity,
+    common: int,
+    proxy: dict[str, Any],
+    rss: dict[str, Any],
+    replay: dict[str, Any],
+    admission: list[dict[str, Any]],
+    log_dir: Path,
+    background: float,
+    loads: dict[str, tuple[float, float, float]],
+    notes: list[str],
+    profiles: list[dict[str, Any]],
+    baseline: dict[str, Any] | None = None,
+) -> str:
     on = caps["on"]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
     prot_ratio, prot_ok = ratio(caps.get("resume_off"), caps.get("off"), PROTECTIONS_RATIO_TARGET)
@@ -139,8 +165,9 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         return " / ".join(f"{x:.2f}" for x in loads[key]) if key in loads else "n/a"
 
     def adm(metric: str) -> str:
-        return " / ".join(f"{by_backend[b][metric]:.0f}" if b in by_backend else "n/a"
-                          for b in ("memory", "shared memory", "redis"))
+        return " / ".join(
+            f"{by_backend[b][metric]:.0f}" if b in by_backend else "n/a" for b in ("memory", "shared memory", "redis")
+        )
 
     def replay_text(key: str) -> str:
         r = replay.get(key)
@@ -156,7 +183,7 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         f"- Machine load: {background:.2f} cores busy just before the run"
         f"{' (not idle: expect worse numbers)' if background > BUSY_MACHINE_CORES else ''}; load average "
         f"(1 / 5 / 15 min) {load_text('start')} at the start, {load_text('end')} at the end (the benchmark's own "
-        "processes count in it; per level, \"rest of machine\" is the CPU others used meanwhile); "
+        'processes count in it; per level, "rest of machine" is the CPU others used meanwhile); '
         f"{retried} load(s) run again after others used more than {INTERFERENCE_CORES} cores during them",
         f"- Command: `{command}` (source `{source_revision()}`)",
         f"- Load: {plan.max_tokens}-token streams at {PACE_TOKENS_PER_SECOND:.0f} tok/s ({stream_s:.0f} s each), "
@@ -193,7 +220,8 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         f"| Admission cost per request p50, memory / shared memory / Redis | {adm('p50_us')} µs | — | |",
         f"| Admission cost per request p99, memory / shared memory / Redis | {adm('p99_us')} µs | — | |",
         "| Capacity, resume store Redis / local / off (streams) | "
-        + " / ".join(caps[k].bracket if k in caps else "n/a" for k in ("redis", "on", "resume_off")) + " | — | |",
+        + " / ".join(caps[k].bracket if k in caps else "n/a" for k in ("redis", "on", "resume_off"))
+        + " | — | |",
         f"| Replay of a finished {plan.max_tokens}-token stream from Last-Event-ID `<id>-0`, p50: local / Redis "
         f"| {replay_text('local')} / {replay_text('redis')} | — | |",
         "",
@@ -217,11 +245,14 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         "",
         "## 3. What the protections cost",
         "",
-        (f"Quick mode: every configuration runs one level, the highest the protected gateway ran ({common} "
-         "streams), so capacities above it are unresolved; CPU per token is the estimate there (on these CPU-bound "
-         "cores, capacity scales with its inverse)." if plan.compare_budget == 1 else
-         f"Every configuration runs the level the protected gateway reached ({common} streams), where CPU per "
-         "token is compared; from there each climbs or descends to its own capacity."),
+        (
+            f"Quick mode: every configuration runs one level, the highest the protected gateway ran ({common} "
+            "streams), so capacities above it are unresolved; CPU per token is the estimate there (on these CPU-bound "
+            "cores, capacity scales with its inverse)."
+            if plan.compare_budget == 1
+            else f"Every configuration runs the level the protected gateway reached ({common} streams), where CPU per "
+            "token is compared; from there each climbs or descends to its own capacity."
+        ),
         "",
         f"| Configuration | Settings | Capacity (streams) | TTFT p50 / p99 ms at {common} | Server CPU ms / 1k tokens "
         f"at {common} | vs protections off | Result at {common} |",
@@ -236,8 +267,10 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         cpu = cpu_at.get(config.key)
         rel = f"{cpu / cpu_off:.0%} CPU" if cpu and cpu_off else "—"
         ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
-        lines.append(f"| {config.title} | {config.description} | {cap.bracket} | {ttft} | {fmt_cpu(cpu)} | {rel} "
-                     f"| {result_text(row) if row else 'not run'} |")
+        lines.append(
+            f"| {config.title} | {config.description} | {cap.bracket} | {ttft} | {fmt_cpu(cpu)} | {rel} "
+            f"| {result_text(row) if row else 'not run'} |"
+        )
     lines += ["", "The Redis configuration's server CPU includes redis-server's.", ""]
     for config in (PROTECTIONS_OFF, RESUME_OFF, RESUME_REDIS):
         if config.key in caps:
@@ -259,9 +292,11 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
             lines.append(f"| {name} | not run | | | | | | |")
             continue
         eps = f"{r['events_per_s']:,.0f}" if r["events_per_s"] else "n/a"
-        lines.append(f"| {name} | {r['replays']} of {r['produced']} | {r['events_per_replay']} "
-                     f"| {ms(r['replay_ms']['p50'])} | {ms(r['replay_ms']['p90'])} | {ms(r['replay_ms']['p99'])} "
-                     f"| {eps} | {', '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 0} |")
+        lines.append(
+            f"| {name} | {r['replays']} of {r['produced']} | {r['events_per_replay']} "
+            f"| {ms(r['replay_ms']['p50'])} | {ms(r['replay_ms']['p90'])} | {ms(r['replay_ms']['p99'])} "
+            f"| {eps} | {', '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 0} |"
+        )
     lines += [
         "",
         "## 5. Admission cost per request (`loadtest/admission_bench.py`, in process)",
@@ -285,9 +320,11 @@ def render(*, plan: Plan, command: str, started: datetime, elapsed_s: float, cap
         r = proxy[label]
         name = "straight to fake_openai" if label == "direct" else "through the gateway"
         cores = r["server_cpu_s"] / r["duration_s"]
-        lines.append(f"| {name} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
-                     f"| {r['steady_tokens_per_s']:,.0f} | {r['error_count']} | {cores:.2f} "
-                     f"| {ms(r['loadgen_lag_ms']['p99'])} | {r['rest_cores']:.2f} |")
+        lines.append(
+            f"| {name} | {r['streams']} | {ms(r['ttft_ms']['p50'])} | {ms(r['ttft_ms']['p99'])} "
+            f"| {r['steady_tokens_per_s']:,.0f} | {r['error_count']} | {cores:.2f} "
+            f"| {ms(r['loadgen_lag_ms']['p99'])} | {r['rest_cores']:.2f} |"
+        )
     lines += [
         f"| **added** | | **{ms(added_p50)}** | **{ms(added_p99)}** | | | | | |",
         "",
@@ -320,11 +357,15 @@ def profile_section(profiles: list[dict[str, Any]]) -> list[str]:
             out += [p["error"], ""]
             continue
         busy = p["samples"] / PROFILE_RATE_HZ / p["seconds"]
-        out += [f"`{display_path(p['file'])}`: {p['samples']:,} samples (≈ {busy:.2f} cores busy in Python-visible "
-                f"frames over {p['seconds']:.0f} s); TTFT p50 / p99 during the profile {ms(p['ttft_ms']['p50'])} / "
-                f"{ms(p['ttft_ms']['p99'])} ms (py-spy itself costs some CPU). `Runner.run` self time is the event "
-                "loop's C code (uvloop: polling, socket I/O, callbacks).", "",
-                "| Self | Frame | | Inclusive | Frame |", "|---:|---|---|---:|---|"]
+        out += [
+            f"`{display_path(p['file'])}`: {p['samples']:,} samples (≈ {busy:.2f} cores busy in Python-visible "
+            f"frames over {p['seconds']:.0f} s); TTFT p50 / p99 during the profile {ms(p['ttft_ms']['p50'])} / "
+            f"{ms(p['ttft_ms']['p99'])} ms (py-spy itself costs some CPU). `Runner.run` self time is the event "
+            "loop's C code (uvloop: polling, socket I/O, callbacks).",
+            "",
+            "| Self | Frame | | Inclusive | Frame |",
+            "|---:|---|---|---:|---|",
+        ]
         for i in range(max(len(p["self"]), len(p["inclusive"]))):
             s = p["self"][i] if i < len(p["self"]) else ("", 0.0)
             n = p["inclusive"][i] if i < len(p["inclusive"]) else ("", 0.0)
@@ -360,8 +401,10 @@ def baseline_section(src: Path, runs: dict[str, list[Capacity]], common: int) ->
         for name, cap in (("A (baseline)", a), ("B (this tree)", b)):
             row = cap.row(common)
             ttft = f"{ms(row['ttft_ms']['p50'])} / {ms(row['ttft_ms']['p99'])}" if row else "n/a"
-            out.append(f"| {i} | {name} | {cap.bracket} | {ttft} | {fmt_cpu(cpu_per_1k(row))} "
-                       f"| {result_text(row) if row else 'not run'} |")
+            out.append(
+                f"| {i} | {name} | {cap.bracket} | {ttft} | {fmt_cpu(cpu_per_1k(row))} "
+                f"| {result_text(row) if row else 'not run'} |"
+            )
     cpu: dict[str, list[float]] = {}
     capacity: dict[str, list[float]] = {}
     for key, caps in runs.items():
@@ -382,8 +425,11 @@ def baseline_section(src: Path, runs: dict[str, list[Capacity]], common: int) ->
         f"| Capacity (streams) | {cap_a_text} | {cap_b_text} | {cap_ratio} |",
         "",
         "B / A below 1 for CPU per token (above 1 for capacity) means this tree is cheaper than the baseline."
-        + (" Some run failed no level, so its capacity is a lower bound (unresolved): compare CPU per token."
-           if unresolved else ""),
+        + (
+            " Some run failed no level, so its capacity is a lower bound (unresolved): compare CPU per token."
+            if unresolved
+            else ""
+        ),
         "",
     ]
     return out

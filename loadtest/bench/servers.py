@@ -22,21 +22,53 @@ from loadtest.harness.process import Child, socket_activation
 class Server:
     """A server process tree started for one phase; psutil views of the master and its workers."""
 
-    def __init__(self, name: str, child: Child, *, port: int, workers: int, ready_path: str = "/health",
-                 metrics_port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        child: Child,
+        *,
+        port: int,
+        workers: int,
+        ready_path: str = "/health",
+        metrics_port: int | None = None,
+    ) -> None:
         self.name, self.child, self.port, self.workers, self.ready_path = name, child, port, workers, ready_path
         self.metrics_port = metrics_port or port  # a gateway serves /metrics on a port of its own
         self.log_dir = child.log_path.parent
         self.master = psutil.Process(child.pid)
 
     @classmethod
-    def start(cls, name: str, argv: list[str], *, port: int, env: dict[str, str], log_dir: Path, workers: int,
-              ready_path: str = "/health", inherit_env: bool = True, cwd: Path = ROOT,
-              pass_fds: tuple[int, ...] = ()) -> Server:
-        child = Child(name, argv, log_path=log_dir / f"{name}.log", env={**os.environ, **env} if inherit_env else env,
-                      cwd=cwd, pass_fds=pass_fds, append_log=False)
-        return cls(name, child, port=port, workers=workers, ready_path=ready_path,
-                   metrics_port=int(env.get("METRICS_PORT", port)))
+    def start(
+        cls,
+        name: str,
+        argv: list[str],
+        *,
+        port: int,
+        env: dict[str, str],
+        log_dir: Path,
+        workers: int,
+        ready_path: str = "/health",
+        inherit_env: bool = True,
+        cwd: Path = ROOT,
+        pass_fds: tuple[int, ...] = (),
+    ) -> Server:
+        child = Child(
+            name,
+            argv,
+            log_path=log_dir / f"{name}.log",
+            env={**os.environ, **env} if inherit_env else env,
+            cwd=cwd,
+            pass_fds=pass_fds,
+            append_log=False,
+        )
+        return cls(
+            name,
+            child,
+            port=port,
+            workers=workers,
+            ready_path=ready_path,
+            metrics_port=int(env.get("METRICS_PORT", port)),
+        )
 
     def processes(self) -> list[psutil.Process]:
         return [self.master, *self.master.children(recursive=True)]
@@ -111,13 +143,31 @@ def gateway_from(src: Path, log_dir: Path, work_dir: Path, name: str, env: dict[
     port, metrics_port = (int(sock.getsockname()[1]) for sock in sockets)
     argv, activation = socket_activation([sys.executable, "-m", "app"], sockets)
     # Our own directories, removed at the end, instead of the app's defaults in /tmp.
-    full_env = {**clean_env(), "HOST": "127.0.0.1", "PORT": str(port), "METRICS_PORT": str(metrics_port),
-                "WEB_CONCURRENCY": str(WORKERS), "PYTHONPATH": str(src), **activation,
-                "PROMETHEUS_MULTIPROC_DIR": str(work_dir / f"metrics-{name}"),
-                "RESUME_DIR": str(work_dir / f"resume-{name}"), **GENEROUS_ENV, **env}
+    full_env = {
+        **clean_env(),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "METRICS_PORT": str(metrics_port),
+        "WEB_CONCURRENCY": str(WORKERS),
+        "PYTHONPATH": str(src),
+        **activation,
+        "PROMETHEUS_MULTIPROC_DIR": str(work_dir / f"metrics-{name}"),
+        "RESUME_DIR": str(work_dir / f"resume-{name}"),
+        **GENEROUS_ENV,
+        **env,
+    }
     try:
-        return Server.start(name, argv, port=port, env=full_env, log_dir=log_dir, workers=WORKERS,
-                            inherit_env=False, cwd=src, pass_fds=tuple(sock.fileno() for sock in sockets))
+        return Server.start(
+            name,
+            argv,
+            port=port,
+            env=full_env,
+            log_dir=log_dir,
+            workers=WORKERS,
+            inherit_env=False,
+            cwd=src,
+            pass_fds=tuple(sock.fileno() for sock in sockets),
+        )
     finally:
         for sock in sockets:  # the gateway holds its own copies
             sock.close()
@@ -125,16 +175,39 @@ def gateway_from(src: Path, log_dir: Path, work_dir: Path, name: str, env: dict[
 
 def raw_app(log_dir: Path) -> Server:
     port = free_port()  # gunicorn binds it itself: the raw app is measured as gunicorn runs it by default
-    argv = [sys.executable, "-m", "gunicorn", "loadtest.raw_asgi_app:app", "-k", "loadtest.raw_asgi_app.RawWorker",
-            "-w", str(WORKERS), "-b", f"127.0.0.1:{port}", "--log-level", "warning", "--backlog", "2048"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "loadtest.raw_asgi_app:app",
+        "-k",
+        "loadtest.raw_asgi_app.RawWorker",
+        "-w",
+        str(WORKERS),
+        "-b",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "2048",
+    ]
     env = {"RAW_TOKENS_PER_SECOND": str(PACE_TOKENS_PER_SECOND)}
     return Server.start("raw_asgi", argv, port=port, env=env, log_dir=log_dir, workers=WORKERS)
 
 
 def fake_openai(log_dir: Path) -> Server:
     port = free_port()
-    argv = [sys.executable, "-m", "loadtest.fake_openai", "--port", str(port),
-            "--tokens-per-second", str(PACE_TOKENS_PER_SECOND), "--first-token-ms", "0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "loadtest.fake_openai",
+        "--port",
+        str(port),
+        "--tokens-per-second",
+        str(PACE_TOKENS_PER_SECOND),
+        "--first-token-ms",
+        "0",
+    ]
     return Server.start("fake_openai", argv, port=port, env={}, log_dir=log_dir, workers=0, ready_path="/v1/models")
 
 

@@ -73,9 +73,13 @@ class Nginx:
         ingress = chart_ingress()
         text = NGINX_TEMPLATE.read_text()
         for key, value in {
-            "PREFIX": str(self.prefix), "PORT": str(self.port), "GENERATION": str(self.generation),
-            "UPSTREAM_SERVERS": upstream, "USER_DIRECTIVE": user,
-            "PROXY_TIMEOUT": str(int(ingress["proxyTimeoutSeconds"])), "BODY_SIZE": str(ingress["proxyBodySize"]),
+            "PREFIX": str(self.prefix),
+            "PORT": str(self.port),
+            "GENERATION": str(self.generation),
+            "UPSTREAM_SERVERS": upstream,
+            "USER_DIRECTIVE": user,
+            "PROXY_TIMEOUT": str(int(ingress["proxyTimeoutSeconds"])),
+            "BODY_SIZE": str(ingress["proxyBodySize"]),
         }.items():
             text = text.replace("{{" + key + "}}", value)
         leftover = re.findall(r"\{\{\w+\}\}", text)
@@ -124,8 +128,16 @@ class Nginx:
         def settled() -> bool:  # three new connections in a row answered by the new workers
             return all(self.answering_generation() == wanted for _ in range(3))
 
-        waited = wait_until(settled, RELOAD_TIMEOUT_S, f"nginx reload to generation {wanted}",
-                            alive=lambda: not child.exited())
-        self.reloads.append({"generation": wanted, "why": why, "servers": list(servers),
-                             "at": round(began - t0, 3), "took_s": round(waited, 3)})
+        waited = wait_until(
+            settled, RELOAD_TIMEOUT_S, f"nginx reload to generation {wanted}", alive=lambda: not child.exited()
+        )
+        self.reloads.append(
+            {
+                "generation": wanted,
+                "why": why,
+                "servers": list(servers),
+                "at": round(began - t0, 3),
+                "took_s": round(waited, 3),
+            }
+        )
         return waited

@@ -35,8 +35,10 @@ def require_binary(name: str) -> str:
     """The path of a binary CI installs (.ci/bootstrap.sh); raises HarnessError when it is missing."""
     path = shutil.which(name) or shutil.which(name, path=SYSTEM_PATH)
     if path is None:
-        raise HarnessError(f"`{name}` is not installed: apt-get install {DEBIAN_PACKAGES.get(name, name)} "
-                           "(.ci/bootstrap.sh installs it)")
+        raise HarnessError(
+            f"`{name}` is not installed: apt-get install {DEBIAN_PACKAGES.get(name, name)} "
+            "(.ci/bootstrap.sh installs it)"
+        )
     return path
 
 
@@ -56,7 +58,7 @@ def socket_activation(argv: Sequence[str], sockets: Sequence[socket.socket]) -> 
     fds = [sock.fileno() for sock in sockets]
     targets = [SD_LISTEN_FDS_START + i for i in range(len(fds))]
     # every socket is first copied to a spare fd, so that no move overwrites a socket not yet moved
-    spares = [n for n in range(targets[-1] + 1, targets[-1] + 1 + 2 * len(fds) + 2) if n not in fds][:len(fds)]
+    spares = [n for n in range(targets[-1] + 1, targets[-1] + 1 + 2 * len(fds) + 2) if n not in fds][: len(fds)]
     copy = " ".join(f"{spare}<&{fd}" for spare, fd in zip(spares, fds, strict=True))
     place = " ".join(f"{target}<&{spare}" for target, spare in zip(targets, spares, strict=True))
     close = " ".join(f"{spare}<&-" for spare in spares)
@@ -67,17 +69,32 @@ def socket_activation(argv: Sequence[str], sockets: Sequence[socket.socket]) -> 
 class Child:
     """A process started here, leader of its own process group (the group is what gets stopped)."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None, pass_fds: Sequence[int] = (), append_log: bool = True,
-                 stop_signal: int = signal.SIGTERM) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        pass_fds: Sequence[int] = (),
+        append_log: bool = True,
+        stop_signal: int = signal.SIGTERM,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self.stop_signal = stop_signal  # what stop_all() sends (a gateway that should not drain: SIGKILL)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab" if append_log else "wb") as out:
             self.popen = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None, cwd=cwd, pass_fds=tuple(pass_fds), process_group=0,
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                pass_fds=tuple(pass_fds),
+                process_group=0,
             )
         self.pid = self.popen.pid
         try:
@@ -108,8 +125,9 @@ class Child:
             time.sleep(0.02)
         return True
 
-    def wait_ready(self, ready: Callable[[], object], timeout: float, what: str | None = None, *,
-                   interval: float = 0.05) -> float:
+    def wait_ready(
+        self, ready: Callable[[], object], timeout: float, what: str | None = None, *, interval: float = 0.05
+    ) -> float:
         """Wait until `ready()` holds; fails at once if the child exits, with the end of its log."""
         try:
             return wait_until(ready, timeout, what or self.name, alive=lambda: not self.exited(), interval=interval)

@@ -116,8 +116,9 @@ class Prometheus:
         self.proc.stop(signal.SIGTERM, STOP_TIMEOUT_S)
 
 
-def prometheus_config(targets: Sequence[ScrapeTarget], rule_files: Iterable[Path], *, interval: str = "1s",
-                      job: str = JOB) -> dict[str, Any]:
+def prometheus_config(
+    targets: Sequence[ScrapeTarget], rule_files: Iterable[Path], *, interval: str = "1s", job: str = JOB
+) -> dict[str, Any]:
     """The config (JSON is YAML): one job, one static_config per target so each carries its own labels."""
     by_path: dict[str, list[ScrapeTarget]] = {}
     for target in targets:
@@ -140,22 +141,38 @@ def prometheus_config(targets: Sequence[ScrapeTarget], rule_files: Iterable[Path
     }
 
 
-def start_prometheus(targets: Sequence[ScrapeTarget | str], rule_files: Iterable[Path | str], workdir: Path, *,
-                     interval: str = "1s", spawn: Callable[..., Child] = Child) -> Prometheus:
+def start_prometheus(
+    targets: Sequence[ScrapeTarget | str],
+    rule_files: Iterable[Path | str],
+    workdir: Path,
+    *,
+    interval: str = "1s",
+    spawn: Callable[..., Child] = Child,
+) -> Prometheus:
     """Start Prometheus on a free loopback port and wait until it is ready (rules loaded, scraping)."""
     binary = require_binary(PROMETHEUS_BIN)
     scrape = [t if isinstance(t, ScrapeTarget) else ScrapeTarget(t) for t in targets]
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"
-    config_path.write_text(json.dumps(prometheus_config(scrape, [Path(p) for p in rule_files], interval=interval),
-                                      indent=2))
+    config_path.write_text(
+        json.dumps(prometheus_config(scrape, [Path(p) for p in rule_files], interval=interval), indent=2)
+    )
     log_path = workdir / "prometheus.log"
     for _attempt in range(BIND_ATTEMPTS):
         port = free_port()
-        proc = spawn("prometheus", [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
-                                    f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-                                    "--log.level=warn"],
-                     log_path=log_path, append_log=False)
+        proc = spawn(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+                "--log.level=warn",
+            ],
+            log_path=log_path,
+            append_log=False,
+        )
         server = Prometheus(url=f"http://127.0.0.1:{port}", proc=proc, config_path=config_path, log_path=log_path)
         try:
             proc.wait_ready(server.ready, START_TIMEOUT_S, "prometheus")

@@ -42,8 +42,9 @@ def _answers(port: int, pid: int) -> bool:
 class RedisServer:
     """redis-server on 127.0.0.1:`port`; stop()/kill() then start() keep the port."""
 
-    def __init__(self, workdir: Path, *, spawn: Spawn = Child, name: str = "redis-server",
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, spawn: Spawn = Child, name: str = "redis-server", log_path: Path | None = None
+    ) -> None:
         self.binary = require_binary("redis-server")
         self.workdir = workdir
         self.log_path = log_path or workdir / "redis-server.log"
@@ -72,12 +73,27 @@ class RedisServer:
 
     def _start_once(self) -> bool:
         """True once it answers; False if it exited because the port was in use."""
-        argv: Sequence[str] = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(self.workdir)]
+        argv: Sequence[str] = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
         proc = self.proc = self.spawn(self.name, argv, log_path=self.log_path, append_log=False)
         try:
-            proc.wait_ready(lambda: _answers(self.port, proc.pid), START_TIMEOUT_S,
-                            f"redis-server on port {self.port}", interval=0.01)
+            proc.wait_ready(
+                lambda: _answers(self.port, proc.pid),
+                START_TIMEOUT_S,
+                f"redis-server on port {self.port}",
+                interval=0.01,
+            )
         except HarnessError:
             self.kill()
             if "Address already in use" in tail(self.log_path):

@@ -11,8 +11,14 @@ POLL_S = 0.05  # polling interval, not an assertion
 GUARD_S = 10.0  # default for `eventually`: a guard against a hang, never a timing assertion
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str, *,
-               alive: Callable[[], bool] | None = None, interval: float = POLL_S) -> float:
+def wait_until(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    *,
+    alive: Callable[[], bool] | None = None,
+    interval: float = POLL_S,
+) -> float:
     """Poll `condition` until it is true; returns the seconds waited.
 
     Raises HarnessError naming `what` after `timeout` seconds, or at once when `alive()` turns false (the

@@ -48,4 +48,3 @@ come from loadtest/harness/.
 """
 
 from __future__ import annotations
-

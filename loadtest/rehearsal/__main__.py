@@ -30,26 +30,37 @@ class Interrupted(BaseException):
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     description = (loadtest.rehearsal.__doc__ or "").split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m loadtest.rehearsal", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.rehearsal",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--mode", choices=MODES, default="full")
-    parser.add_argument("--duration", type=float, default=30.0,
-                        help="seconds of load at least (longer if the rollout needs it) [30]")
+    parser.add_argument(
+        "--duration", type=float, default=30.0, help="seconds of load at least (longer if the rollout needs it) [30]"
+    )
     parser.add_argument("--users", type=int, default=30, help="Locust users [30]")
     parser.add_argument("--instances", type=int, default=3, help="gateway instances (at least 2) [3]")
-    parser.add_argument("--drain-timeout", type=float, default=None,
-                        help="DRAIN_TIMEOUT_SECONDS [full: 30, short-drain and resume: 2]")
-    parser.add_argument("--close-grace", type=float, default=None,
-                        help="DRAIN_CLOSE_GRACE_SECONDS [full: 5, short-drain and resume: 2]")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=None, help="DRAIN_TIMEOUT_SECONDS [full: 30, short-drain and resume: 2]"
+    )
+    parser.add_argument(
+        "--close-grace", type=float, default=None, help="DRAIN_CLOSE_GRACE_SECONDS [full: 5, short-drain and resume: 2]"
+    )
     parser.add_argument("--prestop", type=float, default=2.0, help="preStop seconds between removal and SIGTERM [2]")
     parser.add_argument("--max-tokens", type=int, default=150, help="tokens per stream [150]")
     parser.add_argument("--tokens-per-second", type=float, default=20.0, help="the mock's pace [20]")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first removal [5]")
-    parser.add_argument("--cooldown", type=float, default=3.0,
-                        help="seconds of load after the last instance is back [3]")
+    parser.add_argument(
+        "--cooldown", type=float, default=3.0, help="seconds of load after the last instance is back [3]"
+    )
     parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY of each instance [2]")
-    parser.add_argument("--resume-clients", type=int, default=6,
-                        help="resume mode: the rehearsal's own resuming SSE clients (streams of 2 x max_tokens) [6]")
+    parser.add_argument(
+        "--resume-clients",
+        type=int,
+        default=6,
+        help="resume mode: the rehearsal's own resuming SSE clients (streams of 2 x max_tokens) [6]",
+    )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.instances < 2:
@@ -57,11 +68,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if args.users < 1 or args.max_tokens < 1 or args.tokens_per_second <= 0:
         parser.error("--users, --max-tokens and --tokens-per-second must be positive")
     return Config(
-        mode=args.mode, duration=args.duration, users=args.users, instances=args.instances,
+        mode=args.mode,
+        duration=args.duration,
+        users=args.users,
+        instances=args.instances,
         drain_timeout=args.drain_timeout if args.drain_timeout is not None else DEFAULT_DRAIN[args.mode],
         close_grace=args.close_grace if args.close_grace is not None else DEFAULT_CLOSE_GRACE[args.mode],
-        prestop=args.prestop, max_tokens=args.max_tokens, tokens_per_second=args.tokens_per_second,
-        warmup=args.warmup, cooldown=args.cooldown, workers=args.workers, resume_clients=args.resume_clients,
+        prestop=args.prestop,
+        max_tokens=args.max_tokens,
+        tokens_per_second=args.tokens_per_second,
+        warmup=args.warmup,
+        cooldown=args.cooldown,
+        workers=args.workers,
+        resume_clients=args.resume_clients,
         output_dir=args.output_dir.resolve(),
     )
 

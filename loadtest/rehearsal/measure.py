@@ -27,6 +27,7 @@ UP = "up"
 
 # --- gateway and nginx logs -----------------------------------------------------------------------------------
 
+
 def drain_cuts(log_path: Path) -> int | None:
     """Streams the drain ended with server_shutdown, summed over the workers' "drain finished" log lines."""
     cuts = []
@@ -70,11 +71,16 @@ def nginx_access_stats(path: Path) -> dict[str, Any]:
             attempts = [a.strip() for a in re.split(r"[,:]", match["upstream"]) if a.strip()]
             if len(attempts) > 1:
                 retried[" → ".join(attempts)] += 1
-    return {"requests": sum(statuses.values()), "by_status": dict(sorted(statuses.items())),
-            "retried_on_another_instance": sum(retried.values()), "retries": dict(retried)}
+    return {
+        "requests": sum(statuses.values()),
+        "by_status": dict(sorted(statuses.items())),
+        "retried_on_another_instance": sum(retried.values()),
+        "retries": dict(retried),
+    }
 
 
 # --- resuming SSE clients (resume mode) ---------------------------------------------------------------------
+
 
 @dataclass
 class ResumeStats:
@@ -104,8 +110,10 @@ class ResumeClients:
         self.stop = threading.Event()
         self.stats = ResumeStats()
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), name=f"resume-client-{i}", daemon=True)
-                        for i in range(clients)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"resume-client-{i}", daemon=True)
+            for i in range(clients)
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -227,22 +235,28 @@ class ResumeClients:
 
 # --- Prometheus data --------------------------------------------------------------------------------------------
 
+
 def query_series(prometheus: Prometheus, start: float, end: float) -> dict[str, Any]:
     """Range queries over the run (1 s steps): active connections per instance, TTFT p95."""
+
     def points(expr: str) -> list[dict[str, Any]]:
         data = prometheus.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1s")
-        return [{"labels": item["metric"], "values": [[float(t), float(v)] for t, v in item["values"]]}
-                for item in data["result"]]
+        return [
+            {"labels": item["metric"], "values": [[float(t), float(v)] for t, v in item["values"]]}
+            for item in data["result"]
+        ]
 
-    return {"active_connections": points(ACTIVE), "ttft_p95": points(TTFT_P95), "up": points(UP),
-            "queries": {"active_connections": ACTIVE, "ttft_p95": TTFT_P95, "up": UP}}
+    return {
+        "active_connections": points(ACTIVE),
+        "ttft_p95": points(TTFT_P95),
+        "up": points(UP),
+        "queries": {"active_connections": ACTIVE, "ttft_p95": TTFT_P95, "up": UP},
+    }
 
 
 def locust_stats(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
-    keep = ("Type", "Name", "Request Count", "Failure Count", "Median Response Time", "95%", "99%",
-            "Max Response Time")
+    keep = ("Type", "Name", "Request Count", "Failure Count", "Median Response Time", "95%", "99%", "Max Response Time")
     with path.open() as f:
         return [{k: row.get(k, "") for k in keep} for row in csv.DictReader(f)]
-

@@ -24,16 +24,23 @@ def render_png(results: dict[str, Any], path: Path) -> None:
         name = item["labels"].get("instance", "?")
         xs, ys = with_gaps([(t - t0, v) for t, v in item["values"]])
         width = 1.2 + 1.0 * (len(series) - 1 - n)  # wider first: instances carrying equal loads stay visible
-        line, = top.step(xs, ys, where="post", label=name, linewidth=width, alpha=0.85)
+        (line,) = top.step(xs, ys, where="post", label=name, linewidth=width, alpha=0.85)
         colours[name] = line.get_color()
     for termination in results["terminations"]:
         colour = colours.get(termination["instance"], "grey")
         for axis in (top, bottom):
             axis.axvspan(termination["removed_at"], termination["added_at"], color=colour, alpha=0.08)
             axis.axvline(termination["sigterm_at"], color=colour, linestyle="--", linewidth=1.2)
-        top.annotate(f"SIGTERM {termination['instance']}\ndrain {termination['drain_s']:.1f} s",
-                     xy=(termination["sigterm_at"], 1.0), xycoords=("data", "axes fraction"),
-                     xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color=colour)
+        top.annotate(
+            f"SIGTERM {termination['instance']}\ndrain {termination['drain_s']:.1f} s",
+            xy=(termination["sigterm_at"], 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color=colour,
+        )
     top.set_ylabel("active streams per instance")
     top.set_ylim(bottom=0)
     top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, borderaxespad=0)
@@ -44,24 +51,30 @@ def render_png(results: dict[str, Any], path: Path) -> None:
         f"Rolling restart, mode {results['mode']}: {config['instances']} instances, {config['users']} users, "
         f"drain {config['drain_timeout']:g} s, preStop {config['prestop']:g} s  —  completed {counts['completed']}, "
         f"server_shutdown {counts['graceful']}, truncated {counts['truncated']}, errors {counts['errors']}",
-        fontsize=9)
+        fontsize=9,
+    )
     highest = 0.0
     ttft_lines: list[Any] = []
     for item in results["prometheus"]["ttft_p95"]:
         pairs = [(t - t0, v * 1000) for t, v in item["values"] if v == v]  # NaN: no stream started in the window
         if pairs:
             xs, ys = with_gaps(pairs)
-            ttft_lines += bottom.plot(xs, ys, color="black", linewidth=1.4,
-                                      label="TTFT p95,\nall instances\n(rate over 10 s)")
+            ttft_lines += bottom.plot(
+                xs, ys, color="black", linewidth=1.4, label="TTFT p95,\nall instances\n(rate over 10 s)"
+            )
             highest = max(highest, max(p[1] for p in pairs))
     bottom.set_ylabel("TTFT p95 (ms)")
-    bottom.set_xlabel("seconds since the load started (shaded: instance out of nginx's upstream; dashed: SIGTERM; "
-                      "a line breaks while its instance is not scraped)", fontsize=8)
+    bottom.set_xlabel(
+        "seconds since the load started (shaded: instance out of nginx's upstream; dashed: SIGTERM; "
+        "a line breaks while its instance is not scraped)",
+        fontsize=8,
+    )
     bottom.set_ylim(0, max(highest * 1.3, 10.0))
     bottom.grid(alpha=0.3)
     if ttft_lines:
-        bottom.legend(handles=ttft_lines[:1], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8,
-                      borderaxespad=0)
+        bottom.legend(
+            handles=ttft_lines[:1], loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, borderaxespad=0
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,27 +133,42 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
         "",
     ]
     if results["by_endpoint"]:
-        lines += ["| endpoint | started | completed | graceful | truncated | refused | errors | aborted |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| endpoint | started | completed | graceful | truncated | refused | errors | aborted |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for endpoint, c in results["by_endpoint"].items():
-            lines.append(f"| `{endpoint}` | {c.get('started', 0)} | {c.get('completed', 0)} | {c.get('graceful', 0)} "
-                         f"| {c.get('truncated', 0)} | {c.get('refused', 0)} | {c.get('errors', 0)} | "
-                         f"{c.get('aborted', 0)} |")
+            lines.append(
+                f"| `{endpoint}` | {c.get('started', 0)} | {c.get('completed', 0)} | {c.get('graceful', 0)} "
+                f"| {c.get('truncated', 0)} | {c.get('refused', 0)} | {c.get('errors', 0)} | "
+                f"{c.get('aborted', 0)} |"
+            )
         lines.append("")
     if results["by_reason"]:
-        lines.append("Ends other than `completed`: " + ", ".join(
-            f"`{reason}` {n}" for reason, n in results["by_reason"].items()) + ".")
+        lines.append(
+            "Ends other than `completed`: "
+            + ", ".join(f"`{reason}` {n}" for reason, n in results["by_reason"].items())
+            + "."
+        )
         lines.append("")
     if results["locust_resume"] is not None:
-        lines += ["Locust's resuming users: " + ", ".join(f"{key} {n}" for key, n in results["locust_resume"].items())
-                  + " (`resume_mismatch` and `not_resumable` are counted in `errors` too).", ""]
+        lines += [
+            "Locust's resuming users: "
+            + ", ".join(f"{key} {n}" for key, n in results["locust_resume"].items())
+            + " (`resume_mismatch` and `not_resumable` are counted in `errors` too).",
+            "",
+        ]
     nginx = results["nginx_requests"]
     lines += [
-        f"nginx: {nginx['requests']} requests (" + ", ".join(f"{status}: {n}" for status, n in
-                                                             nginx["by_status"].items())
+        f"nginx: {nginx['requests']} requests ("
+        + ", ".join(f"{status}: {n}" for status, n in nginx["by_status"].items())
         + f"); {nginx['retried_on_another_instance']} sent to a second instance by `proxy_next_upstream`"
-        + (" (" + ", ".join(f"upstream statuses {k}: {v}" for k, v in nginx["retries"].items()) + ")"
-           if nginx["retries"] else "") + ".",
+        + (
+            " (" + ", ".join(f"upstream statuses {k}: {v}" for k, v in nginx["retries"].items()) + ")"
+            if nginx["retries"]
+            else ""
+        )
+        + ".",
         "",
     ]
     lines += [
@@ -154,9 +182,14 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
         lines.append(
             f"| {t['instance']} | {t['removed_at']:.1f} s | {t['sigterm_at']:.1f} s | {t['in_flight_at_sigterm']} | "
             f"**{t['drain_s']:.2f} s** | {t['cut_by_drain']} | {t['exit_code']} | {t['replacement_ready_s']:.1f} s | "
-            f"{t['added_at']:.1f} s |")
-    lines += ["", "Times are seconds since the load started; \"cut by the drain\" sums the workers' "
-              "`drain finished` log lines (streams still running at the drain deadline).", ""]
+            f"{t['added_at']:.1f} s |"
+        )
+    lines += [
+        "",
+        'Times are seconds since the load started; "cut by the drain" sums the workers\' '
+        "`drain finished` log lines (streams still running at the drain deadline).",
+        "",
+    ]
     if results["resume_clients"] is not None:
         r = results["resume_clients"]
         lines += [
@@ -170,9 +203,12 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
             "",
             "Each resumed stream is checked to `done`: status and token ids 0..n once each and in order, the text "
             "equal to the mock's uninterrupted answer, `done.tokens` = max_tokens."
-            + (f" Note: {r['done_id_skips']} of the completed streams got a `done` whose id is not n+1 (a skipped "
-               "id: the live `done` is encoded once for the resume log and again for the client)."
-               if r["done_id_skips"] else ""),
+            + (
+                f" Note: {r['done_id_skips']} of the completed streams got a `done` whose id is not n+1 (a skipped "
+                "id: the live `done` is encoded once for the resume log and again for the client)."
+                if r["done_id_skips"]
+                else ""
+            ),
             "",
             f"Gateway side (their logs): {results['handover']['cut_by_drains']} streams were still running at a "
             f"drain deadline; the {results['handover']['cut_resumable']} of them on /stream and /ws were handed to "
@@ -204,14 +240,20 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
         lines += ["| Locust | count | median | p95 | p99 | max |", "|---|---:|---:|---:|---:|---:|"]
         for row in ttft_rows:
             cells = [_num(row[key]) for key in ("Median Response Time", "95%", "99%", "Max Response Time")]
-            lines.append(f"| {row['Type']} {row['Name']} | {row['Request Count']} | "
-                         + " | ".join(f"{cell} ms" for cell in cells) + " |")
+            lines.append(
+                f"| {row['Type']} {row['Name']} | {row['Request Count']} | "
+                + " | ".join(f"{cell} ms" for cell in cells)
+                + " |"
+            )
         lines.append("")
     lines += ["## Checks", ""]
     lines += [f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in results["checks"]]
     if results["problems"]:
         lines += ["", "Problems: " + "; ".join(results["problems"])]
-    lines += ["", "Files: `rehearsal.json` (every number), `locust_*.csv`, `locust_summary.json`, `logs/` (each "
-              "gateway process, nginx config and logs, Prometheus, Locust).", ""]
+    lines += [
+        "",
+        "Files: `rehearsal.json` (every number), `locust_*.csv`, `locust_summary.json`, `logs/` (each "
+        "gateway process, nginx config and logs, Prometheus, Locust).",
+        "",
+    ]
     return "\n".join(lines)
-

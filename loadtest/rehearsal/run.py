@@ -58,6 +58,7 @@ def log(message: str) -> None:
 
 # --- gateway instances ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Termination:
     """One instance's pass through the pod termination sequence (times: seconds since the load started)."""
@@ -102,14 +103,25 @@ class Instance:
         tag = f"{self.name}.{self.generation}"
         # the public socket on fd 3, the metrics socket on fd 4 (LISTEN_FDS=2)
         argv, activation = socket_activation([sys.executable, "-m", "app"], [self.sock, self.metrics_sock])
-        env = dict(self.env, PORT=str(self.port), METRICS_PORT=self.metrics_url.rsplit(":", 1)[1], **activation,
-                   PROMETHEUS_MULTIPROC_DIR=str(self.workdir / f"metrics-{tag}"))
+        env = dict(
+            self.env,
+            PORT=str(self.port),
+            METRICS_PORT=self.metrics_url.rsplit(":", 1)[1],
+            **activation,
+            PROMETHEUS_MULTIPROC_DIR=str(self.workdir / f"metrics-{tag}"),
+        )
         if env.get("RESUME_STORE", "local") == "local":
             env["RESUME_DIR"] = str(self.workdir / f"resume-{tag}")
-        self.child = self.supervisor.spawn(tag, argv, log_path=self.logdir / f"{tag}.log", env=env, cwd=ROOT,
-                                           pass_fds=(self.sock.fileno(), self.metrics_sock.fileno()),
-                                           # at the end of the run a gateway is killed outright, not drained
-                                           stop_signal=signal.SIGKILL)
+        self.child = self.supervisor.spawn(
+            tag,
+            argv,
+            log_path=self.logdir / f"{tag}.log",
+            env=env,
+            cwd=ROOT,
+            pass_fds=(self.sock.fileno(), self.metrics_sock.fileno()),
+            # at the end of the run a gateway is killed outright, not drained
+            stop_signal=signal.SIGKILL,
+        )
 
     def ready(self) -> bool:
         try:
@@ -136,6 +148,7 @@ class Instance:
 
 # --- the run ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Config:
     mode: str
@@ -159,15 +172,26 @@ class Config:
 
 
 def gateway_env(config: Config, redis_url: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_", "LISTEN_", "RESUME_", "REDIS_", "LOCUST_"))}
-    env.update({
-        "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(config.workers), "LOG_LEVEL": "info", "LOG_FORMAT": "json",
-        "MOCK_TOKENS_PER_SECOND": f"{config.tokens_per_second:g}", "MOCK_FIRST_TOKEN_MS": "50",
-        "DRAIN_TIMEOUT_SECONDS": f"{config.drain_timeout:g}", "DRAIN_CLOSE_GRACE_SECONDS": f"{config.close_grace:g}",
-        # every client reaches the gateways through nginx from 127.0.0.1: one "client" for the per-client limits
-        "RATE_LIMIT_PER_MINUTE": "0", "MAX_CONNECTIONS_PER_CLIENT": "10000",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("UPSTREAM_", "MOCK_", "PROMETHEUS_", "LISTEN_", "RESUME_", "REDIS_", "LOCUST_"))
+    }
+    env.update(
+        {
+            "HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": str(config.workers),
+            "LOG_LEVEL": "info",
+            "LOG_FORMAT": "json",
+            "MOCK_TOKENS_PER_SECOND": f"{config.tokens_per_second:g}",
+            "MOCK_FIRST_TOKEN_MS": "50",
+            "DRAIN_TIMEOUT_SECONDS": f"{config.drain_timeout:g}",
+            "DRAIN_CLOSE_GRACE_SECONDS": f"{config.close_grace:g}",
+            # every client reaches the gateways through nginx from 127.0.0.1: one "client" for the per-client limits
+            "RATE_LIMIT_PER_MINUTE": "0",
+            "MAX_CONNECTIONS_PER_CLIENT": "10000",
+        }
+    )
     if redis_url is not None:
         env.update({"RESUME_STORE": "redis", "REDIS_URL": redis_url, "REDIS_TIMEOUT_SECONDS": "2"})
     return env
@@ -175,11 +199,15 @@ def gateway_env(config: Config, redis_url: str | None) -> dict[str, str]:
 
 def locust_env(config: Config, summary_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    env.update({
-        "LOCUST_SUMMARY_PATH": str(summary_path), "LOCUST_MAX_TOKENS": str(config.max_tokens),
-        "LOCUST_MAX_RECONNECTS": "5", "LOCUST_MAX_RETRY_AFTER": "1",
-        "LOCUST_NETWORK_TIMEOUT": f"{max(60.0, config.stream_seconds + config.drain_timeout + 30):g}",
-    })
+    env.update(
+        {
+            "LOCUST_SUMMARY_PATH": str(summary_path),
+            "LOCUST_MAX_TOKENS": str(config.max_tokens),
+            "LOCUST_MAX_RECONNECTS": "5",
+            "LOCUST_MAX_RETRY_AFTER": "1",
+            "LOCUST_NETWORK_TIMEOUT": f"{max(60.0, config.stream_seconds + config.drain_timeout + 30):g}",
+        }
+    )
     return env
 
 
@@ -215,12 +243,14 @@ class Rehearsal:
             redis_url = redis.url
             log(f"redis-server at {redis_url}")
         env = gateway_env(config, redis_url)
-        self.instances = [Instance(i, env, self.supervisor, self.workdir, self.logdir)
-                          for i in range(config.instances)]
+        self.instances = [Instance(i, env, self.supervisor, self.workdir, self.logdir) for i in range(config.instances)]
         # Prometheus first: it applies its targets a few seconds after start (discovery reload interval)
         self.prometheus = start_prometheus(
             [ScrapeTarget(inst.metrics_url, {"instance": inst.name}) for inst in self.instances],
-            (), self.workdir / "prometheus", spawn=self.supervisor.spawn)
+            (),
+            self.workdir / "prometheus",
+            spawn=self.supervisor.spawn,
+        )
         log(f"prometheus at {self.prometheus.url}")
         for instance in self.instances:
             instance.start()
@@ -242,14 +272,36 @@ class Rehearsal:
         assert self.nginx is not None
         config = self.config
         guard = int(config.duration * 3 + config.instances * (config.prestop + config.drain_timeout + 60) + 60)
-        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(config.users),
-                "-r", str(max(1, config.users // 2)), "-t", f"{guard}s", "--host", self.nginx.url,
-                "--csv", str(self.out / "locust"), "--only-summary",
-                # at the stop, users finish the stream they are reading (then `aborted` stays 0)
-                "--stop-timeout", f"{self.stop_timeout():g}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "-u",
+            str(config.users),
+            "-r",
+            str(max(1, config.users // 2)),
+            "-t",
+            f"{guard}s",
+            "--host",
+            self.nginx.url,
+            "--csv",
+            str(self.out / "locust"),
+            "--only-summary",
+            # at the stop, users finish the stream they are reading (then `aborted` stays 0)
+            "--stop-timeout",
+            f"{self.stop_timeout():g}",
+        ]
         self.t0, self.t0_epoch = time.monotonic(), time.time()
-        self.locust = self.supervisor.spawn("locust", argv, log_path=self.logdir / "locust.log",
-                                            env=locust_env(config, self.out / "locust_summary.json"), cwd=self.out)
+        self.locust = self.supervisor.spawn(
+            "locust",
+            argv,
+            log_path=self.logdir / "locust.log",
+            env=locust_env(config, self.out / "locust_summary.json"),
+            cwd=self.out,
+        )
         if config.mode == "resume" and config.resume_clients > 0:
             # twice as long as Locust's streams: most of them span a removal, preStop and drain
             self.resume_clients = ResumeClients(self.nginx.url, config.resume_clients, 2 * config.max_tokens)
@@ -311,8 +363,10 @@ class Rehearsal:
         record.shutdown_by_endpoint = dict(shutdown_ends(old.log_path))
         if record.exit_code != 0:
             self.problems.append(f"{instance.name} exited with {record.exit_code} after SIGTERM")
-        log(f"{instance.name}: drained and exited in {record.drain_s:.2f} s (code {record.exit_code}, "
-            f"{record.in_flight_at_sigterm} streams at SIGTERM, {record.cut_by_drain} cut)")
+        log(
+            f"{instance.name}: drained and exited in {record.drain_s:.2f} s (code {record.exit_code}, "
+            f"{record.in_flight_at_sigterm} streams at SIGTERM, {record.cut_by_drain} cut)"
+        )
         instance.start()
         record.replacement_ready_s = round(instance.wait_ready(), 3)
         record.ready_at = self.since()
@@ -358,10 +412,12 @@ class Rehearsal:
         self.supervisor.stop_all()
         for instance in self.instances:
             instance.close()
-        for source, name in ((self.workdir / "nginx" / "error.log", "nginx-error.log"),
-                             (self.workdir / "nginx" / "access.log", "nginx-access.log"),
-                             (self.workdir / "prometheus" / "prometheus.log", "prometheus.log"),
-                             (self.workdir / "redis" / "redis-server.log", "redis.log")):
+        for source, name in (
+            (self.workdir / "nginx" / "error.log", "nginx-error.log"),
+            (self.workdir / "nginx" / "access.log", "nginx-access.log"),
+            (self.workdir / "prometheus" / "prometheus.log", "prometheus.log"),
+            (self.workdir / "redis" / "redis-server.log", "redis.log"),
+        ):
             if source.exists():
                 shutil.copyfile(source, self.logdir / name)
         if self.nginx is not None and self.nginx.conf.exists():
@@ -371,56 +427,96 @@ class Rehearsal:
             (self.out / "processes.json").unlink()
 
     # -- results ----------------------------------------------------------------------------------------------
-    def results(self, summary: dict[str, Any], series: dict[str, Any], load_seconds: float,
-                resume: dict[str, Any] | None) -> dict[str, Any]:
+    def results(
+        self, summary: dict[str, Any], series: dict[str, Any], load_seconds: float, resume: dict[str, Any] | None
+    ) -> dict[str, Any]:
         config = self.config
-        counts = {key: int(summary.get(key, 0)) for key in
-                  ("started", "completed", "graceful", "truncated", "refused", "errors", "aborted", "reconnects",
-                   "retried", "in_flight")}
+        counts = {
+            key: int(summary.get(key, 0))
+            for key in (
+                "started",
+                "completed",
+                "graceful",
+                "truncated",
+                "refused",
+                "errors",
+                "aborted",
+                "reconnects",
+                "retried",
+                "in_flight",
+            )
+        }
         # a locustfile whose users resume (issue 8) reports these too; None: its users do not resume
         locust_resume = {key: summary[key] for key in LOCUST_RESUME_KEYS if key in summary} or None
         checks: list[tuple[str, bool]] = [
             ("no stream truncated (truncated == 0)", counts["truncated"] == 0),
             ("no stream ended in an error (errors == 0)", counts["errors"] == 0),
             ("streams completed under load (completed > 0)", counts["completed"] > 0),
-            (f"every instance drained, exited 0 and was replaced ({len(self.terminations)}/{config.instances})",
-             len(self.terminations) == config.instances and all(t.exit_code == 0 for t in self.terminations)),
+            (
+                f"every instance drained, exited 0 and was replaced ({len(self.terminations)}/{config.instances})",
+                len(self.terminations) == config.instances and all(t.exit_code == 0 for t in self.terminations),
+            ),
             ("the rehearsal's own steps went as planned", not self.problems),
         ]
         longest = max((t.drain_s for t in self.terminations), default=0.0)
         if config.mode == "full":
-            checks.append((f"drain {config.drain_timeout:g} s outlasts the ~{config.stream_seconds:g} s streams: "
-                           "no server_shutdown (graceful == 0)", counts["graceful"] == 0))
-            checks.append((f"every drain ended before its deadline (longest {longest:.1f} s)",
-                           longest < config.drain_timeout))
+            checks.append(
+                (
+                    f"drain {config.drain_timeout:g} s outlasts the ~{config.stream_seconds:g} s streams: "
+                    "no server_shutdown (graceful == 0)",
+                    counts["graceful"] == 0,
+                )
+            )
+            checks.append(
+                (f"every drain ended before its deadline (longest {longest:.1f} s)", longest < config.drain_timeout)
+            )
         else:
-            checks.append((f"drain {config.drain_timeout:g} s is shorter than the ~{config.stream_seconds:g} s "
-                           "streams: the streams it cut ended with server_shutdown (graceful > 0)",
-                           counts["graceful"] > 0))
+            checks.append(
+                (
+                    f"drain {config.drain_timeout:g} s is shorter than the ~{config.stream_seconds:g} s "
+                    "streams: the streams it cut ended with server_shutdown (graceful > 0)",
+                    counts["graceful"] > 0,
+                )
+            )
         handover = None
         if config.mode == "resume":
             gateway_logs = [c.log_path for c in self.supervisor.children if c.name.startswith("gw-")]
-            handover = {"cut_by_drains": sum(t.cut_by_drain or 0 for t in self.terminations),
-                        "cut_resumable": sum(t.shutdown_by_endpoint.get(e, 0) for t in self.terminations
-                                             for e in RESUMABLE_ENDPOINTS),
-                        "continued_elsewhere": log_messages(gateway_logs, CLAIM_MESSAGE)}
-            checks.append(("every /stream and /ws stream a drain cut was handed over and continued by another "
-                           f"instance ({handover['continued_elsewhere']} continued, {handover['cut_resumable']} cut)",
-                           handover["continued_elsewhere"] >= handover["cut_resumable"] > 0))
+            handover = {
+                "cut_by_drains": sum(t.cut_by_drain or 0 for t in self.terminations),
+                "cut_resumable": sum(
+                    t.shutdown_by_endpoint.get(e, 0) for t in self.terminations for e in RESUMABLE_ENDPOINTS
+                ),
+                "continued_elsewhere": log_messages(gateway_logs, CLAIM_MESSAGE),
+            }
+            checks.append(
+                (
+                    "every /stream and /ws stream a drain cut was handed over and continued by another "
+                    f"instance ({handover['continued_elsewhere']} continued, {handover['cut_resumable']} cut)",
+                    handover["continued_elsewhere"] >= handover["cut_resumable"] > 0,
+                )
+            )
             if locust_resume is not None:
-                checks.append(("Locust users resumed handed-over streams, every resumed stream whole "
-                               f"(resumed {locust_resume.get('resumed', 0)}, resume_mismatch "
-                               f"{locust_resume.get('resume_mismatch', 0)}, not_resumable "
-                               f"{locust_resume.get('not_resumable', 0)})",
-                               locust_resume.get("resumed", 0) > 0 and not locust_resume.get("resume_mismatch")
-                               and not locust_resume.get("not_resumable")))
+                checks.append(
+                    (
+                        "Locust users resumed handed-over streams, every resumed stream whole "
+                        f"(resumed {locust_resume.get('resumed', 0)}, resume_mismatch "
+                        f"{locust_resume.get('resume_mismatch', 0)}, not_resumable "
+                        f"{locust_resume.get('not_resumable', 0)})",
+                        locust_resume.get("resumed", 0) > 0
+                        and not locust_resume.get("resume_mismatch")
+                        and not locust_resume.get("not_resumable"),
+                    )
+                )
             stats = resume or {}
             failures = sum((stats.get("failures") or {}).values())
-            checks.append(("resuming clients: every server_shutdown was resumed to done with the whole text, no "
-                           "gap or duplicate, and no stream failed otherwise "
-                           f"({stats.get('resumed', 0)}/{stats.get('shutdowns', 0)} resumed, {failures} failed)",
-                           stats.get("shutdowns", 0) > 0 and stats.get("resumed") == stats.get("shutdowns")
-                           and failures == 0))
+            checks.append(
+                (
+                    "resuming clients: every server_shutdown was resumed to done with the whole text, no "
+                    "gap or duplicate, and no stream failed otherwise "
+                    f"({stats.get('resumed', 0)}/{stats.get('shutdowns', 0)} resumed, {failures} failed)",
+                    stats.get("shutdowns", 0) > 0 and stats.get("resumed") == stats.get("shutdowns") and failures == 0,
+                )
+            )
         return {
             "mode": config.mode,
             "ok": all(passed for _, passed in checks),
@@ -440,8 +536,11 @@ class Rehearsal:
             "handover": handover,
             "prometheus": series,
             "locust_stats": locust_stats(self.out / "locust_stats.csv"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            },
             "t0_epoch": self.t0_epoch,
         }
-

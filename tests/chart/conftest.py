@@ -40,8 +40,10 @@ CHART_TOOLS = _chart_tools()
 
 def _installed(name: str, target: Path) -> Path:
     if not CHART_TOOLS.installed(target):
-        pytest.fail(f"{name}: missing from the tool cache ({target}); run `bash .ci/bootstrap.sh` "
-                    f"(or `.venv/bin/python .ci/chart_tools.py`) once; the tests download nothing")
+        pytest.fail(
+            f"{name}: missing from the tool cache ({target}); run `bash .ci/bootstrap.sh` "
+            f"(or `.venv/bin/python .ci/chart_tools.py`) once; the tests download nothing"
+        )
     return target
 
 

@@ -10,7 +10,8 @@ import kubernetes_validate
 from .conftest import NAMESPACE, Helm
 
 WATCHING: dict[str, Any] = {
-    "gateway__env__UPSTREAM_DISCOVERY": "kubernetes", "gateway__env__UPSTREAM_K8S_SERVICE": "models/llm",
+    "gateway__env__UPSTREAM_DISCOVERY": "kubernetes",
+    "gateway__env__UPSTREAM_K8S_SERVICE": "models/llm",
     "gateway__env__UPSTREAM_URL": "http://llm.models.svc:8000/v1",
 }
 
@@ -34,13 +35,18 @@ def test_kubernetes_discovery_may_list_and_watch_endpointslices_only(helm: Helm)
     for doc in (role, binding):
         kubernetes_validate.validate(doc, "1.35.0", strict=True)
         assert doc["metadata"]["namespace"] == "models"  # where the watched Service is
-    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                              "verbs": ["list", "watch"]}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
-                                    "namespace": NAMESPACE}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}
+    ]
     assert pod["automountServiceAccountToken"] is True  # the client authenticates with the pod's token
 
 

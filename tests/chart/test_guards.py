@@ -16,21 +16,31 @@ from .conftest import Helm, find
 def test_grace_period_must_outlast_prestop_drain_and_close_grace(helm: Helm) -> None:
     # defaults: preStop 10 + drain 30 + metrics linger 15 + 2 x close grace 5 + margin 5 = 70
     message = helm.template_error(terminationGracePeriodSeconds=70)
-    for name in ("terminationGracePeriodSeconds", "preStop.sleepSeconds", "gateway.env.DRAIN_TIMEOUT_SECONDS",
-                 "drainMetricsLingerSeconds", "gateway.env.DRAIN_CLOSE_GRACE_SECONDS", "shutdownMarginSeconds"):
+    for name in (
+        "terminationGracePeriodSeconds",
+        "preStop.sleepSeconds",
+        "gateway.env.DRAIN_TIMEOUT_SECONDS",
+        "drainMetricsLingerSeconds",
+        "gateway.env.DRAIN_CLOSE_GRACE_SECONDS",
+        "shutdownMarginSeconds",
+    ):
         assert f"`{name}`" in message, message
     assert "(70) must exceed" in message and "= 70" in message, message
     deployment = find(helm.template(terminationGracePeriodSeconds=71), "Deployment")
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 71
 
 
-@pytest.mark.parametrize("values", [
-    {"gateway__env__DRAIN_TIMEOUT_SECONDS": 35.0},
-    {"gateway__env__DRAIN_CLOSE_GRACE_SECONDS": 7.5},
-    {"preStop__sleepSeconds": 15},
-    {"drainMetricsLingerSeconds": 20},
-    {"shutdownMarginSeconds": 10},
-], ids=lambda v: next(iter(v)))
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"gateway__env__DRAIN_TIMEOUT_SECONDS": 35.0},
+        {"gateway__env__DRAIN_CLOSE_GRACE_SECONDS": 7.5},
+        {"preStop__sleepSeconds": 15},
+        {"drainMetricsLingerSeconds": 20},
+        {"shutdownMarginSeconds": 10},
+    ],
+    ids=lambda v: next(iter(v)),
+)
 def test_grace_check_follows_every_term(helm: Helm, values: dict[str, Any]) -> None:
     message = helm.template_error(**values)  # each one 5 s over the default grace period's 75
     assert "`terminationGracePeriodSeconds` (75) must exceed" in message, message

@@ -24,8 +24,12 @@ def _script(helm: Helm, **values: Any) -> str:
 
 def _run(script: str, url: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin", "GATEWAY_URL": url, "TMPDIR": str(tmp_path), **env},
-        capture_output=True, text=True, timeout=60, check=False,
+        ["/bin/sh", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "GATEWAY_URL": url, "TMPDIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

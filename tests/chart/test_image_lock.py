@@ -27,9 +27,15 @@ INSTALL_TIMEOUT_S = 600  # guard: installing the locked wheels into a fresh venv
 LOCK_TEXT = (ROOT / "requirements.lock").read_text()
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 # Linux x86_64 and CPython 3.11, as in the image (python:3.11.x-slim-bookworm)
-TARGET: dict[str, str] = {**{name: str(value) for name, value in default_environment().items()},
-                          "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-                          "python_version": "3.11", "implementation_name": "cpython", "extra": ""}
+TARGET: dict[str, str] = {
+    **{name: str(value) for name, value in default_environment().items()},
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "python_version": "3.11",
+    "implementation_name": "cpython",
+    "extra": "",
+}
 
 
 def _lock() -> dict[str, tuple[str, list[str]]]:
@@ -89,7 +95,7 @@ def test_dockerfile_installs_the_lock_before_the_code_with_hashes_and_no_pip() -
     install = next(i for i, line in enumerate(lines) if "-r requirements.lock" in line)
     copy_app = next(i for i, line in enumerate(lines) if re.match(r"COPY (--from=\S+ )?app ", line))
     assert copy_lock < install < copy_app  # a code change reuses the dependency layer
-    command = " ".join(lines[install - 1:install + 1])
+    command = " ".join(lines[install - 1 : install + 1])
     assert "--require-hashes" in command and "--no-deps" in command and "--only-binary :all:" in command
     assert "python -m venv --without-pip /opt/venv" in DOCKERFILE
     runtime = DOCKERFILE.split("AS runtime", 1)[1]
@@ -114,9 +120,24 @@ def test_the_image_virtualenv_built_from_the_lock_runs_the_app(tmp_path: Path) -
     python = str(venv / "bin" / "python")
     pip = [sys.executable, "-m", "pip", "--python", python]
     done = subprocess.run(
-        [*pip, "install", "--quiet", "--no-index", "--find-links", str(_wheels()), "--require-hashes", "--no-deps",
-         "--only-binary", ":all:", "-r", str(ROOT / "requirements.lock")],
-        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False,
+        [
+            *pip,
+            "install",
+            "--quiet",
+            "--no-index",
+            "--find-links",
+            str(_wheels()),
+            "--require-hashes",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-r",
+            str(ROOT / "requirements.lock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     check = subprocess.run([*pip, "check"], capture_output=True, text=True, timeout=120, check=False)
@@ -128,6 +149,11 @@ def test_the_image_virtualenv_built_from_the_lock_runs_the_app(tmp_path: Path) -
     (app / "app").symlink_to(ROOT / "app", target_is_directory=True)
     imported = subprocess.run(
         [python, "-c", "import app.main, app.gunicorn_conf, uvloop, httptools; app.main.create_app()"],
-        cwd=app, capture_output=True, text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"},
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert imported.returncode == 0, imported.stderr[-3000:]

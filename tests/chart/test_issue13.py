@@ -69,8 +69,10 @@ def test_helm_test_pod_is_outside_every_workload_selector(helm: Helm, scenario: 
         if doc["kind"] in ("Deployment", "PodDisruptionBudget", "ServiceMonitor"):
             selectors.append((name, spec["selector"]["matchLabels"]))
         if doc["kind"] == "Deployment":
-            selectors += [(f"{name} topology", c["labelSelector"]["matchLabels"])
-                          for c in spec["template"]["spec"].get("topologySpreadConstraints", [])]
+            selectors += [
+                (f"{name} topology", c["labelSelector"]["matchLabels"])
+                for c in spec["template"]["spec"].get("topologySpreadConstraints", [])
+            ]
         if doc["kind"] == "Service":
             selectors.append((name, spec["selector"]))
         if doc["kind"] == "NetworkPolicy":
@@ -112,23 +114,41 @@ def _two_release_inputs() -> tuple[list[dict[str, str]], list[tuple[str, str, di
     series: list[dict[str, str]] = []
     for release in RELEASES:
         series.append(_series(release, "streaming_max_connections", "500x30"))
-        series.append(_series(release, "streaming_circuit_breaker_state", "1x30" if release == "prod" else "0x30",
-                              upstream="openai"))
-        series.append(_series(release, "streaming_redis_up", "0x30" if release == "staging" else "1x30",
-                              store="ratelimit"))
-        series.append(_series(release, "streaming_active_connections", "450x30" if release == "staging" else "100x30",
-                              route="/stream"))
+        series.append(
+            _series(
+                release, "streaming_circuit_breaker_state", "1x30" if release == "prod" else "0x30", upstream="openai"
+            )
+        )
+        series.append(
+            _series(release, "streaming_redis_up", "0x30" if release == "staging" else "1x30", store="ratelimit")
+        )
+        series.append(
+            _series(
+                release, "streaming_active_connections", "450x30" if release == "staging" else "100x30", route="/stream"
+            )
+        )
         series.append(_series(release, "streaming_connections_total", "0+100x30", route="/stream", status="success"))
-        series.append(_series(release, "streaming_connections_total", "0+10x30" if release == "prod" else "0x30",
-                              route="/stream", status="error"))
-        series.append(_series(release, "streaming_resume_store_errors_total",
-                              "0+5x30" if release == "staging" else "0x30"))
+        series.append(
+            _series(
+                release,
+                "streaming_connections_total",
+                "0+10x30" if release == "prod" else "0x30",
+                route="/stream",
+                status="error",
+            )
+        )
+        series.append(
+            _series(release, "streaming_resume_store_errors_total", "0+5x30" if release == "staging" else "0x30")
+        )
         series.append(_series(release, "streaming_drain_cut_streams_total", "0+2x30" if release == "prod" else "0x30"))
     service = {"namespace": "llm"}
     firing = [
         ("StreamingConnectionSaturation", "staging", {**service, "pod": "staging-gateway-0", "severity": "critical"}),
-        ("StreamingRedisFallback", "staging", {**service, "pod": "staging-gateway-0", "store": "ratelimit",
-                                               "severity": "warning"}),
+        (
+            "StreamingRedisFallback",
+            "staging",
+            {**service, "pod": "staging-gateway-0", "store": "ratelimit", "severity": "warning"},
+        ),
         ("StreamingResumeStoreErrors", "staging", {**service, "severity": "warning"}),
         ("StreamingCircuitBreakerOpen", "prod", {**service, "upstream": "openai", "severity": "critical"}),
         ("StreamingErrorRatioHigh", "prod", {**service, "severity": "warning"}),
@@ -151,8 +171,17 @@ def test_each_release_alerts_only_for_itself(helm: Helm, tmp_path: Path) -> None
     """
     rule_files = []
     for release in RELEASES:
-        docs = helm.run("template", release, str(helm.chart), "--namespace", "llm", "--set",
-                        "prometheusRule.enabled=true", "--set", f"prometheusRule.runbookBaseUrl={RUNBOOK}")
+        docs = helm.run(
+            "template",
+            release,
+            str(helm.chart),
+            "--namespace",
+            "llm",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            f"prometheusRule.runbookBaseUrl={RUNBOOK}",
+        )
         rule = find([d for d in yaml.safe_load_all(docs) if d], "PrometheusRule")
         assert [g["name"] for g in rule["spec"]["groups"]] == [f"{release}-streaming-gateway"]
         for group in rule["spec"]["groups"]:
@@ -163,34 +192,75 @@ def test_each_release_alerts_only_for_itself(helm: Helm, tmp_path: Path) -> None
         rule_files.append(path.name)
     series, firing = _two_release_inputs()
     alerts = [
-        _label_set("ALERTS", {"alertname": alert, "alertstate": "firing", "job": f"{release}-streaming-gateway",
-                              "rule_release": release, **labels})
+        _label_set(
+            "ALERTS",
+            {
+                "alertname": alert,
+                "alertstate": "firing",
+                "job": f"{release}-streaming-gateway",
+                "rule_release": release,
+                **labels,
+            },
+        )
         for alert, release, labels in firing
     ]
     saturation = "namespace_job_pod:streaming_active_connections:saturation"
     tests = {
         "rule_files": rule_files,
         "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": series,
-            "promql_expr_test": [
-                {"expr": 'ALERTS{alertstate="firing"}', "eval_time": "25m",
-                 "exp_samples": [{"labels": labels, "value": 1} for labels in alerts]},
-                {"expr": saturation, "eval_time": "25m", "exp_samples": [
-                    {"labels": _label_set(saturation, {"namespace": "llm", "job": "staging-streaming-gateway",
-                                                       "pod": "staging-gateway-0", "rule_release": "staging"}),
-                     "value": 0.9},
-                    {"labels": _label_set(saturation, {"namespace": "llm", "job": "prod-streaming-gateway",
-                                                       "pod": "prod-gateway-0", "rule_release": "prod"}),
-                     "value": 0.2},
-                ]},
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": 'ALERTS{alertstate="firing"}',
+                        "eval_time": "25m",
+                        "exp_samples": [{"labels": labels, "value": 1} for labels in alerts],
+                    },
+                    {
+                        "expr": saturation,
+                        "eval_time": "25m",
+                        "exp_samples": [
+                            {
+                                "labels": _label_set(
+                                    saturation,
+                                    {
+                                        "namespace": "llm",
+                                        "job": "staging-streaming-gateway",
+                                        "pod": "staging-gateway-0",
+                                        "rule_release": "staging",
+                                    },
+                                ),
+                                "value": 0.9,
+                            },
+                            {
+                                "labels": _label_set(
+                                    saturation,
+                                    {
+                                        "namespace": "llm",
+                                        "job": "prod-streaming-gateway",
+                                        "pod": "prod-gateway-0",
+                                        "rule_release": "prod",
+                                    },
+                                ),
+                                "value": 0.2,
+                            },
+                        ],
+                    },
+                ],
+            }
+        ],
     }
     (tmp_path / "releases.test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    done = subprocess.run([require_binary("promtool"), "test", "rules", "releases.test.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [require_binary("promtool"), "test", "rules", "releases.test.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -202,9 +272,15 @@ def test_every_selector_of_every_rule_carries_the_release_scope(helm: Helm) -> N
             expr = r["expr"]
             assert "vector(" not in expr, expr  # no constants standing in for a setting
             for match in re.finditer(r"(?<![\w:])((?:namespace_\w+:)?streaming_\w+(?::\w+)?)(?![\w(])", expr):
-                assert expr[match.end():].startswith(scope), f"{r.get('alert') or r['record']}: {match[1]}"
-    custom = find(helm.template(prometheusRule__enabled=True, prometheusRule__runbookBaseUrl=RUNBOOK,
-                                prometheusRule__releaseSelector='cluster="eu1", service="gw"'), "PrometheusRule")
+                assert expr[match.end() :].startswith(scope), f"{r.get('alert') or r['record']}: {match[1]}"
+    custom = find(
+        helm.template(
+            prometheusRule__enabled=True,
+            prometheusRule__runbookBaseUrl=RUNBOOK,
+            prometheusRule__releaseSelector='cluster="eu1", service="gw"',
+        ),
+        "PrometheusRule",
+    )
     assert all('{cluster="eu1", service="gw"' in r["expr"] for g in custom["spec"]["groups"] for r in g["rules"])
 
 
@@ -214,8 +290,9 @@ def test_every_selector_of_every_rule_carries_the_release_scope(helm: Helm) -> N
 def test_service_monitor_honor_labels_is_a_value_default_false(helm: Helm) -> None:
     endpoint = find(helm.template(serviceMonitor__enabled=True), "ServiceMonitor")["spec"]["endpoints"][0]
     assert endpoint["honorLabels"] is False
-    endpoint = find(helm.template(serviceMonitor__enabled=True, serviceMonitor__honorLabels=True),
-                    "ServiceMonitor")["spec"]["endpoints"][0]
+    endpoint = find(helm.template(serviceMonitor__enabled=True, serviceMonitor__honorLabels=True), "ServiceMonitor")[
+        "spec"
+    ]["endpoints"][0]
     assert endpoint["honorLabels"] is True
 
 
@@ -239,8 +316,11 @@ def test_redis_url_turns_on_the_shared_resume_store_and_limits(helm: Helm) -> No
 
 
 def test_redis_from_an_existing_secret_wins_over_the_generic_secret_key(helm: Helm) -> None:
-    docs = helm.template(gateway__redis__existingSecret="valkey-auth", gateway__redis__existingSecretKey="url",
-                         gateway__existingSecret="gw-secrets")
+    docs = helm.template(
+        gateway__redis__existingSecret="valkey-auth",
+        gateway__redis__existingSecretKey="url",
+        gateway__existingSecret="gw-secrets",
+    )
     redis = [e for e in _env(docs) if e["name"] == "REDIS_URL"]
     assert redis == [{"name": "REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "valkey-auth", "key": "url"}}}]
     assert _plain_env(docs)["RESUME_STORE"] == "redis"
@@ -265,8 +345,9 @@ def test_tmp_volume_holds_the_local_store_history(helm: Helm) -> None:
         assert _mi(resources[kind]["ephemeral-storage"]) == _mi(volume["sizeLimit"]) + 256, kind
     assert resources["requests"]["memory"] == "512Mi"  # the values' own resources are kept
 
-    longer = next(v for v in _pod_spec(helm.template(gateway__env__RESUME_TTL_SECONDS=600))["volumes"]
-                  if v["name"] == "tmp")["emptyDir"]
+    longer = next(
+        v for v in _pod_spec(helm.template(gateway__env__RESUME_TTL_SECONDS=600))["volumes"] if v["name"] == "tmp"
+    )["emptyDir"]
     assert _mi(longer["sizeLimit"]) > _mi(volume["sizeLimit"])
     for values in ({"gateway__redis__url": "redis://r:6379/0"}, {"gateway__env__RESUME_ENABLED": False}):
         no_history = next(v for v in _pod_spec(helm.template(**values))["volumes"] if v["name"] == "tmp")
@@ -313,11 +394,14 @@ def test_keda_never_scales_to_zero(helm: Helm) -> None:
 def test_keda_holds_fallback_replicas_while_prometheus_is_unreachable(helm: Helm) -> None:
     scaled = find(helm.template(keda__enabled=True), "ScaledObject")["spec"]
     assert scaled["fallback"] == {"failureThreshold": 3, "replicas": 10}  # default: keda.maxReplicaCount
-    scaled = find(helm.template(keda__enabled=True, keda__fallback__replicas=4, keda__fallback__failureThreshold=5),
-                  "ScaledObject")["spec"]
+    scaled = find(
+        helm.template(keda__enabled=True, keda__fallback__replicas=4, keda__fallback__failureThreshold=5),
+        "ScaledObject",
+    )["spec"]
     assert scaled["fallback"] == {"failureThreshold": 5, "replicas": 4}
-    assert "fallback" not in find(helm.template(keda__enabled=True, keda__fallback__enabled=False),
-                                  "ScaledObject")["spec"]
+    assert (
+        "fallback" not in find(helm.template(keda__enabled=True, keda__fallback__enabled=False), "ScaledObject")["spec"]
+    )
 
 
 # --- 7. extension points ------------------------------------------------------------------------------
@@ -363,8 +447,12 @@ def test_lifecycle_sits_beside_the_prestop_sleep_or_overrides_it(helm: Helm) -> 
 
 def test_metrics_linger_is_a_value_counted_in_the_grace_period(helm: Helm) -> None:
     assert _plain_env(helm.template())["DRAIN_METRICS_LINGER_SECONDS"] == "15"
-    assert _plain_env(helm.template(drainMetricsLingerSeconds=30, terminationGracePeriodSeconds=90))[
-        "DRAIN_METRICS_LINGER_SECONDS"] == "30"
+    assert (
+        _plain_env(helm.template(drainMetricsLingerSeconds=30, terminationGracePeriodSeconds=90))[
+            "DRAIN_METRICS_LINGER_SECONDS"
+        ]
+        == "30"
+    )
     # 10 + 30 + 15 + 2 x 5 + 5 = 70: a grace period of 65 was enough without the linger, and is not with it
     error = helm.template_error(terminationGracePeriodSeconds=65)
     assert "`drainMetricsLingerSeconds` (15)" in error and "= 70" in error
@@ -432,10 +520,22 @@ def _run_e2e(tmp_path: Path, existing: str) -> list[str]:
         (bin_dir / tool).write_text(RECORDER)
         (bin_dir / tool).chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "E2E_LOG": str(log), "E2E_EXISTING_CLUSTERS": existing,
-           "PYTHON": str(bin_dir / "python"), "RAMP_SECONDS": "0", "HOME": str(tmp_path)}
-    done = subprocess.run(["bash", str(CHART.parent / "k8s" / "e2e.sh")], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "E2E_LOG": str(log),
+        "E2E_EXISTING_CLUSTERS": existing,
+        "PYTHON": str(bin_dir / "python"),
+        "RAMP_SECONDS": "0",
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["bash", str(CHART.parent / "k8s" / "e2e.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return log.read_text().splitlines()
 

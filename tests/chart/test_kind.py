@@ -86,47 +86,62 @@ def test_configmap_ships_the_locustfile_and_its_local_imports() -> None:
 
 
 def test_e2e_script_wiring() -> None:
-    for reference in ("kind-config.yaml", "chart/ci/kind-values.yaml", "k8s/locust-job.yaml", "k8s/watch_rollout.py",
-                      "k8s/ingress-nginx-values.yaml", "k8s/kube-prometheus-stack-values.yaml"):
+    for reference in (
+        "kind-config.yaml",
+        "chart/ci/kind-values.yaml",
+        "k8s/locust-job.yaml",
+        "k8s/watch_rollout.py",
+        "k8s/ingress-nginx-values.yaml",
+        "k8s/kube-prometheus-stack-values.yaml",
+    ):
         assert reference in E2E and (ROOT / reference).is_file(), reference
     for pin in ("INGRESS_NGINX_VERSION", "KUBE_PROMETHEUS_STACK_VERSION", "GATEWAY_API_VERSION"):
         assert re.search(rf'^{pin}="v?\d+\.\d+\.\d+"$', E2E, re.MULTILINE), pin
     assert "rollout restart" in E2E and "rollout status" in E2E and "helm test" in E2E
     kind_values = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
-    image = f'{kind_values["image"]["repository"]}:{kind_values["image"]["tag"]}'
+    image = f"{kind_values['image']['repository']}:{kind_values['image']['tag']}"
     assert f'IMAGE="{image}"' in E2E and kind_values["image"]["pullPolicy"] == "Never"
     assert kind_values["ingress"]["enabled"] is True
 
 
 def _log(summary: dict[str, Any], failures: int = 0) -> str:
     stats = "Type,Name,Request Count,Failure Count\n,Aggregated,120," + str(failures)
-    return "\n".join([
-        "[2026-11-28 12:00:00] locust/INFO: Starting Locust 2.47.0",
-        '{"type": "stream_summary", ' + ", ".join(f'"{k}": {v}' for k, v in summary.items()) + "}",
-        "=== locust csv: run_stats.csv", stats,
-        "=== locust csv: run_failures.csv", "Method,Name,Error,Occurrences",
-        "=== locust exit code: 0",
-    ])
+    return "\n".join(
+        [
+            "[2026-11-28 12:00:00] locust/INFO: Starting Locust 2.47.0",
+            '{"type": "stream_summary", ' + ", ".join(f'"{k}": {v}' for k, v in summary.items()) + "}",
+            "=== locust csv: run_stats.csv",
+            stats,
+            "=== locust csv: run_failures.csv",
+            "Method,Name,Error,Occurrences",
+            "=== locust exit code: 0",
+        ]
+    )
 
 
 def test_watcher_passes_a_clean_rollout() -> None:
-    observed = WATCHER.Observed(pods_seen={"a", "b", "c", "d"}, pods_terminated={"a"}, min_ready_endpoints=2,
-                                job_state="succeeded")
+    observed = WATCHER.Observed(
+        pods_seen={"a", "b", "c", "d"}, pods_terminated={"a"}, min_ready_endpoints=2, job_state="succeeded"
+    )
     log = WATCHER.parse_job_log(_log({"completed": 100, "graceful": 3, "truncated": 0, "errors": 0}))
     assert WATCHER.locust_failures(log["tables"]) == 0
     assert WATCHER.verdict(observed, log) == []
 
 
-@pytest.mark.parametrize(("summary", "failures", "state", "terminated", "expected"), [
-    ({"completed": 10, "truncated": 1, "errors": 0}, 0, "succeeded", {"a"}, "truncated = 1"),
-    ({"completed": 10, "truncated": 0, "errors": 2}, 0, "succeeded", {"a"}, "errors = 2"),
-    ({"completed": 10, "truncated": 0, "errors": 0}, 3, "succeeded", {"a"}, "Locust failures = 3"),
-    ({"completed": 10, "truncated": 0, "errors": 0}, 0, "failed", {"a"}, "the Locust Job failed"),
-    ({"completed": 10, "truncated": 0, "errors": 0}, 0, "succeeded", set(), "no gateway pod terminated"),
-    ({"completed": 0, "truncated": 0, "errors": 0}, 0, "succeeded", {"a"}, "no stream completed"),
-])
-def test_watcher_fails_a_bad_rollout(summary: dict[str, Any], failures: int, state: str, terminated: set[str],
-                                     expected: str) -> None:
+@pytest.mark.parametrize(
+    ("summary", "failures", "state", "terminated", "expected"),
+    [
+        ({"completed": 10, "truncated": 1, "errors": 0}, 0, "succeeded", {"a"}, "truncated = 1"),
+        ({"completed": 10, "truncated": 0, "errors": 2}, 0, "succeeded", {"a"}, "errors = 2"),
+        ({"completed": 10, "truncated": 0, "errors": 0}, 3, "succeeded", {"a"}, "Locust failures = 3"),
+        ({"completed": 10, "truncated": 0, "errors": 0}, 0, "failed", {"a"}, "the Locust Job failed"),
+        ({"completed": 10, "truncated": 0, "errors": 0}, 0, "succeeded", set(), "no gateway pod terminated"),
+        ({"completed": 0, "truncated": 0, "errors": 0}, 0, "succeeded", {"a"}, "no stream completed"),
+    ],
+)
+def test_watcher_fails_a_bad_rollout(
+    summary: dict[str, Any], failures: int, state: str, terminated: set[str], expected: str
+) -> None:
     observed = WATCHER.Observed(pods_terminated=terminated, min_ready_endpoints=1, job_state=state)
     problems = WATCHER.verdict(observed, WATCHER.parse_job_log(_log(summary, failures)))
     assert any(problem.startswith(expected) for problem in problems), problems

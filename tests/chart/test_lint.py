@@ -39,7 +39,7 @@ def test_dockerfile_shape() -> None:
     assert "USER 10001:10001" in text and "EXPOSE 8000" in text
     assert "PROMETHEUS_MULTIPROC_DIR=/tmp/" in text and "TMPDIR=/tmp" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignored[ignored.index("**") + 1:ignored.index("**") + 3] == ["!requirements.lock", "!app/"]
+    assert ignored[ignored.index("**") + 1 : ignored.index("**") + 3] == ["!requirements.lock", "!app/"]
 
 
 def _shell_scripts() -> list[Path]:

@@ -61,7 +61,11 @@ def test_custom_resources_match_their_crd_schemas(helm: Helm, crd_models: Path) 
     assert {d["kind"] for d in docs} == CRD_KINDS  # the scenarios cover every custom resource the chart has
     done = subprocess.run(
         ["node", str(Path(__file__).with_name("validate_crds.mjs")), str(crd_models)],
-        input=json.dumps(docs), capture_output=True, text=True, timeout=60, check=False,
+        input=json.dumps(docs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     failures = [r for r in json.loads(done.stdout) if not r["ok"]]
@@ -71,14 +75,21 @@ def test_custom_resources_match_their_crd_schemas(helm: Helm, crd_models: Path) 
 def test_crd_validation_catches_a_bad_object(crd_models: Path) -> None:
     """The validators are real: a malformed HTTPRoute timeout and ScaledObject without a target fail."""
     bad = [
-        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "x"},
-         "spec": {"rules": [{"timeouts": {"request": "five minutes"}}]}},
-        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-         "spec": {"triggers": []}},
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "x"},
+            "spec": {"rules": [{"timeouts": {"request": "five minutes"}}]},
+        },
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"}, "spec": {"triggers": []}},
     ]
     done = subprocess.run(
         ["node", str(Path(__file__).with_name("validate_crds.mjs")), str(crd_models)],
-        input=json.dumps(bad), capture_output=True, text=True, timeout=60, check=False,
+        input=json.dumps(bad),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert [r["ok"] for r in json.loads(done.stdout)] == [False, False], done.stdout
 
@@ -91,8 +102,9 @@ def test_selector_labels_never_include_the_chart_version(helm: Helm, scenario: s
         kind = doc["kind"]
         if kind == "Deployment":
             selectors.append(spec["selector"]["matchLabels"])
-            selectors += [c["labelSelector"]["matchLabels"] for c in spec["template"]["spec"].get(
-                "topologySpreadConstraints", [])]
+            selectors += [
+                c["labelSelector"]["matchLabels"] for c in spec["template"]["spec"].get("topologySpreadConstraints", [])
+            ]
         elif kind in ("PodDisruptionBudget", "ServiceMonitor"):
             selectors.append(spec["selector"]["matchLabels"])
         elif kind == "NetworkPolicy":
@@ -114,7 +126,12 @@ def test_objects_are_namespaced_to_the_release(helm: Helm) -> None:
 def test_default_install_needs_no_custom_resources(helm: Helm) -> None:
     kinds = {d["kind"] for d in render(helm, "defaults")}
     assert kinds == {
-        "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy", "Pod",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "Pod",
     }, kinds
 
 

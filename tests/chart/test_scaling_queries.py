@@ -28,8 +28,12 @@ def _adapter_query(pod: str) -> str:
     rule = yaml.safe_load((ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"][0]
     series = rule["seriesQuery"].split("{", 1)[0]
     matchers = f'namespace="{NAMESPACE}",pod=~"{pod}"'  # what the adapter asks for one HPA target pod
-    return str(rule["metricsQuery"]).replace("<<.GroupBy>>", "pod").replace("<<.Series>>", series).replace(
-        "<<.LabelMatchers>>", matchers)
+    return (
+        str(rule["metricsQuery"])
+        .replace("<<.GroupBy>>", "pod")
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", matchers)
+    )
 
 
 def _wait_for(query: Callable[[], list[dict[str, Any]]], values: list[float]) -> list[dict[str, Any]]:
@@ -43,7 +47,9 @@ def _wait_for(query: Callable[[], list[dict[str, Any]]], values: list[float]) ->
 
 
 def test_autoscaling_queries_see_streams_in_flight(
-    helm: Helm, start_gateway: GatewayFactory, prometheus_server: PrometheusFactory,  # noqa: F811
+    helm: Helm,
+    start_gateway: GatewayFactory,
+    prometheus_server: PrometheusFactory,  # noqa: F811
 ) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MOCK_FIRST_TOKEN_MS=5)
     # the target labels a ServiceMonitor scrape attaches

@@ -45,8 +45,10 @@ def test_probes_hit_health_and_ready(helm: Helm) -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"},
-                          {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+    ]
     assert container(helm.template(gateway__env__PORT=9000))["ports"][0]["containerPort"] == 9000
     assert container(helm.template(gateway__env__METRICS_PORT=9100))["ports"][1]["containerPort"] == 9100
 
@@ -55,7 +57,8 @@ def test_prestop_sleeps_natively_or_by_exec(helm: Helm) -> None:
     native = container(helm.template())["lifecycle"]["preStop"]
     assert native == {"sleep": {"seconds": 10}}
     assert container(helm.template(preStop__useExecFallback=True))["lifecycle"]["preStop"] == {
-        "exec": {"command": ["sleep", "10"]}}
+        "exec": {"command": ["sleep", "10"]}
+    }
     old_cluster = container(helm.template(kube_version="1.29.0"))["lifecycle"]["preStop"]
     assert old_cluster == {"exec": {"command": ["sleep", "10"]}}  # no sleep action before 1.30
     assert "lifecycle" not in container(helm.template(preStop__sleepSeconds=0))
@@ -92,9 +95,13 @@ def test_every_setting_reaches_the_container_and_parses_back(helm: Helm) -> None
 
 
 def test_overridden_settings_render_exactly(helm: Helm) -> None:
-    env = plain_env(helm.template(
-        gateway__env__MAX_CONNECTIONS=20000000, gateway__env__UPSTREAM_URL="http://vllm:8000/v1",
-        gateway__env__RATE_LIMIT_PER_MINUTE=0.5))
+    env = plain_env(
+        helm.template(
+            gateway__env__MAX_CONNECTIONS=20000000,
+            gateway__env__UPSTREAM_URL="http://vllm:8000/v1",
+            gateway__env__RATE_LIMIT_PER_MINUTE=0.5,
+        )
+    )
     assert env["MAX_CONNECTIONS"] == "20000000"
     assert env["UPSTREAM_URL"] == "http://vllm:8000/v1"
     assert env["RATE_LIMIT_PER_MINUTE"] == "0.5"
@@ -102,9 +109,11 @@ def test_overridden_settings_render_exactly(helm: Helm) -> None:
 
 def test_secret_settings_come_only_from_the_existing_secret(helm: Helm) -> None:
     assert not [e for e in container(helm.template())["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]
-            for e in container(helm.template(gateway__existingSecret="gw-secrets"))["env"]
-            if "secretKeyRef" in e.get("valueFrom", {})}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(helm.template(gateway__existingSecret="gw-secrets"))["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert refs == {
         "API_KEYS": {"name": "gw-secrets", "key": "api-keys", "optional": True},
         "REDIS_URL": {"name": "gw-secrets", "key": "redis-url", "optional": True},
@@ -133,7 +142,8 @@ def test_image_reference(helm: Helm) -> None:
     assert container(helm.template())["image"] == "streaming-gateway:0.1.0"
     digest = "sha256:" + "a" * 64
     assert container(helm.template(image__tag="1.2.3", image__digest=digest))["image"] == (
-        f"streaming-gateway:1.2.3@{digest}")
+        f"streaming-gateway:1.2.3@{digest}"
+    )
 
 
 def test_disruption_budget_and_network_policy(helm: Helm) -> None:
@@ -142,8 +152,10 @@ def test_disruption_budget_and_network_policy(helm: Helm) -> None:
     assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     policy = find(docs, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress"]
-    assert policy["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]},  # any peer, each port
-                                 {"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    assert policy["ingress"] == [
+        {"ports": [{"port": "http", "protocol": "TCP"}]},  # any peer, each port
+        {"ports": [{"port": "metrics", "protocol": "TCP"}]},
+    ]
     monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     restricted = find(helm.template(networkPolicy__metricsFrom=monitoring), "NetworkPolicy")["spec"]
     assert restricted["ingress"][1] == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": monitoring}
@@ -192,11 +204,21 @@ def test_http_routes_follow_the_route_map(helm: Helm) -> None:
 def test_hpa_targets_a_fraction_of_the_per_pod_limit(helm: Helm) -> None:
     hpa = find(helm.template(autoscaling__enabled=True), "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
-    assert hpa["metrics"] == [{"type": "Pods", "pods": {
-        "metric": {"name": "streaming_active_connections"},
-        "target": {"type": "AverageValue", "averageValue": "300"}}}]  # 0.6 x MAX_CONNECTIONS 500
-    hpa = find(helm.template(autoscaling__enabled=True, gateway__env__MAX_CONNECTIONS=1000,
-                             autoscaling__targetUtilization=0.25), "HorizontalPodAutoscaler")["spec"]
+    assert hpa["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "streaming_active_connections"},
+                "target": {"type": "AverageValue", "averageValue": "300"},
+            },
+        }
+    ]  # 0.6 x MAX_CONNECTIONS 500
+    hpa = find(
+        helm.template(
+            autoscaling__enabled=True, gateway__env__MAX_CONNECTIONS=1000, autoscaling__targetUtilization=0.25
+        ),
+        "HorizontalPodAutoscaler",
+    )["spec"]
     assert hpa["metrics"][0]["pods"]["target"]["averageValue"] == "250"
 
 
@@ -207,7 +229,8 @@ def test_keda_queries_streams_in_flight(helm: Helm) -> None:
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"]["threshold"] == "300"
     assert trigger["metadata"]["query"] == (
-        f'sum(streaming_active_connections{{namespace="{NAMESPACE}",service="{FULLNAME}"}})')
+        f'sum(streaming_active_connections{{namespace="{NAMESPACE}",service="{FULLNAME}"}})'
+    )
     assert not [d for d in helm.template(keda__enabled=True) if d["kind"] == "HorizontalPodAutoscaler"]
 
 
@@ -217,8 +240,9 @@ def test_keda_queries_streams_in_flight(helm: Helm) -> None:
 def test_service_monitor_is_selected_by_kube_prometheus_stack(helm: Helm) -> None:
     monitor = find(helm.template(serviceMonitor__enabled=True), "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": False,
-                                             "interval": "15s", "scrapeTimeout": "10s"}]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "honorLabels": False, "interval": "15s", "scrapeTimeout": "10s"}
+    ]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
 
 
@@ -258,7 +282,8 @@ def test_alert_templates_survive_helm(helm: Helm, scratch_chart: Path) -> None:
     ttft = rules["StreamingTTFTP99OverSLO"]["annotations"]
     assert ttft["summary"] == "TTFT p99 of {{ $labels.job }} is {{ $value | humanizeDuration }}"
     assert ttft["description"] == (
-        'Pod {{ $labels.namespace }}/{{ $labels.pod }} answers slowly: {{ printf "%.2f" $value }} s.')
+        'Pod {{ $labels.namespace }}/{{ $labels.pod }} answers slowly: {{ printf "%.2f" $value }} s.'
+    )
 
 
 def test_alert_overrides(helm: Helm, scratch_chart: Path) -> None:
@@ -267,8 +292,12 @@ def test_alert_overrides(helm: Helm, scratch_chart: Path) -> None:
         "StreamingTTFTP99OverSLO": {"for": "30m", "severity": "critical", "expr": "vector(1) > 0"},
         "StreamingDrainSlow": {"disabled": True},
     }
-    docs = helm.template(chart=chart, prometheusRule__enabled=True, prometheusRule__overrides=overrides,
-                         prometheusRule__runbookBaseUrl=RUNBOOK)
+    docs = helm.template(
+        chart=chart,
+        prometheusRule__enabled=True,
+        prometheusRule__overrides=overrides,
+        prometheusRule__runbookBaseUrl=RUNBOOK,
+    )
     rules = _rules(docs)
     ttft = rules["StreamingTTFTP99OverSLO"]
     assert (ttft["for"], ttft["labels"]["severity"], ttft["expr"]) == ("30m", "critical", "vector(1) > 0")
@@ -283,8 +312,9 @@ def test_rules_file_reaches_prometheus_unchanged(helm: Helm) -> None:
     """With the chart's own rules file and no overrides, every rule is rendered as written but for the release's
     scope (its selector, its group names) and the runbook base URL."""
     source = yaml.safe_load((helm.chart / "files" / "prometheus-rules.yaml").read_text())
-    rendered = find(helm.template(prometheusRule__enabled=True, prometheusRule__runbookBaseUrl=RUNBOOK),
-                    "PrometheusRule")["spec"]["groups"]
+    rendered = find(
+        helm.template(prometheusRule__enabled=True, prometheusRule__runbookBaseUrl=RUNBOOK), "PrometheusRule"
+    )["spec"]["groups"]
     scope = f'namespace="{NAMESPACE}", job="{FULLNAME}"'
     for group in source["groups"]:
         group["name"] = group["name"].replace("streaming-gateway", FULLNAME, 1)
@@ -313,14 +343,19 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar(helm: Helm) -> None:
 # --- NOTES and the helm test pod ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    ({}, "port-forward service/gw-streaming-gateway 8000:80"),
-    ({"ingress.enabled": "true"}, "http://streaming-gateway.local"),
-    ({"route.main.enabled": "true", "route.main.hostnames[0]": "gw.example.test"}, "http://gw.example.test"),
-    ({"service.type": "LoadBalancer"}, "status.loadBalancer.ingress"),
-], ids=["cluster-ip", "ingress", "route", "load-balancer"])
-def test_notes_branch_on_exposure_and_end_with_a_streaming_curl(helm: Helm, values: dict[str, str],
-                                                                expected: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, "port-forward service/gw-streaming-gateway 8000:80"),
+        ({"ingress.enabled": "true"}, "http://streaming-gateway.local"),
+        ({"route.main.enabled": "true", "route.main.hostnames[0]": "gw.example.test"}, "http://gw.example.test"),
+        ({"service.type": "LoadBalancer"}, "status.loadBalancer.ingress"),
+    ],
+    ids=["cluster-ip", "ingress", "route", "load-balancer"],
+)
+def test_notes_branch_on_exposure_and_end_with_a_streaming_curl(
+    helm: Helm, values: dict[str, str], expected: str
+) -> None:
     args = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
     out = helm.run("install", RELEASE, str(helm.chart), "--dry-run=client", "--namespace", NAMESPACE, *args)
     notes = out.split("NOTES:", 1)[1]

@@ -63,8 +63,11 @@ def test_every_setting_is_a_value_with_the_apps_default() -> None:
 
 
 def test_the_default_values_make_valid_settings() -> None:
-    env = {key: str(value).lower() if isinstance(value, bool) else str(value)
-           for key, value in VALUES["gateway"]["env"].items() if value is not None}
+    env = {
+        key: str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in VALUES["gateway"]["env"].items()
+        if value is not None
+    }
     Settings.model_validate({key.lower(): value for key, value in env.items()})
 
 
@@ -77,8 +80,13 @@ def test_values_validate_against_the_schema() -> None:
 
 def test_the_schema_refuses_what_the_app_refuses() -> None:
     validator = jsonschema.Draft7Validator(SCHEMA)
-    for env in ({"PORT": 70000}, {"LOG_LEVEL": "verbose"}, {"DEADLINE_CHECK_INTERVAL_SECONDS": 0},
-                {"NO_SUCH_SETTING": 1}, {"MAX_CONNECTIONS": "many"}):
+    for env in (
+        {"PORT": 70000},
+        {"LOG_LEVEL": "verbose"},
+        {"DEADLINE_CHECK_INTERVAL_SECONDS": 0},
+        {"NO_SUCH_SETTING": 1},
+        {"MAX_CONNECTIONS": "many"},
+    ):
         assert not validator.is_valid(_merge(VALUES, {"gateway": {"env": env}})), env
     assert not validator.is_valid(_merge(VALUES, {"ingress": {"proxyTimeout": 300}}))  # typo: unknown key
 
@@ -177,7 +185,9 @@ b:
 """
     docs = GENERATE.parse_doc_comments(text)
     assert docs == {
-        "a": ("first", None), "b.c": ("nested continued", None), "b.d": ("described", "computed"),
+        "a": ("first", None),
+        "b.c": ("nested continued", None),
+        "b.d": ("described", "computed"),
         "b.g": ("after the list", None),
     }
     assert GENERATE.undocumented_keys(text) == ["b.list"]

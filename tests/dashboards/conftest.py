@@ -16,8 +16,13 @@ from loadtest.harness.prometheus import Prometheus, ScrapeTarget, start_promethe
 
 
 class PrometheusFactory(Protocol):
-    def __call__(self, scrape_targets: Sequence[ScrapeTarget | str] = (), rule_files: Iterable[Path | str] = (), *,
-                 interval: str = "1s") -> Prometheus: ...
+    def __call__(
+        self,
+        scrape_targets: Sequence[ScrapeTarget | str] = (),
+        rule_files: Iterable[Path | str] = (),
+        *,
+        interval: str = "1s",
+    ) -> Prometheus: ...
 
 
 @pytest.fixture
@@ -31,10 +36,13 @@ def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
     """
     started: list[Prometheus] = []
 
-    def factory(scrape_targets: Sequence[ScrapeTarget | str] = (), rule_files: Iterable[Path | str] = (), *,
-                interval: str = "1s") -> Prometheus:
-        server = start_prometheus(scrape_targets, rule_files, tmp_path_factory.mktemp("prometheus"),
-                                  interval=interval)
+    def factory(
+        scrape_targets: Sequence[ScrapeTarget | str] = (),
+        rule_files: Iterable[Path | str] = (),
+        *,
+        interval: str = "1s",
+    ) -> Prometheus:
+        server = start_prometheus(scrape_targets, rule_files, tmp_path_factory.mktemp("prometheus"), interval=interval)
         started.append(server)
         return server
 

@@ -16,8 +16,11 @@ _METRIC = re.compile(r"(?<![\w:])streaming_\w+(?![\w:])")
 
 def exported_metrics() -> dict[str, MetricWrapperBase]:
     """Exposed name (counters with `_total`) -> metric, for every metric the gateway defines."""
-    return {value._name + "_total" if isinstance(value, Counter) else value._name: value
-            for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)}
+    return {
+        value._name + "_total" if isinstance(value, Counter) else value._name: value
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    }
 
 
 def referenced_metrics(exprs: Iterable[str]) -> set[str]:

@@ -58,7 +58,7 @@ def split_set_operations(expr: str) -> list[str]:
     rest = expr
     while (match := _first_top_level(_SET_OPERATOR, rest)) is not None:
         parts.append(rest[: match.start()].strip())
-        rest = rest[match.end():]
+        rest = rest[match.end() :]
         rest = re.sub(r"^\s*(on|ignoring)\s*\([^)]*\)", "", rest)  # vector matching belongs to the operator
     parts.append(rest.strip())
     return parts
@@ -87,8 +87,11 @@ def instantiate(expr: str, variables: Iterable[str], *, window: str = "30s", mat
     for name in GRAFANA_INTERVALS:
         expr = expr.replace("${" + name + "}", window).replace("$" + name, window)
     for name in sorted(variables, key=len, reverse=True):
-        expr = re.sub(r"\$\{" + re.escape(name) + r"(:\w+)?\}|\[\[" + re.escape(name) + r"\]\]|\$" + re.escape(name)
-                      + r"(?!\w)", match_all, expr)
+        expr = re.sub(
+            r"\$\{" + re.escape(name) + r"(:\w+)?\}|\[\[" + re.escape(name) + r"\]\]|\$" + re.escape(name) + r"(?!\w)",
+            match_all,
+            expr,
+        )
     return expr
 
 

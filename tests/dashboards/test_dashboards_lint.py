@@ -22,12 +22,23 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # plots streaming_circuit_breaker_state, which shows the same changes; tests/test_ready.py reads the counter).
 # A metric added later is not required here; add its panel and its name together.
 ON_DASHBOARDS = {
-    "streaming_active_connections", "streaming_connections_total", "streaming_stream_outcomes_total",
-    "streaming_ttft_seconds", "streaming_inter_token_seconds", "streaming_generation_duration_seconds",
-    "streaming_request_duration_seconds", "streaming_tokens_total", "streaming_tokens_per_second",
-    "streaming_errors_total", "streaming_rejections_total", "streaming_circuit_breaker_state",
-    "streaming_upstream_retries_total", "streaming_drain_duration_seconds", "streaming_drain_cut_streams_total",
-    "streaming_redis_up", "streaming_redis_fallbacks_total",
+    "streaming_active_connections",
+    "streaming_connections_total",
+    "streaming_stream_outcomes_total",
+    "streaming_ttft_seconds",
+    "streaming_inter_token_seconds",
+    "streaming_generation_duration_seconds",
+    "streaming_request_duration_seconds",
+    "streaming_tokens_total",
+    "streaming_tokens_per_second",
+    "streaming_errors_total",
+    "streaming_rejections_total",
+    "streaming_circuit_breaker_state",
+    "streaming_upstream_retries_total",
+    "streaming_drain_duration_seconds",
+    "streaming_drain_cut_streams_total",
+    "streaming_redis_up",
+    "streaming_redis_fallbacks_total",
 }
 
 
@@ -133,8 +144,10 @@ def test_dashboards_read_only_exported_metrics_and_cover_the_core_ones() -> None
 
 def test_slo_dashboard_shows_the_seed_targets() -> None:
     stats = {p["title"]: p for p in dashboard_panels(_load("slo.json")) if p["type"] == "stat"}
-    red_at = {title: [s["value"] for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["color"] == "red"]
-              for title, p in stats.items()}
+    red_at = {
+        title: [s["value"] for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["color"] == "red"]
+        for title, p in stats.items()
+    }
     assert red_at["TTFT p50 (target < 300 ms)"] == [0.3]
     assert red_at["TTFT p95 (target < 1 s)"] == [1]
     assert red_at["TTFT p99 (target < 2 s)"] == [2]

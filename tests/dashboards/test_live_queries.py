@@ -58,8 +58,15 @@ DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 WINDOW = "30s"  # stands in for Grafana's $__rate_interval, $__interval and $__range
 # What prometheus-operator attaches to a ServiceMonitor's target (the Service `streaming-gateway`, port `http`;
 # `instance` is the scraped address), and the `cluster` label of a multi-cluster setup.
-TARGET_LABELS = {"namespace": "streaming-test", "service": "streaming-gateway", "pod": "gateway-0",
-                 "container": "gateway", "endpoint": "http", "job": "streaming-gateway", "cluster": "test-cluster"}
+TARGET_LABELS = {
+    "namespace": "streaming-test",
+    "service": "streaming-gateway",
+    "pod": "gateway-0",
+    "container": "gateway",
+    "endpoint": "http",
+    "job": "streaming-gateway",
+    "cluster": "test-cluster",
+}
 MAX_CONNECTIONS = 12
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
 
@@ -138,8 +145,10 @@ def _start_slow_stream(sock: socket.socket, fake: FakeUpstream, i: int) -> None:
     """A 10 s stream on this connection; returns once it is relaying."""
     fake.script({"tokens_per_second": 5})
     body = json.dumps({"prompt": "drain", "max_tokens": 50}).encode()
-    head = (f"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nX-Forwarded-For: 10.97.0.{i}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Forwarded-For: 10.97.0.{i}\r\nConnection: close\r\n\r\n"
+    )
     sock.sendall(head.encode() + body)
     first = sock.recv(65536)
     assert first.startswith(b"HTTP/1.1 200"), first
@@ -202,16 +211,25 @@ def _dashboard_queries() -> tuple[list[tuple[str, str]], list[tuple[str, str, st
 
 
 def test_every_dashboard_and_rule_query_returns_data(
-    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, prometheus_server: PrometheusFactory,
+    start_gateway: GatewayFactory,
+    fake_upstream: FakeUpstream,
+    prometheus_server: PrometheusFactory,
 ) -> None:
     redis_url, redis_port = _unreachable_redis_url()
     try:
         gateway = start_gateway(
-            UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=1, RETRY_BASE_SECONDS=0.01,
+            UPSTREAM_URL=fake_upstream.url,
+            UPSTREAM_RETRIES=1,
+            RETRY_BASE_SECONDS=0.01,
             CIRCUIT_FAILURE_THRESHOLD=1000,  # errors are injected on purpose; the breaker stays closed
-            RATE_LIMIT_PER_MINUTE=60, RATE_LIMIT_BURST=5, TRUSTED_PROXIES="127.0.0.0/8",
-            MAX_CONNECTIONS=MAX_CONNECTIONS, DRAIN_TIMEOUT_SECONDS=1, DRAIN_CLOSE_GRACE_SECONDS=1,
-            REDIS_URL=redis_url, REDIS_TIMEOUT_SECONDS=0.1,
+            RATE_LIMIT_PER_MINUTE=60,
+            RATE_LIMIT_BURST=5,
+            TRUSTED_PROXIES="127.0.0.0/8",
+            MAX_CONNECTIONS=MAX_CONNECTIONS,
+            DRAIN_TIMEOUT_SECONDS=1,
+            DRAIN_CLOSE_GRACE_SECONDS=1,
+            REDIS_URL=redis_url,
+            REDIS_TIMEOUT_SECONDS=0.1,
         )
         prometheus = prometheus_server([ScrapeTarget(gateway.metrics_url, TARGET_LABELS)], [RULES])
         # Prometheus applies its targets seconds after start; counters must be seen at 0 before the load

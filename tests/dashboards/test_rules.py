@@ -22,8 +22,9 @@ SEVERITIES = {"critical", "warning", "info"}
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_binary(PROMTOOL_BIN), *args], cwd=ROOT / "dashboards", capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [require_binary(PROMTOOL_BIN), *args], cwd=ROOT / "dashboards", capture_output=True, text=True, timeout=60
+    )
 
 
 def _alert_names() -> list[str]:
@@ -79,8 +80,7 @@ def test_every_alert_fires_on_a_bad_series_and_stays_silent_on_a_good_one() -> N
             if not fired:
                 continue
             series = _series_keys(block)
-            silent = {(ns, pod) for ns, pod in series
-                      if (ns, pod) not in fired and (ns, "*") not in fired}
+            silent = {(ns, pod) for ns, pod in series if (ns, pod) not in fired and (ns, "*") not in fired}
             assert silent, f"{alert}: its unit test has no series on which it stays silent"
             tested = True
         assert tested, f"{alert}: no unit test in {RULE_TESTS.name} expects it to fire"

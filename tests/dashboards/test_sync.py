@@ -12,8 +12,13 @@ NOTICE = "Generated from dashboards/ by dashboards/sync.py. Do not change in-pla
 
 
 def _sync(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(root / "dashboards" / "sync.py"), *args], cwd=root,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, str(root / "dashboards" / "sync.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_the_chart_copies_are_in_sync() -> None:

@@ -29,21 +29,35 @@ import kubernetes_validate
 
 KUBE_VERSION = "1.35.0"
 SERVICE_LABEL = "kubernetes.io/service-name"
-GONE = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 410,
-        "reason": "Expired", "message": "too old resource version"}
+GONE = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Failure",
+    "code": 410,
+    "reason": "Expired",
+    "message": "too old resource version",
+}
 
 
-def endpoint_slice(namespace: str, service: str, name: str, port: int,
-                   endpoints: list[tuple[str, dict[str, bool]]]) -> dict[str, Any]:
+def endpoint_slice(
+    namespace: str, service: str, name: str, port: int, endpoints: list[tuple[str, dict[str, bool]]]
+) -> dict[str, Any]:
     """An EndpointSlice as the EndpointSlice controller writes it: (address, conditions) per pod."""
     return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": namespace, "labels": {SERVICE_LABEL: service}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [address], "conditions": conditions, "targetRef": {
-            "kind": "Pod", "namespace": namespace, "name": f"model-{address.replace('.', '-')}"}}
-            for address, conditions in endpoints],
+        "endpoints": [
+            {
+                "addresses": [address],
+                "conditions": conditions,
+                "targetRef": {"kind": "Pod", "namespace": namespace, "name": f"model-{address.replace('.', '-')}"},
+            }
+            for address, conditions in endpoints
+        ],
     }
 
 
@@ -101,8 +115,12 @@ class FakeApiServer:
     def listing(self) -> dict[str, Any]:
         with self._changed:
             self.lists += 1
-            return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
-                    "metadata": {"resourceVersion": str(self.version)}, "items": list(self.slices.values())}
+            return {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSliceList",
+                "metadata": {"resourceVersion": str(self.version)},
+                "items": list(self.slices.values()),
+            }
 
     def watch(self, since: int, timeout_s: float) -> Iterator[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s

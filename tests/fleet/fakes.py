@@ -15,8 +15,9 @@ from tests.conftest import ROOT, FakeUpstream, _wait_until_up
 
 
 @contextmanager
-def fake_server(host: str = "127.0.0.1", port: int = 0, *, tokens_per_second: float = 400,
-                sock: socket.socket | None = None) -> Iterator[FakeUpstream]:
+def fake_server(
+    host: str = "127.0.0.1", port: int = 0, *, tokens_per_second: float = 400, sock: socket.socket | None = None
+) -> Iterator[FakeUpstream]:
     """One fake on `host:port` (port 0: the kernel picks), or on `sock` (bound, not yet listening); stopped
     when the block ends."""
     if sock is None:
@@ -28,9 +29,17 @@ def fake_server(host: str = "127.0.0.1", port: int = 0, *, tokens_per_second: fl
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.fake_openai", "--fd", str(sock.fileno()),
-         "--tokens-per-second", str(tokens_per_second)],
-        cwd=ROOT, pass_fds=(sock.fileno(),),
+        [
+            sys.executable,
+            "-m",
+            "loadtest.fake_openai",
+            "--fd",
+            str(sock.fileno()),
+            "--tokens-per-second",
+            str(tokens_per_second),
+        ],
+        cwd=ROOT,
+        pass_fds=(sock.fileno(),),
     )
     sock.close()
     url = f"http://{host}:{bound}"
@@ -53,8 +62,12 @@ def fake_fleet(*specs: dict[str, Any]) -> Iterator[list[FakeUpstream]]:
 
 def stream_chat(base_url: str, max_tokens: int, client: httpx.Client) -> str:
     """One streamed /v1 chat completion through the gateway, read to its end; the text received."""
-    body = {"model": "gpt-4o-mini", "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     with client.stream("POST", base_url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         return response.read().decode()

@@ -17,10 +17,15 @@ HOT_STREAMS = 12  # at once, one session: 20 tokens at 20 tok/s keep every one i
 LOAD_FACTOR = 1.25
 
 
-def _chat(gateway_url: str, client: httpx.Client, max_tokens: int, *, session: str | None = None,
-          user: str | None = None) -> None:
-    body: dict[str, object] = {"model": "gpt-4o-mini", "stream": True, "max_tokens": max_tokens,
-                               "messages": [{"role": "user", "content": "hi"}]}
+def _chat(
+    gateway_url: str, client: httpx.Client, max_tokens: int, *, session: str | None = None, user: str | None = None
+) -> None:
+    body: dict[str, object] = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     if user is not None:
         body["user"] = user
     headers = {HEADER: session} if session is not None else {}
@@ -31,8 +36,12 @@ def _chat(gateway_url: str, client: httpx.Client, max_tokens: int, *, session: s
 
 def test_a_session_keeps_its_endpoint_and_sessions_spread(start_gateway: GatewayFactory) -> None:
     with fake_fleet({}, {}, {}) as fakes:
-        gateway = start_gateway(UPSTREAM_URL=",".join(fake.url for fake in fakes), UPSTREAM_RETRIES=0,
-                                UPSTREAM_AFFINITY_HEADER=HEADER, UPSTREAM_AFFINITY_USER=True)
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            UPSTREAM_RETRIES=0,
+            UPSTREAM_AFFINITY_HEADER=HEADER,
+            UPSTREAM_AFFINITY_USER=True,
+        )
         with httpx.Client(timeout=30) as client:
             for session in ("alpha", "beta"):
                 for fake in fakes:
@@ -55,10 +64,16 @@ def test_a_session_keeps_its_endpoint_and_sessions_spread(start_gateway: Gateway
 
 def test_a_hot_session_is_bounded(start_gateway: GatewayFactory) -> None:
     with fake_fleet({"tokens_per_second": 20}, {"tokens_per_second": 20}, {"tokens_per_second": 20}) as fakes:
-        gateway = start_gateway(UPSTREAM_URL=",".join(fake.url for fake in fakes), UPSTREAM_RETRIES=0,
-                                UPSTREAM_AFFINITY_HEADER=HEADER, UPSTREAM_AFFINITY_LOAD_FACTOR=LOAD_FACTOR)
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=HOT_STREAMS)) as client, \
-                ThreadPoolExecutor(HOT_STREAMS) as pool:
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            UPSTREAM_RETRIES=0,
+            UPSTREAM_AFFINITY_HEADER=HEADER,
+            UPSTREAM_AFFINITY_LOAD_FACTOR=LOAD_FACTOR,
+        )
+        with (
+            httpx.Client(timeout=30, limits=httpx.Limits(max_connections=HOT_STREAMS)) as client,
+            ThreadPoolExecutor(HOT_STREAMS) as pool,
+        ):
             list(pool.map(lambda _: _chat(gateway.url, client, 20, session="hot"), range(HOT_STREAMS)))
         counts = sorted(fake.stats()["requests"] for fake in fakes)
         assert sum(counts) == HOT_STREAMS

@@ -29,8 +29,10 @@ TIED_STREAMS = 30  # slow server: 2 s per stream at 20 tok/s; fast ones: 0.1 s a
 def test_slow_endpoint_gets_fewer_streams(start_gateway: GatewayFactory) -> None:
     with fake_fleet({"tokens_per_second": 400}, {"tokens_per_second": 400}, {"tokens_per_second": 20}) as fakes:
         gateway = start_gateway(UPSTREAM_URL=",".join(fake.url for fake in fakes), UPSTREAM_RETRIES=0)
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=CONCURRENT)) as client, \
-                ThreadPoolExecutor(CONCURRENT) as pool:
+        with (
+            httpx.Client(timeout=30, limits=httpx.Limits(max_connections=CONCURRENT)) as client,
+            ThreadPoolExecutor(CONCURRENT) as pool,
+        ):
             bodies = list(pool.map(lambda _: stream_chat(gateway.url, TOKENS, client), range(STREAMS)))
         assert all(body.rstrip().endswith("data: [DONE]") for body in bodies)
         fast_a, fast_b, slow = (fake.stats() for fake in fakes)
@@ -41,8 +43,13 @@ def test_slow_endpoint_gets_fewer_streams(start_gateway: GatewayFactory) -> None
 
 
 # (fault scripted on A, the client leaves after the first bytes): every way a stream ends but completion
-EXITS = (({"status": 500}, False), ({"reset_after": 2}, False), ({"error_after": 2}, False),
-         ({"stall_after": 2}, False), ({"stall_after": 2}, True))
+EXITS = (
+    ({"status": 500}, False),
+    ({"reset_after": 2}, False),
+    ({"error_after": 2}, False),
+    ({"stall_after": 2}, False),
+    ({"stall_after": 2}, True),
+)
 ATTEMPTS = 50  # guard: streams sent until endpoint A has served one with the fault
 
 
@@ -64,8 +71,12 @@ def test_every_exit_gives_its_count_back(start_gateway: GatewayFactory) -> None:
     with fake_server() as a, socket.socket() as b_sock:
         b_sock.bind(("127.0.0.1", 0))  # bound, not listening: B refuses connections until its fake takes it
         b_url = f"http://127.0.0.1:{b_sock.getsockname()[1]}/v1"
-        gateway = start_gateway(UPSTREAM_URL=f"{a.url},{b_url}", UPSTREAM_RETRIES=0,
-                                INTER_TOKEN_TIMEOUT_SECONDS=0.5, CIRCUIT_FAILURE_THRESHOLD=1000)
+        gateway = start_gateway(
+            UPSTREAM_URL=f"{a.url},{b_url}",
+            UPSTREAM_RETRIES=0,
+            INTER_TOKEN_TIMEOUT_SECONDS=0.5,
+            CIRCUIT_FAILURE_THRESHOLD=1000,
+        )
         with httpx.Client(timeout=30) as client:
             for fault, leave in EXITS:
                 a.reset()
@@ -111,12 +122,16 @@ def test_counts_are_shared_across_processes_and_reclaimed() -> None:
 
 @pytest.mark.parametrize(
     "env, problem",
-    [({"upstream_url": "http://a:1/v1,http://a:1/v1"}, "twice"),
-     ({"upstream_url": "http://a/v1,ftp://b/v1"}, "http://"),
-     ({"upstream_url": "http://a/v1,http://b/v1", "upstream_discovery": "dns"}, "exactly one"),
-     ({"upstream_url": "http://llm.models.svc/v1", "upstream_discovery": "kubernetes"}, "namespace/name"),
-     ({"upstream_url": "http://llm/v1", "upstream_discovery": "kubernetes", "upstream_k8s_service": "llm"},
-      "namespace/name")],
+    [
+        ({"upstream_url": "http://a:1/v1,http://a:1/v1"}, "twice"),
+        ({"upstream_url": "http://a/v1,ftp://b/v1"}, "http://"),
+        ({"upstream_url": "http://a/v1,http://b/v1", "upstream_discovery": "dns"}, "exactly one"),
+        ({"upstream_url": "http://llm.models.svc/v1", "upstream_discovery": "kubernetes"}, "namespace/name"),
+        (
+            {"upstream_url": "http://llm/v1", "upstream_discovery": "kubernetes", "upstream_k8s_service": "llm"},
+            "namespace/name",
+        ),
+    ],
 )
 def test_upstream_settings_are_checked(env: dict[str, str], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):

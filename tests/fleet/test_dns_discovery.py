@@ -87,15 +87,19 @@ def _only(gateway_url: str, fake: FakeUpstream, other: FakeUpstream, client: htt
     return bool(fake.stats()["requests"] == 4 and other.stats()["requests"] == 0)
 
 
-def test_gateway_follows_dns_changes(dns_server: tuple[Records, int], twin_fakes: tuple[FakeUpstream, FakeUpstream],
-                                     start_gateway: GatewayFactory) -> None:
+def test_gateway_follows_dns_changes(
+    dns_server: tuple[Records, int], twin_fakes: tuple[FakeUpstream, FakeUpstream], start_gateway: GatewayFactory
+) -> None:
     records, dns_port = dns_server
     first, second = twin_fakes
     port = first.url.rsplit(":", 1)[1].split("/")[0]
     records.addresses = ["127.0.0.2"]
     gateway = start_gateway(
-        UPSTREAM_URL=f"http://{NAME.rstrip('.')}:{port}/v1", UPSTREAM_DISCOVERY="dns",
-        UPSTREAM_DNS_REFRESH_SECONDS=REFRESH_S, UPSTREAM_DNS_NAMESERVER=f"127.0.0.1:{dns_port}", UPSTREAM_RETRIES=0,
+        UPSTREAM_URL=f"http://{NAME.rstrip('.')}:{port}/v1",
+        UPSTREAM_DISCOVERY="dns",
+        UPSTREAM_DNS_REFRESH_SECONDS=REFRESH_S,
+        UPSTREAM_DNS_NAMESERVER=f"127.0.0.1:{dns_port}",
+        UPSTREAM_RETRIES=0,
     )
     with httpx.Client(timeout=30) as client:
         for _ in range(4):

@@ -43,8 +43,9 @@ def _kubeconfig(path: Path, server: str) -> Path:
     return path
 
 
-def test_gateway_follows_endpointslices(twin_fakes: tuple[FakeUpstream, FakeUpstream, int], tmp_path: Path,
-                                        start_gateway: GatewayFactory) -> None:
+def test_gateway_follows_endpointslices(
+    twin_fakes: tuple[FakeUpstream, FakeUpstream, int], tmp_path: Path, start_gateway: GatewayFactory
+) -> None:
     first, second, port = twin_fakes
     api = FakeApiServer(NAMESPACE, SERVICE)
 
@@ -54,8 +55,10 @@ def test_gateway_follows_endpointslices(twin_fakes: tuple[FakeUpstream, FakeUpst
     api.put(slice_of(("127.0.0.2", READY)))
     with serving(api) as server, httpx.Client(timeout=30) as client:
         gateway = start_gateway(
-            UPSTREAM_URL=f"http://{SERVICE}.{NAMESPACE}.svc:{port}/v1", UPSTREAM_DISCOVERY="kubernetes",
-            UPSTREAM_K8S_SERVICE=f"{NAMESPACE}/{SERVICE}", KUBECONFIG=_kubeconfig(tmp_path / "kubeconfig", server),
+            UPSTREAM_URL=f"http://{SERVICE}.{NAMESPACE}.svc:{port}/v1",
+            UPSTREAM_DISCOVERY="kubernetes",
+            UPSTREAM_K8S_SERVICE=f"{NAMESPACE}/{SERVICE}",
+            KUBECONFIG=_kubeconfig(tmp_path / "kubeconfig", server),
             UPSTREAM_RETRIES=0,
         )
         assert _only(gateway.url, first, second, client)

@@ -34,8 +34,11 @@ def _sse(*events: dict[str, Any] | str) -> bytes:
 
 def _chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
     delta = {} if content is None else {"content": content}
-    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra}
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
 
 
 USAGE = {"object": "chat.completion.chunk", "choices": [], "usage": {"completion_tokens": 3}}
@@ -51,8 +54,11 @@ CHAT_PLANS = [
     _sse(_chunk("a"), _chunk("b"), _chunk("c"), _chunk(finish="length"), USAGE, "[DONE]"),
     _sse(_chunk("a"), _chunk("b"), _chunk("c"), _chunk(finish="length"), USAGE),
     _sse(_chunk("a"), _chunk("b"), _chunk(finish="length"), USAGE, "[DONE]"),
-    _sse(_chunk("a"), {"error": {"message": "shutting down", "type": "server_error", "code": "server_shutdown"}},
-         "[DONE]"),
+    _sse(
+        _chunk("a"),
+        {"error": {"message": "shutting down", "type": "server_error", "code": "server_shutdown"}},
+        "[DONE]",
+    ),
     (503, {"error": {"message": "draining", "type": "server_error", "param": None, "code": "draining"}}),
 ]
 WS_PLANS: list[tuple[list[dict[str, Any]], int]] = [

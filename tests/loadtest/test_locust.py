@@ -51,8 +51,23 @@ class LocustRun:
 def locust_command(host: str, csv_prefix: Path, *, users: int, seconds: int) -> list[str]:
     require("load", "locust", "websocket")
     return [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
-        "-t", f"{seconds}s", "--host", host, "--csv", str(csv_prefix), "--only-summary",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--host",
+        host,
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
     ]
 
 
@@ -85,8 +100,11 @@ def finish_locust(proc: subprocess.Popen[str], tmp_path: Path, seconds: int) -> 
 def start_locust(host: str, tmp_path: Path, *, users: int, seconds: int, **settings: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         locust_command(host, tmp_path / "run", users=users, seconds=seconds),
-        env=locust_env(tmp_path / "summary.json", **settings), cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=locust_env(tmp_path / "summary.json", **settings),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -99,6 +117,7 @@ def assert_consistent(summary: dict[str, Any]) -> None:
 
 
 # --- Locust against real processes ------------------------------------------------------------------
+
 
 def test_locust_streams_complete_against_the_gateway(start_gateway: GatewayFactory, tmp_path: Path) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=100, MOCK_FIRST_TOKEN_MS=5)
@@ -145,8 +164,9 @@ def stub_gateway() -> Any:
 
 
 def test_locust_counts_truncated_graceful_and_refused_streams(stub_gateway: str, tmp_path: Path) -> None:
-    proc = start_locust(stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1,
-                        verify_mock_text=0)  # the stub is not the mock
+    proc = start_locust(
+        stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1, verify_mock_text=0
+    )  # the stub is not the mock
     run = finish_locust(proc, tmp_path, 3)
 
     assert run.returncode == 1, run.output  # truncations fail the run
@@ -209,8 +229,16 @@ def test_locust_reconnects_after_a_drain_and_counts_no_truncation(
         first = start_gateway(
             MOCK_TOKENS_PER_SECOND=100, MOCK_FIRST_TOKEN_MS=5, DRAIN_TIMEOUT_SECONDS=1, WEB_CONCURRENCY=1
         )
-        proc = start_locust(first.url, tmp_path, users=users, seconds=60, max_tokens=300,  # -t: a guard only
-                            max_reconnects=10, reconnect_delay=0.1, max_retry_after=0.2)
+        proc = start_locust(
+            first.url,
+            tmp_path,
+            users=users,
+            seconds=60,
+            max_tokens=300,  # -t: a guard only
+            max_reconnects=10,
+            reconnect_delay=0.1,
+            max_retry_after=0.2,
+        )
         assert wait_metric(first.metrics_url, "streaming_active_connections", users) >= users
         # its /health may be answered by A, so B may still be booting while A drains: requests then wait
         # in the shared socket's backlog, which is what socket activation is for
@@ -241,6 +269,7 @@ def test_locust_reconnects_after_a_drain_and_counts_no_truncation(
 
 # --- the stream checks, on bodies the gateway's own encoders produce -----------------------------------
 
+
 def seed_body(tokens: list[str], end: bytes) -> bytes:
     encoder = SeedEncoder()
     return encoder.opening() + encoder.tokens(tokens) + end
@@ -270,7 +299,7 @@ def sse_check(body: bytes, check: sc.SeedCheck | sc.ChatCheck, *, lost: bool = F
     return check.verdict(connection_lost=lost)
 
 
-TOKENS = ["Hello ", "wörld ", "🚀 ", "\"quoted\"\n"]
+TOKENS = ["Hello ", "wörld ", "🚀 ", '"quoted"\n']
 
 
 @pytest.mark.parametrize(
@@ -279,15 +308,27 @@ TOKENS = ["Hello ", "wörld ", "🚀 ", "\"quoted\"\n"]
         (seed_body(TOKENS, SeedEncoder().done(4, "length", None)), False, ("completed", "completed")),
         (seed_body(TOKENS, b""), False, ("truncated", "ended without done")),
         (seed_body(TOKENS, b""), True, ("truncated", "connection lost before done")),
-        (seed_body(TOKENS[:3], SeedEncoder().done(4, "length", None)), False,
-         ("truncated", "fewer token events than done.tokens")),
-        (seed_body(TOKENS, b'data: {"type": "done", "tokens": 4}\n'), True,
-         ("truncated", "connection lost before done")),
+        (
+            seed_body(TOKENS[:3], SeedEncoder().done(4, "length", None)),
+            False,
+            ("truncated", "fewer token events than done.tokens"),
+        ),
+        (
+            seed_body(TOKENS, b'data: {"type": "done", "tokens": 4}\n'),
+            True,
+            ("truncated", "connection lost before done"),
+        ),
         (seed_body(TOKENS, SeedEncoder().error(ShutdownError("draining"))), False, ("graceful", "server_shutdown")),
-        (seed_body(TOKENS, SeedEncoder().error(StreamTimeoutError("inter-token", 1))), False,
-         ("error", "error event timeout")),
-        (seed_body(TOKENS, b": ping\n\n" + SeedEncoder().done(4, "length", None)).replace(b"\n", b"\r\n"), False,
-         ("completed", "completed")),
+        (
+            seed_body(TOKENS, SeedEncoder().error(StreamTimeoutError("inter-token", 1))),
+            False,
+            ("error", "error event timeout"),
+        ),
+        (
+            seed_body(TOKENS, b": ping\n\n" + SeedEncoder().done(4, "length", None)).replace(b"\n", b"\r\n"),
+            False,
+            ("completed", "completed"),
+        ),
     ],
     ids=["done", "no-done", "reset", "fewer-tokens", "cut-inside-done", "server-shutdown", "error", "crlf-ping"],
 )
@@ -302,8 +343,10 @@ def test_seed_check_sse(body: bytes, lost: bool, expected: tuple[str, str]) -> N
         (chat_body(TOKENS, chat_done(4)), ("completed", "completed")),
         (chat_body(TOKENS, chat_done(4, include_usage=False), include_usage=False), ("completed", "completed")),
         (chat_body(TOKENS, chat_done(4).replace(b"data: [DONE]\n\n", b"")), ("truncated", "ended without [DONE]")),
-        (chat_body(TOKENS[:2], chat_done(2, usage=Usage(7, 4))),
-         ("truncated", "fewer content chunks than usage.completion_tokens")),
+        (
+            chat_body(TOKENS[:2], chat_done(2, usage=Usage(7, 4))),
+            ("truncated", "fewer content chunks than usage.completion_tokens"),
+        ),
         (chat_body(TOKENS, b"data: [DONE]\n\n"), ("truncated", "[DONE] without a finish_reason")),
         (chat_body(TOKENS, ShutdownError("draining").openai_chunk_bytes()), ("graceful", "server_shutdown")),
         (chat_body(TOKENS, UpstreamError("gone").openai_chunk_bytes()), ("error", "error chunk upstream_error")),
@@ -346,8 +389,11 @@ def test_seed_check_websocket(frames: list[str], close_code: int | None, expecte
     ("status", "body", "expected"),
     [
         (429, RateLimitedError(2, {}).detail_body(), "refused:429:rate_limited"),
-        (503, {"error": {"message": "m", "type": "server_error", "param": None, "code": "draining"}},
-         "refused:503:draining"),
+        (
+            503,
+            {"error": {"message": "m", "type": "server_error", "param": None, "code": "draining"}},
+            "refused:503:draining",
+        ),
         (503, ShutdownError("m").detail_body(), "graceful:server_shutdown"),
         (502, UpstreamError("m").openai_body(), "error:http_502:upstream_error"),
         (500, "not json", "error:http_500:unknown"),
@@ -386,7 +432,13 @@ def test_tally_merges_worker_reports_into_one_summary(tmp_path: Path) -> None:
     assert worker.summary()["started"] == 0  # taken: the next report starts from zero
     summary = master.summary()
     assert {k: summary[k] for k in sc.SUMMARY_KEYS} == {
-        "started": 5, "completed": 2, "graceful": 0, "truncated": 2, "refused": 1, "errors": 0, "aborted": 0,
+        "started": 5,
+        "completed": 2,
+        "graceful": 0,
+        "truncated": 2,
+        "refused": 1,
+        "errors": 0,
+        "aborted": 0,
     }
     assert summary["in_flight"] == 0
     assert summary["ok"] is False
@@ -400,6 +452,7 @@ def test_tally_merges_worker_reports_into_one_summary(tmp_path: Path) -> None:
 
 # --- load shapes ----------------------------------------------------------------------------------
 
+
 def plan(**env: str) -> list[shapes.Stage]:
     picked = shapes.plan_from_env({f"LOCUST_{k.upper()}": v for k, v in env.items()})
     assert picked is not None and picked[0] == env["shape"].lower()
@@ -411,10 +464,22 @@ def test_shapes_from_env() -> None:
     ramp = plan(shape="ramp", ramp_users="20", ramp_seconds="10", ramp_hold_seconds="5")
     assert [shapes.tick(ramp, t) for t in (0, 14.9, 15)] == [(20, 2.0), (20, 2.0), None]
 
-    spike = plan(shape="spike", spike_base_users="5", spike_users="50", spike_at_seconds="10", spike_seconds="5",
-                 spike_spawn_rate="25", spike_total_seconds="20")
+    spike = plan(
+        shape="spike",
+        spike_base_users="5",
+        spike_users="50",
+        spike_at_seconds="10",
+        spike_seconds="5",
+        spike_spawn_rate="25",
+        spike_total_seconds="20",
+    )
     assert [shapes.tick(spike, t) for t in (0, 10, 14.9, 15, 19.9, 20)] == [
-        (5, 25), (50, 25), (50, 25), (5, 25), (5, 25), None,
+        (5, 25),
+        (50, 25),
+        (50, 25),
+        (5, 25),
+        (5, 25),
+        None,
     ]
 
     soak = plan(shape="SOAK", soak_users="30")  # defaults: 60 s ramp, 3600 s hold
@@ -430,14 +495,34 @@ def test_shapes_from_env() -> None:
 
 def test_locustfile_shape_is_picked_by_env(tmp_path: Path) -> None:
     """With LOCUST_SHAPE set, Locust runs the shape's stages (and stops itself) instead of -u/-r/-t."""
-    env = locust_env(tmp_path / "summary.json", shape="ramp", ramp_users=2, ramp_seconds=0.5,
-                     ramp_hold_seconds=0.5, weight_ws=0, weight_chat=0)
+    env = locust_env(
+        tmp_path / "summary.json",
+        shape="ramp",
+        ramp_users=2,
+        ramp_seconds=0.5,
+        ramp_hold_seconds=0.5,
+        weight_ws=0,
+        weight_chat=0,
+    )
     require("load", "locust", "websocket")
     with refused_port() as port:  # held bound, never listening: every connection is refused
         result = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host",
-             f"http://127.0.0.1:{port}", "--only-summary"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=GUARD_S,
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(LOCUSTFILE),
+                "--headless",
+                "--host",
+                f"http://127.0.0.1:{port}",
+                "--only-summary",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=GUARD_S,
         )
     assert "Shape test updating to 2 users at 4.00 spawn rate" in result.stderr, result.stderr
     assert "Shape test stopping" in result.stderr, result.stderr

@@ -47,6 +47,7 @@ def assert_resumed_cleanly(summary: dict[str, Any]) -> None:
 
 # --- Locust against real gateways --------------------------------------------------------------------
 
+
 def test_locust_resumes_dropped_streams_on_the_same_instance(start_gateway: GatewayFactory, tmp_path: Path) -> None:
     """Every user closes its connection after 5 tokens, once per stream, and resumes on the same instance (local
     store): each stream is resumed, reassembled without a gap or duplicate, and equals the mock's text."""
@@ -77,8 +78,13 @@ def test_locust_resumes_streams_handed_over_by_a_drained_instance(
     streams over, the users get server_shutdown with a resume id, resume on B and finish with the whole text."""
     shared = conftest._listening_socket()
     monkeypatch.setattr(conftest, "_listening_socket", lambda **_: shared.dup())  # both gateways on one socket
-    fleet = {"RESUME_STORE": "redis", "REDIS_URL": redis_server.url, "ORPHAN_TIMEOUT_SECONDS": 30,
-             "MOCK_FIRST_TOKEN_MS": 5, "WEB_CONCURRENCY": 1}
+    fleet = {
+        "RESUME_STORE": "redis",
+        "REDIS_URL": redis_server.url,
+        "ORPHAN_TIMEOUT_SECONDS": 30,
+        "MOCK_FIRST_TOKEN_MS": 5,
+        "WEB_CONCURRENCY": 1,
+    }
     users = 6
     try:
         # 300 tokens at 100/s: 3 s streams on A, which outlive its 1 s drain; B continues them at 1000/s
@@ -104,6 +110,7 @@ def test_locust_resumes_streams_handed_over_by_a_drained_instance(
 
 # --- the mock's text, copied ---------------------------------------------------------------------------
 
+
 def test_mock_vocabulary_is_the_gateways() -> None:
     assert sc.MOCK_VOCABULARY == mock.VOCABULARY
 
@@ -116,6 +123,7 @@ def test_mock_words_match_the_gateways_mock(prompt: str, start: int, length: int
 
 
 # --- seqs -------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("seqs", "final", "expected"),

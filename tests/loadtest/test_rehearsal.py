@@ -35,8 +35,20 @@ from tests.extras import require
 
 GUARD_S = 100.0  # guard only: how long one short rehearsal may take before the test fails
 STOP_GUARD_S = 30.0  # guard only: how long a rehearsal asked to stop (SIGTERM) may take to clean up
-SHORT = ["--instances", "3", "--users", "10", "--duration", "12", "--prestop", "0.5", "--warmup", "2",
-         "--cooldown", "2"]
+SHORT = [
+    "--instances",
+    "3",
+    "--users",
+    "10",
+    "--duration",
+    "12",
+    "--prestop",
+    "0.5",
+    "--warmup",
+    "2",
+    "--cooldown",
+    "2",
+]
 
 
 @dataclass
@@ -70,8 +82,12 @@ def run_rehearsal(tmp_path: Path, *args: str) -> Run:
     require("load", "locust", "websocket", "matplotlib")  # it runs Locust and draws its picture
     out = tmp_path / "rehearsal"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.rehearsal", *args, "--output-dir", str(out)], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "loadtest.rehearsal", *args, "--output-dir", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=GUARD_S)
@@ -102,9 +118,9 @@ def png_size(path: Path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
     offset, chunks = 8, []
     while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
         assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
         chunks.append((kind, body))
         offset += 12 + length
@@ -122,8 +138,9 @@ def assert_common(run: Run) -> dict[str, Any]:
     assert results["ok"] is True, results["checks"]
     assert (counts["truncated"], counts["errors"]) == (0, 0), counts
     assert counts["completed"] > 0 and counts["in_flight"] == 0, counts
-    assert counts["started"] == sum(counts[k] for k in ("completed", "graceful", "truncated", "refused", "errors",
-                                                        "aborted"))
+    assert counts["started"] == sum(
+        counts[k] for k in ("completed", "graceful", "truncated", "refused", "errors", "aborted")
+    )
     for endpoint in ("/stream", "/v1/chat/completions", "/ws"):
         assert results["by_endpoint"][endpoint]["completed"] > 0, endpoint
 
@@ -139,7 +156,8 @@ def assert_common(run: Run) -> dict[str, Any]:
         assert t["removed_at"] <= removal["at"] + 0.002 and removal["at"] + removal["took_s"] <= t["sigterm_at"] + 0.002
     # nginx: out and back in for each instance, in order
     assert [r["why"] for r in results["nginx_reloads"]] == [
-        f"{step} gw-{i}" for i in range(3) for step in ("remove", "add")]
+        f"{step} gw-{i}" for i in range(3) for step in ("remove", "add")
+    ]
 
     active = {s["labels"]["instance"]: s["values"] for s in results["prometheus"]["active_connections"]}
     assert set(active) == {"gw-0", "gw-1", "gw-2"}
@@ -152,8 +170,10 @@ def assert_common(run: Run) -> dict[str, Any]:
     report = run.report
     assert report in run.output  # printed as well
     assert "](rollout.png)" in report
-    assert (f"| {counts['started']} | {counts['completed']} | {counts['graceful']} | {counts['truncated']} | "
-            f"{counts['refused']} | {counts['errors']} | {counts['aborted']} |") in report
+    assert (
+        f"| {counts['started']} | {counts['completed']} | {counts['graceful']} | {counts['truncated']} | "
+        f"{counts['refused']} | {counts['errors']} | {counts['aborted']} |"
+    ) in report
     for t in terminations:
         assert f"| {t['instance']} |" in report and f"**{t['drain_s']:.2f} s**" in report
     assert "- [ ]" not in report  # every check passed
@@ -172,13 +192,22 @@ def test_nginx_config_mirrors_the_chart_ingress(tmp_path: Path) -> None:
     ingress = chart_ingress()
     timeout = int(ingress["proxyTimeoutSeconds"])
     for directive in (
-        "proxy_buffering off;", "proxy_request_buffering off;", "proxy_http_version 1.1;",
-        f"proxy_read_timeout {timeout}s;", f"proxy_send_timeout {timeout}s;",
+        "proxy_buffering off;",
+        "proxy_request_buffering off;",
+        "proxy_http_version 1.1;",
+        f"proxy_read_timeout {timeout}s;",
+        f"proxy_send_timeout {timeout}s;",
         f"client_max_body_size {ingress['proxyBodySize']};",
-        "proxy_set_header Connection $connection_upgrade;", "proxy_set_header Upgrade $http_upgrade;",
-        "proxy_next_upstream error timeout http_503 non_idempotent;", "keepalive 64;",
-        "server 127.0.0.1:1001 max_fails=1 fail_timeout=10s;", "server 127.0.0.1:1002 max_fails=1 fail_timeout=10s;",
-        f"listen 127.0.0.1:{nginx.port};", 'return 200 "7\\n";', "daemon off;", f"pid {tmp_path}/nginx.pid;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_next_upstream error timeout http_503 non_idempotent;",
+        "keepalive 64;",
+        "server 127.0.0.1:1001 max_fails=1 fail_timeout=10s;",
+        "server 127.0.0.1:1002 max_fails=1 fail_timeout=10s;",
+        f"listen 127.0.0.1:{nginx.port};",
+        'return 200 "7\\n";',
+        "daemon off;",
+        f"pid {tmp_path}/nginx.pid;",
     ):
         assert directive in conf, directive
     assert "{{" not in conf
@@ -199,12 +228,14 @@ def test_rolling_restart_under_load_truncates_nothing(tmp_path: Path) -> None:
 
 def test_short_drain_ends_cut_streams_with_server_shutdown(tmp_path: Path) -> None:
     """Drain (1 s) shorter than the streams (100 tokens: 5 s): the ones still running get server_shutdown."""
-    run = run_rehearsal(tmp_path, *SHORT, "--mode", "short-drain", "--drain-timeout", "1", "--close-grace", "1",
-                        "--max-tokens", "100")
+    run = run_rehearsal(
+        tmp_path, *SHORT, "--mode", "short-drain", "--drain-timeout", "1", "--close-grace", "1", "--max-tokens", "100"
+    )
     results = assert_common(run)
     counts = results["summary"]
     assert counts["graceful"] > 0, counts
     assert counts["reconnects"] > 0  # users reconnect after a graceful end
     assert sum(t["cut_by_drain"] or 0 for t in results["terminations"]) > 0
-    assert set(results["by_reason"]) <= {"graceful:server_shutdown", "refused:503:draining",
-                                         "refused:1012:draining"}, results["by_reason"]
+    assert set(results["by_reason"]) <= {"graceful:server_shutdown", "refused:503:draining", "refused:1012:draining"}, (
+        results["by_reason"]
+    )

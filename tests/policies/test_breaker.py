@@ -218,6 +218,7 @@ def test_a_permit_settles_exactly_once(breaker: Fixture) -> None:
 def test_workers_see_one_breaker() -> None:
     cell = SharedBreakerCell()  # built before fork, as in the gunicorn master
     try:
+
         def fail_five(_: int) -> int:
             worker = CircuitBreaker("upstream", cell=cell, clock=lambda: 1000.0)
             _fail(worker, 5)
@@ -398,7 +399,8 @@ class BreakerMachine(RuleBasedStateMachine):
             assert snapshot.successes == self.model.successes
             assert sum(t > now - 60.0 for t in snapshot.failures) == recent_failures
             assert sorted(t for t, _ in snapshot.charged if t > now - 60.0) == sorted(
-                t for t, _ in self.model.charged if t > now - 60.0)
+                t for t, _ in self.model.charged if t > now - 60.0
+            )
 
 
 class SharedBreakerMachine(BreakerMachine):
@@ -420,6 +422,7 @@ TestSharedBreakerMachine = SharedBreakerMachine.TestCase
 def test_a_worker_can_reopen_the_cell_by_descriptor() -> None:
     cell = SharedBreakerCell()
     try:
+
         def fail_five(_: int) -> int:
             reopened = SharedBreakerCell.attach(cell.fd)
             _fail(CircuitBreaker("upstream", cell=reopened, clock=lambda: 1000.0), 5)
@@ -499,6 +502,7 @@ def test_the_cap_holds_across_workers() -> None:
     """Worker processes over one shared cell: a client's charged failures are counted once for the instance."""
     cell = SharedBreakerCell()
     try:
+
         def poison(_: int) -> int:
             worker = CircuitBreaker("upstream", cell=cell, clock=lambda: 1000.0)
             _charge(worker, "key:poisoner", 20)

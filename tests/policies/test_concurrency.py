@@ -125,6 +125,7 @@ def test_ten_per_client_across_worker_processes() -> None:
     limiter = SharedConnectionLimiter(500, 10)  # built before fork, as in the gunicorn master
     all_tried = multiprocessing.get_context("fork").Barrier(2)
     try:
+
         def grab(_: int) -> int:
             held = [limiter.try_acquire("one-client") for _ in range(30)]
             granted = [lease for lease in held if lease is not None]
@@ -143,6 +144,7 @@ def test_ten_per_client_across_worker_processes() -> None:
 def test_global_cap_across_worker_processes() -> None:
     limiter = SharedConnectionLimiter(12, 10)
     try:
+
         def grab(index: int) -> int:
             held = [limiter.try_acquire(f"client-{index}-{i % 3}") for i in range(30)]
             return sum(lease is not None for lease in held)  # exits holding them: reclaimed below

@@ -96,8 +96,7 @@ def test_a_refused_hit_spends_nothing(make_storage: StorageFactory) -> None:
 
 def test_each_key_has_its_own_bucket_and_a_full_one_is_fresh(make_storage: StorageFactory) -> None:
     clock = FakeClock()
-    limiter = RateLimiter(make_storage(), RateLimit(capacity=1, refill_per_second=0.001), fail_open=False,
-                          clock=clock)
+    limiter = RateLimiter(make_storage(), RateLimit(capacity=1, refill_per_second=0.001), fail_open=False, clock=clock)
     for key in ("a", "b"):
         assert run_sync(limiter.hit(key)).allowed
     assert not run_sync(limiter.hit("a")).allowed and not run_sync(limiter.hit("b")).allowed
@@ -130,8 +129,7 @@ def test_cost_and_limit_validation() -> None:
 
 
 class _BrokenStorage:
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         raise StorageError("down")
 
 
@@ -171,8 +169,7 @@ def test_memory_storage_sweeps_buckets_that_are_full_again() -> None:
 
 def test_memory_storage_caps_keys_dropping_the_least_recently_used() -> None:
     storage = MemoryStorage(max_keys=3)
-    limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.001), fail_open=False,
-                          clock=FakeClock())
+    limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.001), fail_open=False, clock=FakeClock())
     for key in ("a", "b", "c"):
         run_sync(limiter.hit(key))
     run_sync(limiter.hit("a"))  # refused, and now the most recently used
@@ -211,11 +208,10 @@ def test_shared_table_evicts_the_bucket_closest_to_full() -> None:
         storage.close()
 
 
-def _allowed_within_bucket_bounds(times: list[float], allowed_costs: list[float], capacity: int,
-                                  rate: float) -> None:
+def _allowed_within_bucket_bounds(times: list[float], allowed_costs: list[float], capacity: int, rate: float) -> None:
     # Over any interval [t_i, t_j], what was let through fits in a full bucket plus the refill.
     for i, j in itertools.combinations_with_replacement(range(len(times)), 2):
-        spent = sum(allowed_costs[i:j + 1])
+        spent = sum(allowed_costs[i : j + 1])
         assert spent <= capacity + (times[j] - times[i]) * rate + 1e-6
 
 
@@ -225,8 +221,9 @@ def _allowed_within_bucket_bounds(times: list[float], allowed_costs: list[float]
     rate=st.floats(0.01, 5.0),
     steps=st.lists(st.tuples(st.floats(0.0, 20.0), st.integers(1, 3)), max_size=40),
 )
-def test_token_bucket_never_exceeds_capacity_plus_refill(capacity: int, rate: float,
-                                                         steps: list[tuple[float, int]]) -> None:
+def test_token_bucket_never_exceeds_capacity_plus_refill(
+    capacity: int, rate: float, steps: list[tuple[float, int]]
+) -> None:
     shared = SharedMemoryStorage(slots=16)
     try:
         decisions: dict[str, list[bool]] = {}
@@ -280,6 +277,7 @@ def test_workers_share_one_burst(workers: int) -> None:
     """WEB_CONCURRENCY=2 must still mean 5 burst requests per client, not 10."""
     storage = SharedMemoryStorage(slots=64)  # built before fork, as in the gunicorn master
     try:
+
         def hammer(_: int) -> int:
             # A frozen clock: nothing refills during the test, so the only tokens are the burst.
             limiter = RateLimiter(storage, fail_open=False, clock=lambda: 1000.0)
@@ -295,6 +293,7 @@ def test_workers_share_one_burst(workers: int) -> None:
 def test_a_worker_can_reopen_the_table_by_descriptor() -> None:
     storage = SharedMemoryStorage(slots=64)
     try:
+
         def hammer(_: int) -> int:
             reopened = SharedMemoryStorage.attach(storage.fd)  # what an app factory in the worker does
             try:
@@ -322,8 +321,15 @@ def test_the_descriptor_survives_exec() -> None:
             "limiter = RateLimiter(storage, fail_open=False, clock=lambda: 1000.0)\n"
             "print(sum(asyncio.run(limiter.hit('c')).allowed for _ in range(3)))\n"
         )
-        child = subprocess.run([sys.executable, "-c", script, str(storage.fd)], pass_fds=(storage.fd,),
-                               capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=ROOT, check=True)
+        child = subprocess.run(
+            [sys.executable, "-c", script, str(storage.fd)],
+            pass_fds=(storage.fd,),
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            cwd=ROOT,
+            check=True,
+        )
         assert child.stdout.strip() == "3"
         limiter = RateLimiter(storage, fail_open=False, clock=lambda: 1000.0)
         assert [run_sync(limiter.hit("c")).allowed for _ in range(3)] == [True, True, False]

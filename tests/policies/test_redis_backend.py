@@ -160,8 +160,7 @@ def test_buckets_live_under_the_prefix_and_a_missing_one_is_full(redis_server: R
             assert (await storage.acquire("a", 1, 0.001, 1, now=0.0)).allowed
             for key in ("b", "c"):
                 assert (await storage.acquire(key, 1, 0.001, 1, now=0.0)).allowed
-            assert set(await client.keys("*")) == {
-                b"t[1]*:a", b"t[1]*:b", b"t[1]*:c", b"t[1]*-outside", b"t1x:other"}
+            assert set(await client.keys("*")) == {b"t[1]*:a", b"t[1]*:b", b"t[1]*:c", b"t[1]*-outside", b"t1x:other"}
             assert await client.get("t[1]*-outside") == b"stays"
             assert await client.get("t1x:other") == b"stays"
 
@@ -187,8 +186,9 @@ def test_script_cache_loss_is_survived(redis_server: RedisServer) -> None:
 def test_with_the_rate_limiter(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         async with _client(redis_server.url) as client:
-            limiter = RateLimiter(RedisStorage(client), RateLimit(capacity=2, refill_per_second=0.01),
-                                  fail_open=False, clock=FakeClock())
+            limiter = RateLimiter(
+                RedisStorage(client), RateLimit(capacity=2, refill_per_second=0.01), fail_open=False, clock=FakeClock()
+            )
             assert [(await limiter.hit("c")).allowed for _ in range(3)] == [True, True, False]
             refused = await limiter.hit("c")
             assert not refused.degraded and 0 < refused.retry_after_seconds <= 100
@@ -202,7 +202,8 @@ def test_unreachable_redis_fails_fast() -> None:
         async with _refused_client() as client:
             storage, slots = RedisStorage(client), RedisClientSlots(client)
             calls: list[Callable[[], Awaitable[object]]] = [
-                lambda: storage.acquire("k", 5, 1.0, 1, now=0.0), lambda: slots.try_acquire("c", 10),
+                lambda: storage.acquire("k", 5, 1.0, 1, now=0.0),
+                lambda: slots.try_acquire("c", 10),
                 lambda: slots.release("c", "x"),
             ]
             for call in calls:
@@ -330,8 +331,7 @@ class CountingStorage:
         self.inner = inner
         self.calls = 0
 
-    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                      now: float) -> Acquisition:
+    async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float, now: float) -> Acquisition:
         self.calls += 1
         return await self.inner.acquire(key, capacity, refill_per_second, cost, now)
 
@@ -344,8 +344,9 @@ def test_resilient_storage_fails_over_and_back(redis_server: RedisServer) -> Non
         async with _client(redis_server.url) as client:
             primary = CountingStorage(RedisStorage(client))
             fallback = MemoryStorage()
-            storage: Storage = ResilientStorage(primary, fallback, retry_after_seconds=1.0, clock=clock,
-                                                on_state_change=changes.append)
+            storage: Storage = ResilientStorage(
+                primary, fallback, retry_after_seconds=1.0, clock=clock, on_state_change=changes.append
+            )
             assert (await storage.acquire("k", 5, 0.001, 1, now=clock())).remaining == pytest.approx(4.0, abs=0.01)
             assert await client.exists(DEFAULT_RATE_LIMIT_PREFIX + "k") == 1 and len(fallback) == 0
 
@@ -386,10 +387,10 @@ def test_resilient_storage_with_redis_never_up() -> None:
 
     async def scenario() -> None:
         async with _refused_client() as client:
-            storage = ResilientStorage(RedisStorage(client), MemoryStorage(), clock=clock,
-                                       on_state_change=changes.append)
-            limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.01), fail_open=False,
-                                  clock=clock)
+            storage = ResilientStorage(
+                RedisStorage(client), MemoryStorage(), clock=clock, on_state_change=changes.append
+            )
+            limiter = RateLimiter(storage, RateLimit(capacity=1, refill_per_second=0.01), fail_open=False, clock=clock)
             first, second = await limiter.hit("c"), await limiter.hit("c")
             assert first.allowed and not first.degraded  # answered by the local limit, not by fail-open
             assert not second.allowed and not second.degraded
@@ -415,8 +416,9 @@ def test_stale_outcomes_do_not_flap_the_state() -> None:
         def __init__(self) -> None:
             self.pending: list[asyncio.Future[bool]] = []
 
-        async def acquire(self, key: str, capacity: int, refill_per_second: float, cost: float,
-                          now: float) -> Acquisition:
+        async def acquire(
+            self, key: str, capacity: int, refill_per_second: float, cost: float, now: float
+        ) -> Acquisition:
             future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self.pending.append(future)
             if not await future:
@@ -435,6 +437,7 @@ def test_stale_outcomes_do_not_flap_the_state() -> None:
         def hit() -> asyncio.Task[float]:
             async def call() -> float:
                 return (await storage.acquire("k", 5, 0.001, 1, now=clock())).remaining
+
             return asyncio.ensure_future(call())
 
         # Up: two calls in flight. The later-finishing one succeeds after the other failed.
@@ -469,8 +472,9 @@ def test_resilient_slots_go_local_only_and_back(redis_server: RedisServer) -> No
 
     async def scenario() -> None:
         async with _client(redis_server.url) as client:
-            slots: ClientSlots = ResilientClientSlots(RedisClientSlots(client), clock=clock,
-                                                      on_state_change=changes.append)
+            slots: ClientSlots = ResilientClientSlots(
+                RedisClientSlots(client), clock=clock, on_state_change=changes.append
+            )
             lease = await slots.try_acquire("c", 1)
             assert lease is not None and lease != LOCAL_ONLY
             assert await slots.try_acquire("c", 1) is None  # the shared cap still refuses
@@ -526,4 +530,3 @@ def test_retry_interval_is_checked() -> None:
         ResilientClientSlots(RedisClientSlots(LazyRedis("redis://127.0.0.1:1")), retry_after_seconds=float("inf"))
     with pytest.raises(ValueError):
         RedisStorage(LazyRedis("redis://127.0.0.1:1"), prefix="")  # bucket keys would mix with every other key
-

@@ -32,9 +32,18 @@ def test_defaults_are_the_seed_values() -> None:
 
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(429, ErrorKind.RATE_LIMITED), (500, ErrorKind.SERVER), (503, ErrorKind.SERVER), (599, ErrorKind.SERVER),
-     (400, ErrorKind.CLIENT), (401, ErrorKind.CLIENT), (404, ErrorKind.CLIENT), (422, ErrorKind.CLIENT),
-     (200, ErrorKind.OTHER), (302, ErrorKind.OTHER)],
+    [
+        (429, ErrorKind.RATE_LIMITED),
+        (500, ErrorKind.SERVER),
+        (503, ErrorKind.SERVER),
+        (599, ErrorKind.SERVER),
+        (400, ErrorKind.CLIENT),
+        (401, ErrorKind.CLIENT),
+        (404, ErrorKind.CLIENT),
+        (422, ErrorKind.CLIENT),
+        (200, ErrorKind.OTHER),
+        (302, ErrorKind.OTHER),
+    ],
 )
 def test_error_kind_for_status(status: int, kind: ErrorKind) -> None:
     assert error_kind_for_status(status) is kind

@@ -64,8 +64,14 @@ def status_of(response: bytes) -> int:
 
 def ws_handshake(path: str, headers: dict[str, str], host: str = "127.0.0.1") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -102,6 +108,6 @@ def ws_close_code(data: bytes) -> int | None:
         elif length == 127:
             length, offset = struct.unpack("!Q", data[2:10])[0], 10
         if opcode == 0x8:
-            return int(struct.unpack("!H", data[offset:offset + 2])[0]) if length >= 2 else None
-        data = data[offset + length:]
+            return int(struct.unpack("!H", data[offset : offset + 2])[0]) if length >= 2 else None
+        data = data[offset + length :]
     return None

@@ -32,8 +32,11 @@ def auth(key: str) -> dict[str, str]:
 
 
 def ws(gateway: Gateway, key: str | None) -> ClientConnection:
-    return ws_connect(gateway.url.replace("http://", "ws://") + "/ws", additional_headers=auth(key) if key else None,
-                      open_timeout=GUARD_S)
+    return ws_connect(
+        gateway.url.replace("http://", "ws://") + "/ws",
+        additional_headers=auth(key) if key else None,
+        open_timeout=GUARD_S,
+    )
 
 
 def ws_rest(conn: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:

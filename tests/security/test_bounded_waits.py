@@ -41,8 +41,13 @@ MAX_BODY = 1_048_576
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gateway = launch_gateway(
-        {"API_KEYS": f"{KEY},sk-tenant-b", "REQUEST_READ_TIMEOUT_SECONDS": 1, "KEEPALIVE_SECONDS": 1,
-         "MAX_BODY_BYTES": MAX_BODY, "MOCK_TOKENS_PER_SECOND": 0},
+        {
+            "API_KEYS": f"{KEY},sk-tenant-b",
+            "REQUEST_READ_TIMEOUT_SECONDS": 1,
+            "KEEPALIVE_SECONDS": 1,
+            "MAX_BODY_BYTES": MAX_BODY,
+            "MOCK_TOKENS_PER_SECOND": 0,
+        },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
     yield gateway
@@ -53,8 +58,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def long_keepalive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """Keep-alive outlasts the guard: only the 1 s read deadline can close a connection that carries a request."""
     gateway = launch_gateway(
-        {"API_KEYS": KEY, "WEB_CONCURRENCY": 1, "REQUEST_READ_TIMEOUT_SECONDS": 1, "KEEPALIVE_SECONDS": 60,
-         "MOCK_TOKENS_PER_SECOND": 0},
+        {
+            "API_KEYS": KEY,
+            "WEB_CONCURRENCY": 1,
+            "REQUEST_READ_TIMEOUT_SECONDS": 1,
+            "KEEPALIVE_SECONDS": 60,
+            "MOCK_TOKENS_PER_SECOND": 0,
+        },
         tmp_path_factory.mktemp("long_keepalive") / "gateway.log",
     )
     yield gateway
@@ -65,8 +75,9 @@ def read_response(sock: socket.socket) -> bytes:
     """One whole response with a Content-Length body; the socket stays open."""
     received = read_head(sock)
     head, _, body = received.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
-                  if line.startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         assert chunk, f"closed mid-body: {received!r}"
@@ -111,8 +122,10 @@ def test_an_early_answer_is_not_followed_by_a_408(long_keepalive: Gateway) -> No
     """A request answered before its body (413 from Content-Length) whose body then stalls is closed at the
     deadline without a second, unasked-for response."""
     with connect(long_keepalive.url) as sock:
-        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2000000\r\n\r\n{\"prompt\": ")
+        sock.sendall(
+            b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 2000000\r\n\r\n{"prompt": '
+        )
         response = read_until_closed(sock)
     assert status_of(response) == 413
     assert response.count(b"HTTP/1.1 ") == 1, response
@@ -124,11 +137,17 @@ def assert_408_is_a_rejection(gateway: Gateway, route: str) -> None:
     rejected = metric(gateway, "streaming_rejections_total", reason="request_timeout", **labels)
     gone = metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels)
     with connect(gateway.url) as sock:
-        sock.sendall(b"POST " + route.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        sock.sendall(
+            b"POST " + route.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b'\r\nContent-Length: 100\r\n\r\n{"prompt": '
+        )
         assert status_of(read_until_closed(sock)) == 408
-    assert wait_metric(gateway, "streaming_rejections_total", rejected + 1, timeout=GUARD_S,
-                       reason="request_timeout", **labels) == rejected + 1
+    assert (
+        wait_metric(
+            gateway, "streaming_rejections_total", rejected + 1, timeout=GUARD_S, reason="request_timeout", **labels
+        )
+        == rejected + 1
+    )
     assert metric(gateway, "streaming_stream_outcomes_total", outcome="client_gone", **labels) == gone
 
 
@@ -141,8 +160,14 @@ def test_a_408_counts_as_a_rejection_with_tracing_on(start_gateway: GatewayFacto
     """With tracing on, streams go through FastAPI's stack: its ClientDisconnect handler tells a 408 apart too."""
     collector = OTLPReceiver()
     try:
-        gateway = start_gateway(API_KEYS=KEY, WEB_CONCURRENCY=1, REQUEST_READ_TIMEOUT_SECONDS=1, KEEPALIVE_SECONDS=60,
-                                MOCK_TOKENS_PER_SECOND=0, OTEL_EXPORTER_OTLP_ENDPOINT=collector.url)
+        gateway = start_gateway(
+            API_KEYS=KEY,
+            WEB_CONCURRENCY=1,
+            REQUEST_READ_TIMEOUT_SECONDS=1,
+            KEEPALIVE_SECONDS=60,
+            MOCK_TOKENS_PER_SECOND=0,
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+        )
         assert_408_is_a_rejection(gateway, "/stream")
     finally:
         collector.server.shutdown()
@@ -164,8 +189,10 @@ def test_half_sent_headers_get_408(gateway: Gateway) -> None:
 
 def test_a_partial_body_gets_408(gateway: Gateway) -> None:
     with connect(gateway.url) as sock:
-        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        sock.sendall(
+            b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"X-API-Key: " + KEY.encode() + b'\r\nContent-Length: 100\r\n\r\n{"prompt": '
+        )
         response = read_until_closed(sock)
     assert status_of(response) == 408
     # the deadline costs a prompt client nothing: a keep-alive connection serves request after request
@@ -178,9 +205,11 @@ def test_a_partial_body_gets_408(gateway: Gateway) -> None:
 
 def test_an_unfinished_chunked_body_gets_408(gateway: Gateway) -> None:
     with connect(gateway.url) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5\r\n{\"mod\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"mod\r\n'
+        )
         response = read_until_closed(sock)
     assert status_of(response) == 408
 
@@ -239,8 +268,10 @@ def test_sockets_that_all_carry_requests_cannot_be_outnumbered(start_gateway: Ga
     """When every socket a worker holds carries a request (here: bodies that stop short), one more socket gets
     503 at once instead of a descriptor; the held requests are still bounded by the read deadline."""
     gateway = start_gateway(WEB_CONCURRENCY=1, MAX_CONNECTIONS=1, KEEPALIVE_SECONDS=60, REQUEST_READ_TIMEOUT_SECONDS=60)
-    head = (b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+    head = (
+        b"POST /stream HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
     with ExitStack() as stack:
         for _ in range(1 + SOCKET_HEADROOM):
             sock = stack.enter_context(connect(gateway.url))

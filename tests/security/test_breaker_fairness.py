@@ -15,8 +15,13 @@ from tests.conftest import FakeUpstream, Gateway, GatewayFactory
 from tests.test_upstream_protection import breaker_state
 
 KEYS = ("key-a", "key-b", "key-c")
-BREAKER = {"API_KEYS": ",".join(KEYS), "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 3,
-           "CIRCUIT_OPEN_SECONDS": 120, "CIRCUIT_WINDOW_SECONDS": 120}
+BREAKER = {
+    "API_KEYS": ",".join(KEYS),
+    "UPSTREAM_RETRIES": 0,
+    "CIRCUIT_FAILURE_THRESHOLD": 3,
+    "CIRCUIT_OPEN_SECONDS": 120,
+    "CIRCUIT_WINDOW_SECONDS": 120,
+}
 
 
 @pytest.fixture
@@ -25,14 +30,19 @@ def gateway(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> Gatew
 
 
 def stream(gateway: Gateway, key: str, prompt: str = "hello") -> httpx.Response:
-    return httpx.post(gateway.url + "/stream", json={"prompt": prompt, "max_tokens": 3},
-                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    return httpx.post(
+        gateway.url + "/stream",
+        json={"prompt": prompt, "max_tokens": 3},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
 
 
 def v1(gateway: Gateway, key: str, prompt: str) -> httpx.Response:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3}
-    return httpx.post(gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                      timeout=30)
+    return httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
 
 
 def test_one_clients_poisoned_prompts_cannot_open_it_for_everyone(
@@ -88,8 +98,9 @@ def test_a_dead_upstream_opens_it_with_a_single_client(start_gateway: GatewayFac
 def test_an_upstream_that_never_answers_opens_it_with_a_single_client(
     start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
-    gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, FIRST_TOKEN_TIMEOUT_SECONDS=0.5,
-                            DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **BREAKER)
+    gateway = start_gateway(
+        UPSTREAM_URL=fake_upstream.url, FIRST_TOKEN_TIMEOUT_SECONDS=0.5, DEADLINE_CHECK_INTERVAL_SECONDS=0.05, **BREAKER
+    )
     fake_upstream.script(*[{"headers_delay_ms": 60_000}] * 3)
     for _ in range(3):
         response = stream(gateway, "key-a")

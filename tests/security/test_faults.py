@@ -30,12 +30,20 @@ def hang_up_mid_body(gateway: Gateway, route: str, framing: str) -> None:
     length = b"Content-Length: 100\r\n" if framing == "content-length" else b"Transfer-Encoding: chunked\r\n"
     first_piece = b'{"prompt": "hel' if framing == "content-length" else b'f\r\n{"prompt": "hel\r\n'
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST " + route.encode() + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                     + length + b"\r\n" + first_piece)
+        sock.sendall(
+            b"POST "
+            + route.encode()
+            + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            + length
+            + b"\r\n"
+            + first_piece
+        )
     # closed with the body unfinished
     expected = before + 1
-    assert wait_metric(gateway, "streaming_stream_outcomes_total", expected, route=route,
-                       outcome="client_gone") == expected
+    assert (
+        wait_metric(gateway, "streaming_stream_outcomes_total", expected, route=route, outcome="client_gone")
+        == expected
+    )
     assert_no_server_fault(gateway)
 
 
@@ -46,15 +54,19 @@ def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, 
 
 
 def test_a_client_leaving_mid_body_with_tracing_on(
-    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, otlp: OTLPReceiver,  # noqa: F811
+    start_gateway: GatewayFactory,
+    fake_upstream: FakeUpstream,
+    otlp: OTLPReceiver,  # noqa: F811
 ) -> None:
     """With tracing on, streams go through FastAPI's stack: its exception handler classifies the same way."""
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
     hang_up_mid_body(gateway, "/stream", "content-length")
 
 
-TOOL_CALL_SURROGATE = (r'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'
-                       r'"function":{"name":"get_\ud800weather","arguments":""}}]},"finish_reason":null}]}')
+TOOL_CALL_SURROGATE = (
+    r'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'
+    r'"function":{"name":"get_\ud800weather","arguments":""}}]},"finish_reason":null}]}'
+)
 MALFORMED = {
     "lone surrogate in a tool-call name": TOOL_CALL_SURROGATE,
     "lone surrogate in content": r'{"choices":[{"index":0,"delta":{"content":"a\udc00b"},"finish_reason":null}]}',
@@ -68,7 +80,8 @@ MALFORMED = {
     "tool calls as an object": {"choices": [{"index": 0, "delta": {"tool_calls": {"index": 0}}}]},
     "tool-call index as a string": {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "x"}]}}]},
     "tool-call arguments as a number": {
-        "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 5}}]}}]},
+        "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 5}}]}}]
+    },
 }
 
 
@@ -99,8 +112,12 @@ def test_malformed_upstream_data_is_an_upstream_error(
     if protocol == "/stream":
         response = httpx.post(gateway.url + "/stream", json={"prompt": "hi", "max_tokens": 5}, timeout=30)
     else:
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-                "stream": protocol == "/v1"}
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "stream": protocol == "/v1",
+        }
         response = httpx.post(gateway.url + V1, json=body, timeout=30)
     error = final_error(protocol, response)
     assert error["code"] == "upstream_error"

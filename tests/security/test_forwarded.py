@@ -34,7 +34,8 @@ def test_values_that_are_not_addresses_never_become_identities(start_gateway: Ga
     assert _statuses(gateway, junk) == [200] * 3 + [429] * 3  # every one falls back to the peer, the proxy
     # a real address behind the proxy is its own client (with or without the port some proxies append),
     # and Forwarded is not read
-    named = [{"X-Forwarded-For": address, "Forwarded": f"for=203.0.113.{i}"}
-             for i, address in enumerate(["198.51.100.9", "198.51.100.9:4711", "junk, 198.51.100.9:80",
-                                          "198.51.100.9"])]
+    named = [
+        {"X-Forwarded-For": address, "Forwarded": f"for=203.0.113.{i}"}
+        for i, address in enumerate(["198.51.100.9", "198.51.100.9:4711", "junk, 198.51.100.9:80", "198.51.100.9"])
+    ]
     assert _statuses(gateway, named) == [200] * 3 + [429]

@@ -21,18 +21,25 @@ STREAM = {"prompt": "keys", "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway({"API_KEYS": f"{KEY_A},{KEY_B}", "UPSTREAM_URL": fake_upstream_server.url},
-                             tmp_path_factory.mktemp("gateway") / "gateway.log")
+    gateway = launch_gateway(
+        {"API_KEYS": f"{KEY_A},{KEY_B}", "UPSTREAM_URL": fake_upstream_server.url},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield gateway
     gateway.stop()
 
 
 @pytest.mark.parametrize("parameter", ["api_key", "key", "token", "access_token"])
 def test_a_key_in_the_url_gets_401_saying_where_it_belongs(gateway: Gateway, parameter: str) -> None:
-    for method, path, body in (("POST", "/stream", STREAM),
-                               ("POST", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True,
-                                                                 "messages": [{"role": "user", "content": "hi"}]}),
-                               ("GET", "/v1/models", None)):
+    for method, path, body in (
+        ("POST", "/stream", STREAM),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        ("GET", "/v1/models", None),
+    ):
         response = httpx.request(method, f"{gateway.url}{path}?{parameter}={KEY_A}", json=body, timeout=GUARD_S)
         assert response.status_code == 401, (path, response.text)
         assert "Authorization: Bearer" in response.text and "X-API-Key" in response.text
@@ -70,10 +77,15 @@ def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
     assert scraped.status_code == 200
     assert "streaming_active_connections" in scraped.text
     # the metrics port serves nothing else: no streams, no health, no models
-    assert httpx.post(gateway.metrics_url + "/stream", json=STREAM, headers={"X-API-Key": KEY_A},
-                      timeout=GUARD_S).status_code == 404
-    assert httpx.get(gateway.metrics_url + "/v1/models", headers={"X-API-Key": KEY_A},
-                     timeout=GUARD_S).status_code == 404
+    assert (
+        httpx.post(
+            gateway.metrics_url + "/stream", json=STREAM, headers={"X-API-Key": KEY_A}, timeout=GUARD_S
+        ).status_code
+        == 404
+    )
+    assert (
+        httpx.get(gateway.metrics_url + "/v1/models", headers={"X-API-Key": KEY_A}, timeout=GUARD_S).status_code == 404
+    )
 
 
 def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811

@@ -32,8 +32,13 @@ from tests.security.tenants import (
 )
 from tests.test_resume import sse_events
 
-LIVE = {**TWO_KEYS, "MOCK_TOKENS_PER_SECOND": 20, "MOCK_FIRST_TOKEN_MS": 5, "ORPHAN_TIMEOUT_SECONDS": 30,
-        "DRAIN_TIMEOUT_SECONDS": 1}
+LIVE = {
+    **TWO_KEYS,
+    "MOCK_TOKENS_PER_SECOND": 20,
+    "MOCK_FIRST_TOKEN_MS": 5,
+    "ORPHAN_TIMEOUT_SECONDS": 30,
+    "DRAIN_TIMEOUT_SECONDS": 1,
+}
 
 
 def _live_stream(client: httpx.Client, gateway: Gateway, stop: threading.Event) -> tuple[str, threading.Thread]:
@@ -42,8 +47,12 @@ def _live_stream(client: httpx.Client, gateway: Gateway, stop: threading.Event) 
     ready = threading.Event()
 
     def read() -> None:
-        with client.stream("POST", gateway.url + "/stream", headers=auth(KEY_A),
-                           json={"prompt": "tenant A's secret prompt", "max_tokens": 5000}) as r:
+        with client.stream(
+            "POST",
+            gateway.url + "/stream",
+            headers=auth(KEY_A),
+            json={"prompt": "tenant A's secret prompt", "max_tokens": 5000},
+        ) as r:
             found["id"] = r.headers["x-stream-id"]
             for event in sse_events(r.iter_lines()):
                 if event.data["type"] == "token":
@@ -118,8 +127,12 @@ def test_stream_ids_are_128_random_bits_on_every_worker(start_gateway: GatewayFa
 
     def produce(count: int) -> None:
         for _ in range(count):  # a new connection each time: the workers take turns accepting
-            r = httpx.post(gateway.url + "/stream", headers={**auth(KEY_A), "Connection": "close"},
-                           json={"prompt": "id", "max_tokens": 1}, timeout=GUARD_S)
+            r = httpx.post(
+                gateway.url + "/stream",
+                headers={**auth(KEY_A), "Connection": "close"},
+                json={"prompt": "id", "max_tokens": 1},
+                timeout=GUARD_S,
+            )
             assert r.status_code == 200
             with lock:
                 ids.append(r.headers["x-stream-id"])
@@ -160,8 +173,10 @@ def test_bad_ids_are_a_clear_4xx_never_a_500(start_gateway: GatewayFactory) -> N
     for bad in BAD_IDS:
         for method in ("GET", "DELETE"):
             status, body = raw_request(
-                gateway, f"{method} /stream/{bad} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n"
-                         "Connection: close\r\n\r\n")
+                gateway,
+                f"{method} /stream/{bad} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY_A}\r\n"
+                "Connection: close\r\n\r\n",
+            )
             assert status == 400, (method, bad, status, body)
             assert json.loads(body)["code"] == "invalid_stream_id"
     for bad in ["\u0000", "a\u0000b", "x" * 300, "Z" * 32, "../../etc/passwd", "é" * 32]:

@@ -57,8 +57,13 @@ class LiveReader:
         wait_for(lambda: len(tokens_of(self.events)) >= 3, "the stream is under way")
 
     def _read(self, gateway: Gateway, max_tokens: int) -> None:
-        with httpx.stream("POST", gateway.url + "/stream", headers=auth(KEY_A), timeout=GUARD_S,
-                          json={"prompt": "stop me", "max_tokens": max_tokens}) as r:
+        with httpx.stream(
+            "POST",
+            gateway.url + "/stream",
+            headers=auth(KEY_A),
+            timeout=GUARD_S,
+            json={"prompt": "stop me", "max_tokens": max_tokens},
+        ) as r:
             self.stream_id = r.headers["x-stream-id"]
             for event in sse_events(r.iter_lines()):
                 self.events.append(event)
@@ -73,8 +78,9 @@ def finished_lines(gateway: Gateway) -> list[dict[str, Any]]:
     return [json.loads(line) for line in gateway.log().splitlines() if '"stream finished"' in line]
 
 
-def test_the_owner_stops_a_live_generation_and_nobody_else_can(start_gateway: GatewayFactory,
-                                                                 fake_upstream: FakeUpstream) -> None:
+def test_the_owner_stops_a_live_generation_and_nobody_else_can(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream
+) -> None:
     gateway = start_gateway(**TWO_KEYS, **RESUMABLE, UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0)
     fake_upstream.script({"tokens_per_second": 20})
     reader = LiveReader(gateway)
@@ -89,8 +95,13 @@ def test_the_owner_stops_a_live_generation_and_nobody_else_can(start_gateway: Ga
         with ws(gateway, KEY_B) as conn:
             conn.send(json.dumps({"stop": target}))
             events, code = ws_rest(conn)
-        answers[name] = (r.status_code, r.content.replace(target.encode(), b"<id>"),
-                         code, json.dumps(events).replace(target, "<id>"), delta(before, counters(gateway)))
+        answers[name] = (
+            r.status_code,
+            r.content.replace(target.encode(), b"<id>"),
+            code,
+            json.dumps(events).replace(target, "<id>"),
+            delta(before, counters(gateway)),
+        )
     assert answers["other tenant"][0] == 404 and answers["other tenant"][2] == 1008
     assert answers["other tenant"] == answers["unknown"]
     assert fake_upstream.stats()["active"] == 1 and fake_upstream.stats()["disconnects"] == 0
@@ -120,8 +131,10 @@ def test_the_owner_stops_a_live_generation_and_nobody_else_can(start_gateway: Ga
     assert again.status_code == 200 and again.json()["final"] == CANCELLED
 
     # counted: the tokens generated so far, a cancelled outcome (not an error, not a disconnect)
-    wait_for(lambda: metric_total(gateway, "streaming_stream_outcomes_total", 'outcome="cancelled"') == 1,
-             "the outcome is counted")
+    wait_for(
+        lambda: metric_total(gateway, "streaming_stream_outcomes_total", 'outcome="cancelled"') == 1,
+        "the outcome is counted",
+    )
     assert metric_total(gateway, "streaming_tokens_total", 'route="/stream"') == n
     assert metric_total(gateway, "streaming_stream_outcomes_total", 'outcome="client_gone"') == 0
     assert metric_total(gateway, "streaming_connections_total", 'route="/stream",status="error"') == 0
@@ -133,8 +146,9 @@ def test_the_owner_stops_a_live_generation_and_nobody_else_can(start_gateway: Ga
 
 def _orphan(client: httpx.Client, gateway: Gateway) -> str:
     """Start a stream, read two tokens, leave: the generation runs on (orphaned) on the worker that took it."""
-    with client.stream("POST", gateway.url + "/stream", json={"prompt": "orphan", "max_tokens": 5000},
-                       headers={"Connection": "close"}) as r:
+    with client.stream(
+        "POST", gateway.url + "/stream", json={"prompt": "orphan", "max_tokens": 5000}, headers={"Connection": "close"}
+    ) as r:
         sid = r.headers["x-stream-id"]
         events = []
         for event in sse_events(r.iter_lines()):
@@ -185,8 +199,14 @@ def test_a_stop_reaches_the_worker_that_runs_the_stream(start_gateway: GatewayFa
 
 
 def test_a_stop_reaches_another_replica(start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
-    shared = {**TWO_KEYS, **RESUMABLE, "RESUME_STORE": "redis", "REDIS_URL": redis_server.url,
-              "MOCK_TOKENS_PER_SECOND": 20, "MOCK_FIRST_TOKEN_MS": 5}
+    shared = {
+        **TWO_KEYS,
+        **RESUMABLE,
+        "RESUME_STORE": "redis",
+        "REDIS_URL": redis_server.url,
+        "MOCK_TOKENS_PER_SECOND": 20,
+        "MOCK_FIRST_TOKEN_MS": 5,
+    }
     a, b = start_gateway(**shared), start_gateway(**shared)
     with ws(a, KEY_A) as owner:
         owner.send(json.dumps({"prompt": "stop me elsewhere", "max_tokens": 5000}))
@@ -227,9 +247,16 @@ def test_the_websocket_that_runs_a_stream_can_stop_it(start_gateway: GatewayFact
 
 
 def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
-        start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
-    fleet = {**TWO_KEYS, **RESUMABLE, "RESUME_STORE": "redis", "REDIS_URL": redis_server.url,
-             "MOCK_TOKENS_PER_SECOND": 20, "MOCK_FIRST_TOKEN_MS": 5}
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    fleet = {
+        **TWO_KEYS,
+        **RESUMABLE,
+        "RESUME_STORE": "redis",
+        "REDIS_URL": redis_server.url,
+        "MOCK_TOKENS_PER_SECOND": 20,
+        "MOCK_FIRST_TOKEN_MS": 5,
+    }
     a, b = start_gateway(**fleet), start_gateway(**fleet)
     reader = LiveReader(a, max_tokens=2000)
     a.proc.send_signal(signal.SIGTERM)  # drain: at its 1 s deadline A hands the stream to the fleet
@@ -241,16 +268,20 @@ def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
     # the claimed stream still belongs to key A: key B is told it does not exist
     for headers in ({}, {"Last-Event-ID": last_id}):
         theirs = httpx.get(f"{b.url}/stream/{sid}", headers={**auth(KEY_B), **headers}, timeout=GUARD_S)
-        unknown = httpx.get(f"{b.url}/stream/{UNKNOWN_ID}", timeout=GUARD_S,
-                            headers={**auth(KEY_B), **{k: v.replace(sid, UNKNOWN_ID) for k, v in headers.items()}})
+        unknown = httpx.get(
+            f"{b.url}/stream/{UNKNOWN_ID}",
+            timeout=GUARD_S,
+            headers={**auth(KEY_B), **{k: v.replace(sid, UNKNOWN_ID) for k, v in headers.items()}},
+        )
         assert theirs.status_code == unknown.status_code == 404
         assert theirs.content.replace(sid.encode(), UNKNOWN_ID.encode()) == unknown.content
     assert httpx.delete(f"{b.url}/stream/{sid}", headers=auth(KEY_B), timeout=GUARD_S).status_code == 404
 
     # key A follows it on B, then stops the generation B runs now
     events: list[Event] = []
-    with httpx.stream("GET", f"{b.url}/stream/{sid}", headers={**auth(KEY_A), "Last-Event-ID": last_id},
-                      timeout=GUARD_S) as r:
+    with httpx.stream(
+        "GET", f"{b.url}/stream/{sid}", headers={**auth(KEY_A), "Last-Event-ID": last_id}, timeout=GUARD_S
+    ) as r:
         assert r.status_code == 200
         for event in sse_events(r.iter_lines()):
             events.append(event)
@@ -263,17 +294,27 @@ def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
     assert len(tokens_of(whole)) < 2000
 
 
-def test_an_open_circuit_does_not_keep_the_owner_from_stopping(start_gateway: GatewayFactory,
-                                                                fake_upstream: FakeUpstream) -> None:
-    gateway = start_gateway(**TWO_KEYS, **RESUMABLE, UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0,
-                            CIRCUIT_FAILURE_THRESHOLD=1, CIRCUIT_OPEN_SECONDS=120, CIRCUIT_WINDOW_SECONDS=120)
+def test_an_open_circuit_does_not_keep_the_owner_from_stopping(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(
+        **TWO_KEYS,
+        **RESUMABLE,
+        UPSTREAM_URL=fake_upstream.url,
+        UPSTREAM_RETRIES=0,
+        CIRCUIT_FAILURE_THRESHOLD=1,
+        CIRCUIT_OPEN_SECONDS=120,
+        CIRCUIT_WINDOW_SECONDS=120,
+    )
     fake_upstream.script({"tokens_per_second": 20})
     reader = LiveReader(gateway)
-    failed = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S,
-                        json={"prompt": "[[fail:503]]", "max_tokens": 3})
+    failed = httpx.post(
+        f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S, json={"prompt": "[[fail:503]]", "max_tokens": 3}
+    )
     assert failed.status_code == 502
-    refused = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S,
-                         json={"prompt": "a new stream", "max_tokens": 3})
+    refused = httpx.post(
+        f"{gateway.url}/stream", headers=auth(KEY_B), timeout=GUARD_S, json={"prompt": "a new stream", "max_tokens": 3}
+    )
     assert refused.status_code == 503 and refused.json()["code"] == "circuit_open"
     # the circuit refuses new generations; the one still running can be stopped by its owner
     r = httpx.delete(f"{gateway.url}/stream/{reader.stream_id}", headers=auth(KEY_A), timeout=GUARD_S)
@@ -285,8 +326,13 @@ def test_an_open_circuit_does_not_keep_the_owner_from_stopping(start_gateway: Ga
 def test_a_draining_instance_still_takes_stops(start_gateway: GatewayFactory) -> None:
     """One worker, so both streams keep it draining until the last stop (a worker without streams exits at once,
     and a connection it accepted on its way out is closed: 1012)."""
-    gateway = start_gateway(**TWO_KEYS, **{**RESUMABLE, "DRAIN_TIMEOUT_SECONDS": 120}, WEB_CONCURRENCY=1,
-                            MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=5)
+    gateway = start_gateway(
+        **TWO_KEYS,
+        **{**RESUMABLE, "DRAIN_TIMEOUT_SECONDS": 120},
+        WEB_CONCURRENCY=1,
+        MOCK_TOKENS_PER_SECOND=20,
+        MOCK_FIRST_TOKEN_MS=5,
+    )
     probes = connection_to_each_worker(gateway)
     reader = LiveReader(gateway)
     with ws(gateway, KEY_A) as owner:
@@ -294,8 +340,9 @@ def test_a_draining_instance_still_takes_stops(start_gateway: GatewayFactory) ->
         ws_sid = json.loads(owner.recv(timeout=GUARD_S))["stream_id"]
         gateway.proc.send_signal(signal.SIGTERM)
         wait_all_draining(probes)
-        refused = httpx.post(f"{gateway.url}/stream", headers=auth(KEY_A), timeout=GUARD_S,
-                             json={"prompt": "too late", "max_tokens": 3})
+        refused = httpx.post(
+            f"{gateway.url}/stream", headers=auth(KEY_A), timeout=GUARD_S, json={"prompt": "too late", "max_tokens": 3}
+        )
         assert refused.status_code == 503 and refused.json()["code"] == "draining"
         # new streams are refused; the owner can still stop the ones the drain waits for
         with ws(gateway, KEY_A) as stopper:

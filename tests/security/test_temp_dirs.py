@@ -40,8 +40,9 @@ def test_default_directories_are_fresh_private_mkdtemps(start_gateway: GatewayFa
 
 
 @pytest.mark.parametrize("variable", ["RESUME_DIR", "PROMETHEUS_MULTIPROC_DIR"])
-def test_a_configured_directory_that_is_a_symlink_is_refused(start_gateway: GatewayFactory, tmp_path: Path,
-                                                               variable: str) -> None:
+def test_a_configured_directory_that_is_a_symlink_is_refused(
+    start_gateway: GatewayFactory, tmp_path: Path, variable: str
+) -> None:
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "precious").write_text("keep me")
@@ -54,8 +55,9 @@ def test_a_configured_directory_that_is_a_symlink_is_refused(start_gateway: Gate
 
 
 @pytest.mark.parametrize("variable", ["RESUME_DIR", "PROMETHEUS_MULTIPROC_DIR"])
-def test_a_configured_directory_of_another_user_is_refused(start_gateway: GatewayFactory, tmp_path: Path,
-                                                            variable: str) -> None:
+def test_a_configured_directory_of_another_user_is_refused(
+    start_gateway: GatewayFactory, tmp_path: Path, variable: str
+) -> None:
     theirs, owner = tmp_path / "theirs", NOBODY
     theirs.mkdir(mode=0o700)
     (theirs / "their-file").write_text("not yours")

@@ -43,8 +43,12 @@ def call(gateway: Gateway, protocol: str, max_tokens: int = 8) -> tuple[int, str
         url, body = "/stream", {"prompt": "hi", "max_tokens": max_tokens}
     else:
         url = "/v1/chat/completions"
-        body = {"model": "gpt-4o-mini", "messages": messages, "max_tokens": max_tokens,
-                "stream": protocol == "/v1 stream"}
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "stream": protocol == "/v1 stream",
+        }
     response = httpx.post(gateway.url + url, json=body, headers=headers, timeout=30)
     return response.status_code, response.text
 

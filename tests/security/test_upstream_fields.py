@@ -30,8 +30,12 @@ USER: ChatCompletionUserMessageParam = {"role": "user", "content": "hello"}
 @pytest.fixture(scope="module")
 def gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gateway = launch_gateway(
-        {"UPSTREAM_URL": fake_upstream_server.url, "UPSTREAM_RETRIES": 0, "CIRCUIT_FAILURE_THRESHOLD": 1000,
-         "UPSTREAM_EXTRA_FIELDS": "top_k,min_p"},
+        {
+            "UPSTREAM_URL": fake_upstream_server.url,
+            "UPSTREAM_RETRIES": 0,
+            "CIRCUIT_FAILURE_THRESHOLD": 1000,
+            "UPSTREAM_EXTRA_FIELDS": "top_k,min_p",
+        },
         tmp_path_factory.mktemp("gateway") / "gateway.log",
     )
     yield gateway
@@ -53,10 +57,17 @@ def refused(response: httpx.Response, *, status: int, code: str, param: str) -> 
     return error["message"]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("best_of", 50), ("min_tokens", 30000), ("ignore_eos", True), ("chat_template", "{{ secrets }}"),
-    ("guided_json", {"type": "object"}), ("add_generation_prompt", False),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("best_of", 50),
+        ("min_tokens", 30000),
+        ("ignore_eos", True),
+        ("chat_template", "{{ secrets }}"),
+        ("guided_json", {"type": "object"}),
+        ("add_generation_prompt", False),
+    ],
+)
 def test_server_specific_fields_are_refused_by_name(
     gateway: Gateway, fake_upstream: FakeUpstream, field: str, value: Any
 ) -> None:
@@ -77,24 +88,35 @@ def test_an_unknown_message_field_is_refused(gateway: Gateway, fake_upstream: Fa
     assert fake_upstream.stats()["requests"] == 0
 
 
-METADATA_URLS = ["http://169.254.169.254/latest/meta-data/iam/", "https://169.254.169.254/latest/meta-data/",
-                 "https://[fd00:ec2::254]/latest/", "https://127.0.0.1/x.png", "https://localhost/x.png",
-                 "file:///etc/passwd", "data:text/plain;base64,aGk="]
+METADATA_URLS = [
+    "http://169.254.169.254/latest/meta-data/iam/",
+    "https://169.254.169.254/latest/meta-data/",
+    "https://[fd00:ec2::254]/latest/",
+    "https://127.0.0.1/x.png",
+    "https://localhost/x.png",
+    "file:///etc/passwd",
+    "data:text/plain;base64,aGk=",
+]
 
 
 @pytest.mark.parametrize("url", METADATA_URLS)
 def test_image_parts_are_refused_while_images_are_off(gateway: Gateway, fake_upstream: FakeUpstream, url: str) -> None:
     content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]
-    message = refused(chat(gateway, messages=[{"role": "user", "content": content}]), status=400,
-                      code="content_not_allowed", param="messages[0].content[1].type")
+    message = refused(
+        chat(gateway, messages=[{"role": "user", "content": content}]),
+        status=400,
+        code="content_not_allowed",
+        param="messages[0].content[1].type",
+    )
     assert "IMAGE_INPUT_ENABLED" in message
     assert fake_upstream.stats()["requests"] == 0
 
 
 @pytest.fixture
 def image_gateway(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> Gateway:
-    return start_gateway(UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, IMAGE_INPUT_ENABLED="true",
-                         MAX_PROMPT_CHARS=1000)
+    return start_gateway(
+        UPSTREAM_URL=fake_upstream.url, UPSTREAM_RETRIES=0, IMAGE_INPUT_ENABLED="true", MAX_PROMPT_CHARS=1000
+    )
 
 
 def test_with_images_on_only_public_https_and_data_images_pass(
@@ -102,12 +124,18 @@ def test_with_images_on_only_public_https_and_data_images_pass(
 ) -> None:
     for url in METADATA_URLS:
         content = [{"type": "image_url", "image_url": {"url": url}}]
-        refused(chat(image_gateway, messages=[{"role": "user", "content": content}]), status=400,
-                code="content_not_allowed", param="messages[0].content[0].image_url.url")
+        refused(
+            chat(image_gateway, messages=[{"role": "user", "content": content}]),
+            status=400,
+            code="content_not_allowed",
+            param="messages[0].content[0].image_url.url",
+        )
     assert fake_upstream.stats()["requests"] == 0
-    content = [{"type": "text", "text": "compare"},
-               {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png", "detail": "low"}},
-               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    content = [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]
     response = chat(image_gateway, messages=[{"role": "user", "content": content}])
     assert response.status_code == 200, response.text
     (sent,) = fake_upstream.stats()["bodies"]
@@ -134,11 +162,13 @@ def test_tools_and_response_formats_count_toward_max_prompt_chars(
     into the prompt, so their JSON counts as prompt text."""
     schema = {"type": "object", "properties": {"x": {"type": "string", "description": "é" * 1200}}}
     function = {"name": "f", "description": "look something up", "parameters": schema}
-    for fields in ({"tools": [{"type": "function", "function": function}]},
-                   {"functions": [function]},
-                   {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
-                   {"tool_choice": {"type": "function", "function": {"name": "f" * 1200}}},
-                   {"function_call": {"name": "f" * 1200}}):
+    for fields in (
+        {"tools": [{"type": "function", "function": function}]},
+        {"functions": [function]},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
+        {"tool_choice": {"type": "function", "function": {"name": "f" * 1200}}},
+        {"function_call": {"name": "f" * 1200}},
+    ):
         response = chat(image_gateway, **fields)
         assert response.status_code == 422, (fields.keys(), response.text)
         assert "above this gateway's limit of 1000" in response.json()["error"]["message"]
@@ -158,19 +188,39 @@ def test_tools_and_response_formats_count_toward_max_prompt_chars(
 
 
 def test_audio_and_file_parts_are_not_accepted(gateway: Gateway, fake_upstream: FakeUpstream) -> None:
-    for part in ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
-                 {"type": "file", "file": {"file_id": "file-abc"}}):
-        refused(chat(gateway, messages=[{"role": "user", "content": [part]}]), status=400,
-                code="content_not_allowed", param="messages[0].content[0].type")
-    refused(chat(gateway, messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}]), status=400,
-            code="unknown_parameter", param="messages[0].content[0].type")
+    for part in (
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+    ):
+        refused(
+            chat(gateway, messages=[{"role": "user", "content": [part]}]),
+            status=400,
+            code="content_not_allowed",
+            param="messages[0].content[0].type",
+        )
+    refused(
+        chat(gateway, messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}]),
+        status=400,
+        code="unknown_parameter",
+        param="messages[0].content[0].type",
+    )
     assert fake_upstream.stats()["requests"] == 0
 
 
 def test_operator_extensions_pass_and_dropped_fields_stay_home(gateway: Gateway, fake_upstream: FakeUpstream) -> None:
-    response = chat(gateway, top_k=20, min_p=0.05, temperature=0.2, store=True, metadata={"tenant": "a"},
-                    service_tier="priority", user="u-1", prompt_cache_key="k", safety_identifier="s",
-                    messages=[{**USER, "name": "alice"}])
+    response = chat(
+        gateway,
+        top_k=20,
+        min_p=0.05,
+        temperature=0.2,
+        store=True,
+        metadata={"tenant": "a"},
+        service_tier="priority",
+        user="u-1",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        messages=[{**USER, "name": "alice"}],
+    )
     assert response.status_code == 200, response.text
     (sent,) = fake_upstream.stats()["bodies"]
     assert (sent["top_k"], sent["min_p"], sent["temperature"]) == (20, 0.05, 0.2)
@@ -185,30 +235,70 @@ def test_the_openai_sdk_with_many_optional_fields(gateway: Gateway, fake_upstrea
         {"role": "developer", "content": "be brief", "name": "ops"},
         {"role": "system", "content": [{"type": "text", "text": "really brief"}]},
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": None, "refusal": None,
-         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "42"},
         {"role": "assistant", "content": [{"type": "text", "text": "42"}]},
         {"role": "user", "content": "and now?"},
     ]
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0, timeout=30) as client:
         with client.chat.completions.create(
-            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True},
-            max_completion_tokens=4, temperature=0.5, top_p=0.9, frequency_penalty=0.1, presence_penalty=0.2,
-            seed=7, stop=["END"], logprobs=False, top_logprobs=0, logit_bias={"50256": -100}, n=1,
-            response_format={"type": "text"}, tools=tools, tool_choice="auto", parallel_tool_calls=False,
-            reasoning_effort="low", verbosity="low", store=False, metadata={"k": "v"}, service_tier="auto",
-            user="u", safety_identifier="sid", prompt_cache_key="pck", prompt_cache_retention="24h",
-            modalities=["text"], prediction={"type": "content", "content": "42"},
+            model=MODEL,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=4,
+            temperature=0.5,
+            top_p=0.9,
+            frequency_penalty=0.1,
+            presence_penalty=0.2,
+            seed=7,
+            stop=["END"],
+            logprobs=False,
+            top_logprobs=0,
+            logit_bias={"50256": -100},
+            n=1,
+            response_format={"type": "text"},
+            tools=tools,
+            tool_choice="auto",
+            parallel_tool_calls=False,
+            reasoning_effort="low",
+            verbosity="low",
+            store=False,
+            metadata={"k": "v"},
+            service_tier="auto",
+            user="u",
+            safety_identifier="sid",
+            prompt_cache_key="pck",
+            prompt_cache_retention="24h",
+            modalities=["text"],
+            prediction={"type": "content", "content": "42"},
             web_search_options={"search_context_size": "low"},
         ) as stream:
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "".join(f"tok{i} " for i in range(4))
     (sent,) = fake_upstream.stats()["bodies"]
-    forwarded = {"temperature": 0.5, "top_p": 0.9, "frequency_penalty": 0.1, "presence_penalty": 0.2, "seed": 7,
-                 "stop": ["END"], "logprobs": False, "top_logprobs": 0, "logit_bias": {"50256": -100},
-                 "response_format": {"type": "text"}, "tools": tools, "tool_choice": "auto",
-                 "parallel_tool_calls": False, "reasoning_effort": "low", "verbosity": "low"}
+    forwarded = {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "frequency_penalty": 0.1,
+        "presence_penalty": 0.2,
+        "seed": 7,
+        "stop": ["END"],
+        "logprobs": False,
+        "top_logprobs": 0,
+        "logit_bias": {"50256": -100},
+        "response_format": {"type": "text"},
+        "tools": tools,
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning_effort": "low",
+        "verbosity": "low",
+    }
     assert {k: sent[k] for k in forwarded} == forwarded
     gateway_owned = {"model", "messages", "max_tokens", "stream", "stream_options"}
     assert set(sent) - {"authorization", "traceparent"} == set(forwarded) | gateway_owned

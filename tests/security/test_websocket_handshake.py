@@ -21,8 +21,10 @@ REQUEST = {"prompt": "handshake", "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway({"API_KEYS": f"{KEY_A},{KEY_B}", "ALLOWED_ORIGINS": APP_ORIGIN},
-                             tmp_path_factory.mktemp("gateway") / "gateway.log")
+    gateway = launch_gateway(
+        {"API_KEYS": f"{KEY_A},{KEY_B}", "ALLOWED_ORIGINS": APP_ORIGIN},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield gateway
     gateway.stop()
 
@@ -72,9 +74,11 @@ def _stream(url: str, chosen: str | None = None, **options: Any) -> list[dict[st
 def test_browsers_send_the_key_as_a_subprotocol_or_in_the_query(gateway: Gateway) -> None:
     url = gateway.url.replace("http://", "ws://") + "/ws"
     browser = ["gateway.v1", f"bearer.{KEY_A}"]  # what a page passes to `new WebSocket(url, protocols)`
-    for events in (_stream(url, "gateway.v1", subprotocols=browser, origin=APP_ORIGIN),
-                   _stream(url, subprotocols=[f"bearer.{KEY_A}"]),
-                   _stream(f"{url}?api_key={KEY_B}", origin=APP_ORIGIN)):
+    for events in (
+        _stream(url, "gateway.v1", subprotocols=browser, origin=APP_ORIGIN),
+        _stream(url, subprotocols=[f"bearer.{KEY_A}"]),
+        _stream(f"{url}?api_key={KEY_B}", origin=APP_ORIGIN),
+    ):
         assert events[-1] == {"type": "done", "tokens": 2}
 
 
@@ -89,8 +93,13 @@ def test_the_upgrade_answers_with_the_gateway_subprotocol_never_the_key(gateway:
 
 
 def test_a_query_key_never_reaches_logs_or_spans(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
-    gateway = start_gateway(API_KEYS=KEY_A, WEB_CONCURRENCY=1, LOG_LEVEL="info", OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
-                            OTEL_BSP_SCHEDULE_DELAY=50)
+    gateway = start_gateway(
+        API_KEYS=KEY_A,
+        WEB_CONCURRENCY=1,
+        LOG_LEVEL="info",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        OTEL_BSP_SCHEDULE_DELAY=50,
+    )
     events = _stream(gateway.url.replace("http://", "ws://") + f"/ws?api_key={KEY_A}&trace=1")
     assert events[-1]["type"] == "done"
     assert gateway.stop() == 0  # workers flush their span queues on the way out

@@ -18,8 +18,28 @@ from app.upstream.sse_decoder import SSEDecoder
 no_deadline = settings(deadline=None)  # run time depends on the machine's load; no test here asserts time
 
 # Pieces a framer must never let through raw, plus characters from every plane.
-AWKWARD = ["\r", "\n", "\r\n", "\n\n", "\r\r", '"', "\\", "\x00", "\x1f", "\x7f", "\u2028", "\u2029", "\x85",
-           "\ufeff", "é", "日本語", "🚀", "👩‍💻", "data: ", "}\n\n"]
+AWKWARD = [
+    "\r",
+    "\n",
+    "\r\n",
+    "\n\n",
+    "\r\r",
+    '"',
+    "\\",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    "\ufeff",
+    "é",
+    "日本語",
+    "🚀",
+    "👩‍💻",
+    "data: ",
+    "}\n\n",
+]
 
 
 def texts(chars: st.SearchStrategy[str], awkward: list[str]) -> st.SearchStrategy[str]:
@@ -47,7 +67,7 @@ def frames(raw: bytes) -> list[bytes]:
     for frame in raw.split(b"\n\n")[:-1]:
         assert frame.startswith(b"data: ")
         assert b"\n" not in frame and b"\r" not in frame  # JSON escaping kept every event on one line
-        out.append(frame[len(b"data: "):])
+        out.append(frame[len(b"data: ") :])
     return out
 
 
@@ -74,17 +94,23 @@ def test_seed_status_event() -> None:
 
 
 @no_deadline
-@given(st.integers(0, 10**9), st.sampled_from([None, "stop", "length"]),
-       st.none() | st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)))
+@given(
+    st.integers(0, 10**9),
+    st.sampled_from([None, "stop", "length"]),
+    st.none() | st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)),
+)
 def test_seed_done_event(tokens: int, finish_reason: str | None, usage: Usage | None) -> None:
     assert SeedEncoder().done(tokens, finish_reason, usage) == seed_event({"type": "done", "tokens": tokens})
 
 
-@pytest.mark.parametrize("error", [
-    UpstreamError("upstream error mid-stream: boom"),
-    InvalidRequestError("max_tokens is 99999, above this gateway's limit of 32768"),
-    ServiceUnavailableError("server is shutting down; retry the request"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        UpstreamError("upstream error mid-stream: boom"),
+        InvalidRequestError("max_tokens is 99999, above this gateway's limit of 32768"),
+        ServiceUnavailableError("server is shutting down; retry the request"),
+    ],
+)
 def test_seed_error_event(error: GatewayError) -> None:
     expected = seed_event({"type": "error", "code": error.code, "message": error.message})
     assert SeedEncoder().error(error) == expected
@@ -122,9 +148,13 @@ def check_envelope(chunk: dict[str, Any], *, completion_id: str, model: str, cre
 
 
 @no_deadline
-@given(model=text.filter(bool), tokens=batch, include_usage=st.booleans(),
-       finish_reason=st.sampled_from([None, "stop", "length"]),
-       usage=st.none() | st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)))
+@given(
+    model=text.filter(bool),
+    tokens=batch,
+    include_usage=st.booleans(),
+    finish_reason=st.sampled_from([None, "stop", "length"]),
+    usage=st.none() | st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)),
+)
 def test_chat_chunks_parse_and_reassemble(
     model: str, tokens: list[str], include_usage: bool, finish_reason: str | None, usage: Usage | None
 ) -> None:
@@ -138,7 +168,7 @@ def test_chat_chunks_parse_and_reassemble(
     objects: list[dict[str, Any]] = parsed[:-1]
     for obj in objects:
         check_envelope(obj, **ids)
-    opening, content, finish = objects[0], objects[1:1 + len(tokens)], objects[1 + len(tokens):]
+    opening, content, finish = objects[0], objects[1 : 1 + len(tokens)], objects[1 + len(tokens) :]
 
     assert opening["choices"] == [
         {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -177,14 +207,26 @@ def test_chat_errors_are_openai_errors_then_done(include_usage: bool) -> None:
     encoder = ChatChunkEncoder(completion_id="chatcmpl-x", model="m", created=0, include_usage=include_usage)
     error = UpstreamError("upstream error mid-stream: boom")
     assert chunks(encoder.error(error)) == [
-        {"error": {"message": "upstream error mid-stream: boom", "type": "server_error", "param": None,
-                   "code": "upstream_error"}},
+        {
+            "error": {
+                "message": "upstream error mid-stream: boom",
+                "type": "server_error",
+                "param": None,
+                "code": "upstream_error",
+            }
+        },
         b"[DONE]",
     ]
     shutdown = encoder.error(ShutdownError("the drain timeout passed; reconnect"))
     assert chunks(shutdown) == [
-        {"error": {"message": "the drain timeout passed; reconnect", "type": "server_error", "param": None,
-                   "code": "server_shutdown"}},
+        {
+            "error": {
+                "message": "the drain timeout passed; reconnect",
+                "type": "server_error",
+                "param": None,
+                "code": "server_shutdown",
+            }
+        },
         b"[DONE]",
     ]
     assert shutdown.endswith(DONE_SENTINEL)

@@ -31,10 +31,12 @@ def test_final_event_to_a_client_that_stopped_reading_gives_up_and_releases() ->
     sent: list[Message] = []
 
     async def scenario() -> None:
-        registry = StreamRegistry(first_token_s=10, inter_token_s=10, total_s=60, slow_client_s=0.2,
-                                  ping_interval_s=15, check_interval_s=0.05)
-        upstream = GuardedUpstream(MockUpstream(tokens_per_second=0, first_token_ms=0), CircuitBreaker("mock"),
-                                   RetryPolicy(0))
+        registry = StreamRegistry(
+            first_token_s=10, inter_token_s=10, total_s=60, slow_client_s=0.2, ping_interval_s=15, check_interval_s=0.05
+        )
+        upstream = GuardedUpstream(
+            MockUpstream(tokens_per_second=0, first_token_ms=0), CircuitBreaker("mock"), RetryPolicy(0)
+        )
         relay = Relay(upstream=upstream, registry=registry, observer=StreamRecorder(model_names=("m",)), max_batch=100)
         loop = asyncio.get_running_loop()
         session = StreamSession(stream_id="s", endpoint="/stream", model="m", client="c", now=loop.time())
@@ -51,9 +53,14 @@ def test_final_event_to_a_client_that_stopped_reading_gives_up_and_releases() ->
             if message.get("more_body") is False:
                 await asyncio.Event().wait()  # ...and stops reading right before the final event
 
-        response = SSEStreamResponse(relay=relay, session=session, request=ChatRequest("m", [], max_tokens=3),
-                                     encoder=SeedEncoder(), error_response=_no_error_expected,
-                                     release=release)
+        response = SSEStreamResponse(
+            relay=relay,
+            session=session,
+            request=ChatRequest("m", [], max_tokens=3),
+            encoder=SeedEncoder(),
+            error_response=_no_error_expected,
+            release=release,
+        )
         async with asyncio.timeout(GUARD_S):
             await response({"type": "http"}, receive, send)
         assert not registry.streams

@@ -22,8 +22,20 @@ from app.upstream.mock import MockUpstream, mock_tokens
 from loadtest.stream_check import mock_text
 from tests.conftest import Gateway, launch_gateway, sse_data
 
-HELLO_12 = ["This ", "is ", "a ", "streaming ", "response ", "for: ", "hello ", "budget ", "of ", "never ", "their ",
-            "café "]
+HELLO_12 = [
+    "This ",
+    "is ",
+    "a ",
+    "streaming ",
+    "response ",
+    "for: ",
+    "hello ",
+    "budget ",
+    "of ",
+    "never ",
+    "their ",
+    "café ",
+]
 UTF8_9 = ["This ", "is ", "a ", "streaming ", "response ", "for: ", "日本語のプロンプト ", "while ", "and "]
 LONG_10 = ["This ", "is ", "a ", "streaming ", "response ", "for: ", "x" * 40 + " ", "🚀 ", "in ", "through "]
 
@@ -60,14 +72,21 @@ def virtual_time(monkeypatch: pytest.MonkeyPatch) -> VirtualTime:
     return clock
 
 
-def batches(clock: VirtualTime, upstream: MockUpstream, max_tokens: int, *, max_batch: int = 100,
-            reader_pauses: dict[int, float] | None = None) -> list[tuple[float, list[str]]]:
+def batches(
+    clock: VirtualTime,
+    upstream: MockUpstream,
+    max_tokens: int,
+    *,
+    max_batch: int = 100,
+    reader_pauses: dict[int, float] | None = None,
+) -> list[tuple[float, list[str]]]:
     """Each batch the mock returns, with the virtual time it came (relative to the request)."""
 
     async def run() -> list[tuple[float, list[str]]]:
         start = clock.now
-        stream = await upstream.open(ChatRequest("m", [{"role": "user", "content": "hello"}], max_tokens),
-                                     max_batch=max_batch)
+        stream = await upstream.open(
+            ChatRequest("m", [{"role": "user", "content": "hello"}], max_tokens), max_batch=max_batch
+        )
         got = []
         async for batch in stream:
             got.append((round(clock.now - start, 6), batch))
@@ -80,13 +99,20 @@ def batches(clock: VirtualTime, upstream: MockUpstream, max_tokens: int, *, max_
 def test_pacing_by_schedule(virtual_time: VirtualTime) -> None:
     # 10 tok/s after a 50 ms first token: token i is due at 0.05 + i/10; a late reader gets every due token at once
     paced = batches(virtual_time, MockUpstream(tokens_per_second=10, first_token_ms=50), 8, reader_pauses={2: 0.33})
-    assert paced == [(0.05, ["This "]), (0.15, ["is "]), (0.48, ["a ", "streaming ", "response "]),
-                     (0.55, ["for: "]), (0.65, ["hello "]), (0.75, ["budget "])]
+    assert paced == [
+        (0.05, ["This "]),
+        (0.15, ["is "]),
+        (0.48, ["a ", "streaming ", "response "]),
+        (0.55, ["for: "]),
+        (0.65, ["hello "]),
+        (0.75, ["budget "]),
+    ]
 
 
 def test_a_batch_never_exceeds_max_batch(virtual_time: VirtualTime) -> None:
-    paced = batches(virtual_time, MockUpstream(tokens_per_second=10, first_token_ms=50), 6, max_batch=2,
-                    reader_pauses={1: 0.98})
+    paced = batches(
+        virtual_time, MockUpstream(tokens_per_second=10, first_token_ms=50), 6, max_batch=2, reader_pauses={1: 0.98}
+    )
     assert paced == [(0.05, ["This "]), (1.03, ["is ", "a "]), (1.03, ["streaming ", "response "]), (1.03, ["for: "])]
 
 
@@ -98,8 +124,10 @@ def test_unpaced_after_the_first_token(virtual_time: VirtualTime) -> None:
 
 @pytest.fixture(scope="module", params=[0, 200], ids=["unpaced", "paced"])
 def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gateway = launch_gateway({"MOCK_TOKENS_PER_SECOND": request.param, "MOCK_FIRST_TOKEN_MS": 5},
-                             tmp_path_factory.mktemp("gateway") / "gateway.log")
+    gateway = launch_gateway(
+        {"MOCK_TOKENS_PER_SECOND": request.param, "MOCK_FIRST_TOKEN_MS": 5},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
     yield gateway
     gateway.stop()
 

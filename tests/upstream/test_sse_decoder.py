@@ -77,7 +77,7 @@ def test_any_split_decodes_to_the_payloads_sent(data: st.DataObject) -> None:
 @given(sse_stream())
 def test_byte_at_a_time(stream: tuple[bytes, list[str]]) -> None:
     raw, payloads = stream
-    assert decode([raw[i:i + 1] for i in range(len(raw))]) == payloads
+    assert decode([raw[i : i + 1] for i in range(len(raw))]) == payloads
 
 
 @no_deadline
@@ -143,7 +143,7 @@ def test_arbitrary_bytes_decode_the_same_however_split(data: st.DataObject) -> N
     whole = decode([raw])
     assert all(isinstance(event, str) for event in whole)
     assert decode(data.draw(split(raw))) == whole
-    assert decode([raw[i:i + 1] for i in range(len(raw))]) == whole
+    assert decode([raw[i : i + 1] for i in range(len(raw))]) == whole
 
 
 def test_byte_order_mark_split_across_reads_is_still_dropped() -> None:
