@@ -107,4 +107,5 @@ def child_exit(server: Any, worker: Any) -> None:
         if reclaimed:
             server.log.warning("reclaimed %d connection slots of dead worker %d", reclaimed, worker.pid)
         tables.buffers.reclaim(worker.pid)  # its buffered bytes no longer count against the memory budget
+        tables.inflight.reclaim(worker.pid)  # nor its streams against their upstream endpoints
     mark_worker_dead(worker.pid)

@@ -1,5 +1,5 @@
-"""State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker, and
-the buffered bytes the memory budget counts.
+"""State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker, the
+buffered bytes the memory budget counts, and the streams in flight per upstream endpoint (a fleet).
 
 Limits mean what they say only if all workers count against one table (per-process state would
 multiply every limit by the worker count). The gunicorn master creates the tables in
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from app.policies.breaker import BreakerCell, BreakerConfig, MemoryBreakerCell, SharedBreakerCell, charged_capacity
 from app.policies.buffers import BufferTable, MemoryBufferTable, SharedBufferTable
 from app.policies.concurrency import ConnectionLimiter, MemoryConnectionLimiter, SharedConnectionLimiter
+from app.policies.inflight import InFlightTable, MemoryInFlightTable, SharedInFlightTable
 from app.policies.ratelimit import MemoryStorage, SharedMemoryStorage, Storage
 from app.settings import Settings
 
-ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD,buffers=FD", written by the master
+ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD,buffers=FD,inflight=FD", by the master
 
 
 @dataclass
@@ -32,6 +33,7 @@ class InstanceState:
     slots: ConnectionLimiter
     breaker_cell: BreakerCell
     buffers: BufferTable  # buffered stream data per worker: the memory budget
+    inflight: InFlightTable  # streams in flight per upstream endpoint: what a fleet balances on
 
 
 @dataclass
@@ -42,13 +44,14 @@ class SharedTables:
     slots: SharedConnectionLimiter
     breaker_cell: SharedBreakerCell
     buffers: SharedBufferTable
+    inflight: SharedInFlightTable
 
     def publish(self) -> None:
-        for table in (self.rate_storage, self.slots, self.breaker_cell, self.buffers):
+        for table in (self.rate_storage, self.slots, self.breaker_cell, self.buffers, self.inflight):
             os.set_inheritable(table.fd, True)
         os.environ[ENV_VAR] = (
             f"ratelimit={self.rate_storage.fd},slots={self.slots.fd},breaker={self.breaker_cell.fd},"
-            f"buffers={self.buffers.fd}"
+            f"buffers={self.buffers.fd},inflight={self.inflight.fd}"
         )
 
 
@@ -71,6 +74,7 @@ def create_shared(settings: Settings) -> SharedTables:
             charged_capacity=charged_capacity(breaker_config(settings)),
         ),
         buffers=SharedBufferTable(),
+        inflight=SharedInFlightTable(),
     )
     tables.publish()
     return tables
@@ -84,6 +88,7 @@ def instance_state(settings: Settings) -> InstanceState:
             slots=MemoryConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
             breaker_cell=MemoryBreakerCell(),
             buffers=MemoryBufferTable(),
+            inflight=MemoryInFlightTable(),
         )
     fds = {name: int(fd) for name, fd in (part.split("=") for part in published.split(","))}
     return InstanceState(
@@ -91,4 +96,5 @@ def instance_state(settings: Settings) -> InstanceState:
         slots=SharedConnectionLimiter.attach(fds["slots"]),
         breaker_cell=SharedBreakerCell.attach(fds["breaker"]),
         buffers=SharedBufferTable.attach(fds["buffers"]),
+        inflight=SharedInFlightTable.attach(fds["inflight"]),
     )

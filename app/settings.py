@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal, Self, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,9 +37,46 @@ class Settings(BaseSettings):
     # --- upstream ---------------------------------------------------------------------------------
     upstream_url: str | None = Field(
         None,
-        description="Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:9000/v1). Unset: built-in mock.",
+        description="Base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:9000/v1), or several, "
+        "comma-separated (a fleet: each new stream goes to the one with the fewest streams in flight). With "
+        "UPSTREAM_DISCOVERY=dns or kubernetes: one URL, whose scheme and path (and, for dns, host and port) every "
+        "discovered endpoint shares. Unset: built-in mock.",
+    )
+    upstream_discovery: Literal["static", "dns", "kubernetes"] = Field(
+        "static",
+        description="How the model servers are found: `static` (UPSTREAM_URL's URLs), `dns` (every address of "
+        "UPSTREAM_URL's host, e.g. a headless Service, re-resolved every UPSTREAM_DNS_REFRESH_SECONDS), "
+        "`kubernetes` (a watch on the EndpointSlices of UPSTREAM_K8S_SERVICE).",
+    )
+    upstream_dns_refresh_seconds: float = Field(
+        5.0, gt=0, description="UPSTREAM_DISCOVERY=dns: how often the host is resolved again."
+    )
+    upstream_dns_nameserver: str | None = Field(
+        None,
+        description="UPSTREAM_DISCOVERY=dns: the DNS server asked (`host` or `host:port`); unset: /etc/resolv.conf's.",
+    )
+    upstream_k8s_service: str | None = Field(
+        None,
+        description="UPSTREAM_DISCOVERY=kubernetes: the Service whose EndpointSlices are watched, `namespace/name`.",
     )
     upstream_api_key: SecretStr | None = Field(None, description="Bearer token sent to the upstream, if any.")
+    upstream_affinity_header: str | None = Field(
+        None,
+        description="A fleet: the request header whose value names a session (e.g. `x-session-id`). A session's "
+        "streams prefer the endpoint they used before, so the model server's prefix cache keeps hitting, while that "
+        "endpoint's load stays within UPSTREAM_AFFINITY_LOAD_FACTOR of the mean. Unset: no header.",
+    )
+    upstream_affinity_user: bool = Field(
+        False,
+        description="A fleet: on /v1, OpenAI's `user` field names the session when no header does (it is still "
+        "not forwarded).",
+    )
+    upstream_affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="A fleet: a session keeps its endpoint while that endpoint's streams in flight, the new one "
+        "counted, stay within this multiple of the mean (consistent hashing with bounded loads).",
+    )
     upstream_model: str | None = Field(
         None, description="Model name sent upstream; unset: the client's model is passed through."
     )
@@ -257,9 +295,26 @@ class Settings(BaseSettings):
             raise ValueError("RESUME_STORE=redis needs REDIS_URL")
         if self.metrics_port == self.port:
             raise ValueError("METRICS_PORT must differ from PORT: /metrics is never served on the public port")
-        if self.upstream_url is not None and not self.upstream_url.startswith(("http://", "https://")):
-            raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
+        self._check_upstream()
         return self
+
+    def _check_upstream(self) -> None:
+        urls = self.upstream_urls
+        if self.upstream_url is not None and not urls:
+            raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
+        for url in urls:
+            if not url.startswith(("http://", "https://")) or not urlsplit(url).hostname:
+                raise ValueError("UPSTREAM_URL must be an http:// or https:// base URL, e.g. http://127.0.0.1:9000/v1")
+        if len(set(urls)) != len(urls):
+            raise ValueError("UPSTREAM_URL names a base URL twice")
+        if self.upstream_discovery == "static":
+            return
+        if len(urls) != 1:
+            raise ValueError(f"UPSTREAM_DISCOVERY={self.upstream_discovery} needs UPSTREAM_URL: exactly one base URL")
+        if self.upstream_discovery == "kubernetes":
+            namespace, _, name = (self.upstream_k8s_service or "").partition("/")
+            if not namespace or not name or "/" in name:
+                raise ValueError("UPSTREAM_DISCOVERY=kubernetes needs UPSTREAM_K8S_SERVICE as namespace/name")
 
     @property
     def graceful_timeout_seconds(self) -> int:
@@ -280,6 +335,16 @@ class Settings(BaseSettings):
     @property
     def upstream_extra_field_names(self) -> frozenset[str]:
         return frozenset(name.strip() for name in self.upstream_extra_fields.split(",") if name.strip())
+
+    @property
+    def upstream_urls(self) -> tuple[str, ...]:
+        """UPSTREAM_URL's base URLs (empty: the built-in mock)."""
+        return tuple(url.strip() for url in (self.upstream_url or "").split(",") if url.strip())
+
+    @property
+    def upstream_fleet(self) -> bool:
+        """More than one model server, or a discovered set: streams are balanced (app/upstream/fleet.py)."""
+        return len(self.upstream_urls) > 1 or self.upstream_discovery != "static"
 
     @property
     def upstream_pool_size(self) -> int:

@@ -23,6 +23,7 @@ from app.streaming.recorder import StreamRecorder
 from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
+from app.upstream.discovery import Discovery
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter worker start lines by
 
@@ -43,6 +44,7 @@ class GatewayState:
     redis: LazyRedis | None = None
     resume: ResumeStore | None = None
     claimer: Claimer | None = None
+    discovery: Discovery | None = None  # where a fleet's model servers are (none: one UPSTREAM_URL, or the mock)
 
     @staticmethod
     def clock() -> float:
@@ -60,6 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.claimer is not None:
         state.claimer.start()
     state.drain.install()
+    if state.discovery is not None:
+        await state.discovery.start()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield
@@ -68,6 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await state.claimer.aclose()  # generations still running are reclaimed elsewhere after the lease
             await state.claimer.redis.aclose()
         await state.registry.stop()
+        if state.discovery is not None:
+            await state.discovery.aclose()
         if state.resume is not None:
             await state.resume.stop()
         await state.upstream.aclose()

@@ -16,6 +16,7 @@ from app.policies.breaker import CircuitBreaker
 from app.policies.concurrency import ClientSlots
 from app.policies.concurrency_redis import RedisClientSlots
 from app.policies.failover import ResilientClientSlots, ResilientStorage
+from app.policies.inflight import InFlightTable, MemoryInFlightTable
 from app.policies.ratelimit import RateLimit, RateLimiter, Storage
 from app.policies.ratelimit_redis import RedisStorage
 from app.policies.retry import RetryPolicy
@@ -34,6 +35,8 @@ from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
+from app.upstream.discovery import Discovery, DnsDiscovery, StaticDiscovery
+from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
 from app.upstream.mock import MockUpstream
 from app.upstream.traced import TracedUpstream
@@ -42,14 +45,14 @@ logger = logging.getLogger("app.lifecycle")  # the logger name operators filter 
 CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's timeout is this plus REDIS_TIMEOUT
 
 
-def build_upstream(settings: Settings) -> Upstream:
+def build_upstream(settings: Settings, inflight: InFlightTable | None = None) -> Upstream:
     if settings.upstream_url is None:
         return MockUpstream(
             tokens_per_second=settings.mock_tokens_per_second, first_token_ms=settings.mock_first_token_ms
         )
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    return OpenAIUpstream(
-        settings.upstream_url,
+    client = OpenAIUpstream(
+        settings.upstream_urls[0],
         api_key=api_key,
         model_override=settings.upstream_model,
         connect_timeout_s=settings.upstream_connect_timeout_seconds,
@@ -57,6 +60,30 @@ def build_upstream(settings: Settings) -> Upstream:
         keepalive_s=settings.upstream_keepalive_seconds,
         continuation=settings.upstream_continuation,
     )
+    if not settings.upstream_fleet:
+        return client
+    return FleetUpstream(
+        client,
+        build_discovery(settings),
+        inflight or MemoryInFlightTable(),
+        affinity_load_factor=settings.upstream_affinity_load_factor,
+    )
+
+
+def build_discovery(settings: Settings) -> Discovery:
+    if settings.upstream_discovery == "kubernetes":
+        # imported here: the Kubernetes client is large, and only this mode needs it
+        from app.upstream.k8s_discovery import KubernetesDiscovery
+
+        assert settings.upstream_k8s_service is not None  # Settings refuses kubernetes discovery without it
+        return KubernetesDiscovery(settings.upstream_urls[0], settings.upstream_k8s_service)
+    if settings.upstream_discovery == "dns":
+        return DnsDiscovery(
+            settings.upstream_urls[0],
+            refresh_s=settings.upstream_dns_refresh_seconds,
+            nameserver=settings.upstream_dns_nameserver,
+        )
+    return StaticDiscovery(settings.upstream_urls)
 
 
 def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> GatewayState:
@@ -77,7 +104,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         max_orphans=settings.max_orphaned_streams,
         memory=memory.enforce,
     )
-    upstream = build_upstream(settings)
+    upstream = build_upstream(settings, shared.inflight)
+    discovery = upstream.discovery if isinstance(upstream, FleetUpstream) else None
     if tracer_provider is not None:  # a client span per attempt, inside the guard
         provider_name = "mock" if settings.upstream_url is None else "openai"
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
@@ -155,6 +183,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         redis=redis,
         resume=resume,
         claimer=claimer,
+        discovery=discovery,
     )
 
 

@@ -7,7 +7,8 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
                                                  with the queue empty, requests behave normally
     GET  /_stats                                 requests, completed, disconnects, connections (distinct
                                                  client address:port of chat requests), bodies seen (the
-                                                 first 50 request bodies, as received)
+                                                 first 50 request bodies, as received), hosts (their
+                                                 Host headers)
     POST /_reset                                 clear script and stats
 
 A prompt containing `[[fail:NNN]]` (in any message) gets HTTP status NNN whatever the script says,
@@ -70,6 +71,7 @@ class FakeOpenAI:
             "active": 0,
             "connections": 0,
             "bodies": [],
+            "hosts": [],
         }
         self._peers: set[tuple[str, int]] = set()
 
@@ -114,6 +116,7 @@ class FakeOpenAI:
                     "traceparent": _header(scope, b"traceparent"),
                 }
             )
+            self.stats["hosts"].append(_header(scope, b"host"))
         marked = marked_status(request)
         if marked is not None:
             return await _json(send, marked, {"error": {"message": POISONED_MESSAGE, "type": "fake"}})

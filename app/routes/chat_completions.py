@@ -14,6 +14,7 @@ from app.routes.deps import (
     ASGIResponse,
     StateDep,
     admit,
+    affinity_key,
     check_max_tokens,
     check_model,
     check_prompt_size,
@@ -53,6 +54,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         options=screened.options,
         full_deltas=True,  # tool calls and refusals reach OpenAI clients whole
         client=ticket.identity,
+        affinity=affinity_key(request, settings, (body.model_extra or {}).get("user")),
     )
     check_prompt_size(screened.prompt_chars, settings)
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)

@@ -51,6 +51,18 @@ def stream_headers(session: StreamSession, ticket: Ticket) -> list[tuple[bytes, 
     return headers
 
 
+def affinity_key(connection: HTTPConnection, settings: Settings, user: object = None) -> str:
+    """The session a stream's endpoint affinity follows (a fleet): UPSTREAM_AFFINITY_HEADER's value, else on /v1
+    OpenAI's `user` (with UPSTREAM_AFFINITY_USER). Empty: none."""
+    if settings.upstream_affinity_header:
+        value = connection.headers.get(settings.upstream_affinity_header)
+        if value:
+            return value
+    if settings.upstream_affinity_user and isinstance(user, str):
+        return user
+    return ""
+
+
 def new_session(connection: HTTPConnection, state: GatewayState, *, endpoint: str, model: str) -> StreamSession:
     """The session that will own this stream (ids, client, start time) - one place for all protocols."""
     return StreamSession(

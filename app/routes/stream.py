@@ -27,6 +27,7 @@ from app.routes.deps import (
     ASGIResponse,
     StateDep,
     admit,
+    affinity_key,
     check_max_tokens,
     check_model,
     check_prompt_size,
@@ -63,7 +64,7 @@ def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, own
     )
 
 
-def seed_chat_request(body: StreamRequest, state: StateDep, client: str) -> ChatRequest:
+def seed_chat_request(body: StreamRequest, state: StateDep, client: str, affinity: str) -> ChatRequest:
     check_model(body.model, state.settings, status=422)
     check_prompt_size(len(body.prompt), state.settings)
     return ChatRequest(
@@ -71,12 +72,15 @@ def seed_chat_request(body: StreamRequest, state: StateDep, client: str) -> Chat
         messages=[{"role": "user", "content": body.prompt}],
         max_tokens=check_max_tokens(body.max_tokens, state.settings),
         client=client,
+        affinity=affinity,
     )
 
 
 async def stream(request: Request, state: StateDep) -> ASGIResponse:
     ticket = await admit(request, state)
-    chat = seed_chat_request(await read_json(request, StreamRequest), state, ticket.identity)
+    chat = seed_chat_request(
+        await read_json(request, StreamRequest), state, ticket.identity, affinity_key(request, state.settings)
+    )
     session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
     await state.admission.take_slot(ticket)  # last: from here the response owns the slot
     log = open_log(state, session, chat, ticket.owner)

@@ -43,7 +43,7 @@ from app.errors import (
 )
 from app.resume.store import EventLog
 from app.routes.bodies import StreamRequest
-from app.routes.deps import admit, checked_stream_id, new_session, parse_json_model, validate_model
+from app.routes.deps import admit, affinity_key, checked_stream_id, new_session, parse_json_model, validate_model
 from app.routes.refusal import count_refusal, refusal
 from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
 from app.state import GatewayState
@@ -172,7 +172,7 @@ async def ws_stream(websocket: WebSocket) -> None:
                 raise NotResumableError("stream resumption is disabled on this gateway (RESUME_ENABLED=false)")
             after = request.after_seq()
         else:
-            chat = seed_chat_request(request, state, ticket.identity)
+            chat = seed_chat_request(request, state, ticket.identity, affinity_key(websocket, state.settings))
             await state.admission.take_slot(ticket)
     except GatewayError as exc:
         await _refuse_stream(websocket, exc)

@@ -32,6 +32,8 @@ class ChatRequest:
     # Who asked (the admission identity): failures this request's content can cause are charged to it,
     # capped per client, so one tenant cannot open the circuit for all (upstream/guard.py). Empty: nobody.
     client: str = ""
+    # The session it belongs to (a fleet's endpoint affinity: its streams prefer one endpoint). Empty: none.
+    affinity: str = ""
 
     @property
     def prompt_text(self) -> str:

@@ -9,6 +9,7 @@ a third less gateway CPU, added TTFT from 7 ms to under 2 ms (README, "Benchmark
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -318,24 +319,43 @@ class OpenAIUpstream:
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
         self._proxy = _proxy_for(self._url)
-        self._session: aiohttp.ClientSession | None = None
+        # A fleet endpoint reached by address: the name it answers to (TLS server name, Host header)
+        self._server_name: str | None = None
+        self._host_header: str | None = None
+        self._sessions: list[aiohttp.ClientSession] = []  # one, made on first use; shared with `at()`'s copies
+
+    def at(self, base_url: str, server_name: str | None = None) -> OpenAIUpstream:
+        """The same client for another base URL (one endpoint of a fleet): one connection pool for all.
+        `server_name`: the URL holds an address; TLS checks the certificate for this name, and Host carries it."""
+        sibling = copy.copy(self)
+        parts = urlsplit(base_url)
+        sibling.name = parts.hostname or "upstream"
+        sibling._url = base_url.rstrip("/") + "/chat/completions"
+        sibling._proxy = _proxy_for(sibling._url)
+        sibling._server_name = server_name
+        sibling._host_header = (
+            None if server_name is None else (f"{server_name}:{parts.port}" if parts.port is not None else server_name)
+        )
+        return sibling
 
     def _client(self) -> aiohttp.ClientSession:
         """The worker's session, made on first use: it belongs to the worker's event loop."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
-                ),
-                # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
-                # waiting for a free pooled connection.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
-                ),
-                headers=self._headers,
-                cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
+        if not self._sessions:
+            self._sessions.append(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(
+                        limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
+                    ),
+                    # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
+                    # waiting for a free pooled connection.
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
+                    ),
+                    headers=self._headers,
+                    cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
+                )
             )
-        return self._session
+        return self._sessions[0]
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.options)
@@ -359,10 +379,17 @@ class OpenAIUpstream:
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> OpenAIStream:
         data = json.dumps(self._body(request)).encode()
+        if self._host_header is not None:
+            headers = {**headers, "Host": self._host_header} if headers else {"Host": self._host_header}
         try:
             # No redirects: a POST would turn into a GET elsewhere; a 3xx is reported as the upstream's failure.
             response = await self._client().post(
-                self._url, data=data, headers=headers, proxy=self._proxy, allow_redirects=False
+                self._url,
+                data=data,
+                headers=headers,
+                proxy=self._proxy,
+                allow_redirects=False,
+                server_hostname=self._server_name,
             )
         except TimeoutError as exc:  # connect, or no pooled connection free in time
             raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
@@ -396,5 +423,5 @@ class OpenAIUpstream:
         )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._sessions:
+            await self._sessions.pop().close()

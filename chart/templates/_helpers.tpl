@@ -85,6 +85,26 @@ Name of the ServiceAccount to use.
 {{- end }}
 
 {{/*
+"true" when the gateway finds its model servers by watching EndpointSlices (UPSTREAM_DISCOVERY=kubernetes):
+only then does it get a Role, a RoleBinding and its ServiceAccount's token.
+*/}}
+{{- define "streaming-gateway.watchesEndpointSlices" -}}
+{{- eq (toString (index .Values.gateway.env "UPSTREAM_DISCOVERY")) "kubernetes" }}
+{{- end }}
+
+{{/*
+The namespace of UPSTREAM_K8S_SERVICE (`namespace/name`), where the Role that lets the gateway watch it lives.
+*/}}
+{{- define "streaming-gateway.upstreamServiceNamespace" -}}
+{{- $service := toString (index .Values.gateway.env "UPSTREAM_K8S_SERVICE" | default "") }}
+{{- $parts := splitList "/" $service }}
+{{- if or (ne (len $parts) 2) (not (first $parts)) (not (last $parts)) }}
+{{- fail (printf "`gateway.env.UPSTREAM_K8S_SERVICE` must be `namespace/name` with UPSTREAM_DISCOVERY=kubernetes (got %q)" $service) }}
+{{- end }}
+{{- first $parts }}
+{{- end }}
+
+{{/*
 Container image: the tag defaults to the chart's appVersion; a digest, when set, pins the image.
 */}}
 {{- define "streaming-gateway.image" -}}
