@@ -18,7 +18,7 @@ from app.routes.deps import (
     check_max_tokens,
     check_model,
     check_prompt_size,
-    new_session,
+    open_stream,
     read_json,
     stream_headers,
 )
@@ -57,8 +57,7 @@ async def chat_completions(request: Request, state: StateDep) -> ASGIResponse:
         affinity=affinity_key(request, settings, (body.model_extra or {}).get("user")),
     )
     check_prompt_size(screened.prompt_chars, settings)
-    session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
-    await state.admission.take_slot(ticket)  # last: from here the response owns the slot
+    session, _ = await open_stream(request, state, ticket, chat, endpoint=ENDPOINT, resumable=False)
     completion_id = f"chatcmpl-{session.id}"
     created = int(time.time())
     if body.stream:

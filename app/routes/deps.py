@@ -13,10 +13,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admission import Ticket
 from app.errors import InvalidRequestError, InvalidStreamIdError, ModelNotFoundError, UnsupportedMediaTypeError
+from app.resume.store import EventLog, StreamMeta
 from app.settings import Settings
 from app.state import GatewayState
 from app.streaming.ids import is_stream_id, new_stream_id
 from app.streaming.session import StreamSession
+from app.upstream.base import ChatRequest
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -73,6 +75,43 @@ def new_session(connection: HTTPConnection, state: GatewayState, *, endpoint: st
         client=connection.client.host if connection.client else "unknown",
         now=state.clock(),
     )
+
+
+def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, owner: str) -> EventLog | None:
+    """The stream's resume log (its events outlive the connection), if resumption is on."""
+    if state.resume is None:
+        return None
+    session.resumable = True
+    return state.resume.open(
+        StreamMeta(
+            stream_id=session.id,
+            model=chat.model,
+            messages=chat.messages,
+            max_tokens=chat.max_tokens,
+            owner=owner,
+        )
+    )
+
+
+async def open_stream(
+    connection: HTTPConnection,
+    state: GatewayState,
+    ticket: Ticket,
+    chat: ChatRequest,
+    *,
+    endpoint: str,
+    resumable: bool,
+) -> tuple[StreamSession, EventLog | None]:
+    """A route's last opening step, the same for every protocol: the stream's session, its connection slot and, on
+    a resumable route, its resume log. From here the stream's run owns the slot; a failure before that gives it back."""
+    session = new_session(connection, state, endpoint=endpoint, model=chat.model)
+    await state.admission.take_slot(ticket)  # last admission step: nothing after it may refuse without releasing
+    try:
+        log = open_log(state, session, chat, ticket.owner) if resumable else None
+    except BaseException:
+        await ticket.release()
+        raise
+    return session, log
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -21,7 +21,7 @@ from app.errors import (
     ServiceUnavailableError,
     error_response,
 )
-from app.resume.store import EventLog, StreamMeta, is_final, parse_event_id
+from app.resume.store import is_final, parse_event_id
 from app.routes.bodies import StreamRequest
 from app.routes.deps import (
     ASGIResponse,
@@ -33,35 +33,19 @@ from app.routes.deps import (
     check_prompt_size,
     checked_stream_id,
     new_session,
+    open_stream,
     read_json,
     stream_headers,
 )
 from app.state import GatewayState
 from app.streaming.encoders import SeedEncoder
 from app.streaming.responses import ReplayResponse, SSEStreamResponse
-from app.streaming.session import StreamSession
 from app.upstream.base import ChatRequest
 
 logger = logging.getLogger("app.access")
 ENDPOINT = "/stream"
 RESUME_ENDPOINT = "/stream/{stream_id}"
 STOP_CONFIRM_S = 5.0  # how long a stop waits for the stream's final event before answering 202
-
-
-def open_log(state: GatewayState, session: StreamSession, chat: ChatRequest, owner: str) -> EventLog | None:
-    """The stream's resume log (its events outlive the connection), if resumption is on."""
-    if state.resume is None:
-        return None
-    session.resumable = True
-    return state.resume.open(
-        StreamMeta(
-            stream_id=session.id,
-            model=chat.model,
-            messages=chat.messages,
-            max_tokens=chat.max_tokens,
-            owner=owner,
-        )
-    )
 
 
 def seed_chat_request(body: StreamRequest, state: StateDep, client: str, affinity: str) -> ChatRequest:
@@ -81,9 +65,7 @@ async def stream(request: Request, state: StateDep) -> ASGIResponse:
     chat = seed_chat_request(
         await read_json(request, StreamRequest), state, ticket.identity, affinity_key(request, state.settings)
     )
-    session = new_session(request, state, endpoint=ENDPOINT, model=chat.model)
-    await state.admission.take_slot(ticket)  # last: from here the response owns the slot
-    log = open_log(state, session, chat, ticket.owner)
+    session, log = await open_stream(request, state, ticket, chat, endpoint=ENDPOINT, resumable=True)
     return ASGIResponse(
         SSEStreamResponse(
             relay=state.relay,

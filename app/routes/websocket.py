@@ -43,12 +43,21 @@ from app.errors import (
 )
 from app.resume.store import EventLog
 from app.routes.bodies import StreamRequest
-from app.routes.deps import admit, affinity_key, checked_stream_id, new_session, parse_json_model, validate_model
+from app.routes.deps import (
+    admit,
+    affinity_key,
+    checked_stream_id,
+    new_session,
+    open_stream,
+    parse_json_model,
+    validate_model,
+)
 from app.routes.refusal import count_refusal, refusal
-from app.routes.stream import not_resumable, open_log, resume_position, seed_chat_request, stop_generation
+from app.routes.stream import not_resumable, resume_position, seed_chat_request, stop_generation
 from app.state import GatewayState
 from app.streaming.encoders import SeedEncoder, WebSocketEncoder
 from app.streaming.run import StreamLog
+from app.streaming.session import StreamSession
 from app.streaming.transports import WebSocketTransport, close_with_error
 from app.upstream.base import ChatRequest
 
@@ -173,7 +182,7 @@ async def ws_stream(websocket: WebSocket) -> None:
             after = request.after_seq()
         else:
             chat = seed_chat_request(request, state, ticket.identity, affinity_key(websocket, state.settings))
-            await state.admission.take_slot(ticket)
+            session, log = await open_stream(websocket, state, ticket, chat, endpoint=ENDPOINT, resumable=True)
     except GatewayError as exc:
         await _refuse_stream(websocket, exc)
         return
@@ -183,12 +192,17 @@ async def ws_stream(websocket: WebSocket) -> None:
     elif isinstance(request, ResumeRequest):
         await _replay(websocket, state, request.resume, after, ticket.owner)
     else:
-        await _generate(websocket, state, chat, ticket)
+        await _generate(websocket, state, chat, ticket, session, log)
 
 
-async def _generate(websocket: WebSocket, state: GatewayState, chat: ChatRequest, ticket: Ticket) -> None:
-    session = new_session(websocket, state, endpoint=ENDPOINT, model=chat.model)
-    log: EventLog | None = open_log(state, session, chat, ticket.owner)
+async def _generate(
+    websocket: WebSocket,
+    state: GatewayState,
+    chat: ChatRequest,
+    ticket: Ticket,
+    session: StreamSession,
+    log: EventLog | None,
+) -> None:
 
     async def receive() -> Message:  # the listener's: a stop of this very stream may arrive mid-stream
         message = await websocket.receive()

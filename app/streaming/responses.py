@@ -7,13 +7,13 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import GatewayError
 from app.resume.store import EventLog
 from app.streaming.run import Encoder, Relay, ReplayEncoder, StreamLog
 from app.streaming.session import StreamSession
-from app.streaming.transports import ASGIApp, HTTPTransport
+from app.streaming.transports import HTTPTransport
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage, texts_bytes, utf8_len
 
 

@@ -250,8 +250,7 @@ class StreamRun:
         return self._stream
 
     def _cut_for_upstream_fault(self) -> bool:
-        error = self.session.cut_error
-        return isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES
+        return _upstream_fault(self.session.cut_error)
 
     async def stream(
         self, transport: Transport[F], encoder: Encoder[F], request: ChatRequest, log: StreamLog | None = None
@@ -360,7 +359,7 @@ class StreamRun:
     @staticmethod
     def _blame_upstream(stream: UpstreamStream, error: GatewayError | None) -> None:
         """A stream cut for the upstream's stall counts against the upstream (the breaker)."""
-        if isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES:
+        if _upstream_fault(error):
             stream.mark_failed()
 
     async def relay_from(
@@ -407,12 +406,19 @@ class StreamRun:
             error = exc if isinstance(exc, GatewayError) else None
             self.report(Outcome.ERROR if error else Outcome.SHUTDOWN, error)
         self.registry.discard(self.session)
-        if self._release is not None:
-            await self._release()
         if self._listener is not None:
             self._listener.cancel()
-        if self._stream is not None:
-            await self._stream.aclose()
+        try:
+            if self._release is not None:
+                await self._release()
+        finally:  # a release cancelled or failing (a Redis lease) still closes the upstream
+            if self._stream is not None:
+                await self._stream.aclose()
+
+
+def _upstream_fault(error: GatewayError | None) -> bool:
+    """A first-token or inter-token stall: the upstream's fault, which its breaker counts."""
+    return isinstance(error, StreamTimeoutError) and error.deadline in UPSTREAM_FAULT_DEADLINES
 
 
 def _end_reason(session: StreamSession, exc: Exception | None) -> tuple[Outcome, GatewayError | None]:

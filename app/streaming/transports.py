@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.errors import WS_NORMAL, GatewayError, NotResumableError
@@ -19,7 +19,6 @@ from app.streaming.encoders import PING, SSE_HEADERS, WebSocketEncoder
 from app.streaming.session import StreamRegistry, StreamSession
 from app.upstream.base import Batch, batch_texts
 
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 HANDED_OVER_REASON = "stream handed over; resume it"
 
 
