@@ -111,6 +111,37 @@ class UpstreamStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+class UpstreamStreamWrapper:
+    """An `UpstreamStream` around another one: every operation goes to the wrapped stream; a subclass
+    overrides only what it changes. `__aiter__` hands out the wrapped stream's iterator, so a wrapper that
+    leaves iteration alone adds nothing per batch."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: UpstreamStream) -> None:
+        self._inner = inner
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._inner.finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._inner.usage
+
+    def __aiter__(self) -> AsyncIterator[Batch]:
+        return self._inner.__aiter__()
+
+    async def __anext__(self) -> Batch:
+        return await self._inner.__anext__()
+
+    def mark_failed(self) -> None:
+        self._inner.mark_failed()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class Upstream(Protocol):
     """A model server. `open` raises `GatewayError`s (connect failure, refusal) before any token."""
 

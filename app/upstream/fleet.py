@@ -19,11 +19,11 @@ Iteration goes straight to the endpoint's stream (`__aiter__` returns it): nothi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from app.errors import UpstreamError
 from app.policies.inflight import InFlightTable
-from app.upstream.base import Batch, ChatRequest, UpstreamStream, Usage
+from app.upstream.base import ChatRequest, UpstreamStream, UpstreamStreamWrapper
 from app.upstream.client import UNREACHABLE, OpenAIStream, OpenAIUpstream
 from app.upstream.discovery import Discovery, Endpoint
 
@@ -34,30 +34,13 @@ def _weight(session: str, url: str) -> bytes:
     return hashlib.blake2b(f"{session}\0{url}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
-class FleetStream:
-    __slots__ = ("_inner", "_table", "_endpoint")
+class FleetStream(UpstreamStreamWrapper):
+    __slots__ = ("_table", "_endpoint")
 
     def __init__(self, inner: OpenAIStream, table: InFlightTable, endpoint: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._table = table
         self._endpoint = endpoint
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._inner.finish_reason
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._inner.usage
-
-    def __aiter__(self) -> AsyncIterator[Batch]:
-        return self._inner.__aiter__()
-
-    async def __anext__(self) -> Batch:
-        return await self._inner.__anext__()
-
-    def mark_failed(self) -> None:
-        self._inner.mark_failed()
 
     async def aclose(self) -> None:
         endpoint, self._endpoint = self._endpoint, ""

@@ -23,7 +23,7 @@ from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, Upstr
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
-from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, UpstreamStreamWrapper
 
 
 def _not_cut() -> bool:
@@ -63,13 +63,12 @@ def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) 
         permit.record_failure(client)
 
 
-class GuardedStream:
+class GuardedStream(UpstreamStreamWrapper):
     __slots__ = (
         "_guard",
         "_request",
         "_max_batch",
         "_headers",
-        "_inner",
         "_permit",
         "_attempt",
         "_started",
@@ -87,23 +86,15 @@ class GuardedStream:
         attempt: int,
         cut_for_upstream_fault: Callable[[], bool],
     ) -> None:
+        super().__init__(inner)
         self._guard = guard
         self._cut_for_upstream_fault = cut_for_upstream_fault
         self._request = request
         self._max_batch = max_batch
         self._headers = headers
-        self._inner = inner
         self._permit = permit
         self._attempt = attempt
         self._started = False  # a batch went to the relay: no more retries
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._inner.finish_reason
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._inner.usage
 
     def __aiter__(self) -> GuardedStream:
         return self

@@ -6,35 +6,21 @@ token; the span ends when the relay closes the stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from app.errors import GatewayError
-from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, Usage
+from app.upstream.base import ChatRequest, Upstream, UpstreamStream, UpstreamStreamWrapper
 
 
-class TracedStream:
-    __slots__ = ("_inner", "_span")
+class TracedStream(UpstreamStreamWrapper):
+    __slots__ = ("_span",)
 
     def __init__(self, inner: UpstreamStream, span: Span) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._span = span
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._inner.finish_reason
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._inner.usage
-
-    def __aiter__(self) -> AsyncIterator[Batch]:
-        return self._inner.__aiter__()
-
-    async def __anext__(self) -> Batch:
-        return await self._inner.__anext__()
 
     def mark_failed(self) -> None:
         self._span.set_status(Status(StatusCode.ERROR, "upstream deadline"))
