@@ -1,4 +1,5 @@
-"""Shared fixtures: the real gateway (`python -m app`: gunicorn + uvicorn workers) and the fake upstream.
+"""Shared fixtures: the real gateway (`python -m app`: gunicorn + uvicorn workers), the fake upstream, an OTLP
+receiver (`otlp`) and a real Prometheus (`prometheus_server`).
 
 Each server gets a listening socket the test binds itself on 127.0.0.1:0 and hands over, so
 there is no guessed port: gunicorn takes it through systemd socket activation (LISTEN_FDS), the
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +24,9 @@ import httpx
 import pytest
 
 from loadtest.harness.ports import loopback_listener
+from loadtest.harness.prometheus import Prometheus, ScrapeTarget, start_prometheus
 from loadtest.harness.wait import wait_until
+from tests.otlp import OTLPReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
@@ -249,6 +252,51 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
     )
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture
+def otlp() -> Iterator[OTLPReceiver]:
+    """An OTLP/HTTP receiver on loopback collecting the spans exported to `otlp.url`."""
+    receiver = OTLPReceiver()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+class PrometheusFactory(Protocol):
+    def __call__(
+        self,
+        scrape_targets: Sequence[ScrapeTarget | str] = (),
+        rule_files: Iterable[Path | str] = (),
+        *,
+        interval: str = "1s",
+    ) -> Prometheus: ...
+
+
+@pytest.fixture
+def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusFactory]:
+    """Factory: a real Prometheus on loopback scraping `scrape_targets` every `interval` (default 1 s) and
+    evaluating `rule_files` as often; its TSDB lives in a temp dir. Every one started stops after the test.
+
+    A target is `ScrapeTarget(address, labels)` (labels as a Kubernetes scrape would add them, e.g. `pod`,
+    `namespace`) or a bare "host:port" / URL. The returned `Prometheus` has `query(expr)`, `api(path)`,
+    `rules()`, `targets()`, `wait_for_scrapes(n)`, `reload()` and `log()`.
+    """
+    started: list[Prometheus] = []
+
+    def factory(
+        scrape_targets: Sequence[ScrapeTarget | str] = (),
+        rule_files: Iterable[Path | str] = (),
+        *,
+        interval: str = "1s",
+    ) -> Prometheus:
+        server = start_prometheus(scrape_targets, rule_files, tmp_path_factory.mktemp("prometheus"), interval=interval)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
 
 
 def sse_data(body: str) -> list[str]:

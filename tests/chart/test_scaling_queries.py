@@ -13,8 +13,7 @@ import httpx
 import yaml
 
 from loadtest.harness.prometheus import ScrapeTarget
-from tests.conftest import GatewayFactory
-from tests.dashboards.conftest import PrometheusFactory, prometheus_server  # noqa: F401  (the fixture)
+from tests.conftest import GatewayFactory, PrometheusFactory
 
 from .conftest import NAMESPACE, RELEASE, ROOT, Helm, find
 
@@ -49,7 +48,7 @@ def _wait_for(query: Callable[[], list[dict[str, Any]]], values: list[float]) ->
 def test_autoscaling_queries_see_streams_in_flight(
     helm: Helm,
     start_gateway: GatewayFactory,
-    prometheus_server: PrometheusFactory,  # noqa: F811
+    prometheus_server: PrometheusFactory,
 ) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MOCK_FIRST_TOKEN_MS=5)
     # the target labels a ServiceMonitor scrape attaches

@@ -40,8 +40,7 @@ import httpx
 import psutil
 
 from loadtest.harness.prometheus import PromQLError, ScrapeTarget
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.dashboards.conftest import PrometheusFactory
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, PrometheusFactory
 from tests.dashboards.promql import (
     dashboard_panels,
     dashboard_variables,

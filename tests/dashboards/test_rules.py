@@ -10,7 +10,7 @@ from typing import Any
 
 from loadtest.harness.process import require_binary
 from loadtest.harness.prometheus import PROMTOOL_BIN
-from tests.dashboards.conftest import PrometheusFactory
+from tests.conftest import PrometheusFactory
 from tests.dashboards.gateway_metrics import exported_metrics, referenced_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

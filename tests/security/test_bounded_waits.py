@@ -20,6 +20,7 @@ from websockets.sync.client import connect as ws_connect
 
 from app.protocol import SOCKET_HEADROOM
 from tests.conftest import Gateway, GatewayFactory, launch_gateway
+from tests.otlp import OTLPReceiver
 from tests.security.raw import (
     GUARD_S,
     connect,
@@ -31,7 +32,6 @@ from tests.security.raw import (
     ws_frame_header,
     ws_handshake,
 )
-from tests.test_tracing import OTLPReceiver
 from tests.test_upstream_protection import metric, wait_metric
 
 KEY = "sk-tenant-a"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
-from tests.test_tracing import OTLPReceiver, otlp  # noqa: F401 (the fixture)
+from tests.otlp import OTLPReceiver
 from tests.test_upstream_protection import metric, wait_metric
 
 V1 = "/v1/chat/completions"
@@ -56,7 +56,7 @@ def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, 
 def test_a_client_leaving_mid_body_with_tracing_on(
     start_gateway: GatewayFactory,
     fake_upstream: FakeUpstream,
-    otlp: OTLPReceiver,  # noqa: F811
+    otlp: OTLPReceiver,
 ) -> None:
     """With tracing on, streams go through FastAPI's stack: its exception handler classifies the same way."""
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)

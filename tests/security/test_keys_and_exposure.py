@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.otlp import OTLPReceiver
 from tests.security.raw import GUARD_S
-from tests.test_tracing import OTLPReceiver, otlp  # noqa: F401 - the receiver fixture
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 STREAM = {"prompt": "keys", "max_tokens": 2}
@@ -88,7 +88,7 @@ def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
     )
 
 
-def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
+def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:
     """Traced, the app runs FastAPI's instrumented stack instead of the stream router: same split."""
     gateway = start_gateway(WEB_CONCURRENCY=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
     assert httpx.get(gateway.url + "/metrics", timeout=GUARD_S).status_code == 404

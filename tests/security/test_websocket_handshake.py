@@ -11,8 +11,8 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import Gateway, GatewayFactory, launch_gateway
+from tests.otlp import OTLPReceiver
 from tests.security.raw import GUARD_S, connect, read_head, read_until_closed, status_of, ws_handshake
-from tests.test_tracing import OTLPReceiver, otlp  # noqa: F401 - the receiver fixture
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 APP_ORIGIN = "https://app.example.com"
@@ -92,7 +92,7 @@ def test_the_upgrade_answers_with_the_gateway_subprotocol_never_the_key(gateway:
     assert KEY_A.encode() not in head
 
 
-def test_a_query_key_never_reaches_logs_or_spans(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:  # noqa: F811
+def test_a_query_key_never_reaches_logs_or_spans(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:
     gateway = start_gateway(
         API_KEYS=KEY_A,
         WEB_CONCURRENCY=1,
