@@ -18,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 
+from loadtest.harness.wait import eventually
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory, sse_data
 from tests.security.raw import ws_frame_header
 from tests.test_stream_lifecycle import wait_active_streams
@@ -136,9 +137,7 @@ def test_budget_refuses_new_streams_and_cuts_the_oldest_full_buffer(start_gatewa
         third.close()
     # Everything is given back: slots, the buffered bytes, admission.
     assert wait_active_streams(gateway, 0) == 0
-    deadline = time.monotonic() + GUARD_S
-    while _metric(gateway, "streaming_buffered_bytes") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling interval, not an assertion
+    eventually(lambda: _metric(gateway, "streaming_buffered_bytes") <= 0, GUARD_S)
     assert _metric(gateway, "streaming_buffered_bytes") == 0
     done = httpx.post(gateway.url + "/stream", json={"prompt": "x", "max_tokens": 5}, timeout=10)
     assert json.loads(sse_data(done.text)[-1]) == {"type": "done", "tokens": 5}

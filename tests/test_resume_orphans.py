@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import httpx
 
 from app.upstream.mock import mock_tokens
+from loadtest.harness.wait import eventually
 from tests.conftest import GatewayFactory, sse_data
 
 PROMPT = "a long answer read after a reconnect"
@@ -45,7 +45,6 @@ def test_an_orphan_nobody_reads_is_stopped(start_gateway: GatewayFactory) -> Non
 
 
 def wait_for_orphan_timeout(url: str) -> None:
-    deadline = time.monotonic() + 30
+    """Give the orphan reaper up to 30 s to count one; if it does not, the caller's assertion on the replay fails."""
     pattern = r'^streaming_errors_total\{error_type="orphan_timeout",route="/stream"\} ([1-9]\S*)$'
-    while time.monotonic() < deadline and not re.search(pattern, httpx.get(url + "/metrics").text, re.M):
-        time.sleep(0.1)  # polling interval, not an assertion
+    eventually(lambda: re.search(pattern, httpx.get(url + "/metrics").text, re.M), 30, interval=0.1)
