@@ -5,114 +5,79 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import GatewayError
 from app.resume.store import EventLog
-from app.streaming.run import Encoder, Relay, ReplayEncoder, StreamLog
+from app.streaming.run import Encoder, Relay, ReplayEncoder, StreamLog, StreamRun
 from app.streaming.session import StreamSession
 from app.streaming.transports import HTTPTransport
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage, texts_bytes, utf8_len
 
 
-class SSEStreamResponse:
+@dataclass(kw_only=True)
+class _HTTPStreamResponse:
+    """What the three responses share: the worker's relay, the stream's session, how a refusal is answered."""
+
+    relay: Relay
+    session: StreamSession
+    error_response: Callable[[GatewayError], ASGIApp]
+    release: Callable[[], Awaitable[None]] | None = None  # the admission ticket's slot(s); a replay holds none
+    extra_headers: list[tuple[bytes, bytes]] | None = None
+
+    def _open(self, scope: Scope, receive: Receive, send: Send) -> tuple[HTTPTransport, StreamRun]:
+        transport = HTTPTransport(
+            scope,
+            receive,
+            send,
+            session=self.session,
+            error_response=self.error_response,
+            extra_headers=self.extra_headers,
+        )
+        return transport, self.relay.run(
+            self.session, receive=receive, disconnect_type="http.disconnect", release=self.release
+        )
+
+
+@dataclass(kw_only=True)
+class SSEStreamResponse(_HTTPStreamResponse):
     """A pure-ASGI streaming response that owns its stream from admission to release."""
 
-    def __init__(
-        self,
-        *,
-        relay: Relay,
-        session: StreamSession,
-        request: ChatRequest,
-        encoder: Encoder[bytes],
-        error_response: Callable[[GatewayError], ASGIApp],
-        release: Callable[[], Awaitable[None]] | None = None,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-        log: EventLog | None = None,
-    ) -> None:
-        self.relay = relay
-        self.session = session
-        self.request = request
-        self.encoder = encoder
-        self.error_response = error_response
-        self.release = release
-        self.extra_headers = extra_headers
-        # the seed protocol stores the very events its clients get
-        self.log = None if log is None else StreamLog(log, encoder)
+    request: ChatRequest
+    encoder: Encoder[bytes]
+    log: EventLog | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = HTTPTransport(
-            scope,
-            receive,
-            send,
-            session=self.session,
-            error_response=self.error_response,
-            extra_headers=self.extra_headers,
-        )
-        async with self.relay.run(
-            self.session, receive=receive, disconnect_type="http.disconnect", release=self.release
-        ) as run:
-            await run.stream(transport, self.encoder, self.request, self.log)
+        # the seed protocol stores the very events its clients get
+        log = None if self.log is None else StreamLog(self.log, self.encoder)
+        transport, stream_run = self._open(scope, receive, send)
+        async with stream_run as run:
+            await run.stream(transport, self.encoder, self.request, log)
 
 
-class ReplayResponse:
+@dataclass(kw_only=True)
+class ReplayResponse(_HTTPStreamResponse):
     """`GET /stream/{id}`: a resumed stream, replayed from the store, then its live tail."""
 
-    def __init__(
-        self,
-        *,
-        relay: Relay,
-        session: StreamSession,
-        frames: AsyncIterator[list[bytes]],
-        encoder: ReplayEncoder[bytes],
-        error_response: Callable[[GatewayError], ASGIApp],
-        not_resumable: Callable[[], GatewayError],
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        self.relay = relay
-        self.session = session
-        self.frames = frames
-        self.encoder = encoder
-        self.error_response = error_response
-        self.not_resumable = not_resumable
-        self.extra_headers = extra_headers
+    frames: AsyncIterator[list[bytes]]
+    encoder: ReplayEncoder[bytes]
+    not_resumable: Callable[[], GatewayError]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = HTTPTransport(
-            scope,
-            receive,
-            send,
-            session=self.session,
-            error_response=self.error_response,
-            extra_headers=self.extra_headers,
-        )
-        async with self.relay.run(self.session, receive=receive, disconnect_type="http.disconnect") as run:
+        transport, stream_run = self._open(scope, receive, send)
+        async with stream_run as run:
             await run.replay(transport, self.encoder, self.frames, self.not_resumable)
 
 
-class CompletionResponse:
+@dataclass(kw_only=True)
+class CompletionResponse(_HTTPStreamResponse):
     """Non-streaming `/v1/chat/completions`: the same run into a `MessageAssembler`, answered as one JSON body."""
 
-    def __init__(
-        self,
-        *,
-        relay: Relay,
-        session: StreamSession,
-        request: ChatRequest,
-        error_response: Callable[[GatewayError], ASGIApp],
-        render: Callable[[dict[str, Any], str | None, Usage | None, int], dict[str, object]],
-        release: Callable[[], Awaitable[None]] | None = None,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        self.relay = relay
-        self.session = session
-        self.request = request
-        self.error_response = error_response
-        self.render = render
-        self.release = release
-        self.extra_headers = extra_headers
+    request: ChatRequest
+    render: Callable[[dict[str, Any], str | None, Usage | None, int], dict[str, object]]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = self.session
@@ -121,12 +86,8 @@ class CompletionResponse:
         async def collect(batch: Batch) -> None:
             session.held_bytes += message.add(batch)  # the answer is held whole until it is sent
 
-        transport = HTTPTransport(
-            scope, receive, send, session=session, error_response=self.error_response, extra_headers=self.extra_headers
-        )
-        async with self.relay.run(
-            session, receive=receive, disconnect_type="http.disconnect", release=self.release
-        ) as run:
+        transport, stream_run = self._open(scope, receive, send)
+        async with stream_run as run:
             stream = await run.collect(transport, self.request, collect)
             if stream is None:
                 return
