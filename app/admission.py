@@ -41,7 +41,7 @@ from app.errors import (
     UnauthorizedError,
 )
 from app.observability.redaction import URL_KEY_PARAMETERS
-from app.policies.breaker import CircuitBreaker
+from app.policies.breaker import Circuit
 from app.policies.concurrency import LOCAL_ONLY, ClientSlots, ConnectionLimiter, Lease
 from app.policies.ratelimit import RateLimiter
 from app.storage.errors import StorageError
@@ -200,7 +200,7 @@ class Admission:
         trusted_proxies: tuple[Network, ...],
         forwarded_header: str = "x-forwarded-for",
         rate_limiter: RateLimiter | None,
-        breaker: CircuitBreaker,
+        breaker: Circuit,
         slots: ConnectionLimiter,
         remote_slots: ClientSlots | None = None,
         lease_ttl_s: float = 300.0,

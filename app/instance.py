@@ -1,5 +1,5 @@
 """State shared by every worker of one instance: rate-limit buckets, connection slots, the breaker, the
-buffered bytes the memory budget counts, and the streams in flight per upstream endpoint (a fleet).
+buffered bytes the memory budget counts, and a fleet's streams in flight and circuit breaker per upstream endpoint.
 
 Limits mean what they say only if all workers count against one table (per-process state would
 multiply every limit by the worker count). The gunicorn master creates the tables in
@@ -18,13 +18,15 @@ import os
 from dataclasses import dataclass
 
 from app.policies.breaker import BreakerCell, BreakerConfig, MemoryBreakerCell, SharedBreakerCell, charged_capacity
+from app.policies.breakers import BreakerTable, MemoryBreakerTable, SharedBreakerTable
 from app.policies.buffers import BufferTable, MemoryBufferTable, SharedBufferTable
 from app.policies.concurrency import ConnectionLimiter, MemoryConnectionLimiter, SharedConnectionLimiter
 from app.policies.inflight import InFlightTable, MemoryInFlightTable, SharedInFlightTable
 from app.policies.ratelimit import MemoryStorage, SharedMemoryStorage, Storage
 from app.settings import Settings
 
-ENV_VAR = "GATEWAY_SHARED_STATE"  # "ratelimit=FD,slots=FD,breaker=FD,buffers=FD,inflight=FD", by the master
+# "ratelimit=FD,slots=FD,breaker=FD,buffers=FD,inflight=FD,breakers=FD", by the master
+ENV_VAR = "GATEWAY_SHARED_STATE"
 
 
 @dataclass
@@ -34,6 +36,7 @@ class InstanceState:
     breaker_cell: BreakerCell
     buffers: BufferTable  # buffered stream data per worker: the memory budget
     inflight: InFlightTable  # streams in flight per upstream endpoint: what a fleet balances on
+    breakers: BreakerTable  # a fleet's circuit breaker per upstream endpoint
 
 
 @dataclass
@@ -45,13 +48,14 @@ class SharedTables:
     breaker_cell: SharedBreakerCell
     buffers: SharedBufferTable
     inflight: SharedInFlightTable
+    breakers: SharedBreakerTable
 
     def publish(self) -> None:
-        for table in (self.rate_storage, self.slots, self.breaker_cell, self.buffers, self.inflight):
+        for table in (self.rate_storage, self.slots, self.breaker_cell, self.buffers, self.inflight, self.breakers):
             os.set_inheritable(table.fd, True)
         os.environ[ENV_VAR] = (
             f"ratelimit={self.rate_storage.fd},slots={self.slots.fd},breaker={self.breaker_cell.fd},"
-            f"buffers={self.buffers.fd},inflight={self.inflight.fd}"
+            f"buffers={self.buffers.fd},inflight={self.inflight.fd},breakers={self.breakers.fd}"
         )
 
 
@@ -66,15 +70,14 @@ def breaker_config(settings: Settings) -> BreakerConfig:
 
 
 def create_shared(settings: Settings) -> SharedTables:
+    capacities = (settings.circuit_failure_threshold, charged_capacity(breaker_config(settings)))
     tables = SharedTables(
         rate_storage=SharedMemoryStorage(),
         slots=SharedConnectionLimiter(settings.max_connections, settings.max_connections_per_client),
-        breaker_cell=SharedBreakerCell(
-            failure_capacity=settings.circuit_failure_threshold,
-            charged_capacity=charged_capacity(breaker_config(settings)),
-        ),
+        breaker_cell=SharedBreakerCell(*capacities),
         buffers=SharedBufferTable(),
         inflight=SharedInFlightTable(),
+        breakers=SharedBreakerTable(*capacities),
     )
     tables.publish()
     return tables
@@ -89,6 +92,7 @@ def instance_state(settings: Settings) -> InstanceState:
             breaker_cell=MemoryBreakerCell(),
             buffers=MemoryBufferTable(),
             inflight=MemoryInFlightTable(),
+            breakers=MemoryBreakerTable(),
         )
     fds = {name: int(fd) for name, fd in (part.split("=") for part in published.split(","))}
     return InstanceState(
@@ -97,4 +101,5 @@ def instance_state(settings: Settings) -> InstanceState:
         breaker_cell=SharedBreakerCell.attach(fds["breaker"]),
         buffers=SharedBufferTable.attach(fds["buffers"]),
         inflight=SharedInFlightTable.attach(fds["inflight"]),
+        breakers=SharedBreakerTable.attach(fds["breakers"]),
     )

@@ -195,7 +195,30 @@ class Settings(BaseSettings):
         "client identity per window; refused connections, resets and first-token timeouts always count in full.",
     )
     ready_requires_closed_circuit: bool = Field(
-        False, description="/ready fails while the circuit is open (take the pod out instead of answering 503s)."
+        False,
+        description="/ready fails while the circuit is open (take the pod out instead of answering 503s). A fleet's "
+        "circuit is open when every endpoint that accepts new streams is.",
+    )
+    upstream_probe_interval_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="A fleet: every worker GETs each endpoint's UPSTREAM_PROBE_PATH this often; a failing probe "
+        "ejects the endpoint (its circuit opens), a passing one lets an ejected endpoint back (half-open). 0: off "
+        "(an ejected endpoint comes back through its circuit's half-open probe after CIRCUIT_OPEN_SECONDS).",
+    )
+    upstream_probe_path: str = Field(
+        "/health",
+        pattern=r"^/",
+        description="The active probe's path, from the endpoint's root (vLLM serves `GET /health`); 2xx passes.",
+    )
+    upstream_probe_timeout_seconds: float = Field(
+        2.0, gt=0, description="The active probe's budget (connect and answer); no answer in time fails it."
+    )
+    upstream_endpoint_labels_max: int = Field(
+        20,
+        ge=1,
+        description="A fleet: endpoints named in the per-endpoint metrics' `upstream_endpoint` label (the first by "
+        "`host:port`); the others are summed as `other`.",
     )
     upstream_retries: int = Field(
         2, ge=0, description="Retries before the first token (connect errors, 429, 5xx only; never after a token)."

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client.registry import Collector
 
 from app.admission import Admission
 from app.drain import Drain
 from app.observability.metrics import precreate_series
-from app.policies.breaker import CircuitBreaker
+from app.policies.breaker import Circuit
 from app.resume.claimer import Claimer
 from app.resume.store import ResumeStore
 from app.settings import Settings
@@ -24,6 +25,7 @@ from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.discovery import Discovery
+from app.upstream.probe import Prober
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter worker start lines by
 
@@ -37,7 +39,7 @@ class GatewayState:
     registry: StreamRegistry
     recorder: StreamRecorder
     drain: Drain
-    breaker: CircuitBreaker
+    breaker: Circuit  # the upstream's breaker, or the view over a fleet's (upstream/health.py)
     admission: Admission
     relay: Relay
     tracer_provider: TracerProvider | None = None
@@ -45,6 +47,8 @@ class GatewayState:
     resume: ResumeStore | None = None
     claimer: Claimer | None = None
     discovery: Discovery | None = None  # where a fleet's model servers are (none: one UPSTREAM_URL, or the mock)
+    prober: Prober | None = None  # a fleet's active health probe (UPSTREAM_PROBE_INTERVAL_SECONDS)
+    endpoint_metrics: Collector | None = None  # a fleet's per-endpoint series, read at scrape time
 
     @staticmethod
     def clock() -> float:
@@ -64,6 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.drain.install()
     if state.discovery is not None:
         await state.discovery.start()
+    if state.prober is not None:
+        state.prober.start()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield
@@ -72,6 +78,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await state.claimer.aclose()  # generations still running are reclaimed elsewhere after the lease
             await state.claimer.redis.aclose()
         await state.registry.stop()
+        if state.prober is not None:
+            await state.prober.aclose()
         if state.discovery is not None:
             await state.discovery.aclose()
         if state.resume is not None:

@@ -12,7 +12,8 @@ from app.admission import Admission, KeyRing, parse_networks
 from app.drain import Drain
 from app.instance import breaker_config, instance_state
 from app.observability.metrics import ORPHANED_STREAMS, REDIS_FALLBACKS_TOTAL, REDIS_UP
-from app.policies.breaker import CircuitBreaker
+from app.policies.breaker import Circuit, CircuitBreaker
+from app.policies.breakers import BreakerTable, MemoryBreakerTable
 from app.policies.concurrency import ClientSlots
 from app.policies.concurrency_redis import RedisClientSlots
 from app.policies.failover import ResilientClientSlots, ResilientStorage
@@ -38,14 +39,18 @@ from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
 from app.upstream.discovery import Discovery, DnsDiscovery, StaticDiscovery
 from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
+from app.upstream.health import EndpointHealth, EndpointMetrics, FleetCircuit
 from app.upstream.mock import MockUpstream
+from app.upstream.probe import Prober
 from app.upstream.traced import TracedUpstream
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter Redis reachability lines by
 CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's timeout is this plus REDIS_TIMEOUT
 
 
-def build_upstream(settings: Settings, inflight: InFlightTable | None = None) -> Upstream:
+def build_upstream(
+    settings: Settings, inflight: InFlightTable | None = None, breakers: BreakerTable | None = None
+) -> Upstream:
     if settings.upstream_url is None:
         return MockUpstream(
             tokens_per_second=settings.mock_tokens_per_second, first_token_ms=settings.mock_first_token_ms
@@ -66,6 +71,7 @@ def build_upstream(settings: Settings, inflight: InFlightTable | None = None) ->
         client,
         build_discovery(settings),
         inflight or MemoryInFlightTable(),
+        EndpointHealth(breakers or MemoryBreakerTable(), breaker_config(settings)),
         affinity_load_factor=settings.upstream_affinity_load_factor,
     )
 
@@ -104,21 +110,30 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         max_orphans=settings.max_orphaned_streams,
         memory=memory.enforce,
     )
-    upstream = build_upstream(settings, shared.inflight)
-    discovery = upstream.discovery if isinstance(upstream, FleetUpstream) else None
+    upstream = build_upstream(settings, shared.inflight, shared.breakers)
+    fleet = upstream if isinstance(upstream, FleetUpstream) else None
     if tracer_provider is not None:  # a client span per attempt, inside the guard
         provider_name = "mock" if settings.upstream_url is None else "openai"
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
-    breaker = CircuitBreaker(
-        upstream.name,
-        breaker_config(settings),
-        cell=shared.breaker_cell,
-    )
-    upstream = GuardedUpstream(
-        upstream,
-        breaker,
-        RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds),
-    )
+    retries = RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds)
+    breaker: Circuit
+    prober = endpoint_metrics = None
+    if fleet is None:
+        breaker = CircuitBreaker(upstream.name, breaker_config(settings), cell=shared.breaker_cell)
+        upstream = GuardedUpstream(upstream, breaker, retries)
+    else:  # a breaker per endpoint, in the fleet; the guard keeps the retries (and fails over)
+        breaker = FleetCircuit(fleet.name, fleet.discovery, fleet.health)
+        upstream = GuardedUpstream(upstream, None, retries, failover=fleet)
+        endpoint_metrics = EndpointMetrics(
+            fleet.discovery, fleet.health, shared.inflight, settings.upstream_endpoint_labels_max
+        )
+        if settings.upstream_probe_interval_seconds > 0:
+            prober = Prober(
+                fleet,
+                interval_s=settings.upstream_probe_interval_seconds,
+                path=settings.upstream_probe_path,
+                timeout_s=settings.upstream_probe_timeout_seconds,
+            )
     drain = Drain(
         registry,
         timeout_s=settings.drain_timeout_seconds,
@@ -183,7 +198,9 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         redis=redis,
         resume=resume,
         claimer=claimer,
-        discovery=discovery,
+        discovery=None if fleet is None else fleet.discovery,
+        prober=prober,
+        endpoint_metrics=endpoint_metrics,
     )
 
 

@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.registry import Collector
 
 from app.observability.multiproc import compact_dead_worker
 
@@ -229,13 +230,18 @@ MEMORY_BUDGET_BYTES = Gauge(
 )
 
 
-def render_metrics() -> tuple[bytes, str]:
-    """The exposition text for this instance: all workers when in multiprocess mode."""
+def render_metrics(*scraped: Collector) -> tuple[bytes, str]:
+    """The exposition text for this instance: all workers when in multiprocess mode. `scraped`: collectors
+    that read instance-wide state themselves when scraped (once, by whichever worker answers), so their series
+    are neither summed across workers nor left behind by a worker or a label that is gone."""
+    extra = CollectorRegistry()
+    for collector in scraped:
+        extra.register(collector)
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()  # fresh per scrape, as the multiprocess docs require
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        return generate_latest(registry) + generate_latest(extra), CONTENT_TYPE_LATEST
+    return generate_latest() + generate_latest(extra), CONTENT_TYPE_LATEST
 
 
 def mark_worker_dead(pid: int) -> None:

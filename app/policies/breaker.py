@@ -222,6 +222,25 @@ def on_outcome(
     return s  # pragma: no cover - an open breaker's epoch never matches a live permit
 
 
+def on_eject(s: BreakerSnapshot, now: float) -> BreakerSnapshot:
+    """A failure no request's content can cause and no healthy server shows (connection refused, a reset, a
+    failed health probe): open now, whatever the state; an open breaker's open period starts again."""
+    return _open(s, now)
+
+
+def on_probe_pass(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
+    """A health probe passed: an open breaker half-opens at once (its next stream is the probe that closes it)."""
+    s = advance(cfg, s, now)
+    if s.state is BreakerState.OPEN:
+        return BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at, charged=s.charged)
+    return s
+
+
+def grantable(s: BreakerSnapshot) -> bool:
+    """`on_allow` would grant a permit on this (advanced) snapshot: closed, or half-open with no probe out."""
+    return s.state is BreakerState.CLOSED or (s.state is BreakerState.HALF_OPEN and not s.probe_in_flight)
+
+
 def retry_after(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> float:
     """Seconds until a request could get a permit (0 when one would be granted now)."""
     s = advance(cfg, s, now)
@@ -268,6 +287,51 @@ _CELL_HEADER = struct.Struct("<QQdQdQQQ")
 _CHARGED_ENTRY = struct.Struct("<dQ")  # time, client hash
 
 
+class SnapshotLayout:
+    """How a snapshot is laid out in shared bytes: a header, `failure_capacity` failure times and the latest
+    `charged_capacity` charged failures (shared by the one-breaker cell and the keyed table, breakers.py)."""
+
+    def __init__(self, failure_capacity: int, charged_capacity: int) -> None:
+        if failure_capacity < 1 or charged_capacity < 1:
+            raise ValueError("failure_capacity and charged_capacity must be at least 1")
+        self.failure_capacity, self.charged_capacity = failure_capacity, charged_capacity
+        self._failures = struct.Struct(f"<{failure_capacity}d")
+        self.size = _CELL_HEADER.size + self._failures.size + charged_capacity * _CHARGED_ENTRY.size
+
+    def read(self, buf: mmap.mmap, at: int) -> BreakerSnapshot:
+        state, epoch, opened_at, probe, probe_at, successes, count, n_charged = _CELL_HEADER.unpack_from(buf, at)
+        failures = self._failures.unpack_from(buf, at + _CELL_HEADER.size)
+        charged_at = at + _CELL_HEADER.size + self._failures.size
+        charged = tuple(
+            _CHARGED_ENTRY.unpack_from(buf, charged_at + i * _CHARGED_ENTRY.size) for i in range(n_charged)
+        )  # usually none: only failures charged to a client
+        return BreakerSnapshot(
+            BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe), probe_at, successes, charged
+        )
+
+    def write(self, buf: mmap.mmap, at: int, new: BreakerSnapshot) -> None:
+        failures = new.failures[-self.failure_capacity :]
+        charged = new.charged[-self.charged_capacity :]
+        _CELL_HEADER.pack_into(
+            buf,
+            at,
+            new.state,
+            new.epoch,
+            new.opened_at,
+            new.probe_in_flight,
+            new.probe_started_at,
+            new.successes,
+            len(failures),
+            len(charged),
+        )
+        self._failures.pack_into(
+            buf, at + _CELL_HEADER.size, *failures, *([0.0] * (self.failure_capacity - len(failures)))
+        )
+        charged_at = at + _CELL_HEADER.size + self._failures.size
+        for i, entry in enumerate(charged):
+            _CHARGED_ENTRY.pack_into(buf, charged_at + i * _CHARGED_ENTRY.size, *entry)
+
+
 class SharedBreakerCell(SharedTable):
     """The snapshot in shared memory, for every worker forked after construction.
 
@@ -284,59 +348,40 @@ class SharedBreakerCell(SharedTable):
         failure_capacity: int = DEFAULT_FAILURE_THRESHOLD,
         charged_capacity: int = (DEFAULT_FAILURE_THRESHOLD + 1) * 3,
     ) -> None:
-        if failure_capacity < 1 or charged_capacity < 1:
-            raise ValueError("failure_capacity and charged_capacity must be at least 1")
-        size = _CELL_HEADER.size + failure_capacity * struct.calcsize("<d") + charged_capacity * _CHARGED_ENTRY.size
-        self._bind(SharedRegion.create(self.KIND, (failure_capacity, charged_capacity), size))
+        layout = SnapshotLayout(failure_capacity, charged_capacity)
+        self._bind(SharedRegion.create(self.KIND, (failure_capacity, charged_capacity), layout.size))
 
     def _bind(self, region: SharedRegion) -> None:
         super()._bind(region)
-        self.failure_capacity, self.charged_capacity = region.params[0], region.params[1]
-        self._failures = struct.Struct(f"<{self.failure_capacity}d")
-        self._charged_at = DATA_OFFSET + _CELL_HEADER.size + self._failures.size
-
-    def _read(self, buf: mmap.mmap) -> BreakerSnapshot:
-        state, epoch, opened_at, probe, probe_at, successes, count, n_charged = _CELL_HEADER.unpack_from(
-            buf, DATA_OFFSET
-        )
-        failures = self._failures.unpack_from(buf, DATA_OFFSET + _CELL_HEADER.size)
-        charged = tuple(
-            _CHARGED_ENTRY.unpack_from(buf, self._charged_at + i * _CHARGED_ENTRY.size) for i in range(n_charged)
-        )  # usually none: only failures charged to a client
-        return BreakerSnapshot(
-            BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe), probe_at, successes, charged
-        )
+        self._layout = SnapshotLayout(region.params[0], region.params[1])
+        self.failure_capacity = self._layout.failure_capacity
 
     def load(self) -> BreakerSnapshot:
         with self._region as buf:
-            return self._read(buf)
+            return self._layout.read(buf, DATA_OFFSET)
 
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         with self._region as buf:
-            new, result = change(self._read(buf))
-            failures = new.failures[-self.failure_capacity :]
-            charged = new.charged[-self.charged_capacity :]
-            _CELL_HEADER.pack_into(
-                buf,
-                DATA_OFFSET,
-                new.state,
-                new.epoch,
-                new.opened_at,
-                new.probe_in_flight,
-                new.probe_started_at,
-                new.successes,
-                len(failures),
-                len(charged),
-            )
-            self._failures.pack_into(
-                buf, DATA_OFFSET + _CELL_HEADER.size, *failures, *([0.0] * (self.failure_capacity - len(failures)))
-            )
-            for i, entry in enumerate(charged):
-                _CHARGED_ENTRY.pack_into(buf, self._charged_at + i * _CHARGED_ENTRY.size, *entry)
+            new, result = change(self._layout.read(buf, DATA_OFFSET))
+            self._layout.write(buf, DATA_OFFSET, new)
             return result
 
 
 # --- the policy -----------------------------------------------------------------------------------
+
+
+class Circuit(Protocol):
+    """What admission, /ready and the metrics read of the gateway's circuit: one upstream's breaker, or the
+    view over a fleet's per-endpoint breakers (open only when every endpoint's is: upstream/health.py)."""
+
+    name: str
+
+    @property
+    def state(self) -> BreakerState: ...
+
+    def retry_after_seconds(self) -> float:
+        """0 when a new stream would get a permit now; else seconds until one could."""
+        ...
 
 
 class Permit:
@@ -348,6 +393,15 @@ class Permit:
         self.grant = grant
         self._breaker = breaker
         self._pending = [True]  # list.pop is atomic: one of concurrent reports wins
+
+    @classmethod
+    def uncounted(cls) -> Permit:
+        """A permit settled from the start: its reports count nothing (a fleet's endpoints each have their own
+        breaker, which the fleet reports to; the guard above holds this one)."""
+        permit = cls.__new__(cls)
+        permit.grant = Grant(-1, probe=False)
+        permit._pending = []
+        return permit
 
     @property
     def probe(self) -> bool:
@@ -430,6 +484,16 @@ class CircuitBreaker:
             return permit.record_failure(client)
         self._report(None, CallResult.FAILURE, client)
         return True
+
+    def eject(self) -> None:
+        """A failure no request causes (refused, reset, failed health probe): open now (`on_eject`)."""
+        now = self._clock()
+        self._cell.update(lambda s: (on_eject(s, now), None))
+
+    def probe_passed(self) -> None:
+        """A health probe passed: open -> half-open now (`on_probe_pass`)."""
+        cfg, now = self.config, self._clock()
+        self._cell.update(lambda s: (on_probe_pass(cfg, s, now), None))
 
     def snapshot(self) -> BreakerSnapshot:
         return advance(self.config, self._cell.load(), self._clock())

@@ -15,5 +15,6 @@ async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
     CIRCUIT_BREAKER_STATE.labels(state.breaker.name).set(int(state.breaker.state))
     # So does the slot table: this is what admission counts, not what the streams' recorder counts.
     CONNECTION_SLOTS_IN_USE.set(state.admission.slots_in_use())
-    body, content_type = render_metrics()
+    # A fleet's per-endpoint series are read from the instance's tables by a collector, when rendered.
+    body, content_type = render_metrics(*([state.endpoint_metrics] if state.endpoint_metrics is not None else []))
     await Response(body, media_type=content_type)(scope, receive, send)

@@ -34,6 +34,9 @@ class ChatRequest:
     client: str = ""
     # The session it belongs to (a fleet's endpoint affinity: its streams prefer one endpoint). Empty: none.
     affinity: str = ""
+    # A fleet's endpoints this request's attempts went to, in order (upstream/fleet.py appends at each pick): a
+    # retry or a continuation goes to another one while there is another.
+    tried_endpoints: list[str] = field(default_factory=list)
 
     @property
     def prompt_text(self) -> str:

@@ -95,6 +95,12 @@ def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
         return None  # an HTTP-date; treated as "no hint"
 
 
+def _root(base_url: str) -> str:
+    """`scheme://host:port` of a base URL: where a server's own routes (its health route) live."""
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _proxy_for(url: str) -> str | None:
     """The proxy HTTP(S)_PROXY / ALL_PROXY / NO_PROXY name for `url`, read once: aiohttp's `trust_env`
     reads them, and ~/.netrc in a thread, on every request."""
@@ -308,6 +314,7 @@ class OpenAIUpstream:
     ) -> None:
         self.name = urlsplit(base_url).hostname or "upstream"
         self._url = base_url.rstrip("/") + "/chat/completions"
+        self._root = _root(base_url)
         # identity: a compressed event stream arrives in bursts, as the compressor fills its blocks
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if api_key:
@@ -331,6 +338,7 @@ class OpenAIUpstream:
         parts = urlsplit(base_url)
         sibling.name = parts.hostname or "upstream"
         sibling._url = base_url.rstrip("/") + "/chat/completions"
+        sibling._root = _root(base_url)
         sibling._proxy = _proxy_for(sibling._url)
         sibling._server_name = server_name
         sibling._host_header = (
@@ -421,6 +429,23 @@ class OpenAIUpstream:
             retry_after_seconds=_retry_after_seconds(response),
             detail=message,
         )
+
+    async def probe(self, path: str, timeout_s: float) -> bool:
+        """GET `path` from the server's root (a health route, e.g. vLLM's /health): True on a 2xx in time."""
+        headers = {"Host": self._host_header} if self._host_header is not None else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._client().get(
+                    self._root + path,
+                    headers=headers,
+                    proxy=self._proxy,
+                    allow_redirects=False,
+                    server_hostname=self._server_name,
+                ) as response:
+                    await response.read()  # small; read to the end so the connection goes back to the pool
+                    return 200 <= response.status < 300
+        except (TimeoutError, aiohttp.ClientError):
+            return False
 
     async def aclose(self) -> None:
         if self._sessions:

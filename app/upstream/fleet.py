@@ -13,7 +13,15 @@ A request that names a session (ChatRequest.affinity) prefers the endpoints in t
 the model server's prefix cache keeps hitting, and one hot session or a shared system prompt cannot pile
 onto one endpoint (consistent hashing with bounded loads).
 
-Iteration goes straight to the endpoint's stream (`__aiter__` returns it): nothing per token.
+Health (health.py): a pick considers only endpoints whose breaker grants a permit, takes that endpoint's
+permit, and prefers endpoints this request has not tried yet (`ChatRequest.tried_endpoints`: a retry or a
+continuation goes elsewhere while it can). The fleet reports every failure on an endpoint itself, at opening
+and from its stream, so a refused or reset endpoint is ejected for the whole instance before the error goes
+up to the guard's retry (or a continuation), whose next pick already skips it. When no endpoint grants a
+permit the answer is the gateway's "circuit open".
+
+Iteration costs one frame per batch (`FleetStream.__anext__` around the endpoint's): the only place an
+endpoint's mid-stream failure is sure to be seen. Nothing per token.
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from app.errors import UpstreamError
+from app.errors import CircuitOpenError, GatewayError, UpstreamError
+from app.policies.breaker import PROBE_BUSY_RETRY_AFTER_SECONDS, Permit
 from app.policies.inflight import InFlightTable
-from app.upstream.base import ChatRequest, UpstreamStream, UpstreamStreamWrapper
-from app.upstream.client import UNREACHABLE, OpenAIStream, OpenAIUpstream
+from app.upstream.base import Batch, ChatRequest, UpstreamStream, UpstreamStreamWrapper
+from app.upstream.client import UNREACHABLE, OpenAIUpstream
 from app.upstream.discovery import Discovery, Endpoint
+from app.upstream.guard import charged_client
+from app.upstream.health import EndpointHealth
 
 
 def _weight(session: str, url: str) -> bytes:
@@ -35,63 +46,146 @@ def _weight(session: str, url: str) -> bytes:
 
 
 class FleetStream(UpstreamStreamWrapper):
-    __slots__ = ("_table", "_endpoint")
+    """A stream on one endpoint: gives its in-flight count back once, settles the endpoint's permit at the first
+    batch, and reports the endpoint's failures itself (mid-stream too: a wrapper above may continue the stream
+    elsewhere, so nothing above is guaranteed to see them), before the error goes up."""
 
-    def __init__(self, inner: OpenAIStream, table: InFlightTable, endpoint: str) -> None:
+    __slots__ = ("_fleet", "_endpoint", "_permit", "_request", "_counted")
+
+    def __init__(
+        self, inner: UpstreamStream, fleet: FleetUpstream, endpoint: str, permit: Permit, request: ChatRequest
+    ) -> None:
         super().__init__(inner)
-        self._table = table
+        self._fleet = fleet
         self._endpoint = endpoint
+        self._permit: Permit | None = permit  # None once settled (the first batch, or a failure)
+        self._request = request
+        self._counted = True  # the in-flight count is still held
+
+    def __aiter__(self) -> FleetStream:
+        return self
+
+    async def __anext__(self) -> Batch:
+        # One frame per batch: the price of seeing this endpoint's failures here (see the module docstring).
+        try:
+            batch = await self._inner.__anext__()
+        except StopAsyncIteration:
+            self._settle()  # an empty but clean answer is still healthy
+            raise
+        except GatewayError as error:
+            permit, self._permit = self._permit, None
+            self._fleet.health.failed(self._endpoint, error, permit, charged_client(error, self._request))
+            raise
+        if self._permit is not None:
+            self._settle()
+        return batch
+
+    def _settle(self) -> None:
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            permit.record_success()
+
+    def mark_failed(self) -> None:
+        """Cut for a first-token or inter-token stall: counted against this endpoint."""
+        permit, self._permit = self._permit, None
+        self._fleet.health.record(self._endpoint, "timeout", permit)
 
     async def aclose(self) -> None:
-        endpoint, self._endpoint = self._endpoint, ""
+        counted, self._counted = self._counted, False
+        permit, self._permit = self._permit, None
         try:
             await self._inner.aclose()
         finally:
-            if endpoint:  # once, however often it is closed
-                self._table.release(endpoint)
+            if permit is not None:
+                permit.release()  # no verdict: the client left before the first batch
+            if counted:  # once, however often it is closed
+                self._fleet.table.release(self._endpoint)
 
 
 class FleetUpstream:
     """OpenAI-compatible model servers found by a `Discovery`, one shared connection pool for all."""
 
     def __init__(
-        self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable, *, affinity_load_factor: float
+        self,
+        client: OpenAIUpstream,
+        discovery: Discovery,
+        table: InFlightTable,
+        health: EndpointHealth,
+        *,
+        affinity_load_factor: float,
     ) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
+        self.health = health
+        self.table = table
         self._load_factor = affinity_load_factor
         self._client = client
-        self._table = table
         self._clients: dict[str, OpenAIUpstream] = {}
 
-    def _at(self, endpoint: Endpoint) -> OpenAIUpstream:
+    def at(self, endpoint: Endpoint) -> OpenAIUpstream:
+        """The client of one endpoint (the shared pool)."""
         client = self._clients.get(endpoint.url)
         if client is None:
             client = self._clients[endpoint.url] = self._client.at(endpoint.url, endpoint.server_name)
         return client
 
-    async def open(
-        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
-    ) -> UpstreamStream:
+    def _accepting(self) -> dict[str, Endpoint]:
         endpoints = self.discovery.endpoints()
+        if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
+            known = {endpoint.url for endpoint in endpoints}
+            self._clients = {url: client for url, client in self._clients.items() if url in known}
         accepting = {endpoint.url: endpoint for endpoint in endpoints if endpoint.accepts_new}
         if not accepting:
             detail = f"no upstream endpoint ready ({len(endpoints)} known)"
             raise UpstreamError(UNREACHABLE, kind="connect", detail=detail)
-        if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
-            known = {endpoint.url for endpoint in endpoints}
-            self._clients = {url: client for url, client in self._clients.items() if url in known}
+        return accepting
+
+    def _pick(self, request: ChatRequest, candidates: list[str]) -> str:
+        """Counted one more stream on the least loaded candidate (a session's: the first within its bound)."""
         if request.affinity:  # a session: its endpoints in rendezvous-hash order, the first within the load bound
-            order = sorted(accepting, key=lambda url: _weight(request.affinity, url), reverse=True)
-            url = self._table.acquire_preferred(order, self._load_factor)
-        else:
-            url = self._table.acquire_least(list(accepting))
+            order = sorted(candidates, key=lambda url: _weight(request.affinity, url), reverse=True)
+            return self.table.acquire_preferred(order, self._load_factor)
+        return self.table.acquire_least(candidates)
+
+    def can_switch(self, request: ChatRequest) -> bool:
+        """Would this request's next attempt go to an endpoint it has not tried yet (so it need not wait)?"""
+        tried = request.tried_endpoints
+        return any(url not in tried for url in self.health.available(list(self._accepting())))
+
+    def cut_while_opening(self, request: ChatRequest) -> None:
+        """The request's attempt was cut by the first-token deadline before its endpoint answered: a stall."""
+        if request.tried_endpoints:
+            self.health.record(request.tried_endpoints[-1], "timeout", None)
+
+    async def open(
+        self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
+    ) -> UpstreamStream:
+        accepting = self._accepting()
+        everyone = list(accepting)
+        tried = request.tried_endpoints
+        while True:
+            urls = self.health.available(list(accepting))
+            if not urls:  # every endpoint that accepts new streams is open (or has its one probe out)
+                raise CircuitOpenError(self.name, self.health.retry_after(everyone) or PROBE_BUSY_RETRY_AFTER_SECONDS)
+            # not one this request already failed on, while there are others
+            url = self._pick(request, [url for url in urls if url not in tried] or urls)
+            permit = self.health.permit(url)
+            if permit is not None:
+                break
+            self.table.release(url)  # another worker took its half-open probe meanwhile
+            del accepting[url]
+        tried.append(url)
         try:
-            stream = await self._at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
-        except BaseException:
-            self._table.release(url)
+            stream = await self.at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
+        except GatewayError as error:
+            self.table.release(url)
+            self.health.failed(url, error, permit, charged_client(error, request))
             raise
-        return FleetStream(stream, self._table, url)
+        except BaseException:
+            self.table.release(url)
+            permit.release()
+            raise
+        return FleetStream(stream, self, url, permit, request)
 
     async def aclose(self) -> None:
         await self._client.aclose()  # the pool every endpoint's client shares

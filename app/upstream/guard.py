@@ -11,6 +11,11 @@
 
 A retry can happen even after the response headers went out, as long as no token did: the
 client only ever saw the opening event. Iteration adds one frame per batch, nothing per token.
+
+Over a fleet (upstream/fleet.py) the breakers are per endpoint and the fleet takes and settles their permits
+(health.py): the guard then has no breaker of its own (its permits count nothing) and keeps the retry policy.
+A retry that the fleet can send to an endpoint this request has not tried yet goes at once (failover); only
+when none is left does it back off.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
@@ -54,6 +60,18 @@ def charged_client(error: GatewayError, request: ChatRequest) -> str | None:
     return None
 
 
+class Failover(Protocol):
+    """A fleet, seen from the guard: where the next attempt can go, and a stall at opening to count."""
+
+    def can_switch(self, request: ChatRequest) -> bool:
+        """The request's next attempt would go to an endpoint it has not tried yet."""
+        ...
+
+    def cut_while_opening(self, request: ChatRequest) -> None:
+        """The attempt in flight was cut for the upstream's fault (the first-token deadline)."""
+        ...
+
+
 def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) -> None:
     if kind is ErrorKind.RATE_LIMITED:
         permit.release()  # the upstream is alive and said "slow down": not a health failure
@@ -61,6 +79,9 @@ def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) 
         permit.record_success()  # it answered sensibly (any 4xx); the request was at fault
     else:
         permit.record_failure(client)
+
+
+_UNCOUNTED = Permit.uncounted()
 
 
 class GuardedStream(UpstreamStreamWrapper):
@@ -109,7 +130,7 @@ class GuardedStream(UpstreamStreamWrapper):
             except GatewayError as error:
                 client = charged_client(error, self._request)
                 if self._started:  # broke mid-stream
-                    self._guard.judge(functools.partial(self._guard.breaker.record_failure, client=client))
+                    self._guard.broke_mid_stream(client)
                     raise
                 kind = error_kind(error)
                 self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client))
@@ -134,8 +155,10 @@ class GuardedStream(UpstreamStreamWrapper):
 
     def mark_failed(self) -> None:
         """The relay cut this stream for the upstream's fault (a stall): count it against the upstream."""
-        if self._started:
-            self._guard.judge(self._guard.breaker.record_failure)
+        if self._guard.failover is not None:
+            self._inner.mark_failed()  # a fleet: the endpoint's breaker (upstream/fleet.py)
+        elif self._started:
+            self._guard.broke_mid_stream(None)
         else:
             self._guard.judge(self._permit.record_failure)
 
@@ -145,29 +168,46 @@ class GuardedStream(UpstreamStreamWrapper):
 
 
 class GuardedUpstream:
-    def __init__(self, inner: Upstream, breaker: CircuitBreaker, policy: RetryPolicy) -> None:
+    """`breaker`: the upstream's; None over a fleet (`failover`), whose endpoints have a breaker each."""
+
+    def __init__(
+        self, inner: Upstream, breaker: CircuitBreaker | None, policy: RetryPolicy, failover: Failover | None = None
+    ) -> None:
+        if (breaker is None) == (failover is None):
+            raise ValueError("a guard has a breaker, or a fleet's failover, not both")
         self.inner = inner
         self.breaker = breaker
         self.policy = policy
+        self.failover = failover
         self.name = inner.name
 
     def judge(self, verdict: Callable[[], object]) -> None:
         """Report to the breaker, counting a state change this worker caused (the state is shared)."""
+        if self.breaker is None:
+            return  # a fleet: its permits count nothing here
         before = self.breaker.state
         verdict()
         after = self.breaker.state
         if after is not before:
             CIRCUIT_BREAKER_TRANSITIONS_TOTAL.labels(self.name, after.name.lower()).inc()
 
+    def broke_mid_stream(self, client: str | None) -> None:
+        """A stream failed after its first batch (a fleet's stream reported it to its endpoint already)."""
+        if self.breaker is not None:
+            self.judge(functools.partial(self.breaker.record_failure, client=client))
+
     def _permit(self) -> Permit:
-        if self.breaker.state is BreakerState.CLOSED:  # the common case: allowing changes nothing
-            permit = self.breaker.allow()
+        breaker = self.breaker
+        if breaker is None:
+            return _UNCOUNTED  # a fleet takes each endpoint's permit, and refuses when all are open
+        if breaker.state is BreakerState.CLOSED:  # the common case: allowing changes nothing
+            permit = breaker.allow()
         else:
             permits: list[Permit | None] = []
-            self.judge(lambda: permits.append(self.breaker.allow()))  # may move open -> half-open
+            self.judge(lambda: permits.append(breaker.allow()))  # may move open -> half-open
             permit = permits[0]
         if permit is None:
-            raise CircuitOpenError(self.name, self.breaker.retry_after_seconds())
+            raise CircuitOpenError(self.name, breaker.retry_after_seconds())
         return permit
 
     async def _attempt(
@@ -187,10 +227,12 @@ class GuardedUpstream:
                 self.judge(functools.partial(_settle_failed_attempt, permit, kind, client))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
-                await self._backoff(error, kind, attempt)
+                await self._backoff(request, error, kind, attempt)
                 attempt += 1
             except asyncio.CancelledError:
-                if cut_for_upstream_fault():
+                if cut_for_upstream_fault() and self.failover is not None:
+                    self.failover.cut_while_opening(request)
+                elif cut_for_upstream_fault():
                     self.judge(permit.record_failure)  # a half-open probe that never answered reopens it
                 else:
                     permit.release()
@@ -199,8 +241,10 @@ class GuardedUpstream:
                 permit.release()
                 raise
 
-    async def _backoff(self, error: GatewayError, kind: ErrorKind, attempt: int) -> None:
+    async def _backoff(self, request: ChatRequest, error: GatewayError, kind: ErrorKind, attempt: int) -> None:
         UPSTREAM_RETRIES_TOTAL.labels(kind.value).inc()
+        if self.failover is not None and self.failover.can_switch(request):
+            return  # failover: another endpoint takes the next attempt now
         retry_after = error.retry_after_seconds if isinstance(error, UpstreamError) else None
         await self.policy.wait(attempt, retry_after)
 
@@ -217,7 +261,7 @@ class GuardedUpstream:
         """After an attempt failed before its first token: back off and open a new one, or re-raise."""
         if not self.policy.should_retry(attempt, kind, tokens_sent=0):
             raise error
-        await self._backoff(error, kind, attempt)
+        await self._backoff(request, error, kind, attempt)
         return await self._attempt(request, max_batch, headers, attempt + 1, cut_for_upstream_fault)
 
     async def open(

@@ -76,6 +76,7 @@ def test_every_exit_gives_its_count_back(start_gateway: GatewayFactory) -> None:
             UPSTREAM_RETRIES=0,
             INTER_TOKEN_TIMEOUT_SECONDS=0.5,
             CIRCUIT_FAILURE_THRESHOLD=1000,
+            CIRCUIT_OPEN_SECONDS=0.001,  # a refused or reset endpoint is ejected: back (half-open) at the next stream
         )
         with httpx.Client(timeout=30) as client:
             for fault, leave in EXITS:

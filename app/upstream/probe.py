@@ -1,0 +1,64 @@
+"""The optional active probe of a fleet (UPSTREAM_PROBE_INTERVAL_SECONDS > 0): GET each endpoint's health route.
+
+A failing probe (an error status, refused, no answer within UPSTREAM_PROBE_TIMEOUT_SECONDS) ejects the endpoint
+(health.py: its breaker opens for the whole instance, failure reason `probe`); a passing probe of an ejected
+endpoint half-opens its breaker, so its next stream is the probe that closes it, without waiting out
+CIRCUIT_OPEN_SECONDS. A passing probe of a healthy endpoint changes nothing.
+
+Every worker probes, each on its own period with a random phase: one GET per endpoint per period per worker is
+negligible next to the streams, a worker that dies takes no shared prober with it, and the verdicts land in the
+one instance-wide table whichever worker reached them. Endpoints are probed concurrently, so a hung one delays
+nobody else's verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from app.upstream.fleet import FleetUpstream
+
+logger = logging.getLogger("app.upstream.probe")
+
+
+class Prober:
+    def __init__(self, fleet: FleetUpstream, *, interval_s: float, path: str, timeout_s: float) -> None:
+        self._fleet = fleet
+        self._interval_s = interval_s
+        self._path = path
+        self._timeout_s = min(timeout_s, interval_s)  # a round never overlaps the next
+        self._task: asyncio.Task[None] | None = None
+
+    async def _probe(self, url: str) -> None:
+        endpoint = next((e for e in self._fleet.discovery.endpoints() if e.url == url), None)
+        if endpoint is None:
+            return
+        if await self._fleet.at(endpoint).probe(self._path, self._timeout_s):
+            self._fleet.health.probe_passed(url)
+        else:
+            self._fleet.health.record(url, "probe", None)
+
+    async def probe_all(self) -> None:
+        """One round: every endpoint that accepts new streams, at once."""
+        urls = [endpoint.url for endpoint in self._fleet.discovery.endpoints() if endpoint.accepts_new]
+        await asyncio.gather(*(self._probe(url) for url in urls))
+
+    async def _run(self) -> None:
+        await asyncio.sleep(random.uniform(0, self._interval_s))  # workers out of phase
+        while True:
+            try:
+                await self.probe_all()
+            except Exception:  # a bug must not end the probing silently
+                logger.exception("upstream probe round failed")
+            await asyncio.sleep(self._interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="upstream-probe")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
