@@ -9,7 +9,10 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
                                                  client address:port of chat requests), bodies seen (the
                                                  first 50 request bodies, as received), hosts (their
                                                  Host headers)
-    POST /_reset                                 clear script and stats
+    POST /_reset                                 clear script and stats (and make /health pass again)
+    GET  /health                                 vLLM's health route: 200 while healthy, else 503
+    POST /_health   {"healthy": false}           what /health answers from now on (stats: health_checks
+                                                 counts its calls)
 
 A prompt containing `[[fail:NNN]]` (in any message) gets HTTP status NNN whatever the script says,
 with an error body that names a server path: a "poisoned" prompt, for breaker-fairness tests and
@@ -72,7 +75,9 @@ class FakeOpenAI:
             "connections": 0,
             "bodies": [],
             "hosts": [],
+            "health_checks": 0,
         }
+        self.healthy = True
         self._peers: set[tuple[str, int]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -98,6 +103,12 @@ class FakeOpenAI:
         if path == "/_reset":
             self.reset()
             return await _json(send, 200, {"ok": True})
+        if path == "/_health" and method == "POST":
+            self.healthy = bool(json.loads(body)["healthy"])
+            return await _json(send, 200, {"healthy": self.healthy})
+        if path == "/health":
+            self.stats["health_checks"] += 1
+            return await _json(send, 200 if self.healthy else 503, {})
         if path == "/v1/models":
             return await _json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         if path != "/v1/chat/completions" or method != "POST":

@@ -201,6 +201,10 @@ class FakeUpstream:
     def reset(self) -> None:
         self.client.post("/_reset").raise_for_status()
 
+    def set_healthy(self, healthy: bool) -> None:
+        """What the fake's /health answers from now on (200, or 503)."""
+        self.client.post("/_health", json={"healthy": healthy}).raise_for_status()
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         stats = self.stats()

@@ -40,7 +40,7 @@ from app.policies.inflight import MAX_ENDPOINTS, InFlightTable
 from app.policies.retry import ErrorKind, error_kind_for_status
 from app.upstream.discovery import Discovery
 
-EJECTING = frozenset({"connect", "reset"})  # failures that open an endpoint's breaker at once
+EJECTING = frozenset({"connect", "reset", "probe"})  # failures that open an endpoint's breaker at once
 OTHER_ENDPOINT = "other"  # the label of endpoints beyond UPSTREAM_ENDPOINT_LABELS_MAX
 
 
