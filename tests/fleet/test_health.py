@@ -249,3 +249,36 @@ def test_endpoint_metrics_under_two_workers_with_the_label_cap(start_gateway: Ga
                 expected_other
             )
         assert eventually(lambda: sum(samples(gateway, "streaming_upstream_endpoint_active_streams")) == 0, WAIT_S)
+
+
+def test_a_hung_endpoint_is_cut_by_the_deadlines_and_counted_against_it(start_gateway: GatewayFactory) -> None:
+    """Whichever endpoint takes the stream hangs: before its answer (first-token deadline, cut while opening),
+    or after two tokens (inter-token deadline). The cut counts against that endpoint, and only that one."""
+    with fake_fleet({}, {}) as fakes:
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            UPSTREAM_RETRIES=0,
+            FIRST_TOKEN_TIMEOUT_SECONDS=0.5,
+            INTER_TOKEN_TIMEOUT_SECONDS=0.5,
+            CIRCUIT_FAILURE_THRESHOLD=1000,
+        )
+        expected = {endpoint_label(fake.url): 0 for fake in fakes}
+        with httpx.Client(timeout=WAIT_S) as client:
+            for hang in ({"headers_delay_ms": 60_000}, {"stall_after": 2}):
+                for fake in fakes:
+                    fake.reset()
+                    fake.script(hang)
+                assert not chat(gateway.url, client)[0]
+                hung = [fake for fake in fakes if fake.stats()["requests"]]
+                assert len(hung) == 1
+                expected[endpoint_label(hung[0].url)] += 1
+                for label, timeouts in expected.items():
+                    assert (
+                        metric(
+                            gateway,
+                            "streaming_upstream_endpoint_failures_total",
+                            upstream_endpoint=label,
+                            reason="timeout",
+                        )
+                        == timeouts
+                    )
