@@ -33,11 +33,16 @@ Permits carry the epoch they were granted in; every transition and every probe g
 new epoch, so a late report from before a transition (a closed-state request failing after the
 breaker already opened, a probe that timed out) changes nothing.
 
+Ejection. A fleet's endpoint that refuses connections, resets them or fails its health probe is opened at
+once (`on_eject`, `CircuitBreaker.eject`), whatever the state and the counts; a passing health probe moves an
+open breaker to half-open (`on_probe_pass`), so its next request is the probe that closes it.
+
 Transitions are pure functions of (config, snapshot, event, now) in the style of tenacity's
 strategies; `CircuitBreaker` applies them to a `BreakerCell` atomically. `MemoryBreakerCell` keeps
 the snapshot in this process; `SharedBreakerCell` keeps it in shared memory so every gunicorn
 worker of the instance sees one breaker (create it in the master, before fork; workers use it as
-inherited or re-open it with `SharedBreakerCell.attach(fd)`).
+inherited or re-open it with `SharedBreakerCell.attach(fd)`). A fleet keeps one snapshot per endpoint in a
+keyed table laid out the same way (breakers.py, `SnapshotLayout`).
 """
 
 from __future__ import annotations
@@ -308,6 +313,12 @@ class SnapshotLayout:
         return BreakerSnapshot(
             BreakerState(state), epoch, tuple(failures[:count]), opened_at, bool(probe), probe_at, successes, charged
         )
+
+    def read_state(self, buf: mmap.mmap, at: int) -> BreakerSnapshot:
+        """The snapshot without its failure history (failure times, charged failures): all that the time-driven
+        functions (`advance`, `grantable`, `retry_after`) read, at a fraction of `read`'s cost."""
+        state, epoch, opened_at, probe, probe_at, successes, _, _ = _CELL_HEADER.unpack_from(buf, at)
+        return BreakerSnapshot(BreakerState(state), epoch, (), opened_at, bool(probe), probe_at, successes)
 
     def write(self, buf: mmap.mmap, at: int, new: BreakerSnapshot) -> None:
         failures = new.failures[-self.failure_capacity :]

@@ -40,7 +40,8 @@ class BreakerTable(Protocol):
         ...
 
     def load(self, keys: Sequence[str]) -> list[BreakerSnapshot]:
-        """The stored snapshot of each key (a fresh one for a key never updated), read at once."""
+        """The stored snapshot of each key (a fresh one for a key never updated), read at once; the failure
+        history may be left out (what `advance`, `grantable` and `retry_after` need is there)."""
         ...
 
     def count_failure(self, key: str, reason: str) -> None:
@@ -117,7 +118,7 @@ class _SharedCell:
         self._table, self._key = table, key
 
     def load(self) -> BreakerSnapshot:
-        return self._table.load((self._key,))[0]
+        return self._table.snapshot(self._key)
 
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         return self._table.update(self._key, change)
@@ -143,7 +144,16 @@ class SharedBreakerTable(SharedTable):
         self._layout = SnapshotLayout(region.params[1], region.params[2])
         self._stride = _SLOT_HEAD.size + self._layout.size
         self._index: dict[str, int] = {}  # key -> slot, as last found here (checked against the slot's hash)
+        self._hashes: dict[str, int] = {}  # key -> its hash: the fleet reads the same few keys on every pick
         self._clock = MONOTONIC
+
+    def _hash(self, key: str) -> int:
+        found = self._hashes.get(key)
+        if found is None:
+            if len(self._hashes) >= 4 * self._slots:  # endpoints came and went
+                self._hashes.clear()
+            found = self._hashes[key] = self._region.key_hash(key)
+        return found
 
     def _at(self, slot: int) -> int:
         return DATA_OFFSET + slot * self._stride
@@ -179,7 +189,7 @@ class SharedBreakerTable(SharedTable):
         struct.pack_into("<d", buf, self._at(slot) + 8, self._clock())
 
     def update(self, key: str, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
-        key_hash = self._region.key_hash(key)
+        key_hash = self._hash(key)
         with self._region as buf:
             slot = self._claim(buf, key, key_hash)
             at = self._at(slot) + _SLOT_HEAD.size
@@ -191,14 +201,23 @@ class SharedBreakerTable(SharedTable):
     def cell(self, key: str) -> BreakerCell:
         return _SharedCell(self, key)
 
+    def snapshot(self, key: str) -> BreakerSnapshot:
+        """The whole stored snapshot of `key`, failure history included."""
+        key_hash = self._hash(key)
+        with self._region as buf:
+            slot = self._find(buf, key, key_hash)
+            return _FRESH if slot < 0 else self._layout.read(buf, self._at(slot) + _SLOT_HEAD.size)
+
     def load(self, keys: Sequence[str]) -> list[BreakerSnapshot]:
-        hashes = [self._region.key_hash(key) for key in keys]
+        hashes = [self._hash(key) for key in keys]
         with self._region as buf:
             slots = [self._find(buf, key, h) for key, h in zip(keys, hashes, strict=True)]
-            return [_FRESH if slot < 0 else self._layout.read(buf, self._at(slot) + _SLOT_HEAD.size) for slot in slots]
+            return [
+                _FRESH if slot < 0 else self._layout.read_state(buf, self._at(slot) + _SLOT_HEAD.size) for slot in slots
+            ]
 
     def count_failure(self, key: str, reason: str) -> None:
-        key_hash, index = self._region.key_hash(key), FAILURE_REASONS.index(reason)
+        key_hash, index = self._hash(key), FAILURE_REASONS.index(reason)
         with self._region as buf:
             slot = self._claim(buf, key, key_hash)
             at = self._at(slot) + 16 + 8 * index
@@ -206,7 +225,7 @@ class SharedBreakerTable(SharedTable):
             self._touch(buf, slot)
 
     def failures(self, keys: Sequence[str]) -> list[tuple[int, ...]]:
-        hashes = [self._region.key_hash(key) for key in keys]
+        hashes = [self._hash(key) for key in keys]
         with self._region as buf:
             slots = [self._find(buf, key, h) for key, h in zip(keys, hashes, strict=True)]
             return [

@@ -42,7 +42,10 @@ def test_each_key_has_its_own_breaker(table: tuple[BreakerTable, FakeClock]) -> 
     b = CircuitBreaker(B, CONFIG, cell=cells.cell(B), clock=clock)
     for _ in range(3):
         a.record_failure()
+    b.record_failure()
+    b.record_failure(client="tenant-1")
     assert a.state is BreakerState.OPEN and b.state is BreakerState.CLOSED
+    assert len(b.snapshot().failures) == 2 and len(b.snapshot().charged) == 1  # a cell holds the whole snapshot
     assert [s.state for s in cells.load([A, B, C])] == [BreakerState.OPEN, BreakerState.CLOSED, BreakerState.CLOSED]
     clock.advance(30)
     assert a.snapshot().state is BreakerState.HALF_OPEN
