@@ -152,7 +152,11 @@ def test_all_endpoints_dead_answer_circuit_open_until_one_is_back(start_gateway:
     with ExitStack() as stack:
         (a_sock, a_url), (_, b_url) = refusing_socket(stack), refusing_socket(stack)
         gateway = start_gateway(
-            UPSTREAM_URL=f"{a_url},{b_url}", READY_REQUIRES_CLOSED_CIRCUIT="true", CIRCUIT_OPEN_SECONDS=OPEN_S
+            UPSTREAM_URL=f"{a_url},{b_url}",
+            READY_REQUIRES_CLOSED_CIRCUIT="true",
+            CIRCUIT_OPEN_SECONDS=OPEN_S,
+            RETRY_BASE_SECONDS=0.05,  # the first stream's last retry, with no untried endpoint left, backs off
+            RETRY_MAX_SECONDS=0.1,
         )
         with httpx.Client(timeout=WAIT_S) as client:
             first = post_stream(client, gateway)  # tries A and B (each ejected), then finds both open
@@ -182,6 +186,9 @@ def test_the_active_probe_ejects_and_lets_back(start_gateway: GatewayFactory) ->
             lambda: metric(gateway, "streaming_upstream_endpoint_circuit_state", upstream_endpoint=label) == 1, WAIT_S
         )
         assert metric(gateway, "streaming_upstream_endpoint_failures_total", upstream_endpoint=label, reason="probe")
+        checks = a.stats()["health_checks"]  # a passing probe answered before the switch lands before these
+        assert eventually(lambda: a.stats()["health_checks"] >= checks + 4, WAIT_S)
+        assert metric(gateway, "streaming_upstream_endpoint_circuit_state", upstream_endpoint=label) == 1
         served_a, served_b = a.stats()["requests"], b.stats()["requests"]
         with httpx.Client(timeout=WAIT_S) as client:
             assert all(stream_chat(gateway.url, 2, client).rstrip().endswith("[DONE]") for _ in range(20))
