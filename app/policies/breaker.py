@@ -233,10 +233,11 @@ def on_eject(s: BreakerSnapshot, now: float) -> BreakerSnapshot:
     return _open(s, now)
 
 
-def on_probe_pass(cfg: BreakerConfig, s: BreakerSnapshot, now: float) -> BreakerSnapshot:
-    """A health probe passed: an open breaker half-opens at once (its next stream is the probe that closes it)."""
+def on_probe_pass(cfg: BreakerConfig, s: BreakerSnapshot, now: float, sent_at: float) -> BreakerSnapshot:
+    """A health probe sent at `sent_at` passed: a breaker open since before then half-opens at once (its next
+    stream is the probe that closes it). One opened after the probe was sent stays open: the pass is older news."""
     s = advance(cfg, s, now)
-    if s.state is BreakerState.OPEN:
+    if s.state is BreakerState.OPEN and s.opened_at <= sent_at:
         return BreakerSnapshot(BreakerState.HALF_OPEN, s.epoch + 1, opened_at=s.opened_at, charged=s.charged)
     return s
 
@@ -501,10 +502,10 @@ class CircuitBreaker:
         now = self._clock()
         self._cell.update(lambda s: (on_eject(s, now), None))
 
-    def probe_passed(self) -> None:
-        """A health probe passed: open -> half-open now (`on_probe_pass`)."""
+    def probe_passed(self, sent_at: float) -> None:
+        """A health probe sent at `sent_at` (this breaker's clock) passed: open -> half-open (`on_probe_pass`)."""
         cfg, now = self.config, self._clock()
-        self._cell.update(lambda s: (on_probe_pass(cfg, s, now), None))
+        self._cell.update(lambda s: (on_probe_pass(cfg, s, now, sent_at), None))
 
     def snapshot(self) -> BreakerSnapshot:
         return advance(self.config, self._cell.load(), self._clock())

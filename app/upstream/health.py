@@ -122,8 +122,13 @@ class EndpointHealth:
         else:
             breaker.record_failure(client=client)
 
-    def probe_passed(self, url: str) -> None:
-        self.breaker(url).probe_passed()
+    def now(self) -> float:
+        """The breakers' clock (a probe's sending time is read from it)."""
+        return self._clock()
+
+    def probe_passed(self, url: str, sent_at: float) -> None:
+        """`url`'s health probe, sent at `sent_at` (`now()`), passed."""
+        self.breaker(url).probe_passed(sent_at)
 
 
 class FleetCircuit:

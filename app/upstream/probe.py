@@ -35,8 +35,9 @@ class Prober:
         endpoint = next((e for e in self._fleet.discovery.endpoints() if e.url == url), None)
         if endpoint is None:
             return
+        sent_at = self._fleet.health.now()
         if await self._fleet.at(endpoint).probe(self._path, self._timeout_s):
-            self._fleet.health.probe_passed(url)
+            self._fleet.health.probe_passed(url, sent_at)  # not if ejected meanwhile (a stream saw it fail)
         else:
             self._fleet.health.record(url, "probe", None)
 

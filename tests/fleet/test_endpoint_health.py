@@ -111,16 +111,20 @@ def test_refused_and_reset_eject_at_once_other_failures_count() -> None:
 def test_a_passing_probe_lets_an_ejected_endpoint_back_half_open() -> None:
     clock = FakeClock()
     health = EndpointHealth(MemoryBreakerTable(clock=clock), CONFIG, clock=clock)
+    sent_before = clock()
+    clock.advance(1)
     health.record(A, "probe", None)
     assert health.states([A]) == [BreakerState.OPEN]
-    health.probe_passed(A)
+    health.probe_passed(A, sent_before)  # sent before the ejection: older news, it stays open
+    assert health.states([A]) == [BreakerState.OPEN]
+    health.probe_passed(A, clock())
     assert health.states([A]) == [BreakerState.HALF_OPEN]
     probe = health.permit(A)
     assert probe is not None and probe.probe
     assert health.available([A]) == []  # one probe at a time
     probe.record_success()
     assert health.states([A]) == [BreakerState.CLOSED]
-    health.probe_passed(A)  # a healthy endpoint's passing probe changes nothing
+    health.probe_passed(A, clock())  # a healthy endpoint's passing probe changes nothing
     assert health.states([A]) == [BreakerState.CLOSED]
 
 
