@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.observability.multiproc import compact_dead_worker
@@ -228,6 +229,42 @@ MEMORY_BUDGET_BYTES = Gauge(
     "MEMORY_BUDGET_BYTES: buffered stream data the instance may hold.",
     multiprocess_mode="max",
 )
+
+
+# A fleet's per-endpoint series: read from the instance's shared tables by a collector when scraped
+# (app/upstream/health.py EndpointMetrics), so each stream and failure counts once whatever the number of
+# workers, and an endpoint that left has no series any more. Fresh families per scrape.
+def endpoint_active_streams() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "streaming_upstream_endpoint_active_streams",
+        "Streams in flight per upstream endpoint, all workers, read at scrape time.",
+        labels=["upstream_endpoint"],
+    )
+
+
+def endpoint_circuit_state() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "streaming_upstream_endpoint_circuit_state",
+        "Upstream endpoint circuit: 0 closed, 1 open, 2 half-open (`other`: open if one is, else half-open if one is).",
+        labels=["upstream_endpoint"],
+    )
+
+
+def endpoint_failures() -> CounterMetricFamily:
+    return CounterMetricFamily(
+        "streaming_upstream_endpoint_failures",
+        "Failures recorded against an upstream endpoint, by reason.",
+        labels=["upstream_endpoint", "reason"],
+    )
+
+
+def upstream_endpoints() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "streaming_upstream_endpoints",
+        "Upstream endpoints this instance knows, by state: healthy (accepts new streams, circuit not open), "
+        "unhealthy (circuit open: ejected), not_ready (discovery: not ready or terminating).",
+        labels=["state"],
+    )
 
 
 def render_metrics(*scraped: Collector) -> tuple[bytes, str]:

@@ -21,10 +21,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from app.errors import GatewayError, StreamTimeoutError, UpstreamError
+from app.observability.metrics import (
+    endpoint_active_streams,
+    endpoint_circuit_state,
+    endpoint_failures,
+    upstream_endpoints,
+)
 from app.policies.breaker import (
     BreakerConfig,
     BreakerState,
@@ -179,27 +185,11 @@ class EndpointMetrics(Collector):
         named = {endpoint_label(url) for url in urls[: self._labels_max]}
         labels = [label if (label := endpoint_label(url)) in named else OTHER_ENDPOINT for url in urls]
         states = self._health.states(urls)
-        active = GaugeMetricFamily(
-            "streaming_upstream_endpoint_active_streams",
-            "Streams in flight per upstream endpoint, all workers, read at scrape time.",
-            labels=["upstream_endpoint"],
-        )
-        circuit = GaugeMetricFamily(
-            "streaming_upstream_endpoint_circuit_state",
-            "Upstream endpoint circuit: 0 closed, 1 open, 2 half-open (`other`: open if one is, else half-open if "
-            "one is).",
-            labels=["upstream_endpoint"],
-        )
-        failures = CounterMetricFamily(
-            "streaming_upstream_endpoint_failures",
-            "Failures recorded against an upstream endpoint, by reason.",
-            labels=["upstream_endpoint", "reason"],
-        )
-        counted = GaugeMetricFamily(
-            "streaming_upstream_endpoints",
-            "Upstream endpoints this instance knows, by state: healthy (accepts new streams, circuit not open), "
-            "unhealthy (circuit open: ejected), not_ready (discovery: not ready or terminating).",
-            labels=["state"],
+        active, circuit, failures, counted = (
+            endpoint_active_streams(),
+            endpoint_circuit_state(),
+            endpoint_failures(),
+            upstream_endpoints(),
         )
         streams: dict[str, float] = {}
         worst: dict[str, BreakerState] = {}
