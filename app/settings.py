@@ -212,7 +212,10 @@ class Settings(BaseSettings):
         description="The active probe's path, from the endpoint's root (vLLM serves `GET /health`); 2xx passes.",
     )
     upstream_probe_timeout_seconds: float = Field(
-        2.0, gt=0, description="The active probe's budget (connect and answer); no answer in time fails it."
+        2.0,
+        gt=0,
+        description="The active probe's budget (connect and answer; at most UPSTREAM_PROBE_INTERVAL_SECONDS); no "
+        "answer in time fails it.",
     )
     upstream_endpoint_labels_max: int = Field(
         20,
