@@ -153,6 +153,11 @@ INTER_TOKEN_SECONDS = Histogram(
 UPSTREAM_RETRIES_TOTAL = Counter(
     "streaming_upstream_retries_total", "Upstream attempts retried before the first token, by cause.", ["reason"]
 )
+UPSTREAM_CONTINUATIONS_TOTAL = Counter(
+    "streaming_upstream_continuations_total",
+    "Continuations opened after a model server died mid-stream (continued), or that failed to open (failed).",
+    ["result"],
+)
 CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(
     "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["upstream", "state"]
 )
