@@ -245,6 +245,7 @@ def test_a_stream_with_tool_calls_is_not_continued(start_gateway: GatewayFactory
         assert "".join(d.get("content") or "" for d in deltas) == "a b "
         assert any(d.get("tool_calls") for d in deltas)
         assert events[-1]["error"]["code"] == "upstream_error"
+        wait_until(lambda: any(fake.proc.poll() is not None for fake in fakes), GUARD_S, "the model server dead")
         alive = [fake for fake in fakes if fake.proc.poll() is None]
         assert len(alive) == 1
         assert alive[0].stats()["requests"] == 0  # no continuation was asked
