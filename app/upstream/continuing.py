@@ -35,7 +35,7 @@ from app.errors import GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import UPSTREAM_CONTINUATIONS_TOTAL
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Upstream, UpstreamStream, UpstreamStreamWrapper, Usage
 
-logger = logging.getLogger("app.upstream")
+logger = logging.getLogger("app.upstream.continuing")
 COMPACT_BATCHES = 256  # kept batches joined into one string this often: bounded objects per stream
 
 
@@ -140,6 +140,7 @@ class ContinuingStream(UpstreamStreamWrapper):
                     break
             else:
                 UPSTREAM_CONTINUATIONS_TOTAL.labels("continued").inc()
+                logger.info("stream continued after its model server died", extra={"tokens": done})
                 self._inner, self._closed, self._before = inner, False, self._tokens
                 return
         if cause is None:
