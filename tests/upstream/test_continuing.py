@@ -11,7 +11,7 @@ import pytest
 
 from app.errors import GatewayError, UpstreamError, UpstreamRejectedError
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
-from app.upstream.continuing import COMPACT_BATCHES, ContinuingUpstream
+from app.upstream.continuing import COMPACT_TOKENS, ContinuingUpstream
 
 BROKEN = UpstreamError("broken", kind="broken")
 REFUSED = UpstreamError("unreachable", kind="connect")
@@ -196,7 +196,7 @@ def test_a_break_after_the_last_token_ends_with_length() -> None:
 
 
 def test_a_long_answer_is_kept_compacted() -> None:
-    tokens = [[f"t{i} "] for i in range(COMPACT_BATCHES * 2 + 5)]
+    tokens = [[f"t{i} "] for i in range(COMPACT_TOKENS * 2 + 5)]
     upstream = ScriptedUpstream([Script(list(tokens), error=BROKEN), Script([["end "]])])
     _, error = _run(upstream, _request(len(tokens) + 1))
     assert error is None
