@@ -155,7 +155,7 @@ UPSTREAM_RETRIES_TOTAL = Counter(
 )
 UPSTREAM_CONTINUATIONS_TOTAL = Counter(
     "streaming_upstream_continuations_total",
-    "Continuations opened after a model server died mid-stream (continued), or that failed to open (failed).",
+    "Continuations after a model server died mid-stream: opened (continued), or failed or cut while opening (failed).",
     ["result"],
 )
 CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(

@@ -28,6 +28,7 @@ continuation opens.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -130,6 +131,9 @@ class ContinuingStream(UpstreamStreamWrapper):
             self._left -= 1
             try:
                 inner = await self._upstream.inner.open(continuation, max_batch=self._max_batch, headers=self._headers)
+            except asyncio.CancelledError:  # cut while opening (a deadline, the client gone): an outcome too
+                UPSTREAM_CONTINUATIONS_TOTAL.labels("failed").inc()
+                raise
             except GatewayError as failure:
                 UPSTREAM_CONTINUATIONS_TOTAL.labels("failed").inc()
                 logger.warning(

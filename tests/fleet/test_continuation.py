@@ -268,3 +268,20 @@ def test_the_attempt_cap_holds_when_every_model_server_dies(start_gateway: Gatew
         assert reading.text in ("tok0 tok1 tok2 ", "tok0 tok1 tok2 tok3 tok4 tok5 ")
         assert sum(_continuations(gateway).values()) == 2  # the default UPSTREAM_CONTINUATION_MAX_ATTEMPTS
         wait_until(lambda: slots_in_use(gateway) == 0, GUARD_S, "the slot released")
+
+
+def test_a_continuation_that_hangs_is_cut_by_the_inter_token_deadline(start_gateway: GatewayFactory) -> None:
+    """The model server drops the connection after three tokens, and the continuation's request then gets no
+    answer: the stream's inter-token deadline covers the continuation's open, the client gets `timeout`."""
+    with fake_fleet({}) as (fake,):
+        fake.script({"reset_after": 3}, {"headers_delay_ms": 600_000})
+        gateway = start_gateway(
+            UPSTREAM_URL=fake.url, UPSTREAM_CONTINUATION="vllm", INTER_TOKEN_TIMEOUT_SECONDS=1, **GATEWAY_ENV
+        )
+        reading = Reading()
+        _read_stream(gateway, reading)
+        assert reading.text == "tok0 tok1 tok2 "
+        assert reading.end == {"error": "timeout"}
+        assert _continuations(gateway) == {"continued": 0, "failed": 1}
+        assert fake.stats()["requests"] == 2  # the continuation was asked
+        wait_until(lambda: slots_in_use(gateway) == 0, GUARD_S, "the slot released")
