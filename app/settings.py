@@ -82,7 +82,14 @@ class Settings(BaseSettings):
     )
     upstream_continuation: Literal["none", "vllm"] = Field(
         "none",
-        description="Can the upstream continue a partial answer (handover)? `vllm`: continue_final_message.",
+        description="Can the upstream continue a partial answer (vLLM's continue_final_message)? `vllm`: a handed-over"
+        " stream, and a stream whose model server died mid-stream, continue through another model server.",
+    )
+    upstream_continuation_max_attempts: int = Field(
+        2,
+        ge=0,
+        description="UPSTREAM_CONTINUATION=vllm: continuations a stream may try after its model server died"
+        " mid-stream (each open counts, also one that finds no server); 0: such a stream ends with an error.",
     )
     upstream_connect_timeout_seconds: float = Field(10.0, gt=0, description="Upstream TCP/TLS connect timeout.")
     upstream_max_connections: int | None = Field(

@@ -36,6 +36,7 @@ from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
+from app.upstream.continuing import ContinuingUpstream
 from app.upstream.discovery import Discovery, DnsDiscovery, StaticDiscovery
 from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
@@ -115,6 +116,13 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
     if tracer_provider is not None:  # a client span per attempt, inside the guard
         provider_name = "mock" if settings.upstream_url is None else "openai"
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
+    if (
+        settings.upstream_url is not None
+        and settings.upstream_continuation != "none"
+        and settings.upstream_continuation_max_attempts > 0
+    ):
+        # outside the span: each continuation is an upstream request of its own, with its own client span
+        upstream = ContinuingUpstream(upstream, max_attempts=settings.upstream_continuation_max_attempts)
     retries = RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds)
     breaker: Circuit
     prober = endpoint_metrics = None

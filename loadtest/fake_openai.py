@@ -5,7 +5,8 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
 
     POST /_script   {"faults": [{...}, ...]}   each later request takes the next fault (FIFO);
                                                  with the queue empty, requests behave normally
-    GET  /_stats                                 requests, completed, disconnects, connections (distinct
+    GET  /_stats                                 requests, completed, disconnects, active (generations in
+                                                 flight), tokens (content tokens sent), connections (distinct
                                                  client address:port of chat requests), bodies seen (the
                                                  first 50 request bodies, as received), hosts (their
                                                  Host headers)
@@ -13,6 +14,12 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
     GET  /health                                 vLLM's health route: 200 while healthy, else 503
     POST /_health   {"healthy": false}           what /health answers from now on (stats: health_checks
                                                  counts its calls)
+
+Continuation (vLLM's `continue_final_message`): a request whose last message is an assistant message and
+which sets `continue_final_message: true` continues that partial answer exactly. The default answer is
+`tok0 tok1 ...`; a partial answer that is its first K tokens continues with `tok{K} `, `max_tokens` counts the
+tokens still to produce, and usage's prompt_tokens counts the partial answer as prompt (7 + K), as vLLM's
+does. A partial answer that is not a prefix of the default answer gets HTTP 400.
 
 A prompt containing `[[fail:NNN]]` (in any message) gets HTTP status NNN whatever the script says,
 with an error body that names a server path: a "poisoned" prompt, for breaker-fairness tests and
@@ -22,7 +29,9 @@ A fault is a dict of any of: status (HTTP error with an OpenAI error body), retr
 location (with a 3xx status: where the redirect points),
 tokens (exact token strings), split_bytes (write the response in pieces of this many bytes),
 crlf, role_chunk, empty_deltas, usage, stall_after (stop sending after N tokens and hang),
-reset_after (drop the connection after N tokens), error_after (an error chunk after N tokens),
+reset_after (drop the connection after N tokens), die_after (after N deltas, tokens then tool-call pieces, the
+process SIGKILLs itself: what a killed model pod looks like to its clients, every connection lost at once),
+error_after (an error chunk after N tokens),
 no_done (end without `[DONE]` or finish_reason), first_token_ms, tokens_per_second,
 headers_delay_ms (hold the response headers back, like a server queueing the request),
 tool_calls (a list of {"name", "arguments"}: after the tokens, stream these calls the way OpenAI does,
@@ -36,7 +45,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from collections import deque
 from typing import Any
@@ -54,8 +65,21 @@ def marked_status(request: dict[str, Any]) -> int | None:
     return int(match[1]) if match else None
 
 
-def default_tokens(n: int) -> list[str]:
-    return [f"tok{i} " for i in range(n)]
+def default_tokens(n: int, start: int = 0) -> list[str]:
+    return [f"tok{i} " for i in range(start, start + n)]
+
+
+def continued_tokens(request: dict[str, Any]) -> int | None:
+    """How many default tokens a continuation request's partial answer holds; None: not a continuation.
+    Raises ValueError when the partial answer is not a prefix of the default answer."""
+    messages = request.get("messages") or []
+    if not request.get("continue_final_message") or not messages or messages[-1].get("role") != "assistant":
+        return None
+    partial = messages[-1].get("content") or ""
+    k = len(partial.split())
+    if partial != "".join(default_tokens(k)):
+        raise ValueError("the partial answer is not a prefix of this server's answer")
+    return k
 
 
 class FakeOpenAI:
@@ -72,6 +96,7 @@ class FakeOpenAI:
             "completed": 0,
             "disconnects": 0,
             "active": 0,
+            "tokens": 0,
             "connections": 0,
             "bodies": [],
             "hosts": [],
@@ -131,6 +156,10 @@ class FakeOpenAI:
         marked = marked_status(request)
         if marked is not None:
             return await _json(send, marked, {"error": {"message": POISONED_MESSAGE, "type": "fake"}})
+        try:
+            continued = continued_tokens(request)
+        except ValueError as exc:
+            return await _json(send, 400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
         fault = self.script.popleft() if self.script else {}
         if "status" in fault:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
@@ -139,7 +168,7 @@ class FakeOpenAI:
             message = fault.get("message", f"injected status {fault['status']}")
             return await _json(send, fault["status"], {"error": {"message": message, "type": "fake"}}, headers)
         self.stats["active"] += 1
-        generation = asyncio.ensure_future(self._generate(request, fault, send))
+        generation = asyncio.ensure_future(self._generate(request, fault, send, continued or 0))
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             done, _ = await asyncio.wait({generation, disconnect}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,9 +182,9 @@ class FakeOpenAI:
             disconnect.cancel()
             await asyncio.gather(generation, disconnect, return_exceptions=True)
 
-    async def _generate(self, request: dict[str, Any], fault: dict[str, Any], send: Send) -> bool:
+    async def _generate(self, request: dict[str, Any], fault: dict[str, Any], send: Send, continued: int) -> bool:
         n = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)
-        tokens: list[str] = fault["tokens"] if "tokens" in fault else default_tokens(n)
+        tokens: list[str] = fault["tokens"] if "tokens" in fault else default_tokens(n, continued)
         tokens = tokens[:n]
         finish = "length" if len(tokens) >= n and "tokens" not in fault else "stop"
         tps = float(fault.get("tokens_per_second", self.tokens_per_second))
@@ -182,6 +211,12 @@ class FakeOpenAI:
             obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
             return json.dumps(obj, ensure_ascii=False).encode()
 
+        def die_if(sent: int) -> None:
+            if fault.get("die_after") == sent:
+                os.kill(
+                    os.getpid(), signal.SIGKILL
+                )  # what the kernel does to a killed pod: no goodbye on any connection
+
         await asyncio.sleep(float(fault.get("headers_delay_ms", 0)) / 1000)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         if fault.get("role_chunk", True):
@@ -191,6 +226,7 @@ class FakeOpenAI:
         for i, token in enumerate(tokens):
             if fault.get("stall_after") == i:
                 await asyncio.sleep(3600)
+            die_if(i)
             if fault.get("reset_after") == i:
                 raise ConnectionResetError("injected reset")  # uvicorn drops the connection
             if fault.get("error_after") == i:
@@ -204,8 +240,10 @@ class FakeOpenAI:
             if fault.get("empty_deltas"):
                 await emit(chunk({"content": ""}))
             await emit(chunk({"content": token}))
+            self.stats["tokens"] += 1
         for raw in fault.get("raw") or ():
             await emit(raw.encode() if isinstance(raw, str) else json.dumps(raw).encode())
+        sent = len(tokens)  # deltas sent: die_after counts the tool calls' on from the tokens
         for index, call in enumerate(fault.get("tool_calls") or ()):
             finish = "tool_calls"
             head = {
@@ -214,14 +252,23 @@ class FakeOpenAI:
                 "type": "function",
                 "function": {"name": call["name"], "arguments": ""},
             }
+            die_if(sent)
             await emit(chunk({"tool_calls": [head]}))
+            sent += 1
             arguments = call["arguments"]
             for i in range(0, len(arguments), 4):
+                die_if(sent)
                 await emit(chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[i : i + 4]}}]}))
+                sent += 1
         if not fault.get("no_done"):
             await emit(chunk({}, finish))
             if fault.get("usage", (request.get("stream_options") or {}).get("include_usage")):
-                usage = {"prompt_tokens": 7, "completion_tokens": len(tokens), "total_tokens": 7 + len(tokens)}
+                prompt = 7 + continued  # a continuation's partial answer is part of its prompt
+                usage = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": len(tokens),
+                    "total_tokens": prompt + len(tokens),
+                }
                 await emit(json.dumps({**base, "choices": [], "usage": usage}).encode())
             await emit(b"[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})

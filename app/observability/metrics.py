@@ -155,6 +155,11 @@ INTER_TOKEN_SECONDS = Histogram(
 UPSTREAM_RETRIES_TOTAL = Counter(
     "streaming_upstream_retries_total", "Upstream attempts retried before the first token, by cause.", ["reason"]
 )
+UPSTREAM_CONTINUATIONS_TOTAL = Counter(
+    "streaming_upstream_continuations_total",
+    "Continuations after a model server died mid-stream: opened (continued), or failed or cut while opening (failed).",
+    ["result"],
+)
 CIRCUIT_BREAKER_TRANSITIONS_TOTAL = Counter(
     "streaming_circuit_breaker_transitions_total", "Circuit breaker state changes.", ["upstream", "state"]
 )

@@ -105,7 +105,8 @@ def _load(gateway: Gateway, seconds: float, clients: int = 4) -> Counter[str]:
 
 
 def _faults(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
-    """An upstream failing twice (error after the one retry), once (retried, then fine), and mid-stream."""
+    """An upstream failing twice (error after the one retry), once (retried, then fine), mid-stream (an error it
+    sent), and its connection dropped mid-stream (continued)."""
     codes: Counter[str] = Counter()
     with httpx.Client(base_url=gateway.url, timeout=10, headers={"X-Forwarded-For": "10.99.0.1"}) as client:
         fake.script({"status": 500}, {"status": 500})
@@ -114,6 +115,9 @@ def _faults(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
         codes[_code(client.post("/stream", json={"prompt": "retried", "max_tokens": 5}))] += 1
         fake.script({"error_after": 2})
         codes["mid-stream " + _code(client.post("/v1/chat/completions", json=CHAT))] += 1
+        fake.script({"reset_after": 2})
+        response = client.post("/stream", json={"prompt": "continued", "max_tokens": 5})
+        codes["continued " + _code(response)] += '"type": "done", "tokens": 5' in response.text
     return codes
 
 
@@ -220,6 +224,7 @@ def test_every_dashboard_and_rule_query_returns_data(
             UPSTREAM_URL=fake_upstream.url,
             UPSTREAM_RETRIES=1,
             RETRY_BASE_SECONDS=0.01,
+            UPSTREAM_CONTINUATION="vllm",  # a connection dropped mid-stream is continued (the panel counts it)
             CIRCUIT_FAILURE_THRESHOLD=1000,  # errors are injected on purpose; the breaker stays closed
             RATE_LIMIT_PER_MINUTE=60,
             RATE_LIMIT_BURST=5,
@@ -243,7 +248,15 @@ def test_every_dashboard_and_rule_query_returns_data(
         codes += _load(gateway, seconds=1)  # the new workers carry streams (live gauges of dead workers are gone)
     finally:
         redis_port.close()
-    for code in ("200", "upstream_error", "mid-stream 200", "rate_limited", "connection_limit", "draining"):
+    for code in (
+        "200",
+        "upstream_error",
+        "mid-stream 200",
+        "continued 200",
+        "rate_limited",
+        "connection_limit",
+        "draining",
+    ):
         assert codes[code] > 0, f"the load produced no {code}: {codes}"
     prometheus.wait_for_scrapes(3)  # every series, even the last to appear, has samples for rate()
 

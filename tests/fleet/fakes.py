@@ -46,8 +46,10 @@ def fake_server(
     try:
         _wait_until_up(url, proc, "/_stats")
         fake = FakeUpstream(url=url + "/v1", proc=proc)
-        yield fake
-        fake.client.close()
+        try:
+            yield fake
+        finally:
+            fake.client.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
