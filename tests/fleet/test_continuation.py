@@ -188,14 +188,26 @@ def _assert_whole(reading: Reading, protocol: str) -> None:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_streams_of_a_killed_model_server_continue_exactly(
-    start_gateway: GatewayFactory, tmp_path: Path, protocol: str
-) -> None:
-    with fake_fleet(*[{"tokens_per_second": PACE}] * 3) as fakes, service(fakes, tmp_path) as url:
-        gateway = start_gateway(UPSTREAM_URL=url, UPSTREAM_CONTINUATION="vllm", **GATEWAY_ENV)
+def test_streams_of_a_killed_model_server_continue_exactly(start_gateway: GatewayFactory, protocol: str) -> None:
+    """A fleet (UPSTREAM_URL lists the three): the killed endpoint is ejected when its first stream breaks, so
+    every continuation lands on a live one at its first attempt."""
+    with fake_fleet(*[{"tokens_per_second": PACE}] * 3) as fakes:
+        fleet = ",".join(fake.url for fake in fakes)
+        gateway = start_gateway(UPSTREAM_URL=fleet, UPSTREAM_CONTINUATION="vllm", **GATEWAY_ENV)
         readings, held = _kill_the_busiest(gateway, fakes, protocol)
         for reading in readings:
             _assert_whole(reading, protocol)
+        assert held > 0
+        assert _continuations(gateway) == {"continued": held, "failed": 0}
+
+
+def test_streams_behind_one_service_url_continue_exactly(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """One UPSTREAM_URL (nginx as the Service): the continuation's new connection reaches a live pod."""
+    with fake_fleet(*[{"tokens_per_second": PACE}] * 3) as fakes, service(fakes, tmp_path) as url:
+        gateway = start_gateway(UPSTREAM_URL=url, UPSTREAM_CONTINUATION="vllm", **GATEWAY_ENV)
+        readings, held = _kill_the_busiest(gateway, fakes, "/stream")
+        for reading in readings:
+            _assert_whole(reading, "/stream")
         assert held > 0
         assert _continuations(gateway) == {"continued": held, "failed": 0}
 
