@@ -39,6 +39,12 @@ ON_DASHBOARDS = {
     "streaming_drain_cut_streams_total",
     "streaming_redis_up",
     "streaming_redis_fallbacks_total",
+    # issue 16: a fleet of model servers (exported only when the gateway runs one)
+    "streaming_upstream_endpoint_active_streams",
+    "streaming_upstream_endpoint_circuit_state",
+    "streaming_upstream_endpoint_failures_total",
+    "streaming_upstream_endpoints",
+    "streaming_upstream_continuations_total",
 }
 
 
