@@ -39,6 +39,9 @@ PODS = [
 ]
 # streams in flight per endpoint on one pod; `other` sums the endpoints past UPSTREAM_ENDPOINT_LABELS_MAX
 ACTIVE = {"10.0.0.1:8000": 4, "10.0.0.2:8000": 2, "other": 30}
+# circuit state (0 closed, 1 open, 2 half-open) of each endpoint on two gateway pods -> what the panel shows:
+# open on any pod wins, then half-open (as the gateway's own `other` endpoint ranks them)
+CIRCUITS = {"10.0.0.1:8000": (1, 2, 1), "10.0.0.2:8000": (2, 0, 2), "10.0.0.3:8000": (0, 0, 0)}
 
 
 def _board() -> dict[str, Any]:
@@ -94,6 +97,12 @@ def test_panels_compute_what_the_rules_record(tmp_path: Path) -> None:
     for endpoint, streams in ACTIVE.items():
         labels = f'{base}, pod="gw-down", upstream_endpoint="{endpoint}"'
         series.append({"series": f"streaming_upstream_endpoint_active_streams{{{labels}}}", "values": f"{streams}x5"})
+    for endpoint, (on_a, on_b, _shown) in CIRCUITS.items():
+        for pod, circuit in (("gw-a", on_a), ("gw-b", on_b)):
+            labels = f'{base}, pod="{pod}", upstream_endpoint="{endpoint}"'
+            series.append(
+                {"series": f"streaming_upstream_endpoint_circuit_state{{{labels}}}", "values": f"{circuit}x5"}
+            )
     board = _board()
     shares = [(pod, share) for pod, *_counts, share in PODS]
     panel_share = _query(board, "Healthy share of model servers per gateway pod")
@@ -123,6 +132,14 @@ def test_panels_compute_what_the_rules_record(tmp_path: Path) -> None:
                         "expr": f"{_query(board, 'Model server balance (max / mean streams in flight)')} * 3",
                         "eval_time": "3m",
                         "exp_samples": [{"labels": "{}", "value": 4}],
+                    },
+                    {
+                        "expr": _query(board, "Model server circuit state"),
+                        "eval_time": "3m",
+                        "exp_samples": [
+                            {"labels": f'{{upstream_endpoint="{endpoint}"}}', "value": shown}
+                            for endpoint, (_a, _b, shown) in CIRCUITS.items()
+                        ],
                     },
                 ],
             }
