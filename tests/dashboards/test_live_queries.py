@@ -74,7 +74,7 @@ TARGET_LABELS = {
 }
 FLEET_POD = "gateway-1"  # the gateway relaying to a fleet: a second pod of the same Service
 MAX_CONNECTIONS = 12
-FLEET_STREAMS = 6  # concurrent streams over three model servers: each carries some when one dies
+FLEET_STREAMS = 6  # concurrent 2 s streams over three model servers: least-in-flight gives each two
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
 
 
@@ -188,9 +188,9 @@ def _drain_both_workers(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
 
 
 def _model_server_dies(gateway: Gateway, fakes: list[FakeUpstream]) -> Counter[str]:
-    """Streams over three model servers, the last a slow one; it is SIGKILLed (a model pod's death) once every
-    stream has its first token, so it dies holding some: those continue on the others (UPSTREAM_CONTINUATION) or
-    end with an error event. Then more streams, which the dead one's open circuit keeps off it."""
+    """Streams over three model servers; the last is SIGKILLed (a model pod's death) once every stream has its
+    first token, so it dies holding its share: those continue on the others (UPSTREAM_CONTINUATION) or end with
+    an error event. Then more streams, which the dead one's open circuit keeps off it."""
     victim = fakes[-1]
     relaying = threading.Barrier(FLEET_STREAMS + 1)
 
@@ -198,7 +198,7 @@ def _model_server_dies(gateway: Gateway, fakes: list[FakeUpstream]) -> Counter[s
         headers = {"X-Forwarded-For": f"10.96.0.{i}"}
         with (
             httpx.Client(base_url=gateway.url, timeout=30, headers=headers) as client,
-            client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 40}) as response,
+            client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 20}) as response,
         ):
             lines = response.iter_lines()
             before_first_token = list(itertools.takewhile(lambda line: "tok0" not in line, lines))
@@ -209,7 +209,7 @@ def _model_server_dies(gateway: Gateway, fakes: list[FakeUpstream]) -> Counter[s
     with ThreadPoolExecutor(max_workers=FLEET_STREAMS) as pool:
         streams = [pool.submit(run, i) for i in range(FLEET_STREAMS)]
         relaying.wait(timeout=30)  # every stream relays its first token
-        assert victim.stats()["active"] > 0, "the slow model server carried no stream"
+        assert victim.stats()["active"] > 0, "the model server to kill carried no stream"
         victim.proc.kill()
         victim.proc.wait(timeout=10)
         codes = sum((stream.result() for stream in streams), Counter())
@@ -256,7 +256,7 @@ def test_every_dashboard_and_rule_query_returns_data(
     redis_url, redis_port = _unreachable_redis_url()
     with ExitStack() as stack:
         stack.callback(redis_port.close)
-        fakes = stack.enter_context(fake_fleet({}, {}, {"tokens_per_second": 5}))
+        fakes = stack.enter_context(fake_fleet(*[{"tokens_per_second": 10}] * 3))
         fleet = start_gateway(
             UPSTREAM_URL=",".join(fake.url for fake in fakes),
             UPSTREAM_CONTINUATION="vllm",  # fake_openai continues a partial answer as vLLM does
