@@ -263,6 +263,7 @@ def test_every_dashboard_and_rule_query_returns_data(
             UPSTREAM_RETRIES=1,
             RETRY_BASE_SECONDS=0.01,
             CIRCUIT_FAILURE_THRESHOLD=1,  # the dead model server's circuit opens at its first failure
+            CIRCUIT_OPEN_SECONDS=600,  # and stays open (not half-open) until the queries below
             TRUSTED_PROXIES="127.0.0.0/8",
         )
         gateway = start_gateway(
@@ -358,3 +359,23 @@ def test_every_dashboard_and_rule_query_returns_data(
             break
         time.sleep(0.5)  # polling interval, not an assertion
     assert expected <= seen, seen
+
+    # and the fleet's series saw the death: its streams continued, its failures counted, its circuit open, so
+    # that pod finds 2 of its 3 endpoints healthy (no alert: not below half). Polled as above.
+    fleet_pod = f'pod="{FLEET_POD}"'
+    by_state = "namespace_job_pod_state:streaming_upstream_endpoints:max"
+    healthy_share = "namespace_job_pod:streaming_upstream_endpoints_healthy:ratio"
+    facts = {
+        "continued": f'sum(streaming_upstream_continuations_total{{{fleet_pod}, result="continued"}}) > 0',
+        "failures": f'sum(streaming_upstream_endpoint_failures_total{{{fleet_pod}, reason=~"reset|connect"}}) > 0',
+        "one circuit open": f"count(streaming_upstream_endpoint_circuit_state{{{fleet_pod}}} == 1) == 1",
+        "one unhealthy": f'{by_state}{{{fleet_pod}, state="unhealthy"}} == 1',
+        "2/3 healthy": f"abs({healthy_share}{{{fleet_pod}}} - 2 / 3) < 0.001",
+    }
+    deadline = time.monotonic() + 20
+    while True:
+        missed = [fact for fact, expr in facts.items() if not prometheus.query(expr)]
+        if not missed or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # polling interval, not an assertion
+    assert not missed, f"the fleet's series do not show: {missed}"
