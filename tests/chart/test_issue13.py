@@ -141,6 +141,10 @@ def _two_release_inputs() -> tuple[list[dict[str, str]], list[tuple[str, str, di
             _series(release, "streaming_resume_store_errors_total", "0+5x30" if release == "staging" else "0x30")
         )
         series.append(_series(release, "streaming_drain_cut_streams_total", "0+2x30" if release == "prod" else "0x30"))
+        # model servers (issue 16): staging finds 1 of 4 healthy, prod has every one not ready
+        healthy, unhealthy, not_ready = ("1x30", "3x30", "0x30") if release == "staging" else ("0x30", "0x30", "2x30")
+        for state, values in (("healthy", healthy), ("unhealthy", unhealthy), ("not_ready", not_ready)):
+            series.append(_series(release, "streaming_upstream_endpoints", values, state=state))
     service = {"namespace": "llm"}
     firing = [
         ("StreamingConnectionSaturation", "staging", {**service, "pod": "staging-gateway-0", "severity": "critical"}),
@@ -155,6 +159,12 @@ def _two_release_inputs() -> tuple[list[dict[str, str]], list[tuple[str, str, di
         ("StreamingErrorBudgetBurnFast", "prod", {**service, "severity": "critical"}),
         ("StreamingErrorBudgetBurnSlow", "prod", {**service, "severity": "warning"}),
         ("StreamingDrainCutStreams", "prod", {**service, "severity": "warning"}),
+        (
+            "StreamingUpstreamEndpointsUnhealthy",
+            "staging",
+            {**service, "pod": "staging-gateway-0", "severity": "warning"},
+        ),
+        ("StreamingUpstreamNoHealthyEndpoint", "prod", {**service, "pod": "prod-gateway-0", "severity": "critical"}),
     ]
     return series, firing
 

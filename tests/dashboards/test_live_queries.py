@@ -4,10 +4,13 @@ The gateway (2 workers, relaying from the fake upstream) gets a short load with 
 show: streams on two endpoints, upstream errors and retries, a per-client burst over the rate limit, a
 burst over the instance's connection limit, Redis unreachable (limits fall back), and both workers
 drained with streams in flight (streams cut at the deadline, requests refused while draining; gunicorn
-starts new workers). Debian's Prometheus scrapes it every second the way prometheus-operator scrapes a
+starts new workers). A second gateway runs a fleet of three fake model servers (the per-endpoint series exist only
+then) and one of them is SIGKILLed while it relays streams: they continue on the others, its failures are counted
+and its circuit opens. Debian's Prometheus scrapes both every second the way prometheus-operator scrapes a
 ServiceMonitor: `honor_labels: false`, and the target labels the operator attaches to every target (`namespace`,
 `service`, `pod`, `container`, `endpoint`, `job` = the Service's name, `instance`), plus the `cluster` label a
-multi-cluster Prometheus (Thanos, Mimir) adds; it evaluates dashboards/prometheus-rules.yaml every second.
+multi-cluster Prometheus (Thanos, Mimir) adds: the two gateways are two pods of one Service. It evaluates
+dashboards/prometheus-rules.yaml every second.
 
 Then, through the HTTP API (instant queries):
 - no scraped label collides with a target label (none is kept as `exported_*`), and every series carries them;
@@ -24,6 +27,7 @@ Then, through the HTTP API (instant queries):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -33,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,7 @@ from tests.dashboards.promql import (
     signals,
     variable_query,
 )
+from tests.fleet.fakes import fake_fleet
 from tests.workers import connection_to_each_worker, wait_all_draining
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +72,9 @@ TARGET_LABELS = {
     "job": "streaming-gateway",
     "cluster": "test-cluster",
 }
+FLEET_POD = "gateway-1"  # the gateway relaying to a fleet: a second pod of the same Service
 MAX_CONNECTIONS = 12
+FLEET_STREAMS = 6  # concurrent 2 s streams over three model servers: least-in-flight gives each two
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
 
 
@@ -183,6 +191,37 @@ def _drain_both_workers(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
         time.sleep(0.1)  # polling interval, not an assertion
 
 
+def _model_server_dies(gateway: Gateway, fakes: list[FakeUpstream]) -> Counter[str]:
+    """Streams over three model servers; the last is SIGKILLed (a model pod's death) once every stream has its
+    first token, so it dies holding its share: those continue on the others (UPSTREAM_CONTINUATION) or end with
+    an error event. Then more streams, which the dead one's open circuit keeps off it."""
+    victim = fakes[-1]
+    relaying = threading.Barrier(FLEET_STREAMS + 1)
+
+    def run(i: int) -> Counter[str]:
+        headers = {"X-Forwarded-For": f"10.96.0.{i}"}
+        with (
+            httpx.Client(base_url=gateway.url, timeout=30, headers=headers) as client,
+            client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 20}) as response,
+        ):
+            lines = response.iter_lines()
+            before_first_token = list(itertools.takewhile(lambda line: "tok0" not in line, lines))
+            relaying.wait()
+            body = "\n".join([*before_first_token, *lines])
+        return Counter(["fleet error event" if 'data: {"error"' in body else "fleet 200"])
+
+    with ThreadPoolExecutor(max_workers=FLEET_STREAMS) as pool:
+        streams = [pool.submit(run, i) for i in range(FLEET_STREAMS)]
+        relaying.wait(timeout=30)  # every stream relays its first token
+        assert victim.stats()["active"] > 0, "the model server to kill carried no stream"
+        victim.proc.kill()
+        victim.proc.wait(timeout=10)
+        codes = sum((stream.result() for stream in streams), Counter())
+    with httpx.Client(base_url=gateway.url, timeout=30, headers={"X-Forwarded-For": "10.96.1.1"}) as client:
+        codes += Counter("fleet after " + _code(client.post("/v1/chat/completions", json=CHAT)) for _ in range(6))
+    return codes
+
+
 def _unreachable_redis_url() -> tuple[str, socket.socket]:
     """A loopback port that is bound but not listening: connections are refused at once."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -219,7 +258,18 @@ def test_every_dashboard_and_rule_query_returns_data(
     prometheus_server: PrometheusFactory,
 ) -> None:
     redis_url, redis_port = _unreachable_redis_url()
-    try:
+    with ExitStack() as stack:
+        stack.callback(redis_port.close)
+        fakes = stack.enter_context(fake_fleet(*[{"tokens_per_second": 10}] * 3))
+        fleet = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            UPSTREAM_CONTINUATION="vllm",  # fake_openai continues a partial answer as vLLM does
+            UPSTREAM_RETRIES=1,
+            RETRY_BASE_SECONDS=0.01,
+            CIRCUIT_FAILURE_THRESHOLD=1,  # the dead model server's circuit opens at its first failure
+            CIRCUIT_OPEN_SECONDS=600,  # and stays open (not half-open) until the queries below
+            TRUSTED_PROXIES="127.0.0.0/8",
+        )
         gateway = start_gateway(
             UPSTREAM_URL=fake_upstream.url,
             UPSTREAM_RETRIES=1,
@@ -235,7 +285,13 @@ def test_every_dashboard_and_rule_query_returns_data(
             REDIS_URL=redis_url,
             REDIS_TIMEOUT_SECONDS=0.1,
         )
-        prometheus = prometheus_server([ScrapeTarget(gateway.metrics_url, TARGET_LABELS)], [RULES])
+        prometheus = prometheus_server(
+            [
+                ScrapeTarget(gateway.metrics_url, TARGET_LABELS),
+                ScrapeTarget(fleet.metrics_url, {**TARGET_LABELS, "pod": FLEET_POD}),
+            ],
+            [RULES],
+        )
         # Prometheus applies its targets seconds after start; counters must be seen at 0 before the load
         # (as a pod is scraped from its start), or `increase()` finds no rise and the alerts stay silent.
         prometheus.wait_for_scrapes(1)
@@ -246,8 +302,7 @@ def test_every_dashboard_and_rule_query_returns_data(
         codes += _connection_limit_burst(gateway)
         codes += _drain_both_workers(gateway, fake_upstream)
         codes += _load(gateway, seconds=1)  # the new workers carry streams (live gauges of dead workers are gone)
-    finally:
-        redis_port.close()
+        codes += _model_server_dies(fleet, fakes)
     for code in (
         "200",
         "upstream_error",
@@ -258,6 +313,7 @@ def test_every_dashboard_and_rule_query_returns_data(
         "draining",
     ):
         assert codes[code] > 0, f"the load produced no {code}: {codes}"
+    assert codes["fleet after 200"] == 6, codes  # the two model servers left take every new stream
     prometheus.wait_for_scrapes(3)  # every series, even the last to appear, has samples for rate()
 
     failures: list[str] = []
@@ -316,3 +372,23 @@ def test_every_dashboard_and_rule_query_returns_data(
             break
         time.sleep(0.5)  # polling interval, not an assertion
     assert expected <= seen, seen
+
+    # and the fleet's series saw the death: its streams continued, its failures counted, its circuit open, so
+    # that pod finds 2 of its 3 endpoints healthy (no alert: not below half). Polled as above.
+    fleet_pod = f'pod="{FLEET_POD}"'
+    by_state = "namespace_job_pod_state:streaming_upstream_endpoints:max"
+    healthy_share = "namespace_job_pod:streaming_upstream_endpoints_healthy:ratio"
+    facts = {
+        "continued": f'sum(streaming_upstream_continuations_total{{{fleet_pod}, result="continued"}}) > 0',
+        "failures": f'sum(streaming_upstream_endpoint_failures_total{{{fleet_pod}, reason=~"reset|connect"}}) > 0',
+        "one circuit open": f"count(streaming_upstream_endpoint_circuit_state{{{fleet_pod}}} == 1) == 1",
+        "one unhealthy": f'{by_state}{{{fleet_pod}, state="unhealthy"}} == 1',
+        "2/3 healthy": f"abs({healthy_share}{{{fleet_pod}}} - 2 / 3) < 0.001",
+    }
+    deadline = time.monotonic() + 20
+    while True:
+        missed = [fact for fact, expr in facts.items() if not prometheus.query(expr)]
+        if not missed or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # polling interval, not an assertion
+    assert not missed, f"the fleet's series do not show: {missed}"
