@@ -67,6 +67,7 @@ def build_upstream(settings: Settings, inflight: InFlightTable | None = None) ->
         build_discovery(settings),
         inflight or MemoryInFlightTable(),
         affinity_load_factor=settings.upstream_affinity_load_factor,
+        round_robin=settings.upstream_balance == "round_robin",
     )
 
 

@@ -13,6 +13,9 @@ A request that names a session (ChatRequest.affinity) prefers the endpoints in t
 the model server's prefix cache keeps hitting, and one hot session or a shared system prompt cannot pile
 onto one endpoint (consistent hashing with bounded loads).
 
+UPSTREAM_BALANCE=round_robin takes the accepting endpoints in turn instead, a cursor per worker: what a naive
+router does, kept as the benchmark's baseline (loadtest/bench), not as a recommendation.
+
 Iteration goes straight to the endpoint's stream (`__aiter__` returns it): nothing per token.
 """
 
@@ -55,11 +58,18 @@ class FleetUpstream:
     """OpenAI-compatible model servers found by a `Discovery`, one shared connection pool for all."""
 
     def __init__(
-        self, client: OpenAIUpstream, discovery: Discovery, table: InFlightTable, *, affinity_load_factor: float
+        self,
+        client: OpenAIUpstream,
+        discovery: Discovery,
+        table: InFlightTable,
+        *,
+        affinity_load_factor: float,
+        round_robin: bool = False,
     ) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
         self._load_factor = affinity_load_factor
+        self._round_robin = round_robin  # UPSTREAM_BALANCE=round_robin: the benchmark's baseline
         self._client = client
         self._table = table
         self._clients: dict[str, OpenAIUpstream] = {}
@@ -84,6 +94,8 @@ class FleetUpstream:
         if request.affinity:  # a session: its endpoints in rendezvous-hash order, the first within the load bound
             order = sorted(accepting, key=lambda url: _weight(request.affinity, url), reverse=True)
             url = self._table.acquire_preferred(order, self._load_factor)
+        elif self._round_robin:
+            url = self._table.acquire_next(list(accepting))
         else:
             url = self._table.acquire_least(list(accepting))
         try:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.policies.inflight import SharedInFlightTable
+from app.policies.inflight import InFlightTable, MemoryInFlightTable, SharedInFlightTable
 from app.settings import Settings
 from loadtest.harness.wait import wait_until
 from tests.conftest import GatewayFactory
@@ -118,6 +118,22 @@ def test_counts_are_shared_across_processes_and_reclaimed() -> None:
     assert table.reclaim(pid)
     assert table.counts(keys) == [0, 0]
     table.close()
+
+
+@pytest.mark.parametrize("make", [MemoryInFlightTable, SharedInFlightTable])
+def test_round_robin_takes_keys_in_turn_whatever_their_load(make: type[InFlightTable]) -> None:
+    """UPSTREAM_BALANCE=round_robin (the benchmark's baseline): in turn, blind to the counts, yet counted."""
+    table = make()
+    keys = ["http://a/v1", "http://b/v1", "http://c/v1"]
+    picked = [table.acquire_next(keys) for _ in range(6)]
+    assert picked == keys + keys  # a loaded key gets its turn all the same
+    assert table.counts(keys) == [2, 2, 2]
+    for key in picked:
+        table.release(key)
+    assert table.counts(keys) == [0, 0, 0]
+    assert table.acquire_next(keys[:2]) == "http://a/v1"  # the set shrank: the cursor wraps over what is left
+    if isinstance(table, SharedInFlightTable):
+        table.close()
 
 
 @pytest.mark.parametrize(
