@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,11 +97,16 @@ class FleetRounds:
 def measure_fleet_level(gw: Server, fakes: Sequence[Server], plan: Plan) -> dict[str, Any]:
     samples: list[list[int]] = []
     cpu = CpuSampler(gw, *fakes)
+    # in flight is sampled while every user is active: after the ramp, before the last streams run out (in the
+    # tail only the slow endpoint's would be left)
+    hold_from = time.monotonic() + plan.fleet_users / plan.rate + 1.0
+    hold_until = hold_from + plan.fleet_hold_seconds - 1.0
 
     def sample() -> None:  # the streams each fake is generating now, and everyone's CPU
         cpu()
-        with contextlib.suppress(OSError, ValueError):
-            samples.append([int(fake_stats(fake)["active"]) for fake in fakes])
+        if hold_from <= time.monotonic() <= hold_until:
+            with contextlib.suppress(OSError, ValueError):
+                samples.append([int(fake_stats(fake)["active"]) for fake in fakes])
 
     argv = loadgen_argv(
         gw.port,

@@ -408,7 +408,7 @@ def fleet_section(fleet: FleetRounds) -> list[str]:
         "`least_in_flight` (the default) sends a new stream to the endpoint with the fewest streams in flight, "
         "counted for the whole instance; `round_robin` takes the endpoints in turn in each worker, as a naive "
         "router does: the baseline, not a recommendation. In flight: each fake's streams being generated, sampled "
-        "every 0.5 s over the load (max / mean 1.00: even). Served: the streams each fake got.",
+        "every 0.5 s while every user was active (max / mean 1.00: even). Served: the streams each fake got.",
         "",
         "| Balancer | Streams served, " + " / ".join(e.name for e in FLEET_ENDPOINTS) + " | In flight max / mean "
         "| Served max / mean | Share to the slow endpoint | TTFT p50 ms | TTFT p99 ms | Tokens in time | Errors "
@@ -430,10 +430,9 @@ def fleet_section(fleet: FleetRounds) -> list[str]:
         "",
         "Tokens in time: the share of demanded tokens that arrived within the fast pace's stream duration + 1 s; "
         "a stream on the slow endpoint cannot make it, so the share falls with what the slow endpoint got. "
-        "Each fake is one Python process on the same cores as the gateway and the load generator: a fake given "
-        "more streams spends more CPU, and its first tokens come later when the machine is short of it (CPU of "
-        "each fake; rest of machine: what others used meanwhile), which a model server on its own GPU would not "
-        "show.",
+        "The fakes share the cores with the gateway, the load generator and whatever else runs on the machine: "
+        "the CPU of each fake and the rest of the machine (what other processes used meanwhile) tell whether a "
+        "TTFT difference is the balancer's or the machine's.",
         "",
     ]
     return out
