@@ -6,8 +6,7 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
     POST /_script   {"faults": [{...}, ...]}   each later request takes the next fault (FIFO);
                                                  with the queue empty, requests behave normally
     GET  /_stats                                 requests, completed, disconnects, connections (distinct
-                                                 client address:port of chat requests), continuations
-                                                 (requests with `continue_final_message`), bodies seen (the
+                                                 client address:port of chat requests), bodies seen (the
                                                  first 50 request bodies, as received), hosts (their
                                                  Host headers)
     POST /_reset                                 clear script and stats
@@ -71,7 +70,6 @@ class FakeOpenAI:
             "disconnects": 0,
             "active": 0,
             "connections": 0,
-            "continuations": 0,
             "bodies": [],
             "hosts": [],
         }
@@ -106,7 +104,6 @@ class FakeOpenAI:
             return await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
         request = json.loads(body)
         self.stats["requests"] += 1
-        self.stats["continuations"] += bool(request.get("continue_final_message"))
         client = scope.get("client")
         if client and tuple(client) not in self._peers:
             self._peers.add(tuple(client))

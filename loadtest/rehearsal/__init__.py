@@ -41,7 +41,7 @@ held:
                  the old one marked terminating (no new streams), SIGKILLed --kill-grace seconds later (it does not
                  drain: its streams die mid-stream), its slice deleted. Locust's /stream and /ws users check every
                  text against the fake's (`tok0 tok1 ...`). Expectation: 0 failed, 0 truncated and 0 refused
-                 streams, streams in flight at the kills, and the fakes saw that many continuations at least.
+                 streams, and streams in flight at the kills; the report counts the streams the gateways continued.
 
 Locust runs for --duration seconds, or longer when the rollout needs it: it stops --cooldown seconds after the
 last instance is back (SIGTERM: streams cut by the load test's own stop are counted `aborted`, not truncated).

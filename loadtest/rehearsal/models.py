@@ -17,6 +17,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,9 @@ def kubeconfig(path: Path, server: str) -> Path:
 class ModelFleet:
     """The model servers, the API server that lists them, and their roll."""
 
-    def __init__(self, count: int, tokens_per_second: float, supervisor: Supervisor, workdir: Path, logdir: Path):
+    def __init__(
+        self, count: int, tokens_per_second: float, supervisor: Supervisor, workdir: Path, logdir: Path
+    ) -> None:
         self.count = count
         self.tokens_per_second = tokens_per_second
         self.supervisor = supervisor
@@ -122,7 +125,6 @@ class ModelFleet:
         self.api_url = self._stack.enter_context(serving(self.api))
         self.kubeconfig = kubeconfig(workdir / "kubeconfig", self.api_url)
         self.servers: list[ModelServer] = []
-        self.retired: list[dict[str, Any]] = []  # the last stats of each killed server
         self._generation = 0
 
     def gateway_env(self) -> dict[str, str]:
@@ -144,7 +146,7 @@ class ModelFleet:
     def start(self) -> None:
         self.servers = [self._start(i) for i in range(self.count)]
 
-    def roll(self, index: int, grace: float, since: Any) -> ModelRoll:
+    def roll(self, index: int, grace: float, since: Callable[[], float]) -> ModelRoll:
         """Replace server `index`: the replacement ready in the slice, the old one terminating, SIGKILLed after
         `grace` seconds, its slice deleted. `since()` gives the run's clock."""
         old = self.servers[index]
@@ -159,16 +161,10 @@ class ModelFleet:
         old.child.stop(signal.SIGKILL, 1.0)
         self.supervisor.reaped(old.child)
         record.killed_at = since()
-        self.retired.append(stats or {})
         self.api.delete(f"{SERVICE}-{old.name}")
         record.deleted_at = since()
         self.servers[index] = new
         return record
-
-    def continuations(self) -> int:
-        """Requests that continued a partial answer (`continue_final_message`), over every server that ran."""
-        live = [server.stats() or {} for server in self.servers]
-        return sum(int(stats.get("continuations", 0)) for stats in [*self.retired, *live])
 
     def close(self) -> None:
         self._stack.close()

@@ -147,9 +147,11 @@ def models_section(results: dict[str, Any]) -> list[str]:
         "## Model servers",
         "",
         f"Streams: **started {counts['started']}, completed {counts['completed']}, failed {counts['errors']}, "
-        f"truncated {counts['truncated']}, continued {models['continued']}** (continued: requests that carried "
-        "`continue_final_message`, i.e. a partial answer resumed on another model server, counted by the fakes); "
-        f"{models['killed_in_flight']} streams were in flight on the model servers when they were killed.",
+        f"truncated {counts['truncated']}, continued {models['continued']}** (continued: streams whose model "
+        "server died mid-stream, continued on another one with the text so far as a partial answer; "
+        f"`streaming_upstream_continuations_total` of the gateways, which also counts "
+        f"{models['continuation_failed']} that could not be continued); {models['killed_in_flight']} streams were "
+        "in flight on the model servers when they were killed (their /_stats).",
         "",
         "| model server | replaced by | replacement ready at | terminating at | SIGKILL at | streams in flight at "
         "the kill | requests it served | slice deleted at |",

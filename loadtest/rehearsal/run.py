@@ -29,6 +29,7 @@ from loadtest.harness.prometheus import Prometheus, ScrapeTarget, start_promethe
 from loadtest.harness.redis import RedisServer
 from loadtest.rehearsal.measure import (
     ResumeClients,
+    continuations,
     drain_cuts,
     locust_stats,
     log_messages,
@@ -485,9 +486,11 @@ class Rehearsal:
         longest = max((t.drain_s for t in self.terminations), default=0.0)
         models = None
         if self.fleet is not None:
+            continued = continuations([inst.metrics_url for inst in self.instances])
             models = {
                 "killed_in_flight": sum(r.in_flight_at_kill or 0 for r in self.rolls),
-                "continued": self.fleet.continuations(),
+                "continued": continued.get("continued", 0),
+                "continuation_failed": continued.get("failed", 0),
             }
             checks += [
                 (

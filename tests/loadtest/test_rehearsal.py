@@ -275,7 +275,8 @@ def test_rolling_the_model_servers_fails_no_stream(tmp_path: Path) -> None:
     assert models["killed_in_flight"] > 0, rolls  # the kills cut streams mid-stream: there was something to continue
     # the target: every stream a killed server held continued on another one
     assert (counts["errors"], counts["truncated"], counts["refused"]) == (0, 0, 0), results["by_reason"]
-    assert models["continued"] >= models["killed_in_flight"], models
+    # (not compared with killed_in_flight: a stream may end between the fakes' count and the kill)
+    assert models["continued"] > 0 and models["continuation_failed"] == 0, models
     assert counts["completed"] > 0 and counts["in_flight"] == 0, counts
     for endpoint in ("/stream", "/v1/chat/completions", "/ws"):
         assert results["by_endpoint"][endpoint]["completed"] > 0, endpoint
