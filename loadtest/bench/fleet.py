@@ -68,6 +68,7 @@ FLEET_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "ttft_p50": lambda r: r["ttft_ms"]["p50"],
     "ttft_p99": lambda r: r["ttft_ms"]["p99"],
     "delivered": lambda r: r["delivered"],
+    "tokens_per_s": lambda r: r.get("steady_tokens_per_s"),
     "rest_cores": lambda r: r.get("rest_cores"),
 }
 

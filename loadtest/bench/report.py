@@ -411,9 +411,9 @@ def fleet_section(fleet: FleetRounds) -> list[str]:
         "every 0.5 s while every user was active (max / mean 1.00: even). Served: the streams each fake got.",
         "",
         "| Balancer | Streams served, " + " / ".join(e.name for e in FLEET_ENDPOINTS) + " | In flight max / mean "
-        "| Served max / mean | Share to the slow endpoint | TTFT p50 ms | TTFT p99 ms | Tokens in time | Errors "
-        "| CPU of each fake (cores) | Rest of machine (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Served max / mean | Share to the slow endpoint | TTFT p50 ms | TTFT p99 ms | Tokens in time | Tokens/s "
+        "| Errors | CPU of each fake (cores) | Rest of machine (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in FLEET_BALANCERS:
         served = " / ".join(spread_text(fleet.served(b, i), ".0f") for i in range(len(FLEET_ENDPOINTS)))
@@ -423,7 +423,8 @@ def fleet_section(fleet: FleetRounds) -> list[str]:
             f"| {spread_text(fleet.stat(b, 'served_max_mean'), '.2f')} "
             f"| {spread_text(fleet.stat(b, 'slow_share'), '.1%')} "
             f"| {spread_text(fleet.stat(b, 'ttft_p50'), '.1f')} | {spread_text(fleet.stat(b, 'ttft_p99'), '.1f')} "
-            f"| {spread_text(fleet.stat(b, 'delivered'), '.1%')} | {fleet.errors(b)} "
+            f"| {spread_text(fleet.stat(b, 'delivered'), '.1%')} "
+            f"| {spread_text(fleet.stat(b, 'tokens_per_s'), ',.0f')} | {fleet.errors(b)} "
             f"| {fake_cores} | {spread_text(fleet.stat(b, 'rest_cores'), '.2f')} |"
         )
     out += [
@@ -432,7 +433,9 @@ def fleet_section(fleet: FleetRounds) -> list[str]:
         "a stream on the slow endpoint cannot make it, so the share falls with what the slow endpoint got. "
         "The fakes share the cores with the gateway, the load generator and whatever else runs on the machine: "
         "the CPU of each fake and the rest of the machine (what other processes used meanwhile) tell whether a "
-        "TTFT difference is the balancer's or the machine's.",
+        "TTFT difference is the balancer's or the machine's. Tokens/s: delivered while every user was active; "
+        "streams kept off the slow endpoint finish sooner, so the same users ask for more tokens per second, and "
+        "on cores the gateway shares that costs TTFT.",
         "",
     ]
     return out

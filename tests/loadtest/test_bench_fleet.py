@@ -21,6 +21,7 @@ def loadgen_result(p50: float, p99: float, *, errors: int = 0) -> dict[str, Any]
         "tokens_in_time": 900,
         "tokens_demanded": 1000,
         "error_count": errors,
+        "steady_tokens_per_s": 2000.0,
         "rest_cores": 0.1,
         "fake_cores": [0.3, 0.3, 0.1],
     }
@@ -87,7 +88,7 @@ def test_fleet_section_compares_the_balancers_in_the_same_rounds() -> None:
     assert all(e.name in text for e in FLEET_ENDPOINTS)
     lif = next(line for line in text.splitlines() if line.startswith("| `least_in_flight` |"))
     assert "| 150 (150–150) / 150 (150–150) / 50 (50–50) | **1.00 (1.00–1.00)** |" in lif
-    assert "| 14.3% (14.3%–14.3%) |" in lif
+    assert "| 14.3% (14.3%–14.3%) |" in lif and "| 2,000 (2,000–2,000) | 0 |" in lif
     rr = next(line for line in text.splitlines() if line.startswith("| `round_robin` |"))
     assert "**2.00 (2.00–2.00)**" in rr and "| 400.0 (400.0–400.0) |" in rr
     assert "not a recommendation" in text
