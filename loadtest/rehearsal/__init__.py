@@ -1,7 +1,8 @@
 """Rolling-restart rehearsal: what `kubectl rollout restart` does to the gateway, performed here under load.
 
     python -m loadtest.rehearsal [--duration 30] [--users 30] [--instances 3] [--drain-timeout S] [--prestop 2]
-                                 [--mode full|short-drain|resume|models] [--models 3] [--kill-grace 1]
+                                 [--mode full|short-drain|resume|models] [--models 3] [--min-ready 2]
+                                 [--kill-grace 1]
                                  [--output-dir loadtest/results/rehearsal]
 
 One command starts N gateway instances (`python -m app`, 2 workers each, the built-in mock at 20 tok/s, each on
@@ -38,10 +39,11 @@ held:
                  each the endpoint of an EndpointSlice on an API server in this process
                  (loadtest/harness/fake_apiserver.py), the gateways watching them (UPSTREAM_DISCOVERY=kubernetes,
                  UPSTREAM_CONTINUATION=vllm). Each in turn: its replacement started on a new port and added ready,
-                 the old one marked terminating (no new streams), SIGKILLed --kill-grace seconds later (it does not
-                 drain: its streams die mid-stream), its slice deleted. Locust's /stream and /ws users check every
-                 text against the fake's (`tok0 tok1 ...`). Expectation: 0 failed, 0 truncated and 0 refused
-                 streams, and streams in flight at the kills; the report counts the streams the gateways continued.
+                 --min-ready seconds later (minReadySeconds) the old one marked terminating (no new streams),
+                 SIGKILLed --kill-grace seconds later (it does not drain: its streams die mid-stream), its slice
+                 deleted. Locust's /stream and /ws users check every text against the fake's (`tok0 tok1 ...`).
+                 Expectation: 0 failed, 0 truncated and 0 refused streams, and streams in flight at the kills; the
+                 report counts the streams the gateways continued.
 
 Locust runs for --duration seconds, or longer when the rollout needs it: it stops --cooldown seconds after the
 last instance is back (SIGTERM: streams cut by the load test's own stop are counted `aborted`, not truncated).

@@ -52,6 +52,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="models mode: seconds from a model server's terminating to its SIGKILL [1]",
     )
     parser.add_argument(
+        "--min-ready",
+        type=float,
+        default=2.0,
+        help="models mode: seconds a replacement serves before the server it replaces goes terminating "
+        "(a Deployment's minReadySeconds) [2]",
+    )
+    parser.add_argument(
         "--drain-timeout", type=float, default=None, help="DRAIN_TIMEOUT_SECONDS [full: 30, short-drain and resume: 2]"
     )
     parser.add_argument(
@@ -100,6 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         output_dir=args.output_dir.resolve(),
         models=args.models,
         kill_grace=args.kill_grace,
+        min_ready=args.min_ready,
     )
 
 

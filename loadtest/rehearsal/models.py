@@ -6,7 +6,8 @@ process (loadtest/harness/fake_apiserver.py: the real list/watch protocol, every
 Kubernetes schema). Each model server listens on a port of its own and has a slice of its own (a slice's
 endpoints share their ports). A roll replaces one server as a rollout replaces a pod:
 
-    replacement started on a new port → /v1/models answers → its slice added, ready
+    replacement started on a new port → /v1/models answers → its slice added, ready → min-ready seconds (a
+    Deployment's minReadySeconds: the replacement takes new streams while the old one keeps its own)
     → the old one's endpoint marked terminating (no new streams) → grace → SIGKILL (a server that does not
     drain: its streams in flight die mid-stream) → its slice deleted
 """
@@ -146,12 +147,13 @@ class ModelFleet:
     def start(self) -> None:
         self.servers = [self._start(i) for i in range(self.count)]
 
-    def roll(self, index: int, grace: float, since: Callable[[], float]) -> ModelRoll:
-        """Replace server `index`: the replacement ready in the slice, the old one terminating, SIGKILLed after
-        `grace` seconds, its slice deleted. `since()` gives the run's clock."""
+    def roll(self, index: int, min_ready: float, grace: float, since: Callable[[], float]) -> ModelRoll:
+        """Replace server `index`: the replacement ready in the slice, `min_ready` seconds later the old one
+        terminating, SIGKILLed after `grace` seconds, its slice deleted. `since()` gives the run's clock."""
         old = self.servers[index]
         new = self._start(index)
         record = ModelRoll(old.name, new.name, added_at=since())
+        time.sleep(min_ready)
         self.api.put(old.endpoint_slice(TERMINATING))
         record.terminating_at = since()
         time.sleep(grace)

@@ -170,6 +170,7 @@ class Config:
     output_dir: Path
     models: int = 3  # models mode: fake model servers
     kill_grace: float = 1.0  # models mode: seconds from terminating to SIGKILL
+    min_ready: float = 2.0  # models mode: seconds a replacement serves before its predecessor goes terminating
 
     @property
     def stream_seconds(self) -> float:
@@ -392,7 +393,7 @@ class Rehearsal:
         return record
 
     def roll_model(self, fleet: ModelFleet, index: int) -> ModelRoll:
-        record = fleet.roll(index, self.config.kill_grace, self.since)
+        record = fleet.roll(index, self.config.min_ready, self.config.kill_grace, self.since)
         log(
             f"{record.server}: replaced by {record.replacement}, terminating, SIGKILLed after "
             f"{self.config.kill_grace:g} s with {record.in_flight_at_kill} streams in flight, out of the slices"
