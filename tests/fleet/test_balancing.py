@@ -42,6 +42,22 @@ def test_slow_endpoint_gets_fewer_streams(start_gateway: GatewayFactory) -> None
         assert fast_a["requests"] > 0 and fast_b["requests"] > 0 and slow["requests"] > 0  # nobody starved
 
 
+def test_round_robin_gives_the_slow_endpoint_its_turn(start_gateway: GatewayFactory) -> None:
+    """UPSTREAM_BALANCE=round_robin, the benchmark's baseline: each worker takes the endpoints in turn, whatever
+    their load. However the streams fall on the two workers, each worker's rotation gives every endpoint its
+    third (give or take one per worker), the slow one included."""
+    with fake_fleet({"tokens_per_second": 400}, {"tokens_per_second": 400}, {"tokens_per_second": 20}) as fakes:
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes), UPSTREAM_BALANCE="round_robin", UPSTREAM_RETRIES=0
+        )
+        with httpx.Client(timeout=30) as client:
+            for _ in range(TIED_STREAMS):
+                assert stream_chat(gateway.url, 2, client).rstrip().endswith("data: [DONE]")
+        counts = [fake.stats()["requests"] for fake in fakes]
+        assert sum(counts) == TIED_STREAMS
+        assert max(counts) - min(counts) <= 2, counts  # two workers, each at most one turn ahead on an endpoint
+
+
 # (fault scripted on A, the client leaves after the first bytes): every way a stream ends but completion
 EXITS = (
     ({"status": 500}, False),
