@@ -41,14 +41,14 @@ def render_png(results: dict[str, Any], path: Path) -> None:
             fontsize=8,
             color=colour,
         )
-    for roll in results.get("model_rolls") or ():  # models mode: the model servers' kills
+    for n, roll in enumerate(results.get("model_rolls") or ()):  # models mode: the model servers' kills
         for axis in (top, bottom):
             axis.axvline(roll["killed_at"], color="crimson", linestyle=":", linewidth=1.2)
         top.annotate(
             f"SIGKILL {roll['server']}\n{roll['in_flight_at_kill']} in flight",
             xy=(roll["killed_at"], 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -3),
+            xytext=(3, -3 - 24 * (n % 3)),  # kills seconds apart: staggered labels
             textcoords="offset points",
             va="top",
             fontsize=8,
@@ -60,8 +60,13 @@ def render_png(results: dict[str, Any], path: Path) -> None:
     top.grid(alpha=0.3)
     config = results["config"]
     counts = results["summary"]
+    models = results.get("models")
     top.set_title(
-        f"Rolling restart, mode {results['mode']}: {config['instances']} instances, {config['users']} users, "
+        f"Model servers rolled: {config['models']} model servers, {config['instances']} gateway instance(s), "
+        f"{config['users']} users  —  completed {counts['completed']}, truncated {counts['truncated']}, "
+        f"errors {counts['errors']}, continued {models['continued']}"
+        if models is not None
+        else f"Rolling restart, mode {results['mode']}: {config['instances']} instances, {config['users']} users, "
         f"drain {config['drain_timeout']:g} s, preStop {config['prestop']:g} s  —  completed {counts['completed']}, "
         f"server_shutdown {counts['graceful']}, truncated {counts['truncated']}, errors {counts['errors']}",
         fontsize=9,
@@ -77,10 +82,13 @@ def render_png(results: dict[str, Any], path: Path) -> None:
             )
             highest = max(highest, max(p[1] for p in pairs))
     bottom.set_ylabel("TTFT p95 (ms)")
+    markers = (
+        "dotted: a model server's SIGKILL"
+        if models is not None
+        else "shaded: instance out of nginx's upstream; dashed: SIGTERM"
+    )
     bottom.set_xlabel(
-        "seconds since the load started (shaded: instance out of nginx's upstream; dashed: SIGTERM; "
-        "a line breaks while its instance is not scraped)",
-        fontsize=8,
+        f"seconds since the load started ({markers}; a line breaks while its instance is not scraped)", fontsize=8
     )
     bottom.set_ylim(0, max(highest * 1.3, 10.0))
     bottom.grid(alpha=0.3)
