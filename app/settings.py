@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="UPSTREAM_DISCOVERY=kubernetes: the Service whose EndpointSlices are watched, `namespace/name`.",
     )
     upstream_api_key: SecretStr | None = Field(None, description="Bearer token sent to the upstream, if any.")
+    upstream_balance: Literal["least_in_flight", "round_robin"] = Field(
+        "least_in_flight",
+        description="A fleet: how a new stream picks its endpoint. `least_in_flight`: the fewest streams in flight, "
+        "counted for the whole instance. `round_robin`: each worker takes the endpoints in turn, whatever their "
+        "load, as a naive router does: a baseline for the benchmark, not a recommendation.",
+    )
     upstream_affinity_header: str | None = Field(
         None,
         description="A fleet: the request header whose value names a session (e.g. `x-session-id`). A session's "

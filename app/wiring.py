@@ -74,6 +74,7 @@ def build_upstream(
         inflight or MemoryInFlightTable(),
         EndpointHealth(breakers or MemoryBreakerTable(), breaker_config(settings)),
         affinity_load_factor=settings.upstream_affinity_load_factor,
+        round_robin=settings.upstream_balance == "round_robin",
     )
 
 

@@ -25,8 +25,9 @@ Settings (environment variables, defaults in brackets):
     LOCUST_RESUME              /stream and /ws users resume a broken stream instead of giving it up [1]
     LOCUST_RESUME_ATTEMPTS     resume attempts in a row that got no new event before a stream is given
                                up (truncated); backoff with full jitter as LOCUST_RECONNECT_DELAY, at most 5 s [5]
-    LOCUST_VERIFY_MOCK_TEXT    the host runs the built-in mock: a finished /stream or /ws text must equal the
-                               mock's uninterrupted answer (set 0 for a real upstream) [1]
+    LOCUST_VERIFY_TEXT         what a finished /stream or /ws text must equal: `mock` (the built-in mock's
+                               uninterrupted answer), `fake` (loadtest/fake_openai.py's, `tok0 tok1 ...`, behind
+                               the gateway), `off` (a real upstream) [mock]
     LOCUST_DROP_AFTER_TOKENS   /stream and /ws users close their connection after this many tokens, once per
                                stream, and resume it (exercises resumption without a drain); 0: never [0]
 
@@ -38,7 +39,7 @@ handed to the fleet), it reconnects and continues: `GET /stream/{id}` with `Last
 stream was not handed over: a graceful end and a new request, as without resumption. Refusals (429/503,
 /ws 1013/1012 before any event), connection errors and 502/504 on a resume attempt are retried. At `done`
 the stream as assembled over its connections is checked: every seq from 0 to done's exactly once and in
-order (SSE), as many tokens as `done.tokens`, and with LOCUST_VERIFY_MOCK_TEXT the mock's text.
+order (SSE), as many tokens as `done.tokens`, and the text LOCUST_VERIFY_TEXT names.
 
 Locust entries; the custom ones have the protocol as their type: SSE (/stream), CHAT (/v1/chat/completions),
 WS (/ws):
@@ -143,7 +144,7 @@ CONNECT_TIMEOUT = _env_float("LOCUST_CONNECT_TIMEOUT", 10.0, minimum=0.1)
 SUMMARY_PATH = os.environ.get("LOCUST_SUMMARY_PATH", "").strip()
 RESUME = _env_flag("LOCUST_RESUME", True)
 RESUME_ATTEMPTS = _env_int("LOCUST_RESUME_ATTEMPTS", 5, minimum=1)
-VERIFY_MOCK_TEXT = _env_flag("LOCUST_VERIFY_MOCK_TEXT", True)
+EXPECTED_TEXT = sc.expected_text(os.environ.get("LOCUST_VERIFY_TEXT", "").strip() or "mock", PROMPT)
 DROP_AFTER_TOKENS = _env_int("LOCUST_DROP_AFTER_TOKENS", 0)
 RESUME_BACKOFF_CAP = 5.0  # seconds: the longest jittered wait before a resume attempt
 
@@ -210,8 +211,8 @@ class _Clock:
 
 
 def new_seed_check() -> sc.SeedCheck:
-    """The check of one /stream or /ws stream, comparing its text with the mock's when LOCUST_VERIFY_MOCK_TEXT."""
-    return sc.SeedCheck(expected=(lambda n: sc.mock_text(PROMPT, n)) if VERIFY_MOCK_TEXT else None)
+    """The check of one /stream or /ws stream, comparing its text with the one LOCUST_VERIFY_TEXT names."""
+    return sc.SeedCheck(expected=EXPECTED_TEXT)
 
 
 def resume_retryable(verdict: sc.Verdict) -> bool:

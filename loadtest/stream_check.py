@@ -28,8 +28,9 @@ A stream ends in exactly one of five kinds (the summary keys, `errors` for `erro
 Resuming (a stream spans connections): `SeedCheck` keeps one stream's state across them. `SSEDecoder`
 reports each event's `id:` (`<stream id>-<seq>`), `SeedCheck.should_resume` says whether a connection's
 end is one to resume from, `new_connection` starts the next one, and at `done` the seqs are checked
-(`seq_problem`: every seq from 0 to done's exactly once, in order) and the text compared with
-`mock_text`, a copy of the built-in mock's word function (this module must not import the app).
+(`seq_problem`: every seq from 0 to done's exactly once, in order) and the text compared with the one
+`expected_text` names: `mock_text`, a copy of the built-in mock's word function (this module must not import
+the app), or `fake_text`, the answer of the fake model server (loadtest/fake_openai.py) behind a gateway.
 """
 
 from __future__ import annotations
@@ -248,6 +249,27 @@ def mock_words(prompt: str, start: int, stop: int) -> list[str]:
 def mock_text(prompt: str, tokens: int) -> str:
     """The built-in mock's uninterrupted answer of `tokens` tokens: what a resumed stream must add up to."""
     return "".join(mock_words(prompt, 0, tokens))
+
+
+def fake_text(tokens: int) -> str:
+    """The fake model server's uninterrupted answer (loadtest/fake_openai.py `default_tokens`, copied: the
+    in-cluster Job ships this module alone): `tok0 tok1 ...`, whatever the prompt."""
+    return "".join(f"tok{i} " for i in range(tokens))
+
+
+TEXT_SOURCES = ("mock", "fake", "off")
+
+
+def expected_text(source: str, prompt: str) -> Callable[[int], str] | None:
+    """The uninterrupted text of `tokens` tokens a stream must add up to: the built-in mock's answer to `prompt`
+    (`mock`), the fake model server's (`fake`), or None (`off`: a real model, whose text is not known)."""
+    if source == "mock":
+        return lambda tokens: mock_text(prompt, tokens)
+    if source == "fake":
+        return fake_text
+    if source == "off":
+        return None
+    raise ValueError(f"unknown text source {source!r}: one of {', '.join(TEXT_SOURCES)}")
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:

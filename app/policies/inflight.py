@@ -5,7 +5,10 @@
 once do not both land on the same idle endpoint. `acquire_preferred(keys, load_factor)` is the same
 with a preference order (a session's endpoints, consistent hashing): the first key whose load stays
 within `load_factor` times the mean with this stream counted (bounded loads, Mirrokni et al.), so one
-hot session cannot pile onto one endpoint. `release(key)` takes either back.
+hot session cannot pile onto one endpoint. `acquire_next(keys)` is round robin, the comparison baseline
+(UPSTREAM_BALANCE=round_robin): the key after the one this process picked last, whatever the loads, with a
+cursor per worker as a naive router keeps it; it counts the stream like the others, so metrics and `release`
+stay the same. `release(key)` takes any of them back.
 
 Two implementations of one interface, like the buffered-bytes table (buffers.py):
 
@@ -42,8 +45,13 @@ class InFlightTable(Protocol):
         """The first key (of a non-empty `keys`, in order) within the load bound, now counting one more."""
         ...
 
+    def acquire_next(self, keys: Sequence[str]) -> str:
+        """Round robin: the key (of a non-empty `keys`) after this process's last pick, now counting one more."""
+        ...
+
     def release(self, key: str) -> None:
-        """One stream on `key` ended (called exactly once per `acquire_least` or `acquire_preferred`)."""
+        """One stream on `key` ended (called exactly once per `acquire_least`, `acquire_preferred` or
+        `acquire_next`)."""
         ...
 
     def counts(self, keys: Sequence[str]) -> list[int]:
@@ -70,6 +78,7 @@ class MemoryInFlightTable:
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
+        self._cursor = 0  # round robin: picks so far
 
     def acquire_least(self, keys: Sequence[str]) -> str:
         key = _least(keys, self.counts(keys))
@@ -78,6 +87,12 @@ class MemoryInFlightTable:
 
     def acquire_preferred(self, keys: Sequence[str], load_factor: float) -> str:
         key = _preferred(keys, self.counts(keys), load_factor)
+        self._counts[key] += 1
+        return key
+
+    def acquire_next(self, keys: Sequence[str]) -> str:
+        key = keys[self._cursor % len(keys)]
+        self._cursor += 1
         self._counts[key] += 1
         return key
 
@@ -109,6 +124,7 @@ class SharedInFlightTable(SharedTable):
     def _bind(self, region: SharedRegion) -> None:
         super()._bind(region)
         self._cell_of: tuple[int, int] = (0, -1)  # (pid, cell index) cached: a fork gets a new pid
+        self._cursor = 0  # round robin: this process's picks so far (a forked worker starts from its copy)
 
     def _live_cells(self, buf: mmap.mmap) -> list[tuple[int, int]]:
         """(cell index, owner pid) of every owned cell."""
@@ -170,6 +186,14 @@ class SharedInFlightTable(SharedTable):
         with self._region as buf:
             key = _preferred(keys, self._sum(buf, hashes), load_factor)
             self._add(buf, hashes[keys.index(key)], 1)
+        return key
+
+    def acquire_next(self, keys: Sequence[str]) -> str:
+        key = keys[self._cursor % len(keys)]
+        self._cursor += 1
+        key_hash = self._region.key_hash(key)
+        with self._region as buf:
+            self._add(buf, key_hash, 1)
         return key
 
     def release(self, key: str) -> None:

@@ -23,6 +23,9 @@ permit the answer is the gateway's "circuit open".
 Iteration costs one frame per batch (`FleetStream.__anext__` around the endpoint's): the only place an
 endpoint's mid-stream failure is sure to be seen. Measured at about 0.25 µs per batch over a pass-through
 wrapper (a few tenths of a percent of the gateway's CPU per token). Nothing per token.
+
+UPSTREAM_BALANCE=round_robin takes the accepting endpoints in turn instead, a cursor per worker: what a naive
+router does, kept as the benchmark's baseline (loadtest/bench), not as a recommendation.
 """
 
 from __future__ import annotations
@@ -114,12 +117,14 @@ class FleetUpstream:
         health: EndpointHealth,
         *,
         affinity_load_factor: float,
+        round_robin: bool = False,
     ) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
         self.health = health
         self.table = table
         self._load_factor = affinity_load_factor
+        self._round_robin = round_robin  # UPSTREAM_BALANCE=round_robin: the benchmark's baseline
         self._client = client
         self._clients: dict[str, OpenAIUpstream] = {}
 
@@ -146,6 +151,8 @@ class FleetUpstream:
         if request.affinity:  # a session: its endpoints in rendezvous-hash order, the first within the load bound
             order = sorted(candidates, key=lambda url: _weight(request.affinity, url), reverse=True)
             return self.table.acquire_preferred(order, self._load_factor)
+        if self._round_robin:
+            return self.table.acquire_next(candidates)
         return self.table.acquire_least(candidates)
 
     def can_switch(self, request: ChatRequest) -> bool:

@@ -2,7 +2,7 @@
 capacity, the price of every protection, proxy overhead, RSS per stream, admission and resume-store costs.
 
 Run: `python -m loadtest.bench [--quick] [--rounds N] [--at STREAMS] [--wait-quiet 600] [--profile]
-[--baseline-src DIR] [--output loadtest/results/benchmark.md]`.
+[--baseline-src DIR] [--fleet] [--fleet-streams N] [--output loadtest/results/benchmark.md]`.
 Starts every server it measures on 127.0.0.1 through loadtest/harness/ (the gateways on sockets bound here
 and handed over, the others on free ports; its own redis-server, when one is installed), drives them with
 `loadtest.loadgen` in a separate process (so starting servers and sampling psutil never steal its loop), stops
@@ -26,7 +26,10 @@ Phases, each with only its own servers running (redis-server idles through the o
    A B C ..., round 2: B C ... A). Per configuration the report gives the median and the spread (min-max) of
    server CPU per delivered token (the whole process tree, psutil from /proc) and its ratio to the raw app,
    taken within each round (the headline), beside capacity, TTFT p50/p99 and the share of tokens delivered;
-4. fake_openai (20 tok/s), streamed straight and through a gateway (`UPSTREAM_URL`): TTFT added.
+4. fake_openai (20 tok/s), streamed straight and through a gateway (`UPSTREAM_URL`): TTFT added;
+5. the fleet (`fleet`; `--fleet` runs it alone): three fake model servers, one slow, behind one gateway,
+   `--fleet-streams` concurrent `/v1` streams (240; quick 150), UPSTREAM_BALANCE least_in_flight against
+   round_robin in interleaved rounds: streams per endpoint (max / mean), the slow one's share, TTFT.
 
 A capacity level passes with TTFT p99 <= 300 ms, zero errors and >= 95% of demanded tokens delivered in
 time. On a shared machine other processes skew every number: a level (or the proxy load) during which they
@@ -39,6 +42,7 @@ and the other configurations only in the rounds (their capacity is whether the r
 450 streams, the proxy load; the report lists what dominates.
 
 Modules: `plan` (targets, configurations, plans), `servers` (the processes measured), `measure` (load, CPU,
-capacity searches), `rounds` (the interleaved rounds and their medians, spreads and ratios), `profile` (py-spy),
+capacity searches), `rounds` (the interleaved rounds and their medians, spreads and ratios), `fleet` (the fleet
+section's rounds), `profile` (py-spy),
 `report` (the Markdown), `__main__` (the phases in order).
 """

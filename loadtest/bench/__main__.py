@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import loadtest.bench
+from loadtest.bench.fleet import measure_fleet
 from loadtest.bench.measure import (
     Capacity,
     loadgen_argv,
@@ -32,6 +33,7 @@ from loadtest.bench.measure import (
 from loadtest.bench.plan import (
     ADDED_TTFT_P50_TARGET_MS,
     BUSY_MACHINE_CORES,
+    DEFAULT_FLEET_OUTPUT,
     DEFAULT_OUTPUT,
     FULL,
     MOCK_ENV,
@@ -48,7 +50,7 @@ from loadtest.bench.plan import (
     log,
 )
 from loadtest.bench.profile import profile_load
-from loadtest.bench.report import display_path, ratio, render
+from loadtest.bench.report import display_path, ratio, render, render_fleet
 from loadtest.bench.rounds import BASELINE, RAW, Contestant, measure_rounds
 from loadtest.bench.servers import Server, fake_openai, gateway, gateway_from, raw_app, running, watched
 from loadtest.harness.errors import HarnessError
@@ -91,7 +93,24 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
         action="store_true",
         help="py-spy the gateway under the loads behind missed targets (extra runs, in the report)",
     )
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where the Markdown report is written")
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="only the fleet section: 3 fake model servers (one slow) behind one gateway, least_in_flight against "
+        "round_robin in interleaved rounds (the full and quick runs include it)",
+    )
+    p.add_argument(
+        "--fleet-streams",
+        type=int,
+        metavar="STREAMS",
+        help=f"concurrent streams of the fleet section (full run {FULL.fleet_users}, quick {QUICK.fleet_users})",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"where the Markdown report is written [{DEFAULT_OUTPUT}; --fleet: {DEFAULT_FLEET_OUTPUT}]",
+    )
     p.add_argument(
         "--baseline-src",
         type=Path,
@@ -111,10 +130,16 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
         plan = replace(plan, rounds=a.rounds)
     if a.at is not None:
         plan = replace(plan, round_users=a.at)
+    if a.fleet_streams is not None:
+        if a.fleet_streams < 1:
+            p.error("--fleet-streams: at least 1")
+        plan = replace(plan, fleet_users=a.fleet_streams)
+    plan = replace(plan, fleet_only=a.fleet)
+    output = a.output or (DEFAULT_FLEET_OUTPUT if a.fleet else DEFAULT_OUTPUT)
     plan = replace(plan, all_levels=a.all_levels, quiet_wait_s=a.wait_quiet or plan.quiet_wait_s)
     if a.baseline_src is not None and not (a.baseline_src / "app" / "__main__.py").is_file():
         p.error(f"--baseline-src {a.baseline_src}: not a checkout of this project (no app/__main__.py)")
-    return plan, a.output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
+    return plan, output, a.wait_quiet, a.profile, a.baseline_src.resolve() if a.baseline_src else None
 
 
 def contestants(
@@ -182,6 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     loads = {"start": os.getloadavg()}
     started, t0 = datetime.now(UTC), time.monotonic()
     work_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    if plan.fleet_only:
+        try:
+            fleet = measure_fleet(plan, log_dir, work_dir)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        write_report(
+            output, render_fleet(plan, command=command, started=started, elapsed_s=time.monotonic() - t0, fleet=fleet)
+        )
+        return
     caps: dict[str, Capacity] = {}
     replay: dict[str, Any] = {}
     notes: list[str] = []
@@ -274,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                                 through, argv, seconds, f"proxy, {plan.proxy_users} streams through the gateway"
                             )
                         )
+            log("fleet: least_in_flight against round_robin, one slow model server of three")
+            fleet = measure_fleet(plan, log_dir, work_dir)
         loads["end"] = os.getloadavg()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -295,7 +331,12 @@ def main(argv: list[str] | None = None) -> None:
         notes=notes,
         profiles=profiles,
         baseline_src=baseline_src,
+        fleet=fleet,
     )
+    write_report(output, report)
+
+
+def write_report(output: Path, report: str) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(report)

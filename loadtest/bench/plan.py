@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = Path("loadtest/results/benchmark.md")
+DEFAULT_FLEET_OUTPUT = Path("loadtest/results/benchmark-fleet.md")  # --fleet: the fleet section alone
 
 TTFT_P99_BUDGET_MS = 300.0  # a capacity level passes under this TTFT p99 ...
 MIN_TOKENS_DELIVERED = 0.95  # ... with this share of demanded tokens delivered in time, and zero errors
@@ -35,6 +36,9 @@ INTERFERENCE_CORES = 0.25  # other processes busier than this during a level: it
 INTERFERENCE_RETRIES = 2  # ... at most this many times (the last attempt counts, whatever it saw)
 LEVEL_STEP = 25  # bisected levels are rounded to this many streams
 REPLAY_STREAMS = 50  # streams produced, then each replayed once with Last-Event-ID
+# The fleet section: three fake model servers behind one gateway, one of them slow (a quarter of the pace and a
+# late first token), each balancer (UPSTREAM_BALANCE) in the same interleaved rounds.
+FLEET_BALANCERS = ("least_in_flight", "round_robin")
 
 # Benchmark-only gateway settings: admission and rate limits stay switched on (their cost per request is part of
 # what is measured) but are set so high that no level is ever rejected by them. Every user reuses its address
@@ -109,6 +113,10 @@ class Plan:
     # the rounds' concurrency (the CPU-ratio targets are stated at 1,000 streams); None: where the shipped gateway's
     # capacity search ended (its capacity; with --quick, the highest level it ran)
     round_users: int | None = 1000
+    fleet_users: int = 240  # the fleet section's concurrent /v1 streams (sized for 2 cores: 3 fakes share them)
+    fleet_max_tokens: int = 60  # 3 s at the fast pace, 12 s on the slow endpoint
+    fleet_hold_seconds: float = 15.0
+    fleet_only: bool = False  # --fleet: only the fleet section
 
 
 FULL = Plan(
@@ -140,6 +148,24 @@ QUICK = replace(
     admission_requests=5000,
     admission_redis_requests=1000,
     rounds=2,
+    fleet_users=150,
+    fleet_hold_seconds=8.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEndpoint:
+    """One fake model server of the fleet section."""
+
+    name: str
+    tokens_per_second: float
+    first_token_ms: float
+
+
+FLEET_ENDPOINTS = (
+    FleetEndpoint("fast A", PACE_TOKENS_PER_SECOND, 0.0),
+    FleetEndpoint("fast B", PACE_TOKENS_PER_SECOND, 0.0),
+    FleetEndpoint("slow", PACE_TOKENS_PER_SECOND / 4, 200.0),
 )
 
 

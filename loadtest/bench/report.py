@@ -13,12 +13,15 @@ from typing import Any
 import psutil
 
 from loadtest.admission_bench import markdown as admission_markdown
+from loadtest.bench.fleet import CHAT_PATH, FleetRounds
 from loadtest.bench.measure import Capacity, cpu_per_1k, ms, result_text
 from loadtest.bench.plan import (
     ADDED_TTFT_P50_TARGET_MS,
     BUSY_MACHINE_CORES,
     CAPACITY_RATIO_TARGET,
     CPU_RATIO_TARGET,
+    FLEET_BALANCERS,
+    FLEET_ENDPOINTS,
     GENEROUS_ENV,
     INTERFERENCE_CORES,
     LEVEL_STEP,
@@ -149,6 +152,7 @@ def render(
     notes: list[str],
     profiles: list[dict[str, Any]],
     baseline_src: Path | None = None,
+    fleet: FleetRounds | None = None,
 ) -> str:
     on, raw = caps["on"], caps[RAW]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
@@ -191,10 +195,7 @@ def render(
     lines = [
         "# Streaming gateway benchmark",
         "",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC (took {elapsed_s / 60:.1f} min)",
-        f"- Command: `{command}`",
-        f'- Source: `{source_revision()}` (`git rev-parse --short HEAD`; "dirty": with uncommitted changes)',
-        f"- Machine: {machine()}",
+        *run_facts(command, started, elapsed_s),
         f"- Machine load: {background:.2f} cores busy just before the run"
         f"{' (not idle: expect worse numbers)' if background > BUSY_MACHINE_CORES else ''}; load average "
         f"(1 / 5 / 15 min) {load_text('start')} at the start, {load_text('end')} at the end (the benchmark's own "
@@ -249,6 +250,7 @@ def render(
         + " | — | |",
         f"| Replay of a finished {plan.max_tokens}-token stream from Last-Event-ID `<id>-0`, p50: local / Redis "
         f"| {replay_text('local')} / {replay_text('redis')} | — | |",
+        *([fleet_summary_row(fleet)] if fleet is not None else []),
         "",
         *rounds_section(rounds, caps),
         "## 1. Relay capacity: gateway with protections on (`POST /stream`, built-in mock at 20 tok/s)",
@@ -362,11 +364,96 @@ def render(
         f"**{rss_kb:.1f} KB per stream**. Errors while opening: {rss['errors'] or 0}.",
         "",
     ]
+    if fleet is not None:
+        lines += fleet_section(fleet)
     if profiles:
         lines += profile_section(profiles)
     if baseline_src is not None:
         lines += baseline_section(baseline_src, rounds, caps)
     return "\n".join(lines)
+
+
+def run_facts(command: str, started: datetime, elapsed_s: float) -> list[str]:
+    return [
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC (took {elapsed_s / 60:.1f} min)",
+        f"- Command: `{command}`",
+        f'- Source: `{source_revision()}` (`git rev-parse --short HEAD`; "dirty": with uncommitted changes)',
+        f"- Machine: {machine()}",
+    ]
+
+
+def fleet_summary_row(fleet: FleetRounds) -> str:
+    values = " / ".join(spread_text(fleet.stat(b, "in_flight_max_mean"), ".2f") for b in FLEET_BALANCERS)
+    return (
+        f"| Fleet with one slow model server of {len(FLEET_ENDPOINTS)}: streams in flight per endpoint, max / mean, "
+        f"{' / '.join(FLEET_BALANCERS)} ({fleet.users} streams) | {values} | — | |"
+    )
+
+
+def fleet_section(fleet: FleetRounds) -> list[str]:
+    """Least in flight against round robin over the same fleet, in the same interleaved rounds."""
+    order = "; ".join(f"round {i}: {' '.join(keys)}" for i, keys in enumerate(fleet.orders, start=1))
+    paces = ", ".join(
+        f"{e.name} {e.tokens_per_second:g} tok/s"
+        + (f" + {e.first_token_ms:g} ms to the first token" if e.first_token_ms else "")
+        for e in FLEET_ENDPOINTS
+    )
+    out = [
+        "## Fleet: least in flight against round robin, one slow model server",
+        "",
+        f"One gateway ({WORKERS} workers, as shipped otherwise) in front of {len(FLEET_ENDPOINTS)} fake model servers "
+        f"(`loadtest/fake_openai.py`: {paces}) listed in UPSTREAM_URL, {fleet.users} concurrent `{CHAT_PATH}` "
+        f"streams of {fleet.max_tokens} tokens. Each balancer (UPSTREAM_BALANCE) ran once per round on a fresh "
+        f"gateway, interleaved ({order}); each figure is the median over the rounds, min–max in parentheses. "
+        "`least_in_flight` (the default) sends a new stream to the endpoint with the fewest streams in flight, "
+        "counted for the whole instance; `round_robin` takes the endpoints in turn in each worker, as a naive "
+        "router does: the baseline, not a recommendation. In flight: each fake's streams being generated, sampled "
+        "every 0.5 s while every user was active (max / mean 1.00: even). Served: the streams each fake got.",
+        "",
+        "| Balancer | Streams served, " + " / ".join(e.name for e in FLEET_ENDPOINTS) + " | In flight max / mean "
+        "| Served max / mean | Share to the slow endpoint | TTFT p50 ms | TTFT p99 ms | Tokens in time | Tokens/s "
+        "| Errors | CPU of each fake (cores) | Rest of machine (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in FLEET_BALANCERS:
+        served = " / ".join(spread_text(fleet.served(b, i), ".0f") for i in range(len(FLEET_ENDPOINTS)))
+        fake_cores = " / ".join(spread_text(fleet.fake_cores(b, i), ".2f") for i in range(len(FLEET_ENDPOINTS)))
+        out.append(
+            f"| `{b}` | {served} | **{spread_text(fleet.stat(b, 'in_flight_max_mean'), '.2f')}** "
+            f"| {spread_text(fleet.stat(b, 'served_max_mean'), '.2f')} "
+            f"| {spread_text(fleet.stat(b, 'slow_share'), '.1%')} "
+            f"| {spread_text(fleet.stat(b, 'ttft_p50'), '.1f')} | {spread_text(fleet.stat(b, 'ttft_p99'), '.1f')} "
+            f"| {spread_text(fleet.stat(b, 'delivered'), '.1%')} "
+            f"| {spread_text(fleet.stat(b, 'tokens_per_s'), ',.0f')} | {fleet.errors(b)} "
+            f"| {fake_cores} | {spread_text(fleet.stat(b, 'rest_cores'), '.2f')} |"
+        )
+    out += [
+        "",
+        "Tokens in time: the share of demanded tokens that arrived within the fast pace's stream duration + 1 s; "
+        "a stream on the slow endpoint cannot make it, so the share falls with what the slow endpoint got. "
+        "The fakes share the cores with the gateway, the load generator and whatever else runs on the machine: "
+        "the CPU of each fake and the rest of the machine (what other processes used meanwhile) tell whether a "
+        "TTFT difference is the balancer's or the machine's. Tokens/s: delivered while every user was active; "
+        "streams kept off the slow endpoint finish sooner, so the same users ask for more tokens per second, and "
+        "on cores the gateway shares that costs TTFT.",
+        "",
+    ]
+    return out
+
+
+def render_fleet(plan: Plan, *, command: str, started: datetime, elapsed_s: float, fleet: FleetRounds) -> str:
+    """`--fleet`: the fleet section alone."""
+    return "\n".join(
+        [
+            "# Streaming gateway benchmark: the fleet section",
+            "",
+            *run_facts(command, started, elapsed_s),
+            f"- Rounds: {plan.rounds}; load: streams ramped at {plan.rate:.0f}/s, each user running streams back to "
+            f"back for {plan.fleet_hold_seconds:g} s after the ramp; the load generator shares the same cores.",
+            "",
+            *fleet_section(fleet),
+        ]
+    )
 
 
 def display_path(path: Path) -> Path:

@@ -195,7 +195,13 @@ def raw_app(log_dir: Path, name: str = "raw_asgi") -> Server:
     return Server.start(name, argv, port=port, env=env, log_dir=log_dir, workers=WORKERS)
 
 
-def fake_openai(log_dir: Path) -> Server:
+def fake_openai(
+    log_dir: Path,
+    name: str = "fake_openai",
+    *,
+    tokens_per_second: float = PACE_TOKENS_PER_SECOND,
+    first_token_ms: float = 0.0,
+) -> Server:
     port = free_port()
     argv = [
         sys.executable,
@@ -204,11 +210,11 @@ def fake_openai(log_dir: Path) -> Server:
         "--port",
         str(port),
         "--tokens-per-second",
-        str(PACE_TOKENS_PER_SECOND),
+        f"{tokens_per_second:g}",
         "--first-token-ms",
-        "0",
+        f"{first_token_ms:g}",
     ]
-    return Server.start("fake_openai", argv, port=port, env={}, log_dir=log_dir, workers=0, ready_path="/v1/models")
+    return Server.start(name, argv, port=port, env={}, log_dir=log_dir, workers=0, ready_path="/v1/models")
 
 
 def watched(name: str, child: Child, port: int) -> Server:

@@ -5,7 +5,9 @@
 - `process`: `Child` (a process group with its own log, stopped with SIGTERM then SIGKILL, always reaped),
   `Supervisor` (every child of a run, stopped in reverse order), `socket_activation` (listening sockets handed
   to gunicorn on fds 3, 4, ...) and `require_binary`;
-- `redis`, `prometheus`, `nginx`: Debian's redis-server, Prometheus and nginx on loopback.
+- `redis`, `prometheus`, `nginx`: Debian's redis-server, Prometheus and nginx on loopback;
+- `fake_apiserver`: a Kubernetes API server for EndpointSlices only (list and watch, every object validated
+  against the Kubernetes schema): what UPSTREAM_DISCOVERY=kubernetes watches in the tests and the rehearsal.
 
 tests/ imports this package; nothing here imports tests/ (tests/test_layering_tools.py checks it), and nothing
 here imports pytest: a missing binary or a server that does not start raises `HarnessError`.

@@ -1,7 +1,9 @@
 """Rolling-restart rehearsal: what `kubectl rollout restart` does to the gateway, performed here under load.
 
     python -m loadtest.rehearsal [--duration 30] [--users 30] [--instances 3] [--drain-timeout S] [--prestop 2]
-                                 [--mode full|short-drain|resume] [--output-dir loadtest/results/rehearsal]
+                                 [--mode full|short-drain|resume|models] [--models 3] [--min-ready 2]
+                                 [--kill-grace 1]
+                                 [--output-dir loadtest/results/rehearsal]
 
 One command starts N gateway instances (`python -m app`, 2 workers each, the built-in mock at 20 tok/s, each on
 its own loopback socket that this process binds once and hands over through socket activation, so a
@@ -32,6 +34,16 @@ held:
                  via GET /stream/{id} and checks that the events continue without a gap or duplicate and that
                  the text equals the mock's uninterrupted answer. Expectation: every server_shutdown they saw
                  carried a resume id and was resumed to `done` with the whole text.
+    models       the gateways stay (2 by default) and the MODEL SERVERS roll, as a rollout of a model Deployment
+                 does (models.py): --models fake model servers (loadtest/fake_openai.py at --tokens-per-second),
+                 each the endpoint of an EndpointSlice on an API server in this process
+                 (loadtest/harness/fake_apiserver.py), the gateways watching them (UPSTREAM_DISCOVERY=kubernetes,
+                 UPSTREAM_CONTINUATION=vllm). Each in turn: its replacement started on a new port and added ready,
+                 --min-ready seconds later (minReadySeconds) the old one marked terminating (no new streams),
+                 SIGKILLed --kill-grace seconds later (it does not drain: its streams die mid-stream), its slice
+                 deleted. Locust's /stream and /ws users check every text against the fake's (`tok0 tok1 ...`).
+                 Expectation: 0 failed, 0 truncated and 0 refused streams, and streams in flight at the kills; the
+                 report counts the streams the gateways continued.
 
 Locust runs for --duration seconds, or longer when the rollout needs it: it stops --cooldown seconds after the
 last instance is back (SIGTERM: streams cut by the load test's own stop are counted `aborted`, not truncated).
@@ -42,9 +54,9 @@ Every process started here runs in its own process group and is stopped with it 
 `processes.json` in the output directory lists them while the run lasts, for `kill_recorded()` (tests use it
 as a backstop if this process itself was killed).
 
-Modules: `run` (the instances, the rollout, the checks), `measure` (logs, the resuming clients, Prometheus
-series, Locust's statistics), `report` (the picture and the Markdown), `__main__` (the options); the processes
-come from loadtest/harness/.
+Modules: `run` (the instances, the rollout, the checks), `models` (the model servers and their roll), `measure`
+(logs, the resuming clients, Prometheus series, Locust's statistics), `report` (the picture and the Markdown),
+`__main__` (the options); the processes come from loadtest/harness/.
 """
 
 from __future__ import annotations

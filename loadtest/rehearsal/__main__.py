@@ -19,9 +19,10 @@ from loadtest.rehearsal.report import render_png, render_report
 from loadtest.rehearsal.run import ROOT, Config, Rehearsal
 
 DEFAULT_OUTPUT = ROOT / "loadtest" / "results" / "rehearsal"
-MODES = ("full", "short-drain", "resume")
-DEFAULT_DRAIN = {"full": 30.0, "short-drain": 2.0, "resume": 2.0}
-DEFAULT_CLOSE_GRACE = {"full": 5.0, "short-drain": 2.0, "resume": 2.0}
+MODES = ("full", "short-drain", "resume", "models")
+DEFAULT_DRAIN = {"full": 30.0, "short-drain": 2.0, "resume": 2.0, "models": 30.0}
+DEFAULT_CLOSE_GRACE = {"full": 5.0, "short-drain": 2.0, "resume": 2.0, "models": 5.0}
+DEFAULT_INSTANCES = {"full": 3, "short-drain": 3, "resume": 3, "models": 2}  # models: the gateways are not rolled
 
 
 class Interrupted(BaseException):
@@ -40,7 +41,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--duration", type=float, default=30.0, help="seconds of load at least (longer if the rollout needs it) [30]"
     )
     parser.add_argument("--users", type=int, default=30, help="Locust users [30]")
-    parser.add_argument("--instances", type=int, default=3, help="gateway instances (at least 2) [3]")
+    parser.add_argument(
+        "--instances", type=int, default=None, help="gateway instances (at least 2; models mode: 1) [3; models: 2]"
+    )
+    parser.add_argument("--models", type=int, default=3, help="models mode: fake model servers (at least 2) [3]")
+    parser.add_argument(
+        "--kill-grace",
+        type=float,
+        default=1.0,
+        help="models mode: seconds from a model server's terminating to its SIGKILL [1]",
+    )
+    parser.add_argument(
+        "--min-ready",
+        type=float,
+        default=2.0,
+        help="models mode: seconds a replacement serves before the server it replaces goes terminating "
+        "(a Deployment's minReadySeconds) [2]",
+    )
     parser.add_argument(
         "--drain-timeout", type=float, default=None, help="DRAIN_TIMEOUT_SECONDS [full: 30, short-drain and resume: 2]"
     )
@@ -49,7 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument("--prestop", type=float, default=2.0, help="preStop seconds between removal and SIGTERM [2]")
     parser.add_argument("--max-tokens", type=int, default=150, help="tokens per stream [150]")
-    parser.add_argument("--tokens-per-second", type=float, default=20.0, help="the mock's pace [20]")
+    parser.add_argument(
+        "--tokens-per-second", type=float, default=20.0, help="the mock's pace (models mode: the model servers') [20]"
+    )
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first removal [5]")
     parser.add_argument(
         "--cooldown", type=float, default=3.0, help="seconds of load after the last instance is back [3]"
@@ -63,7 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    if args.instances < 2:
+    instances = args.instances if args.instances is not None else DEFAULT_INSTANCES[args.mode]
+    if args.mode == "models":
+        if instances < 1 or args.models < 2:
+            parser.error("models mode: --instances at least 1, --models at least 2 (one is always being replaced)")
+    elif instances < 2:
         parser.error("--instances must be at least 2 (one is always out of the upstream)")
     if args.users < 1 or args.max_tokens < 1 or args.tokens_per_second <= 0:
         parser.error("--users, --max-tokens and --tokens-per-second must be positive")
@@ -71,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         mode=args.mode,
         duration=args.duration,
         users=args.users,
-        instances=args.instances,
+        instances=instances,
         drain_timeout=args.drain_timeout if args.drain_timeout is not None else DEFAULT_DRAIN[args.mode],
         close_grace=args.close_grace if args.close_grace is not None else DEFAULT_CLOSE_GRACE[args.mode],
         prestop=args.prestop,
@@ -82,6 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         workers=args.workers,
         resume_clients=args.resume_clients,
         output_dir=args.output_dir.resolve(),
+        models=args.models,
+        kill_grace=args.kill_grace,
+        min_ready=args.min_ready,
     )
 
 

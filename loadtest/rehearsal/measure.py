@@ -79,6 +79,18 @@ def nginx_access_stats(path: Path) -> dict[str, Any]:
     }
 
 
+def continuations(metrics_urls: Sequence[str]) -> dict[str, int]:
+    """Streams the gateways continued on another model server after theirs died mid-stream, by result
+    (`continued`, `failed`): `streaming_upstream_continuations_total` summed over the instances' /metrics."""
+    by_result: Counter[str] = Counter()
+    pattern = re.compile(r'^streaming_upstream_continuations_total\{[^}]*result="([^"]+)"[^}]*\} (\S+)$', re.M)
+    for url in metrics_urls:
+        with contextlib.suppress(httpx.HTTPError):
+            for result, value in pattern.findall(httpx.get(url + "/metrics", timeout=5.0).text):
+                by_result[result] += int(float(value))
+    return dict(by_result)
+
+
 # --- resuming SSE clients (resume mode) ---------------------------------------------------------------------
 
 

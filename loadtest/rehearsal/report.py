@@ -41,14 +41,32 @@ def render_png(results: dict[str, Any], path: Path) -> None:
             fontsize=8,
             color=colour,
         )
+    for n, roll in enumerate(results.get("model_rolls") or ()):  # models mode: the model servers' kills
+        for axis in (top, bottom):
+            axis.axvline(roll["killed_at"], color="crimson", linestyle=":", linewidth=1.2)
+        top.annotate(
+            f"SIGKILL {roll['server']}\n{roll['in_flight_at_kill']} in flight",
+            xy=(roll["killed_at"], 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3 - 24 * (n % 3)),  # kills seconds apart: staggered labels
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="crimson",
+        )
     top.set_ylabel("active streams per instance")
     top.set_ylim(bottom=0)
     top.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, borderaxespad=0)
     top.grid(alpha=0.3)
     config = results["config"]
     counts = results["summary"]
+    models = results.get("models")
     top.set_title(
-        f"Rolling restart, mode {results['mode']}: {config['instances']} instances, {config['users']} users, "
+        f"Model servers rolled: {config['models']} model servers, {config['instances']} gateway instance(s), "
+        f"{config['users']} users  —  completed {counts['completed']}, truncated {counts['truncated']}, "
+        f"errors {counts['errors']}, continued {models['continued']}"
+        if models is not None
+        else f"Rolling restart, mode {results['mode']}: {config['instances']} instances, {config['users']} users, "
         f"drain {config['drain_timeout']:g} s, preStop {config['prestop']:g} s  —  completed {counts['completed']}, "
         f"server_shutdown {counts['graceful']}, truncated {counts['truncated']}, errors {counts['errors']}",
         fontsize=9,
@@ -64,10 +82,13 @@ def render_png(results: dict[str, Any], path: Path) -> None:
             )
             highest = max(highest, max(p[1] for p in pairs))
     bottom.set_ylabel("TTFT p95 (ms)")
+    markers = (
+        "dotted: a model server's SIGKILL"
+        if models is not None
+        else "shaded: instance out of nginx's upstream; dashed: SIGTERM"
+    )
     bottom.set_xlabel(
-        "seconds since the load started (shaded: instance out of nginx's upstream; dashed: SIGTERM; "
-        "a line breaks while its instance is not scraped)",
-        fontsize=8,
+        f"seconds since the load started ({markers}; a line breaks while its instance is not scraped)", fontsize=8
     )
     bottom.set_ylim(0, max(highest * 1.3, 10.0))
     bottom.grid(alpha=0.3)
@@ -104,23 +125,87 @@ def _ms(values: list[float]) -> str:
     return f"{max(values) * 1000:.0f} ms" if values else "n/a"
 
 
+def terminations_section(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Per instance",
+        "",
+        "| instance | out of upstream at | SIGTERM at | streams at SIGTERM | drain (SIGTERM → exit) | cut by the drain "
+        "| exit code | replacement ready after | back in upstream at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in results["terminations"]:
+        lines.append(
+            f"| {t['instance']} | {t['removed_at']:.1f} s | {t['sigterm_at']:.1f} s | {t['in_flight_at_sigterm']} | "
+            f"**{t['drain_s']:.2f} s** | {t['cut_by_drain']} | {t['exit_code']} | {t['replacement_ready_s']:.1f} s | "
+            f"{t['added_at']:.1f} s |"
+        )
+    return [
+        *lines,
+        "",
+        'Times are seconds since the load started; "cut by the drain" sums the workers\' '
+        "`drain finished` log lines (streams still running at the drain deadline).",
+        "",
+    ]
+
+
+def models_section(results: dict[str, Any]) -> list[str]:
+    """Models mode: each model server's roll, and what became of the streams it held."""
+    counts, models = results["summary"], results["models"]
+    lines = [
+        "## Model servers",
+        "",
+        f"Streams: **started {counts['started']}, completed {counts['completed']}, failed {counts['errors']}, "
+        f"truncated {counts['truncated']}, continued {models['continued']}** (continued: streams whose model "
+        "server died mid-stream, continued on another one with the text so far as a partial answer; "
+        f"`streaming_upstream_continuations_total` of the gateways, which also counts "
+        f"{models['continuation_failed']} that could not be continued); {models['killed_in_flight']} streams were "
+        "in flight on the model servers when they were killed (their /_stats).",
+        "",
+        "| model server | replaced by | replacement ready at | terminating at | SIGKILL at | streams in flight at "
+        "the kill | requests it served | slice deleted at |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["model_rolls"]:
+        lines.append(
+            f"| {r['server']} | {r['replacement']} | {r['added_at']:.1f} s | {r['terminating_at']:.1f} s "
+            f"| {r['killed_at']:.1f} s | **{r['in_flight_at_kill']}** | {r['requests_served']} "
+            f"| {r['deleted_at']:.1f} s |"
+        )
+    return [*lines, "", "Times are seconds since the load started.", ""]
+
+
 def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
     config, counts = results["config"], results["summary"]
     verdict = "PASS" if results["ok"] else "FAIL"
+    setup = (
+        f"{config['instances']} gateway instance(s) (`python -m app`, {config['workers']} workers each, "
+        "UPSTREAM_DISCOVERY=kubernetes, UPSTREAM_CONTINUATION=vllm) in front of "
+        f"{config['models']} fake model servers (loadtest/fake_openai.py at {config['tokens_per_second']:g} tok/s, "
+        f"max_tokens {config['max_tokens']}: ~{config['stream_seconds']:g} s streams), each the endpoint of an "
+        "EndpointSlice on the rehearsal's own API server (loadtest/harness/fake_apiserver.py), behind Debian's "
+        "nginx, Prometheus scraping each gateway every second, Locust with "
+        f"{config['users']} users (/stream, /v1/chat/completions, /ws; /stream and /ws texts checked against the "
+        f"fake's) for {results['load_seconds']:g} s. Each model server in turn: replacement started on a new port "
+        f"and added ready, {config['min_ready']:g} s later (minReadySeconds) the old one marked terminating, "
+        f"SIGKILLed {config['kill_grace']:g} s later (it does not "
+        "drain: its streams die mid-stream and must continue on another server), its slice deleted."
+        if results["mode"] == "models"
+        else f"{config['instances']} gateway instances (`python -m app`, {config['workers']} workers each, built-in "
+        f"mock at {config['tokens_per_second']:g} tok/s, max_tokens {config['max_tokens']}: "
+        f"~{config['stream_seconds']:g} s streams) behind Debian's nginx (the chart's Ingress settings), Prometheus "
+        f"scraping each instance every second, Locust with {config['users']} users (/stream, /v1/chat/completions, "
+        f"/ws) for {results['load_seconds']:g} s. Each instance in turn: out of the upstream (reload), preStop "
+        f"{config['prestop']:g} s, SIGTERM, drain (DRAIN_TIMEOUT_SECONDS={config['drain_timeout']:g}), exit, "
+        "replacement on the same port, /ready, back in the upstream (reload)."
+        + (" RESUME_STORE=redis on a real redis-server." if results["mode"] == "resume" else "")
+    )
     lines = [
         f"# Rolling-restart rehearsal: mode `{results['mode']}` — {verdict}",
         "",
         f"{results['machine']['date']}, {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
         f"Python {results['machine']['python']}. Command: `{command}`",
         "",
-        f"{config['instances']} gateway instances (`python -m app`, {config['workers']} workers each, built-in mock at "
-        f"{config['tokens_per_second']:g} tok/s, max_tokens {config['max_tokens']}: ~{config['stream_seconds']:g} s "
-        f"streams) behind Debian's nginx (the chart's Ingress settings), Prometheus scraping each instance every "
-        f"second, Locust with {config['users']} users (/stream, /v1/chat/completions, /ws) for "
-        f"{results['load_seconds']:g} s. Each instance in turn: out of the upstream (reload), preStop "
-        f"{config['prestop']:g} s, SIGTERM, drain (DRAIN_TIMEOUT_SECONDS={config['drain_timeout']:g}), exit, "
-        "replacement on the same port, /ready, back in the upstream (reload)."
-        + (" RESUME_STORE=redis on a real redis-server." if results["mode"] == "resume" else ""),
+        setup,
         "",
         "## Streams (Locust)",
         "",
@@ -171,25 +256,10 @@ def render_report(results: dict[str, Any], png_name: str, command: str) -> str:
         + ".",
         "",
     ]
-    lines += [
-        "## Per instance",
-        "",
-        "| instance | out of upstream at | SIGTERM at | streams at SIGTERM | drain (SIGTERM → exit) | cut by the drain "
-        "| exit code | replacement ready after | back in upstream at |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for t in results["terminations"]:
-        lines.append(
-            f"| {t['instance']} | {t['removed_at']:.1f} s | {t['sigterm_at']:.1f} s | {t['in_flight_at_sigterm']} | "
-            f"**{t['drain_s']:.2f} s** | {t['cut_by_drain']} | {t['exit_code']} | {t['replacement_ready_s']:.1f} s | "
-            f"{t['added_at']:.1f} s |"
-        )
-    lines += [
-        "",
-        'Times are seconds since the load started; "cut by the drain" sums the workers\' '
-        "`drain finished` log lines (streams still running at the drain deadline).",
-        "",
-    ]
+    if results.get("models") is not None:
+        lines += models_section(results)
+    else:
+        lines += terminations_section(results)
     if results["resume_clients"] is not None:
         r = results["resume_clients"]
         lines += [

@@ -1,5 +1,6 @@
 """The rehearsal's run: gateway instances behind nginx, Locust load, and one instance at a time through the
-pod termination sequence (removed, preStop, SIGTERM, drain, replaced, added back); its results and checks."""
+pod termination sequence (removed, preStop, SIGTERM, drain, replaced, added back), or in `models` mode one model
+server at a time replaced and killed (models.py); its results and checks."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from loadtest.harness.prometheus import Prometheus, ScrapeTarget, start_promethe
 from loadtest.harness.redis import RedisServer
 from loadtest.rehearsal.measure import (
     ResumeClients,
+    continuations,
     drain_cuts,
     locust_stats,
     log_messages,
@@ -35,6 +37,7 @@ from loadtest.rehearsal.measure import (
     query_series,
     shutdown_ends,
 )
+from loadtest.rehearsal.models import ModelFleet, ModelRoll
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -165,13 +168,16 @@ class Config:
     workers: int
     resume_clients: int
     output_dir: Path
+    models: int = 3  # models mode: fake model servers
+    kill_grace: float = 1.0  # models mode: seconds from terminating to SIGKILL
+    min_ready: float = 2.0  # models mode: seconds a replacement serves before its predecessor goes terminating
 
     @property
     def stream_seconds(self) -> float:
         return self.max_tokens / self.tokens_per_second
 
 
-def gateway_env(config: Config, redis_url: str | None) -> dict[str, str]:
+def gateway_env(config: Config, redis_url: str | None, upstream: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -194,6 +200,7 @@ def gateway_env(config: Config, redis_url: str | None) -> dict[str, str]:
     )
     if redis_url is not None:
         env.update({"RESUME_STORE": "redis", "REDIS_URL": redis_url, "REDIS_TIMEOUT_SECONDS": "2"})
+    env.update(upstream or {})  # models mode: the fleet instead of the built-in mock
     return env
 
 
@@ -206,6 +213,8 @@ def locust_env(config: Config, summary_path: Path) -> dict[str, str]:
             "LOCUST_MAX_RECONNECTS": "5",
             "LOCUST_MAX_RETRY_AFTER": "1",
             "LOCUST_NETWORK_TIMEOUT": f"{max(60.0, config.stream_seconds + config.drain_timeout + 30):g}",
+            # the text each /stream and /ws stream must add up to: the built-in mock's, or the fake model server's
+            "LOCUST_VERIFY_TEXT": "fake" if config.mode == "models" else "mock",
         }
     )
     return env
@@ -224,6 +233,8 @@ class Rehearsal:
         self.locust: Child | None = None
         self.resume_clients: ResumeClients | None = None
         self.terminations: list[Termination] = []
+        self.fleet: ModelFleet | None = None  # models mode
+        self.rolls: list[ModelRoll] = []
         self.problems: list[str] = []
         self.t0 = 0.0  # monotonic, Locust start
         self.t0_epoch = 0.0
@@ -242,7 +253,13 @@ class Rehearsal:
             redis.start()
             redis_url = redis.url
             log(f"redis-server at {redis_url}")
-        env = gateway_env(config, redis_url)
+        upstream = None
+        if config.mode == "models":
+            self.fleet = ModelFleet(config.models, config.tokens_per_second, self.supervisor, self.workdir, self.logdir)
+            self.fleet.start()
+            upstream = self.fleet.gateway_env()
+            log(f"{config.models} model servers in the EndpointSlices of the API server at {self.fleet.api_url}")
+        env = gateway_env(config, redis_url, upstream)
         self.instances = [Instance(i, env, self.supervisor, self.workdir, self.logdir) for i in range(config.instances)]
         # Prometheus first: it applies its targets a few seconds after start (discovery reload interval)
         self.prometheus = start_prometheus(
@@ -375,17 +392,28 @@ class Rehearsal:
         log(f"{instance.name}: replacement ready in {record.replacement_ready_s:.1f} s, back in the upstream")
         return record
 
+    def roll_model(self, fleet: ModelFleet, index: int) -> ModelRoll:
+        record = fleet.roll(index, self.config.min_ready, self.config.kill_grace, self.since)
+        log(
+            f"{record.server}: replaced by {record.replacement}, terminating, SIGKILLed after "
+            f"{self.config.kill_grace:g} s with {record.in_flight_at_kill} streams in flight, out of the slices"
+        )
+        return record
+
     def run(self) -> dict[str, Any]:
         config = self.config
         try:
             self.setup()
             self.start_load()
             time.sleep(config.warmup)
-            for instance in self.instances:
+            for step in range(config.models if self.fleet is not None else len(self.instances)):
                 assert self.locust is not None
                 if self.locust.exited():
                     raise RehearsalError(f"locust exited during the rollout:\n{tail(self.locust.log_path)}")
-                self.terminations.append(self.terminate(instance))
+                if self.fleet is not None:
+                    self.rolls.append(self.roll_model(self.fleet, step))
+                else:
+                    self.terminations.append(self.terminate(self.instances[step]))
             rollout_end = time.monotonic()
             stop_at = max(self.t0 + config.duration, rollout_end + config.cooldown)
             time.sleep(max(0.0, stop_at - time.monotonic()))
@@ -410,6 +438,8 @@ class Rehearsal:
         if self.prometheus is not None:
             self.prometheus.client.close()
         self.supervisor.stop_all()
+        if self.fleet is not None:
+            self.fleet.close()
         for instance in self.instances:
             instance.close()
         for source, name in (
@@ -452,13 +482,40 @@ class Rehearsal:
             ("no stream truncated (truncated == 0)", counts["truncated"] == 0),
             ("no stream ended in an error (errors == 0)", counts["errors"] == 0),
             ("streams completed under load (completed > 0)", counts["completed"] > 0),
-            (
-                f"every instance drained, exited 0 and was replaced ({len(self.terminations)}/{config.instances})",
-                len(self.terminations) == config.instances and all(t.exit_code == 0 for t in self.terminations),
-            ),
             ("the rehearsal's own steps went as planned", not self.problems),
         ]
         longest = max((t.drain_s for t in self.terminations), default=0.0)
+        models = None
+        if self.fleet is not None:
+            continued = continuations([inst.metrics_url for inst in self.instances])
+            models = {
+                "killed_in_flight": sum(r.in_flight_at_kill or 0 for r in self.rolls),
+                "continued": continued.get("continued", 0),
+                "continuation_failed": continued.get("failed", 0),
+            }
+            checks += [
+                (
+                    f"every model server was replaced and SIGKILLed with streams in flight ({len(self.rolls)}/"
+                    f"{config.models} rolled, {models['killed_in_flight']} streams in flight at the kills)",
+                    len(self.rolls) == config.models and models["killed_in_flight"] > 0,
+                ),
+                (
+                    "the gateways were not drained: no server_shutdown (graceful == 0)",
+                    counts["graceful"] == 0,
+                ),
+                (
+                    # limits are lifted and nothing drains: a refusal means the fleet was taken for down
+                    f"no stream refused while one model server was down (refused == 0; {counts['refused']})",
+                    counts["refused"] == 0,
+                ),
+            ]
+        else:
+            checks.append(
+                (
+                    f"every instance drained, exited 0 and was replaced ({len(self.terminations)}/{config.instances})",
+                    len(self.terminations) == config.instances and all(t.exit_code == 0 for t in self.terminations),
+                )
+            )
         if config.mode == "full":
             checks.append(
                 (
@@ -470,7 +527,7 @@ class Rehearsal:
             checks.append(
                 (f"every drain ended before its deadline (longest {longest:.1f} s)", longest < config.drain_timeout)
             )
-        else:
+        elif config.mode != "models":
             checks.append(
                 (
                     f"drain {config.drain_timeout:g} s is shorter than the ~{config.stream_seconds:g} s "
@@ -530,6 +587,8 @@ class Rehearsal:
             "by_endpoint": summary.get("by_endpoint", {}),
             "locust_exit_code": summary.get("exit_code"),
             "terminations": [asdict(t) for t in self.terminations],
+            "model_rolls": [asdict(r) for r in self.rolls],
+            "models": models,
             "nginx_reloads": self.nginx.reloads if self.nginx is not None else [],
             "nginx_requests": nginx_access_stats(self.workdir / "nginx" / "access.log"),
             "resume_clients": resume,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.policies.inflight import SharedInFlightTable
+from app.policies.inflight import InFlightTable, MemoryInFlightTable, SharedInFlightTable
 from app.settings import Settings
 from loadtest.harness.wait import wait_until
 from tests.conftest import GatewayFactory
@@ -40,6 +40,22 @@ def test_slow_endpoint_gets_fewer_streams(start_gateway: GatewayFactory) -> None
         assert slow["requests"] < fast_a["requests"]
         assert slow["requests"] < fast_b["requests"]
         assert fast_a["requests"] > 0 and fast_b["requests"] > 0 and slow["requests"] > 0  # nobody starved
+
+
+def test_round_robin_gives_the_slow_endpoint_its_turn(start_gateway: GatewayFactory) -> None:
+    """UPSTREAM_BALANCE=round_robin, the benchmark's baseline: each worker takes the endpoints in turn, whatever
+    their load. However the streams fall on the two workers, each worker's rotation gives every endpoint its
+    third (give or take one per worker), the slow one included."""
+    with fake_fleet({"tokens_per_second": 400}, {"tokens_per_second": 400}, {"tokens_per_second": 20}) as fakes:
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes), UPSTREAM_BALANCE="round_robin", UPSTREAM_RETRIES=0
+        )
+        with httpx.Client(timeout=30) as client:
+            for _ in range(TIED_STREAMS):
+                assert stream_chat(gateway.url, 2, client).rstrip().endswith("data: [DONE]")
+        counts = [fake.stats()["requests"] for fake in fakes]
+        assert sum(counts) == TIED_STREAMS
+        assert max(counts) - min(counts) <= 2, counts  # two workers, each at most one turn ahead on an endpoint
 
 
 # (fault scripted on A, the client leaves after the first bytes): every way a stream ends but completion
@@ -119,6 +135,22 @@ def test_counts_are_shared_across_processes_and_reclaimed() -> None:
     assert table.reclaim(pid)
     assert table.counts(keys) == [0, 0]
     table.close()
+
+
+@pytest.mark.parametrize("make", [MemoryInFlightTable, SharedInFlightTable])
+def test_round_robin_takes_keys_in_turn_whatever_their_load(make: type[InFlightTable]) -> None:
+    """UPSTREAM_BALANCE=round_robin (the benchmark's baseline): in turn, blind to the counts, yet counted."""
+    table = make()
+    keys = ["http://a/v1", "http://b/v1", "http://c/v1"]
+    picked = [table.acquire_next(keys) for _ in range(6)]
+    assert picked == keys + keys  # a loaded key gets its turn all the same
+    assert table.counts(keys) == [2, 2, 2]
+    for key in picked:
+        table.release(key)
+    assert table.counts(keys) == [0, 0, 0]
+    assert table.acquire_next(keys[:2]) == "http://a/v1"  # the set shrank: the cursor wraps over what is left
+    if isinstance(table, SharedInFlightTable):
+        table.close()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from app.upstream.discovery import Endpoint, with_address
 from app.upstream.k8s_discovery import slice_endpoints
-from tests.fleet.fake_apiserver import READY, TERMINATING, endpoint_slice
+from loadtest.harness.fake_apiserver import READY, TERMINATING, endpoint_slice
 
 
 def test_an_address_replaces_the_host_and_keeps_the_rest() -> None:

@@ -1,5 +1,5 @@
 """UPSTREAM_DISCOVERY=kubernetes against a small API server speaking the real list/watch protocol
-(tests/fleet/fake_apiserver.py: real EndpointSlice objects, each validated against the Kubernetes schema).
+(loadtest/harness/fake_apiserver.py: real EndpointSlice objects, each validated against the Kubernetes schema).
 
 Two fake model servers are the Service's pods (127.0.0.2 and 127.0.0.3, one port). The gateway finds the
 API server through KUBECONFIG, as the official client does outside a pod.
@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.harness.fake_apiserver import READY, TERMINATING, FakeApiServer, endpoint_slice, serving
 from loadtest.harness.wait import wait_until
 from tests.conftest import FakeUpstream, GatewayFactory
-from tests.fleet.fake_apiserver import READY, TERMINATING, FakeApiServer, endpoint_slice, serving
 from tests.fleet.fakes import fake_server, stream_chat
 from tests.fleet.test_dns_discovery import _only, _reaches
 

@@ -128,7 +128,7 @@ def test_locust_streams_complete_against_the_gateway(start_gateway: GatewayFacto
     summary = run.summary
     assert summary["completed"] > 0 and summary["ok"] is True, summary
     assert (summary["truncated"], summary["errors"], summary["refused"], summary["graceful"]) == (0, 0, 0, 0)
-    # nothing broke, so nothing was resumed; every /stream and /ws text was the mock's (LOCUST_VERIFY_MOCK_TEXT)
+    # nothing broke, so nothing was resumed; every /stream and /ws text was the mock's (LOCUST_VERIFY_TEXT=mock)
     assert (summary["resumed"], summary["resume_mismatch"], summary["not_resumable"]) == (0, 0, 0)
     assert_consistent(summary)
     for endpoint in ("/stream", "/v1/chat/completions", "/ws"):
@@ -165,7 +165,7 @@ def stub_gateway() -> Any:
 
 def test_locust_counts_truncated_graceful_and_refused_streams(stub_gateway: str, tmp_path: Path) -> None:
     proc = start_locust(
-        stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1, verify_mock_text=0
+        stub_gateway, tmp_path, users=3, seconds=3, max_retry_after=0.05, max_reconnects=1, verify_text="off"
     )  # the stub is not the mock
     run = finish_locust(proc, tmp_path, 3)
 

@@ -6,6 +6,9 @@ headless; each instance taken out of nginx, SIGTERMed, drained and replaced unde
   server_shutdown, exit code 0, a valid PNG and a report with the numbers.
 - `short-drain`: a drain timeout shorter than the streams: the streams still running at the deadline ended with
   server_shutdown (graceful > 0) and none ended silently (truncated = 0).
+- `models`: the gateways stay, the model servers roll (fake ones behind a fake API server's EndpointSlices):
+  each replaced, marked terminating and SIGKILLed with streams in flight, which continue on another model server
+  (UPSTREAM_CONTINUATION=vllm): no stream failed, truncated or refused, each text exactly the fake's.
 
 nginx and Prometheus are required: a missing one fails the test (CI installs both, .ci/bootstrap.sh). Every
 process a rehearsal starts is stopped by the rehearsal; if the rehearsal itself has to be killed, the test kills
@@ -239,3 +242,48 @@ def test_short_drain_ends_cut_streams_with_server_shutdown(tmp_path: Path) -> No
     assert set(results["by_reason"]) <= {"graceful:server_shutdown", "refused:503:draining", "refused:1012:draining"}, (
         results["by_reason"]
     )
+
+
+def test_rolling_the_model_servers_fails_no_stream(tmp_path: Path) -> None:
+    """Three model servers, each replaced and SIGKILLed (1 s after it went terminating) under 20 users' streams of
+    100 tokens at 20 tok/s (5 s): the streams it held continue elsewhere, to the exact text (Locust checks each
+    /stream and /ws text against the fake's)."""
+    run = run_rehearsal(
+        tmp_path,
+        "--mode",
+        "models",
+        "--instances",
+        "1",
+        "--models",
+        "3",
+        "--users",
+        "20",
+        "--duration",
+        "20",
+        "--warmup",
+        "3",
+        "--cooldown",
+        "3",
+        "--max-tokens",
+        "100",
+    )
+    results = run.results
+    counts, models = results["summary"], results["models"]
+    rolls = results["model_rolls"]
+    assert [r["server"].split(".")[0] for r in rolls] == ["model-0", "model-1", "model-2"]
+    assert all(r["added_at"] <= r["terminating_at"] < r["killed_at"] <= r["deleted_at"] for r in rolls), rolls
+    assert models["killed_in_flight"] > 0, rolls  # the kills cut streams mid-stream: there was something to continue
+    # the target: every stream a killed server held continued on another one
+    assert (counts["errors"], counts["truncated"], counts["refused"]) == (0, 0, 0), results["by_reason"]
+    # (not compared with killed_in_flight: a stream may end between the fakes' count and the kill)
+    assert models["continued"] > 0 and models["continuation_failed"] == 0, models
+    assert counts["completed"] > 0 and counts["in_flight"] == 0, counts
+    for endpoint in ("/stream", "/v1/chat/completions", "/ws"):
+        assert results["by_endpoint"][endpoint]["completed"] > 0, endpoint
+    assert results["ok"] is True and run.returncode == 0, results["checks"]
+    report = run.report
+    assert (
+        f"started {counts['started']}, completed {counts['completed']}, failed 0, truncated 0, "
+        f"continued {models['continued']}"
+    ) in report
+    assert "- [ ]" not in report

@@ -208,3 +208,17 @@ def test_websocket_frames_from_the_contract(frames: list[str], close_code: int, 
 )
 def test_http_refusals_from_the_contract(status: int, body: bytes, expected: str) -> None:
     assert sc.classify_status(status, body).name == expected
+
+
+def test_fake_text_is_the_fake_model_servers_answer() -> None:
+    """A copy (the in-cluster Job ships stream_check alone): it must stay equal to what the fake streams."""
+    from loadtest.fake_openai import default_tokens
+
+    assert sc.fake_text(5) == "".join(default_tokens(5)) == "tok0 tok1 tok2 tok3 tok4 "
+    fake = sc.expected_text("fake", "any prompt")
+    mock = sc.expected_text("mock", "a prompt")
+    assert fake is not None and fake(3) == "tok0 tok1 tok2 "
+    assert mock is not None and mock(4) == sc.mock_text("a prompt", 4)
+    assert sc.expected_text("off", "a prompt") is None
+    with pytest.raises(ValueError, match="unknown text source"):
+        sc.expected_text("vllm", "a prompt")
