@@ -1,7 +1,9 @@
 """The fleet-wide resume backend: one Redis Stream per stream, so a client resumes on any replica.
 
-Each flush is one pipeline for every dirty stream of the worker: `XADD <prefix><stream id> MAXLEN ~ n
-* d <bytes>` (one entry per flush, holding whole SSE frames) and `PEXPIRE <key> <ttl>`. The TTL is
+Each flush is one call for every dirty stream of the worker (storage/lua/resume_append.lua, one EVALSHA):
+per stream `XADD <prefix><stream id> MAXLEN ~ n * d <bytes>` (one entry per flush, holding whole SSE frames)
+and `PEXPIRE <key> <ttl>`. One command instead of a pipeline of two per stream: redis-py packs and parses
+every command of a pipeline in Python, which cost more than Redis itself (measured: see the commit). The TTL is
 renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last event; Redis deletes
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
@@ -19,15 +21,17 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager
 
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT
 
 from app.storage.errors import wrap_errors
-from app.storage.redis import REDIS_ERRORS, LazyRedis
+from app.storage.redis import REDIS_ERRORS, LazyRedis, RedisScripts, load_lua
 
 DEFAULT_PREFIX = "gw:rs:"
 FIELD = b"d"  # the field of an entry that holds the frames of one flush
 OWNER_FIELD = b"o"  # the first entry of a stream: its owner
 READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
+WRITE_BATCH = 1000  # streams per append call: bounds how long one call holds Redis
+_APPEND = load_lua("resume_append")
 
 
 def redis_resume_errors() -> AbstractContextManager[None]:
@@ -49,22 +53,23 @@ class RedisStreamsBackend:
         # An entry holds at least one event, so RESUME_MAX_EVENTS entries bound any stream the store
         # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
         self.max_entries = max_entries
+        self._scripts = RedisScripts(redis, _APPEND)
 
     def key(self, stream_id: str) -> str:
         return self.prefix + stream_id
 
     async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
+        items = list(chunks.items())
         with redis_resume_errors():
-            pipe = self.redis.client().pipeline(transaction=False)
-            for stream_id, payload in chunks.items():
-                key = self.key(stream_id)
-                owner = created.get(stream_id)
-                entry: dict[FieldT, EncodableT] = {FIELD: payload}
-                if owner is not None:
-                    entry[OWNER_FIELD] = owner.encode()
-                pipe.xadd(key, entry, maxlen=self.max_entries, approximate=True)
-                pipe.pexpire(key, self.ttl_ms)
-            await pipe.execute()
+            client, (append,) = self._scripts.scripts()
+            for start in range(0, len(items), WRITE_BATCH):
+                keys: list[str] = []
+                args: list[EncodableT] = [self.ttl_ms, self.max_entries or ""]
+                for stream_id, payload in items[start : start + WRITE_BATCH]:
+                    owner = created.get(stream_id)
+                    keys.append(self.prefix + stream_id)
+                    args += (payload, b"0", b"") if owner is None else (payload, b"1", owner)
+                await append(keys, args, client)
 
     async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
         key = self.key(stream_id)

@@ -19,6 +19,7 @@ escape = encode_basestring_ascii  # str -> JSON string literal, identical to jso
 PING = b": ping\n\n"
 DONE_SENTINEL = b"data: [DONE]\n\n"
 DELTA_TAIL = ',"logprobs":null,"finish_reason":null}]}\n\n'  # after a whole delta object
+CHUNK_TAIL = '},"logprobs":null,"finish_reason":null}]}\n\n'  # after a text delta's content
 SEED_STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
 SEED_TOKEN_HEAD = 'data: {"type": "token", "content": '
 SEED_TOKEN_TAIL = "}\n\n"
@@ -65,12 +66,18 @@ class SeedEncoder:
         return self._framed(SEED_STATUS)
 
     def tokens(self, batch: Batch) -> bytes:
-        batch = batch_texts(batch)  # the seed protocol carries text only
-        head, tail, prefix, seq = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL, self._id_prefix, self.seq
+        if isinstance(batch, DeltaBatch):
+            batch = batch_texts(batch)  # the seed protocol carries text only
+        prefix, seq = self._id_prefix, self.seq
         self.seq = seq + len(batch)
+        if len(batch) == 1:  # the common batch at a model's pace: no list, no join
+            if prefix is None:
+                return f"{SEED_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
+            return f"{prefix}{seq}\n{SEED_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
+        head, tail = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL
         if prefix is None:
             return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
-        return "".join([f"{prefix}{seq + i}\n{head}{escape(text)}{tail}" for i, text in enumerate(batch)]).encode()
+        return "".join([f"{prefix}{i}\n{head}{escape(text)}{tail}" for i, text in enumerate(batch, seq)]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
         return self._final(f'data: {{"type": "done", "tokens": {tokens}}}\n\n'.encode())
@@ -160,8 +167,9 @@ class ChatChunkEncoder:
                 [f"{head}{json.dumps(delta, separators=(',', ':'), ensure_ascii=False)}{DELTA_TAIL}" for delta in batch]
             ).encode()
         head = self._head
-        tail = '},"logprobs":null,"finish_reason":null}]}\n\n'
-        return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()
+        if len(batch) == 1:
+            return f"{head}{escape(batch[0])}{CHUNK_TAIL}".encode()
+        return "".join([f"{head}{escape(text)}{CHUNK_TAIL}" for text in batch]).encode()
 
     def done(self, tokens: int, finish_reason: str | None, usage: Usage | None) -> bytes:
         out = self._chunk("{}", finish_reason or "stop")

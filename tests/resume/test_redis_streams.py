@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.resume.progress import read_log
-from app.resume.redis_streams import FIELD, RedisStreamsBackend
+from app.resume.redis_streams import FIELD, OWNER_FIELD, WRITE_BATCH, RedisStreamsBackend
 from app.storage.redis import LazyRedis
 from loadtest.harness.redis import RedisServer, started_redis
 
@@ -36,6 +36,33 @@ def test_a_log_written_before_owners_were_recorded_is_a_keyless_streams(redis_se
             assert await backend.read("old", found[1], "") == (b"", found[1])
             assert await backend.read("old", "", "owner-a") is None  # a keyed owner is not the keyless one
             assert await read_log(backend, "old", "") == found[0]  # what a claimer continues from
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_one_flush_appends_every_stream_with_its_owner_and_ttl(redis_server: RedisServer) -> None:
+    """A flush is one call for all of a worker's streams (more than one call's worth here): each stream gets
+    its frames as one entry, the owner on its first entry only, and its TTL renewed."""
+
+    async def scenario() -> None:
+        redis = LazyRedis(redis_server.url)
+        backend = RedisStreamsBackend(redis, ttl_s=60, prefix=PREFIX, max_entries=None)
+        ids = [f"s{i}" for i in range(WRITE_BATCH + 1)]
+        try:
+            await backend.write({sid: f"id: {sid}-0\n\n".encode() for sid in ids}, {sid: "owner-a" for sid in ids})
+            await backend.write({ids[0]: b"id: s0-1\n\n", ids[-1]: b"id: last-1\n\n"}, {})
+            found = await backend.read(ids[0], "", "owner-a")
+            assert found is not None and found[0] == b"id: s0-0\n\nid: s0-1\n\n"
+            assert await backend.read(ids[-1], "", "owner-b") is None  # its owner came with the first write's 2nd call
+            last = await backend.read(ids[-1], "", "owner-a")
+            assert last is not None and last[0] == f"id: {ids[-1]}-0\n\nid: last-1\n\n".encode()
+            client = redis.client()
+            entries = await client.xrange(PREFIX + ids[0])
+            assert [sorted(fields or {}) for _, fields in entries or []] == [[FIELD, OWNER_FIELD], [FIELD]]
+            for sid in (ids[0], ids[WRITE_BATCH]):
+                assert 0 < await client.pttl(PREFIX + sid) <= 60_000
         finally:
             await redis.aclose()
 
