@@ -27,6 +27,7 @@ wrapper (a few tenths of a percent of the gateway's CPU per token). Nothing per 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 
@@ -153,11 +154,6 @@ class FleetUpstream:
         tried = request.tried_endpoints
         return any(url not in tried for url in self.health.available(list(self._accepting())))
 
-    def cut_while_opening(self, request: ChatRequest) -> None:
-        """The request's attempt was cut by the first-token deadline before its endpoint answered: a stall."""
-        if request.tried_endpoints:
-            self.health.record(request.tried_endpoints[-1], "timeout", None)
-
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
@@ -181,6 +177,13 @@ class FleetUpstream:
         except GatewayError as error:
             self.table.release(url)
             self.health.failed(url, error, permit, charged_client(error, request))
+            raise
+        except asyncio.CancelledError:
+            self.table.release(url)
+            if request.cut_for_upstream_fault():  # a deadline cut it while this endpoint withheld its answer
+                self.health.record(url, "timeout", permit)  # a half-open probe that never answered reopens it
+            else:
+                permit.release()  # the client left: no verdict
             raise
         except BaseException:
             self.table.release(url)

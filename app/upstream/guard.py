@@ -61,14 +61,11 @@ def charged_client(error: GatewayError, request: ChatRequest) -> str | None:
 
 
 class Failover(Protocol):
-    """A fleet, seen from the guard: where the next attempt can go, and a stall at opening to count."""
+    """A fleet, seen from the guard: where the next attempt can go. (An attempt cut while opening the fleet
+    settles itself, on the endpoint it went to: `ChatRequest.cut_for_upstream_fault`.)"""
 
     def can_switch(self, request: ChatRequest) -> bool:
         """The request's next attempt would go to an endpoint it has not tried yet."""
-        ...
-
-    def cut_while_opening(self, request: ChatRequest) -> None:
-        """The attempt in flight was cut for the upstream's fault (the first-token deadline)."""
         ...
 
 
@@ -230,12 +227,10 @@ class GuardedUpstream:
                 await self._backoff(request, error, kind, attempt)
                 attempt += 1
             except asyncio.CancelledError:
-                if cut_for_upstream_fault() and self.failover is not None:
-                    self.failover.cut_while_opening(request)
-                elif cut_for_upstream_fault():
+                if self.failover is None and cut_for_upstream_fault():
                     self.judge(permit.record_failure)  # a half-open probe that never answered reopens it
                 else:
-                    permit.release()
+                    permit.release()  # the client left; or a fleet, which settled its endpoint's permit itself
                 raise
             except BaseException:
                 permit.release()
@@ -276,6 +271,7 @@ class GuardedUpstream:
         token): was the stream cut for the upstream's fault (a first-token deadline while the upstream still
         withheld its answer)? Then the attempt in flight is a failure, not a client leaving. A cut during a
         retry's backoff settles nothing: no attempt is in flight then."""
+        request.cut_for_upstream_fault = cut_for_upstream_fault  # what a fleet (or a continuation) asks too
         inner, permit, attempt = await self._attempt(request, max_batch, headers, 0, cut_for_upstream_fault)
         return GuardedStream(self, request, max_batch, headers, inner, permit, attempt, cut_for_upstream_fault)
 
