@@ -16,8 +16,8 @@ relay's inter-token deadline (it runs inside the `__anext__` the deadline watche
 
 Not continued, the original error goes on: a break before the first batch (the guard retries those), an
 error the model server sent or garbled data (it is alive: asking again would get the same), a deadline cut
-(a cancellation, never seen here), and a stream that relayed more than text (tool calls, a refusal): a partial
-assistant message carries text only.
+(a cancellation: it goes on up, a continuation being opened counted as failed), and a stream that relayed more
+than text (tool calls, a refusal): a partial assistant message carries text only.
 
 Cost: per batch one type check, one list extend (references to the token strings the upstream made anyway,
 copied in C) and one addition: about 0.2 µs per batch (README, "A model server dies mid-stream"). Every
@@ -159,6 +159,13 @@ class ContinuingStream(UpstreamStreamWrapper):
             return usage
         # the continuation's prompt held the text so far; its completion is the rest of the answer
         return Usage(max(0, usage.prompt_tokens - before), usage.completion_tokens + before)
+
+    def mark_failed(self) -> None:
+        """A deadline cut: counted against the stream being read. None while a continuation is opening: that
+        attempt settles itself on the endpoint it went to (`ChatRequest.cut_for_upstream_fault`), and the broken
+        stream before it already reported its own failure."""
+        if not self._closed:
+            self._inner.mark_failed()
 
     async def aclose(self) -> None:
         if not self._closed:

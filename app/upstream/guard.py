@@ -90,6 +90,7 @@ class GuardedStream(UpstreamStreamWrapper):
         "_permit",
         "_attempt",
         "_started",
+        "_retrying",
         "_cut_for_upstream_fault",
     )
 
@@ -113,6 +114,7 @@ class GuardedStream(UpstreamStreamWrapper):
         self._permit = permit
         self._attempt = attempt
         self._started = False  # a batch went to the relay: no more retries
+        self._retrying = False  # the stream failed before its first batch; a retry is opening
 
     def __aiter__(self) -> GuardedStream:
         return self
@@ -131,6 +133,7 @@ class GuardedStream(UpstreamStreamWrapper):
                     raise
                 kind = error_kind(error)
                 self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client))
+                self._retrying = True  # the failed stream is done with: a cut from here on is the retry's
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
                     self._request,
@@ -141,6 +144,7 @@ class GuardedStream(UpstreamStreamWrapper):
                     self._attempt,
                     self._cut_for_upstream_fault,
                 )
+                self._retrying = False
                 continue
             if not self._started:
                 self._started = True
@@ -152,6 +156,8 @@ class GuardedStream(UpstreamStreamWrapper):
 
     def mark_failed(self) -> None:
         """The relay cut this stream for the upstream's fault (a stall): count it against the upstream."""
+        if self._retrying:
+            return  # cut while a retry was opening: that attempt settled its own permit (`GuardedUpstream._attempt`)
         if self._guard.failover is not None:
             self._inner.mark_failed()  # a fleet: the endpoint's breaker (upstream/fleet.py)
         elif self._started:

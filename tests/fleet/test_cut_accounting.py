@@ -22,7 +22,7 @@ from app.upstream.client import OpenAIUpstream
 from app.upstream.continuing import ContinuingUpstream
 from app.upstream.discovery import StaticDiscovery
 from app.upstream.fleet import FleetUpstream
-from app.upstream.guard import GuardedUpstream
+from app.upstream.guard import GuardedStream, GuardedUpstream
 from app.upstream.health import EndpointHealth
 from tests.policies.policy_fakes import FakeClock
 from tests.upstream.test_continuing import Script, ScriptedStream
@@ -134,3 +134,38 @@ async def test_a_client_leaving_while_opening_is_no_verdict() -> None:
     assert health.states([A]) == [BreakerState.HALF_OPEN]
     assert health.available([A]) == [A]  # the probe slot is free again
     assert _failures(health, A) == {"reset": 1}
+
+
+@run
+async def test_a_retry_cut_while_opening_is_charged_to_its_endpoint_only() -> None:
+    """A resets before its first token; the retry goes to B, which hangs; the first-token deadline cuts it."""
+    a, b = Endpoint(A, [Script([], error=RESET)]), Endpoint(B, [HANG])
+    guard, health, _ = _stack({A: a, B: b})
+    request = _request()
+    stream = await guard.open(request, max_batch=8, cut_for_upstream_fault=lambda: True)
+    assert isinstance(stream, GuardedStream)
+    await _cut(stream.__anext__(), b)
+    stream.mark_failed()  # the relay blames the upstream for the deadline
+    await stream.aclose()
+    assert _failures(health, A) == {"reset": 1}  # once, for the reset: not a second time for B's stall
+    assert _failures(health, B) == {"timeout": 1}
+    assert request.tried_endpoints == [A, B]
+
+
+@run
+async def test_a_continuation_cut_while_opening_is_charged_to_its_endpoint_only() -> None:
+    """A dies mid-stream; the continuation's open on B hangs until the inter-token deadline cuts it."""
+    a, b = Endpoint(A, [Script([["one", "two"]], error=RESET)]), Endpoint(B, [HANG])
+    guard, health, clock = _stack({A: a, B: b}, continuing=True)
+    health.record(B, "reset", None)  # B half-open: its probe is the continuation
+    clock.advance(CONFIG.open_seconds)
+    request = _request()
+    stream = await guard.open(request, max_batch=8, cut_for_upstream_fault=lambda: True)
+    assert await stream.__anext__() == ["one", "two"]
+    await _cut(stream.__anext__(), b)
+    stream.mark_failed()
+    await stream.aclose()
+    assert _failures(health, A) == {"reset": 1}
+    assert _failures(health, B) == {"reset": 1, "timeout": 1}
+    assert health.states([B]) == [BreakerState.OPEN]  # the probe that hung reopened it
+    assert request.tried_endpoints == [A, B]
