@@ -30,6 +30,7 @@ from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREA
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
 from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, UpstreamStreamWrapper
+from app.upstream.client import waited_for_pool
 
 
 def _not_cut() -> bool:
@@ -69,9 +70,9 @@ class Failover(Protocol):
         ...
 
 
-def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) -> None:
-    if kind is ErrorKind.RATE_LIMITED:
-        permit.release()  # the upstream is alive and said "slow down": not a health failure
+def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None, error: GatewayError) -> None:
+    if kind is ErrorKind.RATE_LIMITED or waited_for_pool(error):
+        permit.release()  # alive and said "slow down", or never reached (this worker's pool was full): no verdict
     elif kind is ErrorKind.CLIENT:
         permit.record_success()  # it answered sensibly (any 4xx); the request was at fault
     else:
@@ -132,7 +133,7 @@ class GuardedStream(UpstreamStreamWrapper):
                     self._guard.broke_mid_stream(client)
                     raise
                 kind = error_kind(error)
-                self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client))
+                self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client, error))
                 self._retrying = True  # the failed stream is done with: a cut from here on is the retry's
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
@@ -227,7 +228,7 @@ class GuardedUpstream:
                 return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
             except GatewayError as error:
                 kind, client = error_kind(error), charged_client(error, request)
-                self.judge(functools.partial(_settle_failed_attempt, permit, kind, client))
+                self.judge(functools.partial(_settle_failed_attempt, permit, kind, client, error))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
                 await self._backoff(request, error, kind, attempt)

@@ -44,6 +44,7 @@ from app.policies.breakers import FAILURE_REASONS, BreakerTable
 from app.policies.clock import MONOTONIC, Clock
 from app.policies.inflight import MAX_ENDPOINTS, InFlightTable
 from app.policies.retry import ErrorKind, error_kind_for_status
+from app.upstream.client import waited_for_pool
 from app.upstream.discovery import Discovery
 
 EJECTING = frozenset({"connect", "reset", "probe"})  # failures that open an endpoint's breaker at once
@@ -52,6 +53,8 @@ OTHER_ENDPOINT = "other"  # the label of endpoints beyond UPSTREAM_ENDPOINT_LABE
 
 def failure_reason(error: GatewayError) -> str | None:
     """What an endpoint's failure counts as (a FAILURE_REASONS entry); None: not a health failure."""
+    if waited_for_pool(error):
+        return None  # this worker's own pool was full: the endpoint was never reached
     if isinstance(error, StreamTimeoutError):
         return "connect" if error.deadline == "upstream connect" else "timeout"
     if not isinstance(error, UpstreamError):
