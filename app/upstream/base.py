@@ -107,6 +107,13 @@ class UpstreamStream(Protocol):
         """Token counts, when the upstream reports them."""
         ...
 
+    @property
+    def dropped_more_than_text(self) -> bool:
+        """True once it left out a delta that carried more than text (tool calls, a refusal) for a client that
+        takes text only (`ChatRequest.full_deltas` False): the text relayed is not the whole answer so far, so
+        it cannot be continued as a partial message (upstream/continuing.py)."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[Batch]: ...
 
     async def __anext__(self) -> Batch: ...
@@ -135,6 +142,10 @@ class UpstreamStreamWrapper:
     @property
     def usage(self) -> Usage | None:
         return self._inner.usage
+
+    @property
+    def dropped_more_than_text(self) -> bool:
+        return self._inner.dropped_more_than_text
 
     def __aiter__(self) -> AsyncIterator[Batch]:
         return self._inner.__aiter__()

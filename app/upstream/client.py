@@ -192,6 +192,7 @@ class OpenAIStream:
         "_full_deltas",
         "finish_reason",
         "usage",
+        "dropped_more_than_text",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, *, full_deltas: bool = False) -> None:
@@ -206,6 +207,7 @@ class OpenAIStream:
         self._failure: UpstreamError | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.dropped_more_than_text = False  # a tool call or refusal left out (a text-only client)
 
     def __aiter__(self) -> OpenAIStream:
         return self
@@ -294,8 +296,11 @@ class OpenAIStream:
             if more and self._full_deltas:
                 whole = True
                 batch.append({k: v for k, v in delta.items() if k != "role" and v is not None})
-            elif content:
-                batch.append(content)
+            else:
+                if more:  # the seed protocol has no place for it: its text (if any) goes on, the rest is left out
+                    self.dropped_more_than_text = True
+                if content:
+                    batch.append(content)
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None:
                 if not isinstance(finish_reason, str):

@@ -17,7 +17,8 @@ relay's inter-token deadline (it runs inside the `__anext__` the deadline watche
 Not continued, the original error goes on: a break before the first batch (the guard retries those), an
 error the model server sent or garbled data (it is alive: asking again would get the same), a deadline cut
 (a cancellation: it goes on up, a continuation being opened counted as failed), and a stream that relayed more
-than text (tool calls, a refusal): a partial assistant message carries text only.
+than text (tool calls, a refusal) or left some out (a text-only client: /stream, /ws): a partial assistant
+message carries text only.
 
 Cost: per batch one type check, one list extend (references to the token strings the upstream made anyway,
 copied in C) and one addition: about 0.2 µs per batch (README, "A model server dies mid-stream"). Every
@@ -92,6 +93,8 @@ class ContinuingStream(UpstreamStreamWrapper):
                 batch = await self._inner.__anext__()
             except GatewayError as error:
                 if not self._tokens or self._kept is None or not died(error):
+                    raise
+                if self._inner.dropped_more_than_text:  # a text-only client was sent part of the answer only
                     raise
                 if self._inner.finish_reason is not None:  # the answer had ended; only its end was lost
                     raise StopAsyncIteration from None
@@ -177,6 +180,7 @@ class _Ended:
     """What follows a stream that broke after its last token: nothing (finish_reason "length")."""
 
     finish_reason = "length"
+    dropped_more_than_text = False
 
     def __init__(self, usage: Usage | None) -> None:
         self.usage = usage
