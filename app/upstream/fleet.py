@@ -36,7 +36,7 @@ from app.policies.breaker import PROBE_BUSY_RETRY_AFTER_SECONDS, Permit
 from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, UpstreamStreamWrapper
 from app.upstream.client import UNREACHABLE, OpenAIUpstream
-from app.upstream.discovery import Discovery, Endpoint
+from app.upstream.discovery import Discovery, Endpoint, accepting
 from app.upstream.guard import charged_client
 from app.upstream.health import EndpointHealth
 
@@ -136,11 +136,11 @@ class FleetUpstream:
         if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
             known = {endpoint.url for endpoint in endpoints}
             self._clients = {url: client for url, client in self._clients.items() if url in known}
-        accepting = {endpoint.url: endpoint for endpoint in endpoints if endpoint.accepts_new}
-        if not accepting:
+        ready = accepting(endpoints)
+        if not ready:
             detail = f"no upstream endpoint ready ({len(endpoints)} known)"
             raise UpstreamError(UNREACHABLE, kind="connect", detail=detail)
-        return accepting
+        return ready
 
     def _pick(self, request: ChatRequest, candidates: list[str]) -> str:
         """Counted one more stream on the least loaded candidate (a session's: the first within its bound)."""
@@ -157,11 +157,11 @@ class FleetUpstream:
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
-        accepting = self._accepting()
-        everyone = list(accepting)
+        ready = self._accepting()
+        everyone = list(ready)
         tried = request.tried_endpoints
         while True:
-            urls = self.health.available(list(accepting))
+            urls = self.health.available(list(ready))
             if not urls:  # every endpoint that accepts new streams is open (or has its one probe out)
                 raise CircuitOpenError(self.name, self.health.retry_after(everyone) or PROBE_BUSY_RETRY_AFTER_SECONDS)
             # not one this request already failed on, while there are others
@@ -170,10 +170,10 @@ class FleetUpstream:
             if permit is not None:
                 break
             self.table.release(url)  # another worker took its half-open probe meanwhile
-            del accepting[url]
+            del ready[url]
         tried.append(url)
         try:
-            stream = await self.at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
+            stream = await self.at(ready[url]).open(request, max_batch=max_batch, headers=headers)
         except GatewayError as error:
             self.table.release(url)
             self.health.failed(url, error, permit, charged_client(error, request))

@@ -45,7 +45,7 @@ from app.policies.clock import MONOTONIC, Clock
 from app.policies.inflight import MAX_ENDPOINTS, InFlightTable
 from app.policies.retry import ErrorKind, error_kind_for_status
 from app.upstream.client import waited_for_pool
-from app.upstream.discovery import Discovery
+from app.upstream.discovery import Discovery, accepting
 
 EJECTING = frozenset({"connect", "reset", "probe"})  # failures that open an endpoint's breaker at once
 OTHER_ENDPOINT = "other"  # the label of endpoints beyond UPSTREAM_ENDPOINT_LABELS_MAX
@@ -149,7 +149,7 @@ class FleetCircuit:
         self._health = health
 
     def _accepting(self) -> list[str]:
-        return [endpoint.url for endpoint in self._discovery.endpoints() if endpoint.accepts_new]
+        return list(accepting(self._discovery.endpoints()))
 
     @property
     def state(self) -> BreakerState:
