@@ -21,7 +21,6 @@ from urllib.request import getproxies, proxy_bypass
 import aiohttp
 
 from app.errors import (
-    GatewayError,
     NotResumableError,
     StreamTimeoutError,
     UpstreamError,
@@ -29,6 +28,7 @@ from app.errors import (
     UpstreamRejectedError,
 )
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
+from app.upstream.failures import CONNECT_DEADLINE, POOL_WAIT
 from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
@@ -47,16 +47,6 @@ ERROR_EVENT = "the upstream reported an error during generation"
 RATE_LIMITED = "the upstream is rate limiting requests (HTTP 429)"
 REJECTED = "the upstream refused the request"
 FAILED = "the upstream failed"
-# The deadline a stream's open ran out on while it waited for a free pooled connection (UPSTREAM_MAX_CONNECTIONS
-# in use by this worker's streams): the gateway's load, not the model server's health.
-POOL_WAIT = "upstream pool"
-
-
-def waited_for_pool(error: GatewayError) -> bool:
-    """The open ran out of time waiting for this worker's own pool: no verdict on the model server."""
-    return isinstance(error, StreamTimeoutError) and error.deadline == POOL_WAIT
-
-
 # A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that cannot be encoded again.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -459,7 +449,7 @@ class OpenAIUpstream:
             )
         except TimeoutError as exc:  # connect, or no pooled connection free in time
             # a wait for the pool (this worker's load) is not the model server's fault: it is not ejected for it
-            deadline = POOL_WAIT if waited.queued else "upstream connect"
+            deadline = POOL_WAIT if waited.queued else CONNECT_DEADLINE
             raise StreamTimeoutError(deadline, self._connect_timeout_s) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(UNREACHABLE, kind="connect", detail=repr(exc)) from exc

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from app.errors import GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import UPSTREAM_CONTINUATIONS_TOTAL
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Upstream, UpstreamStream, UpstreamStreamWrapper, Usage
+from app.upstream.failures import CONNECT_DEADLINE
 
 logger = logging.getLogger("app.upstream.continuing")
 COMPACT_TOKENS = 1024  # kept tokens joined into one string this often: a long answer is held as its characters
@@ -46,7 +47,7 @@ def died(error: GatewayError) -> bool:
     """The model server went away (a reset, a response closed before its end, no connection): not an answer it
     gave. An error event, an HTTP status or garbled data come from a server that is alive."""
     if isinstance(error, StreamTimeoutError):
-        return error.deadline == "upstream connect"
+        return error.deadline == CONNECT_DEADLINE
     return isinstance(error, UpstreamError) and error.kind in ("broken", "connect")
 
 

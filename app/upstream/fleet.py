@@ -37,7 +37,7 @@ from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, UpstreamStreamWrapper
 from app.upstream.client import UNREACHABLE, OpenAIUpstream
 from app.upstream.discovery import Discovery, Endpoint, accepting
-from app.upstream.guard import charged_client
+from app.upstream.failures import charged_client
 from app.upstream.health import EndpointHealth
 
 

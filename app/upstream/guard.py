@@ -25,40 +25,16 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
+from app.errors import CircuitOpenError, GatewayError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
-from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
+from app.policies.retry import ErrorKind, RetryPolicy
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, UpstreamStreamWrapper
-from app.upstream.client import waited_for_pool
+from app.upstream.failures import charged_client, error_kind, waited_for_pool
 
 
 def _not_cut() -> bool:
     return False
-
-
-def error_kind(error: GatewayError) -> ErrorKind:
-    """How the retry policy sees an upstream failure."""
-    if isinstance(error, StreamTimeoutError):
-        return ErrorKind.CONNECT if error.deadline == "upstream connect" else ErrorKind.TIMEOUT
-    if not isinstance(error, UpstreamError):
-        return ErrorKind.OTHER
-    if error.kind in ("connect", "broken"):  # a reset before any token is as good as never connected
-        return ErrorKind.CONNECT
-    if error.kind == "status" and error.upstream_status is not None:
-        return error_kind_for_status(error.upstream_status)
-    return ErrorKind.OTHER
-
-
-def charged_client(error: GatewayError, request: ChatRequest) -> str | None:
-    """The client a failure is charged to when the request's content can cause it: an HTTP 5xx from a
-    model server that did answer, an error event, garbled data. None: no content causes it (refused,
-    reset, no answer in time), and it counts in full (policies/breaker.py, "Fairness")."""
-    if not request.client or not isinstance(error, UpstreamError):
-        return None
-    if error.kind in ("malformed", "error_event") or (error.kind == "status" and (error.upstream_status or 0) >= 500):
-        return request.client
-    return None
 
 
 class Failover(Protocol):

@@ -44,8 +44,8 @@ from app.policies.breakers import FAILURE_REASONS, BreakerTable
 from app.policies.clock import MONOTONIC, Clock
 from app.policies.inflight import MAX_ENDPOINTS, InFlightTable
 from app.policies.retry import ErrorKind, error_kind_for_status
-from app.upstream.client import waited_for_pool
 from app.upstream.discovery import Discovery, accepting
+from app.upstream.failures import CONNECT_DEADLINE, waited_for_pool
 
 EJECTING = frozenset({"connect", "reset", "probe"})  # failures that open an endpoint's breaker at once
 OTHER_ENDPOINT = "other"  # the label of endpoints beyond UPSTREAM_ENDPOINT_LABELS_MAX
@@ -56,7 +56,7 @@ def failure_reason(error: GatewayError) -> str | None:
     if waited_for_pool(error):
         return None  # this worker's own pool was full: the endpoint was never reached
     if isinstance(error, StreamTimeoutError):
-        return "connect" if error.deadline == "upstream connect" else "timeout"
+        return "connect" if error.deadline == CONNECT_DEADLINE else "timeout"
     if not isinstance(error, UpstreamError):
         return None
     if error.kind == "connect":
