@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 
-from app.upstream.health import endpoint_label
+from app.upstream.endpoint_metrics import endpoint_label
 from loadtest.harness.wait import eventually, wait_until
 from tests.conftest import Gateway, GatewayFactory
 from tests.fleet.fakes import fake_fleet, fake_server, stream_chat
