@@ -53,7 +53,7 @@ def failure_reason(error: GatewayError) -> str | None:
     if error.kind == "broken":
         return "reset"
     if error.kind in ("malformed", "error_event"):
-        return "malformed"
+        return error.kind  # garbled data; an error the model server sent in its stream
     if error.kind == "status" and error.upstream_status is not None:
         return "status" if error_kind_for_status(error.upstream_status) in (ErrorKind.SERVER, ErrorKind.OTHER) else None
     return None

@@ -168,7 +168,7 @@ def test_failure_reasons() -> None:
     assert failure_reason(RESET) == "reset"
     assert failure_reason(HTTP_500) == "status"
     assert failure_reason(UpstreamError("garbled", kind="malformed")) == "malformed"
-    assert failure_reason(UpstreamError("said error", kind="error_event")) == "malformed"
+    assert failure_reason(UpstreamError("said error", kind="error_event")) == "error_event"
     assert failure_reason(UpstreamError("slow down", upstream_status=429)) is None
     assert failure_reason(UpstreamError("bad request", upstream_status=404)) is None
 
