@@ -38,9 +38,10 @@ from app.upstream.base import Upstream
 from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
 from app.upstream.continuing import ContinuingUpstream
 from app.upstream.discovery import Discovery, DnsDiscovery, StaticDiscovery
+from app.upstream.endpoint_metrics import EndpointMetrics
 from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
-from app.upstream.health import EndpointHealth, EndpointMetrics, FleetCircuit
+from app.upstream.health import EndpointHealth, FleetCircuit
 from app.upstream.mock import MockUpstream
 from app.upstream.probe import Prober
 from app.upstream.traced import TracedUpstream

@@ -43,7 +43,8 @@ def test_without_upstream_model_the_clients_model_passes_through(
 
 def test_upstream_max_connections_bounds_the_pool(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
     """A pool of one per worker: while one stream holds the connection, the next waits for it and times out
-    (UPSTREAM_CONNECT_TIMEOUT_SECONDS includes the wait for a pooled connection) without reaching the upstream."""
+    (UPSTREAM_CONNECT_TIMEOUT_SECONDS bounds the wait for a pooled connection) without reaching the upstream; the
+    wait is told apart from a connect timeout (the gateway's load: no verdict on the upstream's health)."""
     gateway = start_gateway(
         UPSTREAM_URL=fake_upstream.url,
         UPSTREAM_MAX_CONNECTIONS=1,
@@ -59,7 +60,7 @@ def test_upstream_max_connections_bounds_the_pool(start_gateway: GatewayFactory,
         waited = relay(gateway, "/stream")
         assert waited.status == 504
         error = error_body(waited, "/stream")
-        assert error["code"] == "timeout" and "upstream connect" in error["message"]
+        assert error["code"] == "timeout" and "upstream pool" in error["message"]
         assert fake_upstream.stats()["requests"] == 1
     # the held stream's client left: its connection is closed, and the pool serves the next stream
     fake_upstream.wait_for(lambda s: s["disconnects"] == 1)

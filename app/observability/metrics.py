@@ -237,7 +237,7 @@ MEMORY_BUDGET_BYTES = Gauge(
 
 
 # A fleet's per-endpoint series: read from the instance's shared tables by a collector when scraped
-# (app/upstream/health.py EndpointMetrics), so each stream and failure counts once whatever the number of
+# (app/upstream/endpoint_metrics.py), so each stream and failure counts once whatever the number of
 # workers, and an endpoint that left has no series any more. Fresh families per scrape.
 def endpoint_active_streams() -> GaugeMetricFamily:
     return GaugeMetricFamily(

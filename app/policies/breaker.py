@@ -401,19 +401,16 @@ class Permit:
 
     __slots__ = ("grant", "_breaker", "_pending")
 
-    def __init__(self, breaker: CircuitBreaker, grant: Grant) -> None:
+    def __init__(self, breaker: CircuitBreaker | None, grant: Grant) -> None:
         self.grant = grant
-        self._breaker = breaker
-        self._pending = [True]  # list.pop is atomic: one of concurrent reports wins
+        self._breaker = breaker  # None: a permit of no breaker, settled from the start
+        self._pending = [True] if breaker is not None else []  # list.pop is atomic: one of concurrent reports wins
 
     @classmethod
     def uncounted(cls) -> Permit:
         """A permit settled from the start: its reports count nothing (a fleet's endpoints each have their own
         breaker, which the fleet reports to; the guard above holds this one)."""
-        permit = cls.__new__(cls)
-        permit.grant = Grant(-1, probe=False)
-        permit._pending = []
-        return permit
+        return cls(None, Grant(-1, probe=False))
 
     @property
     def probe(self) -> bool:
@@ -429,6 +426,7 @@ class Permit:
             self._pending.pop()
         except IndexError:
             return False
+        assert self._breaker is not None  # a permit of no breaker has nothing pending
         self._breaker._report(self.grant, outcome, client)
         return True
 

@@ -29,7 +29,7 @@ from app.policies.inflight import MAX_ENDPOINTS
 from app.storage.shm import DATA_OFFSET, SharedRegion, SharedTable
 
 # Why an endpoint's failure was recorded (the `reason` label of streaming_upstream_endpoint_failures_total).
-FAILURE_REASONS = ("connect", "reset", "status", "timeout", "malformed", "probe")
+FAILURE_REASONS = ("connect", "reset", "status", "timeout", "malformed", "probe", "error_event")
 
 _T = TypeVar("_T")
 

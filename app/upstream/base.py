@@ -8,7 +8,7 @@ token that is due), so the relay writes it to the client in one go.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +37,10 @@ class ChatRequest:
     # A fleet's endpoints this request's attempts went to, in order (upstream/fleet.py appends at each pick): a
     # retry or a continuation goes to another one while there is another.
     tried_endpoints: list[str] = field(default_factory=list)
+    # Asked when an attempt to open is cancelled: was it cut for the upstream's fault (a first-token or an
+    # inter-token deadline while the model server withheld its answer)? Then that attempt counts as failed, not
+    # as a client leaving. The guard sets it (upstream/guard.py); the fleet settles the attempt's permit by it.
+    cut_for_upstream_fault: Callable[[], bool] = field(default=lambda: False)
 
     @property
     def prompt_text(self) -> str:
@@ -103,6 +107,13 @@ class UpstreamStream(Protocol):
         """Token counts, when the upstream reports them."""
         ...
 
+    @property
+    def dropped_more_than_text(self) -> bool:
+        """True once it left out a delta that carried more than text (tool calls, a refusal) for a client that
+        takes text only (`ChatRequest.full_deltas` False): the text relayed is not the whole answer so far, so
+        it cannot be continued as a partial message (upstream/continuing.py)."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[Batch]: ...
 
     async def __anext__(self) -> Batch: ...
@@ -131,6 +142,10 @@ class UpstreamStreamWrapper:
     @property
     def usage(self) -> Usage | None:
         return self._inner.usage
+
+    @property
+    def dropped_more_than_text(self) -> bool:
+        return self._inner.dropped_more_than_text
 
     def __aiter__(self) -> AsyncIterator[Batch]:
         return self._inner.__aiter__()

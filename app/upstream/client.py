@@ -13,6 +13,7 @@ import copy
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -27,6 +28,7 @@ from app.errors import (
     UpstreamRejectedError,
 )
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Usage
+from app.upstream.failures import CONNECT_DEADLINE, POOL_WAIT
 from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
@@ -47,6 +49,30 @@ REJECTED = "the upstream refused the request"
 FAILED = "the upstream failed"
 # A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that cannot be encoded again.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _PoolWait:
+    """Per request (aiohttp's `trace_request_ctx`): did it wait for a free pooled connection?"""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = False
+
+
+async def _on_queued(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceConnectionQueuedStartParams
+) -> None:
+    if isinstance(context.trace_request_ctx, _PoolWait):
+        context.trace_request_ctx.queued = True
+
+
+def _pool_trace() -> aiohttp.TraceConfig:
+    """Marks a request that found the pool full: its connect deadline then covered a wait that is the gateway's
+    own load, not the model server's fault (one callback per request that waits; none otherwise)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_queued_start.append(_on_queued)
+    return trace
 
 
 class _Malformed(Exception):
@@ -156,6 +182,7 @@ class OpenAIStream:
         "_full_deltas",
         "finish_reason",
         "usage",
+        "dropped_more_than_text",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, *, full_deltas: bool = False) -> None:
@@ -170,6 +197,7 @@ class OpenAIStream:
         self._failure: UpstreamError | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.dropped_more_than_text = False  # a tool call or refusal left out (a text-only client)
 
     def __aiter__(self) -> OpenAIStream:
         return self
@@ -258,8 +286,11 @@ class OpenAIStream:
             if more and self._full_deltas:
                 whole = True
                 batch.append({k: v for k, v in delta.items() if k != "role" and v is not None})
-            elif content:
-                batch.append(content)
+            else:
+                if more:  # the seed protocol has no place for it: its text (if any) goes on, the rest is left out
+                    self.dropped_more_than_text = True
+                if content:
+                    batch.append(content)
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None:
                 if not isinstance(finish_reason, str):
@@ -330,6 +361,7 @@ class OpenAIUpstream:
         self._server_name: str | None = None
         self._host_header: str | None = None
         self._sessions: list[aiohttp.ClientSession] = []  # one, made on first use; shared with `at()`'s copies
+        self._probe_sessions: list[aiohttp.ClientSession] = []  # the health probe's own (see `probe`), likewise
 
     def at(self, base_url: str, server_name: str | None = None) -> OpenAIUpstream:
         """The same client for another base URL (one endpoint of a fleet): one connection pool for all.
@@ -355,15 +387,29 @@ class OpenAIUpstream:
                         limit=self._pool_size, limit_per_host=0, keepalive_timeout=self._keepalive_s
                     ),
                     # No read timeout: token gaps are policed by the stream deadlines. `connect` includes
-                    # waiting for a free pooled connection.
+                    # waiting for a free pooled connection: `_PoolWait` tells that wait apart (`open`).
                     timeout=aiohttp.ClientTimeout(
                         total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
                     ),
                     headers=self._headers,
                     cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: share nothing
+                    trace_configs=[_pool_trace()],
                 )
             )
         return self._sessions[0]
+
+    def _probe_client(self) -> aiohttp.ClientSession:
+        """The health probe's session: its own connections, so a pool full of streams cannot fail every probe
+        (and eject every endpoint). Unbounded: a probe round holds at most one connection per endpoint."""
+        if not self._probe_sessions:
+            self._probe_sessions.append(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_s),
+                    headers=self._headers,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+            )
+        return self._probe_sessions[0]
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.options)
@@ -389,6 +435,7 @@ class OpenAIUpstream:
         data = json.dumps(self._body(request)).encode()
         if self._host_header is not None:
             headers = {**headers, "Host": self._host_header} if headers else {"Host": self._host_header}
+        waited = _PoolWait()
         try:
             # No redirects: a POST would turn into a GET elsewhere; a 3xx is reported as the upstream's failure.
             response = await self._client().post(
@@ -398,9 +445,12 @@ class OpenAIUpstream:
                 proxy=self._proxy,
                 allow_redirects=False,
                 server_hostname=self._server_name,
+                trace_request_ctx=waited,
             )
         except TimeoutError as exc:  # connect, or no pooled connection free in time
-            raise StreamTimeoutError("upstream connect", self._connect_timeout_s) from exc
+            # a wait for the pool (this worker's load) is not the model server's fault: it is not ejected for it
+            deadline = POOL_WAIT if waited.queued else CONNECT_DEADLINE
+            raise StreamTimeoutError(deadline, self._connect_timeout_s) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(UNREACHABLE, kind="connect", detail=repr(exc)) from exc
         if response.status == 200:
@@ -435,18 +485,19 @@ class OpenAIUpstream:
         headers = {"Host": self._host_header} if self._host_header is not None else None
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._client().get(
+                async with self._probe_client().get(
                     self._root + path,
                     headers=headers,
                     proxy=self._proxy,
                     allow_redirects=False,
                     server_hostname=self._server_name,
                 ) as response:
-                    await response.read()  # small; read to the end so the connection goes back to the pool
+                    await response.read()  # small; read to the end so the connection is reused
                     return 200 <= response.status < 300
         except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def aclose(self) -> None:
-        if self._sessions:
-            await self._sessions.pop().close()
+        for sessions in (self._sessions, self._probe_sessions):
+            if sessions:
+                await sessions.pop().close()

@@ -16,8 +16,9 @@ relay's inter-token deadline (it runs inside the `__anext__` the deadline watche
 
 Not continued, the original error goes on: a break before the first batch (the guard retries those), an
 error the model server sent or garbled data (it is alive: asking again would get the same), a deadline cut
-(a cancellation, never seen here), and a stream that relayed more than text (tool calls, a refusal): a partial
-assistant message carries text only.
+(a cancellation: it goes on up, a continuation being opened counted as failed), and a stream that relayed more
+than text (tool calls, a refusal) or left some out (a text-only client: /stream, /ws): a partial assistant
+message carries text only.
 
 Cost: per batch one type check, one list extend (references to the token strings the upstream made anyway,
 copied in C) and one addition: about 0.2 µs per batch (README, "A model server dies mid-stream"). Every
@@ -36,6 +37,7 @@ from collections.abc import Mapping
 from app.errors import GatewayError, StreamTimeoutError, UpstreamError
 from app.observability.metrics import UPSTREAM_CONTINUATIONS_TOTAL
 from app.upstream.base import Batch, ChatRequest, DeltaBatch, Upstream, UpstreamStream, UpstreamStreamWrapper, Usage
+from app.upstream.failures import CONNECT_DEADLINE
 
 logger = logging.getLogger("app.upstream.continuing")
 COMPACT_TOKENS = 1024  # kept tokens joined into one string this often: a long answer is held as its characters
@@ -45,7 +47,7 @@ def died(error: GatewayError) -> bool:
     """The model server went away (a reset, a response closed before its end, no connection): not an answer it
     gave. An error event, an HTTP status or garbled data come from a server that is alive."""
     if isinstance(error, StreamTimeoutError):
-        return error.deadline == "upstream connect"
+        return error.deadline == CONNECT_DEADLINE
     return isinstance(error, UpstreamError) and error.kind in ("broken", "connect")
 
 
@@ -92,6 +94,8 @@ class ContinuingStream(UpstreamStreamWrapper):
                 batch = await self._inner.__anext__()
             except GatewayError as error:
                 if not self._tokens or self._kept is None or not died(error):
+                    raise
+                if self._inner.dropped_more_than_text:  # a text-only client was sent part of the answer only
                     raise
                 if self._inner.finish_reason is not None:  # the answer had ended; only its end was lost
                     raise StopAsyncIteration from None
@@ -160,6 +164,13 @@ class ContinuingStream(UpstreamStreamWrapper):
         # the continuation's prompt held the text so far; its completion is the rest of the answer
         return Usage(max(0, usage.prompt_tokens - before), usage.completion_tokens + before)
 
+    def mark_failed(self) -> None:
+        """A deadline cut: counted against the stream being read. None while a continuation is opening: that
+        attempt settles itself on the endpoint it went to (`ChatRequest.cut_for_upstream_fault`), and the broken
+        stream before it already reported its own failure."""
+        if not self._closed:
+            self._inner.mark_failed()
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
@@ -170,6 +181,7 @@ class _Ended:
     """What follows a stream that broke after its last token: nothing (finish_reason "length")."""
 
     finish_reason = "length"
+    dropped_more_than_text = False
 
     def __init__(self, usage: Usage | None) -> None:
         self.usage = usage

@@ -49,6 +49,11 @@ class Endpoint:
         return self.ready and self.serving and not self.terminating
 
 
+def accepting(endpoints: Sequence[Endpoint]) -> dict[str, Endpoint]:
+    """The endpoints new streams may go to, by URL (in discovery's order)."""
+    return {endpoint.url: endpoint for endpoint in endpoints if endpoint.accepts_new}
+
+
 class Discovery(Protocol):
     def endpoints(self) -> Sequence[Endpoint]:
         """The current endpoint set (empty until the first answer)."""

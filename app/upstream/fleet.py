@@ -30,6 +30,7 @@ router does, kept as the benchmark's baseline (loadtest/bench), not as a recomme
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 
@@ -38,8 +39,8 @@ from app.policies.breaker import PROBE_BUSY_RETRY_AFTER_SECONDS, Permit
 from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, UpstreamStreamWrapper
 from app.upstream.client import UNREACHABLE, OpenAIUpstream
-from app.upstream.discovery import Discovery, Endpoint
-from app.upstream.guard import charged_client
+from app.upstream.discovery import Discovery, Endpoint, accepting
+from app.upstream.failures import charged_client
 from app.upstream.health import EndpointHealth
 
 
@@ -140,11 +141,11 @@ class FleetUpstream:
         if len(self._clients) > 2 * len(endpoints):  # endpoints came and went: forget the departed ones' URLs
             known = {endpoint.url for endpoint in endpoints}
             self._clients = {url: client for url, client in self._clients.items() if url in known}
-        accepting = {endpoint.url: endpoint for endpoint in endpoints if endpoint.accepts_new}
-        if not accepting:
+        ready = accepting(endpoints)
+        if not ready:
             detail = f"no upstream endpoint ready ({len(endpoints)} known)"
             raise UpstreamError(UNREACHABLE, kind="connect", detail=detail)
-        return accepting
+        return ready
 
     def _pick(self, request: ChatRequest, candidates: list[str]) -> str:
         """Counted one more stream on the least loaded candidate (a session's: the first within its bound)."""
@@ -160,19 +161,14 @@ class FleetUpstream:
         tried = request.tried_endpoints
         return any(url not in tried for url in self.health.available(list(self._accepting())))
 
-    def cut_while_opening(self, request: ChatRequest) -> None:
-        """The request's attempt was cut by the first-token deadline before its endpoint answered: a stall."""
-        if request.tried_endpoints:
-            self.health.record(request.tried_endpoints[-1], "timeout", None)
-
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
-        accepting = self._accepting()
-        everyone = list(accepting)
+        ready = self._accepting()
+        everyone = list(ready)
         tried = request.tried_endpoints
         while True:
-            urls = self.health.available(list(accepting))
+            urls = self.health.available(list(ready))
             if not urls:  # every endpoint that accepts new streams is open (or has its one probe out)
                 raise CircuitOpenError(self.name, self.health.retry_after(everyone) or PROBE_BUSY_RETRY_AFTER_SECONDS)
             # not one this request already failed on, while there are others
@@ -181,13 +177,20 @@ class FleetUpstream:
             if permit is not None:
                 break
             self.table.release(url)  # another worker took its half-open probe meanwhile
-            del accepting[url]
+            del ready[url]
         tried.append(url)
         try:
-            stream = await self.at(accepting[url]).open(request, max_batch=max_batch, headers=headers)
+            stream = await self.at(ready[url]).open(request, max_batch=max_batch, headers=headers)
         except GatewayError as error:
             self.table.release(url)
             self.health.failed(url, error, permit, charged_client(error, request))
+            raise
+        except asyncio.CancelledError:
+            self.table.release(url)
+            if request.cut_for_upstream_fault():  # a deadline cut it while this endpoint withheld its answer
+                self.health.record(url, "timeout", permit)  # a half-open probe that never answered reopens it
+            else:
+                permit.release()  # the client left: no verdict
             raise
         except BaseException:
             self.table.release(url)

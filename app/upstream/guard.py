@@ -25,56 +25,30 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from app.errors import CircuitOpenError, GatewayError, StreamTimeoutError, UpstreamError
+from app.errors import CircuitOpenError, GatewayError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
 from app.policies.breaker import BreakerState, CircuitBreaker, Permit
-from app.policies.retry import ErrorKind, RetryPolicy, error_kind_for_status
+from app.policies.retry import ErrorKind, RetryPolicy
 from app.upstream.base import Batch, ChatRequest, Upstream, UpstreamStream, UpstreamStreamWrapper
+from app.upstream.failures import charged_client, error_kind, waited_for_pool
 
 
 def _not_cut() -> bool:
     return False
 
 
-def error_kind(error: GatewayError) -> ErrorKind:
-    """How the retry policy sees an upstream failure."""
-    if isinstance(error, StreamTimeoutError):
-        return ErrorKind.CONNECT if error.deadline == "upstream connect" else ErrorKind.TIMEOUT
-    if not isinstance(error, UpstreamError):
-        return ErrorKind.OTHER
-    if error.kind in ("connect", "broken"):  # a reset before any token is as good as never connected
-        return ErrorKind.CONNECT
-    if error.kind == "status" and error.upstream_status is not None:
-        return error_kind_for_status(error.upstream_status)
-    return ErrorKind.OTHER
-
-
-def charged_client(error: GatewayError, request: ChatRequest) -> str | None:
-    """The client a failure is charged to when the request's content can cause it: an HTTP 5xx from a
-    model server that did answer, an error event, garbled data. None: no content causes it (refused,
-    reset, no answer in time), and it counts in full (policies/breaker.py, "Fairness")."""
-    if not request.client or not isinstance(error, UpstreamError):
-        return None
-    if error.kind in ("malformed", "error_event") or (error.kind == "status" and (error.upstream_status or 0) >= 500):
-        return request.client
-    return None
-
-
 class Failover(Protocol):
-    """A fleet, seen from the guard: where the next attempt can go, and a stall at opening to count."""
+    """A fleet, seen from the guard: where the next attempt can go. (An attempt cut while opening the fleet
+    settles itself, on the endpoint it went to: `ChatRequest.cut_for_upstream_fault`.)"""
 
     def can_switch(self, request: ChatRequest) -> bool:
         """The request's next attempt would go to an endpoint it has not tried yet."""
         ...
 
-    def cut_while_opening(self, request: ChatRequest) -> None:
-        """The attempt in flight was cut for the upstream's fault (the first-token deadline)."""
-        ...
 
-
-def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None) -> None:
-    if kind is ErrorKind.RATE_LIMITED:
-        permit.release()  # the upstream is alive and said "slow down": not a health failure
+def _settle_failed_attempt(permit: Permit, kind: ErrorKind, client: str | None, error: GatewayError) -> None:
+    if kind is ErrorKind.RATE_LIMITED or waited_for_pool(error):
+        permit.release()  # alive and said "slow down", or never reached (this worker's pool was full): no verdict
     elif kind is ErrorKind.CLIENT:
         permit.record_success()  # it answered sensibly (any 4xx); the request was at fault
     else:
@@ -93,6 +67,7 @@ class GuardedStream(UpstreamStreamWrapper):
         "_permit",
         "_attempt",
         "_started",
+        "_retrying",
         "_cut_for_upstream_fault",
     )
 
@@ -116,6 +91,7 @@ class GuardedStream(UpstreamStreamWrapper):
         self._permit = permit
         self._attempt = attempt
         self._started = False  # a batch went to the relay: no more retries
+        self._retrying = False  # the stream failed before its first batch; a retry is opening
 
     def __aiter__(self) -> GuardedStream:
         return self
@@ -133,7 +109,8 @@ class GuardedStream(UpstreamStreamWrapper):
                     self._guard.broke_mid_stream(client)
                     raise
                 kind = error_kind(error)
-                self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client))
+                self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client, error))
+                self._retrying = True  # the failed stream is done with: a cut from here on is the retry's
                 await self._inner.aclose()
                 self._inner, self._permit, self._attempt = await self._guard.retry(
                     self._request,
@@ -144,6 +121,7 @@ class GuardedStream(UpstreamStreamWrapper):
                     self._attempt,
                     self._cut_for_upstream_fault,
                 )
+                self._retrying = False
                 continue
             if not self._started:
                 self._started = True
@@ -155,6 +133,8 @@ class GuardedStream(UpstreamStreamWrapper):
 
     def mark_failed(self) -> None:
         """The relay cut this stream for the upstream's fault (a stall): count it against the upstream."""
+        if self._retrying:
+            return  # cut while a retry was opening: that attempt settled its own permit (`GuardedUpstream._attempt`)
         if self._guard.failover is not None:
             self._inner.mark_failed()  # a fleet: the endpoint's breaker (upstream/fleet.py)
         elif self._started:
@@ -224,18 +204,16 @@ class GuardedUpstream:
                 return await self.inner.open(request, max_batch=max_batch, headers=headers), permit, attempt
             except GatewayError as error:
                 kind, client = error_kind(error), charged_client(error, request)
-                self.judge(functools.partial(_settle_failed_attempt, permit, kind, client))
+                self.judge(functools.partial(_settle_failed_attempt, permit, kind, client, error))
                 if not self.policy.should_retry(attempt, kind, tokens_sent=0):
                     raise
                 await self._backoff(request, error, kind, attempt)
                 attempt += 1
             except asyncio.CancelledError:
-                if cut_for_upstream_fault() and self.failover is not None:
-                    self.failover.cut_while_opening(request)
-                elif cut_for_upstream_fault():
+                if self.failover is None and cut_for_upstream_fault():
                     self.judge(permit.record_failure)  # a half-open probe that never answered reopens it
                 else:
-                    permit.release()
+                    permit.release()  # the client left; or a fleet, which settled its endpoint's permit itself
                 raise
             except BaseException:
                 permit.release()
@@ -276,6 +254,7 @@ class GuardedUpstream:
         token): was the stream cut for the upstream's fault (a first-token deadline while the upstream still
         withheld its answer)? Then the attempt in flight is a failure, not a client leaving. A cut during a
         retry's backoff settles nothing: no attempt is in flight then."""
+        request.cut_for_upstream_fault = cut_for_upstream_fault  # what a fleet (or a continuation) asks too
         inner, permit, attempt = await self._attempt(request, max_batch, headers, 0, cut_for_upstream_fault)
         return GuardedStream(self, request, max_batch, headers, inner, permit, attempt, cut_for_upstream_fault)
 

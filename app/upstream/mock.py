@@ -92,6 +92,7 @@ class MockStream:
         "_max_batch",
         "finish_reason",
         "usage",
+        "dropped_more_than_text",
         "_loop",
     )
 
@@ -107,6 +108,7 @@ class MockStream:
         self._max_batch = max_batch
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.dropped_more_than_text = False  # the mock makes text only
 
     def __aiter__(self) -> MockStream:
         return self

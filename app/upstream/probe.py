@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 
+from app.upstream.discovery import Endpoint, accepting
 from app.upstream.fleet import FleetUpstream
 
 logger = logging.getLogger("app.upstream.probe")
@@ -31,10 +32,8 @@ class Prober:
         self._timeout_s = min(timeout_s, interval_s)  # a round never overlaps the next
         self._task: asyncio.Task[None] | None = None
 
-    async def _probe(self, url: str) -> None:
-        endpoint = next((e for e in self._fleet.discovery.endpoints() if e.url == url), None)
-        if endpoint is None:
-            return
+    async def _probe(self, endpoint: Endpoint) -> None:
+        url = endpoint.url
         sent_at = self._fleet.health.now()
         if await self._fleet.at(endpoint).probe(self._path, self._timeout_s):
             self._fleet.health.probe_passed(url, sent_at)  # not if ejected meanwhile (a stream saw it fail)
@@ -43,8 +42,9 @@ class Prober:
 
     async def probe_all(self) -> None:
         """One round: every endpoint that accepts new streams, at once."""
-        urls = [endpoint.url for endpoint in self._fleet.discovery.endpoints() if endpoint.accepts_new]
-        await asyncio.gather(*(self._probe(url) for url in urls))
+        await asyncio.gather(
+            *(self._probe(endpoint) for endpoint in accepting(self._fleet.discovery.endpoints()).values())
+        )
 
     async def _run(self) -> None:
         await asyncio.sleep(random.uniform(0, self._interval_s))  # workers out of phase

@@ -233,9 +233,13 @@ def test_without_continuation_a_killed_model_server_ends_its_streams_with_an_err
         assert _continuations(gateway) == {"continued": 0, "failed": 0}
 
 
-def test_a_stream_with_tool_calls_is_not_continued(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["/v1", "/stream"])
+def test_a_stream_with_tool_calls_is_not_continued(
+    start_gateway: GatewayFactory, tmp_path: Path, protocol: str
+) -> None:
     """Two text tokens, then a tool call whose arguments stop halfway: the model server dies. A partial
-    assistant message cannot carry a tool call, so the client gets the error, and no continuation is asked."""
+    assistant message cannot carry a tool call, so the client gets the error, and no continuation is asked: on
+    /v1, which relayed the call, and on /stream, which could only leave it out (text only)."""
     call = {
         "tokens": ["a ", "b "],
         "tool_calls": [{"name": "lookup", "arguments": '{"city": "Paris"}'}],
@@ -251,12 +255,17 @@ def test_a_stream_with_tool_calls_is_not_continued(start_gateway: GatewayFactory
             "max_tokens": TOKENS,
             "messages": [{"role": "user", "content": "hi"}],
         }
-        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=GUARD_S) as response:
-            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
-        deltas = [choice["delta"] for event in events for choice in event.get("choices", ())]
-        assert "".join(d.get("content") or "" for d in deltas) == "a b "
-        assert any(d.get("tool_calls") for d in deltas)
-        assert events[-1]["error"]["code"] == "upstream_error"
+        if protocol == "/stream":
+            reading = Reading()
+            _read_stream(gateway, reading)
+            assert (reading.text, reading.end) == ("a b ", {"error": "upstream_error"})
+        else:
+            with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=GUARD_S) as response:
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+            deltas = [choice["delta"] for event in events for choice in event.get("choices", ())]
+            assert "".join(d.get("content") or "" for d in deltas) == "a b "
+            assert any(d.get("tool_calls") for d in deltas)
+            assert events[-1]["error"]["code"] == "upstream_error"
         wait_until(lambda: any(fake.proc.poll() is not None for fake in fakes), GUARD_S, "the model server dead")
         alive = [fake for fake in fakes if fake.proc.poll() is None]
         assert len(alive) == 1

@@ -15,7 +15,8 @@ from app.policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from app.policies.breakers import FAILURE_REASONS, BreakerTable, MemoryBreakerTable, SharedBreakerTable
 from app.policies.inflight import MAX_ENDPOINTS, MemoryInFlightTable
 from app.upstream.discovery import Endpoint, StaticDiscovery
-from app.upstream.health import EndpointHealth, EndpointMetrics, FleetCircuit, endpoint_label, failure_reason
+from app.upstream.endpoint_metrics import EndpointMetrics, endpoint_label
+from app.upstream.health import EndpointHealth, FleetCircuit, failure_reason
 from tests.policies.policy_fakes import FakeClock
 
 A, B, C = "http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1", "http://10.0.0.3:8000/v1"
@@ -167,7 +168,7 @@ def test_failure_reasons() -> None:
     assert failure_reason(RESET) == "reset"
     assert failure_reason(HTTP_500) == "status"
     assert failure_reason(UpstreamError("garbled", kind="malformed")) == "malformed"
-    assert failure_reason(UpstreamError("said error", kind="error_event")) == "malformed"
+    assert failure_reason(UpstreamError("said error", kind="error_event")) == "error_event"
     assert failure_reason(UpstreamError("slow down", upstream_status=429)) is None
     assert failure_reason(UpstreamError("bad request", upstream_status=404)) is None
 

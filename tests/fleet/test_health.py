@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 
 import httpx
 
-from app.upstream.health import endpoint_label
+from app.upstream.endpoint_metrics import endpoint_label
 from loadtest.harness.wait import eventually, wait_until
 from tests.conftest import Gateway, GatewayFactory
 from tests.fleet.fakes import fake_fleet, fake_server, stream_chat
@@ -289,3 +289,29 @@ def test_a_hung_endpoint_is_cut_by_the_deadlines_and_counted_against_it(start_ga
                         )
                         == timeouts
                     )
+
+
+def test_a_full_connection_pool_ejects_no_endpoint(start_gateway: GatewayFactory) -> None:
+    """The worker's own pool (UPSTREAM_MAX_CONNECTIONS) is taken by held streams: a stream that waits for a
+    connection in vain is refused, and neither that wait nor the active probe (its own connections) counts against
+    an endpoint: an overload must not eject a healthy fleet."""
+    with fake_fleet({"tokens_per_second": 5}, {"tokens_per_second": 5}) as fakes:
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            WEB_CONCURRENCY=1,
+            UPSTREAM_MAX_CONNECTIONS=2,
+            UPSTREAM_CONNECT_TIMEOUT_SECONDS=0.3,
+            UPSTREAM_PROBE_INTERVAL_SECONDS=0.2,
+            UPSTREAM_RETRIES=0,
+            CIRCUIT_OPEN_SECONDS=600,
+        )
+        with open_streams(gateway, 2), httpx.Client(timeout=WAIT_S) as client:
+            assert sum(fake.stats()["active"] for fake in fakes) == 2  # the pool is full
+            checks = sum(fake.stats()["health_checks"] for fake in fakes)
+            assert chat(gateway.url, client) == (False, 0)  # no pooled connection came free in time
+            assert eventually(lambda: sum(fake.stats()["health_checks"] for fake in fakes) >= checks + 4, WAIT_S)
+            assert sum(fake.stats()["requests"] for fake in fakes) == 2  # the refused stream reached no endpoint
+            assert metric(gateway, "streaming_upstream_endpoint_failures_total") == 0
+            assert metric(gateway, "streaming_upstream_endpoints", state="healthy") == 2
+        with httpx.Client(timeout=WAIT_S) as client:  # the held streams are gone: a stream goes through again
+            assert eventually(lambda: chat(gateway.url, client, max_tokens=2)[0], WAIT_S)

@@ -523,3 +523,9 @@ def test_charged_capacity_fits_a_window() -> None:
     assert charged_capacity(BreakerConfig(window_seconds=60.0, open_seconds=0.001)) == MAX_CHARGED_CAPACITY
     with pytest.raises(ValueError):
         BreakerConfig(max_failures_per_client=0)
+
+
+def test_an_uncounted_permit_is_settled_from_the_start_and_reports_nothing() -> None:
+    permit = Permit.uncounted()
+    assert permit.settled and not permit.probe
+    assert not permit.record_success() and not permit.record_failure("tenant") and not permit.release()

@@ -33,6 +33,7 @@ class ScriptedStream:
     finish_reason: str | None = None
     usage: Usage | None = None
     closed: int = 0
+    dropped_more_than_text: bool = False
 
     def __aiter__(self) -> ScriptedStream:
         return self
