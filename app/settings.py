@@ -66,6 +66,19 @@ class Settings(BaseSettings):
         "counted for the whole instance. `round_robin`: each worker takes the endpoints in turn, whatever their "
         "load, as a naive router does: a baseline for the benchmark, not a recommendation.",
     )
+    upstream_load_metrics: Literal["none", "vllm"] = Field(
+        "none",
+        description="A fleet: `vllm`: every worker scrapes each endpoint's `GET /metrics` (vLLM's queue and KV-cache "
+        "gauges) every UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS, and a new stream prefers the endpoint with the lowest "
+        "reported load (least in flight breaks ties, and stands in for an endpoint whose scrape failed or is older "
+        "than 3 intervals). `none`: least in flight only.",
+    )
+    upstream_load_metrics_interval_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often each worker scrapes each endpoint's load (UPSTREAM_LOAD_METRICS=vllm); also the "
+        "scrape's budget.",
+    )
     upstream_affinity_header: str | None = Field(
         None,
         description="A fleet: the request header whose value names a session (e.g. `x-session-id`). A session's "

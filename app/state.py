@@ -26,6 +26,7 @@ from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.discovery import Discovery
 from app.upstream.probe import Prober
+from app.upstream.scrape import LoadScraper
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter worker start lines by
 
@@ -48,6 +49,7 @@ class GatewayState:
     claimer: Claimer | None = None
     discovery: Discovery | None = None  # where a fleet's model servers are (none: one UPSTREAM_URL, or the mock)
     prober: Prober | None = None  # a fleet's active health probe (UPSTREAM_PROBE_INTERVAL_SECONDS)
+    scraper: LoadScraper | None = None  # a fleet's load scrape (UPSTREAM_LOAD_METRICS)
     endpoint_metrics: Collector | None = None  # a fleet's per-endpoint series, read at scrape time
 
     @staticmethod
@@ -70,6 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.discovery.start()
     if state.prober is not None:
         state.prober.start()
+    if state.scraper is not None:
+        state.scraper.start()
     logger.info("worker ready", extra={"upstream": state.upstream.name})
     try:
         yield
@@ -80,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.registry.stop()
         if state.prober is not None:
             await state.prober.aclose()
+        if state.scraper is not None:
+            await state.scraper.aclose()
         if state.discovery is not None:
             await state.discovery.aclose()
         if state.resume is not None:

@@ -42,8 +42,10 @@ from app.upstream.endpoint_metrics import EndpointMetrics
 from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
 from app.upstream.health import EndpointHealth, FleetCircuit
+from app.upstream.load import LoadBoard
 from app.upstream.mock import MockUpstream
 from app.upstream.probe import Prober
+from app.upstream.scrape import LoadScraper
 from app.upstream.traced import TracedUpstream
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter Redis reachability lines by
@@ -76,6 +78,9 @@ def build_upstream(
         EndpointHealth(breakers or MemoryBreakerTable(), breaker_config(settings)),
         affinity_load_factor=settings.upstream_affinity_load_factor,
         round_robin=settings.upstream_balance == "round_robin",
+        load=LoadBoard(settings.upstream_load_metrics_interval_seconds)
+        if settings.upstream_load_metrics == "vllm"
+        else None,
     )
 
 
@@ -127,7 +132,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         upstream = ContinuingUpstream(upstream, max_attempts=settings.upstream_continuation_max_attempts)
     retries = RetryPolicy(settings.upstream_retries, settings.retry_base_seconds, settings.retry_max_seconds)
     breaker: Circuit
-    prober = endpoint_metrics = None
+    prober = endpoint_metrics = scraper = None
     if fleet is None:
         breaker = CircuitBreaker(upstream.name, breaker_config(settings), cell=shared.breaker_cell)
         upstream = GuardedUpstream(upstream, breaker, retries)
@@ -137,6 +142,8 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         endpoint_metrics = EndpointMetrics(
             fleet.discovery, fleet.health, shared.inflight, settings.upstream_endpoint_labels_max
         )
+        if fleet.load is not None:
+            scraper = LoadScraper(fleet, fleet.load, interval_s=settings.upstream_load_metrics_interval_seconds)
         if settings.upstream_probe_interval_seconds > 0:
             prober = Prober(
                 fleet,
@@ -210,6 +217,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         claimer=claimer,
         discovery=None if fleet is None else fleet.discovery,
         prober=prober,
+        scraper=scraper,
         endpoint_metrics=endpoint_metrics,
     )
 

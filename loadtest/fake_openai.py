@@ -10,10 +10,20 @@ It streams `/v1/chat/completions` like vLLM/OpenAI do and can be scripted to mis
                                                  client address:port of chat requests), bodies seen (the
                                                  first 50 request bodies, as received), hosts (their
                                                  Host headers)
-    POST /_reset                                 clear script and stats (and make /health pass again)
+    POST /_reset                                 clear script and stats (and make /health pass again, /metrics
+                                                 report no load)
     GET  /health                                 vLLM's health route: 200 while healthy, else 503
     POST /_health   {"healthy": false}           what /health answers from now on (stats: health_checks
                                                  counts its calls)
+    GET  /metrics                                vLLM's load gauges (Prometheus text; stats: metrics_scrapes
+                                                 counts its calls, metrics_clients the distinct client
+                                                 address:port that called it since the last /_load):
+                                                 vllm:num_requests_running (the generations in flight),
+                                                 vllm:num_requests_waiting and vllm:kv_cache_usage_perc (as
+                                                 scripted, default 0)
+    POST /_load     {"waiting": 8, "kv_cache": 0.9, "metrics_status": 503}
+                                                 what /metrics reports from now on (any of the keys; a
+                                                 metrics_status other than 200 answers that status instead)
 
 Continuation (vLLM's `continue_final_message`): a request whose last message is an assistant message and
 which sets `continue_final_message: true` continues that partial answer exactly. The default answer is
@@ -101,9 +111,13 @@ class FakeOpenAI:
             "bodies": [],
             "hosts": [],
             "health_checks": 0,
+            "metrics_scrapes": 0,
+            "metrics_clients": 0,
         }
         self.healthy = True
+        self.load: dict[str, float] = {"waiting": 0, "kv_cache": 0.0, "metrics_status": 200}
         self._peers: set[tuple[str, int]] = set()
+        self._scrapers: set[tuple[str, int]] = set()  # since the last /_load: who has seen the current load
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -131,6 +145,16 @@ class FakeOpenAI:
         if path == "/_health" and method == "POST":
             self.healthy = bool(json.loads(body)["healthy"])
             return await _json(send, 200, {"healthy": self.healthy})
+        if path == "/_load" and method == "POST":
+            self.load.update(json.loads(body))
+            self._scrapers.clear()
+            self.stats["metrics_clients"] = 0
+            return await _json(send, 200, self.load)
+        if path == "/metrics":
+            self.stats["metrics_scrapes"] += 1
+            self._scrapers.add(tuple(scope.get("client") or ("", 0)))
+            self.stats["metrics_clients"] = len(self._scrapers)
+            return await self._metrics(send)
         if path == "/health":
             self.stats["health_checks"] += 1
             return await _json(send, 200 if self.healthy else 503, {})
@@ -181,6 +205,20 @@ class FakeOpenAI:
             self.stats["active"] -= 1
             disconnect.cancel()
             await asyncio.gather(generation, disconnect, return_exceptions=True)
+
+    async def _metrics(self, send: Send) -> None:
+        status = int(self.load["metrics_status"])
+        if status != 200:
+            return await _json(send, status, {})
+        labels = '{model_name="fake"}'
+        body = (
+            f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{labels} {self.stats['active']}\n"
+            f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{labels} {self.load['waiting']}\n"
+            f"# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{labels} {self.load['kv_cache']}\n"
+        ).encode()
+        headers = [(b"content-type", b"text/plain; version=0.0.4"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _generate(self, request: dict[str, Any], fault: dict[str, Any], send: Send, continued: int) -> bool:
         n = int(request.get("max_tokens") or request.get("max_completion_tokens") or 16)

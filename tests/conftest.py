@@ -205,6 +205,10 @@ class FakeUpstream:
         """What the fake's /health answers from now on (200, or 503)."""
         self.client.post("/_health", json={"healthy": healthy}).raise_for_status()
 
+    def set_load(self, **load: float) -> None:
+        """What the fake's /metrics reports from now on (waiting, kv_cache, metrics_status)."""
+        self.client.post("/_load", json=load).raise_for_status()
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         stats = self.stats()

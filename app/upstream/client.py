@@ -497,6 +497,28 @@ class OpenAIUpstream:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
+    async def scrape(self, path: str, timeout_s: float, max_bytes: int) -> bytes | None:
+        """GET `path` from the server's root on the probe's connections (e.g. vLLM's /metrics): the body of a 2xx
+        answered in time and within `max_bytes`, else None."""
+        headers = {"Host": self._host_header} if self._host_header is not None else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._probe_client().get(
+                    self._root + path,
+                    headers=headers,
+                    proxy=self._proxy,
+                    allow_redirects=False,
+                    server_hostname=self._server_name,
+                ) as response:
+                    body = bytearray()
+                    async for chunk in response.content.iter_any():  # to the end: the connection is reused
+                        body += chunk
+                        if len(body) > max_bytes:  # not a metrics page we want to parse
+                            return None
+                    return bytes(body) if 200 <= response.status < 300 else None
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+
     async def aclose(self) -> None:
         for sessions in (self._sessions, self._probe_sessions):
             if sessions:

@@ -24,6 +24,11 @@ Iteration costs one frame per batch (`FleetStream.__anext__` around the endpoint
 endpoint's mid-stream failure is sure to be seen. Measured at about 0.25 µs per batch over a pass-through
 wrapper (a few tenths of a percent of the gateway's CPU per token). Nothing per token.
 
+UPSTREAM_LOAD_METRICS=vllm: the pick prefers the endpoint with the lowest load its server reports (its queue
+and KV-cache usage, scraped every few seconds: load.py, scrape.py), least in flight breaking ties and standing in
+for an endpoint whose scrape failed or is stale. A session's bound (above) stays on streams in flight: the
+scraped load is per worker and a few seconds old, the bound must hold for every worker at once.
+
 UPSTREAM_BALANCE=round_robin takes the accepting endpoints in turn instead, a cursor per worker: what a naive
 router does, kept as the benchmark's baseline (loadtest/bench), not as a recommendation.
 """
@@ -42,6 +47,7 @@ from app.upstream.client import UNREACHABLE, OpenAIUpstream
 from app.upstream.discovery import Discovery, Endpoint, accepting
 from app.upstream.failures import charged_client
 from app.upstream.health import EndpointHealth
+from app.upstream.load import LoadBoard
 
 
 def _weight(session: str, url: str) -> bytes:
@@ -119,6 +125,7 @@ class FleetUpstream:
         *,
         affinity_load_factor: float,
         round_robin: bool = False,
+        load: LoadBoard | None = None,
     ) -> None:
         self.name = client.name  # UPSTREAM_URL's host: one bounded label for the fleet
         self.discovery = discovery
@@ -126,6 +133,7 @@ class FleetUpstream:
         self.table = table
         self._load_factor = affinity_load_factor
         self._round_robin = round_robin  # UPSTREAM_BALANCE=round_robin: the benchmark's baseline
+        self.load = load  # UPSTREAM_LOAD_METRICS: the load the servers report (load.py), else None
         self._client = client
         self._clients: dict[str, OpenAIUpstream] = {}
 
@@ -154,7 +162,13 @@ class FleetUpstream:
             return self.table.acquire_preferred(order, self._load_factor)
         if self._round_robin:
             return self.table.acquire_next(candidates)
-        return self.table.acquire_least(candidates)
+        if self.load is None:
+            return self.table.acquire_least(candidates)
+        scores = self.load.scores(candidates, self.table.counts(candidates))
+        lowest = min(scores)
+        url = self.table.acquire_least([url for url, score in zip(candidates, scores, strict=True) if score == lowest])
+        self.load.started(url)
+        return url
 
     def can_switch(self, request: ChatRequest) -> bool:
         """Would this request's next attempt go to an endpoint it has not tried yet (so it need not wait)?"""

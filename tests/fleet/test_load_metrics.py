@@ -1,0 +1,81 @@
+"""UPSTREAM_LOAD_METRICS=vllm through the real gateway (two workers) and three fake vLLM servers: an endpoint
+that reports a long queue or a full KV cache gets no new streams while the others are idle, gets them again once
+its load drops, and one whose /metrics fails is balanced on streams in flight. Asserted on what each fake
+counted, after waiting until both workers have scraped the load under test (the fake counts the distinct
+clients that scraped it since its load was set: one connection per worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from loadtest.harness.wait import wait_until
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.fleet.fakes import fake_fleet, stream_chat
+
+STREAMS = 12  # sequential: a worker starts at most 6 on each idle endpoint between two scrapes (score <= 7)
+ATTEMPTS = 30  # streams sent until the endpoint whose load dropped gets one
+WORKERS = 2
+
+
+@pytest.fixture
+def fleet(start_gateway: GatewayFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
+    with fake_fleet({}, {}, {}) as fakes:
+        fakes[2].set_load(waiting=50)  # before the first scrape: no worker ever sees it idle
+        gateway = start_gateway(
+            UPSTREAM_URL=",".join(fake.url for fake in fakes),
+            UPSTREAM_RETRIES=0,
+            UPSTREAM_LOAD_METRICS="vllm",
+            UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS=0.5,
+        )
+        yield gateway, fakes
+
+
+def _scraped_by_every_worker(fake: FakeUpstream) -> None:
+    wait_until(lambda: fake.stats()["metrics_clients"] >= WORKERS, 20, "every worker scraped the load")
+
+
+def _send(gateway: Gateway, count: int) -> None:
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count):
+            assert stream_chat(gateway.url, 5, client).rstrip().endswith("data: [DONE]")
+
+
+def _requests(fakes: list[FakeUpstream]) -> list[int]:
+    return [fake.stats()["requests"] for fake in fakes]
+
+
+@pytest.mark.parametrize("load", [{"waiting": 50}, {"waiting": 0, "kv_cache": 1.0}], ids=["queue", "kv_cache"])
+def test_a_loaded_endpoint_gets_no_new_streams_until_its_load_drops(
+    fleet: tuple[Gateway, list[FakeUpstream]], load: dict[str, float]
+) -> None:
+    gateway, fakes = fleet
+    loaded = fakes[2]
+    loaded.set_load(**load)
+    _scraped_by_every_worker(loaded)
+    _send(gateway, STREAMS)
+    a, b, c = _requests(fakes)
+    assert c == 0 and a + b == STREAMS and a > 0 and b > 0, (a, b, c)
+
+    loaded.set_load(waiting=0, kv_cache=0.0)
+    _scraped_by_every_worker(loaded)
+    for _ in range(ATTEMPTS):
+        _send(gateway, 1)
+        if loaded.stats()["requests"] > 0:
+            break
+    assert loaded.stats()["requests"] > 0
+
+
+def test_an_endpoint_whose_scrape_fails_is_balanced_on_streams_in_flight(
+    fleet: tuple[Gateway, list[FakeUpstream]],
+) -> None:
+    gateway, fakes = fleet
+    failing = fakes[2]
+    _scraped_by_every_worker(failing)  # every worker has seen its queue of 50
+    failing.set_load(metrics_status=503)  # and now cannot read it any more
+    _scraped_by_every_worker(failing)
+    _send(gateway, STREAMS)
+    assert failing.stats()["requests"] > 0, _requests(fakes)
+    assert sum(_requests(fakes)) == STREAMS
