@@ -6,14 +6,17 @@ clients that scraped it since its load was set: one connection per worker)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from app.upstream.client import OpenAIUpstream
+from app.upstream.load import Load, parse_vllm
 from loadtest.harness.wait import wait_until
 from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.fleet.fakes import fake_fleet, stream_chat
+from tests.fleet.fakes import fake_fleet, fake_server, stream_chat
 
 STREAMS = 12  # sequential: a worker starts at most 6 on each idle endpoint between two scrapes (score <= 7)
 ATTEMPTS = 30  # streams sent until the endpoint whose load dropped gets one
@@ -79,3 +82,26 @@ def test_an_endpoint_whose_scrape_fails_is_balanced_on_streams_in_flight(
     _send(gateway, STREAMS)
     assert failing.stats()["requests"] > 0, _requests(fakes)
     assert sum(_requests(fakes)) == STREAMS
+
+
+def test_a_scrape_is_bounded_and_reads_the_fakes_gauges() -> None:
+    """The client's scrape against a real fake: its page parsed, an error status or a page over the bound is no
+    load."""
+
+    async def scrape(client: OpenAIUpstream, max_bytes: int = 4096) -> Load | None:
+        body = await client.scrape("/metrics", 5.0, max_bytes)
+        return None if body is None else parse_vllm(body.decode())
+
+    async def scenario(fake: FakeUpstream) -> None:
+        client = OpenAIUpstream(fake.url, api_key=None, model_override=None, connect_timeout_s=5.0, pool_size=4)
+        try:
+            assert await scrape(client) == Load(running=0, waiting=7, kv_cache_usage=0.5)
+            assert await scrape(client, max_bytes=64) is None  # the page is longer
+            fake.set_load(metrics_status=503)
+            assert await scrape(client) is None
+        finally:
+            await client.aclose()
+
+    with fake_server() as fake:
+        fake.set_load(waiting=7, kv_cache=0.5)
+        asyncio.run(scenario(fake))
