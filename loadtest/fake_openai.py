@@ -58,6 +58,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -332,6 +333,21 @@ async def _json(send: Send, status: int, body: Any, headers: dict[str, str] | No
         {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *extra]}
     )
     await send({"type": "http.response.body", "body": raw})
+
+
+def command(fd: int, *, tokens_per_second: float, first_token_ms: float = 0.0) -> list[str]:
+    """The command line that serves a fake on the inherited listening socket `fd` (tests, the rehearsal)."""
+    return [
+        sys.executable,
+        "-m",
+        "loadtest.fake_openai",
+        "--fd",
+        str(fd),
+        "--tokens-per-second",
+        f"{tokens_per_second:g}",
+        "--first-token-ms",
+        f"{first_token_ms:g}",
+    ]
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from app.upstream.failures import CONNECT_DEADLINE, POOL_WAIT
 from app.upstream.sse_decoder import SSEDecodeError, SSEDecoder
 
 MAX_ERROR_BODY_BYTES = 8192  # how much of an upstream error body we read to quote it
+PROBE_MAX_BYTES = 65536  # a health answer is a few bytes; a bigger one is not a health route
 # After `[DONE]` a server ends its response at once; we read that end (bounded) so the connection goes
 # back to the pool: a connection whose response was not read to the end is closed, and every stream
 # would pay a new TCP connection (and the upstream an accept).
@@ -480,26 +481,9 @@ class OpenAIUpstream:
             detail=message,
         )
 
-    async def probe(self, path: str, timeout_s: float) -> bool:
-        """GET `path` from the server's root (a health route, e.g. vLLM's /health): True on a 2xx in time."""
-        headers = {"Host": self._host_header} if self._host_header is not None else None
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._probe_client().get(
-                    self._root + path,
-                    headers=headers,
-                    proxy=self._proxy,
-                    allow_redirects=False,
-                    server_hostname=self._server_name,
-                ) as response:
-                    await response.read()  # small; read to the end so the connection is reused
-                    return 200 <= response.status < 300
-        except (TimeoutError, aiohttp.ClientError):
-            return False
-
-    async def scrape(self, path: str, timeout_s: float, max_bytes: int) -> bytes | None:
-        """GET `path` from the server's root on the probe's connections (e.g. vLLM's /metrics): the body of a 2xx
-        answered in time and within `max_bytes`, else None."""
+    async def _get_from_root(self, path: str, timeout_s: float, max_bytes: int) -> tuple[int, bytes] | None:
+        """GET `path` from the server's root on the probe's own connections: (status, body) if it answered in
+        time within `max_bytes`, else None. The body is read to the end, so the connection is reused."""
         headers = {"Host": self._host_header} if self._host_header is not None else None
         try:
             async with asyncio.timeout(timeout_s):
@@ -511,13 +495,24 @@ class OpenAIUpstream:
                     server_hostname=self._server_name,
                 ) as response:
                     body = bytearray()
-                    async for chunk in response.content.iter_any():  # to the end: the connection is reused
+                    async for chunk in response.content.iter_any():
                         body += chunk
-                        if len(body) > max_bytes:  # not a metrics page we want to parse
+                        if len(body) > max_bytes:
                             return None
-                    return bytes(body) if 200 <= response.status < 300 else None
+                    return response.status, bytes(body)
         except (TimeoutError, aiohttp.ClientError):
             return None
+
+    async def probe(self, path: str, timeout_s: float) -> bool:
+        """GET `path` from the server's root (a health route, e.g. vLLM's /health): True on a 2xx in time."""
+        answer = await self._get_from_root(path, timeout_s, PROBE_MAX_BYTES)
+        return answer is not None and 200 <= answer[0] < 300
+
+    async def scrape(self, path: str, timeout_s: float, max_bytes: int) -> bytes | None:
+        """GET `path` from the server's root (e.g. vLLM's /metrics): the body of a 2xx answered in time and
+        within `max_bytes`, else None."""
+        answer = await self._get_from_root(path, timeout_s, max_bytes)
+        return answer[1] if answer is not None and 200 <= answer[0] < 300 else None
 
     async def aclose(self) -> None:
         for sessions in (self._sessions, self._probe_sessions):

@@ -14,23 +14,21 @@ nobody else's verdict.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 
 from app.upstream.discovery import Endpoint, accepting
 from app.upstream.fleet import FleetUpstream
+from app.upstream.periodic import PeriodicRound
 
 logger = logging.getLogger("app.upstream.probe")
 
 
-class Prober:
+class Prober(PeriodicRound):
     def __init__(self, fleet: FleetUpstream, *, interval_s: float, path: str, timeout_s: float) -> None:
+        super().__init__("upstream-probe", interval_s, logger)
         self._fleet = fleet
-        self._interval_s = interval_s
         self._path = path
         self._timeout_s = min(timeout_s, interval_s)  # a round never overlaps the next
-        self._task: asyncio.Task[None] | None = None
 
     async def _probe(self, endpoint: Endpoint) -> None:
         url = endpoint.url
@@ -40,26 +38,8 @@ class Prober:
         else:
             self._fleet.health.record(url, "probe", None)
 
-    async def probe_all(self) -> None:
+    async def run_round(self) -> None:
         """One round: every endpoint that accepts new streams, at once."""
         await asyncio.gather(
             *(self._probe(endpoint) for endpoint in accepting(self._fleet.discovery.endpoints()).values())
         )
-
-    async def _run(self) -> None:
-        await asyncio.sleep(random.uniform(0, self._interval_s))  # workers out of phase
-        while True:
-            try:
-                await self.probe_all()
-            except Exception:  # a bug must not end the probing silently
-                logger.exception("upstream probe round failed")
-            await asyncio.sleep(self._interval_s)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="upstream-probe")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

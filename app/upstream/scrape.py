@@ -11,13 +11,12 @@ MAX_BODY_BYTES, on the probe's connections (not the streams' pool).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 
 from app.upstream.discovery import Endpoint, accepting
 from app.upstream.fleet import FleetUpstream
 from app.upstream.load import LoadBoard, parse_vllm
+from app.upstream.periodic import PeriodicRound
 
 logger = logging.getLogger("app.upstream.scrape")
 
@@ -25,37 +24,18 @@ METRICS_PATH = "/metrics"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # vLLM's page, histograms included, is tens of KiB per model
 
 
-class LoadScraper:
+class LoadScraper(PeriodicRound):
     def __init__(self, fleet: FleetUpstream, board: LoadBoard, *, interval_s: float) -> None:
+        super().__init__("upstream-load-scrape", interval_s, logger)
         self._fleet = fleet
         self._board = board
-        self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
 
     async def _scrape(self, endpoint: Endpoint) -> None:
         body = await self._fleet.at(endpoint).scrape(METRICS_PATH, self._interval_s, MAX_BODY_BYTES)
         self._board.report(endpoint.url, None if body is None else parse_vllm(body.decode("utf-8", "replace")))
 
-    async def scrape_all(self) -> None:
+    async def run_round(self) -> None:
         """One round: every endpoint that accepts new streams, at once."""
         endpoints = accepting(self._fleet.discovery.endpoints())
         self._board.keep(list(endpoints))
         await asyncio.gather(*(self._scrape(endpoint) for endpoint in endpoints.values()))
-
-    async def _run(self) -> None:
-        await asyncio.sleep(random.uniform(0, self._interval_s))  # workers out of phase
-        while True:
-            try:
-                await self.scrape_all()
-            except Exception:  # a bug must not end the scraping silently
-                logger.exception("upstream load scrape round failed")
-            await asyncio.sleep(self._interval_s)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="upstream-load-scrape")
-
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from loadtest import fake_openai
 from loadtest.harness.fake_apiserver import READY, TERMINATING, FakeApiServer, endpoint_slice, serving
 from loadtest.harness.ports import loopback_listener
 from loadtest.harness.process import Child, Supervisor
@@ -58,17 +58,7 @@ class ModelServer:
         sock = loopback_listener(inheritable=True)
         self.port = int(sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [
-            sys.executable,
-            "-m",
-            "loadtest.fake_openai",
-            "--fd",
-            str(sock.fileno()),
-            "--tokens-per-second",
-            f"{tokens_per_second:g}",
-            "--first-token-ms",
-            str(FIRST_TOKEN_MS),
-        ]
+        argv = fake_openai.command(sock.fileno(), tokens_per_second=tokens_per_second, first_token_ms=FIRST_TOKEN_MS)
         try:
             self.child: Child = supervisor.spawn(
                 name,

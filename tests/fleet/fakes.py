@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
 
+from loadtest import fake_openai
 from tests.conftest import ROOT, FakeUpstream, _wait_until_up
 
 
@@ -29,15 +29,7 @@ def fake_server(
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.fake_openai",
-            "--fd",
-            str(sock.fileno()),
-            "--tokens-per-second",
-            str(tokens_per_second),
-        ],
+        fake_openai.command(sock.fileno(), tokens_per_second=tokens_per_second),
         cwd=ROOT,
         pass_fds=(sock.fileno(),),
     )
