@@ -53,6 +53,17 @@ class Reading:
     end: dict[str, Any] = field(default_factory=dict)  # done: {"tokens", "finish_reason", "usage"}; else {"error"}
 
 
+def _take(reading: Reading, event: dict[str, Any]) -> None:
+    """One seed-protocol event (the same on /stream and /ws) into what a client received."""
+    if event["type"] == "token":
+        reading.text += event["content"]
+        reading.tokens += 1
+    elif event["type"] == "done":
+        reading.end = {"tokens": event["tokens"]}
+    elif event["type"] == "error":
+        reading.end = {"error": event["code"]}
+
+
 def _read_stream(gateway: Gateway, reading: Reading) -> None:
     body = {"prompt": "hi", "max_tokens": TOKENS}
     with httpx.stream("POST", gateway.url + "/stream", json=body, timeout=GUARD_S) as response:
@@ -60,14 +71,7 @@ def _read_stream(gateway: Gateway, reading: Reading) -> None:
         for line in response.iter_lines():
             if not line.startswith("data: "):
                 continue
-            event = json.loads(line[6:])
-            if event["type"] == "token":
-                reading.text += event["content"]
-                reading.tokens += 1
-            elif event["type"] == "done":
-                reading.end = {"tokens": event["tokens"]}
-            elif event["type"] == "error":
-                reading.end = {"error": event["code"]}
+            _take(reading, json.loads(line[6:]))
 
 
 def _read_ws(gateway: Gateway, reading: Reading) -> None:
@@ -75,14 +79,7 @@ def _read_ws(gateway: Gateway, reading: Reading) -> None:
         ws.send(json.dumps({"prompt": "hi", "max_tokens": TOKENS}))
         try:
             while True:
-                event = json.loads(ws.recv(timeout=GUARD_S))
-                if event["type"] == "token":
-                    reading.text += event["content"]
-                    reading.tokens += 1
-                elif event["type"] == "done":
-                    reading.end = {"tokens": event["tokens"]}
-                elif event["type"] == "error":
-                    reading.end = {"error": event["code"]}
+                _take(reading, json.loads(ws.recv(timeout=GUARD_S)))
         except ConnectionClosed:
             reading.end["close"] = ws.close_code
 
