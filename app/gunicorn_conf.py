@@ -7,6 +7,7 @@ README are the only knobs.
 from __future__ import annotations
 
 import functools
+import gc
 import resource
 from typing import Any, ClassVar
 
@@ -96,6 +97,16 @@ _shared: list[SharedTables] = []  # the master's handles on the instance-wide ta
 def on_starting(server: Any) -> None:
     """In the master, before any fork: the tables every worker counts against (app/instance.py)."""
     _shared.append(create_shared(_settings))
+
+
+def post_worker_init(worker: Any) -> None:
+    """In each worker, once the app is built and before it serves: its objects (modules, the app, settings) live
+    as long as the worker, so they go out of the collector's sight. A full collection then walks only what the
+    streams hold: over the ~95,000 startup objects it stalled every stream of the worker for 55 ms idle and
+    up to ~0.5 s under load on a 2-core VM, a TTFT p99 spike each time."""
+    gc.collect()
+    gc.freeze()
+    worker.log.info("froze %d startup objects out of the garbage collector's sight", gc.get_freeze_count())
 
 
 def child_exit(server: Any, worker: Any) -> None:
