@@ -170,10 +170,12 @@ class FleetUpstream:
         self.load.started(url)
         return url
 
-    def can_switch(self, request: ChatRequest) -> bool:
-        """Would this request's next attempt go to an endpoint it has not tried yet (so it need not wait)?"""
+    def retry_at_once(self, request: ChatRequest) -> bool:
+        """Need this request's next attempt not wait a backoff? It goes to an endpoint it has not tried yet, or
+        none is left at all: then the attempt is refused at once, and a wait would only delay the 503."""
+        available = self.health.available(list(self._accepting()))
         tried = request.tried_endpoints
-        return any(url not in tried for url in self.health.available(list(self._accepting())))
+        return not available or any(url not in tried for url in available)
 
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None

@@ -41,8 +41,9 @@ class Failover(Protocol):
     """A fleet, seen from the guard: where the next attempt can go. (An attempt cut while opening the fleet
     settles itself, on the endpoint it went to: `ChatRequest.cut_for_upstream_fault`.)"""
 
-    def can_switch(self, request: ChatRequest) -> bool:
-        """The request's next attempt would go to an endpoint it has not tried yet."""
+    def retry_at_once(self, request: ChatRequest) -> bool:
+        """The request's next attempt need not wait a backoff: it goes to an endpoint it has not tried yet, or to
+        none at all (every endpoint is out: the attempt is refused at once)."""
         ...
 
 
@@ -221,8 +222,8 @@ class GuardedUpstream:
 
     async def _backoff(self, request: ChatRequest, error: GatewayError, kind: ErrorKind, attempt: int) -> None:
         UPSTREAM_RETRIES_TOTAL.labels(kind.value).inc()
-        if self.failover is not None and self.failover.can_switch(request):
-            return  # failover: another endpoint takes the next attempt now
+        if self.failover is not None and self.failover.retry_at_once(request):
+            return  # failover: another endpoint takes the next attempt now, or the fleet refuses it now
         retry_after = error.retry_after_seconds if isinstance(error, UpstreamError) else None
         await self.policy.wait(attempt, retry_after)
 
