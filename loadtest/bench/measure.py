@@ -146,6 +146,12 @@ def busy_seconds() -> float:
     return float(t.user + t.nice + t.system + t.irq + t.softirq)
 
 
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (the orchestrator: sampling, reading loadgens' output) has used."""
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
+
+
 def background_cores(seconds: float = 2.0) -> float:
     """Cores busy before we start anything: on a shared machine, other jobs skew every number."""
     before = busy_seconds()
@@ -163,18 +169,13 @@ class CpuSampler:
 
     def __init__(self, *servers: Server) -> None:
         self.servers = servers
-        self.me = psutil.Process()
         self.t0 = self.t = time.monotonic()
         self.first = self.last = self.snapshot()
         self.peaks: dict[int, float] = {}
-        self.busy0, self.me0 = busy_seconds(), self.my_seconds()
+        self.busy0, self.me0 = busy_seconds(), own_cpu_seconds()
 
     def snapshot(self) -> dict[int, float]:
         return {pid: cpu for server in self.servers for pid, cpu in server.cpu_seconds().items()}
-
-    def my_seconds(self) -> float:
-        t = self.me.cpu_times()
-        return float(t.user + t.system)
 
     def __call__(self) -> None:
         now, cpu = time.monotonic(), self.snapshot()
@@ -194,7 +195,7 @@ class CpuSampler:
             reverse=True,
         )
         r["server_cpu_s"] = self.server_cpu_s()
-        ours = r["server_cpu_s"] + r["loadgen_cpu_s"] + self.my_seconds() - self.me0
+        ours = r["server_cpu_s"] + r["loadgen_cpu_s"] + own_cpu_seconds() - self.me0
         r["rest_cores"] = max(0.0, busy_seconds() - self.busy0 - ours) / elapsed
         r["restarted"] = self.restarted()
 

@@ -26,9 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import psutil
-
-from loadtest.bench.measure import CpuSampler, LoadProcess, busy_seconds, loadgen_argv, warm_up
+from loadtest.bench.measure import CpuSampler, LoadProcess, busy_seconds, loadgen_argv, own_cpu_seconds, warm_up
 from loadtest.bench.plan import MIN_TOKENS_DELIVERED, Plan, log
 from loadtest.bench.rounds import Contestant, Rounds, round_order
 from loadtest.bench.servers import Server, running
@@ -170,16 +168,16 @@ def side_round(
         ramps_end = time.monotonic() + plan.side_users / plan.rate + RAMP_TIMEOUT_S
         ramped = {key for key, load in loads.items() if load.ramp_ended.wait(max(0.0, ramps_end - time.monotonic()))}
         time.sleep(plan.side_settle_s)
-        me = psutil.Process()
-        # The same order at both ends (CPU, then marks): the token window is the CPU window, shifted by microseconds.
+        # The same order at both ends (CPU, then marks): the token window is the CPU window, shifted by the few
+        # milliseconds the snapshots take.
         samplers = {c.key: CpuSampler(servers[c.key], *c.extra) for c in order}
-        busy0, me0, t0 = busy_seconds(), sum(me.cpu_times()[:2]), time.monotonic()
+        busy0, me0, t0 = busy_seconds(), own_cpu_seconds(), time.monotonic()
         for key in ramped:  # a loadgen that never said so may not handle SIGUSR1 yet
             loads[key].mark()
         time.sleep(plan.side_window_s)
         for sampler in samplers.values():
             sampler()
-        busy, mine, window = busy_seconds() - busy0, sum(me.cpu_times()[:2]) - me0, time.monotonic() - t0
+        busy, mine, window = busy_seconds() - busy0, own_cpu_seconds() - me0, time.monotonic() - t0
         for key in ramped:
             loads[key].mark()
         rows = {}
