@@ -108,6 +108,7 @@ def test_section_gives_each_configuration_its_ratio_and_lists_the_void_rounds() 
     assert "150 streams each" in text
     summary = "\n".join(side_summary_rows(side))
     assert "**1.50 (1.50–1.50)**" in summary
+    assert "median of the 1 of 2 rounds that count for both" in summary
 
 
 def test_options_add_the_side_by_side_rounds_or_run_them_alone() -> None:
