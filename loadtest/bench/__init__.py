@@ -21,7 +21,7 @@ Phases, each with only its own servers running (redis-server idles through the o
 1. RSS per open stream (the shipped gateway, on an instance of its own); capacity of the shipped gateway on
    `/stream`, then its replay cost (local store);
 2. capacity of every other configuration (full run only), then the replay cost (Redis);
-3. the interleaved rounds, where every CPU-per-token comparison comes from: at one concurrency (`--at`, 1,000
+3. the interleaved rounds, one configuration after another: at one concurrency (`--at`, 1,000
    streams by default; with `--levels`, where the shipped gateway's search ended), `--rounds` rounds (3; quick 2),
    each running every configuration once on a fresh server, the order rotated by one place per round (round 1:
    A B C ..., round 2: B C ... A). Per configuration the report gives the median and the spread (min-max) of
