@@ -28,7 +28,7 @@ Phases, each with only its own servers running (redis-server idles through the o
    server CPU per delivered token (the whole process tree, psutil from /proc) and its ratio to the raw app,
    taken within each round, beside capacity, TTFT p50/p99 and the share of tokens delivered;
 3b. the side-by-side rounds (`side_by_side`; `--side-by-side` runs them alone), the headline: every
-   configuration at the same time, each on a fresh server under its own load (`--side-by-side-streams`, 150
+   configuration at the same time, each on a fresh server under its own load (`--side-by-side-streams`, 100
    each), server CPU per delivered token over one common window once every load is steady, the ratio to the raw
    app within each round, then median and min-max over `--rounds` rounds;
 4. fake_openai (20 tok/s), streamed straight and through a gateway (`UPSTREAM_URL`): TTFT added;

@@ -118,10 +118,11 @@ class Plan:
     fleet_max_tokens: int = 60  # 3 s at the fast pace, 12 s on the slow endpoint
     fleet_hold_seconds: float = 15.0
     fleet_only: bool = False  # --fleet: only the fleet section
-    # The side-by-side rounds: every configuration at once, side_users streams each (all of them together well
-    # below what 2 cores can serve), server CPU over one common window of side_window_s once every load is steady
-    # (side_settle_s after the last ramp ended).
-    side_users: int = 150
+    # The side-by-side rounds: every configuration at once, side_users streams each, server CPU over one common
+    # window of side_window_s once every load is steady (side_settle_s after the last ramp ended). 100 each: the
+    # five configurations' 500 streams and their load generators keep 2 cores busy well below saturation (at 150
+    # each they kept about 1.7 of 2 cores busy).
+    side_users: int = 100
     side_window_s: float = 20.0
     side_settle_s: float = 2.0
     side_only: bool = False  # --side-by-side: only the side-by-side rounds
