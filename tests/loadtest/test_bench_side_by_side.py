@@ -113,12 +113,7 @@ def test_section_gives_each_configuration_its_ratio_and_lists_the_void_rounds() 
 
 def test_options_add_the_side_by_side_rounds_or_run_them_alone() -> None:
     plan, output, *_ = parse_args([])
-    assert (plan.side_users, plan.side_window_s, plan.side_only, output) == (
-        150,
-        FULL.side_window_s,
-        False,
-        DEFAULT_OUTPUT,
-    )
+    assert (plan.side_users, plan.side_window_s, plan.side_only, output) == (100, 20.0, False, DEFAULT_OUTPUT)
     plan, output, *_ = parse_args(["--side-by-side", "--quick", "--side-by-side-streams", "80"])
     assert (plan.side_users, plan.side_window_s, plan.side_only) == (80, QUICK.side_window_s, True)
     assert output == DEFAULT_SIDE_OUTPUT
