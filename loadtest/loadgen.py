@@ -12,6 +12,10 @@ Model: `--users` virtual users start at `--rate` per second; each runs streams b
 `--hold-seconds` after the last user started, then in-flight streams run to completion. A stream's
 TTFT runs from opening its connection (the request goes out on connect) to its first token event.
 Tokens count as delivered in time when they arrive within max_tokens / tokens-per-second + slack.
+It prints `{"event": "ramp_end"}` once every user has started; from then on, each SIGUSR1 prints
+`{"event": "mark", "tokens": ..., "errors": ..., "cpu_s": ..., "steady": ...}`: the tokens received, errors and
+its own CPU so far, and whether every user was still cycling (after the ramp, before the hold ended). Two marks
+bracket a window another process times (the benchmark's side-by-side rounds read server CPU over it).
 
 Replay mode (`--replay N`, the gateway's resume path): N streams of max_tokens tokens run concurrently to
 their end (each from its own address; the stream id comes from the `x-stream-id` header), then, after
@@ -27,6 +31,7 @@ import asyncio
 import ipaddress
 import json
 import resource
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -319,9 +324,19 @@ class LoadGen:
         else:
             stop_at = ramp_end + cfg.hold_seconds
             marks: dict[str, int] = {}
-            loop.call_at(ramp_end, lambda: marks.__setitem__("ramp_end", self.totals.tokens))
+
+            def at_ramp_end() -> None:
+                marks["ramp_end"] = self.totals.tokens
+                emit({"event": "ramp_end"})
+
+            def on_mark() -> None:  # SIGUSR1: the counts now, for a window timed by whoever sends them
+                emit({"event": "mark", **self.counts(), "steady": ramp_end <= loop.time() < stop_at})
+
+            loop.call_at(ramp_end, at_ramp_end)
             loop.call_at(stop_at, lambda: marks.__setitem__("stop", self.totals.tokens))
+            loop.add_signal_handler(signal.SIGUSR1, on_mark)
             await asyncio.gather(*(self.cycling_user(i, t_start + i / cfg.rate, stop_at) for i in range(cfg.users)))
+            loop.remove_signal_handler(signal.SIGUSR1)
             steady = None  # tokens/s over the hold window, when every user is active
             if cfg.hold_seconds > 0:
                 steady = (marks.get("stop", self.totals.tokens) - marks.get("ramp_end", 0)) / cfg.hold_seconds
@@ -351,6 +366,15 @@ class LoadGen:
             rows = "".join(f"{at:.4f},{v * 1000:.2f}\n" for at, v in zip(t.ttft_at, t.ttft, strict=True))
             await asyncio.to_thread(Path(cfg.ttft_csv).write_text, "start_s,ttft_ms\n" + rows)  # off the loop
         return result
+
+    def counts(self) -> dict[str, Any]:
+        """Tokens received, errors and our own CPU so far: two marks' difference is what a window saw."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "tokens": self.totals.tokens,
+            "errors": sum(self.totals.errors.values()),
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+        }
 
     async def run_hold_open(self, t_start: float) -> dict[str, Any]:
         """Open one long stream per user, report once all deliver tokens, hold, then close them all."""

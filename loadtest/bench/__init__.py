@@ -2,7 +2,8 @@
 capacity, the price of every protection, proxy overhead, RSS per stream, admission and resume-store costs.
 
 Run: `python -m loadtest.bench [--quick] [--rounds N] [--at STREAMS] [--wait-quiet 600] [--profile]
-[--baseline-src DIR] [--fleet] [--fleet-streams N] [--output loadtest/results/benchmark.md]`.
+[--baseline-src DIR] [--fleet] [--fleet-streams N] [--side-by-side] [--side-by-side-streams N]
+[--output loadtest/results/benchmark.md]`.
 Starts every server it measures on 127.0.0.1 through loadtest/harness/ (the gateways on sockets bound here
 and handed over, the others on free ports; its own redis-server, when one is installed), drives them with
 `loadtest.loadgen` in a separate process (so starting servers and sampling psutil never steal its loop), stops
@@ -20,12 +21,16 @@ Phases, each with only its own servers running (redis-server idles through the o
 1. RSS per open stream (the shipped gateway, on an instance of its own); capacity of the shipped gateway on
    `/stream`, then its replay cost (local store);
 2. capacity of every other configuration (full run only), then the replay cost (Redis);
-3. the interleaved rounds, where every CPU-per-token comparison comes from: at one concurrency (`--at`, 1,000
+3. the interleaved rounds, one configuration after another: at one concurrency (`--at`, 1,000
    streams by default; with `--levels`, where the shipped gateway's search ended), `--rounds` rounds (3; quick 2),
    each running every configuration once on a fresh server, the order rotated by one place per round (round 1:
    A B C ..., round 2: B C ... A). Per configuration the report gives the median and the spread (min-max) of
    server CPU per delivered token (the whole process tree, psutil from /proc) and its ratio to the raw app,
-   taken within each round (the headline), beside capacity, TTFT p50/p99 and the share of tokens delivered;
+   taken within each round, beside capacity, TTFT p50/p99 and the share of tokens delivered;
+3b. the side-by-side rounds (`side_by_side`; `--side-by-side` runs them alone), the headline: every
+   configuration at the same time, each on a fresh server under its own load (`--side-by-side-streams`, 100
+   each), server CPU per delivered token over one common window once every load is steady, the ratio to the raw
+   app within each round, then median and min-max over `--rounds` rounds;
 4. fake_openai (20 tok/s), streamed straight and through a gateway (`UPSTREAM_URL`): TTFT added;
 5. the fleet (`fleet`; `--fleet` runs it alone): three fake model servers, one slow, behind one gateway,
    `--fleet-streams` concurrent `/v1` streams (240; quick 150), UPSTREAM_BALANCE least_in_flight against
@@ -42,7 +47,7 @@ and the other configurations only in the rounds (their capacity is whether the r
 450 streams, the proxy load; the report lists what dominates.
 
 Modules: `plan` (targets, configurations, plans), `servers` (the processes measured), `measure` (load, CPU,
-capacity searches), `rounds` (the interleaved rounds and their medians, spreads and ratios), `fleet` (the fleet
-section's rounds), `profile` (py-spy),
+capacity searches), `rounds` (the interleaved rounds and their medians, spreads and ratios), `side_by_side` (the
+side-by-side rounds), `fleet` (the fleet section's rounds), `profile` (py-spy),
 `report` (the Markdown), `__main__` (the phases in order).
 """

@@ -35,6 +35,7 @@ from loadtest.bench.plan import (
     BUSY_MACHINE_CORES,
     DEFAULT_FLEET_OUTPUT,
     DEFAULT_OUTPUT,
+    DEFAULT_SIDE_OUTPUT,
     FULL,
     MOCK_ENV,
     PACE_TOKENS_PER_SECOND,
@@ -50,9 +51,10 @@ from loadtest.bench.plan import (
     log,
 )
 from loadtest.bench.profile import profile_load
-from loadtest.bench.report import display_path, ratio, render, render_fleet
+from loadtest.bench.report import display_path, ratio, render, render_fleet, render_side_by_side
 from loadtest.bench.rounds import BASELINE, RAW, Contestant, measure_rounds
 from loadtest.bench.servers import Server, fake_openai, gateway, gateway_from, raw_app, running, watched
+from loadtest.bench.side_by_side import measure_side_by_side
 from loadtest.harness.errors import HarnessError
 from loadtest.harness.redis import RedisServer
 
@@ -106,10 +108,24 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
         help=f"concurrent streams of the fleet section (full run {FULL.fleet_users}, quick {QUICK.fleet_users})",
     )
     p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="only the side-by-side rounds: every configuration at once, server CPU per delivered token over one "
+        "common window (the full and quick runs include them)",
+    )
+    p.add_argument(
+        "--side-by-side-streams",
+        type=int,
+        metavar="STREAMS",
+        help=f"concurrent streams of each configuration in the side-by-side rounds (default {FULL.side_users}; "
+        "all of them run at once on the same cores)",
+    )
+    p.add_argument(
         "--output",
         type=Path,
         default=None,
-        help=f"where the Markdown report is written [{DEFAULT_OUTPUT}; --fleet: {DEFAULT_FLEET_OUTPUT}]",
+        help=f"where the Markdown report is written [{DEFAULT_OUTPUT}; --fleet: {DEFAULT_FLEET_OUTPUT}; "
+        f"--side-by-side: {DEFAULT_SIDE_OUTPUT}]",
     )
     p.add_argument(
         "--baseline-src",
@@ -134,8 +150,16 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, float, bool, Path | 
         if a.fleet_streams < 1:
             p.error("--fleet-streams: at least 1")
         plan = replace(plan, fleet_users=a.fleet_streams)
-    plan = replace(plan, fleet_only=a.fleet)
-    output = a.output or (DEFAULT_FLEET_OUTPUT if a.fleet else DEFAULT_OUTPUT)
+    if a.side_by_side_streams is not None:
+        if a.side_by_side_streams < 1:
+            p.error("--side-by-side-streams: at least 1")
+        plan = replace(plan, side_users=a.side_by_side_streams)
+    if a.fleet and a.side_by_side:
+        p.error("--fleet and --side-by-side each run one section alone: choose one")
+    plan = replace(plan, fleet_only=a.fleet, side_only=a.side_by_side)
+    output = a.output or (
+        DEFAULT_FLEET_OUTPUT if a.fleet else DEFAULT_SIDE_OUTPUT if a.side_by_side else DEFAULT_OUTPUT
+    )
     plan = replace(plan, all_levels=a.all_levels, quiet_wait_s=a.wait_quiet or plan.quiet_wait_s)
     if a.baseline_src is not None and not (a.baseline_src / "app" / "__main__.py").is_file():
         p.error(f"--baseline-src {a.baseline_src}: not a checkout of this project (no app/__main__.py)")
@@ -230,6 +254,15 @@ def main(argv: list[str] | None = None) -> None:
             if redis is not None:
                 redis.start()
                 stack.callback(redis.stop)
+            if plan.side_only:
+                side = measure_side_by_side(plan, contestants(log_dir, work_dir, redis, baseline_src))
+                write_report(
+                    output,
+                    render_side_by_side(
+                        plan, command=command, started=started, elapsed_s=time.monotonic() - t0, side=side
+                    ),
+                )
+                return
             log("admission cost per request (in process)")
             admission = measure_admission(plan, redis)
             # RSS gets an instance of its own: a fresh baseline, and the streams it aborts become orphaned
@@ -284,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds = measure_rounds(plan, compared, plan.round_users or common)
             for key, rows in rounds.rows.items():  # quick: the rounds are all the others' capacity shows
                 caps.setdefault(key, Capacity(rows=list(rows)))
+            side = measure_side_by_side(plan, compared)
             with running(fake_openai(log_dir)) as upstream:
                 upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
                 with running(gateway(log_dir, work_dir, "gateway_proxy", UPSTREAM_URL=upstream_url)) as through:
@@ -332,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         profiles=profiles,
         baseline_src=baseline_src,
         fleet=fleet,
+        side=side,
     )
     write_report(output, report)
 

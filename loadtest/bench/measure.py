@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from loadtest.bench.plan import (
     REPLAY_STREAMS,
     ROOT,
     SAMPLE_INTERVAL_S,
+    STOP_TIMEOUT_S,
     TTFT_P99_BUDGET_MS,
     Plan,
     log,
@@ -74,37 +77,79 @@ def loadgen_argv(
     return argv + (["--ttft-csv", str(ttft_csv)] if ttft_csv is not None else [])
 
 
+class LoadProcess:
+    """One loadgen process, started at once; its JSON lines are read as they come (`events`), so that a caller
+    can wait for its ramp to end and bracket a window with marks (SIGUSR1) while it runs."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.events: list[dict[str, Any]] = []
+        self.ramp_ended = threading.Event()
+        self.reader = threading.Thread(target=self.read, name="loadgen-stdout", daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                if line.startswith("{"):
+                    event = json.loads(line)
+                    self.events.append(event)
+                    if event.get("event") == "ramp_end":
+                        self.ramp_ended.set()
+
+    def mark(self) -> None:
+        """Ask for a `mark` event (the loadgen's counts now); only after `ramp_ended` (it handles SIGUSR1 then)."""
+        self.proc.send_signal(signal.SIGUSR1)
+
+    def marks(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == "mark"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
+    def finish(self, sample: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Wait for the result, calling `sample` every SAMPLE_INTERVAL_S meanwhile."""
+        deadline = time.monotonic() + LOADGEN_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    self.proc.wait(SAMPLE_INTERVAL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        self.kill()
+                        raise
+                    if sample is not None:
+                        sample()
+            self.reader.join(STOP_TIMEOUT_S)  # the pipe is at its end once the process has exited
+            self.err.seek(0)
+            stderr = self.err.read().decode(errors="replace")
+        finally:
+            self.err.close()
+        if self.proc.returncode or not self.events or self.events[-1].get("event") != "result":
+            raise RuntimeError(f"loadgen failed ({self.proc.returncode}): {stderr[-2000:]}")
+        return self.events[-1]
+
+
 def run_load(argv: list[str], sample: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run one loadgen process to completion, calling `sample` every SAMPLE_INTERVAL_S meanwhile."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
-        deadline = time.monotonic() + LOADGEN_TIMEOUT_S
-        while True:
-            try:
-                proc.wait(SAMPLE_INTERVAL_S)
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise
-                if sample is not None:
-                    sample()
-        assert proc.stdout is not None
-        stdout = proc.stdout.read()
-        proc.stdout.close()
-        err.seek(0)
-        stderr = err.read().decode(errors="replace")
-    results = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not results or results[-1].get("event") != "result":
-        raise RuntimeError(f"loadgen failed ({proc.returncode}): {stderr[-2000:]}")
-    result: dict[str, Any] = results[-1]
-    return result
+    return LoadProcess(argv).finish(sample)
 
 
 def busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (all cores), including interrupt and softirq work."""
     t = psutil.cpu_times()
     return float(t.user + t.nice + t.system + t.irq + t.softirq)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (the orchestrator: sampling, reading loadgens' output) has used."""
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
 
 
 def background_cores(seconds: float = 2.0) -> float:
@@ -124,18 +169,13 @@ class CpuSampler:
 
     def __init__(self, *servers: Server) -> None:
         self.servers = servers
-        self.me = psutil.Process()
         self.t0 = self.t = time.monotonic()
         self.first = self.last = self.snapshot()
         self.peaks: dict[int, float] = {}
-        self.busy0, self.me0 = busy_seconds(), self.my_seconds()
+        self.busy0, self.me0 = busy_seconds(), own_cpu_seconds()
 
     def snapshot(self) -> dict[int, float]:
         return {pid: cpu for server in self.servers for pid, cpu in server.cpu_seconds().items()}
-
-    def my_seconds(self) -> float:
-        t = self.me.cpu_times()
-        return float(t.user + t.system)
 
     def __call__(self) -> None:
         now, cpu = time.monotonic(), self.snapshot()
@@ -154,11 +194,19 @@ class CpuSampler:
             (((self.last[pid] - self.first.get(pid, 0.0)) / elapsed, self.peaks.get(pid, 0.0)) for pid in workers),
             reverse=True,
         )
-        r["server_cpu_s"] = sum(self.last.values()) - sum(self.first.get(pid, 0.0) for pid in self.last)
-        ours = r["server_cpu_s"] + r["loadgen_cpu_s"] + self.my_seconds() - self.me0
+        r["server_cpu_s"] = self.server_cpu_s()
+        ours = r["server_cpu_s"] + r["loadgen_cpu_s"] + own_cpu_seconds() - self.me0
         r["rest_cores"] = max(0.0, busy_seconds() - self.busy0 - ours) / elapsed
-        # A worker that exited or was replaced mid-level (crash, OOM, someone's signal) voids the level.
-        r["restarted"] = set(self.first) != set(self.last) or any(s.child.exited() for s in self.servers)
+        r["restarted"] = self.restarted()
+
+    def server_cpu_s(self) -> float:
+        """CPU the servers spent between the first snapshot and the last (a process that appeared since counts
+        whole)."""
+        return sum(self.last.values()) - sum(self.first.get(pid, 0.0) for pid in self.last)
+
+    def restarted(self) -> bool:
+        """A worker that exited or was replaced meanwhile (crash, OOM, someone's signal) voids the load."""
+        return set(self.first) != set(self.last) or any(s.child.exited() for s in self.servers)
 
 
 def warm_up(server: Server, path: str = "/stream", users: int = 50) -> None:

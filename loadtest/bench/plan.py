@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = Path("loadtest/results/benchmark.md")
 DEFAULT_FLEET_OUTPUT = Path("loadtest/results/benchmark-fleet.md")  # --fleet: the fleet section alone
+DEFAULT_SIDE_OUTPUT = Path("loadtest/results/benchmark-side-by-side.md")  # --side-by-side: those rounds alone
 
 TTFT_P99_BUDGET_MS = 300.0  # a capacity level passes under this TTFT p99 ...
 MIN_TOKENS_DELIVERED = 0.95  # ... with this share of demanded tokens delivered in time, and zero errors
@@ -117,6 +118,14 @@ class Plan:
     fleet_max_tokens: int = 60  # 3 s at the fast pace, 12 s on the slow endpoint
     fleet_hold_seconds: float = 15.0
     fleet_only: bool = False  # --fleet: only the fleet section
+    # The side-by-side rounds: every configuration at once, side_users streams each, server CPU over one common
+    # window of side_window_s once every load is steady (side_settle_s after the last ramp ended). 100 each: the
+    # five configurations' 500 streams and their load generators keep 2 cores busy well below saturation (at 150
+    # each they kept about 1.7 of 2 cores busy).
+    side_users: int = 100
+    side_window_s: float = 20.0
+    side_settle_s: float = 2.0
+    side_only: bool = False  # --side-by-side: only the side-by-side rounds
 
 
 FULL = Plan(
@@ -150,6 +159,7 @@ QUICK = replace(
     rounds=2,
     fleet_users=150,
     fleet_hold_seconds=8.0,
+    side_window_s=10.0,
 )
 
 

@@ -44,7 +44,8 @@ from loadtest.bench.plan import (
     Plan,
 )
 from loadtest.bench.profile import PROFILE_RATE_HZ
-from loadtest.bench.rounds import BASELINE, RAW, Rounds, Spread
+from loadtest.bench.rounds import BASELINE, RAW, Rounds, Spread, per_round_ratios
+from loadtest.bench.side_by_side import SideRounds
 
 
 def verdict(ok: bool | None) -> str:
@@ -153,6 +154,7 @@ def render(
     profiles: list[dict[str, Any]],
     baseline_src: Path | None = None,
     fleet: FleetRounds | None = None,
+    side: SideRounds | None = None,
 ) -> str:
     on, raw = caps["on"], caps[RAW]
     gw_ratio, gw_ok = ratio(on, raw, CAPACITY_RATIO_TARGET)
@@ -217,10 +219,12 @@ def render(
         "",
         "| Measure | Measured | Target | |",
         "|---|---:|---:|---|",
-        f"| **Server CPU per delivered token, gateway as shipped / raw ASGI app** ({users} streams, median of "
-        f"{len(rounds.orders)} interleaved rounds, min–max) | **{spread_text(shipped_cpu, '.2f')}** "
+        *(side_summary_rows(side) if side is not None else []),
+        f"| Server CPU per delivered token, gateway as shipped / raw ASGI app, interleaved rounds ({users} streams, "
+        f"one configuration after another, median of {len(rounds.orders)} rounds, min–max) "
+        f"| {spread_text(shipped_cpu, '.2f')} "
         f"| ≤ {CPU_RATIO_TARGET:g} | {median_verdict(shipped_cpu, CPU_RATIO_TARGET)} |",
-        f"| Server CPU per delivered token, resume store Redis / raw ASGI app (same rounds) "
+        f"| Server CPU per delivered token, resume store Redis / raw ASGI app (interleaved rounds) "
         f"| {spread_text(redis_cpu, '.2f')} | ≤ {REDIS_CPU_RATIO_TARGET:g} "
         f"| {median_verdict(redis_cpu, REDIS_CPU_RATIO_TARGET)} |",
         f"| Server CPU µs per delivered token at {users} streams (rounds' median): as shipped / protections off / "
@@ -252,6 +256,7 @@ def render(
         f"| {replay_text('local')} / {replay_text('redis')} | — | |",
         *([fleet_summary_row(fleet)] if fleet is not None else []),
         "",
+        *(side_by_side_section(side) if side is not None else []),
         *rounds_section(rounds, caps),
         "## 1. Relay capacity: gateway with protections on (`POST /stream`, built-in mock at 20 tok/s)",
         "",
@@ -489,7 +494,7 @@ def rounds_section(rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:
     """Every configuration in the interleaved rounds: median (min-max) of each measure, the ratio to raw first."""
     order = "; ".join(f"round {i}: {' '.join(keys)}" for i, keys in enumerate(rounds.orders, start=1))
     out = [
-        "## Interleaved rounds: server CPU per delivered token (the headline)",
+        "## Interleaved rounds: server CPU per delivered token, one configuration after another",
         "",
         f"Every configuration ran {rounds.users} concurrent streams on a fresh server (warmed up first) once per "
         f"round, the configurations interleaved ({order}), so that all of them saw the same machine: loads minutes "
@@ -519,6 +524,101 @@ def rounds_section(rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:
         "",
     ]
     return out
+
+
+def side_summary_rows(side: SideRounds) -> list[str]:
+    """The summary's headline: the shipped gateway (and the Redis store) against raw, side by side."""
+    shipped, redis = side.cpu_ratio("on"), side.cpu_ratio("redis")
+    counted = len(per_round_ratios(side.values("on", "cpu_us"), side.values(RAW, "cpu_us"))) if shipped else 0
+
+    def verdict_of(value: Spread | None, target: float) -> str:
+        return verdict(None if value is None else value.median <= target)
+
+    return [
+        f"| **Server CPU per delivered token, gateway as shipped / raw ASGI app, side by side** (every configuration "
+        f"at once, {side.users} streams each, median of the {counted} of {len(side.orders)} rounds that count "
+        "for both, min–max) "
+        f"| **{spread_text(shipped, '.2f')}** | ≤ {CPU_RATIO_TARGET:g} | {verdict_of(shipped, CPU_RATIO_TARGET)} |",
+        f"| Server CPU per delivered token, resume store Redis / raw ASGI app, side by side "
+        f"| {spread_text(redis, '.2f')} | ≤ {REDIS_CPU_RATIO_TARGET:g} "
+        f"| {verdict_of(redis, REDIS_CPU_RATIO_TARGET)} |",
+    ]
+
+
+def side_by_side_section(side: SideRounds) -> list[str]:
+    """Every configuration at once: median (min-max) of each measure over the rounds, the ratio to raw first."""
+    order = "; ".join(f"round {i}: {' '.join(keys)}" for i, keys in enumerate(side.orders, start=1))
+    out = [
+        "## Side-by-side rounds: server CPU per delivered token, every configuration at once (the headline)",
+        "",
+        f"In each round every configuration ran at the same time, each on a fresh server of its own (warmed up "
+        f"first) under a load generator of its own: {side.users} streams each, from source addresses of its own "
+        f"(started in the order {order}). Once every load's ramp had ended and the loads had settled, one common "
+        f"window of {side.window_s:g} s: server CPU is user+system of each server's whole process tree (psutil, from "
+        "/proc; redis-server's included for the Redis store) over the window, divided by the tokens that server's "
+        "clients received over the same window (the load generator's counts at the window's two ends). Whatever "
+        "the shared machine did during the window, it did to every configuration, so the ratio to the raw ASGI app, "
+        "taken within each round, does not carry the drift between loads minutes apart that the interleaved rounds "
+        "do. These ratios hold at this concurrency with every configuration sharing the 2 cores; the interleaved "
+        "rounds measure each configuration alone, at their own concurrency (`--at`), where a server's own saturation "
+        "shows. "
+        "TTFT and tokens delivered in time are over each whole load (ramp included). A configuration's round is "
+        "void (listed below, left out of its medians) when its load had errors, delivered less than "
+        f"{MIN_TOKENS_DELIVERED:.0%} of the demanded tokens in time, a server process exited, or the window was not "
+        "inside its steady phase.",
+        "",
+        "| Configuration | **CPU per token / raw ASGI** | Server CPU µs / delivered token | TTFT p50 ms "
+        "| TTFT p99 ms | Tokens delivered in time | Rounds counted |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, title in side.titles.items():
+        ratio_text = "1 (reference)" if key == RAW else f"**{spread_text(side.cpu_ratio(key), '.2f')}**"
+        passed, run = side.passed(key)
+        out.append(
+            f"| {title} | {ratio_text} | {spread_text(side.stat(key, 'cpu_us'), '.1f')} "
+            f"| {spread_text(side.stat(key, 'ttft_p50'), '.1f')} | {spread_text(side.stat(key, 'ttft_p99'), '.1f')} "
+            f"| {spread_text(side.stat(key, 'delivered'), '.1%')} | {passed} of {run} |"
+        )
+    keys = list(side.titles)
+    out += [
+        "",
+        "Per round: server CPU µs per delivered token (ratio to raw), and the machine over the window (busy cores, "
+        "all of them; rest: what processes other than the servers, the load generators and the benchmark used).",
+        "",
+        "| Round | " + " | ".join(f"`{k}`" for k in keys) + " | Busy cores | Rest cores |",
+        "|---:|" + "---:|" * (len(keys) + 2),
+    ]
+    for i, machine in enumerate(side.machine):
+        raw_cpu = side.values(RAW, "cpu_us")[i] if RAW in side.rows else None
+        cells = []
+        for key in keys:
+            cpu = side.values(key, "cpu_us")[i]
+            rel = f" ({cpu / raw_cpu:.2f})" if cpu is not None and raw_cpu and key != RAW else ""
+            cells.append("void" if cpu is None else f"{cpu:.1f}{rel}")
+        out.append(f"| {i + 1} | {' | '.join(cells)} | {machine['busy_cores']:.2f} | {machine['rest_cores']:.2f} |")
+    voided = side.voided()
+    out += ["", *(f"- Void: round {i}, `{key}`: {reason}" for i, key, reason in voided)]
+    return [*out, *([""] if voided else [])]
+
+
+def render_side_by_side(plan: Plan, *, command: str, started: datetime, elapsed_s: float, side: SideRounds) -> str:
+    """`--side-by-side`: those rounds alone."""
+    return "\n".join(
+        [
+            "# Streaming gateway benchmark: side-by-side rounds",
+            "",
+            *run_facts(command, started, elapsed_s),
+            f"- Rounds: {plan.rounds}; load per configuration: {plan.side_users} users ramped at {plan.rate:.0f}/s, "
+            f"{plan.max_tokens}-token streams at {PACE_TOKENS_PER_SECOND:.0f} tok/s back to back; the load "
+            "generators share the same cores.",
+            "",
+            "| Measure | Measured | Target | |",
+            "|---|---:|---:|---|",
+            *side_summary_rows(side),
+            "",
+            *side_by_side_section(side),
+        ]
+    )
 
 
 def baseline_section(src: Path, rounds: Rounds, caps: dict[str, Capacity]) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from loadtest.bench.measure import cpu_per_1k, measure_quietly, warm_up
 from loadtest.bench.plan import Plan, log
@@ -82,13 +82,14 @@ MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
 class Rounds:
     """The rows of the interleaved rounds: per configuration, one measured level per round, in round order."""
 
+    measures: ClassVar[dict[str, Callable[[dict[str, Any]], float | None]]] = MEASURES  # what a row gives
     users: int
     titles: dict[str, str]  # configuration key -> title, in the first round's order
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     orders: list[list[str]] = field(default_factory=list)  # the keys in the order each round ran them
 
     def values(self, key: str, measure: str) -> list[float | None]:
-        return [MEASURES[measure](r) for r in self.rows.get(key, [])]
+        return [self.measures[measure](r) for r in self.rows.get(key, [])]
 
     def stat(self, key: str, measure: str) -> Spread | None:
         return spread(self.values(key, measure))

@@ -101,14 +101,14 @@ class Server:
 
 
 def http_status(port: int, path: str) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         conn.request("GET", path)
-        status = conn.getresponse().status
-        conn.close()
-        return status
+        return conn.getresponse().status
     except OSError:
         return None
+    finally:
+        conn.close()  # also when the server is not answering yet
 
 
 S = TypeVar("S", bound="Server")

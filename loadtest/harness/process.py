@@ -63,7 +63,9 @@ def socket_activation(argv: Sequence[str], sockets: Sequence[socket.socket]) -> 
     place = " ".join(f"{target}<&{spare}" for target, spare in zip(targets, spares, strict=True))
     close = " ".join(f"{spare}<&-" for spare in spares)
     script = f"exec {copy}; exec {place} {close}; LISTEN_PID=$$; export LISTEN_PID; exec {shlex.join(argv)}"
-    return ["/bin/sh", "-c", script], {"LISTEN_FDS": str(len(fds))}
+    # bash: dash (Debian's /bin/sh) reads only single-digit fds in redirections, and a process with many files
+    # open (a test run) gets its sockets on higher ones
+    return ["/bin/bash", "-c", script], {"LISTEN_FDS": str(len(fds))}
 
 
 class Child:
