@@ -40,7 +40,7 @@ import hashlib
 from collections.abc import Mapping
 
 from app.errors import CircuitOpenError, GatewayError, UpstreamError
-from app.policies.breaker import PROBE_BUSY_RETRY_AFTER_SECONDS, Permit
+from app.policies.breaker import PROBE_BUSY_RETRY_AFTER_SECONDS, BreakerState, Permit
 from app.policies.inflight import InFlightTable
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, UpstreamStreamWrapper
 from app.upstream.client import UNREACHABLE, OpenAIUpstream
@@ -170,12 +170,17 @@ class FleetUpstream:
         self.load.started(url)
         return url
 
-    def retry_at_once(self, request: ChatRequest) -> bool:
-        """Need this request's next attempt not wait a backoff? It goes to an endpoint it has not tried yet, or
-        none is left at all: then the attempt is refused at once, and a wait would only delay the 503."""
-        available = self.health.available(list(self._accepting()))
-        tried = request.tried_endpoints
-        return not available or any(url not in tried for url in available)
+    def retry_at_once(self, request: ChatRequest, longest_wait_s: float) -> bool:
+        """Need this request's next attempt not wait its backoff (at most `longest_wait_s`)? It goes to an endpoint
+        it has not tried yet; or every endpoint stays open for longer than the wait, so the attempt would be
+        refused after it anyway (an endpoint half-open, or whose open period ends within the wait, is worth it)."""
+        accepting = list(self._accepting())
+        available = self.health.available(accepting)
+        if available:
+            tried = request.tried_endpoints
+            return any(url not in tried for url in available)
+        every_open = all(state is BreakerState.OPEN for state in self.health.states(accepting))
+        return bool(accepting) and every_open and self.health.retry_after(accepting) > longest_wait_s
 
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None

@@ -15,7 +15,8 @@ client only ever saw the opening event. Iteration adds one frame per batch, noth
 Over a fleet (upstream/fleet.py) the breakers are per endpoint and the fleet takes and settles their permits
 (health.py): the guard then has no breaker of its own (its permits count nothing) and keeps the retry policy.
 A retry that the fleet can send to an endpoint this request has not tried yet goes at once (failover); only
-when none is left does it back off.
+when none is left does it back off, and not even then when every endpoint stays open for longer than the
+backoff could last (the request is refused at once: a wait would only delay the 503).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class Failover(Protocol):
     """A fleet, seen from the guard: where the next attempt can go. (An attempt cut while opening the fleet
     settles itself, on the endpoint it went to: `ChatRequest.cut_for_upstream_fault`.)"""
 
-    def retry_at_once(self, request: ChatRequest) -> bool:
-        """The request's next attempt need not wait a backoff: it goes to an endpoint it has not tried yet, or to
-        none at all (every endpoint is out: the attempt is refused at once)."""
+    def retry_at_once(self, request: ChatRequest, longest_wait_s: float) -> bool:
+        """The request's next attempt need not wait its backoff (at most `longest_wait_s`): it goes to an endpoint
+        it has not tried yet, or to none at all (every endpoint stays open for longer: it is refused at once)."""
         ...
 
 
@@ -222,9 +223,10 @@ class GuardedUpstream:
 
     async def _backoff(self, request: ChatRequest, error: GatewayError, kind: ErrorKind, attempt: int) -> None:
         UPSTREAM_RETRIES_TOTAL.labels(kind.value).inc()
-        if self.failover is not None and self.failover.retry_at_once(request):
-            return  # failover: another endpoint takes the next attempt now, or the fleet refuses it now
         retry_after = error.retry_after_seconds if isinstance(error, UpstreamError) else None
+        longest_wait_s = min(self.policy.max_seconds, max(self.policy.backoff_ceiling(attempt), retry_after or 0.0))
+        if self.failover is not None and self.failover.retry_at_once(request, longest_wait_s):
+            return  # failover: another endpoint takes the next attempt now, or the fleet refuses it now
         await self.policy.wait(attempt, retry_after)
 
     async def retry(

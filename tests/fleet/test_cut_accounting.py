@@ -68,7 +68,7 @@ class Pool:
 
 
 def _stack(
-    endpoints: dict[str, Endpoint], *, continuing: bool = False
+    endpoints: dict[str, Endpoint], *, continuing: bool = False, policy: RetryPolicy | None = None
 ) -> tuple[GuardedUpstream, EndpointHealth, FakeClock]:
     clock = FakeClock()
     health = EndpointHealth(MemoryBreakerTable(clock=clock), CONFIG, clock=clock)
@@ -81,7 +81,8 @@ def _stack(
     )
     fleet.table.acquire_least([B])  # B busier: the first pick is A (the one in a test that answers first)
     inner: Upstream = ContinuingUpstream(fleet, max_attempts=2) if continuing else fleet
-    return GuardedUpstream(inner, None, RetryPolicy(2, 0.001, 0.001), failover=fleet), health, clock
+    policy = policy or RetryPolicy(2, 0.001, 0.001)
+    return GuardedUpstream(inner, None, policy, failover=fleet), health, clock
 
 
 def _failures(health: EndpointHealth, url: str) -> dict[str, int]:
