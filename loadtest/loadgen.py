@@ -337,6 +337,7 @@ class LoadGen:
             loop.add_signal_handler(signal.SIGUSR1, on_mark)
             await asyncio.gather(*(self.cycling_user(i, t_start + i / cfg.rate, stop_at) for i in range(cfg.users)))
             loop.remove_signal_handler(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late mark must not kill us (the default action)
             steady = None  # tokens/s over the hold window, when every user is active
             if cfg.hold_seconds > 0:
                 steady = (marks.get("stop", self.totals.tokens) - marks.get("ramp_end", 0)) / cfg.hold_seconds

@@ -6,18 +6,30 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import pytest
+
 from loadtest.harness.wait import wait_until
-from tests.conftest import GatewayFactory
+from tests.conftest import Gateway, launch_gateway
 
 FROZEN = re.compile(r"froze (\d+) startup objects")
 
 CLOSE_GUARD_S = 30.0  # guard only: far above the 1 s set here, far below the 75 s default
 
 
-def test_idle_keepalive_connections_are_closed_after_keepalive_seconds(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(KEEPALIVE_SECONDS=1)
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    started = launch_gateway(
+        {"KEEPALIVE_SECONDS": 1, "WEB_CONCURRENCY": 2, "LOG_LEVEL": "info"},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
+    yield started
+    started.stop()
+
+
+def test_idle_keepalive_connections_are_closed_after_keepalive_seconds(gateway: Gateway) -> None:
     address = urlsplit(gateway.url)
     with socket.create_connection((address.hostname, address.port), timeout=CLOSE_GUARD_S) as sock:
         for _ in range(2):  # the connection is kept alive between requests
@@ -33,8 +45,7 @@ def test_idle_keepalive_connections_are_closed_after_keepalive_seconds(start_gat
         assert sock.recv(4096) == b""
 
 
-def test_every_worker_freezes_its_startup_objects_before_serving(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(WEB_CONCURRENCY=2, LOG_LEVEL="info")
+def test_every_worker_freezes_its_startup_objects_before_serving(gateway: Gateway) -> None:
     wait_until(lambda: len(FROZEN.findall(gateway.log())) == 2, CLOSE_GUARD_S, "both workers' freeze lines")
     # the app, its settings and every imported module: tens of thousands of objects (an empty heap froze none)
     assert all(int(count) > 10_000 for count in FROZEN.findall(gateway.log())), gateway.log()

@@ -110,6 +110,7 @@ class LoadProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT_S)
+        self.err.close()  # no-op once `finish` closed it
 
     def finish(self, sample: Callable[[], None] | None = None) -> dict[str, Any]:
         """Wait for the result, calling `sample` every SAMPLE_INTERVAL_S meanwhile."""

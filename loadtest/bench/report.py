@@ -574,6 +574,8 @@ def side_by_side_section(side: SideRounds) -> list[str]:
     for key, title in side.titles.items():
         ratio_text = "1 (reference)" if key == RAW else f"**{spread_text(side.cpu_ratio(key), '.2f')}**"
         passed, run = side.passed(key)
+        if key != RAW and RAW in side.rows:  # the ratio counts only the rounds where raw counted too
+            passed = len(per_round_ratios(side.values(key, "cpu_us"), side.values(RAW, "cpu_us")))
         out.append(
             f"| {title} | {ratio_text} | {spread_text(side.stat(key, 'cpu_us'), '.1f')} "
             f"| {spread_text(side.stat(key, 'ttft_p50'), '.1f')} | {spread_text(side.stat(key, 'ttft_p99'), '.1f')} "

@@ -138,10 +138,11 @@ def test_one_real_round_measures_the_raw_app_and_the_gateway_at_once(tmp_path: P
     plan = replace(QUICK, rounds=1, side_users=20, max_tokens=20, side_window_s=2.0, side_settle_s=0.5)
     side = measure_side_by_side(plan, contestants)
     assert side.orders == [[RAW, "on"]]
-    assert side.voided() == []
+    # the structure, never the timing: on a busy machine a load may miss the in-time share (its round is then void)
+    assert all("delivered in time" in reason for _, _, reason in side.voided()), side.voided()
     for key in (RAW, "on"):
         (row,) = side.rows[key]
         assert row["window_cpu_s"] > 0 and row["window_tokens"] > 0 and row["error_count"] == 0
-        assert side.stat(key, "cpu_us") is not None
-    assert side.cpu_ratio("on") is not None
+        assert (side.stat(key, "cpu_us") is None) == (row["void"] is not None)
+    assert (side.cpu_ratio("on") is None) == bool(side.voided())
     assert len(side.machine) == 1 and side.machine[0]["busy_cores"] > 0
