@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from loadtest.bench.measure import CpuSampler, LoadProcess, busy_seconds, loadgen_argv, own_cpu_seconds, warm_up
 from loadtest.bench.plan import MIN_TOKENS_DELIVERED, Plan, log
-from loadtest.bench.rounds import Contestant, Rounds, round_order
+from loadtest.bench.rounds import MEASURES, Contestant, Rounds, round_order
 from loadtest.bench.servers import Server, running
 
 FIRST_OCTET = 2  # contestant k's clients come from 127.(2+k).0.1 on: apart from every other phase's (127.0.x.x)
@@ -93,11 +93,10 @@ def counted(measure: Callable[[dict[str, Any]], float | None]) -> Callable[[dict
 
 
 # What the report gives per configuration, each as median (min-max) over the rounds that count for it.
+# The interleaved rounds' measures, but CPU per token over the window, and nothing from a void round.
 SIDE_MEASURES: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    **{key: counted(measure) for key, measure in MEASURES.items()},
     "cpu_us": cpu_us_per_window_token,
-    "ttft_p50": counted(lambda r: r["ttft_ms"]["p50"]),
-    "ttft_p99": counted(lambda r: r["ttft_ms"]["p99"]),
-    "delivered": counted(lambda r: r["delivered"]),
 }
 
 
