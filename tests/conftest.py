@@ -264,7 +264,11 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
 
 @pytest.fixture
 def otlp() -> Iterator[OTLPReceiver]:
-    """An OTLP/HTTP receiver on loopback collecting the spans exported to `otlp.url`."""
+    """An OTLP/HTTP receiver on loopback collecting the spans exported to `otlp.url`.
+
+    Request it before `start_gateway` (pytest tears fixtures down in reverse): then it still answers when the
+    gateways flush their spans at exit. Gone first, every traced gateway's exit would wait out the exporter's
+    retries (seconds)."""
     receiver = OTLPReceiver()
     yield receiver
     receiver.server.shutdown()
