@@ -72,6 +72,15 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_up(self) -> Gateway:
+        """Wait until a worker answers /health; a gateway that cannot start fails the test with its log."""
+        try:
+            _wait_until_up(self.url, self.proc, "/health")
+        except RuntimeError:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(self.log()) from None
+        return self
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -90,7 +99,8 @@ class GatewayFactory(Protocol):
     def __call__(self, **env: Any) -> Gateway: ...
 
 
-def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
+def launch_gateway(env_overrides: dict[str, Any], log_path: Path, *, wait: bool = True) -> Gateway:
+    """Start the gateway and wait until it serves (`wait=False`: return at once, the caller calls `wait_up`)."""
     sock, metrics_sock = _listening_socket(), loopback_listener()  # each gateway its own metrics port
     port, metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
     env = {
@@ -147,28 +157,34 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
         log_path=log_path,
         metrics_url=f"http://127.0.0.1:{metrics_port}",
     )
-    try:
-        _wait_until_up(gateway.url, proc, "/health")
-    except RuntimeError:
-        gateway.stop(signal.SIGKILL)
-        raise RuntimeError(gateway.log()) from None
-    return gateway
+    return gateway.wait_up() if wait else gateway
 
 
-@pytest.fixture
-def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
-    """Factory: start the real gateway with extra env vars; every one started is stopped after the test."""
+def _gateways(tmp_path_factory: pytest.TempPathFactory, *, wait: bool) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
 
     def factory(**env: Any) -> Gateway:
         log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-        gateway = launch_gateway(env, log_path)
+        gateway = launch_gateway(env, log_path, wait=wait)
         started.append(gateway)
         return gateway
 
     yield factory
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Factory: start the real gateway with extra env vars; every one started is stopped after the test."""
+    yield from _gateways(tmp_path_factory, wait=True)
+
+
+@pytest.fixture
+def spawn_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """`start_gateway` that returns while the gateway boots: start what else the test needs (another gateway,
+    Prometheus) meanwhile, then `gateway.wait_up()`."""
+    yield from _gateways(tmp_path_factory, wait=False)
 
 
 @pytest.fixture(scope="module")
