@@ -84,11 +84,15 @@ class Gateway:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.reap(timeout)
+
+    def reap(self, timeout: float = 60.0) -> int:
+        """Wait for the gateway to exit (SIGKILL after `timeout`); its exit code."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
 
@@ -170,8 +174,11 @@ def _gateways(tmp_path_factory: pytest.TempPathFactory, *, wait: bool) -> Iterat
         return gateway
 
     yield factory
+    for gateway in started:  # every one signalled first: they shut down side by side
+        if gateway.proc.poll() is None:
+            gateway.proc.send_signal(signal.SIGTERM)
     for gateway in started:
-        gateway.stop()
+        gateway.reap()
 
 
 @pytest.fixture
