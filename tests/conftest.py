@@ -72,14 +72,27 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_up(self) -> Gateway:
+        """Wait until a worker answers /health; a gateway that cannot start fails the test with its log."""
+        try:
+            _wait_until_up(self.url, self.proc, "/health")
+        except RuntimeError:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(self.log()) from None
+        return self
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.reap(timeout)
+
+    def reap(self, timeout: float = 60.0) -> int:
+        """Wait for the gateway to exit (SIGKILL after `timeout`); its exit code."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
 
@@ -90,7 +103,8 @@ class GatewayFactory(Protocol):
     def __call__(self, **env: Any) -> Gateway: ...
 
 
-def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
+def launch_gateway(env_overrides: dict[str, Any], log_path: Path, *, wait: bool = True) -> Gateway:
+    """Start the gateway and wait until it serves (`wait=False`: return at once, the caller calls `wait_up`)."""
     sock, metrics_sock = _listening_socket(), loopback_listener()  # each gateway its own metrics port
     port, metrics_port = sock.getsockname()[1], metrics_sock.getsockname()[1]
     env = {
@@ -147,28 +161,37 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path) -> Gateway:
         log_path=log_path,
         metrics_url=f"http://127.0.0.1:{metrics_port}",
     )
-    try:
-        _wait_until_up(gateway.url, proc, "/health")
-    except RuntimeError:
-        gateway.stop(signal.SIGKILL)
-        raise RuntimeError(gateway.log()) from None
-    return gateway
+    return gateway.wait_up() if wait else gateway
+
+
+def _gateways(tmp_path_factory: pytest.TempPathFactory, *, wait: bool) -> Iterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    def factory(**env: Any) -> Gateway:
+        log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+        gateway = launch_gateway(env, log_path, wait=wait)
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in started:  # every one signalled first: they shut down side by side
+        if gateway.proc.poll() is None:
+            gateway.proc.send_signal(signal.SIGTERM)
+    for gateway in started:
+        gateway.reap()
 
 
 @pytest.fixture
 def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
     """Factory: start the real gateway with extra env vars; every one started is stopped after the test."""
-    started: list[Gateway] = []
+    yield from _gateways(tmp_path_factory, wait=True)
 
-    def factory(**env: Any) -> Gateway:
-        log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-        gateway = launch_gateway(env, log_path)
-        started.append(gateway)
-        return gateway
 
-    yield factory
-    for gateway in started:
-        gateway.stop()
+@pytest.fixture
+def spawn_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """`start_gateway` that returns while the gateway boots: start what else the test needs (another gateway,
+    Prometheus) meanwhile, then `gateway.wait_up()`."""
+    yield from _gateways(tmp_path_factory, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +287,11 @@ def relay_gateway(fake_upstream_server: FakeUpstream, tmp_path_factory: pytest.T
 
 @pytest.fixture
 def otlp() -> Iterator[OTLPReceiver]:
-    """An OTLP/HTTP receiver on loopback collecting the spans exported to `otlp.url`."""
+    """An OTLP/HTTP receiver on loopback collecting the spans exported to `otlp.url`.
+
+    Request it before `start_gateway` (pytest tears fixtures down in reverse): then it still answers when the
+    gateways flush their spans at exit. Gone first, every traced gateway's exit would wait out the exporter's
+    retries (seconds)."""
     receiver = OTLPReceiver()
     yield receiver
     receiver.server.shutdown()

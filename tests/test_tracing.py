@@ -11,7 +11,7 @@ from tests.otlp import OTLPReceiver
 
 
 def test_one_server_and_one_upstream_span_per_stream(
-    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, otlp: OTLPReceiver
+    otlp: OTLPReceiver, start_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> None:
     gateway = start_gateway(
         UPSTREAM_URL=fake_upstream.url,

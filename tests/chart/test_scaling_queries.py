@@ -47,13 +47,14 @@ def _wait_for(query: Callable[[], list[dict[str, Any]]], values: list[float]) ->
 
 def test_autoscaling_queries_see_streams_in_flight(
     helm: Helm,
-    start_gateway: GatewayFactory,
+    spawn_gateway: GatewayFactory,
     prometheus_server: PrometheusFactory,
 ) -> None:
-    gateway = start_gateway(MOCK_TOKENS_PER_SECOND=5, MOCK_FIRST_TOKEN_MS=5)
+    gateway = spawn_gateway(MOCK_TOKENS_PER_SECOND=5, MOCK_FIRST_TOKEN_MS=5)
     # the target labels a ServiceMonitor scrape attaches
     labels = {"namespace": NAMESPACE, "pod": POD, "service": FULLNAME}
-    prometheus = prometheus_server([ScrapeTarget(gateway.metrics_url, labels)])
+    prometheus = prometheus_server([ScrapeTarget(gateway.metrics_url, labels)])  # it starts while the gateway boots
+    gateway.wait_up()
     trigger = find(helm.template(keda__enabled=True), "ScaledObject")["spec"]["triggers"][0]["metadata"]
     with httpx.Client(base_url=gateway.url, timeout=30) as client, ExitStack() as streams:
         for _ in range(STREAMS):  # each stays open ~20 s: 100 tokens at 5 tokens/s

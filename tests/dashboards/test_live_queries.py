@@ -75,6 +75,8 @@ TARGET_LABELS = {
 FLEET_POD = "gateway-1"  # the gateway relaying to a fleet: a second pod of the same Service
 MAX_CONNECTIONS = 12
 FLEET_STREAMS = 6  # concurrent 2 s streams over three model servers: least-in-flight gives each two
+FLEET_PACE = 40  # tokens per second of each model server (the six streams after the death: 1/8 s each)
+FLEET_TOKENS = 2 * FLEET_PACE  # per concurrent stream: 2 s
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
 
 
@@ -202,7 +204,7 @@ def _model_server_dies(gateway: Gateway, fakes: list[FakeUpstream]) -> Counter[s
         headers = {"X-Forwarded-For": f"10.96.0.{i}"}
         with (
             httpx.Client(base_url=gateway.url, timeout=30, headers=headers) as client,
-            client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 20}) as response,
+            client.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": FLEET_TOKENS}) as response,
         ):
             lines = response.iter_lines()
             before_first_token = list(itertools.takewhile(lambda line: "tok0" not in line, lines))
@@ -253,15 +255,15 @@ def _dashboard_queries() -> tuple[list[tuple[str, str]], list[tuple[str, str, st
 
 
 def test_every_dashboard_and_rule_query_returns_data(
-    start_gateway: GatewayFactory,
+    spawn_gateway: GatewayFactory,
     fake_upstream: FakeUpstream,
     prometheus_server: PrometheusFactory,
 ) -> None:
     redis_url, redis_port = _unreachable_redis_url()
     with ExitStack() as stack:
         stack.callback(redis_port.close)
-        fakes = stack.enter_context(fake_fleet(*[{"tokens_per_second": 10}] * 3))
-        fleet = start_gateway(
+        fakes = stack.enter_context(fake_fleet(*[{"tokens_per_second": FLEET_PACE}] * 3))
+        fleet = spawn_gateway(
             UPSTREAM_URL=",".join(fake.url for fake in fakes),
             UPSTREAM_CONTINUATION="vllm",  # fake_openai continues a partial answer as vLLM does
             UPSTREAM_RETRIES=1,
@@ -270,7 +272,7 @@ def test_every_dashboard_and_rule_query_returns_data(
             CIRCUIT_OPEN_SECONDS=600,  # and stays open (not half-open) until the queries below
             TRUSTED_PROXIES="127.0.0.0/8",
         )
-        gateway = start_gateway(
+        gateway = spawn_gateway(
             UPSTREAM_URL=fake_upstream.url,
             UPSTREAM_RETRIES=1,
             RETRY_BASE_SECONDS=0.01,
@@ -292,8 +294,11 @@ def test_every_dashboard_and_rule_query_returns_data(
             ],
             [RULES],
         )
-        # Prometheus applies its targets seconds after start; counters must be seen at 0 before the load
-        # (as a pod is scraped from its start), or `increase()` finds no rise and the alerts stay silent.
+        # Prometheus applies its targets seconds after start (5 s), which the two gateways spend booting.
+        fleet.wait_up()
+        gateway.wait_up()
+        # Counters must be seen at 0 before the load (as a pod is scraped from its start), or `increase()`
+        # finds no rise and the alerts stay silent.
         prometheus.wait_for_scrapes(1)
 
         codes = _load(gateway, seconds=3)

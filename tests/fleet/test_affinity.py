@@ -5,11 +5,13 @@ spreads. Asserted on what each fake counted."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import FakeUpstream, Gateway, launch_gateway
 from tests.fleet.fakes import fake_fleet
 
 HEADER = "X-Session-Id"
@@ -34,48 +36,59 @@ def _chat(
         response.read()
 
 
-def test_a_session_keeps_its_endpoint_and_sessions_spread(start_gateway: GatewayFactory) -> None:
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
+    """One gateway and three fakes for the module; each test clears the fakes' stats and scripts it needs."""
     with fake_fleet({}, {}, {}) as fakes:
-        gateway = start_gateway(
-            UPSTREAM_URL=",".join(fake.url for fake in fakes),
-            UPSTREAM_RETRIES=0,
-            UPSTREAM_AFFINITY_HEADER=HEADER,
-            UPSTREAM_AFFINITY_USER=True,
+        gateway = launch_gateway(
+            {
+                "UPSTREAM_URL": ",".join(fake.url for fake in fakes),
+                "UPSTREAM_RETRIES": 0,
+                "UPSTREAM_AFFINITY_HEADER": HEADER,
+                "UPSTREAM_AFFINITY_USER": True,
+                "UPSTREAM_AFFINITY_LOAD_FACTOR": LOAD_FACTOR,
+            },
+            tmp_path_factory.mktemp("gateway") / "gateway.log",
         )
-        with httpx.Client(timeout=30) as client:
-            for session in ("alpha", "beta"):
-                for fake in fakes:
-                    fake.reset()
-                for _ in range(6):
-                    _chat(gateway.url, client, 2, session=session)
-                assert sorted(fake.stats()["requests"] for fake in fakes) == [0, 0, 6], session
-            for fake in fakes:  # OpenAI's `user` names a session too (and is still not forwarded)
+        try:
+            yield gateway, fakes
+        finally:
+            gateway.stop()
+
+
+def test_a_session_keeps_its_endpoint_and_sessions_spread(fleet: tuple[Gateway, list[FakeUpstream]]) -> None:
+    gateway, fakes = fleet
+    with httpx.Client(timeout=30) as client:
+        for session in ("alpha", "beta"):
+            for fake in fakes:
                 fake.reset()
             for _ in range(6):
-                _chat(gateway.url, client, 2, user="user-7")
-            assert sorted(fake.stats()["requests"] for fake in fakes) == [0, 0, 6]
-            assert all("user" not in body for fake in fakes for body in fake.stats()["bodies"])
-            for fake in fakes:  # many sessions use every endpoint
-                fake.reset()
-            for n in range(30):
-                _chat(gateway.url, client, 2, session=f"session-{n}")
-            assert all(fake.stats()["requests"] > 0 for fake in fakes)
+                _chat(gateway.url, client, 2, session=session)
+            assert sorted(fake.stats()["requests"] for fake in fakes) == [0, 0, 6], session
+        for fake in fakes:  # OpenAI's `user` names a session too (and is still not forwarded)
+            fake.reset()
+        for _ in range(6):
+            _chat(gateway.url, client, 2, user="user-7")
+        assert sorted(fake.stats()["requests"] for fake in fakes) == [0, 0, 6]
+        assert all("user" not in body for fake in fakes for body in fake.stats()["bodies"])
+        for fake in fakes:  # many sessions use every endpoint
+            fake.reset()
+        for n in range(30):
+            _chat(gateway.url, client, 2, session=f"session-{n}")
+        assert all(fake.stats()["requests"] > 0 for fake in fakes)
 
 
-def test_a_hot_session_is_bounded(start_gateway: GatewayFactory) -> None:
-    with fake_fleet({"tokens_per_second": 20}, {"tokens_per_second": 20}, {"tokens_per_second": 20}) as fakes:
-        gateway = start_gateway(
-            UPSTREAM_URL=",".join(fake.url for fake in fakes),
-            UPSTREAM_RETRIES=0,
-            UPSTREAM_AFFINITY_HEADER=HEADER,
-            UPSTREAM_AFFINITY_LOAD_FACTOR=LOAD_FACTOR,
-        )
-        with (
-            httpx.Client(timeout=30, limits=httpx.Limits(max_connections=HOT_STREAMS)) as client,
-            ThreadPoolExecutor(HOT_STREAMS) as pool,
-        ):
-            list(pool.map(lambda _: _chat(gateway.url, client, 20, session="hot"), range(HOT_STREAMS)))
-        counts = sorted(fake.stats()["requests"] for fake in fakes)
-        assert sum(counts) == HOT_STREAMS
-        assert counts[-1] <= math.ceil(LOAD_FACTOR * HOT_STREAMS / len(fakes)), counts  # the bound held
-        assert counts[0] > 0, counts
+def test_a_hot_session_is_bounded(fleet: tuple[Gateway, list[FakeUpstream]]) -> None:
+    gateway, fakes = fleet
+    for fake in fakes:
+        fake.reset()
+        fake.script(*[{"tokens_per_second": 20}] * HOT_STREAMS)  # each stream in flight for a second
+    with (
+        httpx.Client(timeout=30, limits=httpx.Limits(max_connections=HOT_STREAMS)) as client,
+        ThreadPoolExecutor(HOT_STREAMS) as pool,
+    ):
+        list(pool.map(lambda _: _chat(gateway.url, client, 20, session="hot"), range(HOT_STREAMS)))
+    counts = sorted(fake.stats()["requests"] for fake in fakes)
+    assert sum(counts) == HOT_STREAMS
+    assert counts[-1] <= math.ceil(LOAD_FACTOR * HOT_STREAMS / len(fakes)), counts  # the bound held
+    assert counts[0] > 0, counts

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from websockets.sync.client import connect
 from loadtest.fake_openai import default_tokens
 from loadtest.harness.nginx import Nginx
 from loadtest.harness.wait import wait_until
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory
-from tests.fleet.fakes import fake_fleet
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.fleet.fakes import fake_fleet, fake_server
 from tests.slots import slots_in_use
 
 TOKENS = 60  # per stream: 3 s at the fakes' pace, so the kill finds every stream mid-flight
@@ -166,6 +166,7 @@ def _kill_the_busiest(gateway: Gateway, fakes: list[FakeUpstream], protocol: str
     held = [fake.stats()["active"] for fake in fakes]
     victim = fakes[held.index(max(held))]
     victim.proc.kill()
+    victim.proc.wait()
     for thread in threads:
         thread.join(GUARD_S)
     assert not any(thread.is_alive() for thread in threads), "a stream did not end"
@@ -184,18 +185,75 @@ def _assert_whole(reading: Reading, protocol: str) -> None:
         assert reading.end["usage"] == {"prompt_tokens": 7, "completion_tokens": TOKENS}
 
 
+class ModelFleet:
+    """Three fakes at PACE for the module, on ports that stay theirs: a fake a test killed is started again on
+    its port, so the gateways' UPSTREAM_URL names the same three all along."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self._stack = stack
+        self.fakes = [stack.enter_context(fake_server(tokens_per_second=PACE)) for _ in range(3)]
+        self.url = ",".join(fake.url for fake in self.fakes)
+
+    def revive(self) -> list[FakeUpstream]:
+        """Every fake alive, idle (the last test's streams have left it) and with its stats cleared."""
+        for index, fake in enumerate(self.fakes):
+            if fake.proc.poll() is not None:
+                port = int(fake.url.removesuffix("/v1").rsplit(":", 1)[1])
+                self.fakes[index] = self._stack.enter_context(fake_server(port=port, tokens_per_second=PACE))
+        wait_until(lambda: all(fake.stats()["active"] == 0 for fake in self.fakes), GUARD_S, "idle model servers")
+        for fake in self.fakes:
+            fake.reset()
+        return list(self.fakes)
+
+
+@pytest.fixture(scope="module")
+def model_fleet() -> Iterator[ModelFleet]:
+    with ExitStack() as stack:
+        yield ModelFleet(stack)
+
+
+@pytest.fixture
+def fakes(model_fleet: ModelFleet) -> list[FakeUpstream]:
+    return model_fleet.revive()
+
+
+def _fleet_gateway(model_fleet: ModelFleet, tmp_path_factory: pytest.TempPathFactory, **env: Any) -> Iterator[Gateway]:
+    """A gateway on the module's fleet, shared by the kill tests. A killed endpoint is ejected when its first
+    stream breaks and is back (half-open) a second later: by the next test, started again, it takes streams.
+    A continuation never goes back to the endpoint it left while another is available (`tried_endpoints`)."""
+    gateway = launch_gateway(
+        {"UPSTREAM_URL": model_fleet.url, "CIRCUIT_OPEN_SECONDS": 1, **GATEWAY_ENV, **env},
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+    )
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def continuing_gateway(model_fleet: ModelFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from _fleet_gateway(model_fleet, tmp_path_factory, UPSTREAM_CONTINUATION="vllm")
+
+
+@pytest.fixture(scope="module")
+def plain_gateway(model_fleet: ModelFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from _fleet_gateway(model_fleet, tmp_path_factory)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_streams_of_a_killed_model_server_continue_exactly(start_gateway: GatewayFactory, protocol: str) -> None:
+def test_streams_of_a_killed_model_server_continue_exactly(
+    continuing_gateway: Gateway, fakes: list[FakeUpstream], protocol: str
+) -> None:
     """A fleet (UPSTREAM_URL lists the three): the killed endpoint is ejected when its first stream breaks, so
     every continuation lands on a live one at its first attempt."""
-    with fake_fleet(*[{"tokens_per_second": PACE}] * 3) as fakes:
-        fleet = ",".join(fake.url for fake in fakes)
-        gateway = start_gateway(UPSTREAM_URL=fleet, UPSTREAM_CONTINUATION="vllm", **GATEWAY_ENV)
-        readings, held = _kill_the_busiest(gateway, fakes, protocol)
-        for reading in readings:
-            _assert_whole(reading, protocol)
-        assert held > 0
-        assert _continuations(gateway) == {"continued": held, "failed": 0}
+    before = _continuations(continuing_gateway)
+    readings, held = _kill_the_busiest(continuing_gateway, fakes, protocol)
+    for reading in readings:
+        _assert_whole(reading, protocol)
+    assert held > 0
+    after = _continuations(continuing_gateway)
+    assert {result: after[result] - before[result] for result in after} == {"continued": held, "failed": 0}
 
 
 def test_streams_behind_one_service_url_continue_exactly(start_gateway: GatewayFactory, tmp_path: Path) -> None:
@@ -211,23 +269,21 @@ def test_streams_behind_one_service_url_continue_exactly(start_gateway: GatewayF
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_without_continuation_a_killed_model_server_ends_its_streams_with_an_error(
-    start_gateway: GatewayFactory, protocol: str
+    plain_gateway: Gateway, fakes: list[FakeUpstream], protocol: str
 ) -> None:
-    with fake_fleet(*[{"tokens_per_second": PACE}] * 3) as fakes:
-        gateway = start_gateway(UPSTREAM_URL=",".join(fake.url for fake in fakes), **GATEWAY_ENV)
-        readings, held = _kill_the_busiest(gateway, fakes, protocol)
-        broken = [r for r in readings if "error" in r.end]
-        assert len(broken) == held
-        for reading in broken:
-            assert EXPECTED.startswith(reading.text)  # what came before the break, in order
-            assert reading.end["error"] in ("upstream_error", 502)
-            if protocol == "/ws":
-                assert reading.end["close"] == 1011  # the mapped close of an upstream error
-        for reading in readings:
-            if reading not in broken:
-                _assert_whole(reading, protocol)
-        wait_until(lambda: slots_in_use(gateway) == 0, GUARD_S, "every slot released")
-        assert _continuations(gateway) == {"continued": 0, "failed": 0}
+    readings, held = _kill_the_busiest(plain_gateway, fakes, protocol)
+    broken = [r for r in readings if "error" in r.end]
+    assert len(broken) == held
+    for reading in broken:
+        assert EXPECTED.startswith(reading.text)  # what came before the break, in order
+        assert reading.end["error"] in ("upstream_error", 502)
+        if protocol == "/ws":
+            assert reading.end["close"] == 1011  # the mapped close of an upstream error
+    for reading in readings:
+        if reading not in broken:
+            _assert_whole(reading, protocol)
+    wait_until(lambda: slots_in_use(plain_gateway) == 0, GUARD_S, "every slot released")
+    assert _continuations(plain_gateway) == {"continued": 0, "failed": 0}
 
 
 @pytest.mark.parametrize("protocol", ["/v1", "/stream"])

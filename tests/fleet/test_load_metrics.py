@@ -15,7 +15,7 @@ import pytest
 from app.upstream.client import OpenAIUpstream
 from app.upstream.load import Load, parse_vllm
 from loadtest.harness.wait import wait_until
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.conftest import FakeUpstream, Gateway, launch_gateway
 from tests.fleet.fakes import fake_fleet, fake_server, stream_chat
 
 STREAMS = 12  # sequential: a worker starts at most 6 on each idle endpoint between two scrapes (score <= 7)
@@ -23,17 +23,35 @@ ATTEMPTS = 30  # streams sent until the endpoint whose load dropped gets one
 WORKERS = 2
 
 
-@pytest.fixture
-def fleet(start_gateway: GatewayFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
+@pytest.fixture(scope="module")
+def shared_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
+    """One gateway and its three fakes for the module: each test starts from `fleet`'s state."""
     with fake_fleet({}, {}, {}) as fakes:
-        fakes[2].set_load(waiting=50)  # before the first scrape: no worker ever sees it idle
-        gateway = start_gateway(
-            UPSTREAM_URL=",".join(fake.url for fake in fakes),
-            UPSTREAM_RETRIES=0,
-            UPSTREAM_LOAD_METRICS="vllm",
-            UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS=0.5,
+        gateway = launch_gateway(
+            {
+                "UPSTREAM_URL": ",".join(fake.url for fake in fakes),
+                "UPSTREAM_RETRIES": 0,
+                "UPSTREAM_LOAD_METRICS": "vllm",
+                "UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS": 0.5,
+            },
+            tmp_path_factory.mktemp("gateway") / "gateway.log",
         )
-        yield gateway, fakes
+        try:
+            yield gateway, fakes
+        finally:
+            gateway.stop()
+
+
+@pytest.fixture
+def fleet(shared_fleet: tuple[Gateway, list[FakeUpstream]]) -> tuple[Gateway, list[FakeUpstream]]:
+    """The shared fleet with every fake's stats and load cleared, the third one reporting a queue of 50, seen by
+    every worker: whatever ran before, no worker sees it idle."""
+    gateway, fakes = shared_fleet
+    for fake in fakes:
+        fake.reset()
+    fakes[2].set_load(waiting=50)
+    _scraped_by_every_worker(fakes[2])
+    return gateway, fakes
 
 
 def _scraped_by_every_worker(fake: FakeUpstream) -> None:
@@ -76,8 +94,7 @@ def test_an_endpoint_whose_scrape_fails_is_balanced_on_streams_in_flight(
 ) -> None:
     gateway, fakes = fleet
     failing = fakes[2]
-    _scraped_by_every_worker(failing)  # every worker has seen its queue of 50
-    failing.set_load(metrics_status=503)  # and now cannot read it any more
+    failing.set_load(metrics_status=503)  # every worker has seen its queue of 50 (`fleet`), and now cannot read it
     _scraped_by_every_worker(failing)
     _send(gateway, STREAMS)
     assert failing.stats()["requests"] > 0, _requests(fakes)

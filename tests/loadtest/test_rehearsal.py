@@ -259,7 +259,7 @@ def test_rolling_the_model_servers_fails_no_stream(tmp_path: Path) -> None:
         "--users",
         "20",
         "--duration",
-        "20",
+        "12",  # a floor: the three rolls and the cooldown take longer, and set the end
         "--warmup",
         "3",
         "--cooldown",

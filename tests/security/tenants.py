@@ -36,6 +36,9 @@ def ws(gateway: Gateway, key: str | None) -> ClientConnection:
         gateway.url.replace("http://", "ws://") + "/ws",
         additional_headers=auth(key) if key else None,
         open_timeout=GUARD_S,
+        # unbounded: a connection closed with a live stream unread would otherwise stop reading at 16
+        # messages, miss the server's close reply and wait out close_timeout (10 s) on every close
+        max_queue=None,
     )
 
 

@@ -169,6 +169,7 @@ def test_a_408_counts_as_a_rejection_with_tracing_on(start_gateway: GatewayFacto
             OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
         )
         assert_408_is_a_rejection(gateway, "/stream")
+        gateway.stop()  # while the collector answers: the spans flushed at exit are taken at once
     finally:
         collector.server.shutdown()
         collector.server.server_close()

@@ -54,9 +54,9 @@ def test_a_client_leaving_mid_body_is_client_gone(gateway: Gateway, route: str, 
 
 
 def test_a_client_leaving_mid_body_with_tracing_on(
+    otlp: OTLPReceiver,
     start_gateway: GatewayFactory,
     fake_upstream: FakeUpstream,
-    otlp: OTLPReceiver,
 ) -> None:
     """With tracing on, streams go through FastAPI's stack: its exception handler classifies the same way."""
     gateway = start_gateway(UPSTREAM_URL=fake_upstream.url, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)

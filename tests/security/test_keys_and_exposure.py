@@ -88,7 +88,7 @@ def test_metrics_only_on_the_metrics_port(gateway: Gateway) -> None:
     )
 
 
-def test_metrics_only_on_the_metrics_port_when_traced_too(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:
+def test_metrics_only_on_the_metrics_port_when_traced_too(otlp: OTLPReceiver, start_gateway: GatewayFactory) -> None:
     """Traced, the app runs FastAPI's instrumented stack instead of the stream router: same split."""
     gateway = start_gateway(WEB_CONCURRENCY=1, OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url)
     assert httpx.get(gateway.url + "/metrics", timeout=GUARD_S).status_code == 404

@@ -92,7 +92,7 @@ def test_the_upgrade_answers_with_the_gateway_subprotocol_never_the_key(gateway:
     assert KEY_A.encode() not in head
 
 
-def test_a_query_key_never_reaches_logs_or_spans(start_gateway: GatewayFactory, otlp: OTLPReceiver) -> None:
+def test_a_query_key_never_reaches_logs_or_spans(otlp: OTLPReceiver, start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(
         API_KEYS=KEY_A,
         WEB_CONCURRENCY=1,
