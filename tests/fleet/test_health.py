@@ -155,7 +155,7 @@ def test_all_endpoints_dead_answer_circuit_open_until_one_is_back(start_gateway:
             UPSTREAM_URL=f"{a_url},{b_url}",
             READY_REQUIRES_CLOSED_CIRCUIT="true",
             CIRCUIT_OPEN_SECONDS=OPEN_S,
-            RETRY_BASE_SECONDS=0.05,  # the first stream's last retry, with no untried endpoint left, backs off
+            RETRY_BASE_SECONDS=0.05,  # backoffs far shorter than the open period: once both are out, no wait
             RETRY_MAX_SECONDS=0.1,
         )
         with httpx.Client(timeout=WAIT_S) as client:
