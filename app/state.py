@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
@@ -25,8 +26,10 @@ from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
 from app.upstream.base import Upstream
 from app.upstream.discovery import Discovery
-from app.upstream.probe import Prober
-from app.upstream.scrape import LoadScraper
+
+if TYPE_CHECKING:  # a fleet's; their modules (the HTTP client stack) load only when a real upstream is built
+    from app.upstream.probe import Prober
+    from app.upstream.scrape import LoadScraper
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter worker start lines by
 

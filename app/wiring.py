@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -34,19 +35,18 @@ from app.streaming.memory import MemoryGuard
 from app.streaming.recorder import StreamRecorder
 from app.streaming.run import Relay
 from app.streaming.session import StreamRegistry
-from app.upstream.base import Upstream
-from app.upstream.client import READ_AHEAD_BYTES, OpenAIUpstream
+from app.upstream.base import READ_AHEAD_BYTES, Upstream
 from app.upstream.continuing import ContinuingUpstream
-from app.upstream.discovery import Discovery, DnsDiscovery, StaticDiscovery
+from app.upstream.discovery import Discovery, StaticDiscovery
 from app.upstream.endpoint_metrics import EndpointMetrics
-from app.upstream.fleet import FleetUpstream
 from app.upstream.guard import GuardedUpstream
 from app.upstream.health import EndpointHealth, FleetCircuit
 from app.upstream.load import LoadBoard
 from app.upstream.mock import MockUpstream
-from app.upstream.probe import Prober
-from app.upstream.scrape import LoadScraper
 from app.upstream.traced import TracedUpstream
+
+if TYPE_CHECKING:
+    from app.upstream.fleet import FleetUpstream
 
 logger = logging.getLogger("app.lifecycle")  # the logger name operators filter Redis reachability lines by
 CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's timeout is this plus REDIS_TIMEOUT
@@ -54,11 +54,17 @@ CLAIM_BLOCK_SECONDS = 1.0  # the claimer's XREADGROUP BLOCK; its Redis client's 
 
 def build_upstream(
     settings: Settings, inflight: InFlightTable | None = None, breakers: BreakerTable | None = None
-) -> Upstream:
+) -> tuple[Upstream, FleetUpstream | None]:
+    """The upstream, and the same object as a fleet when it is one (UPSTREAM_URL lists several, or discovers)."""
     if settings.upstream_url is None:
-        return MockUpstream(
+        mock = MockUpstream(
             tokens_per_second=settings.mock_tokens_per_second, first_token_ms=settings.mock_first_token_ms
         )
+        return mock, None
+    # imported here: the HTTP client stack (aiohttp) is a third of a worker's start, and the mock needs none of it
+    from app.upstream.client import OpenAIUpstream
+    from app.upstream.fleet import FleetUpstream
+
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     client = OpenAIUpstream(
         settings.upstream_urls[0],
@@ -70,8 +76,8 @@ def build_upstream(
         continuation=settings.upstream_continuation,
     )
     if not settings.upstream_fleet:
-        return client
-    return FleetUpstream(
+        return client, None
+    fleet = FleetUpstream(
         client,
         build_discovery(settings),
         inflight or MemoryInFlightTable(),
@@ -82,6 +88,7 @@ def build_upstream(
         if settings.upstream_load_metrics == "vllm"
         else None,
     )
+    return fleet, fleet
 
 
 def build_discovery(settings: Settings) -> Discovery:
@@ -92,6 +99,8 @@ def build_discovery(settings: Settings) -> Discovery:
         assert settings.upstream_k8s_service is not None  # Settings refuses kubernetes discovery without it
         return KubernetesDiscovery(settings.upstream_urls[0], settings.upstream_k8s_service)
     if settings.upstream_discovery == "dns":
+        from app.upstream.dns_discovery import DnsDiscovery  # dnspython: only this mode needs it
+
         return DnsDiscovery(
             settings.upstream_urls[0],
             refresh_s=settings.upstream_dns_refresh_seconds,
@@ -118,8 +127,7 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         max_orphans=settings.max_orphaned_streams,
         memory=memory.enforce,
     )
-    upstream = build_upstream(settings, shared.inflight, shared.breakers)
-    fleet = upstream if isinstance(upstream, FleetUpstream) else None
+    upstream, fleet = build_upstream(settings, shared.inflight, shared.breakers)
     if tracer_provider is not None:  # a client span per attempt, inside the guard
         provider_name = "mock" if settings.upstream_url is None else "openai"
         upstream = TracedUpstream(upstream, tracer_provider.get_tracer("app.upstream"), provider_name=provider_name)
@@ -142,6 +150,9 @@ def build_state(settings: Settings, *, tracer_provider: TracerProvider | None = 
         endpoint_metrics = EndpointMetrics(
             fleet.discovery, fleet.health, shared.inflight, settings.upstream_endpoint_labels_max
         )
+        from app.upstream.probe import Prober
+        from app.upstream.scrape import LoadScraper
+
         if fleet.load is not None:
             scraper = LoadScraper(fleet, fleet.load, interval_s=settings.upstream_load_metrics_interval_seconds)
         if settings.upstream_probe_interval_seconds > 0:

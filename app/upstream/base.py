@@ -12,6 +12,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# What the OpenAI-compatible client (client.py, aiohttp) buffers of a response the relay is not reading (a client
+# that does not read): it stops reading the socket at twice its read buffer (2 x 64 KiB by default). Counted by the
+# memory budget.
+READ_AHEAD_BYTES = 2 * 2**16
+
 
 @dataclass(slots=True)
 class ChatRequest:

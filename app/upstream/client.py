@@ -107,11 +107,6 @@ def _check_whole_delta(delta: dict[str, Any]) -> None:
             raise _Malformed("a tool call's function is not {name, arguments} strings")
 
 
-# What aiohttp buffers of a response the relay is not reading (a client that does not read): it stops
-# reading the socket at twice its read buffer (2 x 64 KiB by default). Counted by the memory budget.
-READ_AHEAD_BYTES = 2 * 2**16
-
-
 def _retry_after_seconds(response: aiohttp.ClientResponse) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
