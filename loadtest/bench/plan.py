@@ -125,6 +125,9 @@ class Plan:
     side_users: int = 100
     side_window_s: float = 20.0
     side_settle_s: float = 2.0
+    # Each load's hold outlasts settle + window by this much: the loads start apart (five Pythons at once on two busy
+    # cores), and the window opens after the slowest one's ramp, so the first one's hold must still cover it.
+    side_margin_s: float = 10.0
     side_only: bool = False  # --side-by-side: only the side-by-side rounds
 
 

@@ -33,9 +33,6 @@ from loadtest.bench.rounds import MEASURES, Contestant, Rounds, round_order
 from loadtest.bench.servers import Server, running
 
 FIRST_OCTET = 2  # contestant k's clients come from 127.(2+k).0.1 on: apart from every other phase's (127.0.x.x)
-# Each load's hold outlasts settle + window by this much: the loads start apart (five Pythons at once on two busy
-# cores), and the window opens after the slowest one's ramp, so the first one's hold must still cover it.
-STEADY_MARGIN_S = 10.0
 RAMP_TIMEOUT_S = 60.0  # beyond its ramp, how long a loadgen may take to say the ramp ended
 
 
@@ -154,7 +151,7 @@ def side_round(
             servers[c.key] = stack.enter_context(running(c.start(f"{c.key}_{suffix}")))
         for server in servers.values():
             warm_up(server)
-        hold = plan.side_settle_s + plan.side_window_s + STEADY_MARGIN_S
+        hold = plan.side_settle_s + plan.side_window_s + plan.side_margin_s
         loads: dict[str, LoadProcess] = {}
         for position, c in enumerate(order):
             argv = loadgen_argv(

@@ -135,7 +135,9 @@ def test_one_real_round_measures_the_raw_app_and_the_gateway_at_once(tmp_path: P
         Contestant(RAW, "raw ASGI app", partial(raw_app, logs)),
         Contestant("on", "as shipped", partial(gateway_from, ROOT, logs, work, env=MOCK_ENV)),
     ]
-    plan = replace(QUICK, rounds=1, side_users=20, max_tokens=20, side_window_s=2.0, side_settle_s=0.5)
+    plan = replace(
+        QUICK, rounds=1, side_users=20, max_tokens=20, side_window_s=2.0, side_settle_s=0.5, side_margin_s=3.0
+    )
     side = measure_side_by_side(plan, contestants)
     assert side.orders == [[RAW, "on"]]
     # the structure, never the timing: on a busy machine a load may miss the in-time share (its round is then void)
