@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -194,15 +195,23 @@ def spawn_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayF
     yield from _gateways(tmp_path_factory, wait=False)
 
 
+@contextmanager
+def gateway_running(env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway for a fixture wider than one test (a module's): started with `env`, stopped at the end."""
+    gateway = launch_gateway(env, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
 @pytest.fixture(scope="module")
 def mock_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway on the built-in mock, shared by a module's read-only tests (fast pace keeps tests short)."""
-    gateway = launch_gateway(
-        {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5, **SLOT_CAPS},
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
-    )
-    yield gateway
-    gateway.stop()
+    with gateway_running(
+        {"MOCK_TOKENS_PER_SECOND": 200, "MOCK_FIRST_TOKEN_MS": 5, **SLOT_CAPS}, tmp_path_factory
+    ) as gw:
+        yield gw
 
 
 @dataclass

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from loadtest.harness.wait import wait_until
-from tests.conftest import Gateway, launch_gateway
+from tests.conftest import Gateway, gateway_running
 
 FROZEN = re.compile(r"froze (\d+) startup objects")
 
@@ -21,12 +21,8 @@ CLOSE_GUARD_S = 30.0  # guard only: far above the 1 s set here, far below the 75
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    started = launch_gateway(
-        {"KEEPALIVE_SECONDS": 1, "WEB_CONCURRENCY": 2, "LOG_LEVEL": "info"},
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
-    )
-    yield started
-    started.stop()
+    with gateway_running({"KEEPALIVE_SECONDS": 1, "WEB_CONCURRENCY": 2, "LOG_LEVEL": "info"}, tmp_path_factory) as gw:
+        yield gw
 
 
 def test_idle_keepalive_connections_are_closed_after_keepalive_seconds(gateway: Gateway) -> None:

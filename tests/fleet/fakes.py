@@ -9,9 +9,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from loadtest import fake_openai
-from tests.conftest import ROOT, FakeUpstream, _wait_until_up
+from tests.conftest import ROOT, FakeUpstream, Gateway, _wait_until_up, gateway_running
 
 
 @contextmanager
@@ -52,6 +53,17 @@ def fake_fleet(*specs: dict[str, Any]) -> Iterator[list[FakeUpstream]]:
     """Several fakes; each spec is `fake_server`'s keyword arguments."""
     with ExitStack() as stack:
         yield [stack.enter_context(fake_server(**spec)) for spec in specs]
+
+
+@contextmanager
+def gateway_on_fleet(
+    tmp_path_factory: pytest.TempPathFactory, **env: Any
+) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
+    """Three idle fakes and a gateway over them (no retries: a test sees each endpoint's own answer), for a module."""
+    with fake_fleet({}, {}, {}) as fakes:
+        urls = ",".join(fake.url for fake in fakes)
+        with gateway_running({"UPSTREAM_URL": urls, "UPSTREAM_RETRIES": 0, **env}, tmp_path_factory) as gateway:
+            yield gateway, fakes
 
 
 def stream_chat(base_url: str, max_tokens: int, client: httpx.Client) -> str:

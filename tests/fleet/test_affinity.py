@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import FakeUpstream, Gateway, launch_gateway
-from tests.fleet.fakes import fake_fleet
+from tests.conftest import FakeUpstream, Gateway
+from tests.fleet.fakes import gateway_on_fleet
 
 HEADER = "X-Session-Id"
 HOT_STREAMS = 12  # at once, one session: 20 tokens at 20 tok/s keep every one in flight while the others start
@@ -39,21 +39,13 @@ def _chat(
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
     """One gateway and three fakes for the module; each test clears the fakes' stats and scripts it needs."""
-    with fake_fleet({}, {}, {}) as fakes:
-        gateway = launch_gateway(
-            {
-                "UPSTREAM_URL": ",".join(fake.url for fake in fakes),
-                "UPSTREAM_RETRIES": 0,
-                "UPSTREAM_AFFINITY_HEADER": HEADER,
-                "UPSTREAM_AFFINITY_USER": True,
-                "UPSTREAM_AFFINITY_LOAD_FACTOR": LOAD_FACTOR,
-            },
-            tmp_path_factory.mktemp("gateway") / "gateway.log",
-        )
-        try:
-            yield gateway, fakes
-        finally:
-            gateway.stop()
+    with gateway_on_fleet(
+        tmp_path_factory,
+        UPSTREAM_AFFINITY_HEADER=HEADER,
+        UPSTREAM_AFFINITY_USER=True,
+        UPSTREAM_AFFINITY_LOAD_FACTOR=LOAD_FACTOR,
+    ) as fleet:
+        yield fleet
 
 
 def test_a_session_keeps_its_endpoint_and_sessions_spread(fleet: tuple[Gateway, list[FakeUpstream]]) -> None:

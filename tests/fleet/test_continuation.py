@@ -26,7 +26,7 @@ from websockets.sync.client import connect
 from loadtest.fake_openai import default_tokens
 from loadtest.harness.nginx import Nginx
 from loadtest.harness.wait import wait_until
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory, launch_gateway
+from tests.conftest import FakeUpstream, Gateway, GatewayFactory, gateway_running
 from tests.fleet.fakes import fake_fleet, fake_server
 from tests.slots import slots_in_use
 
@@ -221,14 +221,9 @@ def _fleet_gateway(model_fleet: ModelFleet, tmp_path_factory: pytest.TempPathFac
     """A gateway on the module's fleet, shared by the kill tests. A killed endpoint is ejected when its first
     stream breaks and is back (half-open) a second later: by the next test, started again, it takes streams.
     A continuation never goes back to the endpoint it left while another is available (`tried_endpoints`)."""
-    gateway = launch_gateway(
-        {"UPSTREAM_URL": model_fleet.url, "CIRCUIT_OPEN_SECONDS": 1, **GATEWAY_ENV, **env},
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
-    )
-    try:
+    env = {"UPSTREAM_URL": model_fleet.url, "CIRCUIT_OPEN_SECONDS": 1, **GATEWAY_ENV, **env}
+    with gateway_running(env, tmp_path_factory) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 from app.upstream.client import OpenAIUpstream
 from app.upstream.load import Load, parse_vllm
 from loadtest.harness.wait import wait_until
-from tests.conftest import FakeUpstream, Gateway, launch_gateway
-from tests.fleet.fakes import fake_fleet, fake_server, stream_chat
+from tests.conftest import FakeUpstream, Gateway
+from tests.fleet.fakes import fake_server, gateway_on_fleet, stream_chat
 
 STREAMS = 12  # sequential: a worker starts at most 6 on each idle endpoint between two scrapes (score <= 7)
 ATTEMPTS = 30  # streams sent until the endpoint whose load dropped gets one
@@ -26,20 +26,10 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def shared_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, list[FakeUpstream]]]:
     """One gateway and its three fakes for the module: each test starts from `fleet`'s state."""
-    with fake_fleet({}, {}, {}) as fakes:
-        gateway = launch_gateway(
-            {
-                "UPSTREAM_URL": ",".join(fake.url for fake in fakes),
-                "UPSTREAM_RETRIES": 0,
-                "UPSTREAM_LOAD_METRICS": "vllm",
-                "UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS": 0.5,
-            },
-            tmp_path_factory.mktemp("gateway") / "gateway.log",
-        )
-        try:
-            yield gateway, fakes
-        finally:
-            gateway.stop()
+    with gateway_on_fleet(
+        tmp_path_factory, UPSTREAM_LOAD_METRICS="vllm", UPSTREAM_LOAD_METRICS_INTERVAL_SECONDS=0.5
+    ) as fleet:
+        yield fleet
 
 
 @pytest.fixture
