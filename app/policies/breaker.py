@@ -267,8 +267,16 @@ class BreakerCell(Protocol):
         """The stored snapshot."""
         ...
 
+    def load_state(self) -> BreakerSnapshot:
+        """The stored snapshot; the failure history may be left out (`advance`, `grantable` and `retry_after` do
+        not read it). What every stream's admission reads, so it may be cheaper than `load`."""
+        ...
+
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
-        """Replace the snapshot with `change(snapshot)[0]` atomically; return `change(snapshot)[1]`."""
+        """Replace the snapshot with `change(snapshot)[0]` atomically; return `change(snapshot)[1]`.
+
+        `change` returns the snapshot it was given when nothing changes (a success while closed: every
+        stream's), and the cell may then skip the write."""
         ...
 
 
@@ -281,6 +289,8 @@ class MemoryBreakerCell:
 
     def load(self) -> BreakerSnapshot:
         return self._snapshot
+
+    load_state = load
 
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         with self._lock:
@@ -372,10 +382,16 @@ class SharedBreakerCell(SharedTable):
         with self._region as buf:
             return self._layout.read(buf, DATA_OFFSET)
 
+    def load_state(self) -> BreakerSnapshot:
+        with self._region as buf:
+            return self._layout.read_state(buf, DATA_OFFSET)
+
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         with self._region as buf:
-            new, result = change(self._layout.read(buf, DATA_OFFSET))
-            self._layout.write(buf, DATA_OFFSET, new)
+            old = self._layout.read(buf, DATA_OFFSET)
+            new, result = change(old)
+            if new is not old:
+                self._layout.write(buf, DATA_OFFSET, new)
             return result
 
 
@@ -511,8 +527,8 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         """The current state; `int(state)` is the gauge value (0 closed, 1 open, 2 half-open)."""
-        return self.snapshot().state
+        return advance(self.config, self._cell.load_state(), self._clock()).state
 
     def retry_after_seconds(self) -> float:
         """For `Retry-After` on a refusal: 0 when `allow()` would grant a permit now."""
-        return retry_after(self.config, self._cell.load(), self._clock())
+        return retry_after(self.config, self._cell.load_state(), self._clock())

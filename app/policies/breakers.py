@@ -73,6 +73,8 @@ class _MemoryCell:
     def load(self) -> BreakerSnapshot:
         return self._table.load((self._key,))[0]
 
+    load_state = load
+
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         entry = self._table.entry(self._key)
         entry.snapshot, result = change(entry.snapshot)
@@ -119,6 +121,9 @@ class _SharedCell:
 
     def load(self) -> BreakerSnapshot:
         return self._table.snapshot(self._key)
+
+    def load_state(self) -> BreakerSnapshot:
+        return self._table.load((self._key,))[0]
 
     def update(self, change: Callable[[BreakerSnapshot], tuple[BreakerSnapshot, _T]]) -> _T:
         return self._table.update(self._key, change)
@@ -193,8 +198,10 @@ class SharedBreakerTable(SharedTable):
         with self._region as buf:
             slot = self._claim(buf, key, key_hash)
             at = self._at(slot) + _SLOT_HEAD.size
-            new, result = change(self._layout.read(buf, at))
-            self._layout.write(buf, at, new)
+            old = self._layout.read(buf, at)
+            new, result = change(old)
+            if new is not old:
+                self._layout.write(buf, at, new)
             self._touch(buf, slot)
             return result
 

@@ -177,12 +177,24 @@ class HandoverSink(Protocol):
 class EventLog:
     """One stream's side of the store, held by its producer. `append` is synchronous and cheap."""
 
-    __slots__ = ("stream_id", "meta", "_store", "_pending", "_events", "_closed", "resumable", "stored", "created")
+    __slots__ = (
+        "stream_id",
+        "meta",
+        "_store",
+        "_max_events",
+        "_pending",
+        "_events",
+        "_closed",
+        "resumable",
+        "stored",
+        "created",
+    )
 
     def __init__(self, store: ResumeStore, meta: StreamMeta, *, first_seq: int = 0) -> None:
         self.stream_id = meta.stream_id
         self.meta = meta
         self._store = store
+        self._max_events = store.max_events
         self._pending: list[bytes] = []
         self._events = first_seq  # events appended so far: the seq of the next one
         self._closed = False
@@ -191,19 +203,18 @@ class EventLog:
         self.created = first_seq > 0  # its log exists in the backend (a continued stream's always does)
 
     def append(self, payload: bytes, events: int) -> None:
+        """Per batch of every resumable stream: kept to a few attribute reads (no byte count; see buffered_bytes)."""
         if self._closed:
             return
         self._events += events  # counted even when not resumable: a final not_resumable event comes after all
-        if not self.resumable:
-            return
-        if self._events > self._store.max_events:
-            self._store.broken(self)
-            return
-        store = self._store
-        if not self._pending:
-            store.dirty[self.stream_id] = self
-        self._pending.append(payload)
-        store.pending_bytes += len(payload)
+        if self.resumable:
+            if self._events > self._max_events:
+                self._store.broken(self)
+                return
+            pending = self._pending
+            if not pending:
+                self._store.dirty[self.stream_id] = self
+            pending.append(payload)
 
     @property
     def last_event_id(self) -> str:
@@ -212,9 +223,7 @@ class EventLog:
 
     def take(self) -> bytes:
         pending, self._pending = self._pending, []
-        taken = b"".join(pending)
-        self._store.pending_bytes -= len(taken)
-        return taken
+        return b"".join(pending)
 
     def close(self, final: bytes) -> None:
         """The stream's last event; the log is flushed on the next tick and expires after the TTL."""
@@ -272,7 +281,6 @@ class ResumeStore:
         self.handover = handover  # set with the Redis store when the upstream can continue a generation
         self.dirty: dict[str, EventLog] = {}
         self.finished: list[str] = []
-        self.pending_bytes = 0  # appended, not yet taken by a flush
         self.writing_bytes = 0  # taken by the flush under way, not yet written
         self.healthy = True  # the backend's last call succeeded
         self._tombstones: dict[str, EventLog] = {}
@@ -289,8 +297,11 @@ class ResumeStore:
 
     @property
     def buffered_bytes(self) -> int:
-        """Events held in memory until the backend has them (counted against MEMORY_BUDGET_BYTES)."""
-        return self.pending_bytes + self.writing_bytes
+        """Events held in memory until the backend has them (counted against MEMORY_BUDGET_BYTES).
+
+        Counted when asked (once per watchdog tick), not per append: at most one flush interval of batches."""
+        pending = sum(len(chunk) for log in self.dirty.values() for chunk in log._pending)
+        return pending + self.writing_bytes
 
     def broken(self, log: EventLog) -> None:
         """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""

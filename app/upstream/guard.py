@@ -103,7 +103,8 @@ class GuardedStream(UpstreamStreamWrapper):
             try:
                 batch = await self._inner.__anext__()
             except StopAsyncIteration:
-                self._guard.judge(self._permit.record_success)  # an empty but clean answer is still healthy
+                if not self._permit.settled:  # an empty but clean answer is still healthy
+                    self._guard.judge(self._permit.record_success)
                 raise
             except GatewayError as error:
                 client = charged_client(error, self._request)

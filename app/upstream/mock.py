@@ -69,10 +69,14 @@ class MockAnswer:
         self._intro = [word + " " for word in f"This is a streaming response for: {prompt[:40]}".split()]
         self._seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
 
+    def token(self, i: int) -> str:
+        """Token `i` (a word plus a space)."""
+        intro = self._intro
+        return intro[i] if i < len(intro) else WORDS[(self._seed + i * 7) % N_WORDS]
+
     def tokens(self, start: int, stop: int) -> list[str]:
-        """Tokens `start..stop-1` (each a word plus a space)."""
-        intro, seed = self._intro, self._seed
-        return [intro[i] if i < len(intro) else WORDS[(seed + i * 7) % N_WORDS] for i in range(start, stop)]
+        """Tokens `start..stop-1`."""
+        return [self.token(i) for i in range(start, stop)]
 
 
 def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
@@ -88,6 +92,7 @@ class MockStream:
         "_next",
         "_resumed_at",
         "_first_at",
+        "_due",
         "_gap",
         "_max_batch",
         "finish_reason",
@@ -103,7 +108,7 @@ class MockStream:
         self._total = request.max_tokens
         self._next = request.continuation_tokens  # token i depends only on (prompt, i): continuing is exact
         self._resumed_at = self._next
-        self._first_at = self._loop.time() + first_token_s
+        self._first_at = self._due = self._loop.time() + first_token_s  # `_due`: when token `_next` is due
         self._gap = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self._max_batch = max_batch
         self.finish_reason: str | None = None
@@ -119,13 +124,17 @@ class MockStream:
             self.finish_reason = "length"
             self.usage = Usage(len(self._prompt.split()), self._total)
             raise StopAsyncIteration
-        if self._gap:
-            due = self._first_at + (start - self._resumed_at) * self._gap
+        gap = self._gap
+        if gap:
+            due = self._due
             now = self._loop.time()
             if due > now:
                 await asyncio.sleep(due - now)
                 now = self._loop.time()
-            count = int((now - self._first_at) / self._gap) + 1 - (start - self._resumed_at)
+            if now < due + gap:  # the next one is not due yet: this token alone (the common case, kept lean)
+                self._next, self._due = start + 1, due + gap
+                return [self._answer.token(start)]
+            count = int((now - self._first_at) / gap) + 1 - (start - self._resumed_at)
         else:
             now = self._loop.time()
             if start == self._resumed_at and self._first_at > now:
@@ -135,6 +144,7 @@ class MockStream:
             count = UNPACED_BATCH
         stop = min(self._total, start + max(1, min(count, self._max_batch)))
         self._next = stop
+        self._due = self._first_at + (stop - self._resumed_at) * gap
         return self._answer.tokens(start, stop)
 
     def mark_failed(self) -> None:
