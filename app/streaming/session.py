@@ -206,7 +206,20 @@ class StreamRegistry:
 
     def sweep(self, now: float) -> None:
         """One watchdog pass: cut streams past a deadline, ping idle ones."""
+        # A stream that got a token this recently, is not writing, not orphaned and younger than the total deadline
+        # has nothing due (no deadline, no ping: its last write is no older than its last token). That is most
+        # streams on every tick, so they cost one test.
+        fresh_after = now - min(self._inter_token_s, self._ping_interval_s)
+        born_after = now - self._total_s
         for s in list(self.streams):
+            if (
+                s.first_token_at
+                and s.last_token_at > fresh_after
+                and s.started_at > born_after
+                and not s.writing_since
+                and not s.orphaned_at
+            ):
+                continue
             if s.phase is Phase.FINISHING or s.cut:
                 continue
             error = self._deadline_passed(s, now)
