@@ -99,6 +99,12 @@ class GuardedStream(UpstreamStreamWrapper):
         return self
 
     async def __anext__(self) -> Batch:
+        if self._started:  # relaying (every batch but the first): the permit is settled, a break is all to report
+            try:
+                return await self._inner.__anext__()
+            except GatewayError as error:
+                self._guard.broke_mid_stream(charged_client(error, self._request))
+                raise
         while True:
             try:
                 batch = await self._inner.__anext__()
@@ -108,9 +114,6 @@ class GuardedStream(UpstreamStreamWrapper):
                 raise
             except GatewayError as error:
                 client = charged_client(error, self._request)
-                if self._started:  # broke mid-stream
-                    self._guard.broke_mid_stream(client)
-                    raise
                 kind = error_kind(error)
                 self._guard.judge(functools.partial(_settle_failed_attempt, self._permit, kind, client, error))
                 self._retrying = True  # the failed stream is done with: a cut from here on is the retry's
@@ -126,12 +129,11 @@ class GuardedStream(UpstreamStreamWrapper):
                 )
                 self._retrying = False
                 continue
-            if not self._started:
-                self._started = True
-                if self._permit.probe:  # only a half-open probe's success can change the state
-                    self._guard.judge(self._permit.record_success)
-                else:
-                    self._permit.record_success()
+            self._started = True
+            if self._permit.probe:  # only a half-open probe's success can change the state
+                self._guard.judge(self._permit.record_success)
+            else:
+                self._permit.record_success()
             return batch
 
     def mark_failed(self) -> None:
