@@ -1,7 +1,7 @@
 -- Append one flush of a worker's resume logs: one call for every stream it wrote since the last flush.
 -- KEYS: the streams' keys. ARGV[1]: TTL in ms; ARGV[2]: MAXLEN (~) or "" for none; then per key three
 -- values: the frames (field d), "1" if this write starts the log, its owner (field o, on the first entry).
--- Each shape of XADD is spelled out: a table built and unpacked per key cost a fifth of the script's time.
+-- Each shape of XADD is spelled out: a table built and unpacked per key cost a fifth of redis-server's CPU.
 local ttl, maxlen = ARGV[1], ARGV[2]
 local trim = maxlen ~= ''
 for i, key in ipairs(KEYS) do
