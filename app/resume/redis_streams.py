@@ -3,7 +3,8 @@
 Each flush is one call for every dirty stream of the worker (storage/lua/resume_append.lua, one EVALSHA):
 per stream `XADD <prefix><stream id> MAXLEN ~ n * d <bytes>` (one entry per flush, holding whole SSE frames)
 and `PEXPIRE <key> <ttl>`. One command instead of a pipeline of two per stream: redis-py packs and parses
-every command of a pipeline in Python, which cost more than Redis itself (measured: see the commit). The TTL is
+every command of a pipeline in Python, which cost more than Redis itself (measured: see the commit); the
+command is packed by storage's `run_script` from bytes built here, not argument by argument. The TTL is
 renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last event; Redis deletes
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
@@ -21,10 +22,8 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager
 
-from redis.typing import EncodableT
-
 from app.storage.errors import wrap_errors
-from app.storage.redis import REDIS_ERRORS, LazyRedis, RedisScripts, load_lua
+from app.storage.redis import REDIS_ERRORS, LazyRedis, RedisScripts, load_lua, run_script
 
 DEFAULT_PREFIX = "gw:rs:"
 FIELD = b"d"  # the field of an entry that holds the frames of one flush
@@ -54,6 +53,7 @@ class RedisStreamsBackend:
         # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
         self.max_entries = max_entries
         self._scripts = RedisScripts(redis, _APPEND)
+        self._append_head = [b"%d" % self.ttl_ms, b"%d" % max_entries if max_entries else b""]
 
     def key(self, stream_id: str) -> str:
         return self.prefix + stream_id
@@ -63,13 +63,13 @@ class RedisStreamsBackend:
         with redis_resume_errors():
             client, (append,) = self._scripts.scripts()
             for start in range(0, len(items), WRITE_BATCH):
-                keys: list[str] = []
-                args: list[EncodableT] = [self.ttl_ms, self.max_entries or ""]
+                keys: list[bytes] = []
+                args = self._append_head.copy()
                 for stream_id, payload in items[start : start + WRITE_BATCH]:
                     owner = created.get(stream_id)
-                    keys.append(self.prefix + stream_id)
-                    args += (payload, b"0", b"") if owner is None else (payload, b"1", owner)
-                await append(keys, args, client)
+                    keys.append((self.prefix + stream_id).encode())
+                    args += (payload, b"0", b"") if owner is None else (payload, b"1", owner.encode())
+                await run_script(client, append, keys, args)
 
     async def read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str] | None:
         key = self.key(stream_id)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from app.resume.progress import read_log
 from app.resume.redis_streams import FIELD, OWNER_FIELD, WRITE_BATCH, RedisStreamsBackend
+from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis
 from loadtest.harness.redis import RedisServer, started_redis
 
@@ -63,6 +65,29 @@ def test_one_flush_appends_every_stream_with_its_owner_and_ttl(redis_server: Red
             assert [sorted(fields or {}) for _, fields in entries or []] == [[FIELD, OWNER_FIELD], [FIELD]]
             for sid in (ids[0], ids[WRITE_BATCH]):
                 assert 0 < await client.pttl(PREFIX + sid) <= 60_000
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_flush_survives_a_flushed_script_cache_and_fails_as_storage_error_while_redis_is_down(
+    redis_server: RedisServer,
+) -> None:
+    async def scenario() -> None:
+        redis = LazyRedis(redis_server.url)
+        backend = RedisStreamsBackend(redis, ttl_s=60, prefix=PREFIX, max_entries=100)
+        try:
+            await backend.write({"a": b"id: a-0\n\n"}, {"a": "owner-a"})
+            await redis.client().script_flush()  # what a Redis restart or failover leaves
+            await backend.write({"a": b"id: a-1\n\n"}, {})
+            assert await backend.read("a", "", "owner-a") == (b"id: a-0\n\nid: a-1\n\n", mock.ANY)
+            redis_server.kill()
+            with pytest.raises(StorageError, match="redis resume store"):
+                await backend.write({"a": b"id: a-2\n\n"}, {})
+            redis_server.start()  # empty: the log went with the old process
+            await backend.write({"b": b"id: b-0\n\n"}, {"b": "owner-b"})
+            assert await backend.read("b", "", "owner-b") == (b"id: b-0\n\n", mock.ANY)
         finally:
             await redis.aclose()
 
