@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from app.upstream.base import ChatRequest, Usage
 
@@ -98,17 +98,28 @@ class MockStream:
         "finish_reason",
         "usage",
         "dropped_more_than_text",
-        "_loop",
+        "_clock",
+        "_sleep",
     )
 
-    def __init__(self, request: ChatRequest, *, tokens_per_second: float, first_token_s: float, max_batch: int) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(
+        self,
+        request: ChatRequest,
+        *,
+        tokens_per_second: float,
+        first_token_s: float,
+        max_batch: int,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
+        self._clock = clock or asyncio.get_running_loop().time
+        self._sleep = sleep or asyncio.sleep
         self._prompt = request.prompt_text
         self._answer = MockAnswer(self._prompt)
         self._total = request.max_tokens
         self._next = request.continuation_tokens  # token i depends only on (prompt, i): continuing is exact
         self._resumed_at = self._next
-        self._first_at = self._due = self._loop.time() + first_token_s  # `_due`: when token `_next` is due
+        self._first_at = self._due = self._clock() + first_token_s  # `_due`: when token `_next` is due
         self._gap = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self._max_batch = max_batch
         self.finish_reason: str | None = None
@@ -127,20 +138,20 @@ class MockStream:
         gap = self._gap
         if gap:
             due = self._due
-            now = self._loop.time()
+            now = self._clock()
             if due > now:
-                await asyncio.sleep(due - now)
-                now = self._loop.time()
+                await self._sleep(due - now)
+                now = self._clock()
             if now < due + gap:  # the next one is not due yet: this token alone (the common case, kept lean)
                 self._next, self._due = start + 1, due + gap
                 return [self._answer.token(start)]
             count = int((now - self._first_at) / gap) + 1 - (start - self._resumed_at)
         else:
-            now = self._loop.time()
+            now = self._clock()
             if start == self._resumed_at and self._first_at > now:
-                await asyncio.sleep(self._first_at - now)
+                await self._sleep(self._first_at - now)
             else:
-                await asyncio.sleep(0)  # stay cooperative when unpaced
+                await self._sleep(0)  # stay cooperative when unpaced
             count = UNPACED_BATCH
         stop = min(self._total, start + max(1, min(count, self._max_batch)))
         self._next = stop
@@ -155,18 +166,34 @@ class MockStream:
 
 
 class MockUpstream:
-    """The default upstream (UPSTREAM_URL unset)."""
+    """The default upstream (UPSTREAM_URL unset). `clock` and `sleep` default to the running loop's (tests and the
+    hot-path measure pass virtual ones)."""
 
     name = "mock"
 
-    def __init__(self, *, tokens_per_second: float, first_token_ms: float) -> None:
+    def __init__(
+        self,
+        *,
+        tokens_per_second: float,
+        first_token_ms: float,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
         self._tps = tokens_per_second
         self._first_s = first_token_ms / 1000.0
+        self._clock, self._sleep = clock, sleep
 
     async def open(
         self, request: ChatRequest, *, max_batch: int, headers: Mapping[str, str] | None = None
     ) -> MockStream:
-        return MockStream(request, tokens_per_second=self._tps, first_token_s=self._first_s, max_batch=max_batch)
+        return MockStream(
+            request,
+            tokens_per_second=self._tps,
+            first_token_s=self._first_s,
+            max_batch=max_batch,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     async def aclose(self) -> None:
         return None

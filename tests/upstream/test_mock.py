@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from websockets.sync.client import connect
 
-import app.upstream.mock as mock
 from app.upstream.base import ChatRequest
 from app.upstream.mock import MockUpstream, mock_tokens
 from loadtest.stream_check import mock_text
@@ -53,7 +51,7 @@ def test_the_load_tests_copy_agrees() -> None:
 
 
 class VirtualTime:
-    """The mock's clock and sleep, on virtual time: a sleep moves the clock, nothing waits."""
+    """A clock and sleep for the mock, on virtual time: a sleep moves the clock, nothing waits."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -64,12 +62,15 @@ class VirtualTime:
     async def sleep(self, delay: float) -> None:
         self.now += max(0.0, delay)
 
+    def mock(self, *, tokens_per_second: float, first_token_ms: float) -> MockUpstream:
+        return MockUpstream(
+            tokens_per_second=tokens_per_second, first_token_ms=first_token_ms, clock=self.time, sleep=self.sleep
+        )
+
 
 @pytest.fixture
-def virtual_time(monkeypatch: pytest.MonkeyPatch) -> VirtualTime:
-    clock = VirtualTime()
-    monkeypatch.setattr(mock, "asyncio", SimpleNamespace(sleep=clock.sleep, get_running_loop=lambda: clock))
-    return clock
+def virtual_time() -> VirtualTime:
+    return VirtualTime()
 
 
 def batches(
@@ -98,7 +99,9 @@ def batches(
 
 def test_pacing_by_schedule(virtual_time: VirtualTime) -> None:
     # 10 tok/s after a 50 ms first token: token i is due at 0.05 + i/10; a late reader gets every due token at once
-    paced = batches(virtual_time, MockUpstream(tokens_per_second=10, first_token_ms=50), 8, reader_pauses={2: 0.33})
+    paced = batches(
+        virtual_time, virtual_time.mock(tokens_per_second=10, first_token_ms=50), 8, reader_pauses={2: 0.33}
+    )
     assert paced == [
         (0.05, ["This "]),
         (0.15, ["is "]),
@@ -111,13 +114,17 @@ def test_pacing_by_schedule(virtual_time: VirtualTime) -> None:
 
 def test_a_batch_never_exceeds_max_batch(virtual_time: VirtualTime) -> None:
     paced = batches(
-        virtual_time, MockUpstream(tokens_per_second=10, first_token_ms=50), 6, max_batch=2, reader_pauses={1: 0.98}
+        virtual_time,
+        virtual_time.mock(tokens_per_second=10, first_token_ms=50),
+        6,
+        max_batch=2,
+        reader_pauses={1: 0.98},
     )
     assert paced == [(0.05, ["This "]), (1.03, ["is ", "a "]), (1.03, ["streaming ", "response "]), (1.03, ["for: "])]
 
 
 def test_unpaced_after_the_first_token(virtual_time: VirtualTime) -> None:
-    unpaced = batches(virtual_time, MockUpstream(tokens_per_second=0, first_token_ms=50), 150)
+    unpaced = batches(virtual_time, virtual_time.mock(tokens_per_second=0, first_token_ms=50), 150)
     assert [(at, len(batch)) for at, batch in unpaced] == [(0.05, 64), (0.05, 64), (0.05, 22)]
     assert [token for _, batch in unpaced for token in batch] == mock_tokens("hello", 0, 150)
 
