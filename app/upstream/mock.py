@@ -63,16 +63,18 @@ UNPACED_BATCH = 64  # tokens per batch when pacing is off (MOCK_TOKENS_PER_SECON
 class MockAnswer:
     """The mock's answer to one prompt; the per-prompt work (a hash, the intro) is done once per stream."""
 
-    __slots__ = ("_intro", "_seed")
+    __slots__ = ("_intro", "_intro_length", "_cycle")
 
     def __init__(self, prompt: str) -> None:
         self._intro = [word + " " for word in f"This is a streaming response for: {prompt[:40]}".split()]
-        self._seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+        self._intro_length = len(self._intro)
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+        # After the intro, token i is WORDS[(seed + 7 i) % N_WORDS]: a cycle of N_WORDS, laid out once per stream.
+        self._cycle = tuple(WORDS[(seed + i * 7) % N_WORDS] for i in range(N_WORDS))
 
     def token(self, i: int) -> str:
         """Token `i` (a word plus a space)."""
-        intro = self._intro
-        return intro[i] if i < len(intro) else WORDS[(self._seed + i * 7) % N_WORDS]
+        return self._intro[i] if i < self._intro_length else self._cycle[i % N_WORDS]
 
     def tokens(self, start: int, stop: int) -> list[str]:
         """Tokens `start..stop-1`."""
@@ -141,7 +143,7 @@ class MockStream:
             now = self._clock()
             if due > now:
                 await self._sleep(due - now)
-                now = self._clock()
+                now = due  # woke when it was due; a loop that woke late catches up on the next call
             if now < due + gap:  # the next one is not due yet: this token alone (the common case, kept lean)
                 self._next, self._due = start + 1, due + gap
                 return [self._answer.token(start)]
