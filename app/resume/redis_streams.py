@@ -67,7 +67,7 @@ class RedisStreamsBackend:
                 args = self._append_head.copy()
                 for stream_id, payload in items[start : start + WRITE_BATCH]:
                     owner = created.get(stream_id)
-                    keys.append((self.prefix + stream_id).encode())
+                    keys.append(self.key(stream_id).encode())
                     args += (payload, b"0", b"") if owner is None else (payload, b"1", owner.encode())
                 await run_script(client, append, keys, args)
 

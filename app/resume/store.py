@@ -217,6 +217,11 @@ class EventLog:
             pending.append(payload)
 
     @property
+    def pending_bytes(self) -> int:
+        """Appended, not yet taken by a flush."""
+        return sum(map(len, self._pending))
+
+    @property
     def last_event_id(self) -> str:
         """The id of the last event appended (what a client that saw all of them resumes after)."""
         return f"{self.stream_id}-{self._events - 1}"
@@ -300,8 +305,7 @@ class ResumeStore:
         """Events held in memory until the backend has them (counted against MEMORY_BUDGET_BYTES).
 
         Counted when asked (once per watchdog tick), not per append: at most one flush interval of batches."""
-        pending = sum(len(chunk) for log in self.dirty.values() for chunk in log._pending)
-        return pending + self.writing_bytes
+        return sum(log.pending_bytes for log in self.dirty.values()) + self.writing_bytes
 
     def broken(self, log: EventLog) -> None:
         """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""

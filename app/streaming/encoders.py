@@ -23,7 +23,7 @@ CHUNK_TAIL = '},"logprobs":null,"finish_reason":null}]}\n\n'  # after a text del
 SEED_STATUS = b'data: {"type": "status", "message": "Generating..."}\n\n'
 SEED_TOKEN_HEAD = 'data: {"type": "token", "content": '
 SEED_TOKEN_TAIL = "}\n\n"
-ID_END_TOKEN_HEAD = "\n" + SEED_TOKEN_HEAD  # after `id: <stream id>-<seq>`: one piece less per token
+AFTER_ID_TOKEN_HEAD = "\n" + SEED_TOKEN_HEAD  # ends the `id: <stream id>-<seq>` line: one piece less per token
 SEED_SHUTDOWN = b'data: {"type": "server_shutdown"}\n\n'
 WS_STATUS = json.dumps({"type": "status", "message": "Generating..."})
 WS_SHUTDOWN = json.dumps({"type": "server_shutdown"})
@@ -74,7 +74,7 @@ class SeedEncoder:
         if n == 1:  # the common batch at a model's pace: no list, no join
             if prefix is None:
                 return f"{SEED_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
-            return f"{prefix}{seq}{ID_END_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
+            return f"{prefix}{seq}{AFTER_ID_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
         head, tail = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL
         if prefix is None:
             return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()

@@ -143,7 +143,7 @@ class MockStream:
             now = self._clock()
             if due > now:
                 await self._sleep(due - now)
-                now = due  # woke when it was due; a loop that woke late catches up on the next call
+                now = self._clock()  # a loop that woke late returns every token due by now in this batch
             if now < due + gap:  # the next one is not due yet: this token alone (the common case, kept lean)
                 self._next, self._due = start + 1, due + gap
                 return [self._answer.token(start)]

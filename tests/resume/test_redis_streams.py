@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
+from unittest.mock import ANY
 
 import pytest
 
@@ -81,13 +81,13 @@ def test_a_flush_survives_a_flushed_script_cache_and_fails_as_storage_error_whil
             await backend.write({"a": b"id: a-0\n\n"}, {"a": "owner-a"})
             await redis.client().script_flush()  # what a Redis restart or failover leaves
             await backend.write({"a": b"id: a-1\n\n"}, {})
-            assert await backend.read("a", "", "owner-a") == (b"id: a-0\n\nid: a-1\n\n", mock.ANY)
+            assert await backend.read("a", "", "owner-a") == (b"id: a-0\n\nid: a-1\n\n", ANY)
             redis_server.kill()
             with pytest.raises(StorageError, match="redis resume store"):
                 await backend.write({"a": b"id: a-2\n\n"}, {})
             redis_server.start()  # empty: the log went with the old process
             await backend.write({"b": b"id: b-0\n\n"}, {"b": "owner-b"})
-            assert await backend.read("b", "", "owner-b") == (b"id: b-0\n\n", mock.ANY)
+            assert await backend.read("b", "", "owner-b") == (b"id: b-0\n\n", ANY)
         finally:
             await redis.aclose()
 

@@ -53,14 +53,15 @@ def test_the_load_tests_copy_agrees() -> None:
 class VirtualTime:
     """A clock and sleep for the mock, on virtual time: a sleep moves the clock, nothing waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, oversleep: float = 0.0) -> None:
         self.now = 1000.0
+        self.oversleep = oversleep  # how late every sleep wakes (a loop busy with other streams)
 
     def time(self) -> float:
         return self.now
 
     async def sleep(self, delay: float) -> None:
-        self.now += max(0.0, delay)
+        self.now += max(0.0, delay) + (self.oversleep if delay > 0 else 0.0)
 
     def mock(self, *, tokens_per_second: float, first_token_ms: float) -> MockUpstream:
         return MockUpstream(
@@ -109,6 +110,18 @@ def test_pacing_by_schedule(virtual_time: VirtualTime) -> None:
         (0.55, ["for: "]),
         (0.65, ["hello "]),
         (0.75, ["budget "]),
+    ]
+
+
+def test_a_late_wake_up_gets_every_due_token_at_once() -> None:
+    # every sleep wakes 250 ms late: each wake-up returns the tokens due by then in one batch (one write), as the
+    # raw ASGI app the benchmark compares with does
+    late = VirtualTime(oversleep=0.25)
+    paced = batches(late, late.mock(tokens_per_second=10, first_token_ms=50), 8)
+    assert paced == [
+        (0.3, ["This ", "is ", "a "]),
+        (0.6, ["streaming ", "response ", "for: "]),
+        (0.9, ["hello ", "budget "]),
     ]
 
 
