@@ -58,6 +58,9 @@ VOCABULARY = (
 WORDS = tuple(word + " " for word in VOCABULARY)
 N_WORDS = len(WORDS)
 UNPACED_BATCH = 64  # tokens per batch when pacing is off (MOCK_TOKENS_PER_SECOND=0)
+# After the intro, token i of a prompt is WORDS[(seed + 7 i) % N_WORDS]: one of N_WORDS cycles, by seed % N_WORDS.
+# Laid out once here, so a stream holds a reference to its cycle, not a copy.
+_CYCLES = tuple(tuple(WORDS[(offset + i * 7) % N_WORDS] for i in range(N_WORDS)) for offset in range(N_WORDS))
 
 
 class MockAnswer:
@@ -69,8 +72,7 @@ class MockAnswer:
         self._intro = [word + " " for word in f"This is a streaming response for: {prompt[:40]}".split()]
         self._intro_length = len(self._intro)
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
-        # After the intro, token i is WORDS[(seed + 7 i) % N_WORDS]: a cycle of N_WORDS, laid out once per stream.
-        self._cycle = tuple(WORDS[(seed + i * 7) % N_WORDS] for i in range(N_WORDS))
+        self._cycle = _CYCLES[seed % N_WORDS]
 
     def token(self, i: int) -> str:
         """Token `i` (a word plus a space)."""
