@@ -99,35 +99,43 @@ def test_refused_retry_after_is_within_one_token_time(redis_server: RedisServer)
 
 
 def test_refill_math_on_a_bucket_written_in_the_past(redis_server: RedisServer) -> None:
-    """A bucket emptied 1.5 s ago (by Redis TIME) at 1 token/s has 1.5 tokens: one hit passes
-    with ~0.5 left, the next is refused with ~0.5 s to wait."""
+    """A bucket emptied 15 s ago (by Redis TIME) at 0.1 token/s has 1.5 tokens: one hit passes with 0.5 left,
+    the next is refused with 5 s to wait. Redis time passes between the calls (more on a busy machine): the
+    expected values move by rate x elapsed, and the bounds below take the elapsed time as measured."""
 
-    async def scenario() -> tuple[Acquisition, Acquisition]:
+    async def scenario() -> tuple[Acquisition, Acquisition, float]:
         async with _client(redis_server.url) as client:
             key = DEFAULT_RATE_LIMIT_PREFIX + "k"
-            await client.hset(key, mapping={"tokens": "0", "ts": str(await _redis_now_us(client) - 1_500_000)})
+            start = await _redis_now_us(client)
+            await client.hset(key, mapping={"tokens": "0", "ts": str(start - 15_000_000)})
             storage = RedisStorage(client)
-            return await storage.acquire("k", 5, 1.0, 1, now=0.0), await storage.acquire("k", 5, 1.0, 1, now=0.0)
+            allowed = await storage.acquire("k", 5, 0.1, 1, now=0.0)
+            refused = await storage.acquire("k", 5, 0.1, 1, now=0.0)
+            return allowed, refused, (await _redis_now_us(client) - start) / 1e6
 
-    allowed, refused = asyncio.run(scenario())
-    assert allowed.allowed and allowed.remaining == pytest.approx(0.5, abs=0.1)
-    assert not refused.allowed and refused.retry_after_seconds == pytest.approx(0.5, abs=0.1)
-    assert 0 < refused.retry_after_seconds <= 1.0
+    allowed, refused, elapsed = asyncio.run(scenario())
+    assert elapsed < 5.0  # guard only: within 5 s the second hit finds less than one token
+    assert allowed.allowed and 0.5 - 1e-6 <= allowed.remaining <= 0.5 + 0.1 * elapsed + 1e-6
+    assert not refused.allowed and 5.0 - elapsed - 1e-6 <= refused.retry_after_seconds <= 5.0 + 1e-6
 
 
 def test_a_bucket_stamped_in_the_future_mints_nothing(redis_server: RedisServer) -> None:
     """After a failover to a server whose clock is behind, the stored time is ahead of TIME: no
-    tokens appear, and the wait includes the gap (as `ratelimit.take` does)."""
+    tokens appear, and the wait includes the gap (as `ratelimit.take` does): 2 s of gap and 1 s for the token,
+    less the Redis time that passed before the call."""
 
-    async def scenario() -> Acquisition:
+    async def scenario() -> tuple[Acquisition, float]:
         async with _client(redis_server.url) as client:
             key = DEFAULT_RATE_LIMIT_PREFIX + "k"
-            await client.hset(key, mapping={"tokens": "0", "ts": str(await _redis_now_us(client) + 2_000_000)})
-            return await RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0)
+            start = await _redis_now_us(client)
+            await client.hset(key, mapping={"tokens": "0", "ts": str(start + 2_000_000)})
+            refused = await RedisStorage(client).acquire("k", 5, 1.0, 1, now=0.0)
+            return refused, (await _redis_now_us(client) - start) / 1e6
 
-    refused = asyncio.run(scenario())
+    refused, elapsed = asyncio.run(scenario())
+    assert elapsed < 2.0  # guard only: the stored time is still ahead when the call runs
     assert not refused.allowed and refused.remaining == 0
-    assert refused.retry_after_seconds == pytest.approx(3.0, abs=0.1)
+    assert 3.0 - elapsed - 1e-6 <= refused.retry_after_seconds <= 3.0 + 1e-6
 
 
 def test_keys_expire_when_the_bucket_would_be_full(redis_server: RedisServer) -> None:
