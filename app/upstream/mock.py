@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
+from app.policies.clock import ASYNC_SLEEP, Clock, Sleep
 from app.upstream.base import ChatRequest, Usage
 
 # Mixed ASCII and multi-byte words, so clients and tests meet 2-, 3- and 4-byte UTF-8.
@@ -113,11 +114,11 @@ class MockStream:
         tokens_per_second: float,
         first_token_s: float,
         max_batch: int,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[object]] | None = None,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
     ) -> None:
         self._clock = clock or asyncio.get_running_loop().time
-        self._sleep = sleep or asyncio.sleep
+        self._sleep = sleep or ASYNC_SLEEP
         self._prompt = request.prompt_text
         self._answer = MockAnswer(self._prompt)
         self._total = request.max_tokens
@@ -180,8 +181,8 @@ class MockUpstream:
         *,
         tokens_per_second: float,
         first_token_ms: float,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[object]] | None = None,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
     ) -> None:
         self._tps = tokens_per_second
         self._first_s = first_token_ms / 1000.0
