@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,9 @@ SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
 START_TIMEOUT_S = 30.0  # guard only: how long a server may take to answer before the test fails
 # Caps small enough to take whole: gateways whose tests end with tests/slots.py `assert_slots_released`.
 SLOT_CAPS: dict[str, Any] = {"MAX_CONNECTIONS": 6, "MAX_CONNECTIONS_PER_CLIENT": 3}
+FAILURE_LOG_LINES = 80  # the tail of each gateway's log shown with a failed test
+
+_launched: list[Gateway] = []  # every gateway this pytest process started, for the logs of a failed test
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -41,6 +44,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test shows the logs of the gateways it used (started in it, or still running): a flake in CI
+    is diagnosed from its report, not re-run."""
+    report = yield
+    if report.failed:
+        first = item.stash.get(_first_launch, len(_launched))
+        for number, gateway in enumerate(_launched):
+            if (number >= first or gateway.proc.poll() is None) and gateway.log_path.exists():
+                lines = gateway.log().splitlines()[-FAILURE_LOG_LINES:]
+                report.sections.append((f"gateway {gateway.url} (pid {gateway.pid}) log", "\n".join(lines)))
+    return report
+
+
+_first_launch = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_first_launch] = len(_launched)
 
 
 def _listening_socket(*, inheritable: bool = False) -> socket.socket:
@@ -162,6 +189,7 @@ def launch_gateway(env_overrides: dict[str, Any], log_path: Path, *, wait: bool 
         log_path=log_path,
         metrics_url=f"http://127.0.0.1:{metrics_port}",
     )
+    _launched.append(gateway)
     return gateway.wait_up() if wait else gateway
 
 

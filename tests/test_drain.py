@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from typing import Any
 
 import httpx
@@ -83,9 +84,7 @@ async def _probe_during_drain(gateway: Gateway) -> dict[str, Any]:
 def test_drain_lets_every_stream_finish(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(MOCK_TOKENS_PER_SECOND=20, MOCK_FIRST_TOKEN_MS=10, DRAIN_TIMEOUT_SECONDS=30)
 
-    probes = connection_to_each_worker(gateway)  # an idle connection to each worker, to ask it /ready
-
-    async def scenario() -> tuple[list[list[str]], dict[str, Any]]:
+    async def scenario(probes: dict[int, socket.socket]) -> tuple[list[list[str]], dict[str, Any]]:
         limits = httpx.Limits(max_connections=50)
         relaying: list[int] = []
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=limits) as client:
@@ -97,7 +96,8 @@ def test_drain_lets_every_stream_finish(start_gateway: GatewayFactory) -> None:
             probe = await _probe_during_drain(gateway)
             return list(await asyncio.gather(*streams)), probe
 
-    results, probe = asyncio.run(scenario())
+    with connection_to_each_worker(gateway) as probes:  # an idle connection to each worker, to ask it /ready
+        results, probe = asyncio.run(scenario(probes))
     for data in results:
         assert json.loads(data[-1]) == {"type": "done", "tokens": TOKENS}
         assert sum('"type": "token"' in d for d in data) == TOKENS
@@ -108,8 +108,6 @@ def test_drain_lets_every_stream_finish(start_gateway: GatewayFactory) -> None:
     assert probe["ready"] == 503
     assert probe["health"] == 200
     assert gateway.proc.wait(timeout=30) == 0  # the master exits after the last stream
-    for sock in probes.values():
-        sock.close()
     assert_slots_released(gateway)
 
 

@@ -63,26 +63,34 @@ def _worker_of(workers: list[int], client_port: int) -> int | None:
     return None
 
 
-def connection_to_each_worker(gateway: Gateway) -> dict[int, socket.socket]:
-    """An idle connection accepted by each worker (whichever worker accepts a connection serves it)."""
+@contextmanager
+def connection_to_each_worker(gateway: Gateway) -> Iterator[dict[int, socket.socket]]:
+    """An idle connection accepted by each worker (whichever worker accepts a connection serves it), closed when
+    the block ends, however it ends (a socket left to the collector fails whichever test runs then)."""
     workers = worker_pids(gateway)
     address = ("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))
     chosen: dict[int, socket.socket] = {}
-    for _attempt in range(100):  # each connection goes to either worker: a handful of tries gets both
-        sock = socket.create_connection(address, timeout=WAIT_S)
-        deadline = time.monotonic() + WAIT_S
-        while (owner := _worker_of(workers, sock.getsockname()[1])) is None:
-            assert time.monotonic() < deadline, "no worker accepted the connection"
-            time.sleep(POLL_S)  # polling interval, not an assertion
-        if owner in chosen:
-            sock.close()
+    try:
+        for _attempt in range(100):  # each connection goes to either worker: a handful of tries gets both
+            sock = socket.create_connection(address, timeout=WAIT_S)
+            deadline = time.monotonic() + WAIT_S
+            while (owner := _worker_of(workers, sock.getsockname()[1])) is None:
+                if time.monotonic() >= deadline:
+                    sock.close()
+                    raise AssertionError("no worker accepted the connection")
+                time.sleep(POLL_S)  # polling interval, not an assertion
+            if owner in chosen:
+                sock.close()
+            else:
+                chosen[owner] = sock
+            if len(chosen) == len(workers):
+                break
         else:
-            chosen[owner] = sock
-        if len(chosen) == len(workers):
-            return chosen
-    for sock in chosen.values():
-        sock.close()
-    raise AssertionError("every connection went to the same worker")
+            raise AssertionError("every connection went to the same worker")
+        yield chosen
+    finally:
+        for sock in chosen.values():
+            sock.close()
 
 
 def get_status(sock: socket.socket, path: str) -> int:

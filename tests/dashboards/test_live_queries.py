@@ -169,9 +169,10 @@ def _start_slow_stream(sock: socket.socket, fake: FakeUpstream, i: int) -> None:
 
 def _drain_both_workers(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
     """SIGTERM each worker while it relays a stream: the drain deadline cuts them; new requests get 503."""
-    connections = connection_to_each_worker(gateway)
-    probes = connection_to_each_worker(gateway)  # a second, idle connection to each worker, for /ready
-    try:
+    with (
+        connection_to_each_worker(gateway) as connections,
+        connection_to_each_worker(gateway) as probes,  # a second, idle connection to each worker, for /ready
+    ):
         for i, sock in enumerate(connections.values()):
             _start_slow_stream(sock, fake, i)
         for pid in connections:
@@ -181,9 +182,6 @@ def _drain_both_workers(gateway: Gateway, fake: FakeUpstream) -> Counter[str]:
             codes = Counter(_code(c.post("/stream", json={"prompt": "late", "max_tokens": 1})) for _ in range(6))
         _gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in connections], timeout=15)
         assert not alive, "a worker did not exit after its drain"
-    finally:
-        for sock in [*connections.values(), *probes.values()]:
-            sock.close()
     deadline = time.monotonic() + 30
     while True:  # gunicorn replaces the workers
         workers = _worker_pids(gateway)

@@ -333,27 +333,28 @@ def test_a_draining_instance_still_takes_stops(start_gateway: GatewayFactory) ->
         MOCK_TOKENS_PER_SECOND=20,
         MOCK_FIRST_TOKEN_MS=5,
     )
-    probes = connection_to_each_worker(gateway)
-    reader = LiveReader(gateway)
-    with ws(gateway, KEY_A) as owner:
-        owner.send(json.dumps({"prompt": "stop me while draining", "max_tokens": 5000}))
-        ws_sid = json.loads(owner.recv(timeout=GUARD_S))["stream_id"]
-        gateway.proc.send_signal(signal.SIGTERM)
-        wait_all_draining(probes)
-        refused = httpx.post(
-            f"{gateway.url}/stream", headers=auth(KEY_A), timeout=GUARD_S, json={"prompt": "too late", "max_tokens": 3}
-        )
-        assert refused.status_code == 503 and refused.json()["code"] == "draining"
-        # new streams are refused; the owner can still stop the ones the drain waits for
-        with ws(gateway, KEY_A) as stopper:
-            stopper.send(json.dumps({"stop": ws_sid}))
-            events, code = ws_rest(stopper)
-        assert code == 1000 and events == [{"type": "stopped", "stream_id": ws_sid, "final": CANCELLED}]
-        rest, code = ws_rest(owner)
-    assert rest[-1] == CANCELLED and code == 1000
-    r = httpx.delete(f"{gateway.url}/stream/{reader.stream_id}", headers=auth(KEY_A), timeout=GUARD_S)
-    assert r.status_code == 200 and r.json()["final"] == CANCELLED, r.text
-    assert reader.join()[-1].data == CANCELLED
-    assert gateway.proc.wait(timeout=GUARD_S) == 0  # nothing left to wait for: the drain ends
-    for sock in probes.values():
-        sock.close()
+    with connection_to_each_worker(gateway) as probes:
+        reader = LiveReader(gateway)
+        with ws(gateway, KEY_A) as owner:
+            owner.send(json.dumps({"prompt": "stop me while draining", "max_tokens": 5000}))
+            ws_sid = json.loads(owner.recv(timeout=GUARD_S))["stream_id"]
+            gateway.proc.send_signal(signal.SIGTERM)
+            wait_all_draining(probes)
+            refused = httpx.post(
+                f"{gateway.url}/stream",
+                headers=auth(KEY_A),
+                timeout=GUARD_S,
+                json={"prompt": "too late", "max_tokens": 3},
+            )
+            assert refused.status_code == 503 and refused.json()["code"] == "draining"
+            # new streams are refused; the owner can still stop the ones the drain waits for
+            with ws(gateway, KEY_A) as stopper:
+                stopper.send(json.dumps({"stop": ws_sid}))
+                events, code = ws_rest(stopper)
+            assert code == 1000 and events == [{"type": "stopped", "stream_id": ws_sid, "final": CANCELLED}]
+            rest, code = ws_rest(owner)
+        assert rest[-1] == CANCELLED and code == 1000
+        r = httpx.delete(f"{gateway.url}/stream/{reader.stream_id}", headers=auth(KEY_A), timeout=GUARD_S)
+        assert r.status_code == 200 and r.json()["final"] == CANCELLED, r.text
+        assert reader.join()[-1].data == CANCELLED
+        assert gateway.proc.wait(timeout=GUARD_S) == 0  # nothing left to wait for: the drain ends
