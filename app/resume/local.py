@@ -16,8 +16,12 @@ every sweep). A full scan, for files a crashed worker left behind, runs once per
 
 A stream's file starts with one line naming its owner (`owner:<hash>`, empty without keys); it is
 created with O_EXCL and every file is opened with O_NOFOLLOW, in a directory only this user can
-enter (app/private_dir.py). Stops: `<id>.stop` marks, and the bell `stops.bell`, which grows by
-one byte per stop (a million stops are a megabyte over the instance's life).
+enter (app/private_dir.py). Stops: `<id>.stop` marks; readers: `<id>.reader` marks (fresh while their
+mtime is); and the bell `stops.bell`, which grows by one byte per stop and per reader mark placed where
+none was fresh (a million stops and resumed tails are a megabyte over the instance's life).
+
+A stream's file is written once per flush that has its events: every flush for a stream someone reads
+from here, once per RESUME_WRITE_DELAY_SECONDS for one whose client is connected (resume/store.py).
 """
 
 from __future__ import annotations
@@ -94,9 +98,12 @@ class DirectoryBackend:
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
         os.close(os.open(self.directory / f"{stream_id}{STOP_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         self._expiring.append((self._now() + self.ttl_s, self.directory / f"{stream_id}{STOP_SUFFIX}"))
+        self._ring()  # after the mark: a worker that hears the bell finds it
+
+    def _ring(self) -> None:
         bell = os.open(self.directory / BELL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(bell, b".")  # after the mark: a worker that hears the bell finds it
+            os.write(bell, b".")
         finally:
             os.close(bell)
 
@@ -121,11 +128,18 @@ class DirectoryBackend:
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
         # The mark is the file's mtime: fresh for `ttl_s` (checks read it against the same TTL).
-        self._reader_path(stream_id).touch()
+        path = self._reader_path(stream_id)
+        try:
+            fresh = path.stat().st_mtime >= time.time() - ttl_s
+        except FileNotFoundError:
+            fresh = False
+        path.touch()
         self._reader_ttl_s = ttl_s
+        if not fresh:
+            self._ring()  # a new reader: after its mark, so a producer that hears the bell finds it
         if stream_id not in self._marked:
             self._marked.add(stream_id)
-            self._expiring.append((self._now() + self.ttl_s, self._reader_path(stream_id)))
+            self._expiring.append((self._now() + self.ttl_s, path))
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
         fresh_after = time.time() - self._reader_ttl_s

@@ -9,9 +9,15 @@ renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last even
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
 
+A stream is written once per flush that has its events: every flush for a stream someone reads, once per
+RESUME_WRITE_DELAY_SECONDS for one whose client is connected (resume/store.py), so an entry holds all the
+frames of that while.
+
 A stream's first entry also holds its owner (field `o`); a read from the start checks it. A first entry
 without one (written before owners were recorded, during a rolling upgrade) is a keyless stream's. Stops:
-`SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's bell.
+`SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's bell. Readers:
+`<prefix>reader:<id>`, set by a resumed tail every poll; one set where none was rings the same bell
+(storage/lua/resume_reader.lua, one call either way).
 
 Every Redis or socket error leaves this class as `StorageError`; the `ResumeStore` turns it into
 "this stream is not resumable" and keeps the stream itself running.
@@ -31,6 +37,7 @@ OWNER_FIELD = b"o"  # the first entry of a stream: its owner
 READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
 WRITE_BATCH = 1000  # streams per append call: bounds how long one call holds Redis
 _APPEND = load_lua("resume_append")
+_READER = load_lua("resume_reader")
 
 
 def redis_resume_errors() -> AbstractContextManager[None]:
@@ -52,7 +59,7 @@ class RedisStreamsBackend:
         # An entry holds at least one event, so RESUME_MAX_EVENTS entries bound any stream the store
         # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
         self.max_entries = max_entries
-        self._scripts = RedisScripts(redis, _APPEND)
+        self._scripts = RedisScripts(redis, _APPEND, _READER)
         self._append_head = [b"%d" % self.ttl_ms, b"%d" % max_entries if max_entries else b""]
 
     def key(self, stream_id: str) -> str:
@@ -61,7 +68,7 @@ class RedisStreamsBackend:
     async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
         items = list(chunks.items())
         with redis_resume_errors():
-            client, (append,) = self._scripts.scripts()
+            client, (append, _) = self._scripts.scripts()
             for start in range(0, len(items), WRITE_BATCH):
                 keys: list[bytes] = []
                 args = self._append_head.copy()
@@ -93,12 +100,16 @@ class RedisStreamsBackend:
         with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=True)
             pipe.set(self.stop_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
-            pipe.incr(self.prefix + "stops")  # after the mark: a worker that hears the bell finds it
+            pipe.incr(self.bell_key)  # after the mark: a worker that hears the bell finds it
             await pipe.execute()
+
+    @property
+    def bell_key(self) -> str:
+        return self.prefix + "stops"  # named for the stops that rang it first; new readers ring it too
 
     async def stop_bell(self) -> object:
         with redis_resume_errors():
-            return await self.redis.client().get(self.prefix + "stops")
+            return await self.redis.client().get(self.bell_key)
 
     def stop_key(self, stream_id: str) -> str:
         return f"{self.prefix}stop:{stream_id}"
@@ -115,8 +126,10 @@ class RedisStreamsBackend:
         return f"{self.prefix}reader:{stream_id}"
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        keys = [self.reader_key(stream_id).encode(), self.bell_key.encode()]
         with redis_resume_errors():
-            await self.redis.client().set(self.reader_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
+            client, (_, mark) = self._scripts.scripts()
+            await run_script(client, mark, keys, [b"%d" % math.ceil(ttl_s * 1000)])
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
         with redis_resume_errors():
