@@ -465,7 +465,7 @@ class ResumeStore:
             try:
                 if self._on_tick is not None:
                     self._on_tick()
-                await self._hear_bell()  # before the flush: a log a reader just asked for is written in this tick
+                await self.hear_bell()  # before the flush: a log a reader just asked for is written in this tick
                 await self.flush()
                 if ticks % READER_CHECK_TICKS == 0:
                     await self._keep_read_orphans_alive()
@@ -492,7 +492,7 @@ class ResumeStore:
             if orphan.id in read:
                 orphan.reader_seen()
 
-    async def _hear_bell(self) -> None:
+    async def hear_bell(self) -> None:
         """Cancel this worker's generations whose owner asked another worker or replica to stop them, and write
         every tick the logs it held back that a client now tails (on any worker or replica)."""
         producers = self._producers() if self._producers is not None else []

@@ -1,0 +1,325 @@
+"""Lazy writes: a connected stream's events wait RESUME_WRITE_DELAY_SECONDS in memory; everything a reader needs
+is written on the next flush. On the real backends (a directory, a real redis-server); each `flush()` is one
+tick of the flusher, so the delay is counted in flushes and nothing here waits on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from app.resume.local import DirectoryBackend
+from app.resume.redis_streams import RedisStreamsBackend
+from app.resume.store import Backend, Generation, HandoverSink, ResumeStore, StreamMeta, split_events
+from app.storage.redis import LazyRedis
+from app.streaming.encoders import SeedEncoder
+from loadtest.harness.redis import RedisServer, started_redis
+
+SID = "0123456789abcdef0123456789abcdef"
+OWNER = "owner-a"
+INTERVAL_S = 0.1
+DELAY_S = 0.5
+DELAY_TICKS = 5  # DELAY_S in flushes of INTERVAL_S
+TTL_S = 60.0
+GUARD_S = 10.0  # guard only: how long a read the test expects to succeed may take
+
+Backends = Callable[[], AbstractAsyncContextManager[Backend]]  # each call: another worker's backend, same storage
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from started_redis(tmp_path)
+
+
+@pytest.fixture(params=["local", "redis"])
+def backends(request: pytest.FixtureRequest, tmp_path: Path) -> Backends:
+    if request.param == "local":
+
+        @asynccontextmanager
+        async def directory() -> AsyncIterator[Backend]:
+            backend = DirectoryBackend(str(tmp_path / "resume"), ttl_s=TTL_S)
+            try:
+                yield backend
+            finally:
+                await backend.aclose()
+
+        return directory
+    url = request.getfixturevalue("redis_server").url
+
+    @asynccontextmanager
+    async def redis() -> AsyncIterator[Backend]:
+        client = LazyRedis(url)
+        try:
+            yield RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:", max_entries=None)
+        finally:
+            await client.aclose()
+
+    return redis
+
+
+class Producer:
+    """A generation of the worker as the store sees it (what a stop or a reader mark names)."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.id = stream_id
+        self.stopped = False
+
+    def reader_seen(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class Published:
+    """A handover sink that takes every stream."""
+
+    def __init__(self) -> None:
+        self.streams: list[str] = []
+
+    async def publish(self, meta: StreamMeta) -> bool:
+        self.streams.append(meta.stream_id)
+        return True
+
+
+def store_on(
+    backend: Backend,
+    *,
+    delay_s: float = DELAY_S,
+    max_events: int = 100,
+    handover: HandoverSink | None = None,
+    producers: Callable[[], Sequence[Generation]] | None = None,
+) -> ResumeStore:
+    return ResumeStore(
+        backend,
+        flush_interval_s=INTERVAL_S,
+        write_delay_s=delay_s,
+        max_events=max_events,
+        handover=handover,
+        producers=producers,
+        ttl_s=TTL_S,
+    )
+
+
+class Stream:
+    """One stream's log and its events, framed as its producer frames them."""
+
+    def __init__(self, store: ResumeStore) -> None:
+        self.encoder = SeedEncoder(SID)
+        self.log = store.open(StreamMeta(stream_id=SID, model="m", messages=[], max_tokens=10, owner=OWNER))
+        self.appended = b""
+
+    def append(self, *texts: str) -> bytes:
+        """The opening event (no texts), else one batch of tokens."""
+        event = self.encoder.tokens(list(texts)) if texts else self.encoder.opening()
+        self.log.append(event, len(texts) or 1)
+        self.appended += event
+        return event
+
+    def close(self) -> bytes:
+        final = self.encoder.done(2, "stop", None)
+        self.log.close(final)
+        self.appended += final
+        return final
+
+
+async def started(store: ResumeStore) -> Stream:
+    """A stream whose opening event was written (a log's first write is at once)."""
+    stream = Stream(store)
+    stream.append()
+    await store.flush()
+    return stream
+
+
+async def stored(backend: Backend) -> bytes | None:
+    """What the backend holds of the stream (None: no log of it)."""
+    found = await backend.read(SID, "", OWNER)
+    return None if found is None else found[0]
+
+
+def test_a_connected_stream_is_written_when_its_oldest_event_has_waited_the_delay(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend)
+            stream = Stream(store)
+            stream.append()
+            await store.flush()
+            written = stream.appended
+            assert await stored(backend) == written  # a new log's first write is at once: a resume finds it
+            held = stream.append("a ")
+            for tick in range(1, DELAY_TICKS):
+                await store.flush()
+                assert await stored(backend) == written, tick
+                if tick == 2:
+                    held += stream.append("b ")  # a later event joins the write its stream waits for
+                assert store.buffered_bytes == len(held)  # the memory budget counts what waits
+            await store.flush()
+            assert await stored(backend) == stream.appended
+            assert store.buffered_bytes == 0
+            written = stream.appended
+            stream.append("c ")  # the next event starts a new wait
+            for _ in range(DELAY_TICKS - 1):
+                await store.flush()
+            assert await stored(backend) == written
+            await store.flush()
+            assert await stored(backend) == stream.appended
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("delay_s", [0.0, INTERVAL_S / 2, INTERVAL_S])
+def test_a_delay_of_at_most_one_interval_writes_every_flush(backends: Backends, delay_s: float) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend, delay_s=delay_s)
+            stream = Stream(store)
+            for texts in ((), ("a ",), ("b ", "c ")):
+                stream.append(*texts)
+                await store.flush()
+                assert await stored(backend) == stream.appended
+                assert store.buffered_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_stream_is_written_on_the_next_flush(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend)
+            stream = await started(store)
+            stream.append("a ")
+            await store.flush()  # its token waits
+            stream.close()
+            await store.flush()
+            assert await stored(backend) == stream.appended
+            assert store.buffered_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_whose_client_left_is_written_on_the_next_flush_and_every_one_after(backends: Backends) -> None:
+    """`write_eagerly` is what the stream's session calls when its client leaves and the generation runs on."""
+
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend)
+            stream = await started(store)
+            stream.append("a ")
+            await store.flush()  # its token waits
+            stream.log.write_eagerly()
+            await store.flush()
+            assert await stored(backend) == stream.appended
+            stream.append("b ")
+            await store.flush()
+            assert await stored(backend) == stream.appended
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_a_resumed_client_tails_is_written_every_flush_once_its_producer_hears_the_bell(
+    backends: Backends,
+) -> None:
+    """The producer's worker and the reader's are two workers (or replicas) on the same storage."""
+
+    async def scenario() -> None:
+        async with backends() as producer_backend, backends() as reader_backend:
+            producer = store_on(producer_backend, producers=lambda: [Producer(SID)])
+            reader = store_on(reader_backend)
+            stream = await started(producer)
+            written = stream.appended
+            stream.append("a ")
+            await producer.hear_bell()  # no reader yet: the stream's client is connected, its token waits
+            await producer.flush()
+            assert await stored(producer_backend) == written
+
+            frames = reader.replay(SID, -1, owner=OWNER, poll_s=0.01, endpoint=None)
+            try:
+                async with asyncio.timeout(GUARD_S):
+                    assert b"".join(await anext(frames)) == written  # what was stored; its mark rang the bell
+                await producer.hear_bell()  # one tick of the producer's flusher: the bell, then the flush
+                await producer.flush()
+                assert await stored(producer_backend) == stream.appended
+                async with asyncio.timeout(GUARD_S):
+                    assert await anext(frames) == split_events(stream.appended[len(written) :])
+                written = stream.appended
+                token = stream.append("b ")
+                await producer.hear_bell()
+                await producer.flush()  # from now on every flush
+                async with asyncio.timeout(GUARD_S):
+                    assert await anext(frames) == [token]
+                assert await stored(producer_backend) == stream.appended
+            finally:
+                await frames.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_handover_writes_what_waits(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            sink = Published()
+            store = store_on(backend, handover=sink)
+            stream = await started(store)
+            stream.append("a ")
+            await store.flush()  # its token waits
+            assert await stream.log.hand_over()
+            assert sink.streams == [SID]
+            assert await stored(backend) == stream.appended  # stored before it was published
+            assert store.buffered_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_workers_stop_writes_what_waits(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend)
+            stream = await started(store)
+            stream.append("a ")
+            await store.flush()  # its token waits
+            await store.stop()
+            assert await stored(backend) == stream.appended
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_too_long_while_its_events_wait_drops_them_and_ends_with_not_resumable(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            store = store_on(backend, max_events=3)
+            stream = await started(store)
+            written = stream.appended
+            stream.append("a ")
+            await store.flush()  # its token waits
+            assert store.buffered_bytes > 0
+            stream.append("b ", "c ")  # past RESUME_MAX_EVENTS: the log is broken
+            assert store.buffered_bytes == 0  # what waited is dropped, not held
+            await store.flush()  # its readers learn it: the tombstone, at once
+            frames = split_events((await stored(backend)) or b"")
+            assert b"".join(frames[:-1]) == written
+            assert b'"code": "not_resumable"' in frames[-1]
+
+    asyncio.run(scenario())
+
+
+def test_a_new_reader_mark_rings_the_bell_and_a_renewed_one_does_not(backends: Backends) -> None:
+    async def scenario() -> None:
+        async with backends() as backend:
+            silent = await backend.stop_bell()
+            await backend.mark_reader(SID, 0.2)
+            rung = await backend.stop_bell()
+            assert rung != silent
+            await backend.mark_reader(SID, 0.2)  # the reader's next poll
+            assert await backend.stop_bell() == rung
+            assert await backend.readers_seen([SID, "f" * 32]) == {SID}
+            async with asyncio.timeout(GUARD_S):  # the reader stops polling: its mark lapses
+                while await backend.readers_seen([SID]):
+                    await asyncio.sleep(0.05)  # polling interval, not an assertion
+            await backend.mark_reader(SID, 0.2)  # a reader again
+            assert await backend.stop_bell() != rung
+
+    asyncio.run(scenario())
