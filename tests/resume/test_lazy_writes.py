@@ -11,10 +11,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from app.resume.local import DirectoryBackend
 from app.resume.redis_streams import RedisStreamsBackend
 from app.resume.store import Backend, Generation, HandoverSink, ResumeStore, StreamMeta, split_events
+from app.settings import Settings
 from app.storage.redis import LazyRedis
 from app.streaming.encoders import SeedEncoder
 from loadtest.harness.redis import RedisServer, started_redis
@@ -323,3 +325,13 @@ def test_a_new_reader_mark_rings_the_bell_and_a_renewed_one_does_not(backends: B
             assert await backend.stop_bell() != rung
 
     asyncio.run(scenario())
+
+
+def test_the_delay_stays_under_half_the_ttl() -> None:
+    """A connected stream's log goes unwritten for the delay; its Redis key (or, for the other workers' sweep, its
+    file) expires RESUME_TTL_SECONDS after its last write."""
+    assert Settings(resume_write_delay_seconds=149, resume_ttl_seconds=300).resume_write_delay_seconds == 149
+    assert Settings(resume_write_delay_seconds=0, resume_ttl_seconds=0.1).resume_write_delay_seconds == 0
+    for delay_s, ttl_s in ((150, 300), (1.0, 2.0)):
+        with pytest.raises(ValidationError, match="RESUME_WRITE_DELAY_SECONDS must be less than half"):
+            Settings(resume_write_delay_seconds=delay_s, resume_ttl_seconds=ttl_s)
