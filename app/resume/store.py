@@ -29,13 +29,24 @@ Ownership: every log records its stream's owner (a hash of the API key; "" witho
 it is created, and a read from the start names the owner it expects: a stream of someone else reads
 exactly like an unknown one (LookupError), after the same grace reads.
 
-Stop, and readers: `request_stop` leaves a mark for the stream in the backend and rings a bell (one
-value per instance or fleet that changes with every ring). A reader that starts tailing a live stream
-leaves its reader mark, and a new mark rings the same bell: its stream's producer may believe its own
-client is still there (a half-open connection) and hold the events back. Each worker's flusher reads
-the bell every tick while it produces resumable streams, and only when it changed looks up the stop
-marks of its own generations, which it cancels, and the reader marks of those it writes lazily,
-which from then on it writes every tick. A claimer looks for a stop mark before it continues a stream.
+Stop: `request_stop` leaves a mark for the stream in the backend and rings the stop bell (one value per
+instance or fleet that changes with every stop). Each worker's flusher reads the bell every tick while it
+produces resumable streams, and only when it changed looks up marks for its own generations, which it then
+cancels. A claimer looks for a mark before it continues a stream.
+
+Readers: a reader that starts tailing a live stream leaves its reader mark; its stream's producer may believe
+its own client is still there (a half-open connection) and hold the events back. A new mark is announced on
+a channel of its own that names the stream (Redis: an entry in a capped stream; the local store: a bell of its
+own, readers.bell), read in the same call as the stop bell (`Backend.bells`) by a flusher that holds logs back.
+A worker only matches the new readers' ids against its own held-back logs (Redis), or, when the backend cannot
+tell which streams they are (the local store's bell, one pod's streams), looks up those logs' marks; either
+way the logs found are written every tick from then on. Neither a stop nor a reader costs lookups of the
+other kind.
+
+Rolling upgrade: a replica from before this channel announces its readers on the stop bell only (new replicas
+then look for stop marks in vain), and a producer from before it does not read the channel. Nothing is lost
+either way: such a tail gets its events in bursts, one per RESUME_WRITE_DELAY_SECONDS, until the producer's
+client is gone (its log is then written every tick) or the stream ends.
 
 Handover (drain with the Redis store): `EventLog.hand_over` flushes the log and publishes the
 stream to the fleet instead of closing it; another instance appends the rest (resume/claimer.py).
@@ -154,7 +165,15 @@ class Backend(Protocol):
         ...
 
     async def stop_bell(self) -> object:
-        """A value that changes with every stop and every new reader mark (one cheap read: a stat, a GET)."""
+        """A value that changes with every stop (one cheap read: a stat, a GET)."""
+        ...
+
+    async def bells(self) -> tuple[object, set[str] | None]:
+        """The stop bell (as `stop_bell`) and the streams with a new reader mark since the last call, in one read.
+
+        None for the readers: cannot tell which (the first call, a bell that names no stream, a backlog too
+        long to read): look up the mark of every log held back. A call that raises consumes nothing.
+        """
         ...
 
     async def stops_requested(self, stream_ids: list[str]) -> set[str]:
@@ -168,7 +187,7 @@ class Backend(Protocol):
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
         """A client is reading this stream now (a resumed tail); the mark lasts `ttl_s`.
 
-        A mark placed where none was fresh then rings the bell (after the mark: a worker that hears it finds it).
+        A mark placed where none was fresh is then announced to `bells` (after the mark: a worker told finds it).
         """
         ...
 
@@ -256,6 +275,7 @@ class EventLog:
         store (a resumed tail, or its own client left and may come back), or it ended."""
         if not self.eager:
             self.eager = True
+            self._store.held_back.pop(self.stream_id, None)
             if self._pending:  # waiting for its delay: written on the next tick
                 self._store.urgent[self.stream_id] = self
 
@@ -324,7 +344,8 @@ class ResumeStore:
         self._tick = 0  # flushes so far
         # a connected stream's events wait this many ticks (1: every tick), rounded up (1e-9: 1.1 / 0.1 is 11.000...2)
         self._delay_ticks = max(1, math.ceil(write_delay_s / flush_interval_s - 1e-9))
-        self._logs: dict[str, EventLog] = {}  # written, not finished: what a reader's mark can make eager
+        # written at least once, held back (not eager), not ended: what a new reader's mark can make eager
+        self.held_back: dict[str, EventLog] = {}
         self.finished: list[str] = []
         self.writing_bytes = 0  # taken by the flush under way, not yet written
         self.healthy = True  # the backend's last call succeeded
@@ -334,6 +355,8 @@ class ResumeStore:
         self._orphans = orphans  # this worker's orphaned generations, kept alive while a client reads them
         self._producers = producers  # this worker's generations writing logs: what a stop can name
         self._bell: object = None  # the stop bell as last seen
+        self._listening = False  # `bells` was read once: the backend announces new readers from then on
+        self._readers_unheard = False  # a lookup of reader marks failed: every held-back log's is looked up again
         self._lock = asyncio.Lock()  # flushes write in order: a stream's chunks never overtake each other
         self._task: asyncio.Task[None] | None = None
 
@@ -363,7 +386,7 @@ class ResumeStore:
         sid = log.stream_id
         self.dirty.pop(sid, None)
         self.urgent.pop(sid, None)
-        self._logs.pop(sid, None)
+        self.held_back.pop(sid, None)
         waiting = self._waiting.get(log.due)
         if waiting is not None:
             waiting.pop(sid, None)
@@ -405,8 +428,10 @@ class ResumeStore:
             chunks = {sid: log.take() for sid, log in dirty.items()}
             created = {sid: log.meta.owner for sid, log in dirty.items() if not log.created}
             for sid in created:
-                dirty[sid].created = True  # a failed first write breaks the log: it is never written again
-                self._logs[sid] = dirty[sid]
+                log = dirty[sid]
+                log.created = True  # a failed first write breaks the log: it is never written again
+                if not log.eager and self._delay_ticks > 1:
+                    self.held_back[sid] = log
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
                 if sid not in finished:  # its log's last write: the handle it may reopen goes with it
@@ -417,8 +442,6 @@ class ResumeStore:
                     await self._write(chunks, created, dirty, tombstones)
             finally:  # even after a failed write: a finished stream's file handle must not outlive it
                 self.writing_bytes = 0
-                for sid in finished:
-                    self._logs.pop(sid, None)
                 try:
                     for sid in finished:
                         await self.backend.expire(sid)
@@ -497,23 +520,40 @@ class ResumeStore:
         every tick the logs it held back that a client now tails (on any worker or replica)."""
         producers = self._producers() if self._producers is not None else []
         if not producers:
-            return  # the bell is read again once there are; a changed value then triggers one lookup
+            return  # the bells are read again once there are; a changed value then triggers one lookup
+        # New readers are listened for while logs are held back, and once as soon as there are producers: the
+        # backend starts announcing them at that first call (Redis: its cursor is then the newest entry). That
+        # first call comes before this worker's first write (this tick's flush comes after it), and a reader
+        # marks a stream only after reading it, so no reader of a log written here is announced before it;
+        # should the first call fail, its None on the next tick still looks up every held-back log's mark.
+        listen = bool(self.held_back) or (self._delay_ticks > 1 and not self._listening)
         try:
-            bell = await self.backend.stop_bell()
-            if bell == self._bell:
-                return
-            ids = [p.id for p in producers]
-            requested = await self.backend.stops_requested(ids)
-            lazy = [log for sid in ids if (log := self._logs.get(sid)) is not None and not log.eager]
-            read = await self.backend.readers_seen([log.stream_id for log in lazy]) if lazy else set()
+            if listen:
+                bell, readers = await self.backend.bells()
+                self._listening = True
+            else:
+                bell, readers = await self.backend.stop_bell(), set()
         except BACKEND_ERRORS:
-            return  # no verdict now; the bell still differs on the next tick
-        self._bell = bell
-        for producer in producers:
-            if producer.id in requested:
-                producer.stop()
-        for log in lazy:
-            if log.stream_id in read:
+            return  # nothing consumed: the same bells are heard on the next tick
+        if bell != self._bell:
+            with contextlib.suppress(*BACKEND_ERRORS):  # no verdict now: the bell still differs on the next tick
+                requested = await self.backend.stops_requested([p.id for p in producers])
+                self._bell = bell
+                for producer in producers:
+                    if producer.id in requested:
+                        producer.stop()
+        if readers is None or self._readers_unheard:
+            held = list(self.held_back)
+            try:
+                seen = await self.backend.readers_seen(held) if held else set()
+            except BACKEND_ERRORS:
+                self._readers_unheard = True  # looked up again on the next tick
+                return
+            self._readers_unheard = False
+            readers = seen if readers is None else readers | seen
+        for sid in readers:
+            log = self.held_back.get(sid)
+            if log is not None:
                 log.write_eagerly()
 
     async def request_stop(self, stream_id: str) -> None:
@@ -589,13 +629,14 @@ class ResumeStore:
                 first = False
                 RESUMPTIONS_TOTAL.labels(endpoint).inc()
                 REPLAYED_EVENTS_TOTAL.inc(len(out))
-            final = bool(frames) and is_final(frames[-1])
-            if not final:  # a live tail: its mark extends an orphan's life, and a new one gets its events every tick
-                with contextlib.suppress(*BACKEND_ERRORS):
-                    await self.backend.mark_reader(stream_id, self.reader_mark_s)
             if out:
                 yield out
-            if final:
+            if frames and is_final(frames[-1]):
                 return
+            # A live tail: its mark extends an orphan's life, and a new one has its stream written every tick.
+            # After the events it read (no round trip before they reach the client), before the poll's wait
+            # (the producer hears of it by its next tick).
+            with contextlib.suppress(*BACKEND_ERRORS):
+                await self.backend.mark_reader(stream_id, self.reader_mark_s)
             await asyncio.sleep(poll_s)
             found = await self._read(stream_id, cursor, owner)

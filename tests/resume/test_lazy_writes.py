@@ -14,9 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from app.resume.local import DirectoryBackend
-from app.resume.redis_streams import RedisStreamsBackend
+from app.resume.redis_streams import READ_BATCH, RedisStreamsBackend
 from app.resume.store import Backend, Generation, HandoverSink, ResumeStore, StreamMeta, split_events
 from app.settings import Settings
+from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis
 from app.streaming.encoders import SeedEncoder
 from loadtest.harness.redis import RedisServer, started_redis
@@ -231,6 +232,7 @@ def test_a_stream_a_resumed_client_tails_is_written_every_flush_once_its_produce
         async with backends() as producer_backend, backends() as reader_backend:
             producer = store_on(producer_backend, producers=lambda: [Producer(SID)])
             reader = store_on(reader_backend)
+            await producer.hear_bell()  # its flusher's first tick: the bells, before the stream's first write
             stream = await started(producer)
             written = stream.appended
             stream.append("a ")
@@ -241,12 +243,16 @@ def test_a_stream_a_resumed_client_tails_is_written_every_flush_once_its_produce
             frames = reader.replay(SID, -1, owner=OWNER, poll_s=0.01, endpoint=None)
             try:
                 async with asyncio.timeout(GUARD_S):
-                    assert b"".join(await anext(frames)) == written  # what was stored; its mark rang the bell
-                await producer.hear_bell()  # one tick of the producer's flusher: the bell, then the flush
+                    assert b"".join(await anext(frames)) == written  # what was stored
+                following = asyncio.create_task(anext(frames))  # the reader marks the stream, then polls
+                async with asyncio.timeout(GUARD_S):
+                    while not await reader_backend.readers_seen([SID]):
+                        await asyncio.sleep(0.01)  # polling interval, not an assertion
+                await producer.hear_bell()  # one tick of the producer's flusher: the bells, then the flush
                 await producer.flush()
                 assert await stored(producer_backend) == stream.appended
                 async with asyncio.timeout(GUARD_S):
-                    assert await anext(frames) == split_events(stream.appended[len(written) :])
+                    assert await following == split_events(stream.appended[len(written) :])
                 written = stream.appended
                 token = stream.append("b ")
                 await producer.hear_bell()
@@ -308,21 +314,175 @@ def test_a_stream_too_long_while_its_events_wait_drops_them_and_ends_with_not_re
     asyncio.run(scenario())
 
 
-def test_a_new_reader_mark_rings_the_bell_and_a_renewed_one_does_not(backends: Backends) -> None:
+def announced(readers: set[str] | None, stream_id: str) -> bool:
+    """Did `bells` report a new reader of `stream_id` (None: of some stream, look them all up)?"""
+    return readers is None or stream_id in readers
+
+
+def test_a_new_reader_mark_is_announced_once_and_apart_from_stops(backends: Backends) -> None:
+    renewed, lapsing = "a" * 32, "b" * 32
+
+    async def scenario() -> None:
+        async with backends() as producer, backends() as reader:
+            stops, readers = await producer.bells()
+            assert readers is None  # the first call cannot tell what came before it
+            assert await producer.bells() == (stops, set())
+            await reader.mark_reader(renewed, TTL_S)
+            bell, readers = await producer.bells()
+            assert bell == stops and announced(readers, renewed)  # a reader does not ring the stop bell
+            await reader.mark_reader(renewed, TTL_S)  # the reader's next poll: its mark is still fresh
+            assert await producer.bells() == (stops, set())
+            await reader.request_stop("c" * 32, TTL_S)
+            bell, readers = await producer.bells()
+            assert bell != stops and bell == await producer.stop_bell()
+            assert readers == set()  # a stop announces no reader
+
+            await reader.mark_reader(lapsing, 0.2)
+            assert announced((await producer.bells())[1], lapsing)
+            async with asyncio.timeout(GUARD_S):  # the reader stops polling: its mark lapses
+                while await reader.readers_seen([lapsing]):
+                    await asyncio.sleep(0.05)  # polling interval, not an assertion
+            await reader.mark_reader(lapsing, 0.2)  # a reader again
+            assert announced((await producer.bells())[1], lapsing)
+
+    asyncio.run(scenario())
+
+
+def test_a_redis_worker_far_behind_the_announcements_looks_up_every_mark(redis_server: RedisServer) -> None:
+    """A cursor a whole batch behind is not caught up batch by batch: it starts again from the newest entry."""
+
+    async def scenario() -> None:
+        client = LazyRedis(redis_server.url)
+        try:
+            producer = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            reader = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            assert (await producer.bells())[1] is None
+            for n in range(READ_BATCH):
+                await reader.mark_reader(f"{n:032x}", TTL_S)
+            assert (await producer.bells())[1] is None  # a full batch: maybe more behind it
+            assert (await producer.bells())[1] is None  # from the newest entry: what came between is unknown
+            await reader.mark_reader(SID, TTL_S)
+            assert (await producer.bells())[1] == {SID}
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+class Lookups:
+    """`readers_seen` of a backend, recorded, and failing while `failing` says so."""
+
+    def __init__(self, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[list[str]] = []
+        self.failing = 0
+        seen = backend.readers_seen
+
+        async def readers_seen(stream_ids: list[str]) -> set[str]:
+            self.calls.append(list(stream_ids))
+            if self.failing:
+                self.failing -= 1
+                raise StorageError("down")
+            return await seen(stream_ids)
+
+        monkeypatch.setattr(backend, "readers_seen", readers_seen)
+
+
+class Unpublished:
+    """A handover sink that fails."""
+
+    async def publish(self, meta: StreamMeta) -> bool:
+        return False
+
+
+async def _ended(how: str, store: ResumeStore, stream: Stream) -> None:
+    if how == "closed":
+        stream.close()
+    elif how == "abandoned":
+        stream.log.abandon()
+    elif how == "handed over":
+        assert await stream.log.hand_over()
+    elif how == "handover failed":
+        assert not await stream.log.hand_over()
+        stream.close()  # what its relay does then (streaming/run.py)
+    else:
+        stream.append("b ", "c ", "d ")  # past RESUME_MAX_EVENTS: broken
+        assert not stream.log.resumable
+    await store.flush()
+
+
+@pytest.mark.parametrize("how", ["closed", "abandoned", "handed over", "handover failed", "broken"])
+def test_a_log_that_ended_is_no_longer_held_back_for_readers(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A reader announced after a log's end costs its worker nothing (the generation may still be listed while
+    it winds down)."""
+
+    async def scenario() -> None:
+        async with backends() as backend, backends() as reader:
+            lookups = Lookups(backend, monkeypatch)
+            sink = Unpublished() if how == "handover failed" else Published()
+            store = store_on(backend, max_events=4, handover=sink, producers=lambda: [Producer(SID)])
+            await store.hear_bell()
+            stream = await started(store)
+            stream.append("a ")
+            await store.flush()  # its token waits
+            assert SID in store.held_back
+            await _ended(how, store, stream)
+            assert not store.held_back
+            await reader.mark_reader(SID, TTL_S)
+            lookups.calls.clear()
+            await store.hear_bell()
+            assert not [ids for ids in lookups.calls if SID in ids]
+
+    asyncio.run(scenario())
+
+
+def test_an_abandoned_log_drops_what_waits(backends: Backends) -> None:
+    """A claimer that lost its lease: the log is someone else's, what it held is never written."""
+
     async def scenario() -> None:
         async with backends() as backend:
-            silent = await backend.stop_bell()
-            await backend.mark_reader(SID, 0.2)
-            rung = await backend.stop_bell()
-            assert rung != silent
-            await backend.mark_reader(SID, 0.2)  # the reader's next poll
-            assert await backend.stop_bell() == rung
-            assert await backend.readers_seen([SID, "f" * 32]) == {SID}
-            async with asyncio.timeout(GUARD_S):  # the reader stops polling: its mark lapses
-                while await backend.readers_seen([SID]):
-                    await asyncio.sleep(0.05)  # polling interval, not an assertion
-            await backend.mark_reader(SID, 0.2)  # a reader again
-            assert await backend.stop_bell() != rung
+            store = store_on(backend)
+            stream = await started(store)
+            written = stream.appended
+            stream.append("a ")
+            await store.flush()  # its token waits
+            assert store.buffered_bytes > 0
+            stream.log.abandon()
+            assert store.buffered_bytes == 0
+            for _ in range(DELAY_TICKS + 1):
+                await store.flush()
+            assert await stored(backend) == written
+            await store.stop()  # the worker's stop writes everything held: nothing of it
+            assert await stored(backend) == written
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_lookup_that_fails_is_tried_again_on_the_next_tick(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with backends() as backend, backends() as reader:
+            lookups = Lookups(backend, monkeypatch)
+            store = store_on(backend, producers=lambda: [Producer(SID)])
+            stream = await started(store)  # written before the first bells: what a failed first call leaves
+            written = stream.appended
+            stream.append("a ")
+            await reader.mark_reader(SID, TTL_S)
+            lookups.failing = 1
+            await store.hear_bell()  # the first call cannot tell which streams: every held log's mark, failed
+            await store.flush()
+            assert lookups.calls == [[SID]]
+            assert await stored(backend) == written  # not heard: its token still waits
+            await store.hear_bell()  # the bells say nothing new, the lookup is tried again
+            await store.flush()
+            assert lookups.calls == [[SID], [SID]]
+            assert await stored(backend) == stream.appended
+            token = stream.append("b ")
+            await store.hear_bell()
+            await store.flush()  # every flush from now on
+            assert await stored(backend) == stream.appended and stream.appended.endswith(token)
 
     asyncio.run(scenario())
 
@@ -335,3 +495,5 @@ def test_the_delay_stays_under_half_the_ttl() -> None:
     for delay_s, ttl_s in ((150, 300), (1.0, 2.0)):
         with pytest.raises(ValidationError, match="RESUME_WRITE_DELAY_SECONDS must be less than half"):
             Settings(resume_write_delay_seconds=delay_s, resume_ttl_seconds=ttl_s)
+    off = Settings(resume_enabled=False, resume_write_delay_seconds=150, resume_ttl_seconds=300)
+    assert not off.resume_enabled  # without resumption nothing is written lazily: the rule does not apply
