@@ -300,7 +300,19 @@ class Settings(BaseSettings):
         20_000, ge=1, description="Events kept per stream; a longer stream stops being resumable."
     )
     resume_flush_interval_seconds: float = Field(
-        0.1, gt=0, description="How often buffered events reach the store (and resumed tails poll it)."
+        0.1,
+        gt=0,
+        description="How often the store is written: streams that are read, orphaned, new or finished, and every held "
+        "stream once its RESUME_WRITE_DELAY_SECONDS is up (and how often resumed tails poll it).",
+    )
+    resume_write_delay_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long a stream whose client is connected may keep its events in memory before they are "
+        "written to the resume store; streams that a resumed client reads, orphaned ones and finished ones are "
+        "written on the next flush. Counted in flush intervals, rounded up: a delay of one flush interval or less "
+        "writes every flush, like 0. A worker that crashes loses up to this much of a connected stream's events "
+        "from its log. Less than half of RESUME_TTL_SECONDS.",
     )
     orphan_timeout_seconds: float = Field(
         30.0, ge=0, description="A generation whose client left runs on this long for it to return (0: stop at once)."
@@ -345,6 +357,11 @@ class Settings(BaseSettings):
             )
         if self.resume_enabled and self.resume_store == "redis" and not self.redis_url:
             raise ValueError("RESUME_STORE=redis needs REDIS_URL")
+        if self.resume_enabled and self.resume_write_delay_seconds >= self.resume_ttl_seconds / 2:
+            raise ValueError(
+                "RESUME_WRITE_DELAY_SECONDS must be less than half of RESUME_TTL_SECONDS: a stream's log expires "
+                "RESUME_TTL_SECONDS after its last write, and a connected stream's goes unwritten that long"
+            )
         if self.metrics_port == self.port:
             raise ValueError("METRICS_PORT must differ from PORT: /metrics is never served on the public port")
         self._check_upstream()

@@ -255,6 +255,7 @@ def build_resume_store(
     return ResumeStore(
         backend,
         flush_interval_s=settings.resume_flush_interval_seconds,
+        write_delay_s=settings.resume_write_delay_seconds,
         max_events=settings.resume_max_events,
         handover=handover,
         on_tick=_orphan_gauge(registry) if registry is not None else None,

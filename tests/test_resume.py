@@ -294,6 +294,9 @@ class FlakyBackend:
     async def stop_bell(self) -> object:
         return 0  # never rings: nothing here requests a stop
 
+    async def bells(self) -> tuple[object, set[str] | None]:
+        return 0, set()  # nobody here resumes a stream
+
     async def stops_requested(self, stream_ids: list[str]) -> set[str]:
         return set()
 

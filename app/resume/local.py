@@ -16,8 +16,14 @@ every sweep). A full scan, for files a crashed worker left behind, runs once per
 
 A stream's file starts with one line naming its owner (`owner:<hash>`, empty without keys); it is
 created with O_EXCL and every file is opened with O_NOFOLLOW, in a directory only this user can
-enter (app/private_dir.py). Stops: `<id>.stop` marks, and the bell `stops.bell`, which grows by
-one byte per stop (a million stops are a megabyte over the instance's life).
+enter (app/private_dir.py). Stops: `<id>.stop` marks and the bell `stops.bell`, which grows by one byte
+per stop. Readers: `<id>.reader` marks (fresh while their mtime is) and the bell `readers.bell`, one byte
+per mark placed where none was fresh (a million stops or resumed tails are a megabyte over the instance's
+life). The readers' bell names no stream: a worker that hears it looks up the marks of every log it holds
+back (`bells` answers None), a stat each, bounded by the streams of this one instance (one pod).
+
+A stream's file is written once per flush that has its events: every flush for a stream someone reads
+from here, once per RESUME_WRITE_DELAY_SECONDS for one whose client is connected (resume/store.py).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from app.private_dir import ensure_private
 SUFFIX = ".sse"
 READER_SUFFIX = ".reader"  # touched by clients tailing a stream; swept with the stream files
 STOP_SUFFIX = ".stop"  # a stop request's mark; swept with the stream files
-BELL = "stops.bell"
+STOP_BELL = "stops.bell"
+READER_BELL = "readers.bell"
+_UNHEARD = object()  # the readers' bell before a worker's first `bells`
 OWNER_TAG = b"owner:"
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW
 APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW  # a tombstone after the stream's fd was closed
@@ -50,6 +58,7 @@ class DirectoryBackend:
         # (when it may go, file), mostly in that order; one re-queued behind later ones just goes a little late
         self._expiring: deque[tuple[float, Path]] = deque()
         self._marked: set[str] = set()  # streams whose reader mark this worker queued
+        self._readers_heard: object = _UNHEARD  # the readers' bell as `bells` last saw it
         self._next_full_scan = wall_clock() + ttl_s
         self._full_scan: asyncio.Task[None] | None = None
 
@@ -94,18 +103,29 @@ class DirectoryBackend:
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
         os.close(os.open(self.directory / f"{stream_id}{STOP_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         self._expiring.append((self._now() + self.ttl_s, self.directory / f"{stream_id}{STOP_SUFFIX}"))
-        bell = os.open(self.directory / BELL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        self._ring(STOP_BELL)  # after the mark: a worker that hears the bell finds it
+
+    def _ring(self, name: str) -> None:
+        bell = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(bell, b".")  # after the mark: a worker that hears the bell finds it
+            os.write(bell, b".")
         finally:
             os.close(bell)
 
-    async def stop_bell(self) -> object:
+    def _bell(self, name: str) -> object:
         try:
-            info = os.stat(self.directory / BELL, follow_symlinks=False)
+            info = os.stat(self.directory / name, follow_symlinks=False)
         except FileNotFoundError:
             return None
         return info.st_ino, info.st_size
+
+    async def stop_bell(self) -> object:
+        return self._bell(STOP_BELL)
+
+    async def bells(self) -> tuple[object, set[str] | None]:
+        stops, readers = self._bell(STOP_BELL), self._bell(READER_BELL)
+        heard, self._readers_heard = self._readers_heard, readers
+        return stops, (set() if readers == heard else None)  # None: which streams, their marks say
 
     async def stops_requested(self, stream_ids: list[str]) -> set[str]:
         return {sid for sid in stream_ids if os.path.lexists(self.directory / f"{sid}{STOP_SUFFIX}")}
@@ -121,11 +141,18 @@ class DirectoryBackend:
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
         # The mark is the file's mtime: fresh for `ttl_s` (checks read it against the same TTL).
-        self._reader_path(stream_id).touch()
+        path = self._reader_path(stream_id)
+        try:
+            fresh = path.stat().st_mtime >= time.time() - ttl_s
+        except FileNotFoundError:
+            fresh = False
+        path.touch()
         self._reader_ttl_s = ttl_s
+        if not fresh:
+            self._ring(READER_BELL)  # a new reader: after its mark, so a producer that hears the bell finds it
         if stream_id not in self._marked:
             self._marked.add(stream_id)
-            self._expiring.append((self._now() + self.ttl_s, self._reader_path(stream_id)))
+            self._expiring.append((self._now() + self.ttl_s, path))
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
         fresh_after = time.time() - self._reader_ttl_s

@@ -9,9 +9,24 @@ renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last even
 it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
 
+A stream is written once per flush that has its events: every flush for a stream someone reads, once per
+RESUME_WRITE_DELAY_SECONDS for one whose client is connected (resume/store.py), so an entry holds all the
+frames of that while.
+
 A stream's first entry also holds its owner (field `o`); a read from the start checks it. A first entry
 without one (written before owners were recorded, during a rolling upgrade) is a keyless stream's. Stops:
-`SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's bell.
+`SET <prefix>stop:<id>` with the log's TTL, then `INCR <prefix>stops`, the fleet's stop bell.
+
+Readers: `<prefix>reader:<id>`, set by a resumed tail every poll; one set where none was is announced by
+`XADD <prefix>readers MAXLEN ~ 10000 * s <id>` (storage/lua/resume_reader.lua, one call either way). Each
+worker keeps a cursor in that stream and, every tick while it holds logs back, reads the entries after it in
+the same pipeline as the stop bell's GET (`bells`, one round trip): it learns which streams have a new reader,
+not only that some have, and matches them against its own logs. The readers' stream has no TTL, only its
+MAXLEN (~10,000 entries of an id each, about a megabyte at most): a key that expired and came back would
+restart its entry ids from the clock, which a worker's cursor may be ahead of; a capped stream's ids only grow.
+A cursor a whole read's batch behind (a worker that held nothing back for a while) is not caught up batch by
+batch: it starts again from the newest entry, and those two calls answer None (look up every held-back log's
+mark, as on the first call).
 
 Every Redis or socket error leaves this class as `StorageError`; the `ResumeStore` turns it into
 "this stream is not resumable" and keeps the stream itself running.
@@ -29,8 +44,11 @@ DEFAULT_PREFIX = "gw:rs:"
 FIELD = b"d"  # the field of an entry that holds the frames of one flush
 OWNER_FIELD = b"o"  # the first entry of a stream: its owner
 READ_BATCH = 1000  # entries per XRANGE; a longer backlog arrives over several reads
+READERS_MAXLEN = 10_000  # announcements of new readers kept (approximately): enough for any worker's tick
+READER_FIELD = b"s"  # an announcement's field: the id of the stream with a new reader
 WRITE_BATCH = 1000  # streams per append call: bounds how long one call holds Redis
 _APPEND = load_lua("resume_append")
+_READER = load_lua("resume_reader")
 
 
 def redis_resume_errors() -> AbstractContextManager[None]:
@@ -52,8 +70,9 @@ class RedisStreamsBackend:
         # An entry holds at least one event, so RESUME_MAX_EVENTS entries bound any stream the store
         # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
         self.max_entries = max_entries
-        self._scripts = RedisScripts(redis, _APPEND)
+        self._scripts = RedisScripts(redis, _APPEND, _READER)
         self._append_head = [b"%d" % self.ttl_ms, b"%d" % max_entries if max_entries else b""]
+        self._readers_cursor: str | None = None  # the last announcement of a new reader read (None: not yet)
 
     def key(self, stream_id: str) -> str:
         return self.prefix + stream_id
@@ -61,7 +80,7 @@ class RedisStreamsBackend:
     async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
         items = list(chunks.items())
         with redis_resume_errors():
-            client, (append,) = self._scripts.scripts()
+            client, (append, _) = self._scripts.scripts()
             for start in range(0, len(items), WRITE_BATCH):
                 keys: list[bytes] = []
                 args = self._append_head.copy()
@@ -93,12 +112,41 @@ class RedisStreamsBackend:
         with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=True)
             pipe.set(self.stop_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
-            pipe.incr(self.prefix + "stops")  # after the mark: a worker that hears the bell finds it
+            pipe.incr(self.bell_key)  # after the mark: a worker that hears the bell finds it
             await pipe.execute()
+
+    @property
+    def bell_key(self) -> str:
+        return self.prefix + "stops"
+
+    @property
+    def readers_key(self) -> str:
+        return self.prefix + "readers"
 
     async def stop_bell(self) -> object:
         with redis_resume_errors():
-            return await self.redis.client().get(self.prefix + "stops")
+            return await self.redis.client().get(self.bell_key)
+
+    async def bells(self) -> tuple[object, set[str] | None]:
+        cursor = self._readers_cursor
+        with redis_resume_errors():
+            pipe = self.redis.client().pipeline(transaction=False)
+            pipe.get(self.bell_key)
+            if cursor is None:  # the first call: announcements from now on (the newest one's id, 0-0 if none)
+                pipe.xrevrange(self.readers_key, max="+", min="-", count=1)
+            else:
+                pipe.xrange(self.readers_key, min=f"({cursor}", max="+", count=READ_BATCH)
+            bell, entries = await pipe.execute()
+        # the cursor moves only here, after a read that succeeded: a failed one is read again on the next call
+        if cursor is None:
+            self._readers_cursor = entries[0][0].decode() if entries else "0-0"
+            return bell, None  # what came before the first call is unknown
+        if len(entries) == READ_BATCH:
+            self._readers_cursor = None  # maybe more behind: start again from the newest on the next call
+            return bell, None
+        if entries:
+            self._readers_cursor = entries[-1][0].decode()
+        return bell, {fields[READER_FIELD].decode() for _, fields in entries}
 
     def stop_key(self, stream_id: str) -> str:
         return f"{self.prefix}stop:{stream_id}"
@@ -115,8 +163,11 @@ class RedisStreamsBackend:
         return f"{self.prefix}reader:{stream_id}"
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
+        keys = [self.reader_key(stream_id).encode(), self.readers_key.encode()]
+        args = [b"%d" % math.ceil(ttl_s * 1000), b"%d" % READERS_MAXLEN, stream_id.encode()]
         with redis_resume_errors():
-            await self.redis.client().set(self.reader_key(stream_id), b"1", px=math.ceil(ttl_s * 1000))
+            client, (_, mark) = self._scripts.scripts()
+            await run_script(client, mark, keys, args)
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
         with redis_resume_errors():

@@ -2,9 +2,19 @@
 
 The producer (the original connection's relay) writes each batch to its client *and* appends the
 same framed bytes here. Appends are buffered in memory and written to the backend by one flusher
-per worker every RESUME_FLUSH_INTERVAL_SECONDS, so the per-token path gains a list append, not a
-syscall or a network round trip. Readers replay from the backend and then tail it until the
+per worker, one tick every RESUME_FLUSH_INTERVAL_SECONDS, so the per-token path gains a list append,
+not a syscall or a network round trip. Readers replay from the backend and then tail it until the
 stream's final event.
+
+Lazy writes: a stream whose client is connected is read by nobody else, so its events wait in memory
+until the oldest of them is RESUME_WRITE_DELAY_SECONDS old (counted in ticks: the logs that became
+dirty in one tick are one generation, written together that many ticks later), then go in one write.
+Everything a reader needs is written on the next tick: a log's first write (a resume right after the
+start finds the stream), a finished stream's last events, a log whose client left (an orphan), a log
+someone tails (below), a tombstone; and everything at once on `hand_over` and `stop`. The trade-off:
+a worker that crashes loses up to RESUME_WRITE_DELAY_SECONDS of a connected stream's events from its
+log (one flush interval when every tick writes: RESUME_WRITE_DELAY_SECONDS=0). `buffered_bytes`
+counts every byte still held.
 
 Events are the seed `/stream` SSE frames with an `id: <stream id>-<seq>` line: seq 0 is the
 status event, 1..n the tokens, n+1 the final `done`/`error`. `Last-Event-ID: <stream id>-<k>`
@@ -19,10 +29,24 @@ Ownership: every log records its stream's owner (a hash of the API key; "" witho
 it is created, and a read from the start names the owner it expects: a stream of someone else reads
 exactly like an unknown one (LookupError), after the same grace reads.
 
-Stop: `request_stop` leaves a mark for the stream in the backend and rings a bell (one value per
-instance or fleet that changes with every stop). Each worker's flusher reads the bell every tick
-while it produces resumable streams, and only when it changed looks up marks for its own
-generations, which it then cancels. A claimer looks for a mark before it continues a stream.
+Stop: `request_stop` leaves a mark for the stream in the backend and rings the stop bell (one value per
+instance or fleet that changes with every stop). Each worker's flusher reads the bell every tick while it
+produces resumable streams, and only when it changed looks up marks for its own generations, which it then
+cancels. A claimer looks for a mark before it continues a stream.
+
+Readers: a reader that starts tailing a live stream leaves its reader mark; its stream's producer may believe
+its own client is still there (a half-open connection) and hold the events back. A new mark is announced on
+a channel of its own that names the stream (Redis: an entry in a capped stream; the local store: a bell of its
+own, readers.bell), read in the same call as the stop bell (`Backend.bells`) by a flusher that holds logs back.
+A worker only matches the new readers' ids against its own held-back logs (Redis), or, when the backend cannot
+tell which streams they are (the local store's bell, one pod's streams), looks up those logs' marks; either
+way the logs found are written every tick from then on. Neither a stop nor a reader costs lookups of the
+other kind.
+
+Rolling upgrade: a replica from before this channel announces its readers on the stop bell only (new replicas
+then look for stop marks in vain), and a producer from before it does not read the channel. Nothing is lost
+either way: such a tail gets its events in bursts, one per RESUME_WRITE_DELAY_SECONDS, until the producer's
+client is gone (its log is then written every tick) or the stream ends.
 
 Handover (drain with the Redis store): `EventLog.hand_over` flushes the log and publishes the
 stream to the fleet instead of closing it; another instance appends the rest (resume/claimer.py).
@@ -35,6 +59,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,7 +165,15 @@ class Backend(Protocol):
         ...
 
     async def stop_bell(self) -> object:
-        """A value that changes whenever a stop is requested (one cheap read: a stat, a GET)."""
+        """A value that changes with every stop (one cheap read: a stat, a GET)."""
+        ...
+
+    async def bells(self) -> tuple[object, set[str] | None]:
+        """The stop bell (as `stop_bell`) and the streams with a new reader mark since the last call, in one read.
+
+        None for the readers: cannot tell which (the first call, a bell that names no stream, a backlog too
+        long to read): look up the mark of every log held back. A call that raises consumes nothing.
+        """
         ...
 
     async def stops_requested(self, stream_ids: list[str]) -> set[str]:
@@ -152,7 +185,10 @@ class Backend(Protocol):
         ...
 
     async def mark_reader(self, stream_id: str, ttl_s: float) -> None:
-        """A client is reading this stream now (a resumed tail); the mark lasts `ttl_s`."""
+        """A client is reading this stream now (a resumed tail); the mark lasts `ttl_s`.
+
+        A mark placed where none was fresh is then announced to `bells` (after the mark: a worker told finds it).
+        """
         ...
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:
@@ -188,9 +224,11 @@ class EventLog:
         "resumable",
         "stored",
         "created",
+        "eager",
+        "due",
     )
 
-    def __init__(self, store: ResumeStore, meta: StreamMeta, *, first_seq: int = 0) -> None:
+    def __init__(self, store: ResumeStore, meta: StreamMeta, *, first_seq: int = 0, eager: bool = False) -> None:
         self.stream_id = meta.stream_id
         self.meta = meta
         self._store = store
@@ -201,6 +239,8 @@ class EventLog:
         self.resumable = True  # False once the stream outgrew RESUME_MAX_EVENTS or a flush of it failed
         self.stored = False  # some of its events reached the backend
         self.created = first_seq > 0  # its log exists in the backend (a continued stream's always does)
+        self.eager = eager  # written every tick: someone may read it now (see write_eagerly)
+        self.due = 0  # the tick its held-back events are written at (the store's generation it waits in)
 
     def append(self, payload: bytes, events: int) -> None:
         """Per batch of every resumable stream: kept to a few attribute reads (no byte count; see buffered_bytes)."""
@@ -230,17 +270,27 @@ class EventLog:
         pending, self._pending = self._pending, []
         return b"".join(pending)
 
+    def write_eagerly(self) -> None:
+        """From now on written every tick, and what it holds back on the next one: a client reads it from the
+        store (a resumed tail, or its own client left and may come back), or it ended."""
+        if not self.eager:
+            self.eager = True
+            self._store.held_back.pop(self.stream_id, None)
+            if self._pending:  # waiting for its delay: written on the next tick
+                self._store.urgent[self.stream_id] = self
+
     def close(self, final: bytes) -> None:
         """The stream's last event; the log is flushed on the next tick and expires after the TTL."""
         self.append(final, 1)
         self._closed = True
+        self.write_eagerly()
         self._store.finished.append(self.stream_id)
 
     def abandon(self) -> None:
         """Stop writing without a final event (a claimer that lost its lease: the log is someone else's)."""
         self._closed = True
         self.take()
-        self._store.dirty.pop(self.stream_id, None)
+        self._store.forget(self)
 
     def tombstone(self) -> bytes:
         """The final event of a log whose events were lost: resuming it is impossible."""
@@ -256,10 +306,11 @@ class EventLog:
         store = self._store
         if store.handover is None or self._closed or not self.resumable:
             return False
-        await store.flush()
+        await store.flush(everything=True)
         if not self.resumable or not await store.handover.publish(self.meta):
             return False
         self._closed = True
+        store.forget(self)
         return True
 
 
@@ -272,6 +323,7 @@ class ResumeStore:
         *,
         flush_interval_s: float,
         max_events: int,
+        write_delay_s: float = 0.0,
         sweep_every: int = 50,
         handover: HandoverSink | None = None,
         on_tick: Callable[[], None] | None = None,
@@ -284,7 +336,16 @@ class ResumeStore:
         self.max_events = max_events
         self.ttl_s = ttl_s  # how long a stream's marks (stop) last: as long as its log
         self.handover = handover  # set with the Redis store when the upstream can continue a generation
+        # Every log holding events is in exactly one of `dirty` (it got its first pending event since the last
+        # tick: EventLog.append puts it there) or `_waiting` (held back: tick it is due at -> its logs).
         self.dirty: dict[str, EventLog] = {}
+        self._waiting: dict[int, dict[str, EventLog]] = {}
+        self.urgent: dict[str, EventLog] = {}  # made eager while waiting: written on the next tick
+        self._tick = 0  # flushes so far
+        # a connected stream's events wait this many ticks (1: every tick), rounded up (1e-9: 1.1 / 0.1 is 11.000...2)
+        self._delay_ticks = max(1, math.ceil(write_delay_s / flush_interval_s - 1e-9))
+        # written at least once, held back (not eager), not ended: what a new reader's mark can make eager
+        self.held_back: dict[str, EventLog] = {}
         self.finished: list[str] = []
         self.writing_bytes = 0  # taken by the flush under way, not yet written
         self.healthy = True  # the backend's last call succeeded
@@ -294,36 +355,83 @@ class ResumeStore:
         self._orphans = orphans  # this worker's orphaned generations, kept alive while a client reads them
         self._producers = producers  # this worker's generations writing logs: what a stop can name
         self._bell: object = None  # the stop bell as last seen
+        self._listening = False  # `bells` was read once: the backend announces new readers from then on
+        self._readers_unheard = False  # a lookup of reader marks failed: every held-back log's is looked up again
         self._lock = asyncio.Lock()  # flushes write in order: a stream's chunks never overtake each other
         self._task: asyncio.Task[None] | None = None
 
-    def open(self, meta: StreamMeta, *, first_seq: int = 0) -> EventLog:
-        return EventLog(self, meta, first_seq=first_seq)
+    def open(self, meta: StreamMeta, *, first_seq: int = 0, eager: bool = False) -> EventLog:
+        """A stream's log. `eager`: written every tick from the start (no client holds it: a continued stream)."""
+        return EventLog(self, meta, first_seq=first_seq, eager=eager)
 
     @property
     def buffered_bytes(self) -> int:
         """Events held in memory until the backend has them (counted against MEMORY_BUDGET_BYTES).
 
-        Counted when asked (once per watchdog tick), not per append: at most one flush interval of batches."""
-        return sum(log.pending_bytes for log in self.dirty.values()) + self.writing_bytes
+        Counted when asked (once per watchdog tick), not per append: at most RESUME_WRITE_DELAY_SECONDS of a
+        connected stream's batches, one flush interval of the others'."""
+        held = sum(log.pending_bytes for log in self.dirty.values()) + self.writing_bytes
+        return held + sum(log.pending_bytes for logs in self._waiting.values() for log in logs.values())
 
     def broken(self, log: EventLog) -> None:
         """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""
         log.resumable = False
         log.take()
-        self.dirty.pop(log.stream_id, None)
+        self.forget(log)
         if log.stored and len(self._tombstones) < MAX_TOMBSTONES:
             self._tombstones[log.stream_id] = log
 
-    async def flush(self) -> None:
+    def forget(self, log: EventLog) -> None:
+        """`log` is written no more by this worker (broken, abandoned, handed over): drop it from every queue."""
+        sid = log.stream_id
+        self.dirty.pop(sid, None)
+        self.urgent.pop(sid, None)
+        self.held_back.pop(sid, None)
+        waiting = self._waiting.get(log.due)
+        if waiting is not None:
+            waiting.pop(sid, None)
+
+    def _due(self, everything: bool) -> dict[str, EventLog]:
+        """One tick's logs to write: the new ones, the eager ones, those whose delay is up (all if `everything`)."""
+        fresh, self.dirty = self.dirty, {}
+        urgent, self.urgent = self.urgent, {}  # each is in `fresh` or waiting too: a log in `due` leaves both
+        if everything or self._delay_ticks == 1:
+            for logs in self._waiting.values():
+                fresh.update(logs)
+            self._waiting.clear()
+            return fresh
+        due = self._waiting.pop(self._tick, {})
+        later = self._tick + self._delay_ticks - 1
+        held: dict[str, EventLog] | None = None
+        for sid, log in fresh.items():
+            if log.eager or not log.created:  # a first write is prompt: a resume right after the start finds it
+                due[sid] = log
+            else:
+                if held is None:
+                    held = self._waiting[later] = {}
+                held[sid] = log
+                log.due = later  # a log is in one generation at a time: `due` names it (stale once it is written)
+        for sid, log in urgent.items():
+            waiting = self._waiting.get(log.due)
+            if waiting is not None:
+                waiting.pop(sid, None)
+            due[sid] = log
+        return due
+
+    async def flush(self, *, everything: bool = False) -> None:
+        """One tick: write what is due; `everything`: every event held (a handover, the worker's stop)."""
         async with self._lock:
-            dirty, self.dirty = self.dirty, {}
+            self._tick += 1
+            dirty = self._due(everything)
             finished, self.finished = self.finished, []
             tombstones, self._tombstones = self._tombstones, {}
             chunks = {sid: log.take() for sid, log in dirty.items()}
             created = {sid: log.meta.owner for sid, log in dirty.items() if not log.created}
             for sid in created:
-                dirty[sid].created = True  # a failed first write breaks the log: it is never written again
+                log = dirty[sid]
+                log.created = True  # a failed first write breaks the log: it is never written again
+                if not log.eager and self._delay_ticks > 1:
+                    self.held_back[sid] = log
             for sid, log in tombstones.items():
                 chunks[sid] = chunks.get(sid, b"") + log.tombstone()
                 if sid not in finished:  # its log's last write: the handle it may reopen goes with it
@@ -380,8 +488,8 @@ class ResumeStore:
             try:
                 if self._on_tick is not None:
                     self._on_tick()
+                await self.hear_bell()  # before the flush: a log a reader just asked for is written in this tick
                 await self.flush()
-                await self._apply_stops()
                 if ticks % READER_CHECK_TICKS == 0:
                     await self._keep_read_orphans_alive()
                 if ticks % self._sweep_every == 0:
@@ -407,22 +515,46 @@ class ResumeStore:
             if orphan.id in read:
                 orphan.reader_seen()
 
-    async def _apply_stops(self) -> None:
-        """Cancel this worker's generations whose owner asked another worker or replica to stop them."""
+    async def hear_bell(self) -> None:
+        """Cancel this worker's generations whose owner asked another worker or replica to stop them, and write
+        every tick the logs it held back that a client now tails (on any worker or replica)."""
         producers = self._producers() if self._producers is not None else []
         if not producers:
-            return  # the bell is read again once there are; a changed value then triggers one lookup
+            return  # the bells are read again once there are; a changed value then triggers one lookup
+        # New readers are listened for while logs are held back, and once as soon as there are producers: the
+        # backend starts announcing them at that first call (Redis: its cursor is then the newest entry). That
+        # first call comes before this worker's first write (this tick's flush comes after it), and a reader
+        # marks a stream only after reading it, so no reader of a log written here is announced before it;
+        # should the first call fail, its None on the next tick still looks up every held-back log's mark.
+        listen = bool(self.held_back) or (self._delay_ticks > 1 and not self._listening)
         try:
-            bell = await self.backend.stop_bell()
-            if bell == self._bell:
-                return
-            requested = await self.backend.stops_requested([p.id for p in producers])
+            if listen:
+                bell, readers = await self.backend.bells()
+                self._listening = True
+            else:
+                bell, readers = await self.backend.stop_bell(), set()
         except BACKEND_ERRORS:
-            return  # no verdict now; the bell still differs on the next tick
-        self._bell = bell
-        for producer in producers:
-            if producer.id in requested:
-                producer.stop()
+            return  # nothing consumed: the same bells are heard on the next tick
+        if bell != self._bell:
+            with contextlib.suppress(*BACKEND_ERRORS):  # no verdict now: the bell still differs on the next tick
+                requested = await self.backend.stops_requested([p.id for p in producers])
+                self._bell = bell
+                for producer in producers:
+                    if producer.id in requested:
+                        producer.stop()
+        if readers is None or self._readers_unheard:
+            held = list(self.held_back)
+            try:
+                seen = await self.backend.readers_seen(held) if held else set()
+            except BACKEND_ERRORS:
+                self._readers_unheard = True  # looked up again on the next tick
+                return
+            self._readers_unheard = False
+            readers = seen if readers is None else readers | seen
+        for sid in readers:
+            log = self.held_back.get(sid)
+            if log is not None:
+                log.write_eagerly()
 
     async def request_stop(self, stream_id: str) -> None:
         """Ask whichever worker or replica produces `stream_id` to stop it (LookupError if the backend failed)."""
@@ -445,7 +577,7 @@ class ResumeStore:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.flush()
+        await self.flush(everything=True)
         await self.backend.aclose()
 
     async def _read(self, stream_id: str, cursor: str, owner: str) -> tuple[bytes, str]:
@@ -501,7 +633,10 @@ class ResumeStore:
                 yield out
             if frames and is_final(frames[-1]):
                 return
-            await asyncio.sleep(poll_s)
-            with contextlib.suppress(*BACKEND_ERRORS):  # the mark only extends an orphan's life
+            # A live tail: its mark extends an orphan's life, and a new one has its stream written every tick.
+            # After the events it read (no round trip before they reach the client), before the poll's wait
+            # (the producer hears of it by its next tick).
+            with contextlib.suppress(*BACKEND_ERRORS):
                 await self.backend.mark_reader(stream_id, self.reader_mark_s)
+            await asyncio.sleep(poll_s)
             found = await self._read(stream_id, cursor, owner)

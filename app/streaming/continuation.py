@@ -42,7 +42,7 @@ class HandoverContinuation:
         first_seq = progress.last_seq + 1
         encoder = SeedEncoder(meta.stream_id, seq=first_seq)
         log = StreamLog(
-            self.store.open(meta, first_seq=first_seq),
+            self.store.open(meta, first_seq=first_seq, eager=True),  # no client: its readers read the store
             encoder,
             continued_from=progress.tokens,
             owned=lambda: not lease.lost,

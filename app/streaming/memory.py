@@ -10,7 +10,8 @@ What counts: bytes the gateway holds for a client that the client has not taken 
   upstream client reads ahead while the relay does not read (aiohttp pauses at twice its 64 KiB
   read buffer). The relay stops reading the upstream while a write waits, so nothing else piles up.
 - A non-streamed completion's answer, held whole until it is sent.
-- Resume events appended but not yet written to the store (flushed every RESUME_FLUSH_INTERVAL_SECONDS).
+- Resume events appended but not yet written to the store (up to RESUME_WRITE_DELAY_SECONDS of a stream whose
+  client is connected, one RESUME_FLUSH_INTERVAL_SECONDS of the others).
 
 Not counted: a stream whose client keeps up (its transport buffer stays under the high-water mark)
 and the kernel's socket buffers (kernel memory, bounded by the socket buffer sizes, not this process's).

@@ -269,6 +269,8 @@ class StreamRun:
             await transport.refuse(exc)
             return StreamEnd(Outcome.ERROR, exc)
         same = log is not None and log.encoder is encoder  # the log stores the client's very bytes
+        if log is not None:
+            session.on_orphaned = log.events.write_eagerly
 
         async def opening() -> None:
             body = encoder.opening()

@@ -59,6 +59,7 @@ class StreamSession:
         "ping",
         "resumable",
         "orphaned_at",
+        "on_orphaned",
         "replays",
         "write_bytes",
         "held_bytes",
@@ -86,6 +87,7 @@ class StreamSession:
         self.ping: Callable[[], Coroutine[Any, Any, None]] | None = None  # set by relays that can ping
         self.resumable = False  # its events go to the resume store: it may outlive its client
         self.orphaned_at = 0.0  # when its client left while the generation ran on (0: it did not)
+        self.on_orphaned: Callable[[], None] | None = None  # its resume log's: written every flush from then on
         self.replays = ""  # a resumed read: the id of the stream it replays (its own id is a fresh one)
         self.write_bytes = 0  # size of the latest write to the client (set per batch; memory.py reads it)
         self.held_bytes = 0  # answer text held until the stream ends (non-streamed completions)
@@ -179,6 +181,8 @@ class StreamRegistry:
             return
         self.orphans += 1
         session.orphaned_at = asyncio.get_running_loop().time()
+        if session.on_orphaned is not None:  # its client will read it from the store: no events held back
+            session.on_orphaned()
 
     def producers(self) -> list[StreamSession]:
         """The generations writing a resume log (what a stop request can name)."""

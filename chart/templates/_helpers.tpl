@@ -251,6 +251,13 @@ Timing checks: refuse values under which Kubernetes or the proxy would cut strea
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if eq (include "streaming-gateway.setting" (list . "RESUME_ENABLED") | toString | lower) "true" }}
+{{- $delay := include "streaming-gateway.setting" (list . "RESUME_WRITE_DELAY_SECONDS") | float64 }}
+{{- $ttl := include "streaming-gateway.setting" (list . "RESUME_TTL_SECONDS") | float64 }}
+{{- if ge $delay (divf $ttl 2) }}
+{{- fail (printf "`gateway.env.RESUME_WRITE_DELAY_SECONDS` (%v) must be less than half of `gateway.env.RESUME_TTL_SECONDS` (%v) while `gateway.env.RESUME_ENABLED` is true, or a connected stream's log expires while its events wait in memory (the gateway refuses to start): lower `gateway.env.RESUME_WRITE_DELAY_SECONDS` or raise `gateway.env.RESUME_TTL_SECONDS`" $delay $ttl) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "`autoscaling.enabled` and `keda.enabled` are both true: KEDA creates its own HorizontalPodAutoscaler, and two autoscalers fight over one Deployment; enable one of them" }}
 {{- end }}

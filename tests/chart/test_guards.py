@@ -88,3 +88,25 @@ def test_unknown_alert_override_is_refused(helm: Helm) -> None:
     overrides = {"NoSuchAlert": {"for": "1m"}}
     message = helm.template_error(prometheusRule__enabled=True, prometheusRule__overrides=overrides)
     assert "`prometheusRule.overrides.NoSuchAlert` names no alert" in message, message
+
+
+def test_the_resume_write_delay_must_stay_under_half_the_ttl(helm: Helm) -> None:
+    """The gateway refuses to start otherwise (app/settings.py): the chart says so at template time."""
+    message = helm.template_error(gateway__env__RESUME_WRITE_DELAY_SECONDS=5.0, gateway__env__RESUME_TTL_SECONDS=10.0)
+    assert (
+        "`gateway.env.RESUME_WRITE_DELAY_SECONDS` (5) must be less than half of `gateway.env.RESUME_TTL_SECONDS` (10)"
+        in message
+    ), message
+    assert "`gateway.env.RESUME_ENABLED`" in message, message
+    deployment = find(
+        helm.template(gateway__env__RESUME_WRITE_DELAY_SECONDS=4.9, gateway__env__RESUME_TTL_SECONDS=10.0),
+        "Deployment",
+    )
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RESUME_WRITE_DELAY_SECONDS"] == "4.9"
+    # without resumption nothing is written lazily: the rule does not apply
+    helm.template(
+        gateway__env__RESUME_ENABLED=False,
+        gateway__env__RESUME_WRITE_DELAY_SECONDS=5.0,
+        gateway__env__RESUME_TTL_SECONDS=10.0,
+    )
