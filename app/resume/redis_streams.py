@@ -24,6 +24,9 @@ the same pipeline as the stop bell's GET (`bells`, one round trip): it learns wh
 not only that some have, and matches them against its own logs. The readers' stream has no TTL, only its
 MAXLEN (~10,000 entries of an id each, about a megabyte at most): a key that expired and came back would
 restart its entry ids from the clock, which a worker's cursor may be ahead of; a capped stream's ids only grow.
+Each read also takes the newest entry's id: one below the cursor means the key was lost and came back (a Redis
+restarted without persistence, an eviction: keep the `gw:rs:` keys out of an `allkeys-*` eviction policy), and
+the worker starts again from it, looking up every held-back log's mark once.
 A cursor a whole read's batch behind (a worker that held nothing back for a while) is not caught up batch by
 batch: it starts again from the newest entry, and those two calls answer None (look up every held-back log's
 mark, as on the first call).
@@ -49,6 +52,12 @@ READER_FIELD = b"s"  # an announcement's field: the id of the stream with a new 
 WRITE_BATCH = 1000  # streams per append call: bounds how long one call holds Redis
 _APPEND = load_lua("resume_append")
 _READER = load_lua("resume_reader")
+
+
+def _entry_id(value: str) -> tuple[int, int]:
+    """A Redis Stream entry id (`<ms>-<seq>`) as numbers, to compare two."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def redis_resume_errors() -> AbstractContextManager[None]:
@@ -132,21 +141,29 @@ class RedisStreamsBackend:
         with redis_resume_errors():
             pipe = self.redis.client().pipeline(transaction=False)
             pipe.get(self.bell_key)
-            if cursor is None:  # the first call: announcements from now on (the newest one's id, 0-0 if none)
-                pipe.xrevrange(self.readers_key, max="+", min="-", count=1)
-            else:
+            pipe.xrevrange(self.readers_key, max="+", min="-", count=1)  # the newest announcement
+            if cursor is not None:
                 pipe.xrange(self.readers_key, min=f"({cursor}", max="+", count=READ_BATCH)
-            bell, entries = await pipe.execute()
+            # each command's own error: a broken readers key must not keep the stop bell unheard
+            bell, *readers = await pipe.execute(raise_on_error=False)
+            if isinstance(bell, Exception):
+                raise bell
+        if any(isinstance(result, Exception) for result in readers):
+            return bell, None  # which readers are new is unknown: every held-back log's mark is looked up
+        newest = readers[0][0][0].decode() if readers[0] else "0-0"
         # the cursor moves only here, after a read that succeeded: a failed one is read again on the next call
-        if cursor is None:
-            self._readers_cursor = entries[0][0].decode() if entries else "0-0"
-            return bell, None  # what came before the first call is unknown
+        if cursor is None or _entry_id(newest) < _entry_id(cursor):
+            # the first call (announcements from now on), or the key was lost and came back with ids from a
+            # clock behind the cursor (a restarted Redis without persistence): what came before is unknown
+            self._readers_cursor = newest
+            return bell, None
+        entries = readers[1]
         if len(entries) == READ_BATCH:
             self._readers_cursor = None  # maybe more behind: start again from the newest on the next call
             return bell, None
         if entries:
             self._readers_cursor = entries[-1][0].decode()
-        return bell, {fields[READER_FIELD].decode() for _, fields in entries}
+        return bell, {stream_id.decode() for _, fields in entries if (stream_id := fields.get(READER_FIELD))}
 
     def stop_key(self, stream_id: str) -> str:
         return f"{self.prefix}stop:{stream_id}"

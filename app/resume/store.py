@@ -548,9 +548,10 @@ class ResumeStore:
                 seen = await self.backend.readers_seen(held) if held else set()
             except BACKEND_ERRORS:
                 self._readers_unheard = True  # looked up again on the next tick
-                return
-            self._readers_unheard = False
-            readers = seen if readers is None else readers | seen
+                seen = set()
+            else:
+                self._readers_unheard = False
+            readers = seen if readers is None else readers | seen  # the ones named are heard either way
         for sid in readers:
             log = self.held_back.get(sid)
             if log is not None:
