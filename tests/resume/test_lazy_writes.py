@@ -369,6 +369,32 @@ def test_a_redis_worker_far_behind_the_announcements_looks_up_every_mark(redis_s
     asyncio.run(scenario())
 
 
+def test_a_redis_readers_stream_lost_and_recreated_behind_the_cursor_starts_it_again(
+    redis_server: RedisServer,
+) -> None:
+    """A readers' stream recreated with ids below a worker's cursor (Redis restarted without persistence, its clock
+    behind the ids it had given) would hide every new reader behind the cursor: the worker starts again instead."""
+
+    async def scenario() -> None:
+        client = LazyRedis(redis_server.url)
+        try:
+            producer = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            reader = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            assert (await producer.bells())[1] is None  # the first call
+            await client.client().xadd(producer.readers_key, {b"s": b"f" * 32}, id="9999999999999-0")  # a future id
+            assert (await producer.bells())[1] == {"f" * 32}  # the cursor is now far ahead of the clock
+            await client.client().delete(producer.readers_key)  # lost: the next ids come from the clock again
+            await reader.mark_reader(SID, TTL_S)
+            assert (await producer.bells())[1] is None  # behind the cursor: every held-back log's mark is looked up
+            other = "e" * 32
+            await reader.mark_reader(other, TTL_S)
+            assert (await producer.bells())[1] == {other}  # and from there on, new readers are named again
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
 class Lookups:
     """`readers_seen` of a backend, recorded, and failing while `failing` says so."""
 
