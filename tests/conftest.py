@@ -34,6 +34,10 @@ SD_LISTEN_FDS_START = 3  # systemd's first passed descriptor
 START_TIMEOUT_S = 30.0  # guard only: how long a server may take to answer before the test fails
 # Caps small enough to take whole: gateways whose tests end with tests/slots.py `assert_slots_released`.
 SLOT_CAPS: dict[str, Any] = {"MAX_CONNECTIONS": 6, "MAX_CONNECTIONS_PER_CLIENT": 3}
+# Gateways on a test Redis wait longer for it than the production 0.25 s: on a loaded test machine (3 test files at
+# once on 2 cores) a reply can take longer, and a false "Redis is down" changes what a test checks. The production
+# timeout is tests/test_redis_limits.py's subject; a stopped or killed Redis refuses connections at once anyway.
+PATIENT_REDIS: dict[str, Any] = {"REDIS_TIMEOUT_SECONDS": 2}
 FAILURE_LOG_LINES = 80  # the tail of each gateway's log shown with a failed test
 
 _launched: list[Gateway] = []  # every gateway this pytest process started, for the logs of a failed test

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from loadtest.harness.redis import RedisServer, started_redis
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.conftest import PATIENT_REDIS, FakeUpstream, Gateway, GatewayFactory
 from tests.test_resume import (
     GUARD_S,
     Event,
@@ -47,6 +47,7 @@ def fleet_env(redis_server: RedisServer, **extra: object) -> dict[str, object]:
     return {
         "RESUME_STORE": "redis",
         "REDIS_URL": redis_server.url,
+        **PATIENT_REDIS,
         "ORPHAN_TIMEOUT_SECONDS": 30,
         "DRAIN_TIMEOUT_SECONDS": 1,
         "MOCK_FIRST_TOKEN_MS": 5,

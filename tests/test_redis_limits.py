@@ -30,7 +30,7 @@ from redis import Redis
 from app.policies.concurrency_redis import DEFAULT_SLOTS_PREFIX
 from loadtest.harness.redis import RedisServer, started_redis
 from loadtest.harness.wait import eventually
-from tests.conftest import SLOT_CAPS, Gateway, GatewayFactory
+from tests.conftest import PATIENT_REDIS, SLOT_CAPS, Gateway, GatewayFactory
 from tests.slots import SLOT_CHECK_KEYS, UNPACED_MAX_TOKENS, assert_slots_released
 from tests.test_upstream_protection import (
     WAIT_S,
@@ -47,12 +47,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def start_pair(start_gateway: GatewayFactory, redis: RedisServer, **env: Any) -> tuple[Gateway, Gateway]:
-    """Two instances of the gateway on one Redis, started side by side.
-
-    Redis answers within a generous timeout here: on a loaded test machine a reply can take longer
-    than the production 0.25 s, and a false fallback would change the counts these tests check. A
-    stopped Redis refuses connections at once, so the fallback test does not wait on it."""
-    env = {"REDIS_URL": redis.url, "REDIS_TIMEOUT_SECONDS": 2, **SLOT_CAPS, **env}
+    """Two instances of the gateway on one Redis, started side by side (with `PATIENT_REDIS`: a false fallback
+    would change the counts these tests check)."""
+    env = {"REDIS_URL": redis.url, **PATIENT_REDIS, **SLOT_CAPS, **env}
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: start_gateway(**env), range(2))
     return first, second

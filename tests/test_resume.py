@@ -29,7 +29,7 @@ from app.storage.redis import LazyRedis
 from app.streaming.encoders import SeedEncoder
 from app.upstream.mock import mock_tokens
 from loadtest.harness.redis import RedisServer, started_redis
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import PATIENT_REDIS, Gateway, GatewayFactory
 from tests.workers import only_worker, worker_pids
 
 GUARD_S = 30.0  # guard only: how long a polled condition may take before the test fails
@@ -188,7 +188,13 @@ def test_resume_on_the_same_instance(start_gateway: GatewayFactory) -> None:
 
 
 def test_resume_on_another_instance(start_gateway: GatewayFactory, redis_server: RedisServer) -> None:
-    shared = {"RESUME_STORE": "redis", "REDIS_URL": redis_server.url, "MOCK_TOKENS_PER_SECOND": 100, **RESUMABLE}
+    shared = {
+        "RESUME_STORE": "redis",
+        "REDIS_URL": redis_server.url,
+        **PATIENT_REDIS,
+        "MOCK_TOKENS_PER_SECOND": 100,
+        **RESUMABLE,
+    }
     a, b = start_gateway(**shared), start_gateway(**shared)
     prompt, max_tokens = "resume elsewhere", 80
     with httpx.Client(timeout=GUARD_S) as client:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from loadtest.harness.redis import RedisServer, started_redis
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import PATIENT_REDIS, Gateway, GatewayFactory
 from tests.test_resume import GUARD_S, Event, SSEParser, expected_text, tokens_of, wait_for
 
 TOKENS = 60  # 6 s at 10 tok/s
@@ -117,7 +117,7 @@ def test_a_resumed_tail_of_a_stream_whose_client_is_still_connected_gets_its_tok
 def test_the_same_on_another_instance_with_the_redis_store(
     start_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
-    shared = {"RESUME_STORE": "redis", "REDIS_URL": redis_server.url, **LAZY}
+    shared = {"RESUME_STORE": "redis", "REDIS_URL": redis_server.url, **PATIENT_REDIS, **LAZY}
     a, b = start_gateway(**shared), start_gateway(**shared)
     prompt = "read twice at once, on two instances"
     _check(*asyncio.run(_read_twice(a, b, prompt)), prompt)

@@ -15,7 +15,7 @@ import pytest
 
 from loadtest.harness.redis import RedisServer, started_redis
 from loadtest.harness.wait import eventually
-from tests.conftest import GatewayFactory
+from tests.conftest import PATIENT_REDIS, GatewayFactory
 from tests.test_handover import kill_instance
 from tests.test_redis_limits import fleet_leases
 
@@ -33,7 +33,7 @@ def test_a_dead_instances_slot_is_reclaimed_after_max_stream_age(
 ) -> None:
     fleet = {
         "REDIS_URL": redis_server.url,
-        "REDIS_TIMEOUT_SECONDS": 2,
+        **PATIENT_REDIS,
         "MAX_CONNECTIONS_PER_CLIENT": 1,
         "MAX_STREAM_AGE_SECONDS": AGE_S,
         "TOTAL_TIMEOUT_SECONDS": AGE_S,

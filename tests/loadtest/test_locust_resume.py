@@ -22,7 +22,7 @@ from app.streaming.encoders import SeedEncoder
 from app.upstream import mock
 from loadtest import stream_check as sc
 from loadtest.harness.redis import RedisServer, started_redis
-from tests.conftest import GatewayFactory
+from tests.conftest import PATIENT_REDIS, GatewayFactory
 from tests.loadtest.test_locust import assert_consistent, finish_locust, start_locust, wait_metric
 
 PROMPT = "Explain how a streaming gateway relays tokens."  # the locustfile's default prompt
@@ -81,6 +81,7 @@ def test_locust_resumes_streams_handed_over_by_a_drained_instance(
     fleet = {
         "RESUME_STORE": "redis",
         "REDIS_URL": redis_server.url,
+        **PATIENT_REDIS,
         "ORPHAN_TIMEOUT_SECONDS": 30,
         "MOCK_FIRST_TOKEN_MS": 5,
         "WEB_CONCURRENCY": 1,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from loadtest.harness.redis import RedisServer, started_redis
-from tests.conftest import FakeUpstream, Gateway, GatewayFactory
+from tests.conftest import PATIENT_REDIS, FakeUpstream, Gateway, GatewayFactory
 from tests.security.tenants import (
     GUARD_S,
     KEY_A,
@@ -204,6 +204,7 @@ def test_a_stop_reaches_another_replica(start_gateway: GatewayFactory, redis_ser
         **RESUMABLE,
         "RESUME_STORE": "redis",
         "REDIS_URL": redis_server.url,
+        **PATIENT_REDIS,
         "MOCK_TOKENS_PER_SECOND": 20,
         "MOCK_FIRST_TOKEN_MS": 5,
     }
@@ -254,6 +255,7 @@ def test_the_owner_survives_a_handover_and_can_stop_the_claimed_generation(
         **RESUMABLE,
         "RESUME_STORE": "redis",
         "REDIS_URL": redis_server.url,
+        **PATIENT_REDIS,
         "MOCK_TOKENS_PER_SECOND": 20,
         "MOCK_FIRST_TOKEN_MS": 5,
     }
