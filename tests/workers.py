@@ -93,14 +93,22 @@ def connection_to_each_worker(gateway: Gateway) -> Iterator[dict[int, socket.soc
             sock.close()
 
 
+class ConnectionClosedByWorkerError(Exception):
+    """The worker closed a kept-alive connection before it answered."""
+
+
 def get_status(sock: socket.socket, path: str) -> int:
     """GET `path` on a kept-alive connection; the status (the body is read, so the connection can go on)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, f"the worker closed the connection: {data!r}"
-        data += chunk
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionClosedByWorkerError(data)
+            data += chunk
+    except ConnectionError as exc:
+        raise ConnectionClosedByWorkerError(str(exc)) from exc
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     length = int(dict(line.lower().split(": ", 1) for line in lines[1:]).get("content-length", 0))
@@ -112,9 +120,27 @@ def get_status(sock: socket.socket, path: str) -> int:
 
 
 def wait_all_draining(connections: dict[int, socket.socket]) -> None:
-    """Poll /ready on each worker's own connection until every one answers 503: each has begun its drain."""
+    """Poll /ready on each worker's own connection until every one answers 503: each has begun its drain.
+
+    A worker with no stream to wait for ends its drain at once, and its shutdown closes idle connections (the
+    kernel may have given every stream to the other worker): a closed connection counts when its worker exits."""
     for pid, sock in connections.items():
         deadline = time.monotonic() + WAIT_S
-        while get_status(sock, "/ready") != 503:
+        while True:
+            try:
+                if get_status(sock, "/ready") == 503:
+                    break
+            except ConnectionClosedByWorkerError:
+                assert _exits(pid), f"worker {pid} closed its connection but did not exit"
+                break
             assert time.monotonic() < deadline, f"worker {pid} did not start draining"
             time.sleep(POLL_S)  # polling interval, not an assertion
+
+
+def _exits(pid: int) -> bool:
+    """Does process `pid` exit (or has it exited) within WAIT_S?"""
+    try:
+        _gone, alive = psutil.wait_procs([psutil.Process(pid)], timeout=WAIT_S)
+    except psutil.NoSuchProcess:
+        return True
+    return not alive
