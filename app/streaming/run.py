@@ -282,7 +282,6 @@ class StreamRun:
         write = transport.writer(
             encoder.tokens, None if log is None else log.events, None if log is None or same else log.encoder.tokens
         )
-        # relay_from straight, not through a wrapper: every await level is resumed at every suspension
         outcome, error = await self.relay_from(stream, write, None if continued else opening)
         self._blame_upstream(stream, error)
         log_end = None if log is None else await log.end(session, stream, error)
@@ -378,7 +377,11 @@ class StreamRun:
             if session.cut_error is None:
                 if opening is not None:
                     await opening()
-                await pump(session, source, write, asyncio.get_running_loop().time)
+                # The pump runs as a task of its own. A task's every resumption (every token) walks its whole
+                # await chain, and this one's is the ASGI stack, a dozen frames above the relay; the pump's is
+                # four. A cut cancels this task, and Task.cancel passes that on to the task it awaits.
+                loop = asyncio.get_running_loop()
+                await loop.create_task(pump(session, source, write, loop.time))
         except asyncio.CancelledError:
             if not self._absorb_cut():
                 raise
