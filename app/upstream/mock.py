@@ -84,6 +84,11 @@ class MockAnswer:
         return [self.token(i) for i in range(start, stop)]
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # a stream cut while it waited has its waiter cancelled already
+        waiter.set_result(None)
+
+
 def mock_tokens(prompt: str, start: int, stop: int) -> list[str]:
     """Tokens `start..stop-1` of the mock's answer to `prompt` (each a word plus a space)."""
     return MockAnswer(prompt).tokens(start, stop)
@@ -105,6 +110,7 @@ class MockStream:
         "dropped_more_than_text",
         "_clock",
         "_sleep",
+        "_loop",
     )
 
     def __init__(
@@ -117,6 +123,9 @@ class MockStream:
         clock: Clock | None = None,
         sleep: Sleep | None = None,
     ) -> None:
+        # On the running loop's own clock, a paced token waits on a timer of its own (see __anext__); a
+        # virtual clock (tests, the hot-path measure) waits through the `sleep` it comes with.
+        self._loop = asyncio.get_running_loop() if clock is None and sleep is None else None
         self._clock = clock or asyncio.get_running_loop().time
         self._sleep = sleep or ASYNC_SLEEP
         self._prompt = request.prompt_text
@@ -145,7 +154,16 @@ class MockStream:
             due = self._due
             now = self._clock()
             if due > now:
-                await self._sleep(due - now)
+                loop = self._loop
+                if loop is None:
+                    await self._sleep(due - now)
+                else:  # asyncio.sleep(due - now) without its frame and its running-loop lookup (a getpid call)
+                    waiter = loop.create_future()
+                    timer = loop.call_at(due, _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
                 now = self._clock()  # a loop that woke late returns every token due by now in this batch
             if now < due + gap:  # the next one is not due yet: this token alone (the common case, kept lean)
                 self._next, self._due = start + 1, due + gap
