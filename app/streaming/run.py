@@ -34,7 +34,7 @@ from app.errors import GatewayError, InternalError, NotResumableError, StreamTim
 from app.resume.store import EventLog
 from app.streaming.session import Outcome, Phase, StreamRegistry, StreamSession
 from app.upstream.base import Batch, ChatRequest, UpstreamStream, Usage
-from app.upstream.guard import GuardedUpstream
+from app.upstream.guard import GuardedStream, GuardedUpstream
 
 logger = logging.getLogger("app.streaming")
 B = TypeVar("B", bound=Sized)  # a batch: texts, whole deltas, or stored frames
@@ -82,7 +82,8 @@ class Transport(Protocol[F_contra]):
     def writer(
         self, encode: Callable[[Batch], F_contra], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
     ) -> Callable[[Batch], Awaitable[None]]:
-        """The per-batch write (the hot path): frame, append to the resume log first if any, send.
+        """The per-batch write (the hot path): frame, append to the resume log first if any, send. It raises no
+        GatewayError: one raised while relaying is the source's (the upstream's breaker counts it).
 
         `log_encode` frames the log's copy when it differs from what the client gets (else the
         client's bytes are appended as they are)."""
@@ -133,6 +134,12 @@ class StreamLog:
             return True
         self.events.close(_log_final(self.encoder, session, stream, error, self.continued_from or 0))
         return False
+
+
+class Relayed(NamedTuple):
+    outcome: Outcome
+    error: GatewayError | None  # what the stream ends with: its cut's reason, or what the relay raised
+    raised: GatewayError | None  # a GatewayError raised while relaying: the source's (a transport raises none)
 
 
 class StreamEnd(NamedTuple):
@@ -208,7 +215,7 @@ class StreamRun:
         self._receive = receive
         self._disconnect_type = disconnect_type
         self._listener: asyncio.Task[None] | None = None
-        self._stream: UpstreamStream | None = None
+        self._stream: GuardedStream | None = None
         self._reported = False
 
     async def __aenter__(self) -> StreamRun:
@@ -230,7 +237,7 @@ class StreamRun:
         task = self.session.task
         return self.session.cut and task is not None and task.uncancel() == 0
 
-    async def open(self, request: ChatRequest) -> UpstreamStream:
+    async def open(self, request: ChatRequest) -> GuardedStream:
         """Open the upstream; a cut while waiting raises the cut's reason (or ClientGoneError)."""
         session = self.session
         try:
@@ -282,8 +289,8 @@ class StreamRun:
         write = transport.writer(
             encoder.tokens, None if log is None else log.events, None if log is None or same else log.encoder.tokens
         )
-        outcome, error = await self.relay_from(stream, write, None if continued else opening)
-        self._blame_upstream(stream, error)
+        outcome, error, raised = await self.relay_from(stream, write, None if continued else opening)
+        _blame_upstream(stream, error, raised)
         log_end = None if log is None else await log.end(session, stream, error)
         end = StreamEnd(outcome, error, log_end)
         if outcome is Outcome.CLIENT_GONE or session.orphaned_at:
@@ -329,7 +336,7 @@ class StreamRun:
                 await transport.start(encoder.stored(first))
                 session.ping = transport.ping
 
-        outcome, error = await self.relay_from(
+        outcome, error, _ = await self.relay_from(
             not_resumable_on_lookup(frames, not_resumable), transport.replay_writer(encoder.stored), opening
         )
         if outcome is not Outcome.CLIENT_GONE:
@@ -348,8 +355,8 @@ class StreamRun:
             self.report(Outcome.ERROR, exc)
             await transport.refuse(exc)
             return None
-        outcome, error = await self.relay_from(stream, write)
-        self._blame_upstream(stream, error)
+        outcome, error, raised = await self.relay_from(stream, write)
+        _blame_upstream(stream, error, raised)
         if outcome is Outcome.CLIENT_GONE:
             return None
         if error is not None:
@@ -357,18 +364,12 @@ class StreamRun:
             return None
         return stream
 
-    @staticmethod
-    def _blame_upstream(stream: UpstreamStream, error: GatewayError | None) -> None:
-        """A stream cut for the upstream's stall counts against the upstream (the breaker)."""
-        if _upstream_fault(error):
-            stream.mark_failed()
-
     async def relay_from(
         self,
         source: AsyncIterable[B],
         write: Callable[[B], Awaitable[None]],
         opening: Callable[[], Awaitable[None]] | None = None,
-    ) -> tuple[Outcome, GatewayError | None]:
+    ) -> Relayed:
         """Relay any source of batches (the upstream, or a resume store's replay) with the same exits."""
         session = self.session
         exc: Exception | None = None
@@ -393,7 +394,7 @@ class StreamRun:
         session.ping = None
         outcome, error = _end_reason(session, exc)
         self.report(outcome, error)
-        return outcome, error
+        return Relayed(outcome, error, exc if isinstance(exc, GatewayError) else None)
 
     def report(self, outcome: Outcome, error: GatewayError | None) -> None:
         if not self._reported:
@@ -419,6 +420,14 @@ class StreamRun:
         finally:  # a release cancelled or failing (a Redis lease) still closes the upstream
             if self._stream is not None:
                 await self._stream.aclose()
+
+
+def _blame_upstream(stream: GuardedStream, error: GatewayError | None, raised: GatewayError | None) -> None:
+    """What the upstream's breaker counts of a relay: the stream failing while it was read, or a cut for its stall."""
+    if raised is not None:
+        stream.broke(raised)
+    elif _upstream_fault(error):
+        stream.mark_failed()
 
 
 def _upstream_fault(error: GatewayError | None) -> bool:

@@ -53,32 +53,33 @@ class HTTPTransport:
     def writer(
         self, encode: Callable[[Batch], bytes], log: EventLog | None, log_encode: Callable[[Batch], bytes] | None
     ) -> Callable[[Batch], Awaitable[None]]:
+        # Plain functions that return the send's awaitable for the pump to await: no await level of their own.
         send, session = self._send, self.session
         if log is None:
 
-            async def write(batch: Batch) -> None:
+            def write(batch: Batch) -> Awaitable[None]:
                 body = encode(batch)
                 session.write_bytes = len(body)  # what a blocked write holds (the memory budget, memory.py)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                return send({"type": "http.response.body", "body": body, "more_body": True})
 
             return write
         append = log.append
 
-        async def logged_write(batch: Batch) -> None:
+        def logged_write(batch: Batch) -> Awaitable[None]:
             body = encode(batch)
             append(body, len(batch))  # before the send: a stalled client must not hold it back
             session.write_bytes = len(body)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+            return send({"type": "http.response.body", "body": body, "more_body": True})
 
         return logged_write
 
     def replay_writer(self, encode: Callable[[list[bytes]], bytes]) -> Callable[[list[bytes]], Awaitable[None]]:
         send, session = self._send, self.session
 
-        async def write(batch: list[bytes]) -> None:
+        def write(batch: list[bytes]) -> Awaitable[None]:
             body = encode(batch)
             session.write_bytes = len(body)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+            return send({"type": "http.response.body", "body": body, "more_body": True})
 
         return write
 

@@ -10,7 +10,8 @@
            sent yet) ─► backoff with full jitter, honouring Retry-After ─► next attempt
 
 A retry can happen even after the response headers went out, as long as no token did: the
-client only ever saw the opening event. Iteration adds one frame per batch, nothing per token.
+client only ever saw the opening event. Once relaying, the guard adds nothing per batch: the relay reads the
+upstream's own `__anext__` and reports a break itself.
 
 Over a fleet (upstream/fleet.py) the breakers are per endpoint and the fleet takes and settles their permits
 (health.py): the guard then has no breaker of its own (its permits count nothing) and keeps the retry policy.
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 from app.errors import CircuitOpenError, GatewayError, UpstreamError
 from app.observability.metrics import CIRCUIT_BREAKER_TRANSITIONS_TOTAL, UPSTREAM_RETRIES_TOTAL
@@ -98,13 +99,20 @@ class GuardedStream(UpstreamStreamWrapper):
     def __aiter__(self) -> GuardedStream:
         return self
 
-    async def __anext__(self) -> Batch:
-        if self._started:  # relaying (every batch but the first): the permit is settled, a break is all to report
-            try:
-                return await self._inner.__anext__()
-            except GatewayError as error:
-                self._guard.broke_mid_stream(charged_client(error, self._request))
-                raise
+    def __anext__(self) -> Coroutine[Any, Any, Batch]:
+        # Relaying (every batch but the first): the permit is settled and there is nothing to do per batch, so the
+        # relay awaits the upstream's own read, with no await level of the guard's; it reports a break (`broke`).
+        if self._started:
+            return self._inner.__anext__()
+        return self._first_batch()
+
+    def broke(self, error: GatewayError) -> None:
+        """Reading this stream raised `error`: a failure after its first batch counts against the upstream (one
+        before it was settled by the retry loop already)."""
+        if self._started:
+            self._guard.broke_mid_stream(charged_client(error, self._request))
+
+    async def _first_batch(self) -> Batch:
         while True:
             try:
                 batch = await self._inner.__anext__()
