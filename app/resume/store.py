@@ -217,7 +217,7 @@ class EventLog:
         "stream_id",
         "meta",
         "_store",
-        "_max_events",
+        "_storable",
         "_pending",
         "_events",
         "_closed",
@@ -232,11 +232,13 @@ class EventLog:
         self.stream_id = meta.stream_id
         self.meta = meta
         self._store = store
-        self._max_events = store.max_events
         self._pending: list[bytes] = []
         self._events = first_seq  # events appended so far: the seq of the next one
         self._closed = False
         self.resumable = True  # False once the stream outgrew RESUME_MAX_EVENTS or a flush of it failed
+        # The event count up to which appends are kept: RESUME_MAX_EVENTS, or -1 once closed or not resumable, so
+        # that `append` tells its common case from every other with one comparison.
+        self._storable = store.max_events
         self.stored = False  # some of its events reached the backend
         self.created = first_seq > 0  # its log exists in the backend (a continued stream's always does)
         self.eager = eager  # written every tick: someone may read it now (see write_eagerly)
@@ -244,17 +246,30 @@ class EventLog:
 
     def append(self, payload: bytes, events: int) -> None:
         """Per batch of every resumable stream: kept to a few attribute reads (no byte count; see buffered_bytes)."""
+        count = self._events + events
+        if count > self._storable:  # closed, not resumable, or past RESUME_MAX_EVENTS
+            self._append_unkept(count)
+            return
+        self._events = count
+        pending = self._pending
+        if not pending:
+            self._store.dirty[self.stream_id] = self
+        pending.append(payload)
+
+    def _append_unkept(self, count: int) -> None:
         if self._closed:
             return
-        self._events += events  # counted even when not resumable: a final not_resumable event comes after all
-        if self.resumable:
-            if self._events > self._max_events:
-                self._store.broken(self)
-                return
-            pending = self._pending
-            if not pending:
-                self._store.dirty[self.stream_id] = self
-            pending.append(payload)
+        self._events = count  # counted even when not resumable: a final not_resumable event comes after all
+        if self.resumable:  # past RESUME_MAX_EVENTS
+            self._store.broken(self)
+
+    def stop_keeping(self, *, closed: bool) -> None:
+        """No more appends are kept: the log is closed (none counted either), or it is not resumable any more."""
+        self._storable = -1
+        if closed:
+            self._closed = True
+        else:
+            self.resumable = False
 
     @property
     def pending_bytes(self) -> int:
@@ -282,13 +297,13 @@ class EventLog:
     def close(self, final: bytes) -> None:
         """The stream's last event; the log is flushed on the next tick and expires after the TTL."""
         self.append(final, 1)
-        self._closed = True
+        self.stop_keeping(closed=True)
         self.write_eagerly()
         self._store.finished.append(self.stream_id)
 
     def abandon(self) -> None:
         """Stop writing without a final event (a claimer that lost its lease: the log is someone else's)."""
-        self._closed = True
+        self.stop_keeping(closed=True)
         self.take()
         self._store.forget(self)
 
@@ -309,7 +324,7 @@ class EventLog:
         await store.flush(everything=True)
         if not self.resumable or not await store.handover.publish(self.meta):
             return False
-        self._closed = True
+        self.stop_keeping(closed=True)
         store.forget(self)
         return True
 
@@ -375,7 +390,7 @@ class ResumeStore:
 
     def broken(self, log: EventLog) -> None:
         """`log` lost events: no longer resumable; if readers may know it, it gets a final not_resumable event."""
-        log.resumable = False
+        log.stop_keeping(closed=False)
         log.take()
         self.forget(log)
         if log.stored and len(self._tombstones) < MAX_TOMBSTONES:

@@ -67,14 +67,22 @@ class SeedEncoder:
         return self._framed(SEED_STATUS)
 
     def tokens(self, batch: Batch) -> bytes:
+        if len(batch) != 1 or batch.__class__ is not list:  # not one text (a DeltaBatch is a list subclass)
+            return self._many(batch)
+        # The common batch at a model's pace: one text, no list, no join, no closure.
+        text: str = batch[0]  # type: ignore[assignment]  # a plain list is texts (cast() would cost a call per token)
+        seq = self.seq
+        self.seq = seq + 1
+        prefix = self._id_prefix
+        if prefix is None:
+            return f"{SEED_TOKEN_HEAD}{escape(text)}{SEED_TOKEN_TAIL}".encode()
+        return f"{prefix}{seq}{AFTER_ID_TOKEN_HEAD}{escape(text)}{SEED_TOKEN_TAIL}".encode()
+
+    def _many(self, batch: Batch) -> bytes:
         if isinstance(batch, DeltaBatch):
             batch = batch_texts(batch)  # the seed protocol carries text only
         n, seq, prefix = len(batch), self.seq, self._id_prefix
         self.seq = seq + n
-        if n == 1:  # the common batch at a model's pace: no list, no join
-            if prefix is None:
-                return f"{SEED_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
-            return f"{prefix}{seq}{AFTER_ID_TOKEN_HEAD}{escape(batch[0])}{SEED_TOKEN_TAIL}".encode()
         head, tail = SEED_TOKEN_HEAD, SEED_TOKEN_TAIL
         if prefix is None:
             return "".join([f"{head}{escape(text)}{tail}" for text in batch]).encode()

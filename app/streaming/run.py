@@ -172,7 +172,6 @@ async def pump(
         session.writing_since = now
         await write(batch)
         session.writing_since = 0.0
-        session.last_write_at = now  # never older than last_token_at once written: the watchdog's shortcut relies on it
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class StreamSession:
         "started_at",
         "first_token_at",
         "last_token_at",
-        "last_write_at",
+        "last_ping_at",
         "writing_since",
         "tokens",
         "phase",
@@ -76,7 +76,7 @@ class StreamSession:
         self.started_at = now
         self.first_token_at = 0.0
         self.last_token_at = 0.0
-        self.last_write_at = now
+        self.last_ping_at = now  # the watchdog's last ping (its start before any): with last_token_at, its last write
         self.writing_since = 0.0  # non-zero while a write to the client is pending
         self.tokens = 0
         self.phase = Phase.OPENING
@@ -211,7 +211,7 @@ class StreamRegistry:
     def sweep(self, now: float) -> None:
         """One watchdog pass: cut streams past a deadline, ping idle ones."""
         # A stream that got a token this recently, is not writing, not orphaned and younger than the total deadline
-        # has nothing due (no deadline, no ping: its last write is no older than its last token). That is most
+        # has nothing due (no deadline, and no ping: a token was written this recently). That is most
         # streams on every tick, so they cost one test.
         fresh_after = now - min(self._inter_token_s, self._ping_interval_s)
         born_after = now - self._total_s
@@ -233,9 +233,9 @@ class StreamRegistry:
                 s.ping is not None
                 and not s.writing_since
                 and not s.orphaned_at
-                and now - s.last_write_at >= self._ping_interval_s
+                and now - max(s.last_token_at, s.last_ping_at) >= self._ping_interval_s
             ):
-                s.last_write_at = now
+                s.last_ping_at = now
                 task = asyncio.get_running_loop().create_task(s.ping())
                 self._pings.add(task)
                 task.add_done_callback(self._pings.discard)
