@@ -163,15 +163,20 @@ async def pump(
     session: StreamSession, stream: AsyncIterable[B], write: Callable[[B], Awaitable[None]], clock: Callable[[], float]
 ) -> None:
     """Relay every upstream batch to `write`. The only per-token work: a timestamp and a count."""
-    async for batch in stream:
-        now = clock()
-        if not session.first_token_at:
-            session.first_token_at = now
-        session.last_token_at = now
-        session.tokens += len(batch)
-        session.writing_since = now
-        await write(batch)
-        session.writing_since = 0.0
+    try:
+        async for batch in stream:
+            now = clock()
+            if not session.first_token_at:
+                session.first_token_at = now
+            session.last_token_at = now
+            session.tokens += len(batch)
+            session.writing_since = now
+            await write(batch)
+            session.writing_since = 0.0
+    finally:
+        # The relay's end is decided here, however it ended: no cut may land in the loop turn before the run,
+        # in another task (relay_from), reads it.
+        session.phase = Phase.FINISHING
 
 
 @dataclass(frozen=True)
@@ -372,6 +377,7 @@ class StreamRun:
         """Relay any source of batches (the upstream, or a resume store's replay) with the same exits."""
         session = self.session
         exc: Exception | None = None
+        pumping: asyncio.Task[None] | None = None
         session.phase = Phase.RELAYING
         try:
             if session.cut_error is None:
@@ -381,8 +387,11 @@ class StreamRun:
                 # await chain, and this one's is the ASGI stack, a dozen frames above the relay; the pump's is
                 # four. A cut cancels this task, and Task.cancel passes that on to the task it awaits.
                 loop = asyncio.get_running_loop()
-                await loop.create_task(pump(session, source, write, loop.time))
+                pumping = loop.create_task(pump(session, source, write, loop.time))
+                await pumping
         except asyncio.CancelledError:
+            if pumping is not None and pumping.done() and not pumping.cancelled():
+                raise  # the pump had ended, so no cut was made after it (see pump): the server cancelled this task
             if not self._absorb_cut():
                 raise
         except Exception as e:  # a GatewayError from upstream, or a bug: the stream ends with an error event
