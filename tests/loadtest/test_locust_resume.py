@@ -90,7 +90,9 @@ def test_locust_resumes_streams_handed_over_by_a_drained_instance(
     try:
         # 300 tokens at 100/s: 3 s streams on A, which outlive its 1 s drain; B continues them at 1000/s
         first = start_gateway(MOCK_TOKENS_PER_SECOND=100, DRAIN_TIMEOUT_SECONDS=1, **fleet)
-        proc = start_locust(first.url, tmp_path, users=users, seconds=7, max_tokens=300, **RESUMING)
+        # 8 resume attempts: their jittered backoff spans ~6 s, so a user whose first attempts meet A still draining
+        # (503) outlasts A's shutdown on a loaded machine; the default 5 span ~1 s at this test's 0.05 s base.
+        proc = start_locust(first.url, tmp_path, users=users, seconds=7, max_tokens=300, resume_attempts=8, **RESUMING)
         assert wait_metric(first.metrics_url, "streaming_active_connections", users) >= users
         second = start_gateway(MOCK_TOKENS_PER_SECOND=1000, **fleet)
         first.proc.send_signal(signal.SIGTERM)
