@@ -1,11 +1,14 @@
 """`StreamRun`: one stream's whole life in the worker, written once for every transport (transports.py).
 
-One stream is one task (the ASGI request task) plus a disconnect listener:
+One stream is the ASGI request task, the pump's task it waits on while relaying (a task of its own, so a
+token's wake-up resumes four frames, not the ASGI stack above the relay), and a disconnect listener:
 
     admit ─► open upstream ─► headers + opening event ─► pump: batch ─► one write ─► ... ─► final event
                │ error or cut before headers:                  ▲ cut from outside (watchdog deadline, slow
-               ▼ refusal (plain HTTP error, WS error + close)  │ client, drain, client gone): task.cancel()
-                                                                 with the reason stored on the session
+               ▼ refusal (plain HTTP error, WS error + close)  │ client, drain, client gone): the request
+                                                                 task cancelled (Task.cancel passes it on to
+                                                                 the pump's), the reason stored on the session;
+                                                                 none once the pump has ended (FINISHING)
 
 The pump takes every event already waiting upstream (at most STREAM_BUFFER_SIZE) as one batch and
 writes it with one `send`. While a write waits on a slow client the upstream is not read, so what
