@@ -6,7 +6,7 @@ and `PEXPIRE <key> <ttl>`. One command instead of a pipeline of two per stream: 
 every command of a pipeline in Python, which cost more than Redis itself (measured: see the commit); the
 command is packed by storage's `run_script` from bytes built here, not argument by argument. The TTL is
 renewed by every write, so a stream lives RESUME_TTL_SECONDS after its last event; Redis deletes
-it, and `sweep` has nothing to do. A cursor is the id of the last entry read; XRANGE from the
+it, and neither `expire` nor `sweep` has anything to do. A cursor is the id of the last entry read; XRANGE from the
 exclusive `(<id>` returns what was appended after it.
 
 A stream is written once per flush that has its events: every flush for a stream someone reads, once per
@@ -20,7 +20,8 @@ without one (written before owners were recorded, during a rolling upgrade) is a
 Readers: `<prefix>reader:<id>`, set by a resumed tail every poll; one set where none was is announced by
 `XADD <prefix>readers MAXLEN ~ 10000 * s <id>` (storage/lua/resume_reader.lua, one call either way). Each
 worker keeps a cursor in that stream and, every tick while it holds logs back, reads the entries after it in
-the same pipeline as the stop bell's GET (`bells`, one round trip): it learns which streams have a new reader,
+the same call as the stop bell's GET (`bells`: storage/lua/resume_bells.lua, one EVALSHA packed by `run_script`,
+not a redis-py pipeline of three commands): it learns which streams have a new reader,
 not only that some have, and matches them against its own logs. The readers' stream has no TTL, only its
 MAXLEN (~10,000 entries of an id each, about a megabyte at most): a key that expired and came back would
 restart its entry ids from the clock, which a worker's cursor may be ahead of; a capped stream's ids only grow.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
+from typing import Any, cast
 
 from app.storage.errors import wrap_errors
 from app.storage.redis import REDIS_ERRORS, LazyRedis, RedisScripts, load_lua, run_script
@@ -52,6 +54,7 @@ READER_FIELD = b"s"  # an announcement's field: the id of the stream with a new 
 WRITE_BATCH = 1000  # streams per append call: bounds how long one call holds Redis
 _APPEND = load_lua("resume_append")
 _READER = load_lua("resume_reader")
+_BELLS = load_lua("resume_bells")
 
 
 def _entry_id(value: str) -> tuple[int, int]:
@@ -79,7 +82,7 @@ class RedisStreamsBackend:
         # An entry holds at least one event, so RESUME_MAX_EVENTS entries bound any stream the store
         # still appends to (it stops at that many events); trimming is approximate (`~`), hence cheap.
         self.max_entries = max_entries
-        self._scripts = RedisScripts(redis, _APPEND, _READER)
+        self._scripts = RedisScripts(redis, _APPEND, _READER, _BELLS)
         self._append_head = [b"%d" % self.ttl_ms, b"%d" % max_entries if max_entries else b""]
         self._readers_cursor: str | None = None  # the last announcement of a new reader read (None: not yet)
 
@@ -89,7 +92,7 @@ class RedisStreamsBackend:
     async def write(self, chunks: dict[str, bytes], created: dict[str, str]) -> None:
         items = list(chunks.items())
         with redis_resume_errors():
-            client, (append, _) = self._scripts.scripts()
+            client, (append, _, _) = self._scripts.scripts()
             for start in range(0, len(items), WRITE_BATCH):
                 keys: list[bytes] = []
                 args = self._append_head.copy()
@@ -114,8 +117,8 @@ class RedisStreamsBackend:
         return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()
 
     async def expire(self, stream_id: str) -> None:
-        with redis_resume_errors():
-            await self.redis.client().pexpire(self.key(stream_id), self.ttl_ms)
+        """Nothing to send: the flush that ends a stream writes its final event (or its tombstone) first, and that
+        write renewed the key's TTL. A round trip per finished stream saved (a PEXPIRE, once)."""
 
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
         with redis_resume_errors():
@@ -139,31 +142,27 @@ class RedisStreamsBackend:
     async def bells(self) -> tuple[object, set[str] | None]:
         cursor = self._readers_cursor
         with redis_resume_errors():
-            pipe = self.redis.client().pipeline(transaction=False)
-            pipe.get(self.bell_key)
-            pipe.xrevrange(self.readers_key, max="+", min="-", count=1)  # the newest announcement
-            if cursor is not None:
-                pipe.xrange(self.readers_key, min=f"({cursor}", max="+", count=READ_BATCH)
-            # each command's own error: a broken readers key must not keep the stop bell unheard
-            bell, *readers = await pipe.execute(raise_on_error=False)
-            if isinstance(bell, Exception):
-                raise bell
-        if any(isinstance(result, Exception) for result in readers):
+            client, (_, _, bells) = self._scripts.scripts()
+            keys = [self.bell_key.encode(), self.readers_key.encode()]
+            reply = await run_script(client, bells, keys, [(cursor or "").encode(), b"%d" % READ_BATCH])
+        bell, *readers = cast(list[Any], reply)
+        if len(readers) != 2:  # the readers' stream could not be read (the stop bell was, all the same)
             return bell, None  # which readers are new is unknown: every held-back log's mark is looked up
-        newest = readers[0][0][0].decode() if readers[0] else "0-0"
+        newest_id, entries = readers
+        newest = newest_id.decode() if newest_id else "0-0"
         # the cursor moves only here, after a read that succeeded: a failed one is read again on the next call
         if cursor is None or _entry_id(newest) < _entry_id(cursor):
             # the first call (announcements from now on), or the key was lost and came back with ids from a
             # clock behind the cursor (a restarted Redis without persistence): what came before is unknown
             self._readers_cursor = newest
             return bell, None
-        entries = readers[1]
         if len(entries) == READ_BATCH:
             self._readers_cursor = None  # maybe more behind: start again from the newest on the next call
             return bell, None
         if entries:
             self._readers_cursor = entries[-1][0].decode()
-        return bell, {stream_id.decode() for _, fields in entries if (stream_id := fields.get(READER_FIELD))}
+        # an entry is [id, [field, value, ...]]: its one field names the stream with a new reader
+        return bell, {fields[1].decode() for _, fields in entries if fields[:1] == [READER_FIELD]}
 
     def stop_key(self, stream_id: str) -> str:
         return f"{self.prefix}stop:{stream_id}"
@@ -183,7 +182,7 @@ class RedisStreamsBackend:
         keys = [self.reader_key(stream_id).encode(), self.readers_key.encode()]
         args = [b"%d" % math.ceil(ttl_s * 1000), b"%d" % READERS_MAXLEN, stream_id.encode()]
         with redis_resume_errors():
-            client, (_, mark) = self._scripts.scripts()
+            client, (_, mark, _) = self._scripts.scripts()
             await run_script(client, mark, keys, args)
 
     async def readers_seen(self, stream_ids: list[str]) -> set[str]:

@@ -395,6 +395,29 @@ def test_a_redis_readers_stream_lost_and_recreated_behind_the_cursor_starts_it_a
     asyncio.run(scenario())
 
 
+def test_a_redis_readers_key_that_cannot_be_read_leaves_the_stop_bell_heard(redis_server: RedisServer) -> None:
+    """A readers' key of another type (an operator's mistake, a key clash) fails its reads: the same call still
+    answers the stop bell, and which readers are new is unknown (None) until the key reads again."""
+
+    async def scenario() -> None:
+        client = LazyRedis(redis_server.url)
+        try:
+            producer = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            reader = RedisStreamsBackend(client, ttl_s=TTL_S, prefix="test:")
+            assert (await producer.bells())[1] is None  # the first call
+            await reader.request_stop(SID, TTL_S)
+            await client.client().set(producer.readers_key, b"not a stream")
+            bell, readers = await producer.bells()
+            assert bell == await producer.stop_bell() == b"1" and readers is None
+            await client.client().delete(producer.readers_key)
+            await reader.mark_reader(SID, TTL_S)
+            assert (await producer.bells())[1] == {SID}  # read again: from its cursor, which the failure left alone
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
 class Lookups:
     """`readers_seen` of a backend, recorded, and failing while `failing` says so."""
 

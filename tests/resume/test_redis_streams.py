@@ -11,6 +11,7 @@ import pytest
 
 from app.resume.progress import read_log
 from app.resume.redis_streams import FIELD, OWNER_FIELD, WRITE_BATCH, RedisStreamsBackend
+from app.resume.store import ResumeStore, StreamMeta
 from app.storage.errors import StorageError
 from app.storage.redis import LazyRedis
 from loadtest.harness.redis import RedisServer, started_redis
@@ -88,6 +89,32 @@ def test_a_flush_survives_a_flushed_script_cache_and_fails_as_storage_error_whil
             redis_server.start()  # empty: the log went with the old process
             await backend.write({"b": b"id: b-0\n\n"}, {"b": "owner-b"})
             assert await backend.read("b", "", "owner-b") == (b"id: b-0\n\n", ANY)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_flush_that_ends_a_stream_renews_its_ttl_with_the_final_event(redis_server: RedisServer) -> None:
+    """`expire` sends nothing with Redis: the flush that ends a stream writes its final event first, and that write
+    sets the key's TTL, so the stream lives RESUME_TTL_SECONDS after its end (held back or not before it)."""
+
+    async def scenario() -> None:
+        redis = LazyRedis(redis_server.url)
+        backend = RedisStreamsBackend(redis, ttl_s=60, prefix=PREFIX, max_entries=100)
+        store = ResumeStore(backend, flush_interval_s=0.1, write_delay_s=1.0, max_events=100)
+        try:
+            log = store.open(StreamMeta("ended", "m", [], 10))
+            log.append(b"id: ended-0\n\n", 1)
+            await store.flush()  # its first write
+            log.append(b"id: ended-1\n\n", 1)  # held back: its client is connected
+            client = redis.client()
+            await client.pexpire(PREFIX + "ended", 1_000)  # what is left of an older write's TTL, made visible
+            log.close(b"id: ended-2\n\n")
+            await store.flush()  # the one that ends it
+            assert 1_000 < await client.pttl(PREFIX + "ended") <= 60_000
+            found = await backend.read("ended", "", "")
+            assert found is not None and found[0] == b"id: ended-0\n\nid: ended-1\n\nid: ended-2\n\n"
         finally:
             await redis.aclose()
 
