@@ -117,8 +117,9 @@ class RedisStreamsBackend:
         return b"".join(fields[FIELD] for _, fields in entries), last_id.decode()
 
     async def expire(self, stream_id: str) -> None:
-        """Nothing to send: the flush that ends a stream writes its final event (or its tombstone) first, and that
-        write renewed the key's TTL. A round trip per finished stream saved (a PEXPIRE, once)."""
+        """Nothing to send: a key lives RESUME_TTL_SECONDS after its last write, and the flush that ends a stream
+        writes its final event first. (A log that broke earlier ended with its tombstone's write: it is known as
+        not resumable for the TTL after that, no longer after the stream's end.) A PEXPIRE per stream saved."""
 
     async def request_stop(self, stream_id: str, ttl_s: float) -> None:
         with redis_resume_errors():
